@@ -1,0 +1,51 @@
+"""Operations on the dead-letter stream IOP_DLQ."""
+
+from typing import Any
+
+import nats
+from nats.js.errors import NotFoundError
+
+DLQ_STREAM = "IOP_DLQ"
+
+
+async def list_dead_letters(url: str, limit: int) -> list[dict[str, Any]]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(DLQ_STREAM)
+        first = max(info.state.first_seq, info.state.last_seq - limit + 1)
+        letters = []
+        for seq in range(first, info.state.last_seq + 1):
+            try:
+                msg = await js.get_msg(DLQ_STREAM, seq)
+            except NotFoundError:
+                continue
+            headers = msg.headers or {}
+            letters.append(
+                {
+                    "sequence": seq,
+                    "subject": msg.subject,
+                    "reason": headers.get("Iop-Dlq-Reason"),
+                    "consumer": headers.get("Iop-Consumer"),
+                    "original_subject": headers.get("Iop-Original-Subject"),
+                    "deliveries": headers.get("Iop-Deliveries"),
+                    "dead_lettered_at": headers.get("Iop-Dead-Lettered-At"),
+                }
+            )
+        return letters
+    finally:
+        await nc.close()
+
+
+async def retry_dead_letter(url: str, sequence: int) -> str:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        msg = await js.get_msg(DLQ_STREAM, sequence)
+        headers = msg.headers or {}
+        subject = headers["Iop-Original-Subject"]
+        # A fresh Nats-Msg-Id: the original id may still be in the duplicate window.
+        await js.publish(subject, msg.data or b"", headers={"Nats-Msg-Id": f"retry:{sequence}"})
+        return subject
+    finally:
+        await nc.close()

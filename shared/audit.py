@@ -1,0 +1,48 @@
+"""Audit rows: every read or change of a patient record (DESIGN B5).
+
+Each service keeps its own audit table (it owns its database); the shape is shared.
+"""
+
+from datetime import UTC, datetime
+from uuid import UUID
+
+from sqlalchemy import Column, Integer, MetaData, String, Table, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.auth import Principal
+
+
+def audit_table(metadata: MetaData) -> Table:
+    return Table(
+        "audit_log",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        Column("at", Utcnullable=False, index=True),
+        Column("actor", String(200), nullable=False),
+        Column("role", String(40), nullable=False),
+        Column("site_id", String(40), nullable=False, index=True),
+        Column("action", String(80), nullable=False),
+        Column("patient_id", String(36), nullable=True, index=True),
+    )
+
+
+async def record_access(
+    session: AsyncSession,
+    table: Table,
+    principal: Principal,
+    *,
+    action: str,
+    site_id: str,
+    patient_id: UUID | str | None,
+) -> None:
+    """Write one audit row in the caller's transaction (it commits with the change)."""
+    await session.execute(
+        insert(table).values(
+            at=datetime.now(UTC),
+            actor=principal.sub,
+            role=principal.role,
+            site_id=site_id,
+            action=action,
+            patient_id=str(patient_id) if patient_id is not None else None,
+        )
+    )

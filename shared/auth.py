@@ -1,0 +1,113 @@
+"""JWT auth and site scoping (DESIGN A3).
+
+401: no or bad token. 403: the role may not do this. 404: the record is at a site
+the caller may not see (answering 403 there would confirm it exists).
+"""
+
+from collections.abc import Awaitable, Callable, Iterable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Literal
+from uuid import UUID
+
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field, ValidationError
+
+from shared.errors import Forbidden, NotFound, Unauthorized
+
+Role = Literal["network_admin", "site_admin", "clinician", "front_desk", "patient", "integration"]
+ROLES: tuple[Role, ...] = (
+    "network_admin", "site_admin", "clinician", "front_desk", "patient", "integration",
+)  # fmt: skip
+ALGORITHM = "HS256"
+AUDIENCE = "iopnet"
+
+
+class Principal(BaseModel):
+    sub: str = Field(min_length=1)
+    role: Role
+    sites: list[str] = Field(default_factory=list)
+    patient_id: UUID | None = None
+
+    def sees_site(self, site_id: str) -> bool:
+        return self.role == "network_admin" or site_id in self.sites
+
+    def visible_sites(self, candidates: Iterable[str] | None = None) -> list[str] | None:
+        """None means every site (network admin)."""
+        if self.role == "network_admin":
+            return None if candidates is None else list(candidates)
+        return [s for s in (candidates or self.sites) if s in self.sites]
+
+
+def mint_token(
+    secret: str,
+    *,
+    sub: str,
+    role: Role,
+    sites: list[str] | None = None,
+    patient_id: UUID | str | None = None,
+    ttl_seconds: int = 8 * 3600,
+) -> str:
+    if role == "patient" and patient_id is None:
+        raise ValueError("a patient token needs a patient_id")
+    now = datetime.now(UTC)
+    claims: dict[str, object] = {
+        "sub": sub,
+        "role": role,
+        "sites": sites or [],
+        "aud": AUDIENCE,
+        "iat": now,
+        "exp": now + timedelta(seconds=ttl_seconds),
+    }
+    if patient_id is not None:
+        claims["patient_id"] = str(patient_id)
+    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+
+
+def decode_token(secret: str, token: str) -> Principal:
+    try:
+        claims = jwt.decode(
+            token,
+            secret,
+            algorithms=[ALGORITHM],
+            audience=AUDIENCE,
+            options={"require": ["exp", "sub"]},
+        )
+        principal = Principal.model_validate(claims)
+    except (jwt.PyJWTError, ValidationError) as exc:
+        raise Unauthorized("missing or invalid bearer token") from exc
+    if principal.role == "patient" and principal.patient_id is None:
+        raise Unauthorized("a patient token must carry patient_id")
+    return principal
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+async def current_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("missing or invalid bearer token")
+    return decode_token(request.app.state.settings.signing_secret, credentials.credentials)
+
+
+def require_roles(*roles: Role) -> Callable[..., Awaitable[Principal]]:
+    """Dependency: the caller, if authenticated and of one of `roles` (else 401/403)."""
+
+    async def dependency(
+        principal: Annotated[Principal, Depends(current_principal)],
+    ) -> Principal:
+        if principal.role not in roles:
+            raise Forbidden(f"role {principal.role} may not do this")
+        return principal
+
+    return dependency
+
+
+def ensure_site(principal: Principal, site_id: str, what: str = "resource") -> None:
+    """404 for a site the caller does not serve: no existence leak."""
+    if not principal.sees_site(site_id):
+        raise NotFound(f"{what} not found")

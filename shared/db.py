@@ -1,0 +1,111 @@
+"""Async engines for SQLite and PostgreSQL, sessions, and Alembic migrations on start."""
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC in and out on every backend (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+def create_engine(url: str) -> AsyncEngine:
+    if not is_sqlite(url):
+        return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, connect_args={"timeout": 30})
+    event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL lets HTTP reads proceed while the relay or a consumer writes.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.close()
+
+
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # A session class of its own per factory, so commit hooks (the outbox wake-up)
+    # attach to this service's sessions only.
+    sync_class = type("ServiceSession", (Session,), {})
+    return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=sync_class)
+
+
+async def migrate(engine: AsyncEngine, migrations_dir: Path) -> None:
+    """Upgrade the service's database to head (Alembic, run on every start)."""
+
+    def upgrade(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        await connection.run_sync(upgrade)
+
+
+def run_migrations(context: EnvironmentContext, target_metadata: MetaData) -> None:
+    """Body of every service's migrations/env.py (online mode only)."""
+    connection: Connection | None = context.config.attributes.get("connection")
+    if connection is None:
+        url = context.config.get_main_option("sqlalchemy.url")
+        if not url:
+            raise RuntimeError("run migrations through shared.db.migrate or set sqlalchemy.url")
+        import asyncio
+
+        asyncio.run(_migrate_url(url, context, target_metadata))
+        return
+    _configure_and_run(context, connection, target_metadata)
+
+
+async def _migrate_url(url: str, context: EnvironmentContext, target_metadata: MetaData) -> None:
+    engine = create_engine(url)
+    async with engine.begin() as connection:
+        await connection.run_sync(lambda c: _configure_and_run(context, c, target_metadata))
+    await engine.dispose()
+
+
+def _configure_and_run(
+    context: EnvironmentContext, connection: Connection, target_metadata: MetaData
+) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,20 @@
+"""Streams, the transactional outbox, idempotent consumers and the dead-letter path."""
+
+from shared.messaging.consumer import Consumer, Handler, HandlerError, Poison, Subscription
+from shared.messaging.inbox import Inbox
+from shared.messaging.outbox import Outbox, OutboxRelay
+from shared.messaging.streams import STREAMS, ensure_streams, owned_streams
+
+__all__ = [
+    "STREAMS",
+    "Consumer",
+    "Handler",
+    "HandlerError",
+    "Inbox",
+    "Outbox",
+    "OutboxRelay",
+    "Poison",
+    "Subscription",
+    "ensure_streams",
+    "owned_streams",
+]

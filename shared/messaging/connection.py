@@ -1,0 +1,41 @@
+"""One NATS connection per service process, retried until the broker is there."""
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+
+log = logging.getLogger("iopnet.nats")
+
+
+async def connect(url: str, name: str) -> Client:
+    """Connect, retrying forever: a service starts (and answers /healthz) before NATS does."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats error", extra={"error": type(exc).__name__})
+
+    async def on_disconnect() -> None:
+        log.warning("nats disconnected")
+
+    async def on_reconnect() -> None:
+        log.info("nats reconnected")
+
+    delay = 0.1
+    while True:
+        try:
+            return await nats.connect(
+                url,
+                name=name,
+                connect_timeout=2,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            )
+        except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
+            log.info("nats not reachable yet", extra={"url": url, "error": type(exc).__name__})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)

@@ -1,0 +1,231 @@
+"""Durable pull consumers with explicit acks, an inbox, and a dead-letter path.
+
+Why not FastStream's subscriber: DESIGN B7 lists the ways its defaults lose or loop
+messages (ack policy, message_id, max_workers duplicates, batches that do not wait).
+Here every one of those is explicit: one durable per (service, stream), explicit ack
+after the handler's transaction commits, a delayed NAK for a retry, and after
+`max_deliver` tries the message is published to `iop.dlq.>` with its reason and then
+acked, so it never blocks the messages behind it.
+"""
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import nats.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.contracts import EVENT_TYPES, Envelope, Event, UnknownEventType, dlq_subject
+from shared.contracts.subjects import RESTRICTED, ROOT, event_name, parse_subject
+from shared.messaging.inbox import Inbox
+
+log = logging.getLogger("iopnet.consumer")
+
+Handler = Callable[[AsyncSession, Envelope, Event], Awaitable[None]]
+
+
+class HandlerError(Exception):
+    """A handler failure whose message is safe to log and to put on the DLQ (no PHI)."""
+
+
+class Poison(HandlerError):
+    """An event that can never be applied: dead-letter it now instead of retrying."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    stream: str
+    handlers: Mapping[str, Handler]
+
+    def filter_subjects(self) -> list[str]:
+        subjects = []
+        for event_type in sorted(self.handlers):
+            cls = EVENT_TYPES[event_type]
+            prefix = [ROOT, RESTRICTED] if cls.restricted else [ROOT]
+            subjects.append(".".join([*prefix, cls.producer, event_name(event_type), "*"]))
+        return subjects
+
+
+@dataclass
+class ConsumerStats:
+    applied: int = 0
+    skipped_duplicates: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+
+
+class Consumer:
+    def __init__(
+        self,
+        service: str,
+        subscription: Subscription,
+        sessions: async_sessionmaker[AsyncSession],
+        inbox: Inbox,
+        js: JetStreamContext,
+        *,
+        max_deliver: int = 5,
+        ack_wait_seconds: float = 30.0,
+        nak_delay_seconds: float = 1.0,
+        batch: int = 64,
+    ) -> None:
+        self.service = service
+        self.subscription = subscription
+        self.sessions = sessions
+        self.inbox = inbox
+        self.js = js
+        self.max_deliver = max_deliver
+        self.ack_wait_seconds = ack_wait_seconds
+        self.nak_delay_seconds = nak_delay_seconds
+        self.batch = batch
+        self.durable = f"{service}-{subscription.stream}"
+        self.stats = ConsumerStats()
+        self.bound = asyncio.Event()
+
+    async def run(self) -> None:
+        subscription = await self._bind()
+        self.bound.set()
+        while True:
+            try:
+                messages = await subscription.fetch(self.batch, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+                await asyncio.sleep(0.5)  # backoff while nats-py reconnects
+                continue
+            for message in messages:
+                await self.process(message)
+
+    async def _bind(self) -> JetStreamContext.PullSubscription:
+        config = ConsumerConfig(
+            name=self.durable,
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_seconds,
+            # Headroom past our own limit: if publishing the dead letter fails on the
+            # last try, the server still redelivers so the next try can dead-letter it.
+            max_deliver=self.max_deliver + 5,
+            filter_subjects=self.subscription.filter_subjects(),
+            max_ack_pending=max(self.batch * 4, 256),
+        )
+        delay = 0.2
+        while True:
+            try:
+                await self.js.add_consumer(self.subscription.stream, config)
+                return await self.js.pull_subscribe_bind(
+                    durable=self.durable, stream=self.subscription.stream
+                )
+            except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                # The owner has not declared the stream yet; keep trying, never give up.
+                log.info(
+                    "waiting for stream",
+                    extra={"stream": self.subscription.stream, "error": type(exc).__name__},
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def process(self, message: Msg) -> None:
+        deliveries = message.metadata.num_delivered
+        try:
+            envelope = Envelope.from_bytes(message.data)
+            event = envelope.event()
+        except ValidationError as exc:
+            await self._dead_letter(message, f"invalid event: {_summarize(exc)}")
+            return
+        except UnknownEventType as exc:
+            await self._dead_letter(message, str(exc))
+            return
+        handler = self.subscription.handlers.get(envelope.event_type)
+        if handler is None:
+            await message.ack()
+            return
+        try:
+            async with self.sessions() as session, session.begin():
+                applied = await self.inbox.claim(session, envelope, self.durable)
+                if applied:
+                    await handler(session, envelope, event)
+        except Poison as exc:
+            await self._dead_letter(message, f"{envelope.event_type} rejected: {exc}")
+            return
+        except Exception as exc:
+            reason = _describe(exc)
+            if deliveries >= self.max_deliver:
+                await self._dead_letter(message, f"failed {deliveries} times: {reason}")
+            else:
+                self.stats.retried += 1
+                log.warning(
+                    "handler failed; will retry", extra=self._log_fields(envelope, deliveries, reason)
+                )
+                await message.nak(delay=self.nak_delay_seconds * 2 ** (deliveries - 1))
+            return
+        await message.ack()
+        if applied:
+            self.stats.applied += 1
+        else:
+            self.stats.skipped_duplicates += 1
+
+    async def _dead_letter(self, message: Msg, reason: str) -> None:
+        reason = re.sub(r"[\r\n]+", " ", reason)[:500]
+        try:
+            parsed = parse_subject(message.subject)
+            name, site = parsed.event_name, parsed.site_id
+        except ValueError:
+            name, site = "unparseable", "unknown"
+        meta = message.metadata
+        headers = {
+            "Nats-Msg-Id": f"dlq:{self.durable}:{meta.sequence.stream}",
+            "Iop-Dlq-Reason": reason,
+            "Iop-Consumer": self.durable,
+            "Iop-Original-Subject": message.subject,
+            "Iop-Original-Stream": meta.stream,
+            "Iop-Original-Sequence": str(meta.sequence.stream),
+            "Iop-Deliveries": str(meta.num_delivered),
+            "Iop-Dead-Lettered-At": datetime.now(UTC).isoformat(),
+        }
+        try:
+            await self.js.publish(dlq_subject(self.service, name, site), message.data, headers=headers)
+        except Exception as exc:
+            # Not acked: the server redelivers it and the next try dead-letters again.
+            log.error(
+                "dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__}
+            )
+            await message.nak(delay=self.nak_delay_seconds)
+            return
+        await message.ack()
+        self.stats.dead_lettered += 1
+        log.error(
+            "event dead-lettered",
+            extra={"consumer": self.durable, "subject": message.subject, "reason": reason},
+        )
+
+    def _log_fields(self, envelope: Envelope, deliveries: int, reason: str) -> dict[str, object]:
+        return {
+            "consumer": self.durable,
+            "event_id": envelope.event_id,
+            "event_type": envelope.event_type,
+            "deliveries": deliveries,
+            "reason": reason,
+        }
+
+
+def _summarize(exc: ValidationError) -> str:
+    # Locations and messages only: the rejected input may be a phone number.
+    return "; ".join(
+        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+        for err in exc.errors(include_input=False, include_url=False)
+    )
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, HandlerError):
+        return f"{type(exc).__name__}: {exc}"
+    # Driver errors quote SQL parameters, which may hold PHI: name the type only.
+    return type(exc).__name__

@@ -1,0 +1,45 @@
+"""Inbox: which events a service has already applied (DESIGN B3).
+
+The event_id is recorded in the same transaction as the handler's effects, so an event
+redelivered after a crash, a lost ack or a re-publish past the duplicate window is
+applied exactly once.
+"""
+
+from datetime import UTC, datetime
+
+from sqlalchemy import Column, MetaData, String, Table, insert, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.contracts import Envelope
+
+
+class Inbox:
+    def __init__(self, metadata: MetaData) -> None:
+        self.table = Table(
+            "inbox",
+            metadata,
+            Column("event_id", String(36), primary_key=True),
+            Column("event_type", String(80), nullable=False),
+            Column("consumer", String(120), nullable=False),
+            Column("received_at", Utcnullable=False),
+        )
+
+    async def claim(self, session: AsyncSession, envelope: Envelope, consumer: str) -> bool:
+        """True if this event is new (and is now recorded); False if already applied.
+
+        Two replicas racing on one event both see "new"; the primary key makes the
+        second commit fail, so that delivery is retried and then skipped.
+        """
+        event_id = str(envelope.event_id)
+        seen = await session.execute(select(self.table.c.event_id).where(self.table.c.event_id == event_id))
+        if seen.first() is not None:
+            return False
+        await session.execute(
+            insert(self.table).values(
+                event_id=event_id,
+                event_type=envelope.event_type,
+                consumer=consumer,
+                received_at=datetime.now(UTC),
+            )
+        )
+        return True

@@ -1,0 +1,219 @@
+"""Transactional outbox (DESIGN B2).
+
+`Outbox.stage` writes the event in the caller's transaction. After that transaction
+commits, a session hook wakes the relay, which publishes pending rows in order with
+`Nats-Msg-Id` = event_id, waits for JetStream's acks, then marks them sent. A crash
+between publish and mark re-publishes; JetStream's duplicate window and the consumers'
+inbox drop the copy. Nothing is lost: a row stays until JetStream acknowledged it.
+"""
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from nats.js import JetStreamContext
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
+
+from shared.contracts import Envelope
+
+log = logging.getLogger("iopnet.outbox")
+
+
+class CommitSignal:
+    """Wakes a background worker after a transaction that gave it work commits.
+
+    `mark(session)` inside the transaction; the session's after_commit hook then sets
+    the event. A rolled-back transaction wakes nobody. No polling on the hot path.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], name: str) -> None:
+        self._flag = f"iopnet.signal.{name}"
+        self._event = asyncio.Event()
+        self._event.set()  # first wait returns at once: drain what an earlier run left
+        event.listen(sessions.kw["sync_session_class"], "after_commit", self._after_commit)
+
+    def mark(self, session: AsyncSession) -> None:
+        session.info[self._flag] = True
+
+    def _after_commit(self, session: Session) -> None:
+        if session.info.pop(self._flag, False):
+            self._event.set()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, tick: float) -> None:
+        """Return when signalled or after `tick` seconds (a retry tick), whichever is first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), timeout=tick)
+        self._event.clear()
+
+
+class Outbox:
+    def __init__(self, metadata: MetaData) -> None:
+        self.table = Table(
+            "outbox",
+            metadata,
+            Column("seq", Integer, primary_key=True, autoincrement=True),
+            Column("event_id", String(36), nullable=False, unique=True),
+            Column("subject", String(255), nullable=False),
+            Column("payload", Text, nullable=False),
+            Column("created_at", Utcnullable=False),
+            Column("sent_at", Utcnullable=True, index=True),
+            Column("attempts", Integer, nullable=False, default=0),
+            Column("last_error", String(500), nullable=True),
+        )
+        self.commit_signal: CommitSignal | None = None
+
+    async def stage(self, session: AsyncSession, *envelopes: Envelope) -> None:
+        """Add events to the caller's transaction; they leave only if it commits."""
+        if not envelopes:
+            return
+        await session.execute(
+            insert(self.table),
+            [
+                {
+                    "event_id": str(env.event_id),
+                    "subject": env.subject,
+                    "payload": env.model_dump_json(),
+                    "created_at": datetime.now(UTC),
+                    "attempts": 0,
+                }
+                for env in envelopes
+            ],
+        )
+        self.signal(session)
+
+    def signal(self, session: AsyncSession) -> None:
+        if self.commit_signal is not None:
+            self.commit_signal.mark(session)
+
+    async def pending_count(self, session: AsyncSession) -> int:
+        query = select(func.count()).select_from(self.table).where(self.table.c.sent_at.is_(None))
+        return int((await session.execute(query)).scalar_one())
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        outbox: Outbox,
+        sessions: async_sessionmaker[AsyncSession],
+        js: Callable[[], JetStreamContext | None],
+        *,
+        batch_size: int = 256,
+        retry_seconds: float = 2.0,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self.outbox = outbox
+        self.sessions = sessions
+        self._js = js
+        self.batch_size = batch_size
+        self.retry_seconds = retry_seconds
+        self.publish_timeout = publish_timeout
+        self.published = 0
+        self._signal = CommitSignal(sessions, "outbox")
+        outbox.commit_signal = self._signal
+
+    def wake(self) -> None:
+        self._signal.set()
+
+    async def run(self) -> None:
+        while True:
+            # Woken on commit; the timeout is only the retry tick after a failed publish.
+            await self._signal.wait(self.retry_seconds)
+            try:
+                while await self.relay_batch() == self.batch_size:
+                    pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("outbox relay paused", extra={"error": type(exc).__name__})
+
+    async def relay_batch(self) -> int:
+        """Publish one batch of pending rows; returns how many were sent."""
+        js = self._js()
+        if js is None:
+            return 0
+        table = self.outbox.table
+        async with self.sessions() as session, session.begin():
+            query = (
+                select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload)
+                .where(table.c.sent_at.is_(None))
+                .order_by(table.c.seq)
+                .limit(self.batch_size)
+            )
+            if session.bind.dialect.name == "postgresql":
+                # Replicas of a service share the outbox without publishing a row twice.
+                query = query.with_for_update(skip_locked=True)
+            rows = (await session.execute(query)).all()
+            if not rows:
+                return 0
+            sent, error = await self._publish(js, rows)
+            if sent:
+                await session.execute(
+                    update(table)
+                    .where(table.c.seq.in_(sent))
+                    .values(sent_at=datetime.now(UTC), attempts=table.c.attempts + 1)
+                )
+            if error is not None:
+                failed = [r.seq for r in rows if r.seq not in set(sent)]
+                await session.execute(
+                    update(table)
+                    .where(table.c.seq.in_(failed))
+                    .values(attempts=table.c.attempts + 1, last_error=error[:500])
+                )
+        self.published += len(sent)
+        if error is not None:
+            raise _PublishFailed(f"{len(rows) - len(sent)} pending: {error}")
+        return len(sent)
+
+    async def _publish(self, js: JetStreamContext, rows: list) -> tuple[list[int], str | None]:
+        # Publish the batch pipelined, then wait for every ack. Rows after a failure
+        # stay pending and are retried in order; JetStream de-duplicates any that
+        # were in fact stored.
+        futures = []
+        try:
+            for row in rows:
+                futures.append(
+                    await js.publish_async(
+                        row.subject,
+                        row.payload.encode(),
+                        headers={"Nats-Msg-Id": row.event_id},
+                        wait_stall=self.publish_timeout,
+                    )
+                )
+        except Exception as exc:
+            error: str | None = f"{type(exc).__name__}: {exc}"
+        else:
+            error = None
+        sent: list[int] = []
+        for row, future in zip(rows, futures, strict=False):
+            try:
+                await asyncio.wait_for(future, timeout=self.publish_timeout)
+            except Exception as exc:
+                error = error or f"{type(exc).__name__}: {exc}"
+                break
+            sent.append(row.seq)
+        for future in futures[len(sent) :]:
+            future.cancel()  # frees its slot in nats-py's pending-publish limit
+        return sent, error
+
+
+class _PublishFailed(Exception):
+    pass

@@ -1,0 +1,138 @@
+"""What every service process runs besides its routes: database, migrations, NATS,
+owned streams, the outbox relay and the consumers. app.py composes one of these."""
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from shared.db import create_engine, migrate, session_factory
+from shared.messaging import (
+    Consumer,
+    Inbox,
+    Outbox,
+    OutboxRelay,
+    Subscription,
+    ensure_streams,
+    owned_streams,
+)
+from shared.messaging.connection import connect
+from shared.settings import ServiceName, Settings
+
+log = logging.getLogger("iopnet.runtime")
+
+BackgroundJob = Callable[["ServiceRuntime"], Awaitable[None]]
+
+
+class ServiceRuntime:
+    def __init__(
+        self,
+        name: ServiceName,
+        settings: Settings,
+        *,
+        outbox: Outbox,
+        inbox: Inbox,
+        migrations_dir: Path,
+        subscriptions: list[Subscription],
+        jobs: list[BackgroundJob] | None = None,
+    ) -> None:
+        self.name = name
+        self.settings = settings
+        self.outbox = outbox
+        self.inbox = inbox
+        self.migrations_dir = migrations_dir
+        self.subscriptions = subscriptions
+        self.jobs = jobs or []
+        self.engine: AsyncEngine | None = None
+        self.sessions: async_sessionmaker[AsyncSession]
+        self.nc: Client | None = None
+        self.js: JetStreamContext | None = None
+        self.relay: OutboxRelay
+        self.consumers: list[Consumer] = []
+        self.streams_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self.engine = create_engine(self.settings.database_url(self.name))
+        self.sessions = session_factory(self.engine)
+        await migrate(self.engine, self.migrations_dir)
+        self.relay = OutboxRelay(
+            self.outbox,
+            self.sessions,
+            lambda: self.js if self.streams_ready.is_set() else None,
+            batch_size=self.settings.outbox_batch,
+            retry_seconds=self.settings.outbox_retry_seconds,
+        )
+        self._spawn(self._messaging(), "messaging")
+        self._spawn(self.relay.run(), "outbox-relay")
+        for job in self.jobs:
+            self._spawn(job(self), getattr(job, "__name__", "job"))
+        log.info("service started", extra={"service": self.name})
+
+    async def _messaging(self) -> None:
+        self.nc = await connect(self.settings.effective_nats_url, f"iopnet-{self.name}")
+        self.js = self.nc.jetstream()
+        await ensure_streams(self.js, owned_streams(self.name), self.settings.duplicate_window_seconds)
+        self.streams_ready.set()
+        self.relay.wake()
+        for subscription in self.subscriptions:
+            consumer = Consumer(
+                self.name,
+                subscription,
+                self.sessions,
+                self.inbox,
+                self.js,
+                max_deliver=self.settings.max_deliver,
+                ack_wait_seconds=self.settings.ack_wait_seconds,
+                nak_delay_seconds=self.settings.nak_delay_seconds,
+                batch=self.settings.fetch_batch,
+            )
+            self.consumers.append(consumer)
+            self._spawn(consumer.run(), consumer.durable)
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        task.add_done_callback(self._on_task_done)
+        self._tasks.append(task)
+
+    def _on_task_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            # A background loop must not die quietly: readyz turns false and we say so.
+            log.error(
+                "background task died",
+                extra={"reason": task.get_name(), "error": type(task.exception()).__name__},
+            )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.nc is not None and not self.nc.is_closed:
+            await self.nc.drain()
+        if self.engine is not None:
+            await self.engine.dispose()
+        log.info("service stopped", extra={"service": self.name})
+
+    async def readiness(self) -> dict[str, bool]:
+        checks = {"database": False, "nats": False, "consumers": False, "background": False}
+        if self.engine is not None:
+            try:
+                async with self.engine.connect() as connection:
+                    await connection.execute(text("SELECT 1"))
+                checks["database"] = True
+            except Exception as exc:
+                log.warning("database not ready", extra={"error": type(exc).__name__})
+        checks["nats"] = bool(self.nc and self.nc.is_connected and self.streams_ready.is_set())
+        checks["consumers"] = len(self.consumers) == len(self.subscriptions) and all(
+            c.bound.is_set() for c in self.consumers
+        )
+        checks["background"] = all(not t.done() for t in self._tasks if t.get_name() != "messaging")
+        return checks

@@ -1,0 +1,84 @@
+"""Settings from the environment (prefix IOPNET_), with the local defaults of DESIGN A2."""
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ServiceName = Literal["intake", "scheduling", "notifications"]
+SERVICES: tuple[ServiceName, ...] = ("intake", "scheduling", "notifications")
+DEFAULT_PORTS: dict[str, int] = {"intake": 8001, "scheduling": 8002, "notifications": 8003}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="IOPNET_", extra="ignore")
+
+    data_dir: Path = Path(".data")
+    # Given: use it and start nothing. Absent: the embedded server below.
+    nats_url: str | None = None
+    embedded_nats_host: str = "127.0.0.1"
+    embedded_nats_port: int = 4223
+
+    http_host: str = "127.0.0.1"
+    intake_port: int = DEFAULT_PORTS["intake"]
+    scheduling_port: int = DEFAULT_PORTS["scheduling"]
+    notifications_port: int = DEFAULT_PORTS["notifications"]
+
+    intake_database_url: str | None = None
+    scheduling_database_url: str | None = None
+    notifications_database_url: str | None = None
+
+    # Absent: a random secret kept in <data_dir>/jwt.secret, shared by the local network.
+    jwt_secret: str | None = None
+    jwt_ttl_seconds: int = 8 * 3600
+
+    log_level: str = "INFO"
+    max_body_bytes: int = 64 * 1024
+
+    # Consumers (DESIGN B3/B7): bounded redelivery, then the dead-letter stream.
+    max_deliver: int = 5
+    ack_wait_seconds: float = 30.0
+    nak_delay_seconds: float = 1.0
+    fetch_batch: int = 64
+    # Streams: how long JetStream drops a re-published event_id.
+    duplicate_window_seconds: float = 120.0
+    outbox_batch: int = 256
+    # The relay is woken on commit; this is only its retry tick after a failed publish.
+    outbox_retry_seconds: float = 2.0
+
+    @property
+    def effective_nats_url(self) -> str:
+        return self.nats_url or f"nats://{self.embedded_nats_host}:{self.embedded_nats_port}"
+
+    def database_url(self, service: ServiceName) -> str:
+        given = getattr(self, f"{service}_database_url")
+        return given or f"sqlite+aiosqlite:///{self.data_dir / f'{service}.db'}"
+
+    def port(self, service: ServiceName) -> int:
+        return int(getattr(self, f"{service}_port"))
+
+    def base_url(self, service: ServiceName) -> str:
+        return f"http://{self.http_host}:{self.port(service)}"
+
+    @cached_property
+    def signing_secret(self) -> str:
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.data_dir / "jwt.secret"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            # Exclusive create: two processes racing at first start agree on one secret.
+            try:
+                with open(path, "x", opener=lambda p, f: _open_private(p, f)) as handle:
+                    handle.write(secrets.token_urlsafe(48))
+            except FileExistsError:
+                pass
+        return path.read_text().strip()
+
+
+def _open_private(path: str, flags: int) -> int:
+    import os
+
+    return os.open(path, flags, 0o600)
