@@ -55,17 +55,14 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
     nats: NatsServer | None = None
     env = dict(os.environ)
     if settings.nats_url is None:
-        nats = NatsServer(
-            settings.data_dir / "nats", settings.embedded_nats_host, settings.embedded_nats_port
-        )
+        nats = NatsServer(settings.data_dir / "nats", settings.embedded_nats_host, settings.embedded_nats_port)
         nats.start()
         env["IOPNET_NATS_URL"] = nats.url
         typer.echo(f"nats       {nats.url} (embedded, data in {nats.data_dir})")
     else:
         typer.echo(f"nats       {settings.nats_url}")
     children = {
-        name: subprocess.Popen([sys.executable, "-m", "iopnet.cli", "serve", name], env=env)
-        for name in SERVICES
+        name: subprocess.Popen([sys.executable, "-m", "iopnet.cli", "serve", name], env=env) for name in SERVICES
     }
     stopping = False
 
@@ -104,9 +101,7 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
         typer.echo("iopnet stopped")
 
 
-def _wait_healthy(
-    settings: Settings, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60
-) -> None:
+def _wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     pending = set(children)
     while pending and time.monotonic() < deadline:

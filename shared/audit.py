@@ -10,6 +10,7 @@ from sqlalchemy import Column, Integer, MetaData, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.auth import Principal
+from shared.db import UtcDateTime
 
 
 def audit_table(metadata: MetaData) -> Table:
@@ -17,7 +18,7 @@ def audit_table(metadata: MetaData) -> Table:
         "audit_log",
         metadata,
         Column("id", Integer, primary_key=True, autoincrement=True),
-        Column("at", Utcnullable=False, index=True),
+        Column("at", UtcDateTime, nullable=False, index=True),
         Column("actor", String(200), nullable=False),
         Column("role", String(40), nullable=False),
         Column("site_id", String(40), nullable=False, index=True),

@@ -99,9 +99,7 @@ async def _migrate_url(url: str, context: EnvironmentContext, target_metadata: M
     await engine.dispose()
 
 
-def _configure_and_run(
-    context: EnvironmentContext, connection: Connection, target_metadata: MetaData
-) -> None:
+def _configure_and_run(context: EnvironmentContext, connection: Connection, target_metadata: MetaData) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,

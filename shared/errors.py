@@ -51,9 +51,7 @@ def _field_path(loc: tuple[Any, ...]) -> str:
 async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
-    return JSONResponse(
-        error_body(exc.code, exc.message, exc.fields), status_code=exc.status, headers=headers
-    )
+    return JSONResponse(error_body(exc.code, exc.message, exc.fields), status_code=exc.status, headers=headers)
 
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:

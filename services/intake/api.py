@@ -187,15 +187,16 @@ async def create_patient(body: PatientIn, principal: Staff, session: Db) -> Pati
     return PatientOut(patient_id=patient_id, mrn=mrn, **body.model_dump())
 
 
-async def _visible_patient(
-    session: Db, principal: Principal, patient_id: UUID, action: str
-) -> dict[str, Any]:
+async def _visible_patient(session: Db, principal: Principal, patient_id: UUID, action: str) -> dict[str, Any]:
     """The patient if the caller may see them, else 404 (and the denial is audited)."""
     patient = await store.get_patient(session, str(patient_id))
     if patient is None:
         raise NotFound("patient not found")
-    own_record = principal.role == "patient" and principal.patient_id == patient_id
-    if (principal.role == "patient" and not own_record) or not principal.sees_site(patient["site_id"]):
+    if principal.role == "patient":
+        allowed = principal.patient_id == patient_id
+    else:
+        allowed = principal.sees_site(patient["site_id"])
+    if not allowed:
         # Its own transaction: the caller's rolls back with the 404, the audit row must not.
         async with AsyncSession(session.bind) as audit_session, audit_session.begin():
             await record_access(
@@ -219,12 +220,8 @@ async def read_patient(patient_id: UUID, principal: StaffOrPatient, session: Db)
     return PatientOut(**fields, enrollments=[EnrollmentOut(**e) for e in episodes])
 
 
-@router.post(
-    "/patients/{patient_id}/enrollments", status_code=201, response_model=EnrollmentOut, tags=["enrollments"]
-)
-async def enroll_patient(
-    patient_id: UUID, body: EnrollmentIn, principal: Staff, session: Db
-) -> EnrollmentOut:
+@router.post("/patients/{patient_id}/enrollments", status_code=201, response_model=EnrollmentOut, tags=["enrollments"])
+async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff, session: Db) -> EnrollmentOut:
     today = _today()
     try:
         domain.check_start_date(body.start_date, today)
@@ -236,9 +233,7 @@ async def enroll_patient(
         site_id = patient["site_id"]
         open_statuses = [str(s) for s in domain.OPEN_STATUSES]
         try:
-            domain.check_can_enroll(
-                await store.open_enrollment_count(session, str(patient_id), open_statuses)
-            )
+            domain.check_can_enroll(await store.open_enrollment_count(session, str(patient_id), open_statuses))
         except domain.IllegalTransition as error:
             raise Conflict(str(error)) from None
         status = domain.initial_status(body.start_date, today)

@@ -18,6 +18,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
     )
-    return create_service_app(
-        runtime, [api.router], "Sites, patients, enrollments: the front door of every site."
-    )
+    return create_service_app(runtime, [api.router], "Sites, patients, enrollments: the front door of every site.")

@@ -19,6 +19,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
+from shared.db import UtcDateTime
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -33,7 +34,7 @@ sites = Table(
     Column("site_id", String(40), primary_key=True),
     Column("name", String(200), nullable=False),
     Column("timezone", String(64), nullable=False),
-    Column("created_at", Utcnullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 patients = Table(
@@ -50,7 +51,7 @@ patients = Table(
     Column("email", String(254), nullable=True),
     Column("preferred_channel", String(10), nullable=False),
     Column("language", String(10), nullable=False),
-    Column("created_at", Utcnullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
     Index("ix_patients_identity", "name_key", "birth_date"),
 )
 
@@ -67,7 +68,7 @@ enrollments = Table(
     Column("referral_source", String(20), nullable=False),
     Column("status", String(12), nullable=False),
     Column("correlation_id", String(36), nullable=False),
-    Column("created_at", Utcnullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 
@@ -92,11 +93,7 @@ async def add_site(session: AsyncSession, **values: Any) -> None:
 
 
 async def get_patient(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:
-    row = (
-        (await session.execute(select(patients).where(patients.c.patient_id == patient_id)))
-        .mappings()
-        .first()
-    )
+    row = (await session.execute(select(patients).where(patients.c.patient_id == patient_id))).mappings().first()
     return dict(row) if row else None
 
 
@@ -122,9 +119,7 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> None:
 
 
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
-    query = (
-        select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.created_at)
-    )
+    query = select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.created_at)
     return [dict(r) for r in (await session.execute(query)).mappings()]
 
 

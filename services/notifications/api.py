@@ -48,6 +48,4 @@ async def patient_notifications(patient_id: UUID, principal: Staff, session: Db)
             site_id=site_id,
             patient_id=patient_id,
         )
-    return [
-        NotificationOut(**{k: v for k, v in r.items() if k in NotificationOut.model_fields}) for r in rows
-    ]
+    return [NotificationOut(**{k: v for k, v in r.items() if k in NotificationOut.model_fields}) for r in rows]

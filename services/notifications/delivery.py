@@ -64,9 +64,7 @@ class Dispatcher:
             contact = await store.get_contact(session, notification["patient_id"])
             episodes = await store.patient_enrollments(session, notification["patient_id"])
         cause = next(e for e in episodes if e["enrolled_event_id"] == notification["cause_event_id"])
-        text = domain.render(
-            notification["template"], notification["language"], start_date=str(cause["start_date"])
-        )
+        text = domain.render(notification["template"], notification["language"], start_date=str(cause["start_date"]))
         address = None
         if contact is not None:
             address = contact["phone"] if notification["channel"] == "sms" else contact["email"]
@@ -79,9 +77,7 @@ class Dispatcher:
             text=text,
         )
 
-    async def _failed(
-        self, runtime: ServiceRuntime, notification: dict[str, Any], attempts: int, error: str
-    ) -> None:
+    async def _failed(self, runtime: ServiceRuntime, notification: dict[str, Any], attempts: int, error: str) -> None:
         async with runtime.sessions() as session, session.begin():
             if attempts >= MAX_ATTEMPTS:
                 await store.mark_notification(
@@ -107,9 +103,7 @@ class Dispatcher:
         )
 
 
-def _outcome(
-    kind: type[NotificationSent] | type[NotificationFailed], notification: dict[str, Any], attempts: int
-):
+def _outcome(kind: type[NotificationSent] | type[NotificationFailed], notification: dict[str, Any], attempts: int):
     event = kind(
         notification_id=UUID(notification["notification_id"]),
         recipient_kind=notification["recipient_kind"],

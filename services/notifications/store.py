@@ -20,6 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
+from shared.db import UtcDateTime
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -37,7 +38,7 @@ contacts = Table(
     Column("email", String(254), nullable=True),
     Column("preferred_channel", String(10), nullable=False),
     Column("language", String(10), nullable=False),
-    Column("changed_at", Utcnullable=False),
+    Column("changed_at", UtcDateTime, nullable=False),
 )
 
 enrollments = Table(
@@ -68,9 +69,9 @@ notifications = Table(
     Column("attempts", Integer, nullable=False, default=0),
     Column("last_error", String(300), nullable=True),
     Column("provider_id", String(120), nullable=True),
-    Column("created_at", Utcnullable=False),
-    Column("due_at", Utcnullable=False, index=True),
-    Column("sent_at", Utcnullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("due_at", UtcDateTime, nullable=False, index=True),
+    Column("sent_at", UtcDateTime, nullable=True),
     # One message per (cause event, template, recipient), however often the cause arrives.
     UniqueConstraint("cause_event_id", "template", "recipient", name="uq_notification_once"),
 )
@@ -81,17 +82,13 @@ def now() -> datetime:
 
 
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
-    current = (
-        await session.execute(select(contacts.c.changed_at).where(contacts.c.patient_id == patient_id))
-    ).first()
+    current = (await session.execute(select(contacts.c.changed_at).where(contacts.c.patient_id == patient_id))).first()
     if current is None:
         await session.execute(insert(contacts).values(patient_id=patient_id, changed_at=changed_at, **values))
     elif _aware(current.changed_at) <= changed_at:
         # Events may arrive out of order: an older change never overwrites a newer one.
         await session.execute(
-            update(contacts)
-            .where(contacts.c.patient_id == patient_id)
-            .values(changed_at=changed_at, **values)
+            update(contacts).where(contacts.c.patient_id == patient_id).values(changed_at=changed_at, **values)
         )
 
 
@@ -100,11 +97,7 @@ def _aware(value: datetime) -> datetime:
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:
-    row = (
-        (await session.execute(select(contacts).where(contacts.c.patient_id == patient_id)))
-        .mappings()
-        .first()
-    )
+    row = (await session.execute(select(contacts).where(contacts.c.patient_id == patient_id))).mappings().first()
     return dict(row) if row else None
 
 
@@ -121,9 +114,7 @@ async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[di
     return [dict(r) for r in (await session.execute(query)).mappings()]
 
 
-async def notification_exists(
-    session: AsyncSession, cause_event_id: str, template: str, recipient: str
-) -> bool:
+async def notification_exists(session: AsyncSession, cause_event_id: str, template: str, recipient: str) -> bool:
     query = select(notifications.c.notification_id).where(
         notifications.c.cause_event_id == cause_event_id,
         notifications.c.template == template,
@@ -155,9 +146,5 @@ async def mark_notification(session: AsyncSession, notification_id: str, **value
 
 
 async def patient_notifications(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
-    query = (
-        select(notifications)
-        .where(notifications.c.patient_id == patient_id)
-        .order_by(notifications.c.created_at)
-    )
+    query = select(notifications).where(notifications.c.patient_id == patient_id).order_by(notifications.c.created_at)
     return [dict(r) for r in (await session.execute(query)).mappings()]

@@ -18,6 +18,4 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
     )
-    return create_service_app(
-        runtime, [api.router], "Programs, sessions, bookings, attendance and treatment hours."
-    )
+    return create_service_app(runtime, [api.router], "Programs, sessions, bookings, attendance and treatment hours.")

@@ -9,6 +9,7 @@ from sqlalchemy import Column, Date, Float, MetaData, String, Table, insert, sel
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
+from shared.db import UtcDateTime
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -23,7 +24,7 @@ sites = Table(
     Column("site_id", String(40), primary_key=True),
     Column("name", String(200), nullable=False),
     Column("timezone", String(64), nullable=False),
-    Column("updated_at", Utcnullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
 )
 
 enrollments = Table(
@@ -39,7 +40,7 @@ enrollments = Table(
     Column("weekly_hours_target", Float, nullable=False),
     Column("status", String(12), nullable=False),
     Column("enrolled_event_id", String(36), nullable=False),
-    Column("created_at", Utcnullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 

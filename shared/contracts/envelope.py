@@ -36,9 +36,7 @@ class Envelope(BaseModel):
 
     @property
     def subject(self) -> str:
-        return event_subject(
-            self.producer, self.event_type, self.site_id, restricted=self.event_class().restricted
-        )
+        return event_subject(self.producer, self.event_type, self.site_id, restricted=self.event_class().restricted)
 
     def event_class(self) -> type[Event]:
         try:

@@ -120,9 +120,7 @@ class Consumer:
         while True:
             try:
                 await self.js.add_consumer(self.subscription.stream, config)
-                return await self.js.pull_subscribe_bind(
-                    durable=self.durable, stream=self.subscription.stream
-                )
+                return await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
             except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 # The owner has not declared the stream yet; keep trying, never give up.
                 log.info(
@@ -161,9 +159,7 @@ class Consumer:
                 await self._dead_letter(message, f"failed {deliveries} times: {reason}")
             else:
                 self.stats.retried += 1
-                log.warning(
-                    "handler failed; will retry", extra=self._log_fields(envelope, deliveries, reason)
-                )
+                log.warning("handler failed; will retry", extra=self._log_fields(envelope, deliveries, reason))
                 await message.nak(delay=self.nak_delay_seconds * 2 ** (deliveries - 1))
             return
         await message.ack()
@@ -194,9 +190,7 @@ class Consumer:
             await self.js.publish(dlq_subject(self.service, name, site), message.data, headers=headers)
         except Exception as exc:
             # Not acked: the server redelivers it and the next try dead-letters again.
-            log.error(
-                "dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__}
-            )
+            log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})
             await message.nak(delay=self.nak_delay_seconds)
             return
         await message.ack()

@@ -11,6 +11,7 @@ from sqlalchemy import Column, MetaData, String, Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import Envelope
+from shared.db import UtcDateTime
 
 
 class Inbox:
@@ -21,7 +22,7 @@ class Inbox:
             Column("event_id", String(36), primary_key=True),
             Column("event_type", String(80), nullable=False),
             Column("consumer", String(120), nullable=False),
-            Column("received_at", Utcnullable=False),
+            Column("received_at", UtcDateTime, nullable=False),
         )
 
     async def claim(self, session: AsyncSession, envelope: Envelope, consumer: str) -> bool:

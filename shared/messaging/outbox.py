@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from shared.contracts import Envelope
+from shared.db import UtcDateTime
 
 log = logging.getLogger("iopnet.outbox")
 
@@ -74,8 +75,8 @@ class Outbox:
             Column("event_id", String(36), nullable=False, unique=True),
             Column("subject", String(255), nullable=False),
             Column("payload", Text, nullable=False),
-            Column("created_at", Utcnullable=False),
-            Column("sent_at", Utcnullable=True, index=True),
+            Column("created_at", UtcDateTime, nullable=False),
+            Column("sent_at", UtcDateTime, nullable=True, index=True),
             Column("attempts", Integer, nullable=False, default=0),
             Column("last_error", String(500), nullable=True),
         )

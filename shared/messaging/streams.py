@@ -51,9 +51,7 @@ def stream_config(spec: StreamSpec, duplicate_window_seconds: float) -> StreamCo
     )
 
 
-async def ensure_streams(
-    js: JetStreamContext, specs: list[StreamSpec], duplicate_window_seconds: float
-) -> None:
+async def ensure_streams(js: JetStreamContext, specs: list[StreamSpec], duplicate_window_seconds: float) -> None:
     for spec in specs:
         config = stream_config(spec, duplicate_window_seconds)
         try:

@@ -1,0 +1,104 @@
+"""Test support shipped with the package: real servers, a bus recorder, deadline waits.
+
+Waiting here is always on a condition with a deadline: the bus recorder is woken by
+each message; `eventually` re-checks a condition (a database row, an HTTP answer)
+until it holds or the deadline passes, and then fails loudly.
+"""
+
+import asyncio
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+T = TypeVar("T")
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "condition",
+) -> T:
+    """Await `probe()` until it returns a truthy value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = await probe()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class BusMessage:
+    subject: str
+    data: bytes
+    headers: dict[str, str]
+    received_at: float
+
+    def envelope(self) -> dict[str, Any]:
+        return json.loads(self.data)
+
+
+@dataclass
+class BusRecorder:
+    """A plain nats-py subscriber that records every message on `subject`."""
+
+    url: str
+    subject: str = "iop.>"
+    messages: list[BusMessage] = field(default_factory=list)
+    _nc: Client | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> "BusRecorder":
+        self._nc = await nats.connect(self.url)
+        await self._nc.subscribe(self.subject, cb=self._on_message)
+        await self._nc.flush()
+        return self
+
+    async def _on_message(self, msg: Msg) -> None:
+        self.messages.append(BusMessage(msg.subject, msg.data, dict(msg.headers or {}), time.monotonic()))
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for(
+        self, predicate: Callable[[BusMessage], bool], *, count: int = 1, timeout: float = 10.0
+    ) -> list[BusMessage]:
+        async def enough() -> list[BusMessage]:
+            async with self._changed:
+                await self._changed.wait_for(lambda: len(self.matching(predicate)) >= count)
+            return self.matching(predicate)
+
+        try:
+            return await asyncio.wait_for(enough(), timeout)
+        except TimeoutError:
+            seen = [m.subject for m in self.messages]
+            raise AssertionError(f"bus: wanted {count} matching message(s) in {timeout}s; saw {seen}") from None
+
+    async def wait_for_event(self, event_type: str, *, count: int = 1, timeout: float = 10.0) -> list[BusMessage]:
+        return await self.wait_for(lambda m: _event_type(m) == event_type, count=count, timeout=timeout)
+
+    def matching(self, predicate: Callable[[BusMessage], bool]) -> list[BusMessage]:
+        return [m for m in self.messages if predicate(m)]
+
+    def events(self, event_type: str) -> list[BusMessage]:
+        return self.matching(lambda m: _event_type(m) == event_type)
+
+    async def stop(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+
+
+def _event_type(message: BusMessage) -> str | None:
+    try:
+        return message.envelope().get("event_type")
+    except (ValueError, AttributeError):
+        return None
