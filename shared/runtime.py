@@ -91,6 +91,7 @@ class ServiceRuntime:
                 ack_wait_seconds=self.settings.ack_wait_seconds,
                 nak_delay_seconds=self.settings.nak_delay_seconds,
                 batch=self.settings.fetch_batch,
+                duplicate_window_seconds=self.settings.duplicate_window_seconds,
             )
             self.consumers.append(consumer)
             self._spawn(consumer.run(), consumer.durable)

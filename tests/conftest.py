@@ -11,6 +11,8 @@ from uuid import uuid4
 
 import asyncpg
 import httpx
+import nats
+import nats.js.errors
 import pytest
 from fastapi import FastAPI
 from sqlalchemy.engine import make_url
@@ -18,6 +20,8 @@ from sqlalchemy.engine import make_url
 from iopnet.natsd import NatsServer, free_port
 from iopnet.testing import BusRecorder
 from shared.auth import Role, mint_token
+from shared.contracts import Envelope
+from shared.messaging.streams import STREAMS, ensure_streams
 from shared.settings import Settings
 
 TEST_SECRET = "test-signing-secret-" + "x" * 32
@@ -150,3 +154,58 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[BusRecorder]:
         yield recorder
     finally:
         await recorder.stop()
+
+
+async def publish(nats_url: str, *envelopes: Envelope, msg_id_prefix: str = "") -> None:
+    """Publish envelopes as their producer would (declaring its streams first).
+
+    `msg_id_prefix` changes the Nats-Msg-Id: the same event re-published past the
+    duplicate window, which only the consumer's inbox can catch.
+    """
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        producers = {e.producer for e in envelopes}
+        specs = [s for s in STREAMS.values() if s.owner in producers or s.name == "IOP_RESTRICTED"]
+        await ensure_streams(js, specs, 120)
+        for envelope in envelopes:
+            await js.publish(
+                envelope.subject, envelope.to_bytes(), headers={"Nats-Msg-Id": msg_id_prefix + str(envelope.event_id)}
+            )
+    finally:
+        await nc.close()
+
+
+async def publish_raw(nats_url: str, subject: str, payload: bytes) -> None:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, [STREAMS["IOP_INTAKE"], STREAMS["IOP_SCHEDULING"], STREAMS["IOP_RESTRICTED"]], 120)
+        await js.publish(subject, payload)
+    finally:
+        await nc.close()
+
+
+async def dead_letters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]:
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        try:
+            info = await js.stream_info("IOP_DLQ")
+        except nats.js.errors.NotFoundError:
+            return []
+        letters = []
+        for seq in range(info.state.first_seq, info.state.last_seq + 1):
+            msg = await js.get_msg("IOP_DLQ", seq)
+            letters.append((msg.subject, dict(msg.headers or {}), msg.data or b""))
+        return letters
+    finally:
+        await nc.close()
+
+
+async def stream_count(nats_url: str, stream: str) -> int:
+    nc = await nats.connect(nats_url)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).state.messages)
+    finally:
+        await nc.close()

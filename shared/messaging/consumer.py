@@ -26,6 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from shared.contracts import EVENT_TYPES, Envelope, Event, UnknownEventType, dlq_subject
 from shared.contracts.subjects import RESTRICTED, ROOT, event_name, parse_subject
 from shared.messaging.inbox import Inbox
+from shared.messaging.streams import STREAMS, ensure_streams
 
 log = logging.getLogger("iopnet.consumer")
 
@@ -75,6 +76,7 @@ class Consumer:
         ack_wait_seconds: float = 30.0,
         nak_delay_seconds: float = 1.0,
         batch: int = 64,
+        duplicate_window_seconds: float = 120.0,
     ) -> None:
         self.service = service
         self.subscription = subscription
@@ -85,6 +87,7 @@ class Consumer:
         self.ack_wait_seconds = ack_wait_seconds
         self.nak_delay_seconds = nak_delay_seconds
         self.batch = batch
+        self.duplicate_window_seconds = duplicate_window_seconds
         self.durable = f"{service}-{subscription.stream}"
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
@@ -119,6 +122,8 @@ class Consumer:
         delay = 0.2
         while True:
             try:
+                # The consumer needs somewhere to put dead letters before it takes a message.
+                await ensure_streams(self.js, [STREAMS["IOP_DLQ"]], self.duplicate_window_seconds)
                 await self.js.add_consumer(self.subscription.stream, config)
                 return await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
             except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:

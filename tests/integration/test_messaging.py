@@ -1,0 +1,89 @@
+"""The shared consumer against a real nats-server and database: a failing handler is
+retried (not terminated, DESIGN B7), succeeds once, and a handler that keeps failing is
+dead-lettered after max_deliver while the next event still flows."""
+
+import asyncio
+from collections import Counter
+from datetime import date
+from pathlib import Path
+from uuid import uuid4
+
+import nats
+import pytest
+from sqlalchemy import MetaData
+
+from iopnet.testing import eventually
+from shared.contracts import new_envelope
+from shared.contracts.events import PatientEnrolled
+from shared.db import create_engine, session_factory
+from shared.messaging import Consumer, HandlerError, Inbox, Subscription
+from tests.conftest import dead_letters, publish
+
+
+def enrolled(program_id: str):
+    event = PatientEnrolled(
+        patient_id=uuid4(),
+        enrollment_id=uuid4(),
+        program_id=program_id,
+        level_of_care="2.1",
+        cohort="adult",
+        start_date=date(2026, 12, 1),
+        referral_source="self",
+    )
+    return new_envelope(event, site_id="columbus-east")
+
+
+@pytest.fixture
+async def inbox_db(database_url: str):
+    metadata = MetaData()
+    inbox = Inbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield inbox, session_factory(engine)
+    await engine.dispose()
+
+
+async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_db, tmp_path: Path) -> None:
+    inbox, sessions = inbox_db
+    attempts: Counter[str] = Counter()
+    applied: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        attempts[event.program_id] += 1
+        if event.program_id == "always-fails":
+            raise HandlerError("downstream rejected the event")
+        if event.program_id == "fails-twice" and attempts[event.program_id] <= 2:
+            raise RuntimeError("transient")
+        applied.append(event.program_id)
+
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer(
+        "probe",
+        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        sessions,
+        inbox,
+        nc.jetstream(),
+        max_deliver=3,
+        nak_delay_seconds=0.05,
+        ack_wait_seconds=5,
+    )
+    await publish(nats_server.url, enrolled("fails-twice"), enrolled("always-fails"), enrolled("fine"))
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def settled() -> bool:
+            return sorted(applied) == ["fails-twice", "fine"] and consumer.stats.dead_lettered == 1
+
+        await eventually(settled, what="retries and a dead letter")
+    finally:
+        task.cancel()
+        await nc.close()
+
+    assert attempts["fails-twice"] == 3  # retried after errors, not terminated
+    assert attempts["always-fails"] == 3  # exactly max_deliver tries
+    [(subject, headers, _)] = await dead_letters(nats_server.url)
+    assert subject == "iop.dlq.probe.patient_enrolled.columbus-east"
+    assert headers["Iop-Dlq-Reason"] == "failed 3 times: HandlerError: downstream rejected the event"
+    assert headers["Iop-Deliveries"] == "3"
+    assert headers["Iop-Original-Subject"] == "iop.intake.patient_enrolled.columbus-east"
