@@ -1,0 +1,78 @@
+"""Enrollment through all three services as separate processes, seen on the bus by a
+plain nats-py subscriber."""
+
+from datetime import date, timedelta
+
+import httpx
+
+from iopnet.testing import BusRecorder, eventually
+from tests.conftest import auth
+
+PHI = ("Teodoro", "Villanueva", "1979-06-30", "+13805550199", "teo.v@example.org")
+
+
+async def test_enrollment_reaches_a_welcome_notification(network) -> None:
+    bus = await BusRecorder(network.nats.url).start()
+    admin, desk = auth("network_admin"), auth("front_desk", ["columbus-east"])
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            intake = network.urls["intake"]
+            site = {"site_id": "columbus-east", "name": "Columbus East", "timezone": "America/New_York"}
+            assert (await http.post(f"{intake}/sites", json=site, headers=admin)).status_code == 201
+            patient = {
+                "site_id": "columbus-east",
+                "given_name": PHI[0],
+                "family_name": PHI[1],
+                "birth_date": PHI[2],
+                "phone": PHI[3],
+                "email": PHI[4],
+                "preferred_channel": "sms",
+                "language": "en",
+            }
+            created = await http.post(f"{intake}/patients", json=patient, headers=desk)
+            assert created.status_code == 201
+            patient_id = created.json()["patient_id"]
+            enrollment = {
+                "program_id": "adult-iop-evening",
+                "level_of_care": "2.1",
+                "cohort": "adult",
+                "start_date": (date.today() + timedelta(days=1)).isoformat(),
+                "referral_source": "employer",
+            }
+            enrolled = await http.post(f"{intake}/patients/{patient_id}/enrollments", json=enrollment, headers=desk)
+            assert enrolled.status_code == 201
+            enrollment_id = enrolled.json()["enrollment_id"]
+
+            [enrolled_msg] = await bus.wait_for_event("PatientEnrolled", timeout=20)
+            [sent_msg] = await bus.wait_for_event("NotificationSent", timeout=20)
+
+            async def scheduled():
+                response = await http.get(f"{network.urls['scheduling']}/enrollments/{enrollment_id}", headers=desk)
+                return response if response.status_code == 200 else None
+
+            assert (await eventually(scheduled, what="scheduling projection")).json()["patient_id"] == patient_id
+            listed = await http.get(
+                f"{network.urls['notifications']}/patients/{patient_id}/notifications", headers=desk
+            )
+            assert [n["template"] for n in listed.json()] == ["welcome"]
+            assert listed.json()[0]["status"] == "sent"
+    finally:
+        await bus.stop()
+
+    assert bus.messages.index(enrolled_msg) < bus.messages.index(sent_msg)
+    enrolled_env, sent_env = enrolled_msg.envelope(), sent_msg.envelope()
+    assert set(enrolled_env) == {
+        "event_id", "event_type", "schema_version", "occurred_at", "producer",
+        "site_id", "correlation_id", "causation_id", "data",
+    }  # fmt: skip
+    assert enrolled_env["occurred_at"].endswith("Z")
+    assert sent_env["correlation_id"] == enrolled_env["correlation_id"]
+    assert sent_env["causation_id"] == enrolled_env["event_id"]
+    assert sent_env["data"]["cause_event_id"] == enrolled_env["event_id"]
+    public = [m for m in bus.messages if not m.subject.startswith("iop.restricted.")]
+    assert public, "public events were seen"
+    for message in public:
+        assert not any(value in message.data.decode() for value in PHI), message.subject
+    for name in ("intake", "scheduling", "notifications"):
+        log = (network.logs / f"{name}.log").read_text()
+        assert not any(value in log for value in PHI), f"PHI in {name} log"
