@@ -141,6 +141,14 @@ def token(
     )
 
 
+@app.command("seed-demo")
+def seed_demo_command() -> None:
+    """Seed a demo network (sites, made-up patients, enrollments) into a running network."""
+    from iopnet.demo import seed_demo
+
+    seed_demo(Settings())
+
+
 @events_app.command("tail")
 def events_tail(
     subject: Annotated[str, typer.Option(help="subject filter")] = "iop.>",

@@ -102,3 +102,59 @@ def _event_type(message: BusMessage) -> str | None:
         return message.envelope().get("event_type")
     except (ValueError, AttributeError):
         return None
+
+
+def wait_until(probe: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
+    """Synchronous `eventually`, for fixtures that drive processes."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class LineReader:
+    """Reads a child process's output on a thread, so a test can wait for a line."""
+
+    def __init__(self, stream: Any) -> None:
+        import queue
+        import threading
+
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream: Any) -> None:
+        for raw in iter(stream.readline, b""):
+            self._queue.put(raw.decode(errors="replace"))
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        import queue
+
+        deadline = time.monotonic() + timeout
+        while True:
+            if any(text in line for line in self.lines):
+                return "".join(self.lines)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{text!r} not printed in {timeout}s:\n{''.join(self.lines)}")
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(f"output ended before {text!r}:\n{''.join(self.lines)}")
+            self.lines.append(line)
+
+    def text(self) -> str:
+        self._thread.join(timeout=10)
+        while not self._queue.empty():
+            line = self._queue.get()
+            if line is not None:
+                self.lines.append(line)
+        return "".join(self.lines)

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from iopnet.natsd import NatsServer, free_port
+from iopnet.testing import wait_until
 from tests.conftest import TEST_SECRET
 
 SERVICES = ("intake", "scheduling", "notifications")
@@ -34,20 +35,18 @@ def start_service(name: str, env: dict[str, str], logs: Path) -> subprocess.Pope
 
 
 def wait_ready(urls: dict[str, str], processes: dict[str, subprocess.Popen[bytes]], timeout: float = 60) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    pending = set(urls)
-    with httpx.Client(timeout=1) as client:
-        while pending and time.monotonic() < deadline:
-            for name in list(pending):
+    def all_ready() -> bool:
+        with httpx.Client(timeout=1) as client:
+            for name, url in urls.items():
                 assert processes[name].poll() is None, f"{name} exited with {processes[name].returncode}"
                 try:
-                    if client.get(f"{urls[name]}/readyz").status_code == 200:
-                        pending.discard(name)
+                    if client.get(f"{url}/readyz").status_code != 200:
+                        return False
                 except httpx.HTTPError:
-                    continue
-    assert not pending, f"not ready in {timeout}s: {pending}"
+                    return False
+        return True
+
+    wait_until(all_ready, timeout=timeout, what="all services ready")
 
 
 def stop_service(process: subprocess.Popen[bytes]) -> int:

@@ -1,0 +1,52 @@
+"""The CLI as a user runs it: `iopnet run --demo` brings the network up on its embedded
+nats-server, and Ctrl-C (SIGINT) stops every process; `iopnet token` is accepted."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+
+from iopnet.natsd import free_port
+from iopnet.testing import LineReader
+
+
+def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "EMBEDDED_NATS")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IOPNET_")}
+    env.update({f"IOPNET_{name}_PORT": str(port) for name, port in ports.items()})
+    env["IOPNET_DATA_DIR"] = str(tmp_path / ".data")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "iopnet.cli", "run", "--demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    output = LineReader(process.stdout)
+    try:
+        printed = output.wait_for("iopnet is up", timeout=90)
+        assert f"nats://127.0.0.1:{ports['EMBEDDED_NATS']} (embedded" in printed
+        assert "demo: 2 sites, 5 patients enrolled" in printed
+        assert (tmp_path / ".data" / "nats" / "jetstream").is_dir()
+        assert {p.name for p in (tmp_path / ".data").glob("*.db")} == {
+            "intake.db", "scheduling.db", "notifications.db",
+        }  # fmt: skip
+
+        token = subprocess.run(
+            [sys.executable, "-m", "iopnet.cli", "token", "--role", "clinician", "--site", "columbus-east"],
+            env=env, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        with httpx.Client(timeout=5) as http:
+            sites = http.get(f"http://127.0.0.1:{ports['INTAKE']}/sites", headers={"Authorization": f"Bearer {token}"})
+        assert [s["site_id"] for s in sites.json()] == ["columbus-east"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(timeout=30)
+    assert code == 0, output.text()
+    assert "iopnet stopped" in output.text()
+    with httpx.Client(timeout=1) as http:
+        for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS"):
+            try:
+                http.get(f"http://127.0.0.1:{ports[name]}/healthz")
+            except httpx.ConnectError:
+                continue
+            raise AssertionError(f"{name} still answering after Ctrl-C")
