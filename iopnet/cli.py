@@ -2,17 +2,12 @@
 
 import asyncio
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from typing import Annotated
 
-import httpx
 import typer
 
-from iopnet.natsd import NatsServer
 from shared.auth import ROLES, mint_token
 from shared.settings import SERVICES, ServiceName, Settings
 
@@ -49,21 +44,8 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
 @app.command()
 def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo network")] = False) -> None:
     """Run the whole network locally: embedded NATS (unless IOPNET_NATS_URL) and the three services."""
-    settings = Settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    _ = settings.signing_secret  # created once here, before the services race for it
-    nats: NatsServer | None = None
-    env = dict(os.environ)
-    if settings.nats_url is None:
-        nats = NatsServer(settings.data_dir / "nats", settings.embedded_nats_host, settings.embedded_nats_port)
-        nats.start()
-        env["IOPNET_NATS_URL"] = nats.url
-        typer.echo(f"nats       {nats.url} (embedded, data in {nats.data_dir})")
-    else:
-        typer.echo(f"nats       {settings.nats_url}")
-    children = {
-        name: subprocess.Popen([sys.executable, "-m", "iopnet.cli", "serve", name], env=env) for name in SERVICES
-    }
+    from iopnet.network import LocalNetwork
+
     stopping = False
 
     def request_stop(*_: object) -> None:
@@ -72,50 +54,26 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
+    network = LocalNetwork(Settings())
     try:
-        _wait_healthy(settings, children)
+        network.start()
+        embedded = f" (embedded, data in {network.nats.data_dir})" if network.nats else ""
+        typer.echo(f"{'nats':<15}{network.nats_url}{embedded}")
         for name in SERVICES:
-            typer.echo(f"{name:<15}{settings.base_url(name)}  (docs: {settings.base_url(name)}/docs)")
+            typer.echo(f"{name:<15}{network.url(name)}  (docs: {network.url(name)}/docs)")
         if demo:
             from iopnet.demo import seed_demo
 
-            seed_demo(settings)
+            seed_demo(network.settings)
         typer.echo("iopnet is up; Ctrl-C stops it")
         while not stopping:
-            died = [n for n, p in children.items() if p.poll() is not None]
-            if died:
-                typer.echo(f"service stopped unexpectedly: {', '.join(died)}", err=True)
-                break
+            if network.died():
+                typer.echo(f"service stopped unexpectedly: {', '.join(network.died())}", err=True)
+                raise typer.Exit(1)
             time.sleep(0.2)  # supervisor tick: children are checked, not waited on
     finally:
-        for process in children.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in children.values():
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        if nats is not None:
-            nats.stop()
+        network.stop()
         typer.echo("iopnet stopped")
-
-
-def _wait_healthy(settings: Settings, children: dict[str, subprocess.Popen[bytes]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    pending = set(children)
-    while pending and time.monotonic() < deadline:
-        for name in list(pending):
-            if children[name].poll() is not None:
-                raise RuntimeError(f"{name} exited during start")
-            try:
-                if httpx.get(f"{settings.base_url(name)}/readyz", timeout=1).status_code == 200:  # type: ignore[arg-type]
-                    pending.discard(name)
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.1)
-    if pending:
-        raise RuntimeError(f"not ready after {timeout}s: {', '.join(sorted(pending))}")
 
 
 @app.command()

@@ -104,18 +104,6 @@ def _event_type(message: BusMessage) -> str | None:
         return None
 
 
-def wait_until(probe: Callable[[], T], *, timeout: float = 30.0, interval: float = 0.05, what: str = "condition") -> T:
-    """Synchronous `eventually`, for fixtures that drive processes."""
-    deadline = time.monotonic() + timeout
-    last: T | None = None
-    while time.monotonic() < deadline:
-        last = probe()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
-
-
 class LineReader:
     """Reads a child process's output on a thread, so a test can wait for a line."""
 

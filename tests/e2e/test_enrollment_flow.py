@@ -12,11 +12,11 @@ PHI = ("Teodoro", "Villanueva", "1979-06-30", "+13805550199", "teo.v@example.org
 
 
 async def test_enrollment_reaches_a_welcome_notification(network) -> None:
-    bus = await BusRecorder(network.nats.url).start()
+    bus = await BusRecorder(network.nats_url).start()
     admin, desk = auth("network_admin"), auth("front_desk", ["columbus-east"])
     try:
         async with httpx.AsyncClient(timeout=10) as http:
-            intake = network.urls["intake"]
+            intake = network.url("intake")
             site = {"site_id": "columbus-east", "name": "Columbus East", "timezone": "America/New_York"}
             assert (await http.post(f"{intake}/sites", json=site, headers=admin)).status_code == 201
             patient = {
@@ -47,13 +47,11 @@ async def test_enrollment_reaches_a_welcome_notification(network) -> None:
             [sent_msg] = await bus.wait_for_event("NotificationSent", timeout=20)
 
             async def scheduled():
-                response = await http.get(f"{network.urls['scheduling']}/enrollments/{enrollment_id}", headers=desk)
+                response = await http.get(f"{network.url('scheduling')}/enrollments/{enrollment_id}", headers=desk)
                 return response if response.status_code == 200 else None
 
             assert (await eventually(scheduled, what="scheduling projection")).json()["patient_id"] == patient_id
-            listed = await http.get(
-                f"{network.urls['notifications']}/patients/{patient_id}/notifications", headers=desk
-            )
+            listed = await http.get(f"{network.url('notifications')}/patients/{patient_id}/notifications", headers=desk)
             assert [n["template"] for n in listed.json()] == ["welcome"]
             assert listed.json()[0]["status"] == "sent"
     finally:
@@ -74,5 +72,5 @@ async def test_enrollment_reaches_a_welcome_notification(network) -> None:
     for message in public:
         assert not any(value in message.data.decode() for value in PHI), message.subject
     for name in ("intake", "scheduling", "notifications"):
-        log = (network.logs / f"{name}.log").read_text()
+        log = (network.log_dir / f"{name}.log").read_text()
         assert not any(value in log for value in PHI), f"PHI in {name} log"

@@ -1,0 +1,104 @@
+"""The whole network as local processes: an embedded nats-server (unless a NATS URL is
+given) and `iopnet serve` for each service. Used by `iopnet run`, `iopnet bench` and the
+end-to-end tests, so all three start the network the same way."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from iopnet.natsd import NatsServer
+from shared.settings import SERVICES, Settings
+
+
+class LocalNetwork:
+    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.log_dir = log_dir
+        self.nats: NatsServer | None = None
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    @property
+    def nats_url(self) -> str:
+        return self.nats.url if self.nats is not None else self.settings.effective_nats_url
+
+    def url(self, service: str) -> str:
+        return self.settings.base_url(service)  # type: ignore[arg-type]
+
+    def child_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "IOPNET_NATS_URL": self.nats_url,
+                "IOPNET_DATA_DIR": str(self.settings.data_dir),
+                "IOPNET_HTTP_HOST": self.settings.http_host,
+                **{f"IOPNET_{name.upper()}_PORT": str(self.settings.port(name)) for name in SERVICES},
+            }
+        )
+        if self.settings.jwt_secret:
+            env["IOPNET_JWT_SECRET"] = self.settings.jwt_secret
+        return env
+
+    def start(self, timeout: float = 60) -> "LocalNetwork":
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        _ = self.settings.signing_secret  # created once here, before the services race for it
+        if self.settings.nats_url is None:
+            embedded = self.settings.data_dir / "nats"
+            self.nats = NatsServer(embedded, self.settings.embedded_nats_host, self.settings.embedded_nats_port)
+            self.nats.start()
+        env = self.child_env()
+        for name in SERVICES:
+            output: IO[bytes] | None = None
+            if self.log_dir is not None:
+                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+                self._logs.append(output)
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "iopnet.cli", "serve", name], env=env, stdout=output, stderr=output
+            )
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = set(self.processes)
+        with httpx.Client(timeout=1) as client:
+            while pending:
+                for name in sorted(pending):
+                    if self.processes[name].poll() is not None:
+                        raise RuntimeError(f"{name} exited during start ({self.processes[name].returncode})")
+                    try:
+                        if client.get(f"{self.url(name)}/readyz").status_code == 200:
+                            pending.discard(name)
+                    except httpx.HTTPError:
+                        pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"not ready after {timeout}s: {', '.join(sorted(pending))}")
+                if pending:
+                    time.sleep(0.1)  # readiness poll of child processes
+
+    def died(self) -> list[str]:
+        return [name for name, process in self.processes.items() if process.poll() is not None]
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM every service (graceful: in-flight work finishes), then the broker."""
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        codes = {}
+        for name, process in self.processes.items():
+            try:
+                codes[name] = process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                codes[name] = process.wait()
+        if self.nats is not None:
+            self.nats.stop()
+        for log in self._logs:
+            log.close()
+        return codes
