@@ -12,8 +12,13 @@ async def list_dead_letters(url: str, limit: int) -> list[dict[str, Any]]:
     nc = await nats.connect(url)
     try:
         js = nc.jetstream()
-        info = await js.stream_info(DLQ_STREAM)
-        first = max(info.state.first_seq, info.state.last_seq - limit + 1)
+        try:
+            info = await js.stream_info(DLQ_STREAM)
+        except NotFoundError:
+            return []
+        if info.state.messages == 0:
+            return []
+        first = max(info.state.first_seq, info.state.last_seq - limit + 1, 1)
         letters = []
         for seq in range(first, info.state.last_seq + 1):
             try:

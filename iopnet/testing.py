@@ -78,7 +78,8 @@ class BusRecorder:
             return self.matching(predicate)
 
         try:
-            return await asyncio.wait_for(enough(), timeout)
+            async with asyncio.timeout(timeout):
+                return await enough()
         except TimeoutError:
             seen = [m.subject for m in self.messages]
             raise AssertionError(f"bus: wanted {count} matching message(s) in {timeout}s; saw {seen}") from None

@@ -37,7 +37,8 @@ class Principal(BaseModel):
         """None means every site (network admin)."""
         if self.role == "network_admin":
             return None if candidates is None else list(candidates)
-        return [s for s in (candidates or self.sites) if s in self.sites]
+        pool = self.sites if candidates is None else candidates
+        return [s for s in pool if s in self.sites]
 
 
 def mint_token(

@@ -7,7 +7,8 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
-from sqlalchemy import DateTime, MetaData, event
+from sqlalchemy import DateTime, MetaData, Table, event, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
@@ -56,6 +57,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
+    """Create-if-missing and lock one row for the rest of the transaction.
+
+    Handlers on different streams may touch the same entity at once (a patient's
+    contact and enrollment arrive concurrently); each takes this lock first, so the
+    second waits for the first to commit and then sees its rows. On SQLite the
+    insert makes the transaction a writer at once, which serializes it the same way.
+    """
+    dialect = session.bind.dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    await session.execute(insert(table).values(**key).on_conflict_do_nothing(index_elements=list(key)))
+    conditions = [table.c[name] == value for name, value in key.items()]
+    await session.execute(select(*table.primary_key.columns).where(*conditions).with_for_update())
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

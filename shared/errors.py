@@ -6,6 +6,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
@@ -93,27 +94,35 @@ class BodyLimit:
             await self._too_large(scope, receive, send)
             return
         seen = 0
+        answered = False
 
         async def limited_receive() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    raise _TooLarge
+                    # Answer 413 now; the app then sees a disconnect and whatever it
+                    # tries to send is dropped (FastAPI would otherwise answer 400).
+                    answered = True
+                    await self._too_large(scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
+        async def guarded_send(message: Message) -> None:
+            if not answered:
+                await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except _TooLarge:
-            await self._too_large(scope, receive, send)
+            await self.app(scope, limited_receive, guarded_send)
+        except ClientDisconnect:
+            if not answered:
+                raise
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = JSONResponse(
             error_body("too_large", f"request body exceeds {self.max_bytes} bytes"), status_code=413
         )
         await response(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass

@@ -115,9 +115,14 @@ class ServiceRuntime:
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._tasks:
+            _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            for task in stuck:
+                log.error("background task ignored cancellation", extra={"reason": task.get_name()})
         if self.nc is not None and not self.nc.is_closed:
-            await self.nc.drain()
+            # Not drain(): it waits out pull subscriptions' pending requests (30 s).
+            # Every publish was already acknowledged, and unacked messages are redelivered.
+            await self.nc.close()
         if self.engine is not None:
             await self.engine.dispose()
         log.info("service stopped", extra={"service": self.name})

@@ -1,6 +1,5 @@
 """Intake rules, free of I/O: sites, patients, enrollments."""
 
-import re
 import secrets
 import unicodedata
 from datetime import date
@@ -22,9 +21,13 @@ class IllegalTransition(DomainError):
     pass
 
 
+# Files in /usr/share/zoneinfo that are not IANA zone names a site could be in.
+_NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+
+
 def validate_timezone(name: str) -> str:
-    # ZoneInfo alone accepts odd keys such as "localtime" or file paths; the IANA list does not.
-    if name not in available_timezones():
+    # ZoneInfo alone accepts file paths; the system's zone list also holds a few non-zones.
+    if name in _NOT_ZONES or name.startswith(("posix/", "right/")) or name not in available_timezones():
         raise DomainError(f"unknown IANA timezone {name!r}", field="timezone")
     try:
         ZoneInfo(name)
@@ -47,9 +50,14 @@ def new_mrn() -> str:
 
 
 def normalize_name(name: str) -> str:
-    """Case, accents and punctuation folded, for duplicate detection and search."""
-    folded = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return re.sub(r"[^a-z]", "", folded.lower())
+    """Case, accents and punctuation folded, for duplicate detection and search.
+
+    Letters of every script are kept: folding to ASCII would make all Cyrillic or CJK
+    names equal to each other.
+    """
+    decomposed = unicodedata.normalize("NFKD", name)
+    without_marks = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return "".join(c for c in without_marks.casefold() if c.isalnum())
 
 
 class EnrollmentStatus(StrEnum):

@@ -13,6 +13,7 @@ from shared.messaging import Subscription
 
 async def on_contact_changed(session: AsyncSession, envelope: Envelope, event: Event) -> None:
     assert isinstance(event, PatientContactChanged)
+    await store.lock_patient(session, str(event.patient_id))
     await store.upsert_contact(
         session,
         str(event.patient_id),
@@ -28,6 +29,7 @@ async def on_contact_changed(session: AsyncSession, envelope: Envelope, event: E
 
 async def on_patient_enrolled(session: AsyncSession, envelope: Envelope, event: Event) -> None:
     assert isinstance(event, PatientEnrolled)
+    await store.lock_patient(session, str(event.patient_id))
     await store.add_enrollment(
         session,
         enrollment_id=str(event.enrollment_id),

@@ -20,7 +20,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, lock_row
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -28,6 +28,14 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+
+# One row per patient this service has heard of: the lock that serializes the
+# handlers of different streams working on the same patient (see shared.db.lock_row).
+patients = Table(
+    "patients",
+    metadata,
+    Column("patient_id", String(36), primary_key=True),
+)
 
 contacts = Table(
     "contacts",
@@ -81,19 +89,19 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+async def lock_patient(session: AsyncSession, patient_id: str) -> None:
+    await lock_row(session, patients, patient_id=patient_id)
+
+
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
     current = (await session.execute(select(contacts.c.changed_at).where(contacts.c.patient_id == patient_id))).first()
     if current is None:
         await session.execute(insert(contacts).values(patient_id=patient_id, changed_at=changed_at, **values))
-    elif _aware(current.changed_at) <= changed_at:
+    elif current.changed_at <= changed_at:
         # Events may arrive out of order: an older change never overwrites a newer one.
         await session.execute(
             update(contacts).where(contacts.c.patient_id == patient_id).values(changed_at=changed_at, **values)
         )
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:

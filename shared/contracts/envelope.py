@@ -4,7 +4,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from shared.contracts.events import EVENT_TYPES, Event, Producer, SiteId
 from shared.contracts.subjects import event_subject
@@ -33,6 +33,13 @@ class Envelope(BaseModel):
         if value.tzinfo is None:
             raise ValueError("occurred_at must carry a UTC offset")
         return value.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _producer_owns_event(self) -> "Envelope":
+        known = EVENT_TYPES.get(self.event_type)
+        if known is not None and known.producer != self.producer:
+            raise ValueError(f"{self.event_type} is produced by {known.producer}, not {self.producer}")
+        return self
 
     @property
     def subject(self) -> str:

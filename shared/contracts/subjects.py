@@ -4,6 +4,8 @@ import re
 from typing import NamedTuple
 
 SITE_ID_PATTERN = re.compile(r"^[a-z0-9-]{2,40}$")
+EVENT_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+PRODUCERS = frozenset({"intake", "scheduling", "notifications"})
 _CAMEL_BOUNDARY = re.compile(r"(?<!^)(?=[A-Z])")
 
 ROOT = "iop"
@@ -39,6 +41,12 @@ def parse_subject(subject: str) -> ParsedSubject:
     restricted = len(tokens) == 5 and tokens[1] == RESTRICTED
     if restricted:
         tokens = [tokens[0], *tokens[2:]]
-    if len(tokens) != 4 or tokens[0] != ROOT or not SITE_ID_PATTERN.match(tokens[3]):
+    if (
+        len(tokens) != 4
+        or tokens[0] != ROOT
+        or tokens[1] not in PRODUCERS
+        or not EVENT_NAME_PATTERN.match(tokens[2])
+        or not SITE_ID_PATTERN.match(tokens[3])
+    ):
         raise ValueError(f"not an iopnet event subject: {subject!r}")
     return ParsedSubject(tokens[1], tokens[2], tokens[3], restricted)

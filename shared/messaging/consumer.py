@@ -77,6 +77,8 @@ class Consumer:
         nak_delay_seconds: float = 1.0,
         batch: int = 64,
         duplicate_window_seconds: float = 120.0,
+        idle_wait_seconds: float = 5.0,
+        backlog_wait_seconds: float = 0.02,
     ) -> None:
         self.service = service
         self.subscription = subscription
@@ -88,6 +90,8 @@ class Consumer:
         self.nak_delay_seconds = nak_delay_seconds
         self.batch = batch
         self.duplicate_window_seconds = duplicate_window_seconds
+        self.idle_wait_seconds = idle_wait_seconds
+        self.backlog_wait_seconds = backlog_wait_seconds
         self.durable = f"{service}-{subscription.stream}"
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
@@ -96,15 +100,23 @@ class Consumer:
         subscription = await self._bind()
         self.bound.set()
         while True:
-            try:
-                messages = await subscription.fetch(self.batch, timeout=1.0)
-            except nats.errors.TimeoutError:
-                continue
-            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-                await asyncio.sleep(0.5)  # backoff while nats-py reconnects
-                continue
-            for message in messages:
+            # Wait for one message (returns as soon as it arrives), then take the
+            # backlog in batches. A plain fetch(batch) would hold the first message
+            # until the batch filled or the request expired.
+            for message in await self._fetch(subscription, 1, self.idle_wait_seconds):
                 await self.process(message)
+                while backlog := await self._fetch(subscription, self.batch, self.backlog_wait_seconds):
+                    for queued in backlog:
+                        await self.process(queued)
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
+        try:
+            return await subscription.fetch(batch, timeout=wait)
+        except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError
+            return []
+        except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
+            await asyncio.sleep(0.5)  # backoff while nats-py reconnects
+            return []
 
     async def _bind(self) -> JetStreamContext.PullSubscription:
         config = ConsumerConfig(

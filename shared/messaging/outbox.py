@@ -61,8 +61,11 @@ class CommitSignal:
 
     async def wait(self, tick: float) -> None:
         """Return when signalled or after `tick` seconds (a retry tick), whichever is first."""
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+        # that lands as the event fires, and the worker would outlive its service.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), timeout=tick)
+            async with asyncio.timeout(tick):
+                await self._event.wait()
         self._event.clear()
 
 
@@ -206,7 +209,8 @@ class OutboxRelay:
         sent: list[int] = []
         for row, future in zip(rows, futures, strict=False):
             try:
-                await asyncio.wait_for(future, timeout=self.publish_timeout)
+                async with asyncio.timeout(self.publish_timeout):
+                    await future
             except Exception as exc:
                 error = error or f"{type(exc).__name__}: {exc}"
                 break

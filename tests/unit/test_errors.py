@@ -1,0 +1,174 @@
+"""Error shape of DESIGN A6 and the 413 body limit (shared/errors.py)."""
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field
+
+from shared.errors import (
+    ApiError,
+    BodyLimit,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthorized,
+    install_error_handlers,
+)
+
+MAX_BYTES = 256
+SECRET_EMAIL = "jane.doe.secret@example.org"
+ERRORS: dict[str, type[ApiError]] = {
+    "unauthorized": Unauthorized,
+    "forbidden": Forbidden,
+    "not_found": NotFound,
+    "conflict": Conflict,
+    "invalid": Invalid,
+}
+
+
+class Patient(BaseModel):
+    given_name: str = Field(min_length=1)
+    age: int
+    preferred_channel: str = Field(pattern=r"^(sms|email|none)$")
+
+
+def make_app() -> FastAPI:
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=MAX_BYTES)
+
+    @app.get("/raise/{name}")
+    async def raise_error(name: str) -> None:
+        raise ERRORS[name]("it went wrong", fields={"site_id": "unknown site"} if name == "invalid" else None)
+
+    @app.post("/patients", status_code=201)
+    async def create(patient: Patient) -> dict[str, int]:
+        return {"age": patient.age}
+
+    @app.post("/raw")
+    async def raw(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
+
+    return app
+
+
+@pytest.fixture
+async def client():
+    transport = httpx.ASGITransport(app=make_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        yield http
+
+
+@pytest.mark.parametrize(
+    ("name", "status"),
+    [("unauthorized", 401), ("forbidden", 403), ("not_found", 404), ("conflict", 409), ("invalid", 422)],
+)
+async def test_api_errors_map_to_status_and_shape(client, name, status):
+    response = await client.get(f"/raise/{name}")
+    assert response.status_code == status
+    assert response.headers["content-type"] == "application/json"
+    fields = {"site_id": "unknown site"} if name == "invalid" else {}
+    assert response.json() == {"error": {"code": name, "message": "it went wrong", "fields": fields}}
+
+
+async def test_unauthorized_asks_for_a_bearer_token(client):
+    response = await client.get("/raise/unauthorized")
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert "www-authenticate" not in (await client.get("/raise/forbidden")).headers
+
+
+async def test_unknown_route_uses_the_error_shape(client):
+    response = await client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+    assert set(response.json()["error"]) == {"code", "message", "fields"}
+
+
+async def test_wrong_method_uses_the_error_shape(client):
+    response = await client.delete("/patients")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+async def test_valid_body_passes(client):
+    body = {"given_name": "Jane", "age": 40, "preferred_channel": "sms"}
+    response = await client.post("/patients", json=body)
+    assert response.status_code == 201
+    assert response.json() == {"age": 40}
+
+
+async def test_validation_error_names_fields_without_echoing_input(client):
+    body = {"given_name": "Jane", "age": SECRET_EMAIL, "preferred_channel": SECRET_EMAIL}
+    response = await client.post("/patients", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid"
+    assert error["message"]
+    assert set(error["fields"]) == {"age", "preferred_channel"}
+    assert all(isinstance(msg, str) and msg for msg in error["fields"].values())
+    assert SECRET_EMAIL not in response.text
+    assert "jane.doe" not in response.text
+    assert "Jane" not in response.text
+
+
+async def test_missing_field_is_named(client):
+    response = await client.post("/patients", json={"age": 3, "preferred_channel": "none"})
+    assert response.status_code == 422
+    assert set(response.json()["error"]["fields"]) == {"given_name"}
+
+
+async def test_malformed_json_answers_422_without_echo(client):
+    raw = b'{"given_name": "' + SECRET_EMAIL.encode() + b'", '
+    response = await client.post("/patients", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "invalid"
+    assert SECRET_EMAIL not in response.text
+
+
+def _over_limit_patient() -> bytes:
+    return b'{"given_name": "' + b"a" * (MAX_BYTES * 2) + b'", "age": 1, "preferred_channel": "sms"}'
+
+
+def _assert_too_large(response: httpx.Response) -> None:
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+    assert set(response.json()["error"]) == {"code", "message", "fields"}
+
+
+async def _chunks(body: bytes, size: int = 64):
+    for start in range(0, len(body), size):
+        yield body[start : start + size]
+
+
+@pytest.mark.parametrize("path", ["/patients", "/raw"])
+async def test_declared_oversized_body_answers_413(client, path):
+    response = await client.post(path, content=_over_limit_patient())
+    assert response.request.headers["content-length"] == str(len(_over_limit_patient()))
+    _assert_too_large(response)
+
+
+async def test_body_at_the_limit_passes(client):
+    response = await client.post("/raw", content=b"x" * MAX_BYTES)
+    assert response.status_code == 200
+    assert response.json() == {"size": MAX_BYTES}
+
+
+async def test_streamed_oversized_body_answers_413_on_a_raw_route(client):
+    response = await client.post("/raw", content=_chunks(b"x" * (MAX_BYTES * 3)))
+    assert "content-length" not in response.request.headers
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    _assert_too_large(response)
+
+
+async def test_small_streamed_body_passes(client):
+    response = await client.post("/raw", content=_chunks(b"x" * (MAX_BYTES - 1), size=16))
+    assert response.status_code == 200
+    assert response.json() == {"size": MAX_BYTES - 1}
+
+
+async def test_streamed_oversized_body_answers_413_on_a_model_route(client):
+    response = await client.post(
+        "/patients", content=_chunks(_over_limit_patient()), headers={"content-type": "application/json"}
+    )
+    _assert_too_large(response)

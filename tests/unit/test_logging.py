@@ -1,0 +1,103 @@
+"""Structured logs (shared/logging.py): JSON, safe fields only, no exception text."""
+
+import json
+import logging
+import sys
+from uuid import uuid4
+
+import pytest
+
+from shared.logging import SAFE_FIELDS, JsonFormatter
+
+PHI = {
+    "email": "jane.doe@example.org",
+    "given_name": "Jane",
+    "family_name": "Doe",
+    "phone": "+16145550100",
+    "birth_date": "1985-02-03",
+    "notes": "told me about her drinking",
+}
+
+
+def _record(msg="processed", args=(), exc_info=None, **extra):
+    record = logging.LogRecord("iopnet.test", logging.INFO, __file__, 10, msg, args, exc_info)
+    for key, value in extra.items():
+        setattr(record, key, value)
+    return record
+
+
+def _format(record: logging.LogRecord) -> dict:
+    return json.loads(JsonFormatter().format(record))
+
+
+def test_output_is_one_json_object():
+    line = JsonFormatter().format(_record("hello %s", ("world",)))
+    assert "\n" not in line
+    entry = json.loads(line)
+    assert entry["msg"] == "hello world"
+    assert entry["level"] == "INFO"
+    assert entry["logger"] == "iopnet.test"
+    assert entry["ts"].endswith("+00:00")
+
+
+def test_safe_extra_fields_are_kept():
+    entry = _format(_record(event_id="e-1", site_id="columbus-east", deliveries=3, duration_ms=1.5, service="intake"))
+    assert entry["event_id"] == "e-1"
+    assert entry["site_id"] == "columbus-east"
+    assert entry["deliveries"] == 3
+    assert entry["duration_ms"] == 1.5
+    assert entry["service"] == "intake"
+
+
+def test_non_primitive_safe_values_are_stringified():
+    patient_id = uuid4()
+    assert _format(_record(patient_id=patient_id))["patient_id"] == str(patient_id)
+
+
+@pytest.mark.parametrize("key", sorted(PHI))
+def test_unsafe_extra_keys_are_dropped(key):
+    assert key not in SAFE_FIELDS
+    line = JsonFormatter().format(_record(**{key: PHI[key]}))
+    assert key not in json.loads(line)
+    assert PHI[key] not in line
+
+
+def test_via_a_real_logger_extra_is_filtered():
+    logger = logging.getLogger("iopnet.test.filter")
+    captured: list[str] = []
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            captured.append(self.format(record))
+
+    handler = Capture()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("patient updated", extra={"patient_id": "p-9", "email": PHI["email"]})
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    entry = json.loads(captured[0])
+    assert entry["patient_id"] == "p-9"
+    assert entry["level"] == "WARNING"
+    assert "email" not in entry
+    assert PHI["email"] not in captured[0]
+
+
+def test_exception_renders_type_only():
+    try:
+        raise ValueError(f"bad phone {PHI['phone']} for {PHI['email']}")
+    except ValueError:
+        record = _record("failed", exc_info=sys.exc_info())
+    line = JsonFormatter().format(record)
+    entry = json.loads(line)
+    assert entry["exc_type"] == "ValueError"
+    assert PHI["phone"] not in line
+    assert PHI["email"] not in line
+    assert "Traceback" not in line
+
+
+def test_no_exception_no_exc_type():
+    assert "exc_type" not in _format(_record())
