@@ -61,6 +61,7 @@ class ConsumerStats:
     skipped_duplicates: int = 0
     retried: int = 0
     dead_lettered: int = 0
+    idle_fetches: int = 0
 
 
 class Consumer:
@@ -113,6 +114,7 @@ class Consumer:
         try:
             return await subscription.fetch(batch, timeout=wait)
         except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError
+            self.stats.idle_fetches += 1
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
             await asyncio.sleep(0.5)  # backoff while nats-py reconnects

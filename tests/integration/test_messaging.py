@@ -87,3 +87,40 @@ async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_
     assert headers["Iop-Dlq-Reason"] == "failed 3 times: HandlerError: downstream rejected the event"
     assert headers["Iop-Deliveries"] == "3"
     assert headers["Iop-Original-Subject"] == "iop.intake.patient_enrolled.columbus-east"
+
+
+async def test_consumer_outlives_idle_periods(nats_server, inbox_db) -> None:
+    """nats-py raises asyncio's TimeoutError from an empty fetch; the loop must survive it."""
+    inbox, sessions = inbox_db
+    applied: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        applied.append(event.program_id)
+
+    await publish(nats_server.url, enrolled("first"))
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer(
+        "idler",
+        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        sessions,
+        inbox,
+        nc.jetstream(),
+        idle_wait_seconds=0.05,
+    )
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def idled_a_while() -> bool:
+            return consumer.stats.idle_fetches >= 10
+
+        await eventually(idled_a_while, what="ten empty fetches")
+        assert not task.done()
+        await publish(nats_server.url, enrolled("after-idle"))
+
+        async def both() -> bool:
+            return applied == ["first", "after-idle"]
+
+        await eventually(both, what="event after idling applied")
+    finally:
+        task.cancel()
+        await nc.close()
