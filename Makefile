@@ -29,6 +29,9 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
+bench: setup
+	$(BIN)/iopnet bench $(BENCH_ARGS)
+
 schemas: setup
 	$(BIN)/python -m shared.contracts.schemas
 

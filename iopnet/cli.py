@@ -107,6 +107,17 @@ def seed_demo_command() -> None:
     seed_demo(Settings())
 
 
+@app.command()
+def bench(
+    patients: Annotated[int, typer.Option(help="enrollments to drive through the network")] = 200,
+    concurrency: Annotated[int, typer.Option(help="concurrent HTTP clients")] = 8,
+) -> None:
+    """Benchmark a private local network: enrollment latency through all three services."""
+    from iopnet.bench import main
+
+    main(patients, concurrency)
+
+
 @events_app.command("tail")
 def events_tail(
     subject: Annotated[str, typer.Option(help="subject filter")] = "iop.>",

@@ -38,6 +38,8 @@ class LocalNetwork:
                 "IOPNET_NATS_URL": self.nats_url,
                 "IOPNET_DATA_DIR": str(self.settings.data_dir),
                 "IOPNET_HTTP_HOST": self.settings.http_host,
+                "IOPNET_LOG_LEVEL": self.settings.log_level,
+                **{f"IOPNET_{n.upper()}_DATABASE_URL": self.settings.database_url(n) for n in SERVICES},
                 **{f"IOPNET_{name.upper()}_PORT": str(self.settings.port(name)) for name in SERVICES},
             }
         )

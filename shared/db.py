@@ -1,5 +1,7 @@
 """Async engines for SQLite and PostgreSQL, sessions, and Alembic migrations on start."""
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,10 @@ def create_engine(url: str) -> AsyncEngine:
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_async_engine(url, connect_args={"timeout": 30})
+    # SQLite has one writer at a time. One pooled connection makes the process's
+    # transactions queue on an asyncio wait instead of SQLite's sleeping busy handler
+    # (which costs tens of ms per collision); the service is the file's only user.
+    engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
 
@@ -57,6 +62,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.close()
+
+
+@asynccontextmanager
+async def transaction(session: AsyncSession) -> AsyncIterator[None]:
+    """Like `session.begin()`, but an `AccessDenied` commits before it propagates, so
+    the audit row of a refused access survives the refusal."""
+    from shared.errors import AccessDenied
+
+    async with session.begin() as current:
+        try:
+            yield
+        except AccessDenied:
+            await current.commit()
+            raise
 
 
 async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:

@@ -32,6 +32,11 @@ class NotFound(ApiError):
     status, code = 404, "not_found"
 
 
+class AccessDenied(NotFound):
+    """404 for a record the caller may not see, whose denial was audited in the
+    transaction: `shared.db.transaction` commits (keeps the audit row) and re-raises."""
+
+
 class Conflict(ApiError):
     status, code = 409, "conflict"
 

@@ -7,7 +7,6 @@ from uuid import UUID, uuid4
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store
 from shared.audit import record_access
@@ -23,7 +22,8 @@ from shared.contracts.events import (
     SiteId,
     SiteRegistered,
 )
-from shared.errors import Conflict, Invalid, NotFound
+from shared.db import transaction
+from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -197,19 +197,17 @@ async def _visible_patient(session: Db, principal: Principal, patient_id: UUID, 
     else:
         allowed = principal.sees_site(patient["site_id"])
     if not allowed:
-        # Its own transaction: the caller's rolls back with the 404, the audit row must not.
-        async with AsyncSession(session.bind) as audit_session, audit_session.begin():
-            await record_access(
-                audit_session, store.audit, principal, action=f"{action}.denied",
-                site_id=patient["site_id"], patient_id=patient_id,
-            )  # fmt: skip
-        raise NotFound("patient not found")
+        await record_access(
+            session, store.audit, principal, action=f"{action}.denied",
+            site_id=patient["site_id"], patient_id=patient_id,
+        )  # fmt: skip
+        raise AccessDenied("patient not found")
     return patient
 
 
 @router.get("/patients/{patient_id}", response_model=PatientOut, tags=["patients"])
 async def read_patient(patient_id: UUID, principal: StaffOrPatient, session: Db) -> PatientOut:
-    async with session.begin():
+    async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "patient.read")
         episodes = await store.patient_enrollments(session, str(patient_id))
         await record_access(
@@ -228,7 +226,7 @@ async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff,
     except domain.DomainError as error:
         raise _invalid(error) from None
     enrollment_id = uuid4()
-    async with session.begin():
+    async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
         site_id = patient["site_id"]
         open_statuses = [str(s) for s in domain.OPEN_STATUSES]
