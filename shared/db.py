@@ -78,6 +78,16 @@ async def transaction(session: AsyncSession) -> AsyncIterator[None]:
             raise
 
 
+async def insert_if_absent(session: AsyncSession, table: Table, **values: Any) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING on the primary key; True if this call inserted.
+    Safe under concurrency: a racing insert waits for the other and then does nothing."""
+    dialect = session.bind.dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    keys = [column.name for column in table.primary_key.columns]
+    result = await session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
+    return bool(result.rowcount)
+
+
 async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     """Create-if-missing and lock one row for the rest of the transaction.
 
@@ -86,9 +96,7 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     second waits for the first to commit and then sees its rows. On SQLite the
     insert makes the transaction a writer at once, which serializes it the same way.
     """
-    dialect = session.bind.dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    await session.execute(insert(table).values(**key).on_conflict_do_nothing(index_elements=list(key)))
+    await insert_if_absent(session, table, **key)
     conditions = [table.c[name] == value for name, value in key.items()]
     await session.execute(select(*table.primary_key.columns).where(*conditions).with_for_update())
 
@@ -134,11 +142,19 @@ async def _migrate_url(url: str, context: EnvironmentContext, target_metadata: M
     await engine.dispose()
 
 
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+    # Migrations stay free of project imports: UtcDateTime is stored as DateTime(tz).
+    if type_ == "type" and isinstance(obj, UtcDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def _configure_and_run(context: EnvironmentContext, connection: Connection, target_metadata: MetaData) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         render_as_batch=connection.dialect.name == "sqlite",
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # The relay is woken on commit; this is only its retry tick after a failed publish.
     outbox_retry_seconds: float = 2.0
 
+    # Scheduling's background loops: treatment-hours review and the session horizon.
+    hours_review_interval_seconds: float = 900.0
+    horizon_interval_seconds: float = 3600.0
+
     @property
     def effective_nats_url(self) -> str:
         return self.nats_url or f"nats://{self.embedded_nats_host}:{self.embedded_nats_port}"

@@ -1,27 +1,163 @@
-"""Scheduling HTTP API."""
+"""Scheduling HTTP API: programs and tracks, the calendar, bookings, attendance,
+closures and treatment hours (DESIGN A6)."""
 
-from datetime import date
-from typing import Annotated
-from uuid import UUID
+from collections.abc import Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID, uuid4
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Query
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scheduling import store
+from services.scheduling import domain, store, usecases
 from shared.audit import record_access
 from shared.auth import Principal, ensure_site, require_roles
-from shared.errors import NotFound
+from shared.contracts.events import AttendanceStatus, Cohort, LevelOfCare, SessionKind, SiteId
+from shared.errors import Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
+T = TypeVar("T")
 
 Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
+StaffOrPatient = Annotated[
+    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "patient"))
+]
+Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
+Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
+Booker = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
 
 
-class SiteOut(BaseModel):
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class BlockIn(Input):
+    weekday: Annotated[int, Field(ge=1, le=7, description="ISO weekday, 1 = Monday")]
+    start: Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="site-local HH:MM")]
+    minutes: Annotated[int, Field(ge=15, le=480)]
+    kind: SessionKind
+    title: Annotated[str, Field(min_length=1, max_length=120)]
+    capacity: Annotated[int | None, Field(ge=1, le=200)] = None
+    topics: Annotated[list[Annotated[str, Field(min_length=1, max_length=80)]], Field(max_length=20)] = []
+
+    @model_validator(mode="after")
+    def _default_capacity(self) -> "BlockIn":
+        if self.capacity is None:
+            self.capacity = 1 if self.kind == "individual_therapy" else domain.GROUP_CAPACITY
+        return self
+
+
+class ProgramIn(Input):
+    site_id: SiteId
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    track: Annotated[str, Field(pattern=r"^[a-z0-9-]{1,60}$")] = "main"
+    cohort: Cohort
+    level_of_care: LevelOfCare = "2.1"
+    weekly_hours_target: Annotated[float | None, Field(gt=0, le=40)] = None
+    blocks: Annotated[list[BlockIn], Field(min_length=1, max_length=60)]
+
+
+class ProgramOut(BaseModel):
+    program_id: str
     site_id: str
     name: str
-    timezone: str
+    track: str
+    cohort: str
+    level_of_care: str
+    weekly_hours_target: float
+    blocks: list[dict[str, Any]]
+    sessions_created: int | None = None
+
+
+class SessionOut(BaseModel):
+    session_id: UUID
+    program_id: str | None
+    site_id: str
+    kind: str
+    title: str
+    local_date: date
+    starts_at: datetime
+    ends_at: datetime
+    capacity: int
+    status: str
+    clinician_id: str | None = None
+    booked: int = 0
+    waitlisted: int = 0
+
+
+class RosterEntry(BaseModel):
+    patient_id: UUID
+    enrollment_id: UUID
+    status: str
+    position: int | None
+    attendance: str | None = None
+    minutes: int | None = None
+
+
+class SessionDetail(SessionOut):
+    roster: list[RosterEntry]
+
+
+class BookingOut(BaseModel):
+    booking_id: UUID
+    session_id: UUID
+    enrollment_id: UUID
+    status: str
+    position: int | None
+    starts_at: datetime
+    ends_at: datetime
+    kind: str
+    title: str
+    site_id: str
+    session_status: str
+
+
+class AttendanceRecordIn(Input):
+    patient_id: UUID
+    status: AttendanceStatus
+    minutes: Annotated[int, Field(ge=0, le=480)]
+
+
+class AttendanceIn(Input):
+    records: Annotated[list[AttendanceRecordIn], Field(min_length=1, max_length=200)]
+
+
+class ClosureIn(Input):
+    date: date
+    reason: Literal["holiday", "weather", "staffing", "facility", "other"]
+
+
+class TrackIn(Input):
+    program_id: Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class SlotIn(Input):
+    site_id: SiteId
+    starts_local: Annotated[datetime, Field(description="site-local wall time, no offset")]
+    minutes: Annotated[int, Field(ge=15, le=180)] = 50
+    title: Annotated[str, Field(min_length=1, max_length=120)] = "Individual session"
+
+
+class SlotBookingIn(Input):
+    enrollment_id: UUID
+
+
+class WeekOut(BaseModel):
+    iso_week: str
+    attended_hours: float
+    remaining_booked_hours: float
+    target_hours: float
+    state: Literal["met", "on_track", "at_risk", "shortfall"]
+    alerts: list[str]
+
+
+class HoursOut(BaseModel):
+    enrollment_id: UUID
+    patient_id: UUID
+    weekly_hours_target: float
+    weeks: list[WeekOut]
 
 
 class EnrollmentOut(BaseModel):
@@ -36,20 +172,394 @@ class EnrollmentOut(BaseModel):
     status: str
 
 
+class SiteOut(BaseModel):
+    site_id: str
+    name: str
+    timezone: str
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+async def _guarded(action: Callable[[], Awaitable[T]]) -> T:
+    """Map rule violations to the A6 error shape: 409 conflicts, 422 bad input."""
+    try:
+        return await action()
+    except usecases.Rejected as error:
+        if error.status == 409:
+            raise Conflict(str(error)) from None
+        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
+    except domain.ScheduleError as error:
+        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
+
+
+async def _site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
+    ensure_site(principal, site_id, "site")
+    site = await store.get_site(session, site_id)
+    if site is None:
+        raise NotFound("site not found")
+    return site
+
+
+async def _session(
+    session: AsyncSession, principal: Principal, session_id: UUID, *, lock: bool = False
+) -> dict[str, Any]:
+    row = await store.get_session(session, str(session_id), lock=lock)
+    if row is None or not principal.sees_site(row["site_id"]):
+        raise NotFound("session not found")
+    return row
+
+
+async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id: UUID) -> dict[str, Any]:
+    row = await store.get_enrollment(session, str(enrollment_id))
+    if row is None:
+        raise NotFound("enrollment not found")
+    if principal.role == "patient":
+        if principal.patient_id != UUID(row["patient_id"]):
+            raise NotFound("enrollment not found")
+    elif not principal.sees_site(row["site_id"]):
+        raise NotFound("enrollment not found")
+    return row
+
+
+def _program_out(program: dict[str, Any], created: int | None = None) -> ProgramOut:
+    import json
+
+    return ProgramOut(
+        **{k: program[k] for k in ("program_id", "site_id", "name", "track", "cohort", "level_of_care")},
+        weekly_hours_target=program["weekly_hours_target"],
+        blocks=json.loads(program["template"]),
+        sessions_created=created,
+    )
+
+
+# --- sites and programs ----------------------------------------------------------------
+
+
 @router.get("/sites", response_model=list[SiteOut], tags=["sites"])
 async def list_sites(principal: Staff, session: Db) -> list[SiteOut]:
     return [SiteOut(**r) for r in await store.list_sites(session, principal.visible_sites())]
 
 
+@router.post("/programs", status_code=201, response_model=ProgramOut, tags=["programs"])
+async def publish_program(body: ProgramIn, principal: Admin, session: Db) -> ProgramOut:
+    async with session.begin():
+        ensure_site(principal, body.site_id, "site")
+        site = await store.get_site(session, body.site_id)
+        if site is None:
+            raise Invalid("unknown site", {"site_id": "no such site is registered"})
+        today = domain.site_today(_now(), site["timezone"])
+        spec = body.model_dump()
+        program = await _guarded(lambda: usecases.publish_program(session, site, spec, today))
+        sessions = await store.sessions_between(session, program_id=program["program_id"])
+    return _program_out(program, len(sessions))
+
+
+@router.get("/programs", response_model=list[ProgramOut], tags=["programs"])
+async def list_programs(principal: Staff, session: Db, site_id: str | None = None) -> list[ProgramOut]:
+    programs = await store.list_programs(session, site_id)
+    return [_program_out(p) for p in programs if principal.sees_site(p["site_id"])]
+
+
+@router.post("/sites/{site_id}/closures", status_code=201, tags=["sites"])
+async def close_day(site_id: str, body: ClosureIn, principal: Admin, session: Db) -> dict[str, Any]:
+    async with session.begin():
+        site = await _site(session, principal, site_id)
+        if body.date < domain.site_today(_now(), site["timezone"]):
+            raise Invalid("a closure cannot be in the past", {"date": "in the past"})
+        cancelled = await _guarded(lambda: usecases.close_site_day(session, site, body.date, body.reason))
+    return {"site_id": site_id, "date": body.date, "sessions_cancelled": cancelled}
+
+
+# --- calendar and sessions ---------------------------------------------------------------
+
+
+@router.get("/sites/{site_id}/sessions", response_model=list[SessionOut], tags=["calendar"])
+async def site_calendar(
+    site_id: str,
+    principal: Staff,
+    session: Db,
+    since: Annotated[date | None, Query(alias="from", description="site-local first day")] = None,
+    until: Annotated[date | None, Query(alias="to", description="site-local last day (inclusive)")] = None,
+) -> list[SessionOut]:
+    site = await _site(session, principal, site_id)
+    today = domain.site_today(_now(), site["timezone"])
+    first, last = since or today, until or (since or today) + timedelta(days=6)
+    if last < first or (last - first).days > 62:
+        raise Invalid("'to' must be on or after 'from' and at most 62 days later", {"to": "bad range"})
+    zone_start, _ = domain.week_bounds(f"{first.isocalendar()[0]}-W{first.isocalendar()[1]:02d}", site["timezone"])
+    rows = await store.sessions_between(
+        session,
+        site_id=site_id,
+        since=zone_start - timedelta(days=1),
+        until=domain.local_instant(last + timedelta(days=2), datetime.min.time(), _zone(site)),
+    )
+    out = []
+    for row in rows:
+        if first <= row["local_date"] <= last:
+            out.append(await _session_out(session, row))
+    return out
+
+
+def _zone(site: dict[str, Any]) -> Any:
+    from zoneinfo import ZoneInfo
+
+    return ZoneInfo(site["timezone"])
+
+
+async def _session_out(session: AsyncSession, row: dict[str, Any]) -> SessionOut:
+    bookings = await store.session_bookings(session, row["session_id"])
+    return SessionOut(
+        **{k: row[k] for k in SessionOut.model_fields if k in row},
+        booked=sum(1 for b in bookings if b["status"] == "booked"),
+        waitlisted=sum(1 for b in bookings if b["status"] == "waitlisted"),
+    )
+
+
+@router.get("/sessions/{session_id}", response_model=SessionDetail, tags=["calendar"])
+async def session_roster(session_id: UUID, principal: Staff, session: Db) -> SessionDetail:
+    async with session.begin():
+        row = await _session(session, principal, session_id)
+        attendance = {a["patient_id"]: a for a in await store.get_attendance(session, str(session_id))}
+        roster = []
+        for booking in await store.session_bookings(session, str(session_id)):
+            if booking["status"] == "cancelled":
+                continue
+            record = attendance.get(booking["patient_id"])
+            roster.append(
+                RosterEntry(
+                    patient_id=booking["patient_id"],
+                    enrollment_id=booking["enrollment_id"],
+                    status=booking["status"],
+                    position=booking["position"],
+                    attendance=record["status"] if record else None,
+                    minutes=record["minutes"] if record else None,
+                )
+            )
+            await record_access(
+                session, store.audit, principal, action="roster.read", site_id=row["site_id"],
+                patient_id=booking["patient_id"],
+            )  # fmt: skip
+        summary = await _session_out(session, row)
+    return SessionDetail(**summary.model_dump(), roster=roster)
+
+
+@router.post("/sessions/{session_id}/attendance", tags=["attendance"])
+async def record_attendance(session_id: UUID, body: AttendanceIn, principal: Clinical, session: Db) -> dict[str, Any]:
+    async with session.begin():
+        row = await _session(session, principal, session_id, lock=True)
+        records = [{**r.model_dump(), "patient_id": str(r.patient_id)} for r in body.records]
+        count = await _guarded(lambda: usecases.record_attendance(session, row, records, principal.sub, _now()))
+        for record in records:
+            await record_access(
+                session, store.audit, principal, action="attendance.record", site_id=row["site_id"],
+                patient_id=record["patient_id"],
+            )  # fmt: skip
+    return {"session_id": session_id, "recorded": count}
+
+
+@router.post("/sessions/{session_id}/complete", tags=["attendance"])
+async def complete_session(session_id: UUID, principal: Clinical, session: Db) -> dict[str, Any]:
+    async with session.begin():
+        row = await _session(session, principal, session_id, lock=True)
+        counts = await _guarded(lambda: usecases.complete_session(session, row, _now()))
+    return {"session_id": session_id, "status": "completed", **counts}
+
+
+# --- individual therapy ------------------------------------------------------------------
+
+
+@router.post("/clinicians/{clinician_id}/slots", status_code=201, response_model=SessionOut, tags=["individual"])
+async def open_slot(clinician_id: str, body: SlotIn, principal: Clinical, session: Db) -> SessionOut:
+    if principal.role == "clinician" and principal.sub != clinician_id:
+        raise NotFound("clinician not found")
+    async with session.begin():
+        site = await _site(session, principal, body.site_id)
+        if body.starts_local.tzinfo is not None:
+            raise Invalid("starts_local is a site-local wall time without an offset", {"starts_local": "has offset"})
+        starts = domain.local_instant(body.starts_local.date(), body.starts_local.time(), _zone(site))
+        ends = starts + timedelta(minutes=body.minutes)
+        if starts <= _now():
+            raise Invalid("a slot must be in the future", {"starts_local": "in the past"})
+        if await store.clinician_overlaps(session, clinician_id, starts, ends):
+            raise Conflict("the clinician already has a session at that time")
+        row = {
+            "session_id": str(uuid4()), "program_id": None, "site_id": site["site_id"],
+            "kind": "individual_therapy", "title": body.title, "block_key": f"slot-{uuid4().hex[:12]}",
+            "local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends, "capacity": 1,
+            "status": "scheduled", "clinician_id": clinician_id,
+        }  # fmt: skip
+        await store.add_session(session, **row)
+        await usecases.emit(session, usecases._session_event(usecases.SessionScheduled, row), site["site_id"], None)
+    return SessionOut(**{k: row[k] for k in SessionOut.model_fields if k in row})
+
+
+@router.post("/sessions/{session_id}/bookings", status_code=201, tags=["bookings"])
+async def book_session(session_id: UUID, body: SlotBookingIn, principal: Booker, session: Db) -> dict[str, Any]:
+    async with session.begin():
+        row = await _session(session, principal, session_id, lock=True)
+        enrollment = await _enrollment(session, principal, body.enrollment_id)
+        if enrollment["site_id"] != row["site_id"] or enrollment["status"] != "active":
+            raise Invalid("the enrollment is not active at this session's site", {"enrollment_id": "wrong site"})
+        if row["starts_at"] <= _now():
+            raise Invalid("the session has started", {"session_id": "in the past"})
+        individual = row["kind"] == "individual_therapy"
+        status = await _guarded(
+            lambda: usecases.book(session, str(session_id), enrollment, None, waitlist=not individual)
+        )
+        await record_access(
+            session, store.audit, principal, action="booking.create", site_id=row["site_id"],
+            patient_id=enrollment["patient_id"],
+        )  # fmt: skip
+    return {"session_id": session_id, "enrollment_id": body.enrollment_id, "status": status}
+
+
+# --- patients and enrollments ------------------------------------------------------------
+
+
+@router.get("/patients/{patient_id}/bookings", response_model=list[BookingOut], tags=["bookings"])
+async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session: Db) -> list[BookingOut]:
+    async with session.begin():
+        rows = await store.patient_bookings(session, str(patient_id))
+        if principal.role == "patient":
+            visible = rows if principal.patient_id == patient_id else []
+        else:
+            visible = [r for r in rows if principal.sees_site(r["site_id"])]
+        if not visible:
+            raise NotFound("patient not found")
+        for site_id in sorted({r["site_id"] for r in visible}):
+            await record_access(
+                session, store.audit, principal, action="schedule.read", site_id=site_id, patient_id=patient_id
+            )
+    return [BookingOut(**{k: r[k] for k in BookingOut.model_fields}) for r in visible if r["status"] != "cancelled"]
+
+
 @router.get("/enrollments/{enrollment_id}", response_model=EnrollmentOut, tags=["enrollments"])
 async def read_enrollment(enrollment_id: UUID, principal: Staff, session: Db) -> EnrollmentOut:
     async with session.begin():
-        enrollment = await store.get_enrollment(session, str(enrollment_id))
-        if enrollment is None:
-            raise NotFound("enrollment not found")
-        ensure_site(principal, enrollment["site_id"], "enrollment")
+        enrollment = await _enrollment(session, principal, enrollment_id)
         await record_access(
             session, store.audit, principal, action="enrollment.read",
             site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
         )  # fmt: skip
     return EnrollmentOut(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields})
+
+
+@router.post("/enrollments/{enrollment_id}/track", tags=["enrollments"])
+async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Booker, session: Db) -> dict[str, Any]:
+    async with session.begin():
+        enrollment = await _enrollment(session, principal, enrollment_id)
+        if enrollment["status"] != "active":
+            raise Conflict("only an active enrollment can switch track")
+        program = await store.get_program(session, body.program_id)
+        if program is None or not principal.sees_site(program["site_id"]):
+            raise Invalid("unknown program", {"program_id": "no such program"})
+        booked = await _guarded(lambda: usecases.switch_track(session, enrollment, program, _now()))
+        await record_access(
+            session, store.audit, principal, action="enrollment.switch_track",
+            site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
+        )  # fmt: skip
+    return {"enrollment_id": enrollment_id, "program_id": body.program_id, "sessions_booked": booked}
+
+
+@router.get("/enrollments/{enrollment_id}/hours", response_model=HoursOut, tags=["hours"])
+async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, session: Db) -> HoursOut:
+    async with session.begin():
+        enrollment = await _enrollment(session, principal, enrollment_id)
+        site = await store.get_site(session, enrollment["site_id"])
+        if site is None:
+            raise NotFound("site not found")
+        now = _now()
+        alerts: dict[str, list[str]] = {}
+        for alert in await store.hours_alerts_for(session, enrollment["enrollment_id"]):
+            alerts.setdefault(alert["iso_week"], []).append(alert["kind"])
+        weeks = []
+        for iso_week in _weeks_since(enrollment["start_date"], now, site["timezone"]):
+            hours = await usecases.week_hours(session, enrollment, site["timezone"], iso_week, now)
+            _, end = domain.week_bounds(iso_week, site["timezone"])
+            verdict = domain.hours_verdict(hours, now, end)
+            state = verdict or ("met" if hours.met else "on_track")
+            weeks.append(
+                WeekOut(
+                    iso_week=iso_week, attended_hours=hours.attended, remaining_booked_hours=hours.remaining_booked,
+                    target_hours=hours.target, state=state, alerts=sorted(alerts.get(iso_week, [])),
+                )
+            )  # fmt: skip
+        await record_access(
+            session, store.audit, principal, action="hours.read",
+            site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
+        )  # fmt: skip
+    return HoursOut(
+        enrollment_id=enrollment_id, patient_id=enrollment["patient_id"],
+        weekly_hours_target=enrollment["weekly_hours_target"], weeks=weeks,
+    )  # fmt: skip
+
+
+def _weeks_since(start: date, now: datetime, timezone: str) -> list[str]:
+    today = domain.site_today(now, timezone)
+    monday = start - timedelta(days=start.isoweekday() - 1)
+    weeks = []
+    while monday <= today:
+        year, week, _ = monday.isocalendar()
+        weeks.append(f"{year}-W{week:02d}")
+        monday += timedelta(days=7)
+    return weeks[-26:]
+
+
+@router.get("/sites/{site_id}/hours-report", tags=["hours"])
+async def hours_report(
+    site_id: str,
+    principal: Clinical,
+    session: Db,
+    week: Annotated[str | None, Query(pattern=r"^\d{4}-W\d{2}$")] = None,
+) -> dict[str, Any]:
+    site = await _site(session, principal, site_id)
+    now = _now()
+    iso_week = week or domain.iso_week_of(now, site["timezone"])
+    start, end = domain.week_bounds(iso_week, site["timezone"])
+    programs: dict[str, dict[str, Any]] = {}
+    for program in await store.list_programs(session, site_id):
+        programs[program["program_id"]] = {
+            "program_id": program["program_id"], "name": program["name"], "track": program["track"],
+            "enrollments": 0, "attended_hours": 0.0, "target_hours": 0.0, "at_risk": [],
+            "present": 0, "recorded": 0,
+        }  # fmt: skip
+    for enrollment in await store.site_enrollments(session, site_id):
+        entry = programs.get(enrollment["program_id"])
+        if entry is None:
+            continue
+        hours = await usecases.week_hours(session, enrollment, site["timezone"], iso_week, now)
+        records = await store.attendance_between(session, enrollment["enrollment_id"], start, end)
+        entry["enrollments"] += 1
+        entry["attended_hours"] = round(entry["attended_hours"] + hours.attended, 2)
+        entry["target_hours"] = round(entry["target_hours"] + hours.target, 2)
+        entry["recorded"] += len(records)
+        entry["present"] += sum(1 for status, _ in records if status in domain.COUNTED_STATUSES)
+        if domain.hours_verdict(hours, now, end) is not None:
+            entry["at_risk"].append(enrollment["enrollment_id"])
+    report = []
+    for entry in programs.values():
+        recorded = entry.pop("recorded")
+        present = entry.pop("present")
+        entry["attendance_rate"] = round(present / recorded, 3) if recorded else None
+        report.append(entry)
+    total_recorded = sum(1 for _ in report)
+    return {"site_id": site_id, "iso_week": iso_week, "programs": report, "program_count": total_recorded}
+
+
+# --- operations ------------------------------------------------------------------------
+
+
+@router.post("/admin/hours-review", tags=["ops"])
+async def run_hours_review(principal: Admin, session: Db) -> dict[str, int]:
+    """Run the treatment-hours review now (the background loop runs it on a timer)."""
+    async with session.begin():
+        return await usecases.review_hours(session, _now())
+
+
+@router.post("/admin/horizon", tags=["ops"])
+async def extend_horizon(principal: Admin, session: Db) -> dict[str, int]:
+    """Materialize every program's sessions up to the rolling horizon now."""
+    async with session.begin():
+        return {"sessions_created": await usecases.extend_horizons(session, _now())}

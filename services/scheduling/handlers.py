@@ -1,11 +1,13 @@
 """Events scheduling consumes. Plain async functions (session, envelope, event); the
 consumer runs each in one transaction with the inbox row, so each is applied once."""
 
+from datetime import UTC, datetime
+
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.scheduling import domain, store
+from services.scheduling import domain, store, usecases
 from shared.contracts import Envelope
-from shared.contracts.events import Event, PatientEnrolled, SiteRegistered
+from shared.contracts.events import Event, PatientDischarged, PatientEnrolled, PatientTransferred, SiteRegistered
 from shared.messaging import Subscription
 
 
@@ -30,12 +32,56 @@ async def on_patient_enrolled(session: AsyncSession, envelope: Envelope, event: 
         weekly_hours_target=domain.weekly_hours_target(event.cohort),
         status="active",
         enrolled_event_id=str(envelope.event_id),
+        correlation_id=str(envelope.correlation_id),
     )
+    program = await store.get_program(session, event.program_id)
+    if program is not None:
+        await store.update_enrollment(
+            session, str(event.enrollment_id), weekly_hours_target=program["weekly_hours_target"]
+        )
+    enrollment = await store.get_enrollment(session, str(event.enrollment_id))
+    assert enrollment is not None
+    await usecases.book_enrollment(session, enrollment, envelope, datetime.now(UTC))
+
+
+async def on_patient_discharged(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+    assert isinstance(event, PatientDischarged)
+    enrollment = await store.get_enrollment(session, str(event.enrollment_id))
+    if enrollment is None or enrollment["status"] != "active":
+        return
+    await store.update_enrollment(
+        session, enrollment["enrollment_id"], status="discharged", ended_on=event.discharged_on
+    )
+    await usecases.cancel_future_bookings(
+        session, enrollment["enrollment_id"], datetime.now(UTC), "discharged", envelope
+    )
+
+
+async def on_patient_transferred(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+    """Both sites see the event (it is published under the sending site); scheduling
+    moves the enrollment to the receiving site's program."""
+    assert isinstance(event, PatientTransferred)
+    enrollment = await store.get_enrollment(session, str(event.enrollment_id))
+    if enrollment is None or enrollment["status"] != "active" or enrollment["site_id"] == event.to_site_id:
+        return
+    now = datetime.now(UTC)
+    await usecases.cancel_future_bookings(session, enrollment["enrollment_id"], now, "transferred", envelope)
+    await store.update_enrollment(
+        session, enrollment["enrollment_id"], site_id=event.to_site_id, program_id=event.to_program_id
+    )
+    moved = await store.get_enrollment(session, enrollment["enrollment_id"])
+    assert moved is not None
+    await usecases.book_enrollment(session, moved, envelope, now)
 
 
 SUBSCRIPTIONS = [
     Subscription(
         "IOP_INTAKE",
-        {"SiteRegistered": on_site_registered, "PatientEnrolled": on_patient_enrolled},
+        {
+            "SiteRegistered": on_site_registered,
+            "PatientEnrolled": on_patient_enrolled,
+            "PatientDischarged": on_patient_discharged,
+            "PatientTransferred": on_patient_transferred,
+        },
     )
 ]

@@ -1,15 +1,31 @@
-"""Scheduling's own database: its projections of sites and enrollments, plus outbox,
-inbox and audit."""
+"""Scheduling's own database: sites and enrollments (projections of intake's events),
+programs, sessions, bookings, attendance, closures and hours alerts; plus outbox, inbox
+and audit."""
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Column, Date, Float, MetaData, String, Table, insert, select, update
+from sqlalchemy import (
+    Column,
+    Date,
+    Float,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    and_,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -41,11 +57,105 @@ enrollments = Table(
     Column("status", String(12), nullable=False),
     Column("enrolled_event_id", String(36), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("correlation_id", String(36), nullable=True),
+    Column("ended_on", Date, nullable=True),
+)
+
+programs = Table(
+    "programs",
+    metadata,
+    Column("program_id", String(64), primary_key=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("track", String(60), nullable=False),
+    Column("cohort", String(12), nullable=False),
+    Column("level_of_care", String(4), nullable=False),
+    Column("weekly_hours_target", Float, nullable=False),
+    Column("template", Text, nullable=False),
+    Column("published_at", UtcDateTime, nullable=False),
+    Column("materialized_until", Date, nullable=True),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(36), primary_key=True),
+    Column("program_id", String(64), nullable=True, index=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("kind", String(24), nullable=False),
+    Column("title", String(200), nullable=False),
+    Column("block_key", String(40), nullable=False),
+    Column("local_date", Date, nullable=False),
+    Column("starts_at", UtcDateTime, nullable=False, index=True),
+    Column("ends_at", UtcDateTime, nullable=False),
+    Column("capacity", Integer, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("clinician_id", String(200), nullable=True, index=True),
+    Column("completed_at", UtcDateTime, nullable=True),
+    # Materializing the same template day twice yields the same rows, not copies.
+    UniqueConstraint("program_id", "local_date", "block_key", name="uq_session_slot"),
+)
+
+bookings = Table(
+    "bookings",
+    metadata,
+    Column("booking_id", String(36), primary_key=True),
+    Column("session_id", String(36), nullable=False, index=True),
+    Column("enrollment_id", String(36), nullable=False, index=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("status", String(12), nullable=False),
+    Column("position", Integer, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("cancel_reason", String(40), nullable=True),
+    UniqueConstraint("session_id", "enrollment_id", name="uq_booking_once"),
+)
+
+attendance = Table(
+    "attendance",
+    metadata,
+    Column("session_id", String(36), primary_key=True),
+    Column("patient_id", String(36), primary_key=True),
+    Column("enrollment_id", String(36), nullable=False, index=True),
+    Column("status", String(10), nullable=False),
+    Column("minutes", Integer, nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+    Column("recorded_by", String(200), nullable=False),
+)
+
+closures = Table(
+    "closures",
+    metadata,
+    Column("site_id", String(40), primary_key=True),
+    Column("local_date", Date, primary_key=True),
+    Column("reason", String(40), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+hours_alerts = Table(
+    "hours_alerts",
+    metadata,
+    Column("enrollment_id", String(36), primary_key=True),
+    Column("iso_week", String(8), primary_key=True),
+    Column("kind", String(10), primary_key=True),
+    Column("raised_at", UtcDateTime, nullable=False),
 )
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in result.mappings()]
+
+
+async def _one(session: AsyncSession, query: Any) -> dict[str, Any] | None:
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+# --- sites -------------------------------------------------------------------
 
 
 async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
@@ -55,18 +165,249 @@ async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: 
         await session.execute(insert(sites).values(site_id=site_id, **values))
 
 
+async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(sites).where(sites.c.site_id == site_id))
+
+
 async def list_sites(session: AsyncSession, only: list[str] | None) -> list[dict[str, Any]]:
     query = select(sites).order_by(sites.c.site_id)
     if only is not None:
         query = query.where(sites.c.site_id.in_(only))
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return _rows(await session.execute(query))
+
+
+# --- enrollments ---------------------------------------------------------------
 
 
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
-    query = select(enrollments).where(enrollments.c.enrollment_id == enrollment_id)
-    row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return await _one(session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(enrollments).values(created_at=now(), **values))
+
+
+async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
+    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+
+
+async def active_enrollments(session: AsyncSession, program_id: str) -> list[dict[str, Any]]:
+    query = select(enrollments).where(enrollments.c.program_id == program_id, enrollments.c.status == "active")
+    return _rows(await session.execute(query))
+
+
+async def site_enrollments(session: AsyncSession, site_id: str | None = None) -> list[dict[str, Any]]:
+    query = select(enrollments).where(enrollments.c.status == "active")
+    if site_id is not None:
+        query = query.where(enrollments.c.site_id == site_id)
+    return _rows(await session.execute(query))
+
+
+# --- programs ------------------------------------------------------------------
+
+
+async def add_program(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(programs).values(published_at=now(), **values))
+
+
+async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(programs).where(programs.c.program_id == program_id))
+
+
+async def list_programs(session: AsyncSession, site_id: str | None = None) -> list[dict[str, Any]]:
+    query = select(programs).order_by(programs.c.site_id, programs.c.name, programs.c.track)
+    if site_id is not None:
+        query = query.where(programs.c.site_id == site_id)
+    return _rows(await session.execute(query))
+
+
+async def set_materialized_until(session: AsyncSession, program_id: str, until: date) -> None:
+    await session.execute(update(programs).where(programs.c.program_id == program_id).values(materialized_until=until))
+
+
+# --- sessions ------------------------------------------------------------------
+
+
+async def session_exists(session: AsyncSession, program_id: str, local_date: date, block_key: str) -> bool:
+    query = select(sessions.c.session_id).where(
+        sessions.c.program_id == program_id, sessions.c.local_date == local_date, sessions.c.block_key == block_key
+    )
+    return (await session.execute(query)).first() is not None
+
+
+async def add_session(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(sessions).values(**values))
+
+
+async def get_session(session: AsyncSession, session_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = select(sessions).where(sessions.c.session_id == session_id)
+    if lock:
+        # Serializes bookings of one session across requests and replicas (PostgreSQL).
+        query = query.with_for_update()
+    return await _one(session, query)
+
+
+async def update_session(session: AsyncSession, session_id: str, **values: Any) -> None:
+    await session.execute(update(sessions).where(sessions.c.session_id == session_id).values(**values))
+
+
+async def sessions_between(
+    session: AsyncSession,
+    *,
+    site_id: str | None = None,
+    program_id: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    status: str | None = None,
+    local_date: date | None = None,
+) -> list[dict[str, Any]]:
+    query = select(sessions).order_by(sessions.c.starts_at)
+    for column, value in (
+        (sessions.c.site_id, site_id),
+        (sessions.c.program_id, program_id),
+        (sessions.c.status, status),
+        (sessions.c.local_date, local_date),
+    ):
+        if value is not None:
+            query = query.where(column == value)
+    if since is not None:
+        query = query.where(sessions.c.starts_at >= since)
+    if until is not None:
+        query = query.where(sessions.c.starts_at < until)
+    return _rows(await session.execute(query))
+
+
+async def clinician_overlaps(session: AsyncSession, clinician_id: str, starts: datetime, ends: datetime) -> bool:
+    query = select(sessions.c.session_id).where(
+        sessions.c.clinician_id == clinician_id,
+        sessions.c.status != "cancelled",
+        sessions.c.starts_at < ends,
+        sessions.c.ends_at > starts,
+    )
+    return (await session.execute(query)).first() is not None
+
+
+# --- bookings ------------------------------------------------------------------
+
+
+async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> dict[str, Any] | None:
+    query = select(bookings).where(bookings.c.session_id == session_id, bookings.c.enrollment_id == enrollment_id)
+    return await _one(session, query)
+
+
+async def session_bookings(session: AsyncSession, session_id: str, status: str | None = None) -> list[dict[str, Any]]:
+    query = (
+        select(bookings).where(bookings.c.session_id == session_id).order_by(bookings.c.position, bookings.c.created_at)
+    )
+    if status is not None:
+        query = query.where(bookings.c.status == status)
+    return _rows(await session.execute(query))
+
+
+async def count_booked(session: AsyncSession, session_id: str) -> int:
+    query = select(func.count()).where(bookings.c.session_id == session_id, bookings.c.status == "booked")
+    return int((await session.execute(query)).scalar_one())
+
+
+async def add_booking(session: AsyncSession, **values: Any) -> None:
+    stamp = now()
+    await session.execute(insert(bookings).values(created_at=stamp, updated_at=stamp, **values))
+
+
+async def update_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
+    await session.execute(
+        update(bookings).where(bookings.c.booking_id == booking_id).values(updated_at=now(), **values)
+    )
+
+
+async def enrollment_bookings(
+    session: AsyncSession, enrollment_id: str, *, since: datetime | None = None, active_only: bool = True
+) -> list[dict[str, Any]]:
+    """An enrollment's bookings joined with their sessions, in time order."""
+    query = (
+        select(bookings, sessions.c.starts_at, sessions.c.ends_at, sessions.c.kind, sessions.c.title,
+               sessions.c.program_id, sessions.c.site_id, sessions.c.status.label("session_status"))
+        .join(sessions, sessions.c.session_id == bookings.c.session_id)
+        .where(bookings.c.enrollment_id == enrollment_id)
+        .order_by(sessions.c.starts_at)
+    )  # fmt: skip
+    if active_only:
+        query = query.where(bookings.c.status != "cancelled")
+    if since is not None:
+        query = query.where(sessions.c.starts_at >= since)
+    return _rows(await session.execute(query))
+
+
+async def patient_bookings(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+    query = (
+        select(bookings, sessions.c.starts_at, sessions.c.ends_at, sessions.c.kind, sessions.c.title,
+               sessions.c.site_id, sessions.c.status.label("session_status"))
+        .join(sessions, sessions.c.session_id == bookings.c.session_id)
+        .where(bookings.c.patient_id == patient_id)
+        .order_by(sessions.c.starts_at)
+    )  # fmt: skip
+    return _rows(await session.execute(query))
+
+
+# --- attendance ----------------------------------------------------------------
+
+
+async def get_attendance(session: AsyncSession, session_id: str) -> list[dict[str, Any]]:
+    return _rows(await session.execute(select(attendance).where(attendance.c.session_id == session_id)))
+
+
+async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: str, **values: Any) -> None:
+    found = await session.execute(
+        update(attendance)
+        .where(attendance.c.session_id == session_id, attendance.c.patient_id == patient_id)
+        .values(**values)
+    )
+    if found.rowcount == 0:
+        await session.execute(insert(attendance).values(session_id=session_id, patient_id=patient_id, **values))
+
+
+async def attendance_between(
+    session: AsyncSession, enrollment_id: str, since: datetime, until: datetime
+) -> list[tuple[str, int]]:
+    query = (
+        select(attendance.c.status, attendance.c.minutes)
+        .join(sessions, sessions.c.session_id == attendance.c.session_id)
+        .where(
+            and_(
+                attendance.c.enrollment_id == enrollment_id, sessions.c.starts_at >= since, sessions.c.starts_at < until
+            )
+        )
+    )
+    return [(r.status, r.minutes) for r in await session.execute(query)]
+
+
+# --- closures and hours alerts -----------------------------------------------------
+
+
+async def add_closure(session: AsyncSession, site_id: str, local_date: date, reason: str) -> bool:
+    found = await _one(
+        session, select(closures).where(closures.c.site_id == site_id, closures.c.local_date == local_date)
+    )
+    if found:
+        return False
+    await session.execute(
+        insert(closures).values(site_id=site_id, local_date=local_date, reason=reason, created_at=now())
+    )
+    return True
+
+
+async def closed_dates(session: AsyncSession, site_id: str) -> set[date]:
+    return {
+        r.local_date for r in await session.execute(select(closures.c.local_date).where(closures.c.site_id == site_id))
+    }
+
+
+async def claim_hours_alert(session: AsyncSession, enrollment_id: str, iso_week: str, kind: str) -> bool:
+    """True the first time (enrollment, week, kind) is raised; False ever after."""
+    return await insert_if_absent(
+        session, hours_alerts, enrollment_id=enrollment_id, iso_week=iso_week, kind=kind, raised_at=now()
+    )
+
+
+async def hours_alerts_for(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
+    return _rows(await session.execute(select(hours_alerts).where(hours_alerts.c.enrollment_id == enrollment_id)))

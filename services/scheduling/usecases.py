@@ -1,0 +1,482 @@
+"""What scheduling does, each in the caller's transaction: publish a program and
+materialize its sessions, book and cancel with waitlist backfill, close a site day,
+record attendance, complete a session, review treatment hours, switch track.
+
+Both entrypoints call these: api.py for commands, handlers.py for events. Every event
+goes through the outbox in the same transaction as the change that caused it.
+`now`/`today` are parameters so the rules can be exercised at any instant.
+"""
+
+import json
+from datetime import date, datetime, timedelta
+from typing import Any
+from uuid import UUID, uuid4
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.scheduling import domain, store
+from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts.events import (
+    AttendanceRecorded,
+    BookingCancelled,
+    Event,
+    HoursAtRisk,
+    PatientBooked,
+    PatientWaitlisted,
+    ProgramPublished,
+    SessionCancelled,
+    SessionCompleted,
+    SessionScheduled,
+    TemplateBlock,
+    WeeklyHoursShortfall,
+)
+
+
+class Rejected(ValueError):
+    """A command that breaks a rule; `status` 409 for conflicts, 422 for bad input."""
+
+    def __init__(self, message: str, status: int = 409, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+async def emit(
+    session: AsyncSession, event: Event, site_id: str, cause: Envelope | None, *, chain: dict[str, Any] | None = None
+) -> None:
+    """Stage an event: in reply to `cause` if given, else continuing the chain of the
+    enrollment row `chain` when it knows its correlation id, else a new chain."""
+    if cause is not None:
+        envelope = caused_by(cause, event, site_id=site_id)
+    elif chain is not None and chain.get("correlation_id"):
+        envelope = new_envelope(
+            event,
+            site_id=site_id,
+            correlation_id=UUID(chain["correlation_id"]),
+            causation_id=UUID(chain["enrolled_event_id"]),
+        )
+    else:
+        envelope = new_envelope(event, site_id=site_id)
+    await store.outbox.stage(session, envelope)
+
+
+# --- programs and sessions -------------------------------------------------------------
+
+
+def _block(raw: dict[str, Any]) -> domain.Block:
+    return domain.Block(
+        weekday=raw["weekday"],
+        start=domain.parse_start(raw["start"]),
+        minutes=raw["minutes"],
+        kind=raw["kind"],
+        title=raw["title"],
+        capacity=raw["capacity"],
+        topics=tuple(raw.get("topics") or ()),
+    )
+
+
+def blocks_of(program: dict[str, Any]) -> list[domain.Block]:
+    return [_block(raw) for raw in json.loads(program["template"])]
+
+
+async def publish_program(
+    session: AsyncSession, site: dict[str, Any], spec: dict[str, Any], today: date
+) -> dict[str, Any]:
+    blocks = [_block(raw) for raw in spec["blocks"]]
+    domain.validate_template(blocks)
+    program = {
+        "program_id": str(uuid4()),
+        "site_id": site["site_id"],
+        "name": spec["name"],
+        "track": spec["track"],
+        "cohort": spec["cohort"],
+        "level_of_care": spec["level_of_care"],
+        "weekly_hours_target": spec["weekly_hours_target"] or domain.weekly_hours_target(spec["cohort"]),
+        "template": json.dumps(spec["blocks"]),
+    }
+    await store.add_program(session, **program)
+    event = ProgramPublished(
+        program_id=program["program_id"],
+        name=program["name"],
+        level_of_care=program["level_of_care"],
+        cohort=program["cohort"],
+        weekly_hours_target=program["weekly_hours_target"],
+        template=[TemplateBlock(**{k: b[k] for k in TemplateBlock.model_fields}) for b in spec["blocks"]],
+    )
+    await emit(session, event, site["site_id"], None)
+    stored = await store.get_program(session, program["program_id"])
+    assert stored is not None
+    await materialize(session, stored, site, today + timedelta(days=domain.HORIZON_DAYS), today)
+    return stored
+
+
+async def materialize(
+    session: AsyncSession, program: dict[str, Any], site: dict[str, Any], until: date, today: date
+) -> int:
+    """Create the program's sessions for site-local days up to `until` (idempotent), and
+    book the program's active enrollments into the new group sessions."""
+    first = max(today, (program["materialized_until"] or today - timedelta(days=1)) + timedelta(days=1))
+    if first > until:
+        return 0
+    closed = await store.closed_dates(session, site["site_id"])
+    created = []
+    for occurrence in domain.expand(blocks_of(program), site["timezone"], first, until):
+        if occurrence.local_date in closed:
+            continue
+        if await store.session_exists(session, program["program_id"], occurrence.local_date, occurrence.block.key):
+            continue
+        row = {
+            "session_id": str(uuid4()),
+            "program_id": program["program_id"],
+            "site_id": site["site_id"],
+            "kind": occurrence.block.kind,
+            "title": occurrence.block.title_for(occurrence.local_date),
+            "block_key": occurrence.block.key,
+            "local_date": occurrence.local_date,
+            "starts_at": occurrence.starts_at,
+            "ends_at": occurrence.ends_at,
+            "capacity": occurrence.block.capacity,
+            "status": "scheduled",
+        }
+        await store.add_session(session, **row)
+        await emit(session, _session_event(SessionScheduled, row), site["site_id"], None)
+        created.append(row)
+    await store.set_materialized_until(session, program["program_id"], until)
+    for enrollment in await store.active_enrollments(session, program["program_id"]):
+        for row in created:
+            if _bookable_for(row, enrollment, site):
+                await book(session, row["session_id"], enrollment, None)
+    return len(created)
+
+
+def _session_event(kind: type[SessionScheduled] | type[SessionCancelled], row: dict[str, Any]) -> Event:
+    return kind(
+        session_id=UUID(row["session_id"]),
+        program_id=row["program_id"] or "",
+        kind=row["kind"],
+        title=row["title"],
+        starts_at=row["starts_at"],
+        ends_at=row["ends_at"],
+        capacity=row["capacity"],
+    )
+
+
+def _bookable_for(row: dict[str, Any], enrollment: dict[str, Any], site: dict[str, Any]) -> bool:
+    return (
+        row["kind"] in domain.GROUP_KINDS
+        and row["status"] == "scheduled"
+        and domain.site_today(row["starts_at"], site["timezone"]) >= enrollment["start_date"]
+    )
+
+
+async def extend_horizons(session: AsyncSession, now: datetime) -> int:
+    """The daily job: keep every program materialized HORIZON_DAYS ahead of today."""
+    created = 0
+    for program in await store.list_programs(session):
+        site = await store.get_site(session, program["site_id"])
+        if site is None:
+            continue
+        today = domain.site_today(now, site["timezone"])
+        created += await materialize(session, program, site, today + timedelta(days=domain.HORIZON_DAYS), today)
+    return created
+
+
+# --- bookings ------------------------------------------------------------------------
+
+
+async def book(
+    session: AsyncSession, session_id: str, enrollment: dict[str, Any], cause: Envelope | None, *, waitlist: bool = True
+) -> str:
+    """Book an enrollment into a session, or waitlist it when full. Returns the status."""
+    target = await store.get_session(session, session_id, lock=True)
+    if target is None or target["status"] != "scheduled":
+        raise Rejected("the session is not open for booking")
+    existing = await store.get_booking(session, session_id, enrollment["enrollment_id"])
+    if existing is not None and existing["status"] != "cancelled":
+        return str(existing["status"])
+    booked = await store.count_booked(session, session_id)
+    status = domain.booking_decision(booked, target["capacity"])
+    if status == "waitlisted" and not waitlist:
+        raise Rejected("the session is full")
+    position = None
+    if status == "waitlisted":
+        waiting = await store.session_bookings(session, session_id, "waitlisted")
+        position = domain.waitlist_position(b["position"] for b in waiting)
+    booking_id = existing["booking_id"] if existing else str(uuid4())
+    if existing:
+        await store.update_booking(session, booking_id, status=status, position=position, cancel_reason=None)
+    else:
+        await store.add_booking(
+            session,
+            booking_id=booking_id,
+            session_id=session_id,
+            enrollment_id=enrollment["enrollment_id"],
+            patient_id=enrollment["patient_id"],
+            status=status,
+            position=position,
+        )
+    patient_id = UUID(enrollment["patient_id"])
+    if status == "booked":
+        event: Event = PatientBooked(
+            booking_id=UUID(booking_id),
+            session_id=UUID(session_id),
+            patient_id=patient_id,
+            starts_at=target["starts_at"],
+            reason=None,
+        )
+    else:
+        assert position is not None
+        event = PatientWaitlisted(session_id=UUID(session_id), patient_id=patient_id, position=position)
+    await emit(session, event, target["site_id"], cause)
+    return status
+
+
+async def book_enrollment(
+    session: AsyncSession, enrollment: dict[str, Any], cause: Envelope | None, now: datetime
+) -> int:
+    """Book an enrollment into every future group session of its program."""
+    site = await store.get_site(session, enrollment["site_id"])
+    if site is None:
+        return 0
+    count = 0
+    for row in await store.sessions_between(
+        session, program_id=enrollment["program_id"], since=now, status="scheduled"
+    ):
+        if _bookable_for(row, enrollment, site):
+            await book(session, row["session_id"], enrollment, cause)
+            count += 1
+    return count
+
+
+async def cancel_booking(
+    session: AsyncSession, booking: dict[str, Any], reason: str, cause: Envelope | None, *, backfill: bool = True
+) -> None:
+    """Cancel one booking (or waitlist place); a freed seat goes to the first in line."""
+    was_booked = booking["status"] == "booked"
+    await store.update_booking(session, booking["booking_id"], status="cancelled", position=None, cancel_reason=reason)
+    target = await store.get_session(session, booking["session_id"], lock=True)
+    assert target is not None
+    if not was_booked:
+        return
+    event = BookingCancelled(
+        booking_id=UUID(booking["booking_id"]),
+        session_id=UUID(booking["session_id"]),
+        patient_id=UUID(booking["patient_id"]),
+        starts_at=target["starts_at"],
+        reason=reason,
+    )
+    await emit(session, event, target["site_id"], cause)
+    if backfill and target["status"] == "scheduled":
+        await _backfill(session, target, cause)
+
+
+async def _backfill(session: AsyncSession, target: dict[str, Any], cause: Envelope | None) -> None:
+    if await store.count_booked(session, target["session_id"]) >= target["capacity"]:
+        return
+    waiting = await store.session_bookings(session, target["session_id"], "waitlisted")
+    if not waiting:
+        return
+    first = waiting[0]  # ordered by position: first come, first served
+    await store.update_booking(session, first["booking_id"], status="booked", position=None)
+    event = PatientBooked(
+        booking_id=UUID(first["booking_id"]),
+        session_id=UUID(target["session_id"]),
+        patient_id=UUID(first["patient_id"]),
+        starts_at=target["starts_at"],
+        reason="waitlist",
+    )
+    await emit(session, event, target["site_id"], cause)
+
+
+async def cancel_future_bookings(
+    session: AsyncSession, enrollment_id: str, since: datetime, reason: str, cause: Envelope | None
+) -> int:
+    future = await store.enrollment_bookings(session, enrollment_id, since=since)
+    for booking in future:
+        await cancel_booking(session, booking, reason, cause)
+    return len(future)
+
+
+async def close_site_day(session: AsyncSession, site: dict[str, Any], local_date: date, reason: str) -> int:
+    """A holiday or closure: cancel that day's sessions and every booking in them."""
+    if not await store.add_closure(session, site["site_id"], local_date, reason):
+        raise Rejected(f"{local_date} is already closed")
+    cancelled = 0
+    for row in await store.sessions_between(
+        session, site_id=site["site_id"], local_date=local_date, status="scheduled"
+    ):
+        await store.update_session(session, row["session_id"], status="cancelled")
+        await emit(session, _session_event(SessionCancelled, row), site["site_id"], None)
+        for booking in await store.session_bookings(session, row["session_id"]):
+            if booking["status"] != "cancelled":
+                await cancel_booking(session, booking, "site_closed", None, backfill=False)
+        cancelled += 1
+    return cancelled
+
+
+async def switch_track(
+    session: AsyncSession, enrollment: dict[str, Any], program: dict[str, Any], now: datetime
+) -> int:
+    """Move an enrollment to another track of its site: future bookings move, past
+    attendance (and so the week's hours) stays with the enrollment."""
+    if program["site_id"] != enrollment["site_id"]:
+        raise Rejected("a track switch stays within the site; use a transfer", status=422, field="program_id")
+    if program["cohort"] != enrollment["cohort"]:
+        raise Rejected("that track serves another cohort", status=422, field="program_id")
+    if program["program_id"] == enrollment["program_id"]:
+        raise Rejected("the enrollment is already on that track")
+    await cancel_future_bookings(session, enrollment["enrollment_id"], now, "track_switch", None)
+    await store.update_enrollment(session, enrollment["enrollment_id"], program_id=program["program_id"])
+    moved = {**enrollment, "program_id": program["program_id"]}
+    return await book_enrollment(session, moved, None, now)
+
+
+# --- attendance -----------------------------------------------------------------------
+
+
+async def record_attendance(
+    session: AsyncSession, target: dict[str, Any], records: list[dict[str, Any]], recorded_by: str, now: datetime
+) -> int:
+    if target["status"] == "cancelled":
+        raise Rejected("the session was cancelled")
+    if target["status"] == "completed":
+        raise Rejected("the session is completed; attendance is closed")
+    if target["starts_at"] > now:
+        raise Rejected("attendance cannot be recorded before the session starts", status=422)
+    booked = {b["patient_id"]: b for b in await store.session_bookings(session, target["session_id"], "booked")}
+    session_minutes = int((target["ends_at"] - target["starts_at"]).total_seconds() // 60)
+    for index, record in enumerate(records):
+        if record["patient_id"] not in booked:
+            raise Rejected(
+                "the patient is not booked into this session", status=422, field=f"records.{index}.patient_id"
+            )
+        if record["minutes"] > session_minutes:
+            raise Rejected(
+                f"minutes exceed the session's {session_minutes}", status=422, field=f"records.{index}.minutes"
+            )
+    for record in records:
+        minutes = record["minutes"] if record["status"] in domain.COUNTED_STATUSES else 0
+        await store.upsert_attendance(
+            session,
+            target["session_id"],
+            record["patient_id"],
+            enrollment_id=booked[record["patient_id"]]["enrollment_id"],
+            status=record["status"],
+            minutes=minutes,
+            recorded_at=now,
+            recorded_by=recorded_by,
+        )
+        event = AttendanceRecorded(
+            session_id=UUID(target["session_id"]),
+            patient_id=UUID(record["patient_id"]),
+            status=record["status"],
+            minutes=minutes,
+        )
+        await emit(session, event, target["site_id"], None)
+    return len(records)
+
+
+async def complete_session(session: AsyncSession, target: dict[str, Any], now: datetime) -> dict[str, int]:
+    if target["status"] == "completed":
+        raise Rejected("the session is already completed")
+    if target["status"] == "cancelled":
+        raise Rejected("a cancelled session cannot be completed")
+    if target["starts_at"] > now:
+        raise Rejected("a session cannot be completed before it starts", status=422)
+    records = await store.get_attendance(session, target["session_id"])
+    present = sum(1 for r in records if r["status"] in domain.COUNTED_STATUSES)
+    absent = sum(1 for r in records if r["status"] == "absent")
+    await store.update_session(session, target["session_id"], status="completed", completed_at=now)
+    event = SessionCompleted(
+        session_id=UUID(target["session_id"]),
+        kind=target["kind"],
+        started_at=target["starts_at"],
+        ended_at=target["ends_at"],
+        present_count=present,
+        absent_count=absent,
+    )
+    await emit(session, event, target["site_id"], None)
+    return {"present_count": present, "absent_count": absent}
+
+
+# --- treatment hours ---------------------------------------------------------------------
+
+
+async def week_hours(
+    session: AsyncSession, enrollment: dict[str, Any], timezone: str, iso_week: str, now: datetime
+) -> domain.WeekHours:
+    start, end = domain.week_bounds(iso_week, timezone)
+    attended = domain.attended_hours(await store.attendance_between(session, enrollment["enrollment_id"], start, end))
+    remaining = 0.0
+    for booking in await store.enrollment_bookings(session, enrollment["enrollment_id"], since=max(start, now)):
+        if booking["status"] == "booked" and booking["session_status"] == "scheduled" and booking["starts_at"] < end:
+            remaining += (booking["ends_at"] - booking["starts_at"]).total_seconds() / 3600
+    target = await _week_target(session, enrollment, timezone, iso_week)
+    return domain.WeekHours(iso_week, attended, round(remaining, 2), target)
+
+
+async def _week_target(session: AsyncSession, enrollment: dict[str, Any], timezone: str, iso_week: str) -> float:
+    """The weekly target, prorated in the week the enrollment starts by the share of the
+    program's template hours still ahead of its start day."""
+    target = float(enrollment["weekly_hours_target"])
+    start, _ = domain.week_bounds(iso_week, timezone)
+    monday = domain.site_today(start, timezone)
+    if not monday < enrollment["start_date"] < monday + timedelta(days=7):
+        return target
+    program = await store.get_program(session, enrollment["program_id"])
+    if program is None:
+        return target
+    blocks = [b for b in blocks_of(program) if b.kind in domain.GROUP_KINDS or b.kind == "individual_therapy"]
+    total = sum(b.minutes for b in blocks)
+    ahead = sum(b.minutes for b in blocks if b.weekday >= enrollment["start_date"].isoweekday())
+    return round(target * ahead / total, 2) if total else target
+
+
+async def review_hours(session: AsyncSession, now: datetime) -> dict[str, int]:
+    """Raise HoursAtRisk (mid-week, once per enrollment-week) and WeeklyHoursShortfall
+    (at week close, once) for every active enrollment."""
+    raised = {"at_risk": 0, "shortfall": 0}
+    for enrollment in await store.site_enrollments(session):
+        site = await store.get_site(session, enrollment["site_id"])
+        if site is None:
+            continue
+        timezone = site["timezone"]
+        this_week = domain.iso_week_of(now, timezone)
+        for iso_week in _weeks_to_review(enrollment["start_date"], this_week, timezone):
+            _, end = domain.week_bounds(iso_week, timezone)
+            hours = await week_hours(session, enrollment, timezone, iso_week, now)
+            verdict = domain.hours_verdict(hours, now, end)
+            if verdict is None or not await store.claim_hours_alert(
+                session, enrollment["enrollment_id"], iso_week, verdict
+            ):
+                continue
+            raised[verdict] += 1
+            await emit(session, _hours_event(verdict, enrollment, hours), enrollment["site_id"], None, chain=enrollment)
+    return raised
+
+
+def _weeks_to_review(start_date: date, this_week: str, timezone: str) -> list[str]:
+    """This week and the previous one (whose close may not be reviewed yet), never a
+    week before the enrollment started."""
+    this_monday = date.fromisocalendar(int(this_week[:4]), int(this_week[6:]), 1)
+    weeks = []
+    for monday in (this_monday - timedelta(days=7), this_monday):
+        if monday + timedelta(days=7) > start_date:
+            year, week, _ = monday.isocalendar()
+            weeks.append(f"{year}-W{week:02d}")
+    return weeks
+
+
+def _hours_event(verdict: str, enrollment: dict[str, Any], hours: domain.WeekHours) -> Event:
+    ids = {"patient_id": UUID(enrollment["patient_id"]), "enrollment_id": UUID(enrollment["enrollment_id"])}
+    if verdict == "at_risk":
+        return HoursAtRisk(
+            **ids,
+            iso_week=hours.iso_week,
+            attended_hours=hours.attended,
+            remaining_booked_hours=hours.remaining_booked,
+            target_hours=hours.target,
+        )
+    return WeeklyHoursShortfall(
+        **ids, iso_week=hours.iso_week, attended_hours=hours.attended, target_hours=hours.target
+    )
