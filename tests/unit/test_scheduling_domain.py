@@ -1,0 +1,114 @@
+"""Scheduling rules, rule by rule: templates, DST-safe expansion, ISO weeks in site
+time, hours verdicts, waitlist order."""
+
+from datetime import UTC, date, datetime, time, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from services.scheduling import domain
+from services.scheduling.domain import Block, ScheduleError, WeekHours
+
+
+def block(weekday: int = 1, start: str = "09:00", minutes: int = 60, kind: str = "group_therapy", capacity: int = 12):
+    return Block(weekday, domain.parse_start(start), minutes, kind, "Group", capacity)
+
+
+def test_valid_iop_day_passes() -> None:
+    day = [block(1, "09:00", 30, "check_in_group"), block(1, "09:30", 90), block(1, "11:00", 60, "workshop"),
+           block(1, "12:00", 30, "wrap_up"), block(3, "17:00", 50, "individual_therapy", 1)]  # fmt: skip
+    domain.validate_template(day)
+
+
+@pytest.mark.parametrize(
+    ("blocks", "field"),
+    [
+        ([block(1, "09:00", 90), block(1, "10:00", 60)], "blocks.1"),
+        ([block(1, "04:30", 60)], "blocks.0"),
+        ([block(1, "22:30", 60)], "blocks.0"),
+        ([block(2, "10:00", 60, capacity=0)], "blocks.0.capacity"),
+        ([block(2, "10:00", 50, "individual_therapy", 3)], "blocks.0.capacity"),
+        ([], "blocks"),
+    ],
+)
+def test_invalid_templates_are_rejected(blocks: list[Block], field: str) -> None:
+    with pytest.raises(ScheduleError) as error:
+        domain.validate_template(blocks)
+    assert error.value.field == field
+
+
+def test_back_to_back_blocks_do_not_overlap() -> None:
+    domain.validate_template([block(1, "09:00", 60), block(1, "10:00", 60), block(2, "09:00", 60)])
+
+
+def test_block_ending_exactly_at_23_is_allowed() -> None:
+    domain.validate_template([block(5, "22:00", 60)])
+
+
+@pytest.mark.parametrize(
+    ("zone", "before", "after"),
+    [
+        # America/New_York: spring forward 2027-03-14, fall back 2027-11-07.
+        ("America/New_York", date(2027, 3, 8), date(2027, 3, 15)),
+        ("America/New_York", date(2027, 11, 1), date(2027, 11, 8)),
+        # Australia/Sydney (southern hemisphere): DST ends 2027-04-04, starts 2027-10-03.
+        ("Australia/Sydney", date(2027, 3, 29), date(2027, 4, 5)),
+        ("Australia/Sydney", date(2027, 9, 27), date(2027, 10, 4)),
+    ],
+)
+def test_sessions_keep_wall_clock_time_across_dst(zone: str, before: date, after: date) -> None:
+    occurrences = domain.expand([block(1, "09:00", 90)], zone, before, after)
+    assert [o.local_date for o in occurrences] == [before, after]
+    local = [o.starts_at.astimezone(ZoneInfo(zone)) for o in occurrences]
+    assert [t.time() for t in local] == [time(9, 0), time(9, 0)]
+    assert all(o.ends_at - o.starts_at == timedelta(minutes=90) for o in occurrences)
+    offsets = {o.starts_at.astimezone(ZoneInfo(zone)).utcoffset() for o in occurrences}
+    assert len(offsets) == 2, "the UTC offset changes, the wall-clock time does not"
+    assert all(o.starts_at.tzinfo == UTC for o in occurrences)
+
+
+def test_sunday_evening_in_los_angeles_is_monday_in_utc_but_the_same_iso_week() -> None:
+    sunday_evening = datetime(2026, 11, 29, 22, 0, tzinfo=ZoneInfo("America/Los_Angeles"))
+    assert sunday_evening.astimezone(UTC).date() == date(2026, 11, 30)
+    assert domain.iso_week_of(sunday_evening, "America/Los_Angeles") == "2026-W48"
+    assert domain.iso_week_of(sunday_evening, "UTC") == "2026-W49"
+
+
+def test_week_bounds_are_site_local_midnights() -> None:
+    start, end = domain.week_bounds("2027-W11", "America/New_York")  # the week DST begins
+    assert start.astimezone(ZoneInfo("America/New_York")).replace(tzinfo=None) == datetime(2027, 3, 15, 0, 0)
+    assert end - start == timedelta(days=7)
+    start, end = domain.week_bounds("2027-W10", "America/New_York")
+    assert end - start == timedelta(days=7, hours=-1)  # 23-hour Sunday
+
+
+def test_attended_hours_count_present_and_late_only() -> None:
+    assert domain.attended_hours([("present", 90), ("late", 60), ("absent", 0), ("excused", 0)]) == 2.5
+
+
+def test_hours_verdicts() -> None:
+    end = datetime(2026, 12, 7, 5, tzinfo=UTC)
+    midweek = end - timedelta(days=3)
+    assert domain.hours_verdict(WeekHours("2026-W49", 3, 6, 9), midweek, end) is None  # reachable
+    assert domain.hours_verdict(WeekHours("2026-W49", 3, 5.5, 9), midweek, end) == "at_risk"
+    assert domain.hours_verdict(WeekHours("2026-W49", 8.5, 0, 9), end, end) == "shortfall"
+    assert domain.hours_verdict(WeekHours("2026-W49", 9, 0, 9), end, end) is None
+
+
+def test_booking_and_waitlist_order() -> None:
+    assert domain.booking_decision(11, 12) == "booked"
+    assert domain.booking_decision(12, 12) == "waitlisted"
+    assert domain.waitlist_position([]) == 1
+    assert domain.waitlist_position([1, 2, 5]) == 6
+
+
+def test_workshop_topics_rotate_weekly() -> None:
+    workshop = Block(3, time(11), 60, "workshop", "Workshop", 12, ("Stress management", "Relapse prevention"))
+    first, second = date(2026, 12, 2), date(2026, 12, 9)
+    assert workshop.title_for(first) != workshop.title_for(second)
+    assert workshop.title_for(first) == workshop.title_for(first + timedelta(days=14))
+
+
+def test_targets_follow_asam_level_2_1() -> None:
+    assert domain.weekly_hours_target("adult") == 9.0
+    assert domain.weekly_hours_target("adolescent") == 6.0
