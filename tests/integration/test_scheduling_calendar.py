@@ -16,7 +16,7 @@ from iopnet.testing import BusRecorder, eventually
 from services.scheduling import store, usecases
 from services.scheduling.app import create_app
 from shared.contracts import new_envelope
-from shared.contracts.events import PatientDischarged, PatientEnrolled, SiteRegistered
+from shared.contracts.events import PatientDischarged, PatientEnrolled, PatientTransferred, SiteRegistered
 from tests.conftest import auth, make_settings, publish, running
 
 SITE = "columbus-east"
@@ -578,3 +578,60 @@ async def _count_from(app, program: dict, first_day: date) -> int:
 async def _sessions(app, program: dict) -> list[dict]:
     async with app.state.runtime.sessions() as session:
         return await store.sessions_between(session, program_id=program["program_id"])
+
+
+async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nats_server, bus: BusRecorder) -> None:
+    async with running(app) as client:
+        await with_site(app, nats_server.url)
+        await with_site(app, nats_server.url, "dayton-north", "America/New_York")
+        body = {"site_id": SITE, "name": "Adult IOP", "cohort": "adult", "blocks": iop_template()}
+        columbus = (await client.post("/programs", json=body, headers=ADMIN)).json()
+        dayton_admin = auth("site_admin", ["dayton-north"])
+        dayton = (await client.post("/programs", json={**body, "site_id": "dayton-north"}, headers=dayton_admin)).json()
+        enrolled = new_envelope(
+            PatientEnrolled(patient_id=uuid4(), enrollment_id=uuid4(), program_id=columbus["program_id"],
+                            level_of_care="2.1", cohort="adult", start_date=TOMORROW, referral_source="self"),
+            site_id=SITE,
+        )  # fmt: skip
+        await publish(nats_server.url, enrolled)
+        expected = await _count_from(app, columbus, TOMORROW)
+        await bus.wait_for_event("PatientBooked", count=expected)
+
+        transfer = new_envelope(
+            PatientTransferred(patient_id=enrolled.data["patient_id"], enrollment_id=enrolled.data["enrollment_id"],
+                               from_site_id=SITE, to_site_id="dayton-north", to_program_id=dayton["program_id"],
+                               effective_on=TOMORROW),
+            site_id=SITE,
+        )  # fmt: skip
+        await publish(nats_server.url, transfer)
+        await publish(nats_server.url, transfer, msg_id_prefix="again-")
+        moved = await bus.wait_for_event("PatientBooked", count=2 * expected)
+        assert {m.subject.rsplit(".", 1)[1] for m in moved[expected:]} == {"dayton-north"}
+        cancelled = await bus.wait_for_event("BookingCancelled", count=expected)
+        assert {m.envelope()["data"]["reason"] for m in cancelled} == {"transferred"}
+
+        discharge = new_envelope(
+            PatientDischarged(patient_id=enrolled.data["patient_id"], enrollment_id=enrolled.data["enrollment_id"],
+                              reason="step_down", discharged_on=TOMORROW),
+            site_id="dayton-north",
+        )  # fmt: skip
+        await publish(nats_server.url, discharge)
+        await publish(nats_server.url, discharge, msg_id_prefix="again-")
+        await bus.wait_for_event("BookingCancelled", count=2 * expected)
+        consumer = app.state.runtime.consumers[0]
+
+        async def redeliveries_skipped() -> bool:
+            return consumer.stats.skipped_duplicates >= 2
+
+        await eventually(redeliveries_skipped, what="both redeliveries skipped")
+        assert len(bus.events("BookingCancelled")) == 2 * expected  # no second round
+        assert len(bus.events("PatientBooked")) == 2 * expected
+        enrollment = (await client.get(f"/enrollments/{enrolled.data['enrollment_id']}", headers=dayton_admin)).json()
+        assert enrollment["status"] == "discharged"
+        assert enrollment["site_id"] == "dayton-north"
+
+        report = await client.get("/sites/dayton-north/hours-report", headers=dayton_admin)
+        assert report.status_code == 200
+        assert [p["program_id"] for p in report.json()["programs"]] == [dayton["program_id"]]
+        assert report.json()["programs"][0]["enrollments"] == 0  # discharged: no longer counted
+        assert (await client.get("/sites/dayton-north/hours-report", headers=ADMIN)).status_code == 404
