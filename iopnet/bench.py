@@ -22,7 +22,7 @@ import httpx
 
 from iopnet.natsd import free_port
 from iopnet.network import LocalNetwork
-from iopnet.testing import BusRecorder
+from iopnet.testing import BusRecorder, eventually
 from shared.auth import mint_token
 from shared.settings import Settings
 
@@ -49,9 +49,27 @@ class _Driver:
         self.http = http
         self.http_ms: list[float] = []
 
-    async def register_site(self) -> None:
+    async def register_site(self, scheduling: str) -> None:
+        """Register the site at intake and publish a program at scheduling, then wait
+        until each service has learned what it needs from the other's events."""
         site = {"site_id": "bench-site", "name": "Bench", "timezone": "America/New_York"}
         (await self.http.post(f"{self.intake}/sites", json=site, headers=self.admin)).raise_for_status()
+        block = {"weekday": 2, "start": "18:00", "minutes": 180, "kind": "group_therapy", "title": "Group"}
+        program = {"site_id": "bench-site", "name": "Bench IOP", "cohort": "adult", "blocks": [block]}
+
+        async def published() -> httpx.Response | None:
+            response = await self.http.post(f"{scheduling}/programs", json=program, headers=self.admin)
+            return response if response.status_code == 201 else None
+
+        self.program_id = (await eventually(published, timeout=30, what="scheduling to know the site")).json()[
+            "program_id"
+        ]
+
+        async def known() -> bool:
+            listed = await self.http.get(f"{self.intake}/programs", headers=self.admin)
+            return any(p["program_id"] == self.program_id for p in listed.json())
+
+        await eventually(known, timeout=30, what="intake to know the program")
 
     async def enroll(self, index: int) -> str:
         patient = {
@@ -61,7 +79,7 @@ class _Driver:
         created = await self.http.post(f"{self.intake}/patients", json=patient, headers=self.desk)
         created.raise_for_status()
         body = {
-            "program_id": "bench-iop", "level_of_care": "2.1", "cohort": "adult",
+            "program_id": self.program_id, "level_of_care": "2.1", "cohort": "adult",
             "start_date": (date.today() + timedelta(days=1)).isoformat(), "referral_source": "self",
         }  # fmt: skip
         started = time.perf_counter()
@@ -91,7 +109,7 @@ async def _measure(network: LocalNetwork, patients: int, concurrency: int, seque
     results: dict[str, Any] = {}
     async with httpx.AsyncClient(timeout=30) as http:
         driver = _Driver(network, http)
-        await driver.register_site()
+        await driver.register_site(network.url("scheduling"))
 
         # Unloaded: one enrollment at a time, each followed to its NotificationSent.
         bus = await BusRecorder(network.nats_url).start()

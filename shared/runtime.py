@@ -4,6 +4,7 @@ owned streams, the outbox relay and the consumers. app.py composes one of these.
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 
 from nats.aio.client import Client
@@ -27,6 +28,27 @@ from shared.settings import ServiceName, Settings
 log = logging.getLogger("iopnet.runtime")
 
 BackgroundJob = Callable[["ServiceRuntime"], Awaitable[None]]
+
+
+def periodic(
+    interval: Callable[[Settings], float],
+    work: Callable[[AsyncSession, datetime], Awaitable[object]],
+    name: str,
+) -> BackgroundJob:
+    """A background loop: run `work(session, now)` in its own transaction at start and
+    then every interval. A failed round is logged and retried next round."""
+
+    async def loop(runtime: "ServiceRuntime") -> None:
+        while True:
+            try:
+                async with runtime.sessions() as session, session.begin():
+                    await work(session, datetime.now(UTC))
+            except Exception as exc:
+                log.warning("background round failed", extra={"reason": name, "error": type(exc).__name__})
+            await asyncio.sleep(interval(runtime.settings))
+
+    loop.__name__ = name
+    return loop
 
 
 class ServiceRuntime:

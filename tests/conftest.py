@@ -209,3 +209,17 @@ async def stream_count(nats_url: str, stream: str) -> int:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:
         await nc.close()
+
+
+def program_published(
+    site_id: str, program_id: str = "adult-iop-am", cohort: str = "adult", name: str = "Adult IOP"
+) -> Envelope:
+    """ProgramPublished as scheduling publishes it: what intake may enroll patients in."""
+    from shared.contracts import new_envelope
+    from shared.contracts.events import ProgramPublished, TemplateBlock
+
+    block = TemplateBlock(weekday=1, start="09:00", minutes=180, kind="group_therapy", title="Group", capacity=12)
+    event = ProgramPublished(
+        program_id=program_id, name=name, level_of_care="2.1", cohort=cohort, weekly_hours_target=9.0, template=[block]
+    )
+    return new_envelope(event, site_id=site_id)

@@ -1,11 +1,12 @@
-"""Intake service: composition of settings, database, broker, relay and routes."""
+"""Intake service: composition of settings, database, broker, relay, the activation
+loop (pending episodes become active on their start date) and routes."""
 
 from fastapi import FastAPI
 
 from services.intake import api, store
 from services.intake.handlers import SUBSCRIPTIONS
 from shared.http import create_service_app
-from shared.runtime import ServiceRuntime
+from shared.runtime import ServiceRuntime, periodic
 from shared.settings import Settings
 
 
@@ -17,5 +18,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
+        jobs=[periodic(lambda s: s.horizon_interval_seconds, store.activate_due_enrollments, "enrollment-activation")],
     )
-    return create_service_app(runtime, [api.router], "Sites, patients, enrollments: the front door of every site.")
+    return create_service_app(
+        runtime,
+        [api.router],
+        "The front door of every site: patients, episodes, consents, check-ins, plans.",
+    )

@@ -2,7 +2,7 @@
 
 import secrets
 import unicodedata
-from datetime import date
+from datetime import date, datetime
 from enum import StrEnum
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -100,3 +100,115 @@ def check_start_date(start_date: date, today: date) -> date:
     if (today - start_date).days > 30:
         raise DomainError("start date is more than 30 days in the past", field="start_date")
     return start_date
+
+
+class LevelChange(StrEnum):
+    STEP_DOWN = "step_down"
+    STEP_UP = "step_up"
+
+
+LEVEL_ORDER = ("1.0", "2.1", "2.5")
+
+
+def level_change(current: str, target: str) -> LevelChange:
+    """Moving between ASAM levels within an episode: recorded as history, never silent."""
+    if current == target:
+        raise IllegalTransition(f"the enrollment is already at level {current}")
+    return LevelChange.STEP_UP if LEVEL_ORDER.index(target) > LEVEL_ORDER.index(current) else LevelChange.STEP_DOWN
+
+
+# --- daily check-ins: risk ------------------------------------------------------------
+
+
+class Risk(StrEnum):
+    LOW = "low"
+    ELEVATED = "elevated"
+    URGENT = "urgent"
+
+
+def score_risk(
+    *, mood: int, craving: int, used_since_last: bool, safety_concern: bool, previous_cravings: list[int]
+) -> tuple[Risk, list[str]]:
+    """Risk of one daily check-in, with the rules that fired (for the clinician's view).
+
+    urgent:   a safety concern, or use since the last check-in with craving >= 8;
+    elevated: craving >= 7, any use, mood <= 3, or craving rising over three check-ins
+              in a row (the two before this one, oldest first, then this one, each
+              strictly higher than the one before);
+    low:      otherwise.
+    `previous_cravings` are earlier check-ins of the episode, oldest first.
+    """
+    urgent = []
+    if safety_concern:
+        urgent.append("safety_concern")
+    if used_since_last and craving >= 8:
+        urgent.append("use_with_high_craving")
+    if urgent:
+        return Risk.URGENT, urgent
+    elevated = []
+    if craving >= 7:
+        elevated.append("high_craving")
+    if used_since_last:
+        elevated.append("use_since_last")
+    if mood <= 3:
+        elevated.append("low_mood")
+    last_three = [*previous_cravings[-2:], craving]
+    if len(last_three) == 3 and last_three[0] < last_three[1] < last_three[2]:
+        elevated.append("craving_rising")
+    if elevated:
+        return Risk.ELEVATED, elevated
+    return Risk.LOW, []
+
+
+# --- consent (42 CFR Part 2, sec. 2.31) -------------------------------------------------
+
+
+class ConsentState(StrEnum):
+    ACTIVE = "active"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+EXPIRY_EVENTS = ("end_of_treatment",)
+
+
+def consent_state(
+    *, revoked_at: datetime | None, expires_on: date | None, expires_event: str | None, today: date,
+    episode_ended: bool,
+) -> ConsentState:  # fmt: skip
+    """Revocation wins; then a date or an event ("end of treatment") ends the consent."""
+    if revoked_at is not None:
+        return ConsentState.REVOKED
+    if expires_on is not None and today > expires_on:
+        return ConsentState.EXPIRED
+    if expires_event == "end_of_treatment" and episode_ended:
+        return ConsentState.EXPIRED
+    return ConsentState.ACTIVE
+
+
+def check_consent_dates(signed_at: datetime, expires_on: date | None, expires_event: str | None, now: datetime) -> None:
+    if signed_at > now:
+        raise DomainError("signed_at is in the future", field="signed_at")
+    if (expires_on is None) == (expires_event is None):
+        raise DomainError("give exactly one of expires_on or expires_event", field="expires_on")
+    if expires_on is not None and expires_on < signed_at.date():
+        raise DomainError("the consent would expire before it was signed", field="expires_on")
+
+
+def check_revocation(state: ConsentState) -> None:
+    if state is not ConsentState.ACTIVE:
+        raise IllegalTransition(f"a consent that is {state} cannot be revoked")
+
+
+# --- recovery plan --------------------------------------------------------------------
+
+
+GOAL_STATUSES = ("active", "met", "dropped")
+
+
+def check_goal_status_change(current: str, target: str) -> None:
+    """Goals can be met or dropped, and reopened; a no-op change is refused."""
+    if target not in GOAL_STATUSES:
+        raise DomainError(f"unknown goal status {target!r}", field="status")
+    if current == target:
+        raise IllegalTransition(f"the goal is already {current}")

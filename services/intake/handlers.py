@@ -1,6 +1,25 @@
-"""Events intake consumes. None yet: intake is the source of the care record, and
-learns of other services' facts (published programs) in a later issue."""
+"""Events intake consumes: scheduling's published programs, the catalogue a patient
+can be enrolled in (DESIGN: a service learns of others only from their events)."""
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.intake import store
+from shared.contracts import Envelope
+from shared.contracts.events import Event, ProgramPublished
 from shared.messaging import Subscription
 
-SUBSCRIPTIONS: list[Subscription] = []
+
+async def on_program_published(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+    assert isinstance(event, ProgramPublished)
+    await store.upsert_program(
+        session,
+        event.program_id,
+        site_id=envelope.site_id,
+        name=event.name,
+        cohort=event.cohort,
+        level_of_care=event.level_of_care,
+        published_at=envelope.occurred_at,
+    )
+
+
+SUBSCRIPTIONS = [Subscription("IOP_SCHEDULING", {"ProgramPublished": on_program_published})]

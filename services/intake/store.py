@@ -1,25 +1,31 @@
 """Intake's own database: sites, patients (PHI), enrollments, plus outbox, inbox, audit."""
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Date,
+    Float,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     String,
     Table,
+    Text,
     func,
     insert,
     select,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,6 +41,8 @@ sites = Table(
     Column("name", String(200), nullable=False),
     Column("timezone", String(64), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("address", String(300), nullable=True),
+    Column("updated_at", UtcDateTime, nullable=True),
 )
 
 patients = Table(
@@ -52,6 +60,7 @@ patients = Table(
     Column("preferred_channel", String(10), nullable=False),
     Column("language", String(10), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=True),
     Index("ix_patients_identity", "name_key", "birth_date"),
 )
 
@@ -69,6 +78,111 @@ enrollments = Table(
     Column("status", String(12), nullable=False),
     Column("correlation_id", String(36), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    Column("ended_on", Date, nullable=True),
+)
+
+# The episode's history: activation, level changes (step-up/step-down), transfer, discharge.
+enrollment_history = Table(
+    "enrollment_history",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("enrollment_id", String(36), ForeignKey("enrollments.enrollment_id"), nullable=False, index=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("kind", String(20), nullable=False),
+    Column("from_value", String(64), nullable=True),
+    Column("to_value", String(64), nullable=True),
+    Column("reason", String(40), nullable=True),
+    Column("actor", String(200), nullable=False),
+)
+
+# Projection of scheduling's ProgramPublished: what a patient can be enrolled in.
+programs = Table(
+    "programs",
+    metadata,
+    Column("program_id", String(64), primary_key=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("cohort", String(12), nullable=False),
+    Column("level_of_care", String(4), nullable=False),
+    Column("published_at", UtcDateTime, nullable=False),
+)
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("consent_id", String(36), primary_key=True),
+    Column("patient_id", String(36), ForeignKey("patients.patient_id"), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("recipient", String(80), nullable=False),
+    Column("purpose", String(40), nullable=False),
+    Column("information", Text, nullable=False),
+    Column("expires_on", Date, nullable=True),
+    Column("expires_event", String(40), nullable=True),
+    Column("signed_at", UtcDateTime, nullable=False),
+    Column("revoked_at", UtcDateTime, nullable=True),
+    Column("revocation_note", Text, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+check_ins = Table(
+    "check_ins",
+    metadata,
+    Column("check_in_id", String(36), primary_key=True),
+    Column("patient_id", String(36), ForeignKey("patients.patient_id"), nullable=False, index=True),
+    Column("enrollment_id", String(36), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("submitted_at", UtcDateTime, nullable=False, index=True),
+    Column("submitted_by", String(200), nullable=False),
+    Column("submitted_role", String(20), nullable=False),
+    Column("mood", Integer, nullable=False),
+    Column("craving", Integer, nullable=False),
+    Column("used_since_last", Boolean, nullable=False),
+    Column("substances", Text, nullable=False),
+    Column("sleep_hours", Float, nullable=True),
+    Column("safety_concern", Boolean, nullable=False),
+    # Free text stays here, in intake's database: never on the bus, never in logs.
+    Column("goals", Text, nullable=True),
+    Column("challenges", Text, nullable=True),
+    Column("risk", String(10), nullable=False),
+    Column("risk_reasons", Text, nullable=False),
+)
+
+# Client retries of a check-in: same key, same answer, one check-in.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(80), primary_key=True),
+    Column("key", String(200), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("status_code", Integer, nullable=False),
+    Column("response", Text, nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+)
+
+plan_goals = Table(
+    "plan_goals",
+    metadata,
+    Column("goal_id", String(36), primary_key=True),
+    Column("plan_id", String(36), nullable=False, index=True),
+    Column("enrollment_id", String(36), ForeignKey("enrollments.enrollment_id"), nullable=False, index=True),
+    Column("text", Text, nullable=False),
+    Column("target", Text, nullable=True),
+    Column("status", String(10), nullable=False),
+    Column("review_on", Date, nullable=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+goal_progress = Table(
+    "goal_progress",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("goal_id", String(36), ForeignKey("plan_goals.goal_id"), nullable=False, index=True),
+    Column("check_in_id", String(36), nullable=True),
+    Column("at", UtcDateTime, nullable=False),
+    Column("note", Text, nullable=True),
+    Column("status", String(10), nullable=True),
+    Column("actor", String(200), nullable=False),
 )
 
 
@@ -140,3 +254,215 @@ async def audit_rows(
     if until is not None:
         query = query.where(audit.c.at < until)
     return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+# --- sites -------------------------------------------------------------------------
+
+
+async def update_site(session: AsyncSession, site_id: str, **values: Any) -> None:
+    await session.execute(update(sites).where(sites.c.site_id == site_id).values(updated_at=now(), **values))
+
+
+# --- patients ------------------------------------------------------------------------
+
+
+async def update_patient(session: AsyncSession, patient_id: str, **values: Any) -> None:
+    await session.execute(
+        update(patients).where(patients.c.patient_id == patient_id).values(updated_at=now(), **values)
+    )
+
+
+async def find_identity(session: AsyncSession, name_key: str, birth_date: date) -> dict[str, Any] | None:
+    """A likely duplicate anywhere in the network: same folded name, same birth date."""
+    query = select(patients).where(patients.c.name_key == name_key, patients.c.birth_date == birth_date).limit(1)
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def search_patients(
+    session: AsyncSession,
+    site_ids: list[str] | None,
+    *,
+    name_key: str | None = None,
+    birth_date: date | None = None,
+    mrn: str | None = None,
+    limit: int = 50,
+) -> list[dict[str, Any]]:
+    query = select(patients).order_by(patients.c.family_name, patients.c.given_name).limit(limit)
+    if site_ids is not None:
+        query = query.where(patients.c.site_id.in_(site_ids))
+    if name_key:
+        query = query.where(patients.c.name_key.contains(name_key, autoescape=True))
+    if birth_date is not None:
+        query = query.where(patients.c.birth_date == birth_date)
+    if mrn:
+        query = query.where(patients.c.mrn == mrn.upper())
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+# --- enrollments -----------------------------------------------------------------------
+
+
+async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = select(enrollments).where(enrollments.c.enrollment_id == enrollment_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def open_enrollment(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> dict[str, Any] | None:
+    query = select(enrollments).where(enrollments.c.patient_id == patient_id, enrollments.c.status.in_(open_statuses))
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
+    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+
+
+async def add_history(session: AsyncSession, enrollment_id: str, kind: str, actor: str, **values: Any) -> None:
+    await session.execute(
+        insert(enrollment_history).values(enrollment_id=enrollment_id, kind=kind, actor=actor, at=now(), **values)
+    )
+
+
+async def history(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
+    query = select(enrollment_history).where(enrollment_history.c.enrollment_id == enrollment_id)
+    return [dict(r) for r in (await session.execute(query.order_by(enrollment_history.c.id))).mappings()]
+
+
+async def pending_enrollments(session: AsyncSession) -> list[dict[str, Any]]:
+    query = select(enrollments, sites.c.timezone).join(sites, sites.c.site_id == enrollments.c.site_id)
+    return [dict(r) for r in (await session.execute(query.where(enrollments.c.status == "pending"))).mappings()]
+
+
+# --- programs (projection) -------------------------------------------------------------
+
+
+async def upsert_program(session: AsyncSession, program_id: str, **values: Any) -> None:
+    found = await session.execute(update(programs).where(programs.c.program_id == program_id).values(**values))
+    if found.rowcount == 0:
+        await session.execute(insert(programs).values(program_id=program_id, **values))
+
+
+async def list_programs(session: AsyncSession, site_id: str | None) -> list[dict[str, Any]]:
+    query = select(programs).order_by(programs.c.site_id, programs.c.name)
+    if site_id is not None:
+        query = query.where(programs.c.site_id == site_id)
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] | None:
+    row = (await session.execute(select(programs).where(programs.c.program_id == program_id))).mappings().first()
+    return dict(row) if row else None
+
+
+# --- consents --------------------------------------------------------------------------
+
+
+async def add_consent(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(consents).values(created_at=now(), **values))
+
+
+async def get_consent(session: AsyncSession, consent_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = select(consents).where(consents.c.consent_id == consent_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def patient_consents(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+    query = select(consents).where(consents.c.patient_id == patient_id).order_by(consents.c.signed_at)
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+async def revoke_consent(session: AsyncSession, consent_id: str, revoked_at: datetime, note: str | None) -> None:
+    await session.execute(
+        update(consents).where(consents.c.consent_id == consent_id).values(revoked_at=revoked_at, revocation_note=note)
+    )
+
+
+# --- check-ins ------------------------------------------------------------------------
+
+
+async def add_check_in(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(check_ins).values(**values))
+
+
+async def recent_cravings(session: AsyncSession, enrollment_id: str, limit: int = 2) -> list[int]:
+    """The episode's last check-ins' cravings, oldest first."""
+    query = (
+        select(check_ins.c.craving)
+        .where(check_ins.c.enrollment_id == enrollment_id)
+        .order_by(check_ins.c.submitted_at.desc())
+        .limit(limit)
+    )
+    return [r.craving for r in await session.execute(query)][::-1]
+
+
+async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int = 60) -> list[dict[str, Any]]:
+    query = (
+        select(check_ins)
+        .where(check_ins.c.patient_id == patient_id)
+        .order_by(check_ins.c.submitted_at.desc())
+        .limit(limit)
+    )
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+async def get_idempotent(session: AsyncSession, scope: str, key: str) -> dict[str, Any] | None:
+    query = select(idempotency_keys).where(idempotency_keys.c.scope == scope, idempotency_keys.c.key == key)
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
+    return await insert_if_absent(session, idempotency_keys, created_at=now(), **values)
+
+
+# --- recovery plan ---------------------------------------------------------------------
+
+
+async def plan_goals_of(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
+    query = select(plan_goals).where(plan_goals.c.enrollment_id == enrollment_id).order_by(plan_goals.c.created_at)
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+async def get_goal(session: AsyncSession, goal_id: str) -> dict[str, Any] | None:
+    row = (await session.execute(select(plan_goals).where(plan_goals.c.goal_id == goal_id))).mappings().first()
+    return dict(row) if row else None
+
+
+async def add_goal(session: AsyncSession, **values: Any) -> None:
+    stamp = now()
+    await session.execute(insert(plan_goals).values(created_at=stamp, updated_at=stamp, **values))
+
+
+async def update_goal(session: AsyncSession, goal_id: str, **values: Any) -> None:
+    await session.execute(update(plan_goals).where(plan_goals.c.goal_id == goal_id).values(updated_at=now(), **values))
+
+
+async def add_progress(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(goal_progress).values(at=now(), **values))
+
+
+async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[dict[str, Any]]:
+    if not goal_ids:
+        return []
+    query = select(goal_progress).where(goal_progress.c.goal_id.in_(goal_ids)).order_by(goal_progress.c.id)
+    return [dict(r) for r in (await session.execute(query)).mappings()]
+
+
+async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
+    """Pending episodes whose start date has come (in the site's own calendar) become active."""
+    activated = 0
+    for enrollment in await pending_enrollments(session):
+        if enrollment["start_date"] <= now.astimezone(ZoneInfo(enrollment["timezone"])).date():
+            await update_enrollment(session, enrollment["enrollment_id"], status="active")
+            await add_history(
+                session, enrollment["enrollment_id"], "activated", "system", from_value="pending", to_value="active"
+            )
+            activated += 1
+    return activated

@@ -58,20 +58,20 @@ async def on_patient_discharged(session: AsyncSession, envelope: Envelope, event
 
 
 async def on_patient_transferred(session: AsyncSession, envelope: Envelope, event: Event) -> None:
-    """Both sites see the event (it is published under the sending site); scheduling
-    moves the enrollment to the receiving site's program."""
+    """The episode ends at the sending site: its future bookings are cancelled (and
+    backfilled). Intake opens the new episode with PatientEnrolled at the receiving
+    site, which books it there. Published under both sites' subjects: the second copy
+    finds the episode already closed."""
     assert isinstance(event, PatientTransferred)
     enrollment = await store.get_enrollment(session, str(event.enrollment_id))
-    if enrollment is None or enrollment["status"] != "active" or enrollment["site_id"] == event.to_site_id:
+    if enrollment is None or enrollment["status"] != "active":
         return
-    now = datetime.now(UTC)
-    await usecases.cancel_future_bookings(session, enrollment["enrollment_id"], now, "transferred", envelope)
     await store.update_enrollment(
-        session, enrollment["enrollment_id"], site_id=event.to_site_id, program_id=event.to_program_id
+        session, enrollment["enrollment_id"], status="transferred", ended_on=event.effective_on
     )
-    moved = await store.get_enrollment(session, enrollment["enrollment_id"])
-    assert moved is not None
-    await usecases.book_enrollment(session, moved, envelope, now)
+    await usecases.cancel_future_bookings(
+        session, enrollment["enrollment_id"], datetime.now(UTC), "transferred", envelope
+    )
 
 
 SUBSCRIPTIONS = [

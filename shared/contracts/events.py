@@ -44,6 +44,8 @@ class IntakeEvent(Event):
 
 
 class SiteRegistered(IntakeEvent):
+    """Published on registration and again on every change of name or timezone."""
+
     name: str
     timezone: str
 

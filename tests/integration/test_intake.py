@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from iopnet.testing import BusRecorder
+from iopnet.testing import BusRecorder, eventually
 from services.intake import store
 from services.intake.app import create_app
-from tests.conftest import auth, make_settings, running
+from tests.conftest import auth, make_settings, program_published, publish, running
 
 SITE = {"site_id": "columbus-east", "name": "Columbus East", "timezone": "America/New_York"}
 PATIENT = {
@@ -46,14 +46,26 @@ def app(nats_server, database_url: str, tmp_path: Path):
     return create_app(make_settings(nats_server.url, tmp_path, intake_database_url=database_url))
 
 
+async def with_program(app, nats_url: str, site_id: str = "columbus-east", program_id: str = "adult-iop-am") -> None:
+    """Scheduling publishes the program; intake's projection must know it before enrolling."""
+    await publish(nats_url, program_published(site_id, program_id))
+
+    async def known():
+        async with app.state.runtime.sessions() as session:
+            return await store.get_program(session, program_id)
+
+    await eventually(known, what=f"program {program_id} projected")
+
+
 async def count(app, table) -> int:
     async with app.state.runtime.sessions() as session:
         return int((await session.execute(select(func.count()).select_from(table))).scalar_one())
 
 
-async def test_enrollment_publishes_events_with_phi_only_on_restricted(app, bus: BusRecorder) -> None:
+async def test_enrollment_publishes_events_with_phi_only_on_restricted(app, nats_server, bus: BusRecorder) -> None:
     async with running(app) as client:
         assert (await client.post("/sites", json=SITE, headers=ADMIN)).status_code == 201
+        await with_program(app, nats_server.url)
         created = await client.post("/patients", json=PATIENT, headers=FRONT_DESK)
         assert created.status_code == 201, created.text
         patient_id = created.json()["patient_id"]
@@ -144,8 +156,9 @@ async def test_invalid_patient_is_422_and_writes_nothing(app, change: dict, fiel
         assert await count(app, store.outbox.table) == 1  # only SiteRegistered
 
 
-async def test_bad_requests(app) -> None:
+async def test_bad_requests(app, nats_server) -> None:
     async with running(app) as client:
+        await with_program(app, nats_server.url)
         assert (await client.post("/sites", json=SITE, headers=FRONT_DESK)).status_code == 403
         assert (await client.post("/sites", json=SITE)).status_code == 401
         assert (await client.post("/sites", json={**SITE, "timezone": "Mars/Base"}, headers=ADMIN)).status_code == 422

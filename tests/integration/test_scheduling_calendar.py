@@ -603,15 +603,24 @@ async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nat
                                effective_on=TOMORROW),
             site_id=SITE,
         )  # fmt: skip
-        await publish(nats_server.url, transfer)
+        # Intake ends the episode here and opens a new one at the receiving site.
+        reenrolled = new_envelope(
+            PatientEnrolled(patient_id=enrolled.data["patient_id"], enrollment_id=uuid4(),
+                            program_id=dayton["program_id"], level_of_care="2.1", cohort="adult",
+                            start_date=TOMORROW, referral_source="self"),
+            site_id="dayton-north", correlation_id=transfer.correlation_id, causation_id=transfer.event_id,
+        )  # fmt: skip
+        await publish(nats_server.url, transfer, reenrolled)
         await publish(nats_server.url, transfer, msg_id_prefix="again-")
         moved = await bus.wait_for_event("PatientBooked", count=2 * expected)
         assert {m.subject.rsplit(".", 1)[1] for m in moved[expected:]} == {"dayton-north"}
         cancelled = await bus.wait_for_event("BookingCancelled", count=expected)
         assert {m.envelope()["data"]["reason"] for m in cancelled} == {"transferred"}
+        old = (await client.get(f"/enrollments/{enrolled.data['enrollment_id']}", headers=ADMIN)).json()
+        assert old["status"] == "transferred"
 
         discharge = new_envelope(
-            PatientDischarged(patient_id=enrolled.data["patient_id"], enrollment_id=enrolled.data["enrollment_id"],
+            PatientDischarged(patient_id=enrolled.data["patient_id"], enrollment_id=reenrolled.data["enrollment_id"],
                               reason="step_down", discharged_on=TOMORROW),
             site_id="dayton-north",
         )  # fmt: skip
@@ -626,7 +635,7 @@ async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nat
         await eventually(redeliveries_skipped, what="both redeliveries skipped")
         assert len(bus.events("BookingCancelled")) == 2 * expected  # no second round
         assert len(bus.events("PatientBooked")) == 2 * expected
-        enrollment = (await client.get(f"/enrollments/{enrolled.data['enrollment_id']}", headers=dayton_admin)).json()
+        enrollment = (await client.get(f"/enrollments/{reenrolled.data['enrollment_id']}", headers=dayton_admin)).json()
         assert enrollment["status"] == "discharged"
         assert enrollment["site_id"] == "dayton-north"
 
