@@ -44,6 +44,7 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
 @app.command()
 def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo network")] = False) -> None:
     """Run the whole network locally: embedded NATS (unless IOPNET_NATS_URL) and the three services."""
+    from iopnet.natsd import CREDENTIALS_FILE
     from iopnet.network import LocalNetwork
 
     stopping = False
@@ -57,8 +58,11 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
     network = LocalNetwork(Settings())
     try:
         network.start()
-        embedded = f" (embedded, data in {network.nats.data_dir})" if network.nats else ""
-        typer.echo(f"{'nats':<15}{network.nats_url}{embedded}")
+        embedded = ""
+        if network.nats is not None:
+            passwords = network.nats.data_dir / CREDENTIALS_FILE
+            embedded = f" (embedded, data in {network.nats.data_dir}, users' passwords in {passwords})"
+        typer.echo(f"{'nats':<15}{network.public_nats_url}{embedded}")
         for name in SERVICES:
             typer.echo(f"{name:<15}{network.url(name)}  (docs: {network.url(name)}/docs)")
         if demo:
@@ -118,19 +122,36 @@ def bench(
     main(patients, concurrency)
 
 
+def _ops_nats_url() -> str:
+    """IOPNET_NATS_URL if set; else the local embedded server as its `ops` user (the
+    password is in <data_dir>/nats/credentials.json, written by `iopnet run`)."""
+    from iopnet.natsd import ops_url
+
+    settings = Settings()
+    return settings.nats_url or ops_url(settings.data_dir, settings.effective_nats_url)
+
+
 @events_app.command("tail")
 def events_tail(
     subject: Annotated[str, typer.Option(help="subject filter")] = "iop.>",
     count: Annotated[int, typer.Option(help="stop after this many (0: forever)")] = 0,
 ) -> None:
-    """Print events as they arrive (envelopes, one JSON per line)."""
+    """Print events as they arrive (envelopes, one JSON per line). As the `ops` user it
+    sees every public subject; `iop.restricted.>` (contact details) is not delivered."""
+    denied: list[str] = []
 
     async def tail() -> None:
         import nats
 
-        nc = await nats.connect(Settings().effective_nats_url)
-        seen = 0
         done = asyncio.Event()
+
+        async def on_error(exc: Exception) -> None:
+            if "permissions violation" in str(exc).lower():
+                denied.append(str(exc))
+                done.set()
+
+        nc = await nats.connect(_ops_nats_url(), error_cb=on_error)
+        seen = 0
 
         async def on_message(msg: object) -> None:
             nonlocal seen
@@ -144,6 +165,9 @@ def events_tail(
         await nc.drain()
 
     asyncio.run(tail())
+    if denied:
+        typer.echo(f"{denied[0]} (this user may not read it)", err=True)
+        raise typer.Exit(1)
 
 
 @dlq_app.command("list")
@@ -151,7 +175,7 @@ def dlq_list(limit: Annotated[int, typer.Option(help="at most this many")] = 50)
     """List dead letters with their reason (newest last)."""
     from iopnet.dlq import list_dead_letters
 
-    for letter in asyncio.run(list_dead_letters(Settings().effective_nats_url, limit)):
+    for letter in asyncio.run(list_dead_letters(_ops_nats_url(), limit)):
         typer.echo(json.dumps(letter))
 
 
@@ -160,7 +184,11 @@ def dlq_retry(sequence: Annotated[int, typer.Argument(help="the dead letter's se
     """Re-publish a dead letter to its original subject (the consumer's inbox keeps it idempotent)."""
     from iopnet.dlq import retry_dead_letter
 
-    subject = asyncio.run(retry_dead_letter(Settings().effective_nats_url, sequence))
+    try:
+        subject = asyncio.run(retry_dead_letter(_ops_nats_url(), sequence))
+    except PermissionError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
     typer.echo(f"re-published to {subject}")
 
 

@@ -12,8 +12,8 @@ from typing import IO
 
 import httpx
 
-from iopnet.natsd import NatsServer
-from shared.settings import SERVICES, Settings
+from iopnet.natsd import NatsServer, embedded_data_dir, load_or_create_credentials, public_url
+from shared.settings import SERVICES, ServiceName, Settings
 
 
 class LocalNetwork:
@@ -26,16 +26,27 @@ class LocalNetwork:
 
     @property
     def nats_url(self) -> str:
-        return self.nats.url if self.nats is not None else self.settings.effective_nats_url
+        """For observers (the CLI, tests, bench): on the embedded server, the `ops` user,
+        which sees every public subject but nothing on `iop.restricted.>`."""
+        return self.nats.user_url("ops") if self.nats is not None else self.settings.effective_nats_url
+
+    @property
+    def public_nats_url(self) -> str:
+        """`nats_url` without credentials, for printing."""
+        return public_url(self.nats_url)
+
+    def service_nats_url(self, service: ServiceName) -> str:
+        """Each service connects to the embedded server as its own user."""
+        return self.nats.user_url(service) if self.nats is not None else self.settings.effective_nats_url
 
     def url(self, service: str) -> str:
         return self.settings.base_url(service)  # type: ignore[arg-type]
 
-    def child_env(self) -> dict[str, str]:
+    def child_env(self, service: ServiceName) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
-                "IOPNET_NATS_URL": self.nats_url,
+                "IOPNET_NATS_URL": self.service_nats_url(service),
                 "IOPNET_DATA_DIR": str(self.settings.data_dir),
                 "IOPNET_HTTP_HOST": self.settings.http_host,
                 "IOPNET_LOG_LEVEL": self.settings.log_level,
@@ -51,11 +62,16 @@ class LocalNetwork:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         _ = self.settings.signing_secret  # created once here, before the services race for it
         if self.settings.nats_url is None:
-            embedded = self.settings.data_dir / "nats"
-            self.nats = NatsServer(embedded, self.settings.embedded_nats_host, self.settings.embedded_nats_port)
+            embedded = embedded_data_dir(self.settings.data_dir)
+            self.nats = NatsServer(
+                embedded,
+                self.settings.embedded_nats_host,
+                self.settings.embedded_nats_port,
+                users=load_or_create_credentials(embedded),
+            )
             self.nats.start()
-        env = self.child_env()
         for name in SERVICES:
+            env = self.child_env(name)
             output: IO[bytes] | None = None
             if self.log_dir is not None:
                 output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()

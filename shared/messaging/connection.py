@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import re
 
 import nats
 from nats.aio.client import Client
@@ -36,6 +37,11 @@ async def connect(url: str, name: str) -> Client:
                 reconnected_cb=on_reconnect,
             )
         except (OSError, TimeoutError, nats.errors.NoServersError) as exc:
-            log.info("nats not reachable yet", extra={"url": url, "error": type(exc).__name__})
+            # The URL may carry this service's NATS password: log it without.
+            log.info("nats not reachable yet", extra={"url": _without_credentials(url), "error": type(exc).__name__})
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
+
+
+def _without_credentials(url: str) -> str:
+    return re.sub(r"^([a-z]+://)?[^@/]*@", r"\1", url)

@@ -205,8 +205,14 @@ class Consumer:
             "Iop-Deliveries": str(meta.num_delivered),
             "Iop-Dead-Lettered-At": datetime.now(UTC).isoformat(),
         }
+        payload = message.data
+        if message.subject.startswith(f"{ROOT}.{RESTRICTED}."):
+            # IOP_DLQ is readable by ops; contact details must stay in IOP_RESTRICTED, where
+            # the original is kept (stream and sequence are in the headers).
+            payload = b""
+            headers["Iop-Payload-Withheld"] = "restricted"
         try:
-            await self.js.publish(dlq_subject(self.service, name, site), message.data, headers=headers)
+            await self.js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
         except Exception as exc:
             # Not acked: the server redelivers it and the next try dead-letters again.
             log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})

@@ -17,7 +17,7 @@ from shared.contracts import new_envelope
 from shared.contracts.events import PatientEnrolled
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, HandlerError, Inbox, Subscription
-from tests.conftest import dead_letters, publish
+from tests.conftest import dead_letters, publish, publish_raw
 
 
 def enrolled(program_id: str):
@@ -124,3 +124,33 @@ async def test_consumer_outlives_idle_periods(nats_server, inbox_db) -> None:
     finally:
         task.cancel()
         await nc.close()
+
+
+async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_db) -> None:
+    """IOP_DLQ is for ops: a poison contact change must not copy a phone number there."""
+    inbox, sessions = inbox_db
+
+    async def handler(session, envelope, event) -> None:
+        raise AssertionError("never called: the message does not parse")
+
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer(
+        "probe", Subscription("IOP_RESTRICTED", {"PatientContactChanged": handler}), sessions, inbox, nc.jetstream()
+    )
+    poison = b'{"event_type": "PatientContactChanged", "data": {"phone": "+16145550123"}}'
+    await publish_raw(nats_server.url, "iop.restricted.intake.patient_contact_changed.columbus-east", poison)
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def dead_lettered() -> bool:
+            return consumer.stats.dead_lettered == 1
+
+        await eventually(dead_lettered, what="the poison contact change dead-lettered")
+    finally:
+        task.cancel()
+        await nc.close()
+    [(subject, headers, payload)] = await dead_letters(nats_server.url)
+    assert subject == "iop.dlq.probe.patient_contact_changed.columbus-east"
+    assert payload == b""
+    assert headers["Iop-Payload-Withheld"] == "restricted"
+    assert headers["Iop-Original-Stream"] == "IOP_RESTRICTED"
