@@ -12,7 +12,7 @@ SAFE_FIELDS = frozenset(
         "service", "event_id", "event_type", "subject", "site_id", "patient_id", "enrollment_id",
         "consumer", "stream", "deliveries", "reason", "count", "attempts", "method", "path",
         "status", "duration_ms", "url", "channel", "template", "notification_id", "error",
-        "correlation_id", "pid",
+        "correlation_id", "pid", "alert_id", "session_id", "booking_id", "check_in_id",
     }
 )  # fmt: skip
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))

@@ -52,6 +52,35 @@ class Settings(BaseSettings):
     hours_review_interval_seconds: float = 900.0
     horizon_interval_seconds: float = 3600.0
 
+    # Notifications (services/notifications). Live channels off: every message goes to
+    # the console channel (ids only). On: email over SMTP, SMS through the provider's
+    # HTTP API, webhooks; the consent gate and quiet hours then apply.
+    notify_live_channels: bool = False
+    notify_reminder_offsets_minutes: list[int] = [24 * 60, 120]
+    notify_quiet_start: str = "21:00"  # site-local; per-site override via the API
+    notify_quiet_end: str = "08:00"
+    notify_business_start: str = "09:00"  # non-urgent care-team messages wait for these
+    notify_business_end: str = "17:00"
+    notify_business_days: list[int] = [1, 2, 3, 4, 5]  # ISO weekdays
+    notify_escalation_minutes: float = 10.0  # unacknowledged urgent alert -> next on the roster
+    notify_escalation_check_seconds: float = 15.0
+    notify_max_attempts: int = 5
+    notify_retry_base_seconds: float = 2.0
+    notify_retry_max_seconds: float = 600.0
+    notify_send_timeout_seconds: float = 10.0
+    notify_dispatch_tick_seconds: float = 1.0
+    notify_care_team_language: str = "en"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_from: str = "iopnet <no-reply@iopnet.invalid>"
+    smtp_starttls: bool = False
+    smtp_use_tls: bool = False
+    smtp_username: str | None = None
+    smtp_password: str | None = None
+    sms_api_url: str | None = None
+    sms_api_key: str | None = None
+    sms_sender: str | None = None
+
     @property
     def effective_nats_url(self) -> str:
         return self.nats_url or f"nats://{self.embedded_nats_host}:{self.embedded_nats_port}"

@@ -223,3 +223,157 @@ def program_published(
         program_id=program_id, name=name, level_of_care="2.1", cohort=cohort, weekly_hours_target=9.0, template=[block]
     )
     return new_envelope(event, site_id=site_id)
+
+
+# --- notifications: real peers (an SMTP server, an HTTP server) in the test process ---------------
+
+
+class SmtpSink:
+    """A real SMTP server (aiosmtpd's Controller, its own thread and loop) on a free
+    loopback port. Every mail it accepts is parsed and kept; `refuse` answers the next
+    N transactions with a 451 (try again later)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.mails: list[Any] = []
+        self.refuse = 0
+        self._controller: Any = None
+
+    def start(self) -> "SmtpSink":
+        from aiosmtpd.controller import Controller
+
+        self._controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        if self._controller is not None:
+            self._controller.stop()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        import email
+        import email.policy
+        import time
+
+        if self.refuse > 0:
+            self.refuse -= 1
+            return "451 Requested action aborted: try again later"
+        message = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        self.mails.append(
+            {
+                "from": envelope.mail_from,
+                "to": list(envelope.rcpt_tos),
+                "subject": str(message["Subject"]),
+                "text": message.get_content() if not message.is_multipart() else "",
+                "headers": dict(message.items()),
+                "received_at": time.monotonic(),
+                "received_wall": time.time(),
+            }
+        )
+        return "250 Message accepted for delivery"
+
+    def to(self, address: str) -> list[dict[str, Any]]:
+        return [m for m in self.mails if address in m["to"]]
+
+
+class HttpPeer:
+    """A real HTTP server (http.server in a thread) on a free loopback port, standing in
+    for an SMS provider and webhook receivers. It records every POST; on a path given
+    a secret it verifies X-Iopnet-Signature (hex HMAC-SHA256 over f"{timestamp}.{body}")
+    and refuses a bad one with 401; `fail[path] = n` answers the next n POSTs with 500."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.port = free_port()
+        self.requests: list[dict[str, Any]] = []
+        self.fail: dict[str, int] = {}
+        self.secrets: dict[str, str] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self) -> "HttpPeer":
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        peer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                import json
+
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                status, answer = peer._answer(self.path, dict(self.headers.items()), body)
+                data = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def _answer(self, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+        import hashlib
+        import hmac
+        import time
+
+        with self._lock:
+            signature_ok = None
+            if path in self.secrets:
+                timestamp = headers.get("X-Iopnet-Timestamp", "")
+                expected = hmac.new(
+                    self.secrets[path].encode(), timestamp.encode() + b"." + body, hashlib.sha256
+                ).hexdigest()
+                fresh = timestamp.isdigit() and abs(time.time() - int(timestamp)) < 300
+                signature_ok = fresh and hmac.compare_digest(expected, headers.get("X-Iopnet-Signature", ""))
+            if signature_ok is False:
+                status = 401
+            elif self.fail.get(path, 0) > 0:
+                self.fail[path] -= 1
+                status = 500
+            else:
+                status = 200
+            number = len(self.requests) + 1
+            self.requests.append(
+                {"path": path, "headers": headers, "body": body, "status": status, "signature_ok": signature_ok,
+                 "received_at": time.monotonic()}
+            )  # fmt: skip
+        if status != 200:
+            return status, {"error": "unavailable" if status == 500 else "bad signature"}
+        return status, {"id": f"peer-{number}", "status": "queued"}
+
+    def posts(self, path: str, status: int | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [r for r in self.requests if r["path"] == path and (status is None or r["status"] == status)]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    sink = SmtpSink().start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+
+
+@pytest.fixture
+def http_peer() -> Iterator[HttpPeer]:
+    peer = HttpPeer().start()
+    try:
+        yield peer
+    finally:
+        peer.stop()

@@ -1,21 +1,61 @@
-"""Notifications HTTP API."""
+"""Notifications HTTP API: a patient's messages, care-team rosters, site notification
+settings, care-team alerts and their acknowledgement, webhook subscriptions (DESIGN A6)."""
 
-from datetime import datetime
-from typing import Annotated
-from uuid import UUID
+import re
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+from uuid import UUID, uuid4
 
-from fastapi import APIRouter, Depends
-from pydantic import BaseModel
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifications import store
+from services.notifications import domain, store, usecases
 from shared.audit import record_access
 from shared.auth import Principal, ensure_site, require_roles
-from shared.errors import NotFound
+from shared.contracts.events import SiteId
+from shared.db import transaction
+from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
 
 Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
+Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
+Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
+Integrator = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "integration"))]
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _policy(request: Request) -> usecases.Policy:
+    policy: usecases.Policy = request.app.state.notifier.policy
+    return policy
+
+
+def _wake(request: Request, session: AsyncSession) -> None:
+    request.app.state.notifier.dispatcher.wake_after_commit(session)
+
+
+class Input(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+# --- a patient's messages ---------------------------------------------------------------------
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    at: datetime
+    channel: str
+    outcome: str
+    error: str | None
+    provider_id: str | None
 
 
 class NotificationOut(BaseModel):
@@ -25,27 +65,365 @@ class NotificationOut(BaseModel):
     channel: str
     template: str
     status: str
+    status_reason: str | None = None
     attempts: int
+    last_error: str | None = None
+    provider_id: str | None = None
     cause_event_id: UUID
+    alert_id: UUID | None = None
     created_at: datetime
+    due_at: datetime
+    expires_at: datetime | None = None
     sent_at: datetime | None
+    deliveries: list[AttemptOut] = []
 
 
 @router.get("/patients/{patient_id}/notifications", response_model=list[NotificationOut], tags=["patients"])
 async def patient_notifications(patient_id: UUID, principal: Staff, session: Db) -> list[NotificationOut]:
     async with session.begin():
-        contact = await store.get_contact(session, str(patient_id))
-        rows = await store.patient_notifications(session, str(patient_id))
-        site_id = contact["site_id"] if contact else (rows[0]["site_id"] if rows else None)
+        site_id = await store.patient_site(session, str(patient_id))
         if site_id is None:
             raise NotFound("patient not found")
         ensure_site(principal, site_id, "patient")
+        rows = await store.patient_notifications(session, str(patient_id))
+        rows = [r for r in rows if principal.sees_site(r["site_id"])]
+        log = await store.attempts_of(session, [r["notification_id"] for r in rows])
         await record_access(
-            session,
-            store.audit,
-            principal,
-            action="notifications.read",
-            site_id=site_id,
-            patient_id=patient_id,
+            session, store.audit, principal, action="notifications.read", site_id=site_id, patient_id=patient_id
         )
-    return [NotificationOut(**{k: v for k, v in r.items() if k in NotificationOut.model_fields}) for r in rows]
+    fields = NotificationOut.model_fields
+    return [
+        NotificationOut(
+            **{k: v for k, v in r.items() if k in fields},
+            deliveries=[
+                AttemptOut(**{k: a[k] for k in AttemptOut.model_fields}) for a in log.get(r["notification_id"], [])
+            ],
+        )
+        for r in rows
+    ]
+
+
+# --- sites: care team and notification settings -----------------------------------------------
+
+
+async def _known_site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
+    ensure_site(principal, site_id, "site")
+    site = await store.get_site(session, site_id)
+    if site is None:
+        raise NotFound("site not found")
+    return site
+
+
+class MemberIn(Input):
+    name: Annotated[str, Field(min_length=1, max_length=200)]
+    role: Annotated[str, Field(min_length=1, max_length=60)]
+    channel: Literal["email", "sms", "webhook"]
+    address: Annotated[str, Field(min_length=3, max_length=500)]
+    language: Annotated[str | None, Field(pattern=r"^[a-z]{2}(-[A-Za-z]{2})?$")] = None
+    secret: Annotated[str | None, Field(min_length=16, max_length=200, description="webhook signing secret")] = None
+
+    @model_validator(mode="after")
+    def _address_fits_channel(self) -> "MemberIn":
+        if self.channel == "email" and not EMAIL.match(self.address):
+            raise ValueError("address must be an email address for channel email")
+        if self.channel == "sms" and not E164.match(self.address):
+            raise ValueError("address must be an E.164 phone number (+15555550100) for channel sms")
+        if self.channel == "webhook":
+            if not re.match(r"^https?://", self.address):
+                raise ValueError("address must be an http(s) URL for channel webhook")
+            if self.secret is None:
+                raise ValueError("a webhook member needs a signing secret")
+        return self
+
+
+class CareTeamIn(Input):
+    members: Annotated[list[MemberIn], Field(max_length=50, description="in on-call order: the first is alerted first")]
+
+
+class MemberOut(BaseModel):
+    position: int
+    member_id: str
+    name: str
+    role: str
+    channel: str
+    address: str
+    language: str
+
+
+class CareTeamOut(BaseModel):
+    site_id: str
+    members: list[MemberOut]
+
+
+def _care_team_out(site_id: str, rows: list[dict[str, Any]]) -> CareTeamOut:
+    return CareTeamOut(site_id=site_id, members=[MemberOut(**{k: r[k] for k in MemberOut.model_fields}) for r in rows])
+
+
+@router.put("/sites/{site_id}/care-team", response_model=CareTeamOut, tags=["care team"])
+async def put_care_team(site_id: str, body: CareTeamIn, principal: Admin, session: Db, request: Request) -> CareTeamOut:
+    language = request.app.state.settings.notify_care_team_language
+    members = [
+        {
+            "member_id": domain.member_id(site_id, m.channel, m.address),
+            "name": m.name,
+            "role": m.role,
+            "channel": m.channel,
+            "address": m.address,
+            "language": m.language or language,
+            "secret": m.secret,
+        }
+        for m in body.members
+    ]
+    if len({m["member_id"] for m in members}) != len(members):
+        raise Invalid("a member is listed twice", {"members": "the same channel and address appear twice"})
+    async with session.begin():
+        await _known_site(session, principal, site_id)
+        await store.replace_care_team(session, site_id, members)
+        rows = await store.get_care_team(session, site_id)
+    return _care_team_out(site_id, rows)
+
+
+@router.get("/sites/{site_id}/care-team", response_model=CareTeamOut, tags=["care team"])
+async def get_care_team(site_id: str, principal: Clinical, session: Db) -> CareTeamOut:
+    async with session.begin():
+        await _known_site(session, principal, site_id)
+        rows = await store.get_care_team(session, site_id)
+    return _care_team_out(site_id, rows)
+
+
+HHMM = Annotated[str, Field(pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="site-local HH:MM")]
+
+
+class NotificationSettingsIn(Input):
+    reminder_offsets_minutes: Annotated[
+        list[Annotated[int, Field(ge=5, le=14 * 24 * 60)]] | None,
+        Field(max_length=5, description="minutes before a session; [] sends no reminders"),
+    ] = None
+    quiet_start: HHMM | None = None
+    quiet_end: HHMM | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> "NotificationSettingsIn":
+        if (self.quiet_start is None) != (self.quiet_end is None):
+            raise ValueError("give quiet_start and quiet_end together")
+        return self
+
+
+class NotificationSettingsOut(BaseModel):
+    site_id: str
+    timezone: str
+    reminder_offsets_minutes: list[int]
+    quiet_start: str
+    quiet_end: str
+
+
+async def _settings_out(session: AsyncSession, policy: usecases.Policy, site_id: str) -> NotificationSettingsOut:
+    rules = await usecases.site_rules(session, policy, site_id)
+    return NotificationSettingsOut(
+        site_id=site_id,
+        timezone=rules.timezone,
+        reminder_offsets_minutes=list(rules.reminder_offsets),
+        quiet_start=rules.quiet.start.strftime("%H:%M"),
+        quiet_end=rules.quiet.end.strftime("%H:%M"),
+    )
+
+
+@router.put("/sites/{site_id}/notification-settings", response_model=NotificationSettingsOut, tags=["sites"])
+async def put_notification_settings(
+    site_id: str, body: NotificationSettingsIn, principal: Admin, session: Db, request: Request
+) -> NotificationSettingsOut:
+    """Applies to reminders planned from now on; those already planned keep their time."""
+    async with session.begin():
+        await _known_site(session, principal, site_id)
+        # A field left out goes back to the network default (settings).
+        offsets = body.reminder_offsets_minutes
+        await store.put_site_settings(
+            session,
+            site_id,
+            principal.sub,
+            reminder_offsets=sorted(set(offsets), reverse=True) if offsets is not None else None,
+            quiet_start=body.quiet_start,
+            quiet_end=body.quiet_end,
+        )
+        return await _settings_out(session, _policy(request), site_id)
+
+
+@router.get("/sites/{site_id}/notification-settings", response_model=NotificationSettingsOut, tags=["sites"])
+async def get_notification_settings(
+    site_id: str, principal: Staff, session: Db, request: Request
+) -> NotificationSettingsOut:
+    async with session.begin():
+        await _known_site(session, principal, site_id)
+        return await _settings_out(session, _policy(request), site_id)
+
+
+# --- alerts -------------------------------------------------------------------------------------
+
+
+class AlertMessageOut(BaseModel):
+    notification_id: UUID
+    template: str
+    channel: str
+    status: str
+    attempts: int
+    sent_at: datetime | None
+
+
+class AlertOut(BaseModel):
+    alert_id: UUID
+    site_id: str
+    patient_id: UUID
+    reason: str
+    severity: str
+    status: str
+    level: int
+    escalate_at: datetime | None
+    cause_event_id: UUID
+    created_at: datetime
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+    messages: list[AlertMessageOut] = []
+
+
+async def _alert_out(session: AsyncSession, alert: dict[str, Any]) -> AlertOut:
+    messages = [
+        AlertMessageOut(**{k: m[k] for k in AlertMessageOut.model_fields})
+        for m in await store.alert_messages(session, alert["alert_id"])
+    ]
+    return AlertOut(**{k: alert[k] for k in AlertOut.model_fields if k in alert}, messages=messages)
+
+
+@router.get("/alerts", response_model=list[AlertOut], tags=["alerts"])
+async def list_alerts(
+    principal: Clinical,
+    session: Db,
+    status: Literal["open", "acknowledged"] | None = None,
+    site_id: SiteId | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[AlertOut]:
+    """Care-team alerts of the caller's sites, newest first."""
+    async with session.begin():
+        sites = principal.visible_sites()
+        if site_id is not None:
+            ensure_site(principal, site_id, "site")
+            sites = [site_id]
+        rows = await store.list_alerts(session, sites, status, limit)
+        out = [await _alert_out(session, r) for r in rows]
+        for site, patient in sorted({(r["site_id"], r["patient_id"]) for r in rows}):
+            await record_access(session, store.audit, principal, action="alerts.read", site_id=site, patient_id=patient)
+    return out
+
+
+async def _visible_alert(
+    session: AsyncSession, principal: Principal, alert_id: UUID, *, lock: bool = False
+) -> dict[str, Any]:
+    alert = await store.get_alert(session, str(alert_id), lock=lock)
+    if alert is None:
+        raise NotFound("alert not found")
+    if not principal.sees_site(alert["site_id"]):
+        await record_access(
+            session, store.audit, principal, action="alert.denied", site_id=alert["site_id"],
+            patient_id=alert["patient_id"],
+        )  # fmt: skip
+        raise AccessDenied("alert not found")
+    return alert
+
+
+@router.get("/alerts/{alert_id}", response_model=AlertOut, tags=["alerts"])
+async def read_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertOut:
+    async with transaction(session):
+        alert = await _visible_alert(session, principal, alert_id)
+        await record_access(
+            session, store.audit, principal, action="alert.read", site_id=alert["site_id"],
+            patient_id=alert["patient_id"],
+        )  # fmt: skip
+        return await _alert_out(session, alert)
+
+
+@router.post("/alerts/{alert_id}/acknowledge", response_model=AlertOut, tags=["alerts"])
+async def acknowledge_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertOut:
+    """Someone has it: escalation stops, and escalations not yet sent are cancelled."""
+    async with transaction(session):
+        alert = await _visible_alert(session, principal, alert_id, lock=True)
+        try:
+            updated = await usecases.acknowledge(session, alert, principal.sub, _now())
+        except usecases.AckRejected as error:
+            raise Conflict(str(error)) from None
+        await record_access(
+            session, store.audit, principal, action="alert.acknowledge", site_id=alert["site_id"],
+            patient_id=alert["patient_id"],
+        )  # fmt: skip
+        return await _alert_out(session, updated)
+
+
+@router.post("/admin/escalations", tags=["ops"])
+async def run_escalations(principal: Admin, session: Db, request: Request) -> dict[str, int]:
+    """Run the escalation check now (the background loop runs it on a timer)."""
+    async with session.begin():
+        escalated = await usecases.escalate_alerts(session, _policy(request), _now())
+        _wake(request, session)
+    return {"escalated": len(escalated)}
+
+
+# --- webhook subscriptions ------------------------------------------------------------------------
+
+
+class SubscriptionIn(Input):
+    site_id: SiteId
+    url: AnyHttpUrl
+    events: Annotated[list[str], Field(min_length=1, max_length=len(usecases.WEBHOOK_EVENTS))]
+    secret: Annotated[str, Field(min_length=16, max_length=200, description="HMAC-SHA256 signing secret")]
+
+    @field_validator("events")
+    @classmethod
+    def _known(cls, events: list[str]) -> list[str]:
+        unknown = sorted(set(events) - usecases.WEBHOOK_EVENTS)
+        if unknown:
+            raise ValueError(f"not subscribable: {', '.join(unknown)}; choose from {sorted(usecases.WEBHOOK_EVENTS)}")
+        return sorted(set(events))
+
+
+class SubscriptionOut(BaseModel):
+    subscription_id: UUID
+    site_id: str
+    url: str
+    events: list[str]
+    created_at: datetime
+
+
+def _subscription_out(row: dict[str, Any]) -> SubscriptionOut:
+    return SubscriptionOut(
+        subscription_id=row["subscription_id"], site_id=row["site_id"], url=row["url"],
+        events=row["event_types"], created_at=row["created_at"],
+    )  # fmt: skip
+
+
+@router.post("/subscriptions", status_code=201, response_model=SubscriptionOut, tags=["webhooks"])
+async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db) -> SubscriptionOut:
+    """Register a webhook: every listed event of the site is POSTed to `url` as its
+    envelope (JSON), signed with X-Iopnet-Timestamp and X-Iopnet-Signature = hex
+    HMAC-SHA256(secret, f"{timestamp}.{body}"). The secret is never returned."""
+    ensure_site(principal, body.site_id, "site")
+    subscription_id = str(uuid4())
+    async with session.begin():
+        await store.add_subscription(
+            session, subscription_id=subscription_id, site_id=body.site_id, url=str(body.url),
+            event_types=body.events, secret=body.secret, created_by=principal.sub,
+        )  # fmt: skip
+        row = await store.get_subscription(session, subscription_id)
+    assert row is not None
+    return _subscription_out(row)
+
+
+@router.get("/subscriptions", response_model=list[SubscriptionOut], tags=["webhooks"])
+async def list_subscriptions(principal: Integrator, session: Db) -> list[SubscriptionOut]:
+    return [_subscription_out(r) for r in await store.list_subscriptions(session, principal.visible_sites())]
+
+
+@router.delete("/subscriptions/{subscription_id}", status_code=204, tags=["webhooks"])
+async def unsubscribe(subscription_id: UUID, principal: Integrator, session: Db) -> None:
+    async with session.begin():
+        row = await store.get_subscription(session, str(subscription_id))
+        if row is None or not row["active"] or not principal.sees_site(row["site_id"]):
+            raise NotFound("subscription not found")
+        await store.deactivate_subscription(session, str(subscription_id))

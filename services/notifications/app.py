@@ -1,23 +1,72 @@
-"""Notifications service: composition of settings, database, broker, relay, dispatcher and routes."""
+"""Notifications service: composition of settings, database, broker, relay, the
+dispatcher, the escalation loop and routes."""
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
-from services.notifications import api, store
-from services.notifications.delivery import dispatcher
-from services.notifications.handlers import SUBSCRIPTIONS
+from services.notifications import api, store, usecases
+from services.notifications.delivery import Dispatcher
+from services.notifications.handlers import Handlers
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
 from shared.settings import Settings
 
+log = logging.getLogger("iopnet.notifications")
+
+
+@dataclass
+class Notifier:
+    """What this service's handlers, routes and loops share: the rules from settings and
+    the dispatcher they wake after a commit that queued messages."""
+
+    policy: usecases.Policy
+    dispatcher: Dispatcher
+    handlers: Handlers
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Notifier":
+        policy = usecases.Policy.from_settings(settings)
+        dispatcher = Dispatcher(settings, policy)
+        return cls(policy, dispatcher, Handlers(policy, dispatcher))
+
+    async def escalation_loop(self, runtime: ServiceRuntime) -> None:
+        """Escalate unacknowledged urgent alerts (usecases.escalate_alerts) every
+        IOPNET_NOTIFY_ESCALATION_CHECK_SECONDS."""
+        while True:
+            try:
+                async with runtime.sessions() as session, session.begin():
+                    await usecases.escalate_alerts(session, self.policy, datetime.now(UTC))
+                    self.dispatcher.wake_after_commit(session)
+            except Exception as exc:  # a failed round is retried next round, never fatal
+                log.warning("escalation round failed", extra={"error": type(exc).__name__})
+            await asyncio.sleep(runtime.settings.notify_escalation_check_seconds)
+
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    notifier = Notifier.from_settings(settings)
+
+    async def dispatcher(runtime: ServiceRuntime) -> None:
+        await notifier.dispatcher.run(runtime)
+
+    async def escalations(runtime: ServiceRuntime) -> None:
+        await notifier.escalation_loop(runtime)
+
     runtime = ServiceRuntime(
         "notifications",
-        settings or Settings(),
+        settings,
         outbox=store.outbox,
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
-        subscriptions=SUBSCRIPTIONS,
-        jobs=[dispatcher.run],
+        subscriptions=notifier.handlers.subscriptions(),
+        jobs=[dispatcher, escalations],
     )
-    return create_service_app(runtime, [api.router], "Messages to patients, care teams and other systems.")
+    app = create_service_app(
+        runtime, [api.router], "Messages to patients, care teams and other systems: reminders, follow-ups, alerts."
+    )
+    app.state.notifier = notifier
+    return app

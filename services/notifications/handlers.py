@@ -1,80 +1,295 @@
-"""Events notifications consumes: contacts (restricted stream) and enrollments."""
+"""Events notifications consumes. Each handler runs in one transaction with the inbox
+row (so it is applied once), keeps this service's projections, and plans or cancels
+messages through the use cases. Every public event handled is also offered to the
+webhook subscriptions that asked for its type.
 
-from uuid import UUID, uuid4
+- IOP_RESTRICTED: PatientContactChanged (contact details; only this service reads them)
+- IOP_INTAKE: SiteRegistered, PatientEnrolled, PatientDischarged, ConsentGranted,
+  ConsentRevoked, CheckInSubmitted
+- IOP_SCHEDULING: SessionScheduled, SessionCancelled, PatientBooked, BookingCancelled,
+  AttendanceRecorded, HoursAtRisk, WeeklyHoursShortfall
+"""
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifications import domain, store
-from services.notifications.delivery import dispatcher
+from services.notifications import domain, store, usecases
+from services.notifications.delivery import Dispatcher
 from shared.contracts import Envelope
-from shared.contracts.events import Event, PatientContactChanged, PatientEnrolled
+from shared.contracts.events import (
+    AttendanceRecorded,
+    BookingCancelled,
+    CheckInSubmitted,
+    ConsentGranted,
+    ConsentRevoked,
+    Event,
+    HoursAtRisk,
+    PatientBooked,
+    PatientContactChanged,
+    PatientDischarged,
+    PatientEnrolled,
+    SessionCancelled,
+    SessionScheduled,
+    SiteRegistered,
+    WeeklyHoursShortfall,
+)
 from shared.messaging import Subscription
+from shared.messaging.consumer import Handler
+from shared.settings import Settings
 
 
-async def on_contact_changed(session: AsyncSession, envelope: Envelope, event: Event) -> None:
-    assert isinstance(event, PatientContactChanged)
-    await store.lock_patient(session, str(event.patient_id))
-    await store.upsert_contact(
-        session,
-        str(event.patient_id),
-        envelope.occurred_at,
-        site_id=envelope.site_id,
-        phone=event.phone,
-        email=event.email,
-        preferred_channel=event.preferred_channel,
-        language=event.language,
-    )
-    await plan_welcome(session, event.patient_id)
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
-async def on_patient_enrolled(session: AsyncSession, envelope: Envelope, event: Event) -> None:
-    assert isinstance(event, PatientEnrolled)
-    await store.lock_patient(session, str(event.patient_id))
-    await store.add_enrollment(
-        session,
-        enrollment_id=str(event.enrollment_id),
-        patient_id=str(event.patient_id),
-        site_id=envelope.site_id,
-        start_date=event.start_date,
-        enrolled_event_id=str(envelope.event_id),
-        correlation_id=str(envelope.correlation_id),
-    )
-    await plan_welcome(session, event.patient_id)
+class Handlers:
+    def __init__(self, policy: usecases.Policy, dispatcher: Dispatcher | None = None) -> None:
+        self.policy = policy
+        self.dispatcher = dispatcher
 
+    def subscriptions(self) -> list[Subscription]:
+        streams: dict[str, dict[str, Callable[[AsyncSession, Envelope, Any], Awaitable[None]]]] = {
+            "IOP_RESTRICTED": {"PatientContactChanged": self.on_contact_changed},
+            "IOP_INTAKE": {
+                "SiteRegistered": self.on_site_registered,
+                "PatientEnrolled": self.on_patient_enrolled,
+                "PatientDischarged": self.on_patient_discharged,
+                "ConsentGranted": self.on_consent_granted,
+                "ConsentRevoked": self.on_consent_revoked,
+                "CheckInSubmitted": self.on_check_in,
+            },
+            "IOP_SCHEDULING": {
+                "SessionScheduled": self.on_session_scheduled,
+                "SessionCancelled": self.on_session_cancelled,
+                "PatientBooked": self.on_patient_booked,
+                "BookingCancelled": self.on_booking_cancelled,
+                "AttendanceRecorded": self.on_attendance,
+                "HoursAtRisk": self.on_hours_alert,
+                "WeeklyHoursShortfall": self.on_hours_alert,
+            },
+        }
+        return [
+            Subscription(stream, {name: self._wrap(handler) for name, handler in handlers.items()})
+            for stream, handlers in streams.items()
+        ]
 
-async def plan_welcome(session: AsyncSession, patient_id: UUID) -> None:
-    """Queue a welcome per enrollment once both the enrollment and the contact are known.
+    def _wrap(self, handler: Callable[[AsyncSession, Envelope, Any], Awaitable[None]]) -> Handler:
+        async def handle(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+            await handler(session, envelope, event)
+            await usecases.fan_out_event(session, envelope)
+            if self.dispatcher is not None:
+                self.dispatcher.wake_after_commit(session)
 
-    The two arrive on different streams in either order; whichever comes second
-    queues the message, and the unique (cause, template, recipient) keeps it to one.
-    """
-    contact = await store.get_contact(session, str(patient_id))
-    if contact is None:
-        return
-    channel = domain.patient_channel(contact["preferred_channel"], live_channels=False)
-    recipient = domain.recipient_key("patient", str(patient_id))
-    for episode in await store.patient_enrollments(session, str(patient_id)):
-        if await store.notification_exists(session, episode["enrolled_event_id"], "welcome", recipient):
-            continue
-        await store.add_notification(
+        handle.__name__ = getattr(handler, "__name__", "handle")
+        return handle
+
+    # --- intake ---------------------------------------------------------------------------
+
+    async def on_contact_changed(self, session: AsyncSession, envelope: Envelope, event: PatientContactChanged) -> None:
+        await store.lock_patient(session, str(event.patient_id))
+        await store.upsert_contact(
             session,
-            notification_id=str(uuid4()),
-            site_id=episode["site_id"],
-            patient_id=str(patient_id),
-            recipient_kind="patient",
-            recipient=recipient,
-            channel=channel or "console",
-            template="welcome",
-            language=contact["language"],
-            cause_event_id=episode["enrolled_event_id"],
-            correlation_id=episode["correlation_id"],
-            # The patient asked for no messages: recorded, never sent.
-            status="pending" if channel else "suppressed",
+            str(event.patient_id),
+            envelope.occurred_at,
+            site_id=envelope.site_id,
+            phone=event.phone,
+            email=event.email,
+            preferred_channel=event.preferred_channel,
+            language=event.language,
         )
-        dispatcher.wake_after_commit(session)
+        now = _now()
+        await usecases.release_held(session, self.policy, str(event.patient_id), now, reason="awaiting_contact")
+        await usecases.plan_welcome(session, self.policy, str(event.patient_id), now)
+
+    async def on_site_registered(self, session: AsyncSession, envelope: Envelope, event: SiteRegistered) -> None:
+        await store.upsert_site(session, envelope.site_id, event.name, event.timezone)
+
+    async def on_patient_enrolled(self, session: AsyncSession, envelope: Envelope, event: PatientEnrolled) -> None:
+        await store.lock_patient(session, str(event.patient_id))
+        await store.add_enrollment(
+            session,
+            enrollment_id=str(event.enrollment_id),
+            patient_id=str(event.patient_id),
+            site_id=envelope.site_id,
+            start_date=event.start_date,
+            enrolled_event_id=str(envelope.event_id),
+            correlation_id=str(envelope.correlation_id),
+        )
+        await usecases.plan_welcome(session, self.policy, str(event.patient_id), _now())
+
+    async def on_patient_discharged(self, session: AsyncSession, envelope: Envelope, event: PatientDischarged) -> None:
+        patient_id = str(event.patient_id)
+        await store.lock_patient(session, patient_id)
+        await store.update_enrollment(
+            session, str(event.enrollment_id), status="discharged", discharged_on=event.discharged_on
+        )
+        await store.cancel_open(session, "discharged", patient_id=patient_id, site_id=envelope.site_id)
+
+    async def on_consent_granted(self, session: AsyncSession, envelope: Envelope, event: ConsentGranted) -> None:
+        patient_id = str(event.patient_id)
+        await store.lock_patient(session, patient_id)
+        await store.upsert_consent(
+            session,
+            str(event.consent_id),
+            patient_id=patient_id,
+            site_id=envelope.site_id,
+            recipient=event.recipient[:200],
+            purpose=event.purpose[:100],
+            expires_on=event.expires_on,
+            revoked=False,
+            granted_at=envelope.occurred_at,
+        )
+        await usecases.consent_given(session, self.policy, patient_id, envelope.site_id, _now())
+
+    async def on_consent_revoked(self, session: AsyncSession, envelope: Envelope, event: ConsentRevoked) -> None:
+        patient_id = str(event.patient_id)
+        await store.lock_patient(session, patient_id)
+        await store.upsert_consent(
+            session,
+            str(event.consent_id),
+            patient_id=patient_id,
+            site_id=envelope.site_id,
+            recipient=event.recipient[:200],
+            purpose=event.purpose[:100],
+            expires_on=event.expires_on,
+            revoked=True,
+            revoked_at=envelope.occurred_at,
+        )
+        await usecases.consent_withdrawn(session, self.policy, patient_id, envelope.site_id, _now())
+
+    async def on_check_in(self, session: AsyncSession, envelope: Envelope, event: CheckInSubmitted) -> None:
+        reason = {"urgent": "urgent_check_in", "elevated": "elevated_check_in"}.get(event.risk)
+        if reason is None:
+            return
+        await usecases.raise_alert(
+            session,
+            self.policy,
+            reason=reason,
+            site_id=envelope.site_id,
+            patient_id=str(event.patient_id),
+            cause=envelope,
+            dedupe_key=f"check_in:{event.check_in_id}",
+            now=_now(),
+        )
+
+    # --- scheduling -----------------------------------------------------------------------
+
+    async def on_session_scheduled(self, session: AsyncSession, envelope: Envelope, event: SessionScheduled) -> None:
+        await store.upsert_session(
+            session, str(event.session_id), site_id=envelope.site_id,
+            starts_at=event.starts_at, ends_at=event.ends_at, status="scheduled",
+        )  # fmt: skip
+
+    async def on_session_cancelled(self, session: AsyncSession, envelope: Envelope, event: SessionCancelled) -> None:
+        await store.upsert_session(
+            session, str(event.session_id), site_id=envelope.site_id,
+            starts_at=event.starts_at, ends_at=event.ends_at, status="cancelled",
+        )  # fmt: skip
+        await store.cancel_open(session, "session_cancelled", session_id=str(event.session_id))
+
+    async def on_patient_booked(self, session: AsyncSession, envelope: Envelope, event: PatientBooked) -> None:
+        patient_id, booking_id = str(event.patient_id), str(event.booking_id)
+        await store.lock_patient(session, patient_id)
+        await store.upsert_booking(
+            session, booking_id, session_id=str(event.session_id), patient_id=patient_id,
+            site_id=envelope.site_id, starts_at=event.starts_at, status="booked",
+        )  # fmt: skip
+        target = await store.get_session(session, str(event.session_id))
+        if target is not None and target["status"] == "cancelled":
+            return
+        episodes = [e for e in await store.patient_enrollments(session, patient_id) if e["site_id"] == envelope.site_id]
+        if episodes and all(e["status"] != "active" for e in episodes):
+            return  # discharged: a late booking event plans nothing
+        if await store.open_patient_messages(session, patient_id, booking_id=booking_id):
+            return  # the same booking announced again: its reminders are planned
+        booking = await store.get_booking(session, booking_id)
+        assert booking is not None
+        await usecases.plan_reminders(session, self.policy, booking, envelope, _now())
+
+    async def on_booking_cancelled(self, session: AsyncSession, envelope: Envelope, event: BookingCancelled) -> None:
+        patient_id, booking_id = str(event.patient_id), str(event.booking_id)
+        await store.lock_patient(session, patient_id)
+        await store.upsert_booking(
+            session, booking_id, session_id=str(event.session_id), patient_id=patient_id,
+            site_id=envelope.site_id, starts_at=event.starts_at, status="cancelled",
+        )  # fmt: skip
+        await store.cancel_open(session, "booking_cancelled", booking_id=booking_id)
+
+    async def on_attendance(self, session: AsyncSession, envelope: Envelope, event: AttendanceRecorded) -> None:
+        patient_id, session_id = str(event.patient_id), str(event.session_id)
+        await store.lock_patient(session, patient_id)
+        target = await store.get_session(session, session_id)
+        booking = await store.patient_booking_for_session(session, patient_id, session_id)
+        starts_at = (target or booking or {"starts_at": envelope.occurred_at})["starts_at"]
+        episodes = [e for e in await store.patient_enrollments(session, patient_id) if e["site_id"] == envelope.site_id]
+        active = [e for e in episodes if e["status"] == "active"]
+        enrollment = (active or episodes or [None])[-1]
+        streak_key = enrollment["enrollment_id"] if enrollment else f"patient:{patient_id}"
+        await store.upsert_attendance(
+            session, session_id, patient_id, streak_key=streak_key, site_id=envelope.site_id,
+            starts_at=starts_at, status=event.status, recorded_at=envelope.occurred_at,
+        )  # fmt: skip
+        if event.status != "absent" or (enrollment is not None and enrollment["status"] != "active"):
+            return
+        now = _now()
+        await usecases.plan_patient_message(
+            session,
+            self.policy,
+            patient_id=patient_id,
+            site_id=envelope.site_id,
+            template="missed_you",
+            cause_event_id=str(envelope.event_id),
+            correlation_id=str(envelope.correlation_id),
+            now=now,
+            expires_at=now + domain.MISSED_YOU_VALID,
+            session_id=session_id,
+        )
+        marks = [
+            domain.AttendanceMark(r["session_id"], r["starts_at"], r["status"])
+            for r in await store.streak_attendance(session, streak_key)
+        ]
+        for run in domain.absence_streaks(marks):
+            if session_id in run:
+                await usecases.raise_alert(
+                    session,
+                    self.policy,
+                    reason="two_absences",
+                    site_id=envelope.site_id,
+                    patient_id=patient_id,
+                    cause=envelope,
+                    dedupe_key=f"two_absences:{streak_key}:{run[0]}",
+                    now=now,
+                )
+
+    async def on_hours_alert(
+        self, session: AsyncSession, envelope: Envelope, event: HoursAtRisk | WeeklyHoursShortfall
+    ) -> None:
+        details: dict[str, Any] = {
+            "iso_week": event.iso_week,
+            "attended_hours": event.attended_hours,
+            "target_hours": event.target_hours,
+        }
+        if isinstance(event, HoursAtRisk):
+            reason = "hours_at_risk"
+            details["remaining_hours"] = event.remaining_booked_hours
+        else:
+            reason = "weekly_hours_shortfall"
+        await usecases.raise_alert(
+            session,
+            self.policy,
+            reason=reason,
+            site_id=envelope.site_id,
+            patient_id=str(event.patient_id),
+            cause=envelope,
+            dedupe_key=f"{reason}:{event.enrollment_id}:{event.iso_week}",
+            now=_now(),
+            details=details,
+        )
 
 
-SUBSCRIPTIONS = [
-    Subscription("IOP_RESTRICTED", {"PatientContactChanged": on_contact_changed}),
-    Subscription("IOP_INTAKE", {"PatientEnrolled": on_patient_enrolled}),
-]
+# The subscriptions' shape (streams and filter subjects) with the default policy, for
+# tools that only read it; create_app builds the service's own from its settings.
+SUBSCRIPTIONS = Handlers(usecases.Policy.from_settings(Settings())).subscriptions()

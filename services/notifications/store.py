@@ -1,18 +1,26 @@
-"""Notifications' own database: contact and enrollment projections, the message log,
-plus outbox, inbox and audit."""
+"""Notifications' own database: projections of the other services' events (contacts,
+consents, sites, enrollments, sessions, bookings, attendance), what this service owns
+(care-team rosters, site notification settings, alerts, webhook subscriptions), the
+message log with its delivery attempts, plus outbox, inbox and audit."""
 
+import json
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Boolean,
     Column,
     Date,
     Integer,
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
+    delete,
+    false,
     insert,
     select,
     update,
@@ -20,7 +28,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.audit import audit_table
-from shared.db import UtcDateTime, lock_row
+from shared.db import UtcDateTime, insert_if_absent, lock_row
 from shared.messaging import Inbox, Outbox
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -28,6 +36,14 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+
+# Statuses of a message: pending (due at due_at), held (waits for the patient's consent
+# or contact), sending (claimed by a dispatcher until due_at, its lease), sent, failed
+# (after the last attempt, or refused), suppressed (the patient wants no messages),
+# cancelled. status_reason says why: awaiting_consent, quiet_hours, business_hours,
+# booking_cancelled, session_cancelled, discharged, consent_revoked, expired,
+# acknowledged, recipient_removed, ...
+OPEN_STATUSES = ("pending", "held")
 
 # One row per patient this service has heard of: the lock that serializes the
 # handlers of different streams working on the same patient (see shared.db.lock_row).
@@ -58,6 +74,128 @@ enrollments = Table(
     Column("start_date", Date, nullable=False),
     Column("enrolled_event_id", String(36), nullable=False),
     Column("correlation_id", String(36), nullable=False),
+    Column("status", String(12), nullable=False, server_default="active"),
+    Column("discharged_on", Date, nullable=True),
+)
+
+sites = Table(
+    "sites",
+    metadata,
+    Column("site_id", String(40), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("timezone", String(64), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+# Per-site overrides of the defaults in settings (PUT /sites/{id}/notification-settings).
+site_settings = Table(
+    "site_settings",
+    metadata,
+    Column("site_id", String(40), primary_key=True),
+    Column("reminder_offsets", Text, nullable=True),  # JSON list of minutes
+    Column("quiet_start", String(5), nullable=True),
+    Column("quiet_end", String(5), nullable=True),
+    Column("updated_at", UtcDateTime, nullable=False),
+    Column("updated_by", String(200), nullable=False),
+)
+
+consents = Table(
+    "consents",
+    metadata,
+    Column("consent_id", String(36), primary_key=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("recipient", String(200), nullable=False),
+    Column("purpose", String(100), nullable=False),
+    Column("expires_on", Date, nullable=True),
+    Column("revoked", Boolean, nullable=False, default=False),
+    Column("granted_at", UtcDateTime, nullable=True),
+    Column("revoked_at", UtcDateTime, nullable=True),
+)
+
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("session_id", String(36), primary_key=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("starts_at", UtcDateTime, nullable=False),
+    Column("ends_at", UtcDateTime, nullable=False),
+    Column("status", String(12), nullable=False),
+)
+
+bookings = Table(
+    "bookings",
+    metadata,
+    Column("booking_id", String(36), primary_key=True),
+    Column("session_id", String(36), nullable=False, index=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("starts_at", UtcDateTime, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+attendance = Table(
+    "attendance",
+    metadata,
+    Column("session_id", String(36), primary_key=True),
+    Column("patient_id", String(36), primary_key=True),
+    # The enrollment the patient attended under, or "patient:<id>" if none is known.
+    Column("streak_key", String(60), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("starts_at", UtcDateTime, nullable=False),
+    Column("status", String(10), nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
+)
+
+# The on-call order of a site's care team: position 0 is alerted first.
+care_team = Table(
+    "care_team",
+    metadata,
+    Column("site_id", String(40), primary_key=True),
+    Column("position", Integer, primary_key=True),
+    Column("member_id", String(32), nullable=False),
+    Column("name", String(200), nullable=False),
+    Column("role", String(60), nullable=False),
+    Column("channel", String(10), nullable=False),
+    Column("address", String(500), nullable=False),
+    Column("language", String(10), nullable=False),
+    Column("secret", String(200), nullable=True),  # webhook members: signing secret
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    Column("alert_id", String(36), primary_key=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("reason", String(40), nullable=False),
+    Column("severity", String(10), nullable=False),
+    Column("status", String(14), nullable=False, index=True),  # open / acknowledged
+    Column("level", Integer, nullable=False),  # roster position alerted last
+    Column("escalate_at", UtcDateTime, nullable=True, index=True),
+    Column("cause_event_id", String(36), nullable=False),
+    Column("correlation_id", String(36), nullable=False),
+    # What the alert is about (a check-in, a pair of sessions, an enrollment-week):
+    # the same cause re-published under a new event id raises no second alert.
+    Column("dedupe_key", String(120), nullable=False, unique=True),
+    Column("details", Text, nullable=True),  # JSON of ids and numbers, never text
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("acknowledged_at", UtcDateTime, nullable=True),
+    Column("acknowledged_by", String(200), nullable=True),
+)
+
+subscriptions = Table(
+    "subscriptions",
+    metadata,
+    Column("subscription_id", String(36), primary_key=True),
+    Column("site_id", String(40), nullable=False, index=True),
+    Column("url", String(500), nullable=False),
+    Column("event_types", Text, nullable=False),  # JSON list
+    Column("secret", String(200), nullable=False),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_by", String(200), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
 )
 
 notifications = Table(
@@ -80,13 +218,48 @@ notifications = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("due_at", UtcDateTime, nullable=False, index=True),
     Column("sent_at", UtcDateTime, nullable=True),
+    Column("status_reason", String(40), nullable=True),
+    Column("expires_at", UtcDateTime, nullable=True),
+    Column("urgent", Boolean, nullable=False, server_default=false()),
+    Column("booking_id", String(36), nullable=True, index=True),
+    Column("session_id", String(36), nullable=True, index=True),
+    Column("alert_id", String(36), nullable=True, index=True),
+    # Webhook deliveries: the event envelope to post (public events only, no PHI).
+    Column("payload", Text, nullable=True),
     # One message per (cause event, template, recipient), however often the cause arrives.
     UniqueConstraint("cause_event_id", "template", "recipient", name="uq_notification_once"),
+)
+
+# The delivery log: one row per attempt (outcome, error class, provider id; never the
+# address or the text).
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("notification_id", String(36), nullable=False, index=True),
+    Column("attempt", Integer, nullable=False),
+    Column("at", UtcDateTime, nullable=False),
+    Column("channel", String(10), nullable=False),
+    Column("outcome", String(12), nullable=False),  # sent / retry / failed
+    Column("error", String(300), nullable=True),
+    Column("provider_id", String(120), nullable=True),
 )
 
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def _rows(result: Any) -> list[dict[str, Any]]:
+    return [dict(r) for r in result.mappings()]
+
+
+async def _one(session: AsyncSession, query: Any) -> dict[str, Any] | None:
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+# --- patients, contacts, enrollments --------------------------------------------------------
 
 
 async def lock_patient(session: AsyncSession, patient_id: str) -> None:
@@ -105,21 +278,231 @@ async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: dat
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:
-    row = (await session.execute(select(contacts).where(contacts.c.patient_id == patient_id))).mappings().first()
-    return dict(row) if row else None
+    return await _one(session, select(contacts).where(contacts.c.patient_id == patient_id))
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
     query = select(enrollments.c.enrollment_id).where(enrollments.c.enrollment_id == values["enrollment_id"])
     if (await session.execute(query)).first() is not None:
         return False
-    await session.execute(insert(enrollments).values(**values))
+    await session.execute(insert(enrollments).values(status="active", **values))
     return True
 
 
+async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
+
+
+async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
+    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+
+
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
-    query = select(enrollments).where(enrollments.c.patient_id == patient_id)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    query = select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.start_date)
+    return _rows(await session.execute(query))
+
+
+async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
+    """The site a patient's record belongs to here: the contact's, else the latest
+    enrollment's, else that of any message about the patient."""
+    contact = await get_contact(session, patient_id)
+    if contact is not None:
+        return str(contact["site_id"])
+    episodes = await patient_enrollments(session, patient_id)
+    if episodes:
+        return str(episodes[-1]["site_id"])
+    query = select(notifications.c.site_id).where(notifications.c.patient_id == patient_id).limit(1)
+    found = (await session.execute(query)).first()
+    return str(found.site_id) if found else None
+
+
+# --- sites and their settings ---------------------------------------------------------------
+
+
+async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
+    values = {"name": name, "timezone": timezone, "updated_at": now()}
+    found = await session.execute(update(sites).where(sites.c.site_id == site_id).values(**values))
+    if found.rowcount == 0:
+        await session.execute(insert(sites).values(site_id=site_id, **values))
+
+
+async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(sites).where(sites.c.site_id == site_id))
+
+
+async def get_site_settings(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
+    row = await _one(session, select(site_settings).where(site_settings.c.site_id == site_id))
+    if row is not None and row["reminder_offsets"] is not None:
+        row["reminder_offsets"] = json.loads(row["reminder_offsets"])
+    return row
+
+
+async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str, **values: Any) -> None:
+    if values.get("reminder_offsets") is not None:
+        values["reminder_offsets"] = json.dumps(values["reminder_offsets"])
+    values.update(updated_at=now(), updated_by=updated_by)
+    if not await insert_if_absent(session, site_settings, site_id=site_id, **values):
+        await session.execute(update(site_settings).where(site_settings.c.site_id == site_id).values(**values))
+
+
+# --- consents -------------------------------------------------------------------------------
+
+
+async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) -> None:
+    if not await insert_if_absent(session, consents, consent_id=consent_id, **values):
+        current = await _one(session, select(consents).where(consents.c.consent_id == consent_id))
+        assert current is not None
+        if current["revoked"] and not values.get("revoked"):
+            return  # a late or re-published grant never revives a revoked consent
+        await session.execute(update(consents).where(consents.c.consent_id == consent_id).values(**values))
+
+
+async def patient_consents(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+    return _rows(await session.execute(select(consents).where(consents.c.patient_id == patient_id)))
+
+
+# --- sessions, bookings, attendance ---------------------------------------------------------
+
+
+async def upsert_session(session: AsyncSession, session_id: str, **values: Any) -> None:
+    if not await insert_if_absent(session, sessions, session_id=session_id, **values):
+        await session.execute(update(sessions).where(sessions.c.session_id == session_id).values(**values))
+
+
+async def get_session(session: AsyncSession, session_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(sessions).where(sessions.c.session_id == session_id))
+
+
+async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
+    values["updated_at"] = now()
+    if not await insert_if_absent(session, bookings, booking_id=booking_id, **values):
+        await session.execute(update(bookings).where(bookings.c.booking_id == booking_id).values(**values))
+
+
+async def get_booking(session: AsyncSession, booking_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(bookings).where(bookings.c.booking_id == booking_id))
+
+
+async def patient_booking_for_session(session: AsyncSession, patient_id: str, session_id: str) -> dict[str, Any] | None:
+    query = select(bookings).where(bookings.c.patient_id == patient_id, bookings.c.session_id == session_id)
+    return await _one(session, query)
+
+
+async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: str, **values: Any) -> None:
+    if not await insert_if_absent(session, attendance, session_id=session_id, patient_id=patient_id, **values):
+        await session.execute(
+            update(attendance)
+            .where(attendance.c.session_id == session_id, attendance.c.patient_id == patient_id)
+            .values(**values)
+        )
+
+
+async def streak_attendance(session: AsyncSession, streak_key: str) -> list[dict[str, Any]]:
+    query = select(attendance).where(attendance.c.streak_key == streak_key).order_by(attendance.c.starts_at)
+    return _rows(await session.execute(query))
+
+
+# --- care team --------------------------------------------------------------------------------
+
+
+async def replace_care_team(session: AsyncSession, site_id: str, members: list[dict[str, Any]]) -> None:
+    await session.execute(delete(care_team).where(care_team.c.site_id == site_id))
+    if members:
+        await session.execute(
+            insert(care_team), [{"site_id": site_id, "position": i, **m} for i, m in enumerate(members)]
+        )
+
+
+async def get_care_team(session: AsyncSession, site_id: str) -> list[dict[str, Any]]:
+    query = select(care_team).where(care_team.c.site_id == site_id).order_by(care_team.c.position)
+    return _rows(await session.execute(query))
+
+
+async def get_member(session: AsyncSession, site_id: str, member_id: str) -> dict[str, Any] | None:
+    query = select(care_team).where(care_team.c.site_id == site_id, care_team.c.member_id == member_id)
+    return await _one(session, query)
+
+
+# --- alerts -----------------------------------------------------------------------------------
+
+
+async def add_alert(session: AsyncSession, **values: Any) -> bool:
+    """False if an alert with this dedupe_key exists already."""
+    query = select(alerts.c.alert_id).where(alerts.c.dedupe_key == values["dedupe_key"])
+    if (await session.execute(query)).first() is not None:
+        return False
+    await session.execute(insert(alerts).values(created_at=now(), **values))
+    return True
+
+
+async def get_alert(session: AsyncSession, alert_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = select(alerts).where(alerts.c.alert_id == alert_id)
+    if lock:
+        query = query.with_for_update()
+    return await _one(session, query)
+
+
+async def update_alert(session: AsyncSession, alert_id: str, **values: Any) -> None:
+    await session.execute(update(alerts).where(alerts.c.alert_id == alert_id).values(**values))
+
+
+async def list_alerts(
+    session: AsyncSession, site_ids: list[str] | None, status: str | None, limit: int
+) -> list[dict[str, Any]]:
+    query = select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)
+    if site_ids is not None:
+        query = query.where(alerts.c.site_id.in_(site_ids))
+    if status is not None:
+        query = query.where(alerts.c.status == status)
+    return _rows(await session.execute(query))
+
+
+async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[str, Any]]:
+    query = (
+        select(alerts)
+        .where(alerts.c.status == "open", alerts.c.escalate_at.is_not(None), alerts.c.escalate_at <= at)
+        .order_by(alerts.c.escalate_at)
+    )
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return _rows(await session.execute(query))
+
+
+# --- webhook subscriptions --------------------------------------------------------------------
+
+
+async def add_subscription(session: AsyncSession, **values: Any) -> None:
+    values["event_types"] = json.dumps(sorted(values["event_types"]))
+    await session.execute(insert(subscriptions).values(active=True, created_at=now(), **values))
+
+
+def _subscription(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "event_types": json.loads(row["event_types"])}
+
+
+async def get_subscription(session: AsyncSession, subscription_id: str) -> dict[str, Any] | None:
+    row = await _one(session, select(subscriptions).where(subscriptions.c.subscription_id == subscription_id))
+    return _subscription(row) if row else None
+
+
+async def list_subscriptions(session: AsyncSession, site_ids: list[str] | None) -> list[dict[str, Any]]:
+    query = select(subscriptions).where(subscriptions.c.active.is_(True)).order_by(subscriptions.c.created_at)
+    if site_ids is not None:
+        query = query.where(subscriptions.c.site_id.in_(site_ids))
+    return [_subscription(r) for r in _rows(await session.execute(query))]
+
+
+async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> list[dict[str, Any]]:
+    return [s for s in await list_subscriptions(session, [site_id]) if event_type in s["event_types"]]
+
+
+async def deactivate_subscription(session: AsyncSession, subscription_id: str) -> None:
+    await session.execute(
+        update(subscriptions).where(subscriptions.c.subscription_id == subscription_id).values(active=False)
+    )
+
+
+# --- messages ---------------------------------------------------------------------------------
 
 
 async def notification_exists(session: AsyncSession, cause_event_id: str, template: str, recipient: str) -> bool:
@@ -131,20 +514,60 @@ async def notification_exists(session: AsyncSession, cause_event_id: str, templa
     return (await session.execute(query)).first() is not None
 
 
-async def add_notification(session: AsyncSession, **values: Any) -> None:
+async def add_notification(session: AsyncSession, **values: Any) -> bool:
+    """Insert a message unless one for (cause, template, recipient) exists; True if new."""
+    if await notification_exists(session, values["cause_event_id"], values["template"], values["recipient"]):
+        return False
     stamp = now()
     values.setdefault("due_at", stamp)
     await session.execute(insert(notifications).values(created_at=stamp, attempts=0, **values))
+    return True
 
 
-async def due_notifications(session: AsyncSession, limit: int) -> list[dict[str, Any]]:
+async def get_notification(session: AsyncSession, notification_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(notifications).where(notifications.c.notification_id == notification_id))
+
+
+# Due for the dispatcher: pending messages whose time has come, and messages whose
+# send lease ran out (the process died while sending them).
+DISPATCHABLE = ("pending", "sending")
+
+
+async def due_notifications(session: AsyncSession, at: datetime, limit: int) -> list[dict[str, Any]]:
     query = (
         select(notifications)
-        .where(notifications.c.status == "pending", notifications.c.due_at <= now())
-        .order_by(notifications.c.due_at)
+        .where(notifications.c.status.in_(DISPATCHABLE), notifications.c.due_at <= at)
+        .order_by(notifications.c.urgent.desc(), notifications.c.due_at)
         .limit(limit)
     )
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return _rows(await session.execute(query))
+
+
+async def claim_notification(
+    session: AsyncSession, notification_id: str, at: datetime, lease_until: datetime
+) -> dict[str, Any] | None:
+    """Take a due message for sending: status `sending` until `lease_until`, so another
+    dispatcher (a replica on PostgreSQL: SKIP LOCKED) leaves it alone, and a crash
+    mid-send only delays it to the end of the lease. None if it is not due (any more)."""
+    query = select(notifications).where(
+        notifications.c.notification_id == notification_id,
+        notifications.c.status.in_(DISPATCHABLE),
+        notifications.c.due_at <= at,
+    )
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    row = await _one(session, query)
+    if row is not None:
+        await mark_notification(session, notification_id, status="sending", due_at=lease_until)
+    return row
+
+
+async def next_due_at(session: AsyncSession) -> datetime | None:
+    query = (
+        select(notifications.c.due_at).where(notifications.c.status.in_(DISPATCHABLE)).order_by(notifications.c.due_at)
+    )
+    found = (await session.execute(query.limit(1))).first()
+    return found.due_at if found else None
 
 
 async def mark_notification(session: AsyncSession, notification_id: str, **values: Any) -> None:
@@ -153,6 +576,64 @@ async def mark_notification(session: AsyncSession, notification_id: str, **value
     )
 
 
+async def open_patient_messages(
+    session: AsyncSession,
+    patient_id: str,
+    *,
+    booking_id: str | None = None,
+    site_id: str | None = None,
+    statuses: Iterable[str] = OPEN_STATUSES,
+) -> list[dict[str, Any]]:
+    query = select(notifications).where(
+        notifications.c.patient_id == patient_id,
+        notifications.c.recipient_kind == "patient",
+        notifications.c.status.in_(list(statuses)),
+    )
+    if booking_id is not None:
+        query = query.where(notifications.c.booking_id == booking_id)
+    if site_id is not None:
+        query = query.where(notifications.c.site_id == site_id)
+    return _rows(await session.execute(query))
+
+
+async def cancel_open(session: AsyncSession, reason: str, **where: str) -> int:
+    """Cancel open (pending or held) patient messages matching `where` (column = value)."""
+    conditions = [notifications.c[name] == value for name, value in where.items()]
+    result = await session.execute(
+        update(notifications)
+        .where(
+            notifications.c.status.in_(OPEN_STATUSES),
+            notifications.c.recipient_kind == "patient",
+            *conditions,
+        )
+        .values(status="cancelled", status_reason=reason)
+    )
+    return int(result.rowcount or 0)
+
+
+async def alert_messages(session: AsyncSession, alert_id: str) -> list[dict[str, Any]]:
+    query = select(notifications).where(notifications.c.alert_id == alert_id).order_by(notifications.c.created_at)
+    return _rows(await session.execute(query))
+
+
 async def patient_notifications(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
     query = select(notifications).where(notifications.c.patient_id == patient_id).order_by(notifications.c.created_at)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return _rows(await session.execute(query))
+
+
+async def record_attempt(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(delivery_attempts).values(at=now(), **values))
+
+
+async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+    if not notification_ids:
+        return {}
+    query = (
+        select(delivery_attempts)
+        .where(delivery_attempts.c.notification_id.in_(notification_ids))
+        .order_by(delivery_attempts.c.id)
+    )
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for row in _rows(await session.execute(query)):
+        grouped.setdefault(row["notification_id"], []).append(row)
+    return grouped

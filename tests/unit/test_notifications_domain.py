@@ -1,4 +1,5 @@
-"""Notification rules (services/notifications/domain.py): discreet templates, channels."""
+"""Notification rules (services/notifications/domain.py): discreet templates and subject lines in
+every language (patient and care-team templates alike), channels."""
 
 import re
 from string import Template
@@ -6,8 +7,12 @@ from string import Template
 import pytest
 
 from services.notifications.domain import (
+    ALERT_KINDS,
+    CARE_TEAM_TEMPLATES,
     DEFAULT_LANGUAGE,
     FORBIDDEN_WORDS,
+    PATIENT_TEMPLATES,
+    SUBJECTS,
     TEMPLATES,
     UnknownTemplate,
     patient_channel,
@@ -61,7 +66,7 @@ def test_the_word_check_catches_forbidden_words(text):
     assert _forbidden_in(text)
 
 
-@pytest.mark.parametrize("text", ["programmer", "Hello! See you on Monday.", "Clinical", "iopx"])
+@pytest.mark.parametrize("text", ["programmer", "Hello! See you on Monday.", "Grouping", "iopx"])
 def test_the_word_check_respects_word_boundaries(text):
     assert _forbidden_in(text) == []
 
@@ -99,3 +104,36 @@ def test_without_live_channels_patient_messages_go_to_console(preferred):
 @pytest.mark.parametrize("preferred", ["sms", "email"])
 def test_live_channel_follows_preference(preferred):
     assert patient_channel(preferred, live_channels=True) == preferred
+
+
+SUBJECT_VARIANTS = [(kind, lang) for kind, variants in sorted(SUBJECTS.items()) for lang in sorted(variants)]
+
+
+@pytest.mark.parametrize(("kind", "language"), SUBJECT_VARIANTS)
+def test_no_subject_line_names_care(kind, language):
+    assert _forbidden_in(SUBJECTS[kind][language]) == []
+
+
+@pytest.mark.parametrize("name", sorted(PATIENT_TEMPLATES))
+def test_patient_templates_exist_in_english_and_spanish(name):
+    assert {"en", "es"} <= set(TEMPLATES[name])
+    assert render(name, "es", **_values(TEMPLATES[name]["es"])) != render(name, "en", **_values(TEMPLATES[name]["en"]))
+
+
+def test_the_issue_templates_exist():
+    assert {"welcome", "reminder_24h", "reminder_2h", "missed_you"} <= PATIENT_TEMPLATES
+    assert {"care_urgent_check_in", "care_escalated", "care_two_absences"} <= CARE_TEAM_TEMPLATES
+    assert all(template in TEMPLATES for _, template in ALERT_KINDS.values())
+
+
+@pytest.mark.parametrize("name", sorted(PATIENT_TEMPLATES))
+def test_patient_templates_take_no_identifying_values(name):
+    for text in TEMPLATES[name].values():
+        assert set(Template(text).get_identifiers()) <= {"start_date", "date", "time"}
+
+
+@pytest.mark.parametrize(("template", "body"), [("reminder_48h", "reminder_24h"), ("reminder_90m", "reminder_2h")])
+def test_reminders_at_other_offsets_use_the_closest_wording(template, body):
+    assert render(template, "en", date="2026-01-02", time="09:00") == render(
+        body, "en", date="2026-01-02", time="09:00"
+    )

@@ -1,0 +1,575 @@
+"""What notifications does, each in the caller's transaction: plan patient messages
+behind the consent gate, plan and cancel reminders, raise care-team alerts and escalate
+them, fan events out to webhook subscriptions, and decide at send time whether a due
+message may go out now.
+
+handlers.py (events), api.py (commands), delivery.py (the dispatcher) and app.py (the
+escalation loop) call these. `now` is a parameter wherever a rule depends on the clock,
+so tests can drive escalation and expiry at any instant.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID, uuid4
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.notifications import domain, store
+from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts.events import (
+    EVENT_TYPES,
+    CareTeamAlerted,
+    NotificationFailed,
+    NotificationSent,
+)
+from shared.settings import Settings
+
+log = logging.getLogger("iopnet.notifications")
+
+# Events a webhook subscription may ask for: the public events this service consumes
+# and the ones it produces. Envelopes on public subjects carry no PHI (DESIGN A4).
+WEBHOOK_EVENTS = frozenset(
+    {
+        "SiteRegistered", "PatientEnrolled", "PatientDischarged", "ConsentGranted", "ConsentRevoked",
+        "CheckInSubmitted", "SessionScheduled", "SessionCancelled", "PatientBooked", "BookingCancelled",
+        "AttendanceRecorded", "HoursAtRisk", "WeeklyHoursShortfall",
+        "CareTeamAlerted", "NotificationSent", "NotificationFailed",
+    }
+)  # fmt: skip
+assert all(not EVENT_TYPES[name].restricted for name in WEBHOOK_EVENTS)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The network-wide rules from settings; sites may override offsets and quiet hours."""
+
+    live: bool
+    reminder_offsets: tuple[int, ...]
+    quiet: domain.Window
+    business: domain.Window
+    business_days: tuple[int, ...]
+    escalate_after: timedelta
+    care_language: str
+    max_attempts: int
+    retry_base_seconds: float
+    retry_max_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> "Policy":
+        return cls(
+            live=settings.notify_live_channels,
+            reminder_offsets=tuple(settings.notify_reminder_offsets_minutes),
+            quiet=domain.Window(
+                domain.parse_hhmm(settings.notify_quiet_start), domain.parse_hhmm(settings.notify_quiet_end)
+            ),
+            business=domain.Window(
+                domain.parse_hhmm(settings.notify_business_start), domain.parse_hhmm(settings.notify_business_end)
+            ),
+            business_days=tuple(settings.notify_business_days),
+            escalate_after=timedelta(minutes=settings.notify_escalation_minutes),
+            care_language=settings.notify_care_team_language,
+            max_attempts=max(1, settings.notify_max_attempts),
+            retry_base_seconds=settings.notify_retry_base_seconds,
+            retry_max_seconds=settings.notify_retry_max_seconds,
+        )
+
+
+@dataclass(frozen=True)
+class SiteRules:
+    timezone: str
+    reminder_offsets: tuple[int, ...]
+    quiet: domain.Window
+
+
+async def site_rules(session: AsyncSession, policy: Policy, site_id: str) -> SiteRules:
+    site = await store.get_site(session, site_id)
+    overrides = await store.get_site_settings(session, site_id) or {}
+    quiet = policy.quiet
+    if overrides.get("quiet_start") and overrides.get("quiet_end"):
+        quiet = domain.Window(domain.parse_hhmm(overrides["quiet_start"]), domain.parse_hhmm(overrides["quiet_end"]))
+    offsets = overrides.get("reminder_offsets")
+    return SiteRules(
+        timezone=site["timezone"] if site else domain.DEFAULT_TIMEZONE,
+        reminder_offsets=tuple(offsets) if offsets is not None else policy.reminder_offsets,
+        quiet=quiet,
+    )
+
+
+def _consents(rows: list[dict[str, Any]]) -> list[domain.Consent]:
+    return [domain.Consent(r["recipient"], r["purpose"], r["expires_on"], bool(r["revoked"])) for r in rows]
+
+
+async def consent_verdict(
+    session: AsyncSession, policy: Policy, patient_id: str, timezone: str, now: datetime
+) -> domain.ConsentVerdict:
+    local_day = now.astimezone(ZoneInfo(timezone)).date()
+    consents = _consents(await store.patient_consents(session, patient_id))
+    return domain.consent_verdict(consents, local_day, live=policy.live)
+
+
+# --- events out: the outbox plus webhook fan-out ------------------------------------------------
+
+
+async def emit(session: AsyncSession, envelope: Envelope, *, fan_out: bool = True) -> None:
+    """Stage an event of ours and queue it for the webhook subscriptions that want it."""
+    await store.outbox.stage(session, envelope)
+    if fan_out:
+        await fan_out_event(session, envelope)
+
+
+async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
+    """One webhook delivery per subscription of the event's site that asked for its type."""
+    if envelope.event_type not in WEBHOOK_EVENTS:
+        return 0
+    queued = 0
+    for subscription in await store.subscribers(session, envelope.site_id, envelope.event_type):
+        queued += await store.add_notification(
+            session,
+            notification_id=str(uuid4()),
+            site_id=envelope.site_id,
+            patient_id=None,
+            recipient_kind="integration",
+            recipient=domain.recipient_key("subscription", subscription["subscription_id"]),
+            channel="webhook",
+            template="webhook",
+            language=domain.DEFAULT_LANGUAGE,
+            cause_event_id=str(envelope.event_id),
+            correlation_id=str(envelope.correlation_id),
+            status="pending",
+            payload=envelope.model_dump_json(),
+        )
+    return queued
+
+
+def outcome_envelope(
+    kind: type[NotificationSent] | type[NotificationFailed], row: dict[str, Any], channel: str, attempts: int
+) -> Envelope:
+    event = kind(
+        notification_id=UUID(row["notification_id"]),
+        recipient_kind=row["recipient_kind"],
+        channel=channel,
+        template=row["template"],
+        cause_event_id=UUID(row["cause_event_id"]),
+        attempts=attempts,
+    )
+    return new_envelope(
+        event,
+        site_id=row["site_id"],
+        correlation_id=UUID(row["correlation_id"]),
+        causation_id=UUID(row["cause_event_id"]),
+    )
+
+
+# --- patient messages -------------------------------------------------------------------------
+
+
+async def plan_patient_message(
+    session: AsyncSession,
+    policy: Policy,
+    *,
+    patient_id: str,
+    site_id: str,
+    template: str,
+    cause_event_id: str,
+    correlation_id: str,
+    now: datetime,
+    due_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    booking_id: str | None = None,
+    session_id: str | None = None,
+) -> bool:
+    """Queue one patient message (once per cause, template and patient).
+
+    Its channel and address are settled when it is sent (the contact may change in
+    between); here: suppressed if the patient wants no messages, cancelled if they
+    refused consent, held while no consent covers it, else pending until `due_at`.
+    """
+    rules = await site_rules(session, policy, site_id)
+    contact = await store.get_contact(session, patient_id)
+    channel = domain.patient_channel(contact["preferred_channel"], policy.live) if contact else None
+    verdict = await consent_verdict(session, policy, patient_id, rules.timezone, now)
+    due = due_at or now
+    if policy.live:
+        due = domain.after_quiet_hours(due, rules.timezone, rules.quiet)
+    status, reason = "pending", None
+    if contact is not None and channel is None:
+        status, reason = "suppressed", "patient_opted_out"
+    elif verdict == "refused":
+        status, reason = "cancelled", "consent_revoked"
+    elif verdict == "hold":
+        status, reason = "held", "awaiting_consent"
+    return await store.add_notification(
+        session,
+        notification_id=str(uuid4()),
+        site_id=site_id,
+        patient_id=patient_id,
+        recipient_kind="patient",
+        recipient=domain.recipient_key("patient", patient_id),
+        channel=channel or ("console" if not policy.live else "email"),
+        template=template,
+        language=contact["language"] if contact else domain.DEFAULT_LANGUAGE,
+        cause_event_id=cause_event_id,
+        correlation_id=correlation_id,
+        status=status,
+        status_reason=reason,
+        due_at=due,
+        expires_at=expires_at,
+        booking_id=booking_id,
+        session_id=session_id,
+    )
+
+
+async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, now: datetime) -> int:
+    """A welcome per enrollment once both the enrollment and the contact are known.
+
+    The two arrive on different streams in either order; whichever comes second
+    queues the message, and the unique (cause, template, recipient) keeps it to one.
+    """
+    if await store.get_contact(session, patient_id) is None:
+        return 0
+    queued = 0
+    for episode in await store.patient_enrollments(session, patient_id):
+        if episode["status"] != "active":
+            continue
+        queued += await plan_patient_message(
+            session,
+            policy,
+            patient_id=patient_id,
+            site_id=episode["site_id"],
+            template="welcome",
+            cause_event_id=episode["enrolled_event_id"],
+            correlation_id=episode["correlation_id"],
+            now=now,
+            expires_at=now + domain.WELCOME_VALID,
+        )
+    return queued
+
+
+async def plan_reminders(
+    session: AsyncSession,
+    policy: Policy,
+    booking: dict[str, Any],
+    cause: Envelope,
+    now: datetime,
+) -> int:
+    """The reminders of one booking, at the site's offsets before the session."""
+    rules = await site_rules(session, policy, booking["site_id"])
+    planned = domain.plan_reminders(
+        booking["starts_at"], rules.reminder_offsets, rules.timezone, rules.quiet, now, honour_quiet_hours=policy.live
+    )
+    queued = 0
+    for message in planned:
+        queued += await plan_patient_message(
+            session,
+            policy,
+            patient_id=booking["patient_id"],
+            site_id=booking["site_id"],
+            template=message.template,
+            cause_event_id=str(cause.event_id),
+            correlation_id=str(cause.correlation_id),
+            now=now,
+            due_at=message.due_at,
+            expires_at=message.expires_at,
+            booking_id=booking["booking_id"],
+            session_id=booking["session_id"],
+        )
+    return queued
+
+
+async def release_held(
+    session: AsyncSession, policy: Policy, patient_id: str, now: datetime, *, reason: str | None = None
+) -> int:
+    """A consent (or the contact) arrived: held messages become due now; the send-time
+    checks (consent, quiet hours) apply again when they are picked up. `reason`: only
+    those held for that reason."""
+    released = 0
+    for row in await store.open_patient_messages(session, patient_id, statuses=("held",)):
+        if reason is not None and row["status_reason"] != reason:
+            continue
+        if row["expires_at"] is not None and row["expires_at"] <= now:
+            await store.mark_notification(session, row["notification_id"], status="cancelled", status_reason="expired")
+            continue
+        due = max(row["due_at"], now)
+        await store.mark_notification(session, row["notification_id"], status="pending", status_reason=None, due_at=due)
+        released += 1
+    return released
+
+
+async def consent_given(session: AsyncSession, policy: Policy, patient_id: str, site_id: str, now: datetime) -> int:
+    """After a grant: if patient messages are now covered, release those held for consent."""
+    rules = await site_rules(session, policy, site_id)
+    if await consent_verdict(session, policy, patient_id, rules.timezone, now) != "allow":
+        return 0
+    return await release_held(session, policy, patient_id, now, reason="awaiting_consent")
+
+
+async def consent_withdrawn(session: AsyncSession, policy: Policy, patient_id: str, site_id: str, now: datetime) -> int:
+    """After a revocation: unless another active consent still covers patient messages,
+    cancel every pending or held one at once."""
+    rules = await site_rules(session, policy, site_id)
+    verdict = domain.consent_verdict(
+        _consents(await store.patient_consents(session, patient_id)),
+        now.astimezone(ZoneInfo(rules.timezone)).date(),
+        live=True,
+    )
+    if verdict == "allow":
+        return 0
+    return await store.cancel_open(session, "consent_revoked", patient_id=patient_id)
+
+
+# --- care-team alerts -------------------------------------------------------------------------
+
+
+async def raise_alert(
+    session: AsyncSession,
+    policy: Policy,
+    *,
+    reason: str,
+    site_id: str,
+    patient_id: str,
+    cause: Envelope,
+    dedupe_key: str,
+    now: datetime,
+    details: dict[str, Any] | None = None,
+) -> str | None:
+    """Open an alert, tell the on-call first member of the site's roster and publish
+    CareTeamAlerted. Urgent alerts go out at once, whatever the hour, and escalate
+    along the roster until acknowledged; the others wait for business hours.
+    Returns the alert id, or None if this cause already raised its alert."""
+    severity, _ = domain.ALERT_KINDS[reason]
+    alert_id = str(uuid4())
+    urgent = severity == "urgent"
+    added = await store.add_alert(
+        session,
+        alert_id=alert_id,
+        site_id=site_id,
+        patient_id=patient_id,
+        reason=reason,
+        severity=severity,
+        status="open",
+        level=-1,
+        escalate_at=None,
+        cause_event_id=str(cause.event_id),
+        correlation_id=str(cause.correlation_id),
+        dedupe_key=dedupe_key,
+        details=json.dumps(details or {}),
+    )
+    if not added:
+        return None
+    alert = await store.get_alert(session, alert_id)
+    assert alert is not None
+    roster = await store.get_care_team(session, site_id)
+    if roster:
+        await _alert_member(session, policy, alert, roster[0], domain.ALERT_KINDS[reason][1], now)
+        await store.update_alert(session, alert_id, level=0)
+    else:
+        log.warning("care-team alert with no roster", extra={"site_id": site_id, "alert_id": alert_id})
+    if urgent:
+        await store.update_alert(session, alert_id, escalate_at=now + policy.escalate_after)
+    event = CareTeamAlerted(
+        alert_id=UUID(alert_id),
+        patient_id=UUID(patient_id),
+        reason=reason,
+        severity=severity,
+        cause_event_id=cause.event_id,
+    )
+    await emit(session, caused_by(cause, event))
+    return alert_id
+
+
+async def _alert_member(
+    session: AsyncSession,
+    policy: Policy,
+    alert: dict[str, Any],
+    member: dict[str, Any],
+    template: str,
+    now: datetime,
+) -> bool:
+    urgent = template in domain.URGENT_TEMPLATES
+    due = None  # urgent: due the moment it is committed
+    if not urgent and policy.live:
+        rules = await site_rules(session, policy, alert["site_id"])
+        due = domain.next_business_time(now, rules.timezone, policy.business, policy.business_days)
+    values: dict[str, Any] = {"due_at": due} if due is not None else {}
+    return await store.add_notification(
+        session,
+        notification_id=str(uuid4()),
+        site_id=alert["site_id"],
+        patient_id=alert["patient_id"],
+        recipient_kind="care_team",
+        recipient=domain.recipient_key("staff", member["member_id"]),
+        channel=member["channel"] if policy.live else "console",
+        template=template,
+        language=member["language"],
+        cause_event_id=alert["cause_event_id"],
+        correlation_id=alert["correlation_id"],
+        status="pending",
+        urgent=urgent,
+        alert_id=alert["alert_id"],
+        **values,
+    )
+
+
+async def escalate_alerts(session: AsyncSession, policy: Policy, now: datetime) -> list[str]:
+    """Every open urgent alert whose acknowledgement is overdue goes to the next member
+    of the site's roster (on-call order), with CareTeamAlerted(reason="escalated").
+    After the last member the alert stays open, with nobody further to call."""
+    escalated = []
+    for alert in await store.alerts_to_escalate(session, now):
+        roster = await store.get_care_team(session, alert["site_id"])
+        following = domain.next_roster_index(alert["level"], len(roster))
+        if following is None:
+            await store.update_alert(session, alert["alert_id"], escalate_at=None)
+            log.warning("urgent alert unacknowledged; roster exhausted", extra={"alert_id": alert["alert_id"]})
+            continue
+        template = "care_escalated" if alert["level"] >= 0 else domain.ALERT_KINDS[alert["reason"]][1]
+        await _alert_member(session, policy, alert, roster[following], template, now)
+        await store.update_alert(session, alert["alert_id"], level=following, escalate_at=now + policy.escalate_after)
+        event = CareTeamAlerted(
+            alert_id=UUID(alert["alert_id"]),
+            patient_id=UUID(alert["patient_id"]),
+            reason=domain.ESCALATED_REASON,
+            severity=alert["severity"],
+            cause_event_id=UUID(alert["cause_event_id"]),
+        )
+        envelope = new_envelope(
+            event,
+            site_id=alert["site_id"],
+            correlation_id=UUID(alert["correlation_id"]),
+            causation_id=UUID(alert["cause_event_id"]),
+        )
+        await emit(session, envelope)
+        escalated.append(alert["alert_id"])
+    return escalated
+
+
+class AckRejected(ValueError):
+    pass
+
+
+async def acknowledge(session: AsyncSession, alert: dict[str, Any], by: str, now: datetime) -> dict[str, Any]:
+    """Stop an alert's escalation. Its messages that have not gone out yet (a retry, an
+    escalation) are cancelled: the alert is in someone's hands."""
+    if alert["status"] == "acknowledged":
+        raise AckRejected("the alert is already acknowledged")
+    await store.update_alert(
+        session, alert["alert_id"], status="acknowledged", escalate_at=None, acknowledged_at=now, acknowledged_by=by
+    )
+    for row in await store.alert_messages(session, alert["alert_id"]):
+        if row["status"] in store.OPEN_STATUSES:
+            await store.mark_notification(
+                session, row["notification_id"], status="cancelled", status_reason="acknowledged"
+            )
+    updated = await store.get_alert(session, alert["alert_id"])
+    assert updated is not None
+    return updated
+
+
+# --- send time --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ready:
+    """A message that may go out now on `channel`, with what to render it from."""
+
+    channel: str
+    address: str | None
+    language: str
+    values: dict[str, str]
+    secret: str | None = None
+    payload: str | None = None
+
+
+@dataclass(frozen=True)
+class Settle:
+    """A message that may not go out now: its new status (or a later due time)."""
+
+    status: Literal["pending", "held", "cancelled", "suppressed", "failed"]
+    reason: str | None
+    due_at: datetime | None = None
+
+
+async def prepare(session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime) -> Ready | Settle:
+    """Decide, at send time, whether a due message goes out now, and to where."""
+    if row["expires_at"] is not None and row["expires_at"] <= now:
+        return Settle("cancelled", "expired")
+    if row["recipient_kind"] == "patient":
+        return await _prepare_patient(session, policy, row, now)
+    if row["recipient_kind"] == "care_team":
+        return await _prepare_care_team(session, policy, row, now)
+    return await _prepare_webhook(session, policy, row)
+
+
+async def _prepare_patient(session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime) -> Ready | Settle:
+    patient_id = row["patient_id"]
+    rules = await site_rules(session, policy, row["site_id"])
+    contact = await store.get_contact(session, patient_id)
+    if contact is None:
+        return Settle("held", "awaiting_contact")
+    channel = domain.patient_channel(contact["preferred_channel"], policy.live)
+    if channel is None:
+        return Settle("suppressed", "patient_opted_out")
+    verdict = await consent_verdict(session, policy, patient_id, rules.timezone, now)
+    if verdict == "refused":
+        return Settle("cancelled", "consent_revoked")
+    if verdict == "hold":
+        return Settle("held", "awaiting_consent")
+    if policy.live:
+        later = domain.after_quiet_hours(now, rules.timezone, rules.quiet)
+        if later > now:
+            if row["expires_at"] is not None and later >= row["expires_at"]:
+                return Settle("cancelled", "quiet_hours")
+            return Settle("pending", "quiet_hours", due_at=later)
+    values = await _patient_values(session, row, rules.timezone)
+    if values is None:
+        return Settle("cancelled", "cause_unknown")
+    address = contact["phone"] if channel == "sms" else contact["email"] if channel == "email" else None
+    return Ready(channel, address, contact["language"], values)
+
+
+async def _patient_values(session: AsyncSession, row: dict[str, Any], timezone: str) -> dict[str, str] | None:
+    key = domain.text_key(row["template"])
+    if key == "welcome":
+        episodes = await store.patient_enrollments(session, row["patient_id"])
+        cause = next((e for e in episodes if e["enrolled_event_id"] == row["cause_event_id"]), None)
+        return {"start_date": cause["start_date"].isoformat()} if cause else None
+    if key.startswith("reminder_"):
+        booking = await store.get_booking(session, row["booking_id"]) if row["booking_id"] else None
+        return domain.reminder_values(booking["starts_at"], timezone) if booking else None
+    return {}
+
+
+async def _prepare_care_team(
+    session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime
+) -> Ready | Settle:
+    member_id = row["recipient"].split(":", 1)[1]
+    member = await store.get_member(session, row["site_id"], member_id)
+    if member is None:
+        return Settle("cancelled", "recipient_removed")
+    alert = await store.get_alert(session, row["alert_id"]) if row["alert_id"] else None
+    if alert is None:
+        return Settle("cancelled", "cause_unknown")
+    if not row["urgent"] and policy.live:
+        rules = await site_rules(session, policy, row["site_id"])
+        opening = domain.next_business_time(now, rules.timezone, policy.business, policy.business_days)
+        if opening > now:
+            return Settle("pending", "business_hours", due_at=opening)
+    values = {"patient_id": alert["patient_id"], "site_id": alert["site_id"], "alert_id": alert["alert_id"]}
+    values.update({k: str(v) for k, v in json.loads(alert["details"] or "{}").items()})
+    channel = member["channel"] if policy.live else "console"
+    return Ready(channel, member["address"], member["language"], values, secret=member["secret"])
+
+
+async def _prepare_webhook(session: AsyncSession, policy: Policy, row: dict[str, Any]) -> Ready | Settle:
+    subscription_id = row["recipient"].split(":", 1)[1]
+    subscription = await store.get_subscription(session, subscription_id)
+    if subscription is None or not subscription["active"]:
+        return Settle("cancelled", "recipient_removed")
+    channel = "webhook" if policy.live else "console"
+    return Ready(
+        channel, subscription["url"], domain.DEFAULT_LANGUAGE, {}, secret=subscription["secret"], payload=row["payload"]
+    )

@@ -1,0 +1,460 @@
+"""Care-team alerts against a real nats-server, a real database (SQLite and PostgreSQL), a
+real SMTP server and a real HTTP server: an urgent check-in reaches the on-call first at
+once, escalates along the roster until acknowledged (driven with an explicit `now`),
+elevated risk and treatment-hours alerts wait for business hours, missed sessions lead
+to a "we missed you" and after two in a row to an alert; webhook subscriptions receive
+signed events and are retried; the roster, settings and alert APIs are scoped by site."""
+
+import hashlib
+import hmac
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from uuid import uuid4
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from iopnet.testing import BusRecorder, eventually
+from services.notifications import domain, usecases
+from services.notifications.app import create_app
+from shared.contracts import Envelope, new_envelope
+from shared.contracts.events import CheckInSubmitted, HoursAtRisk, SessionScheduled, WeeklyHoursShortfall
+from tests.conftest import HttpPeer, SmtpSink, auth, running
+from tests.integration.test_notifications_delivery import (
+    SITE,
+    TZ,
+    Patient,
+    live_settings,
+    onboard,
+    publish_and_settle,
+    register_site,
+    rows,
+    wait_mail,
+    wait_rows,
+)
+
+ADMIN = auth("site_admin", [SITE])
+CLINICIAN = auth("clinician", [SITE])
+ON_CALL = "oncall@clinic.test"
+BACKUP_PHONE = "+16145550199"
+LAST = "director@clinic.test"
+ROSTER = {
+    "members": [
+        {"name": "Dr. First", "role": "clinician", "channel": "email", "address": ON_CALL},
+        {"name": "Nurse Second", "role": "nurse", "channel": "sms", "address": BACKUP_PHONE},
+        {"name": "Director Third", "role": "site_admin", "channel": "email", "address": LAST, "language": "es"},
+    ]
+}
+
+
+@pytest.fixture
+def app(nats_server, database_url: str, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer):
+    return create_app(live_settings(nats_server.url, tmp_path, database_url, smtp_sink, http_peer))
+
+
+def check_in(patient: Patient, risk: str, check_in_id=None) -> Envelope:
+    event = CheckInSubmitted(
+        check_in_id=check_in_id or uuid4(), patient_id=patient.patient_id, enrollment_id=patient.enrollment_id,
+        submitted_at=datetime.now(UTC), mood=2, craving=9, used_since_last=True, safety_concern=risk == "urgent",
+        risk=risk,
+    )  # fmt: skip
+    return new_envelope(event, site_id=patient.site_id)
+
+
+async def with_roster(app, nats_url: str, client, roster: dict = ROSTER) -> list[dict]:
+    await register_site(app, nats_url)
+    response = await client.put(f"/sites/{SITE}/care-team", json=roster, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    return response.json()["members"]
+
+
+async def escalate(app, now: datetime) -> list[str]:
+    notifier = app.state.notifier
+    async with app.state.runtime.sessions() as session, session.begin():
+        escalated = await usecases.escalate_alerts(session, notifier.policy, now)
+        notifier.dispatcher.wake_after_commit(session)
+    return escalated
+
+
+# --- urgent check-ins and escalation ------------------------------------------------------------------
+
+
+async def test_urgent_check_in_reaches_the_on_call_first_at_once(
+    app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)  # alerts need no patient consent
+        cause = check_in(patient, "urgent")
+        await publish_and_settle(app, nats_server.url, cause)
+        [mail] = await wait_mail(smtp_sink, ON_CALL)
+        assert mail["subject"] == domain.SUBJECTS["care_urgent"]["en"]
+        assert patient.id in mail["text"]
+        assert patient.email not in mail["text"]
+        [alerted] = await bus.wait_for_event("CareTeamAlerted")
+        envelope = alerted.envelope()
+        assert envelope["causation_id"] == str(cause.event_id)
+        assert envelope["correlation_id"] == str(cause.correlation_id)
+        assert (envelope["data"]["reason"], envelope["data"]["severity"]) == ("urgent_check_in", "urgent")
+        alert_id = envelope["data"]["alert_id"]
+        assert alert_id in mail["text"]
+
+        listed = await client.get("/alerts", params={"status": "open"}, headers=CLINICIAN)
+        assert listed.status_code == 200
+        [alert] = listed.json()
+        assert (alert["alert_id"], alert["level"], alert["severity"]) == (alert_id, 0, "urgent")
+        assert [m["status"] for m in alert["messages"]] == ["sent"]
+        assert (await client.get("/alerts", params={"status": "acknowledged"}, headers=CLINICIAN)).json() == []
+        assert (await client.get("/alerts", headers=auth("clinician", ["dayton-north"]))).json() == []
+        assert (await client.get("/alerts", headers=auth("front_desk", [SITE]))).status_code == 403
+        assert http_peer.posts("/sms") == []  # the backup is not paged yet
+
+
+async def test_unacknowledged_alert_escalates_along_the_roster(
+    app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+        await wait_mail(smtp_sink, ON_CALL)
+        [alert] = (await client.get("/alerts", headers=CLINICIAN)).json()
+        raised = datetime.fromisoformat(alert["created_at"])
+
+        assert await escalate(app, raised + timedelta(minutes=9)) == []  # not overdue yet (10 min)
+        assert await escalate(app, raised + timedelta(minutes=11)) == [alert["alert_id"]]
+
+        async def paged():
+            return http_peer.posts("/sms", status=200)
+
+        [page] = await eventually(paged, what="the backup paged by SMS")
+        document = json.loads(page["body"])
+        assert document["to"] == BACKUP_PHONE
+        assert "escalated" in document["body"] and alert["alert_id"] in document["body"]
+        escalations = await bus.wait_for(
+            lambda m: "care_team_alerted" in m.subject and m.envelope()["data"]["reason"] == "escalated"
+        )
+        assert escalations[0].envelope()["data"]["alert_id"] == alert["alert_id"]
+
+        assert await escalate(app, raised + timedelta(minutes=22)) == [alert["alert_id"]]
+        [last] = await wait_mail(smtp_sink, LAST)
+        assert last["subject"] == domain.SUBJECTS["care_urgent"]["es"]
+        assert await escalate(app, raised + timedelta(minutes=40)) == []  # nobody left on the roster
+        current = (await client.get(f"/alerts/{alert['alert_id']}", headers=CLINICIAN)).json()
+        assert (current["status"], current["level"], current["escalate_at"]) == ("open", 2, None)
+        assert [m["template"] for m in current["messages"]] == [
+            "care_urgent_check_in",
+            "care_escalated",
+            "care_escalated",
+        ]
+
+
+async def test_acknowledgement_stops_escalation(
+    app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+        await wait_mail(smtp_sink, ON_CALL)
+        [alert] = (await client.get("/alerts", headers=CLINICIAN)).json()
+        path = f"/alerts/{alert['alert_id']}/acknowledge"
+        assert (await client.post(path, headers=auth("clinician", ["dayton-north"]))).status_code == 404
+        assert (await client.post(path, headers=auth("front_desk", [SITE]))).status_code == 403
+        assert (await client.post(f"/alerts/{uuid4()}/acknowledge", headers=CLINICIAN)).status_code == 404
+        acked = await client.post(path, headers=CLINICIAN)
+        assert acked.status_code == 200, acked.text
+        assert (acked.json()["status"], acked.json()["acknowledged_by"], acked.json()["escalate_at"]) == (
+            "acknowledged", "tester", None,
+        )  # fmt: skip
+        again = await client.post(path, headers=CLINICIAN)
+        assert again.status_code == 409
+        assert again.json()["error"]["code"] == "conflict"
+
+        raised = datetime.fromisoformat(alert["created_at"])
+        assert await escalate(app, raised + timedelta(minutes=30)) == []
+        assert http_peer.posts("/sms") == []
+        assert len(bus.events("CareTeamAlerted")) == 1
+        assert [a["alert_id"] for a in (await client.get("/alerts?status=acknowledged", headers=CLINICIAN)).json()] == [
+            alert["alert_id"]
+        ]
+
+
+async def test_a_redelivered_check_in_alerts_once(app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        cause = check_in(patient, "urgent")
+        await publish_and_settle(app, nats_server.url, cause)
+        await publish_and_settle(app, nats_server.url, cause, msg_id_prefix="replay-")
+        # The same check-in announced again under a new event id.
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent", cause.data["check_in_id"]))
+        await wait_mail(smtp_sink, ON_CALL)
+        assert len((await client.get("/alerts", headers=CLINICIAN)).json()) == 1
+        assert len(smtp_sink.to(ON_CALL)) == 1
+        assert len(bus.events("CareTeamAlerted")) == 1
+
+
+# --- non-urgent alerts: business hours ------------------------------------------------------------------
+
+
+async def test_elevated_and_hours_alerts_wait_for_business_hours_but_urgent_ones_do_not(
+    nats_server, database_url: str, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer, bus: BusRecorder
+) -> None:
+    # Business hours that open two hours from now (site time), and quiet hours now.
+    wall = datetime.now(ZoneInfo(TZ))
+    opens, closes = wall + timedelta(hours=2), wall + timedelta(hours=3)
+    closing = closes.strftime("%H:%M") if closes.time() > opens.time() else "23:59"  # no window across midnight
+    settings = live_settings(
+        nats_server.url, tmp_path, database_url, smtp_sink, http_peer,
+        notify_business_start=opens.strftime("%H:%M"), notify_business_end=closing,
+        notify_quiet_start=(wall - timedelta(hours=1)).strftime("%H:%M"),
+        notify_quiet_end=(wall + timedelta(hours=1)).strftime("%H:%M"),
+    )  # fmt: skip
+    app = create_app(settings)
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        week = datetime.now(UTC).strftime("%G-W%V")
+        at_risk = HoursAtRisk(
+            patient_id=patient.patient_id, enrollment_id=patient.enrollment_id, iso_week=week,
+            attended_hours=2.0, remaining_booked_hours=3.0, target_hours=9.0,
+        )  # fmt: skip
+        shortfall = WeeklyHoursShortfall(
+            patient_id=patient.patient_id, enrollment_id=patient.enrollment_id, iso_week=week,
+            attended_hours=5.0, target_hours=9.0,
+        )  # fmt: skip
+        await publish_and_settle(
+            app,
+            nats_server.url,
+            check_in(patient, "elevated"),
+            new_envelope(at_risk, site_id=SITE),
+            new_envelope(shortfall, site_id=SITE),
+            check_in(patient, "low"),
+        )
+        waiting = await rows(app, recipient_kind="care_team")
+        assert sorted(r["template"] for r in waiting) == [
+            "care_elevated_check_in",
+            "care_hours_at_risk",
+            "care_weekly_shortfall",
+        ]
+        for row in waiting:
+            assert row["status"] == "pending"
+            assert row["due_at"].astimezone(ZoneInfo(TZ)).strftime("%H:%M") == opens.strftime("%H:%M")
+        severities = sorted(m.envelope()["data"]["severity"] for m in bus.events("CareTeamAlerted"))
+        assert severities == ["info", "info", "warning"]
+
+        # An urgent check-in goes out at once: quiet hours and business hours do not hold it.
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+        [mail] = await wait_mail(smtp_sink, ON_CALL)
+        assert "URGENT" in mail["text"]
+        assert len(smtp_sink.mails) == 1  # the patient's welcome waits for the quiet hours to end
+
+
+# --- attendance follow-ups ---------------------------------------------------------------------------------
+
+
+async def test_missed_you_then_two_absences_alert_the_care_team(
+    app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink
+) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        await wait_mail(smtp_sink, patient.email)  # welcome
+        now = datetime.now(UTC)
+        sessions = []
+        for days in (3, 2, 1):
+            session_id = uuid4()
+            starts = now - timedelta(days=days)
+            scheduled = SessionScheduled(
+                session_id=session_id, program_id="p", kind="group_therapy", title="Afternoon", capacity=12,
+                starts_at=starts, ends_at=starts + timedelta(hours=1),
+            )  # fmt: skip
+            sessions.append(session_id)
+            await publish_and_settle(app, nats_server.url, new_envelope(scheduled, site_id=SITE))
+
+        # Recorded out of order: the third session first, then the first (present).
+        await publish_and_settle(app, nats_server.url, patient.attended(sessions[2], "absent"))
+        missed = (await wait_mail(smtp_sink, patient.email, count=2))[1]
+        assert missed["text"].strip() == domain.render("missed_you", "en")
+        await publish_and_settle(app, nats_server.url, patient.attended(sessions[0], "present"))
+        assert bus.events("CareTeamAlerted") == []
+
+        second = patient.attended(sessions[1], "absent")
+        await publish_and_settle(app, nats_server.url, second)
+        [alerted] = await bus.wait_for_event("CareTeamAlerted")
+        data = alerted.envelope()["data"]
+        assert (data["reason"], data["severity"], data["cause_event_id"]) == (
+            "two_absences", "warning", str(second.event_id),
+        )  # fmt: skip
+        [care] = await wait_mail(smtp_sink, ON_CALL)
+        assert "two sessions in a row" in care["text"]
+        await wait_mail(smtp_sink, patient.email, count=3)
+
+        # The same absence recorded again raises no second alert.
+        await publish_and_settle(app, nats_server.url, patient.attended(sessions[1], "absent"))
+        assert len(bus.events("CareTeamAlerted")) == 1
+        assert len((await client.get("/alerts", headers=CLINICIAN)).json()) == 1
+        templates = sorted(r["template"] for r in await rows(app, patient_id=patient.id, recipient_kind="patient"))
+        assert templates == ["missed_you", "missed_you", "missed_you", "welcome"]
+
+
+async def test_an_excused_absence_is_no_warning(app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient)
+        now = datetime.now(UTC)
+        ids = [uuid4(), uuid4()]
+        for index, session_id in enumerate(ids):
+            starts = now - timedelta(days=2 - index)
+            scheduled = SessionScheduled(
+                session_id=session_id, program_id="p", kind="workshop", title="Workshop", capacity=12,
+                starts_at=starts, ends_at=starts + timedelta(hours=1),
+            )  # fmt: skip
+            await publish_and_settle(app, nats_server.url, new_envelope(scheduled, site_id=SITE))
+        await publish_and_settle(
+            app, nats_server.url, patient.attended(ids[0], "excused"), patient.attended(ids[1], "absent")
+        )
+        assert bus.events("CareTeamAlerted") == []
+        missed = await wait_rows(
+            app, lambda r: len(r) == 1, "one missed-you", patient_id=patient.id, template="missed_you"
+        )
+        assert missed[0]["session_id"] == str(ids[1])
+
+
+# --- webhooks ----------------------------------------------------------------------------------------
+
+
+async def test_webhook_subscriptions_receive_signed_events_with_retries(
+    app, nats_server, bus: BusRecorder, http_peer: HttpPeer, smtp_sink: SmtpSink
+) -> None:
+    secret = "whsec-" + "k" * 24
+    http_peer.secrets["/hooks/ehr"] = secret
+    http_peer.fail["/hooks/ehr"] = 1
+    patient = Patient()
+    integration = auth("integration", [SITE])
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        body = {"site_id": SITE, "url": http_peer.url("/hooks/ehr"), "events": ["CareTeamAlerted"], "secret": secret}
+        created = await client.post("/subscriptions", json=body, headers=integration)
+        assert created.status_code == 201, created.text
+        assert "secret" not in created.json()
+        assert created.json()["events"] == ["CareTeamAlerted"]
+        for bad in ({"events": ["PatientContactChanged"]}, {"secret": "short"}, {"url": "not a url"}):
+            response = await client.post("/subscriptions", json={**body, **bad}, headers=integration)
+            assert response.status_code == 422, bad
+            assert response.json()["error"]["code"] == "invalid"
+        assert (await client.post("/subscriptions", json=body, headers=CLINICIAN)).status_code == 403
+        other = {**body, "site_id": "dayton-north"}
+        assert (await client.post("/subscriptions", json=other, headers=integration)).status_code == 404
+
+        await onboard(app, nats_server.url, patient)
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+
+        async def delivered():
+            return http_peer.posts("/hooks/ehr", status=200)
+
+        [post] = await eventually(delivered, what="the webhook delivered")
+        assert [p["status"] for p in http_peer.posts("/hooks/ehr")] == [500, 200]
+        assert post["signature_ok"] is True
+        timestamp = post["headers"]["X-Iopnet-Timestamp"]
+        expected = hmac.new(secret.encode(), timestamp.encode() + b"." + post["body"], hashlib.sha256).hexdigest()
+        assert post["headers"]["X-Iopnet-Signature"] == expected
+        envelope = json.loads(post["body"])
+        [alerted] = await bus.wait_for_event("CareTeamAlerted")
+        assert envelope == alerted.envelope()
+        [hook] = await wait_rows(
+            app, lambda r: r and r[0]["status"] == "sent", "webhook row sent", recipient_kind="integration"
+        )
+        assert hook["attempts"] == 2 and hook["patient_id"] is None
+
+        # A subscriber with the wrong secret is refused by the receiver: no retry helps.
+        http_peer.secrets["/hooks/bad"] = "another-secret-entirely"
+        wrong = {**body, "url": http_peer.url("/hooks/bad")}
+        assert (await client.post("/subscriptions", json=wrong, headers=integration)).status_code == 201
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+        refused = await wait_rows(
+            app, lambda r: any(x["status"] == "failed" for x in r), "refused webhook failed",
+            recipient_kind="integration",
+        )  # fmt: skip
+        [failed] = [r for r in refused if r["status"] == "failed"]
+        assert (failed["attempts"], failed["status_reason"], failed["last_error"]) == (1, "refused", "HTTP 401")
+        listed = await client.get("/subscriptions", headers=integration)
+        assert len(listed.json()) == 2
+        assert (
+            await client.delete(f"/subscriptions/{created.json()['subscription_id']}", headers=integration)
+        ).status_code == 204
+        assert len((await client.get("/subscriptions", headers=integration)).json()) == 1
+
+
+# --- rosters and site settings -----------------------------------------------------------------------------
+
+
+async def test_care_team_roster_is_validated_and_scoped(app, nats_server) -> None:
+    async with running(app) as client:
+        members = await with_roster(app, nats_server.url, client)
+        assert [m["position"] for m in members] == [0, 1, 2]
+        assert [m["address"] for m in members] == [ON_CALL, BACKUP_PHONE, LAST]
+        assert members[0]["language"] == "en" and members[2]["language"] == "es"
+        read = await client.get(f"/sites/{SITE}/care-team", headers=CLINICIAN)
+        assert read.status_code == 200 and read.json()["members"] == members
+        one = ROSTER["members"][0]
+        for bad in (
+            {**one, "address": "not-an-email"},
+            {**one, "channel": "sms", "address": "555-0100"},
+            {**one, "channel": "webhook", "address": "https://pager.test/hook"},  # no secret
+            {**one, "channel": "fax"},
+        ):
+            response = await client.put(f"/sites/{SITE}/care-team", json={"members": [bad]}, headers=ADMIN)
+            assert response.status_code == 422, bad
+        twice = await client.put(f"/sites/{SITE}/care-team", json={"members": [one, one]}, headers=ADMIN)
+        assert twice.status_code == 422
+        assert (await client.put(f"/sites/{SITE}/care-team", json=ROSTER, headers=CLINICIAN)).status_code == 403
+        other = auth("site_admin", ["dayton-north"])
+        assert (await client.put(f"/sites/{SITE}/care-team", json=ROSTER, headers=other)).status_code == 404
+        assert (await client.get(f"/sites/{SITE}/care-team", headers=other)).status_code == 404
+        hook = {"name": "Pager", "role": "pager", "channel": "webhook", "address": "https://pager.test/hook",
+                "secret": "pager-secret-0123456789"}  # fmt: skip
+        replaced = await client.put(f"/sites/{SITE}/care-team", json={"members": [hook, one]}, headers=ADMIN)
+        assert replaced.status_code == 200
+        assert [m["channel"] for m in replaced.json()["members"]] == ["webhook", "email"]
+        assert "secret" not in replaced.text and "pager-secret" not in replaced.text
+
+        settings = await client.get(f"/sites/{SITE}/notification-settings", headers=CLINICIAN)
+        assert settings.json()["reminder_offsets_minutes"] == [1440, 120]
+        put = await client.put(
+            f"/sites/{SITE}/notification-settings", json={"reminder_offsets_minutes": [60, 2880]}, headers=ADMIN
+        )
+        assert put.json()["reminder_offsets_minutes"] == [2880, 60]
+        bad = await client.put(f"/sites/{SITE}/notification-settings", json={"quiet_start": "22:00"}, headers=ADMIN)
+        assert bad.status_code == 422
+        assert (await client.put(f"/sites/{SITE}/notification-settings", json={}, headers=CLINICIAN)).status_code == 403
+
+
+async def test_a_pager_on_the_roster_gets_a_signed_webhook(app, nats_server, http_peer: HttpPeer) -> None:
+    secret = "pager-secret-0123456789"
+    http_peer.secrets["/pager"] = secret
+    pager = {"name": "Pager", "role": "pager", "channel": "webhook", "address": http_peer.url("/pager"),
+             "secret": secret}  # fmt: skip
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client, {"members": [pager, *ROSTER["members"]]})
+        await onboard(app, nats_server.url, patient)
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+
+        async def paged():
+            return http_peer.posts("/pager", status=200)
+
+        [post] = await eventually(paged, what="the pager called")
+        assert post["signature_ok"] is True
+        document = json.loads(post["body"])
+        assert document["template"] == "care_urgent_check_in"
+        assert "URGENT" in document["text"] and patient.id in document["text"]
