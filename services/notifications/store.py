@@ -30,6 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent, lock_row
 from shared.messaging import Inbox, Outbox
+from shared.projections import SiteDirectory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 metadata = MetaData()
@@ -78,14 +79,8 @@ enrollments = Table(
     Column("discharged_on", Date, nullable=True),
 )
 
-sites = Table(
-    "sites",
-    metadata,
-    Column("site_id", String(40), primary_key=True),
-    Column("name", String(200), nullable=False),
-    Column("timezone", String(64), nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
-)
+site_directory = SiteDirectory(metadata)  # projection of SiteRegistered
+sites = site_directory.table
 
 # Per-site overrides of the defaults in settings (PUT /sites/{id}/notification-settings).
 site_settings = Table(
@@ -319,15 +314,8 @@ async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
 # --- sites and their settings ---------------------------------------------------------------
 
 
-async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
-    values = {"name": name, "timezone": timezone, "updated_at": now()}
-    found = await session.execute(update(sites).where(sites.c.site_id == site_id).values(**values))
-    if found.rowcount == 0:
-        await session.execute(insert(sites).values(site_id=site_id, **values))
-
-
-async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(sites).where(sites.c.site_id == site_id))
+upsert_site = site_directory.upsert
+get_site = site_directory.get
 
 
 async def get_site_settings(session: AsyncSession, site_id: str) -> dict[str, Any] | None:

@@ -27,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
+from shared.projections import SiteDirectory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 metadata = MetaData()
@@ -34,14 +35,8 @@ outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
 
-sites = Table(
-    "sites",
-    metadata,
-    Column("site_id", String(40), primary_key=True),
-    Column("name", String(200), nullable=False),
-    Column("timezone", String(64), nullable=False),
-    Column("updated_at", UtcDateTime, nullable=False),
-)
+site_directory = SiteDirectory(metadata)  # projection of SiteRegistered
+sites = site_directory.table
 
 enrollments = Table(
     "enrollments",
@@ -158,22 +153,9 @@ async def _one(session: AsyncSession, query: Any) -> dict[str, Any] | None:
 # --- sites -------------------------------------------------------------------
 
 
-async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
-    values = {"name": name, "timezone": timezone, "updated_at": now()}
-    found = await session.execute(update(sites).where(sites.c.site_id == site_id).values(**values))
-    if found.rowcount == 0:
-        await session.execute(insert(sites).values(site_id=site_id, **values))
-
-
-async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(sites).where(sites.c.site_id == site_id))
-
-
-async def list_sites(session: AsyncSession, only: list[str] | None) -> list[dict[str, Any]]:
-    query = select(sites).order_by(sites.c.site_id)
-    if only is not None:
-        query = query.where(sites.c.site_id.in_(only))
-    return _rows(await session.execute(query))
+upsert_site = site_directory.upsert
+get_site = site_directory.get
+list_sites = site_directory.list
 
 
 # --- enrollments ---------------------------------------------------------------
