@@ -170,6 +170,27 @@ def events_tail(
         raise typer.Exit(1)
 
 
+@events_app.command("replay")
+def events_replay(
+    stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS")],
+    from_seq: Annotated[int, typer.Option("--from-seq", help="first stream sequence")] = 1,
+    to_seq: Annotated[int | None, typer.Option("--to-seq", help="last stream sequence (default: the end)")] = None,
+    subject: Annotated[
+        str | None, typer.Option(help="only matching subjects, e.g. 'iop.intake.>'")
+    ] = None,
+) -> None:
+    """Re-publish stored events; consumers' inboxes skip what they already applied."""
+    from iopnet.replay import replay_events
+
+    try:
+        replayed = asyncio.run(replay_events(_ops_nats_url(), stream, from_seq, to_seq, subject))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for entry in replayed:
+        typer.echo(json.dumps(entry))
+    typer.echo(f"replayed {len(replayed)} event(s) from {stream}", err=True)
+
+
 @dlq_app.command("list")
 def dlq_list(limit: Annotated[int, typer.Option(help="at most this many")] = 50) -> None:
     """List dead letters with their reason (newest last)."""
