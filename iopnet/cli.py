@@ -175,9 +175,7 @@ def events_replay(
     stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS")],
     from_seq: Annotated[int, typer.Option("--from-seq", help="first stream sequence")] = 1,
     to_seq: Annotated[int | None, typer.Option("--to-seq", help="last stream sequence (default: the end)")] = None,
-    subject: Annotated[
-        str | None, typer.Option(help="only matching subjects, e.g. 'iop.intake.>'")
-    ] = None,
+    subject: Annotated[str | None, typer.Option(help="only matching subjects, e.g. 'iop.intake.>'")] = None,
 ) -> None:
     """Re-publish stored events; consumers' inboxes skip what they already applied."""
     from iopnet.replay import replay_events
