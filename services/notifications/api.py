@@ -180,6 +180,8 @@ async def put_care_team(site_id: str, body: CareTeamIn, principal: Admin, sessio
         await _known_site(session, principal, site_id)
         await store.replace_care_team(session, site_id, members)
         rows = await store.get_care_team(session, site_id)
+        if await usecases.route_waiting_alerts(session, _policy(request), site_id, _now()):
+            request.app.state.notifier.dispatcher.wake_after_commit(session)
     return _care_team_out(site_id, rows)
 
 

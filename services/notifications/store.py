@@ -445,6 +445,14 @@ async def list_alerts(
     return _rows(await session.execute(query))
 
 
+async def unrouted_alerts(session: AsyncSession, site_id: str) -> list[dict[str, Any]]:
+    """Open alerts nobody has been told of yet (raised while the site had no roster)."""
+    query = select(alerts).where(alerts.c.site_id == site_id, alerts.c.status == "open", alerts.c.level == -1)
+    if session.bind.dialect.name == "postgresql":
+        query = query.with_for_update(skip_locked=True)
+    return _rows(await session.execute(query.order_by(alerts.c.created_at)))
+
+
 async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[str, Any]]:
     query = (
         select(alerts)

@@ -414,6 +414,22 @@ async def _alert_member(
     )
 
 
+async def route_waiting_alerts(session: AsyncSession, policy: Policy, site_id: str, now: datetime) -> int:
+    """Open alerts raised while the site had no roster go to its new on-call first at
+    once (urgent ones then escalate as usual): nothing waits for the escalation timer."""
+    roster = await store.get_care_team(session, site_id)
+    if not roster:
+        return 0
+    waiting = await store.unrouted_alerts(session, site_id)
+    for alert in waiting:
+        await _alert_member(session, policy, alert, roster[0], domain.ALERT_KINDS[alert["reason"]][1], now)
+        values: dict[str, Any] = {"level": 0}
+        if alert["severity"] == "urgent":
+            values["escalate_at"] = now + policy.escalate_after
+        await store.update_alert(session, alert["alert_id"], **values)
+    return len(waiting)
+
+
 async def escalate_alerts(session: AsyncSession, policy: Policy, now: datetime) -> list[str]:
     """Every open urgent alert whose acknowledgement is overdue goes to the next member
     of the site's roster (on-call order), with CareTeamAlerted(reason="escalated").

@@ -458,3 +458,22 @@ async def test_a_pager_on_the_roster_gets_a_signed_webhook(app, nats_server, htt
         document = json.loads(post["body"])
         assert document["template"] == "care_urgent_check_in"
         assert "URGENT" in document["text"] and patient.id in document["text"]
+
+
+async def test_alert_raised_before_any_roster_goes_out_when_the_roster_is_set(
+    app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink
+) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await register_site(app, nats_server.url)
+        await onboard(app, nats_server.url, patient, consent=False)
+        await publish_and_settle(app, nats_server.url, check_in(patient, "urgent"))
+        [alerted] = await bus.wait_for_event("CareTeamAlerted")
+        [alert] = (await client.get("/alerts", params={"status": "open"}, headers=CLINICIAN)).json()
+        assert alert["level"] == -1  # nobody to tell yet
+        assert smtp_sink.mails == []
+        await with_roster(app, nats_server.url, client)
+        [mail] = await wait_mail(smtp_sink, ON_CALL)
+        assert alerted.envelope()["data"]["alert_id"] in mail["text"]
+        [alert] = (await client.get("/alerts", params={"status": "open"}, headers=CLINICIAN)).json()
+        assert alert["level"] == 0
