@@ -141,12 +141,16 @@ class ServiceRuntime:
             _, stuck = await asyncio.wait(self._tasks, timeout=10)
             for task in stuck:
                 log.error("background task ignored cancellation", extra={"reason": task.get_name()})
-        if self.nc is not None and not self.nc.is_closed:
-            # Not drain(): it waits out pull subscriptions' pending requests (30 s).
-            # Every publish was already acknowledged, and unacked messages are redelivered.
-            await self.nc.close()
-        if self.engine is not None:
-            await self.engine.dispose()
+        try:
+            if self.nc is not None and not self.nc.is_closed:
+                # Not drain(): it waits out pull subscriptions' pending requests (30 s).
+                # Every publish was already acknowledged; unacked messages are redelivered.
+                await self.nc.close()
+        except Exception as exc:  # the broker may already be gone; the database still closes
+            log.warning("nats close failed", extra={"error": type(exc).__name__})
+        finally:
+            if self.engine is not None:
+                await self.engine.dispose()
         log.info("service stopped", extra={"service": self.name})
 
     async def readiness(self) -> dict[str, bool]:

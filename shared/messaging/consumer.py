@@ -3,9 +3,10 @@
 Why not FastStream's subscriber: DESIGN B7 lists the ways its defaults lose or loop
 messages (ack policy, message_id, max_workers duplicates, batches that do not wait).
 Here every one of those is explicit: one durable per (service, stream), explicit ack
-after the handler's transaction commits, a delayed NAK for a retry, and after
-`max_deliver` tries the message is published to `iop.dlq.>` with its reason and then
-acked, so it never blocks the messages behind it.
+after the handler's transaction commits, retries in place with backoff (so events of one
+stream are applied in order), and after `max_deliver` tries the message is published to
+`iop.dlq.>` with its reason and then acked, so it never blocks the messages behind it
+for longer than its retries.
 """
 
 import asyncio
@@ -98,8 +99,21 @@ class Consumer:
         self.bound = asyncio.Event()
 
     async def run(self) -> None:
-        subscription = await self._bind()
-        self.bound.set()
+        """Consume forever; an unexpected failure (a deleted consumer, a failed ack)
+        re-binds after a pause instead of ending the loop."""
+        while True:
+            try:
+                subscription = await self._bind()
+                self.bound.set()
+                await self._consume(subscription)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.bound.clear()
+                log.error("consumer failed; re-binding", extra={"consumer": self.durable, "error": type(exc).__name__})
+                await asyncio.sleep(1.0)
+
+    async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
         while True:
             # Wait for one message (returns as soon as it arrives), then take the
             # backlog in batches. A plain fetch(batch) would hold the first message
@@ -164,30 +178,36 @@ class Consumer:
         if handler is None:
             await message.ack()
             return
-        try:
-            async with self.sessions() as session, session.begin():
-                applied = await self.inbox.claim(session, envelope, self.durable)
-                if applied:
-                    await handler(session, envelope, event)
-        except Poison as exc:
-            await self._dead_letter(message, f"{envelope.event_type} rejected: {exc}")
-            return
-        except Exception as exc:
-            reason = _describe(exc)
-            if deliveries >= self.max_deliver:
-                await self._dead_letter(message, f"failed {deliveries} times: {reason}")
-            else:
+        attempt = deliveries
+        while True:
+            try:
+                async with self.sessions() as session, session.begin():
+                    applied = await self.inbox.claim(session, envelope, self.durable)
+                    if applied:
+                        await handler(session, envelope, event)
+                break
+            except Poison as exc:
+                await self._dead_letter(message, f"{envelope.event_type} rejected: {exc}")
+                return
+            except Exception as exc:
+                reason = _describe(exc)
+                if attempt >= self.max_deliver:
+                    await self._dead_letter(message, f"failed {attempt} times: {reason}", attempts=attempt)
+                    return
+                # Retried in place, not NAKed: the events behind this one wait, so a
+                # discharge is never applied before the enrollment it ends.
                 self.stats.retried += 1
-                log.warning("handler failed; will retry", extra=self._log_fields(envelope, deliveries, reason))
-                await message.nak(delay=self.nak_delay_seconds * 2 ** (deliveries - 1))
-            return
+                log.warning("handler failed; will retry", extra=self._log_fields(envelope, attempt, reason))
+                await message.in_progress()  # keeps ack_wait from expiring meanwhile
+                await asyncio.sleep(self.nak_delay_seconds * 2 ** (attempt - 1))
+                attempt += 1
         await message.ack()
         if applied:
             self.stats.applied += 1
         else:
             self.stats.skipped_duplicates += 1
 
-    async def _dead_letter(self, message: Msg, reason: str) -> None:
+    async def _dead_letter(self, message: Msg, reason: str, attempts: int | None = None) -> None:
         reason = re.sub(r"[\r\n]+", " ", reason)[:500]
         try:
             parsed = parse_subject(message.subject)
@@ -202,7 +222,7 @@ class Consumer:
             "Iop-Original-Subject": message.subject,
             "Iop-Original-Stream": meta.stream,
             "Iop-Original-Sequence": str(meta.sequence.stream),
-            "Iop-Deliveries": str(meta.num_delivered),
+            "Iop-Deliveries": str(attempts or meta.num_delivered),
             "Iop-Dead-Lettered-At": datetime.now(UTC).isoformat(),
         }
         payload = message.data
