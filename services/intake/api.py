@@ -608,6 +608,8 @@ async def _open_episode(
 ) -> tuple[dict[str, Any], Envelope]:
     """Create an enrollment (pending or active) and stage PatientEnrolled."""
     patient_id = patient["patient_id"]
+    # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
+    await store.get_patient(session, patient_id, lock=True)
     open_statuses = [str(s) for s in domain.OPEN_STATUSES]
     try:
         domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, open_statuses))
@@ -865,29 +867,35 @@ async def submit_check_in(
     if principal.role not in ("patient", "clinician", "front_desk", "site_admin", "network_admin"):
         raise NotFound("patient not found")
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    scope = f"check-in:{patient_id}"
+    # A key belongs to one caller and one patient: nobody replays someone else's answer.
+    caller = hashlib.sha256(principal.sub.encode()).hexdigest()[:16]
+    scope = f"check-in:{patient_id}:{caller}"
+    replay: tuple[int, dict[str, Any]] | None = None
     try:
         async with transaction(session):
-            if idempotency_key:
-                earlier = await store.get_idempotent(session, scope, idempotency_key)
-                if earlier is not None:
-                    raise _Replay(*_replayed(earlier, request_hash))
             patient = await _visible_patient(session, principal, patient_id, "check_in.submit")
-            answer = await _record_check_in(session, principal, patient, body)
-            if idempotency_key and not await store.remember_idempotent(
-                session,
-                scope=scope,
-                key=idempotency_key,
-                request_hash=request_hash,
-                status_code=201,
-                response=answer.model_dump_json(),
-            ):
-                # A concurrent retry won the race: roll back ours and answer with its result.
-                winner = await store.get_idempotent(session, scope, idempotency_key)
-                assert winner is not None
-                raise _Replay(*_replayed(winner, request_hash))
-    except _Replay as replay:
-        return JSONResponse(replay.body, status_code=replay.status)
+            earlier = await store.get_idempotent(session, scope, idempotency_key) if idempotency_key else None
+            if earlier is not None:
+                replay = _replayed(earlier, request_hash)
+                await _audit(session, principal, "check_in.replay", patient["site_id"], patient_id)
+            else:
+                answer = await _record_check_in(session, principal, patient, body)
+                if idempotency_key and not await store.remember_idempotent(
+                    session,
+                    scope=scope,
+                    key=idempotency_key,
+                    request_hash=request_hash,
+                    status_code=201,
+                    response=answer.model_dump_json(),
+                ):
+                    # A concurrent retry won the race: roll back ours and answer with its result.
+                    winner = await store.get_idempotent(session, scope, idempotency_key)
+                    assert winner is not None
+                    raise _Replay(*_replayed(winner, request_hash))
+    except _Replay as raced:
+        return JSONResponse(raced.body, status_code=raced.status)
+    if replay is not None:
+        return JSONResponse(replay[1], status_code=replay[0])
     return answer
 
 
@@ -1051,8 +1059,8 @@ async def change_goal(goal_id: UUID, body: GoalChange, principal: Clinical, sess
             enrollment = await _visible_enrollment(
                 session, principal, UUID(goal["enrollment_id"]), "plan.update", lock=True
             )
-        except NotFound:
-            raise NotFound("goal not found") from None
+        except AccessDenied:
+            raise AccessDenied("goal not found") from None
         if "status" in changes:
             try:
                 domain.check_goal_status_change(goal["status"], changes["status"])

@@ -206,8 +206,11 @@ async def add_site(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(sites).values(created_at=now(), **values))
 
 
-async def get_patient(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:
-    row = (await session.execute(select(patients).where(patients.c.patient_id == patient_id))).mappings().first()
+async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+    query = select(patients).where(patients.c.patient_id == patient_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).mappings().first()
     return dict(row) if row else None
 
 
@@ -460,7 +463,14 @@ async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
     activated = 0
     for enrollment in await pending_enrollments(session):
         if enrollment["start_date"] <= now.astimezone(ZoneInfo(enrollment["timezone"])).date():
-            await update_enrollment(session, enrollment["enrollment_id"], status="active")
+            # Conditional: a discharge committed since the read must not be undone.
+            changed = await session.execute(
+                update(enrollments)
+                .where(enrollments.c.enrollment_id == enrollment["enrollment_id"], enrollments.c.status == "pending")
+                .values(status="active")
+            )
+            if not changed.rowcount:
+                continue
             await add_history(
                 session, enrollment["enrollment_id"], "activated", "system", from_value="pending", to_value="active"
             )

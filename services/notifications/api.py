@@ -358,8 +358,12 @@ async def acknowledge_alert(alert_id: UUID, principal: Clinical, session: Db) ->
         return await _alert_out(session, updated)
 
 
+# Jobs that run across every site: network admins only.
+NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
+
+
 @router.post("/admin/escalations", tags=["ops"])
-async def run_escalations(principal: Admin, session: Db, request: Request) -> dict[str, int]:
+async def run_escalations(principal: NetworkAdmin, session: Db, request: Request) -> dict[str, int]:
     """Run the escalation check now (the background loop runs it on a timer)."""
     async with session.begin():
         escalated = await usecases.escalate_alerts(session, _policy(request), _now())

@@ -25,6 +25,8 @@ StaffOrPatient = Annotated[
     Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "patient"))
 ]
 Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
+# Jobs that run across every site: network admins only.
+NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
 Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
 Booker = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
 
@@ -552,14 +554,14 @@ async def hours_report(
 
 
 @router.post("/admin/hours-review", tags=["ops"])
-async def run_hours_review(principal: Admin, session: Db) -> dict[str, int]:
+async def run_hours_review(principal: NetworkAdmin, session: Db) -> dict[str, int]:
     """Run the treatment-hours review now (the background loop runs it on a timer)."""
     async with session.begin():
         return await usecases.review_hours(session, _now())
 
 
 @router.post("/admin/horizon", tags=["ops"])
-async def extend_horizon(principal: Admin, session: Db) -> dict[str, int]:
+async def extend_horizon(principal: NetworkAdmin, session: Db) -> dict[str, int]:
     """Materialize every program's sessions up to the rolling horizon now."""
     async with session.begin():
         return {"sessions_created": await usecases.extend_horizons(session, _now())}

@@ -388,3 +388,47 @@ async def test_site_update_republishes_site_registered(app, nats_server, bus: Bu
         assert (await client.patch("/sites/nowhere", json={"name": "X"}, headers=ADMIN)).status_code == 404
         registered = await bus.wait_for(lambda m: m.subject == f"iop.intake.site_registered.{SITE}", count=2)
         assert registered[-1].envelope()["data"]["timezone"] == "America/Chicago"
+
+
+async def test_concurrent_enrollments_leave_one_open_episode(app, nats_server) -> None:
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        patient_id = (await client.post("/patients", json=patient_body(), headers=DESK)).json()["patient_id"]
+        body = {
+            "program_id": f"{SITE}-adult",
+            "level_of_care": "2.1",
+            "cohort": "adult",
+            "start_date": str(date.today()),
+            "referral_source": "self",
+        }
+        answers = await asyncio.gather(
+            *(client.post(f"/patients/{patient_id}/enrollments", json=body, headers=DESK) for _ in range(4))
+        )
+        assert sorted(a.status_code for a in answers) == [201, 409, 409, 409]
+        async with app.state.runtime.sessions() as session:
+            assert len(await store.patient_enrollments(session, patient_id)) == 1
+
+
+async def test_an_idempotency_key_answers_only_its_own_caller(app, nats_server) -> None:
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        patient_id, _ = await enrolled_patient(client)
+        body = {"mood": 2, "craving": 9, "used_since_last": True, "safety_concern": False}
+        first = await client.post(
+            f"/patients/{patient_id}/check-ins", json=body, headers={**CLINICIAN, "Idempotency-Key": "k-1"}
+        )
+        assert first.status_code == 201
+        outsider = {**auth("clinician", [OTHER]), "Idempotency-Key": "k-1"}
+        assert (await client.post(f"/patients/{patient_id}/check-ins", json=body, headers=outsider)).status_code == 404
+        other_body = {**body, "mood": 5}
+        assert (
+            await client.post(f"/patients/{patient_id}/check-ins", json=other_body, headers=outsider)
+        ).status_code == 404
+        replayed = await client.post(
+            f"/patients/{patient_id}/check-ins", json=body, headers={**CLINICIAN, "Idempotency-Key": "k-1"}
+        )
+        assert replayed.json() == first.json()
+        audit = (
+            await client.get("/audit", params={"patient_id": patient_id}, headers=auth("site_admin", [SITE]))
+        ).json()
+        assert "check_in.replay" in {a["action"] for a in audit}
