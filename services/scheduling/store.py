@@ -348,6 +348,15 @@ async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: 
         await session.execute(insert(attendance).values(session_id=session_id, patient_id=patient_id, **values))
 
 
+async def recorded_sessions(session: AsyncSession, enrollment_id: str, since: datetime, until: datetime) -> set[str]:
+    query = (
+        select(attendance.c.session_id)
+        .join(sessions, sessions.c.session_id == attendance.c.session_id)
+        .where(attendance.c.enrollment_id == enrollment_id, sessions.c.starts_at >= since, sessions.c.starts_at < until)
+    )
+    return {r.session_id for r in await session.execute(query)}
+
+
 async def attendance_between(
     session: AsyncSession, enrollment_id: str, since: datetime, until: datetime
 ) -> list[tuple[str, int]]:

@@ -407,9 +407,18 @@ async def week_hours(
 ) -> domain.WeekHours:
     start, end = domain.week_bounds(iso_week, timezone)
     attended = domain.attended_hours(await store.attendance_between(session, enrollment["enrollment_id"], start, end))
+    recorded = await store.recorded_sessions(session, enrollment["enrollment_id"], start, end)
     remaining = 0.0
-    for booking in await store.enrollment_bookings(session, enrollment["enrollment_id"], since=max(start, now)):
-        if booking["status"] == "booked" and booking["session_status"] == "scheduled" and booking["starts_at"] < end:
+    # Still possible: every booked session of the week not yet completed and without a
+    # record for this patient — including one that has started or ended but whose
+    # attendance is not entered yet (else a late entry would look like a lost hour).
+    for booking in await store.enrollment_bookings(session, enrollment["enrollment_id"], since=start):
+        if (
+            booking["status"] == "booked"
+            and booking["session_status"] == "scheduled"
+            and booking["starts_at"] < end
+            and booking["session_id"] not in recorded
+        ):
             remaining += (booking["ends_at"] - booking["starts_at"]).total_seconds() / 3600
     target = await _week_target(session, enrollment, timezone, iso_week)
     return domain.WeekHours(iso_week, attended, round(remaining, 2), target)

@@ -644,3 +644,28 @@ async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nat
         assert [p["program_id"] for p in report.json()["programs"]] == [dayton["program_id"]]
         assert report.json()["programs"][0]["enrollments"] == 0  # discharged: no longer counted
         assert (await client.get("/sites/dayton-north/hours-report", headers=ADMIN)).status_code == 404
+
+
+async def test_sessions_awaiting_attendance_entry_do_not_raise_false_risk(app, nats_server) -> None:
+    """At 11:15 on Monday the morning's sessions are over but not yet entered: the week
+    is still reachable, so no HoursAtRisk (it is claimed once a week, so a false one
+    would also hide the real one later)."""
+    async with running(app):
+        site = await with_site(app, nats_server.url)
+        monday = date(2026, 11, 9)
+        async with app.state.runtime.sessions() as session, session.begin():
+            spec = {
+                "name": "Adult IOP",
+                "track": "main",
+                "cohort": "adult",
+                "level_of_care": "2.1",
+                "weekly_hours_target": 9.0,
+                "blocks": iop_template(),
+            }
+            program = await usecases.publish_program(session, site, spec, monday)
+            enrollment = await add_enrollment(session, program, monday)
+            await usecases.book_enrollment(session, enrollment, None, local(monday, 6))
+            hours = await usecases.week_hours(session, enrollment, TZ, "2026-W46", local(monday, 11, 15))
+            raised = await usecases.review_hours(session, local(monday, 11, 15))
+        assert (hours.attended, hours.remaining_booked) == (0.0, 10.5)
+        assert raised == {"at_risk": 0, "shortfall": 0}
