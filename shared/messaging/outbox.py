@@ -12,6 +12,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from nats.js import JetStreamContext
 from sqlalchemy import (
@@ -154,38 +155,56 @@ class OutboxRelay:
         js = self._js()
         if js is None:
             return 0
-        table = self.outbox.table
-        async with self.sessions() as session, session.begin():
-            query = (
-                select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload)
-                .where(table.c.sent_at.is_(None))
-                .order_by(table.c.seq)
-                .limit(self.batch_size)
-            )
+        async with self.sessions() as session:
             if session.bind.dialect.name == "postgresql":
-                # Replicas of a service share the outbox without publishing a row twice.
-                query = query.with_for_update(skip_locked=True)
-            rows = (await session.execute(query)).all()
-            if not rows:
-                return 0
-            sent, error = await self._publish(js, rows)
-            if sent:
-                await session.execute(
-                    update(table)
-                    .where(table.c.seq.in_(sent))
-                    .values(sent_at=datetime.now(UTC), attempts=table.c.attempts + 1)
-                )
-            if error is not None:
-                failed = [r.seq for r in rows if r.seq not in set(sent)]
-                await session.execute(
-                    update(table)
-                    .where(table.c.seq.in_(failed))
-                    .values(attempts=table.c.attempts + 1, last_error=error[:500])
-                )
+                async with session.begin():
+                    # Replicas share the outbox: the rows stay locked (SKIP LOCKED for the
+                    # others) while this relay publishes them. PostgreSQL has a pool, so
+                    # the open transaction blocks nobody else.
+                    rows = await self._pending(session, lock=True)
+                    sent, error = await self._publish(js, rows) if rows else ([], None)
+                    await self._record(session, rows, sent, error)
+            else:
+                # SQLite: one relay per file and one pooled connection. Publish with no
+                # transaction open, so a broker outage (acks time out) never stalls the
+                # service's requests behind the relay.
+                async with session.begin():
+                    rows = await self._pending(session, lock=False)
+                sent, error = await self._publish(js, rows) if rows else ([], None)
+                async with session.begin():
+                    await self._record(session, rows, sent, error)
         self.published += len(sent)
         if error is not None:
             raise _PublishFailed(f"{len(rows) - len(sent)} pending: {error}")
         return len(sent)
+
+    async def _pending(self, session: AsyncSession, *, lock: bool) -> list[Any]:
+        table = self.outbox.table
+        query = (
+            select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload)
+            .where(table.c.sent_at.is_(None))
+            .order_by(table.c.seq)
+            .limit(self.batch_size)
+        )
+        if lock:
+            query = query.with_for_update(skip_locked=True)
+        return list((await session.execute(query)).all())
+
+    async def _record(self, session: AsyncSession, rows: list[Any], sent: list[int], error: str | None) -> None:
+        table = self.outbox.table
+        if sent:
+            await session.execute(
+                update(table)
+                .where(table.c.seq.in_(sent))
+                .values(sent_at=datetime.now(UTC), attempts=table.c.attempts + 1)
+            )
+        if error is not None:
+            failed = [r.seq for r in rows if r.seq not in set(sent)]
+            await session.execute(
+                update(table)
+                .where(table.c.seq.in_(failed))
+                .values(attempts=table.c.attempts + 1, last_error=error[:500])
+            )
 
     async def _publish(self, js: JetStreamContext, rows: list) -> tuple[list[int], str | None]:
         # Publish the batch pipelined, then wait for every ack. Rows after a failure

@@ -1,6 +1,7 @@
 """Kill and restart the broker around intake's writes: the outbox loses nothing and
 JetStream's de-duplication keeps each event once."""
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,21 @@ async def test_service_starts_before_the_broker(nats_server, database_url: str, 
         await eventually(ready, timeout=20, what="ready once NATS is up")
         await eventually(lambda: all_sent(app), timeout=20, what="event sent")
     assert await stream_count(nats_server.url, "IOP_INTAKE") == 1
+
+
+async def test_requests_do_not_wait_on_the_relay_while_the_broker_is_down(app, nats_server) -> None:
+    """The relay publishes outside any transaction on SQLite (one connection per file):
+    with the broker gone and acks timing out, reads and writes still answer promptly.
+    Each request gets a deadline shorter than the relay's 5 s publish timeout: held
+    behind a relay transaction, it would miss it."""
+    async with running(app) as client:
+        assert (await client.post("/sites", json=site("steady-state"), headers=ADMIN)).status_code == 201
+        await eventually(lambda: all_sent(app), what="first event sent")
+        nats_server.stop(kill=True)
+        for index in range(5):
+            async with asyncio.timeout(3):
+                assert (await client.post("/sites", json=site(f"outage-{index}"), headers=ADMIN)).status_code == 201
+                listed = await client.get("/sites", headers=ADMIN)
+            assert len(listed.json()) == index + 2
+        pending = [r for r in await outbox_rows(app) if r["sent_at"] is None]
+        assert len(pending) == 5
