@@ -202,9 +202,19 @@ class DischargeIn(Input):
     discharged_on: date
 
 
+_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+RECIPIENT_PATTERN = rf"^((class|org):[a-z0-9_-]{{2,70}}|person:{_UUID})$"
+
+
 class ConsentIn(Input):
-    # A named party or a class of recipients, as a code: the bus carries it, so no names.
-    recipient: Annotated[str, Field(pattern=r"^(class|org|person):[a-z0-9_-]{2,70}$")]
+    # A class of recipients, an organization, or a named person by an opaque id: the bus
+    # carries it, so never a person's name.
+    recipient: Annotated[
+        str,
+        Field(
+            pattern=r"^((class|org):[a-z0-9_-]{2,70}|person:[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12})$"
+        ),
+    ]
     purpose: ConsentPurpose
     information: Annotated[str, Field(min_length=1, max_length=2000)]
     expires_on: date | None = None

@@ -135,11 +135,14 @@ class TrackIn(Input):
     program_id: Annotated[str, Field(min_length=1, max_length=64)]
 
 
+# One fixed title: a free-text title of a one-to-one session could name the patient on the bus.
+INDIVIDUAL_TITLE = "Individual session"
+
+
 class SlotIn(Input):
     site_id: SiteId
     starts_local: Annotated[datetime, Field(description="site-local wall time, no offset")]
     minutes: Annotated[int, Field(ge=15, le=180)] = 50
-    title: Annotated[str, Field(min_length=1, max_length=120)] = "Individual session"
 
 
 class SlotBookingIn(Input):
@@ -384,11 +387,12 @@ async def open_slot(clinician_id: str, body: SlotIn, principal: Clinical, sessio
         ends = starts + timedelta(minutes=body.minutes)
         if starts <= _now():
             raise Invalid("a slot must be in the future", {"starts_local": "in the past"})
+        await store.lock_clinician(session, clinician_id)
         if await store.clinician_overlaps(session, clinician_id, starts, ends):
             raise Conflict("the clinician already has a session at that time")
         row = {
             "session_id": str(uuid4()), "program_id": None, "site_id": site["site_id"],
-            "kind": "individual_therapy", "title": body.title, "block_key": f"slot-{uuid4().hex[:12]}",
+            "kind": "individual_therapy", "title": INDIVIDUAL_TITLE, "block_key": f"slot-{uuid4().hex[:12]}",
             "local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends, "capacity": 1,
             "status": "scheduled", "clinician_id": clinician_id,
         }  # fmt: skip

@@ -259,6 +259,13 @@ async def sessions_between(
     return _rows(await session.execute(query))
 
 
+async def lock_clinician(session: AsyncSession, clinician_id: str) -> None:
+    """Serialize slot creation per clinician for the rest of the transaction. PostgreSQL:
+    a transaction-scoped advisory lock; SQLite already serializes writers."""
+    if session.bind.dialect.name == "postgresql":
+        await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"clinician:{clinician_id}"))))
+
+
 async def clinician_overlaps(session: AsyncSession, clinician_id: str, starts: datetime, ends: datetime) -> bool:
     query = select(sessions.c.session_id).where(
         sessions.c.clinician_id == clinician_id,

@@ -225,6 +225,7 @@ async def test_consents_grant_expire_and_revoke(app, nats_server, bus: BusRecord
         assert reminders.status_code == 201
         for bad in (
             {"recipient": "Dr. Jane Smith"},
+            {"recipient": "person:jane-doe"},
             {"expires_event": None},
             {"signed_at": "2999-01-01T00:00:00Z"},
             {"purpose": "marketing"},

@@ -669,3 +669,19 @@ async def test_sessions_awaiting_attendance_entry_do_not_raise_false_risk(app, n
             raised = await usecases.review_hours(session, local(monday, 11, 15))
         assert (hours.attended, hours.remaining_booked) == (0.0, 10.5)
         assert raised == {"at_risk": 0, "shortfall": 0}
+
+
+async def test_parallel_slots_for_one_clinician_never_overlap(app, nats_server) -> None:
+    async with running(app) as client:
+        await with_site(app, nats_server.url)
+        day = date.today() + timedelta(days=2)
+        clinician = auth("clinician", [SITE])
+        answers = await asyncio.gather(
+            *(
+                client.post("/clinicians/tester/slots", json={"site_id": SITE, "starts_local": f"{day}T{hour}:00:00"},
+                            headers=clinician)
+                for hour in ("14", "14", "14", "14")
+            )
+        )  # fmt: skip
+        assert sorted(a.status_code for a in answers) == [201, 409, 409, 409]
+        assert {a.json().get("title") for a in answers if a.status_code == 201} == {"Individual session"}
