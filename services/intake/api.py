@@ -392,11 +392,13 @@ async def _enrollment_detail(session: AsyncSession, enrollment: dict[str, Any]) 
     return EnrollmentDetail(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields}, history=history)
 
 
-async def _episode_ended(session: AsyncSession, patient_id: str) -> bool:
-    """'End of treatment': the patient has no open episode and at least one ended one."""
-    episodes = await store.patient_enrollments(session, patient_id)
-    open_statuses = {str(s) for s in domain.OPEN_STATUSES}
-    return bool(episodes) and not any(e["status"] in open_statuses for e in episodes)
+async def _treatment_ended_since(session: AsyncSession, patient_id: str, signed_at: datetime) -> bool:
+    """'End of treatment' for a consent: a discharge on or after the day it was signed.
+    A transfer continues treatment elsewhere; a later re-enrollment does not revive it."""
+    return any(
+        e["status"] == "discharged" and e["ended_on"] is not None and e["ended_on"] >= signed_at.date()
+        for e in await store.patient_enrollments(session, patient_id)
+    )
 
 
 def _consent_state(consent: dict[str, Any], episode_ended: bool) -> domain.ConsentState:
@@ -799,6 +801,7 @@ async def grant_consent(patient_id: UUID, body: ConsentIn, principal: StaffOrPat
             recipient=body.recipient,
             purpose=body.purpose,
             expires_on=body.expires_on,
+            expires_event=body.expires_event,
         )
         await store.outbox.stage(session, new_envelope(event, site_id=patient["site_id"]))
         await _audit(session, principal, "consent.grant", patient["site_id"], patient_id)
@@ -809,12 +812,14 @@ async def grant_consent(patient_id: UUID, body: ConsentIn, principal: StaffOrPat
 async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db) -> list[ConsentOut]:
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "consent.read")
-        ended = await _episode_ended(session, str(patient_id))
         consents = await store.patient_consents(session, str(patient_id))
+        states = [
+            _consent_state(c, await _treatment_ended_since(session, str(patient_id), c["signed_at"])) for c in consents
+        ]
         await _audit(session, principal, "consent.read", patient["site_id"], patient_id)
     return [
-        ConsentOut(**{k: c[k] for k in ConsentOut.model_fields if k in c}, state=str(_consent_state(c, ended)))
-        for c in consents
+        ConsentOut(**{k: c[k] for k in ConsentOut.model_fields if k in c}, state=str(state))
+        for c, state in zip(consents, states, strict=True)
     ]
 
 
@@ -833,7 +838,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
             patient = await _visible_patient(session, principal, UUID(consent["patient_id"]), "consent.revoke")
         except AccessDenied:
             raise AccessDenied("consent not found") from None
-        ended = await _episode_ended(session, consent["patient_id"])
+        ended = await _treatment_ended_since(session, consent["patient_id"], consent["signed_at"])
         try:
             domain.check_revocation(_consent_state(consent, ended))
         except domain.IllegalTransition as error:
@@ -847,6 +852,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
             recipient=consent["recipient"],
             purpose=consent["purpose"],
             expires_on=consent["expires_on"],
+            expires_event=consent["expires_event"],
         )
         await store.outbox.stage(session, new_envelope(event, site_id=patient["site_id"]))
         await _audit(session, principal, "consent.revoke", patient["site_id"], consent["patient_id"])

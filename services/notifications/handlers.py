@@ -127,6 +127,7 @@ class Handlers:
             session, str(event.enrollment_id), status="discharged", discharged_on=event.discharged_on
         )
         await store.cancel_open(session, "discharged", patient_id=patient_id, site_id=envelope.site_id)
+        await store.end_treatment_consents(session, patient_id, event.discharged_on)
 
     async def on_consent_granted(self, session: AsyncSession, envelope: Envelope, event: ConsentGranted) -> None:
         patient_id = str(event.patient_id)
@@ -139,6 +140,7 @@ class Handlers:
             recipient=event.recipient[:200],
             purpose=event.purpose[:100],
             expires_on=event.expires_on,
+            expires_event=event.expires_event,
             revoked=False,
             granted_at=envelope.occurred_at,
         )

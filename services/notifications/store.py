@@ -5,7 +5,7 @@ message log with its delivery attempts, plus outbox, inbox and audit."""
 
 import json
 from collections.abc import Iterable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,8 @@ consents = Table(
     Column("revoked", Boolean, nullable=False, default=False),
     Column("granted_at", UtcDateTime, nullable=True),
     Column("revoked_at", UtcDateTime, nullable=True),
+    # "end_of_treatment": the consent ends the day the patient is discharged.
+    Column("expires_event", String(40), nullable=True),
 )
 
 sessions = Table(
@@ -343,6 +345,19 @@ async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) 
         if current["revoked"] and not values.get("revoked"):
             return  # a late or re-published grant never revives a revoked consent
         await session.execute(update(consents).where(consents.c.consent_id == consent_id).values(**values))
+
+
+async def end_treatment_consents(session: AsyncSession, patient_id: str, discharged_on: date) -> None:
+    """Consents that last until the end of treatment end with the discharge."""
+    await session.execute(
+        update(consents)
+        .where(
+            consents.c.patient_id == patient_id,
+            consents.c.expires_event == "end_of_treatment",
+            consents.c.expires_on.is_(None),
+        )
+        .values(expires_on=discharged_on)
+    )
 
 
 async def patient_consents(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:

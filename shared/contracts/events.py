@@ -76,6 +76,8 @@ class ConsentGranted(IntakeEvent):
     recipient: str
     purpose: str
     expires_on: date | None
+    # An expiring event instead of a date (42 CFR 2.31), e.g. "end_of_treatment".
+    expires_event: str | None = None
 
 
 class ConsentRevoked(IntakeEvent):
@@ -84,6 +86,7 @@ class ConsentRevoked(IntakeEvent):
     recipient: str
     purpose: str
     expires_on: date | None
+    expires_event: str | None = None
 
 
 class CheckInSubmitted(IntakeEvent):

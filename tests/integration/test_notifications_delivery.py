@@ -537,3 +537,20 @@ async def test_a_message_claimed_by_a_dispatcher_that_died_is_sent_when_its_leas
         await wait_mail(smtp_sink, patient.email, count=2)
         [sent] = await wait_rows(app, lambda r: r[0]["status"] == "sent", "sent after the lease", template="missed_you")
         assert sent["attempts"] == 1
+
+
+async def test_a_consent_until_end_of_treatment_ends_with_the_discharge(app, nats_server) -> None:
+    patient = Patient()
+    until_discharge = consent_event(patient.patient_id, expires_event="end_of_treatment")
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await publish_and_settle(app, nats_server.url, patient.contact, patient.enrolled, until_discharge)
+        discharge = patient.discharged()
+        await publish_and_settle(app, nats_server.url, discharge)
+        async with app.state.runtime.sessions() as session:
+            [consent] = await store.patient_consents(session, str(patient.patient_id))
+    assert consent["expires_event"] == "end_of_treatment"
+    assert consent["expires_on"] == discharge.event().discharged_on
+    gate = domain.Consent(consent["recipient"], consent["purpose"], consent["expires_on"], consent["revoked"])
+    assert gate.active_on(discharge.event().discharged_on)
+    assert not gate.active_on(discharge.event().discharged_on + timedelta(days=1))
