@@ -4,7 +4,7 @@ messages through the use cases. Every public event handled is also offered to th
 webhook subscriptions that asked for its type.
 
 - IOP_RESTRICTED: PatientContactChanged (contact details; only this service reads them)
-- IOP_INTAKE: SiteRegistered, PatientEnrolled, PatientDischarged, ConsentGranted,
+- IOP_INTAKE: SiteRegistered, PatientEnrolled, PatientDischarged, PatientTransferred, ConsentGranted,
   ConsentRevoked, CheckInSubmitted
 - IOP_SCHEDULING: SessionScheduled, SessionCancelled, PatientBooked, BookingCancelled,
   AttendanceRecorded, HoursAtRisk, WeeklyHoursShortfall
@@ -31,6 +31,7 @@ from shared.contracts.events import (
     PatientContactChanged,
     PatientDischarged,
     PatientEnrolled,
+    PatientTransferred,
     SessionCancelled,
     SessionScheduled,
     SiteRegistered,
@@ -57,6 +58,7 @@ class Handlers:
                 "SiteRegistered": self.on_site_registered,
                 "PatientEnrolled": self.on_patient_enrolled,
                 "PatientDischarged": self.on_patient_discharged,
+                "PatientTransferred": self.on_patient_transferred,
                 "ConsentGranted": self.on_consent_granted,
                 "ConsentRevoked": self.on_consent_revoked,
                 "CheckInSubmitted": self.on_check_in,
@@ -128,6 +130,18 @@ class Handlers:
         )
         await store.cancel_open(session, "discharged", patient_id=patient_id, site_id=envelope.site_id)
         await store.end_treatment_consents(session, patient_id, event.discharged_on)
+
+    async def on_patient_transferred(
+        self, session: AsyncSession, envelope: Envelope, event: PatientTransferred
+    ) -> None:
+        """The patient now belongs to the receiving site (its staff see their messages);
+        the episode at the sending site ends and its pending messages are cancelled.
+        Published under both sites' subjects: the second copy changes nothing."""
+        patient_id = str(event.patient_id)
+        await store.lock_patient(session, patient_id)
+        await store.move_contact(session, patient_id, event.to_site_id)
+        await store.update_enrollment(session, str(event.enrollment_id), status="transferred")
+        await store.cancel_open(session, "transferred", patient_id=patient_id, site_id=event.from_site_id)
 
     async def on_consent_granted(self, session: AsyncSession, envelope: Envelope, event: ConsentGranted) -> None:
         patient_id = str(event.patient_id)

@@ -290,6 +290,10 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str,
     return await _one(session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
 
 
+async def move_contact(session: AsyncSession, patient_id: str, site_id: str) -> None:
+    await session.execute(update(contacts).where(contacts.c.patient_id == patient_id).values(site_id=site_id))
+
+
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
     await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
 

@@ -29,6 +29,7 @@ from shared.contracts.events import (
     PatientContactChanged,
     PatientDischarged,
     PatientEnrolled,
+    PatientTransferred,
     SessionCancelled,
     SessionScheduled,
     SiteRegistered,
@@ -554,3 +555,24 @@ async def test_a_consent_until_end_of_treatment_ends_with_the_discharge(app, nat
     gate = domain.Consent(consent["recipient"], consent["purpose"], consent["expires_on"], consent["revoked"])
     assert gate.active_on(discharge.event().discharged_on)
     assert not gate.active_on(discharge.event().discharged_on + timedelta(days=1))
+
+
+async def test_a_transferred_patient_belongs_to_the_receiving_site(app, nats_server) -> None:
+    patient = Patient()
+    async with running(app) as client:
+        await register_site(app, nats_server.url)
+        await register_site(app, nats_server.url, "dayton-north", TZ)
+        await onboard(app, nats_server.url, patient)
+        path = f"/patients/{patient.patient_id}/notifications"
+        assert (await client.get(path, headers=auth("front_desk", [SITE]))).status_code == 200
+        moved = PatientTransferred(
+            patient_id=patient.patient_id, enrollment_id=patient.enrollment_id, from_site_id=SITE,
+            to_site_id="dayton-north", to_program_id="dayton-adult", effective_on=date.today(),
+        )  # fmt: skip
+        for site_id in (SITE, "dayton-north"):  # intake publishes it under both sites' subjects
+            await publish_and_settle(app, nats_server.url, new_envelope(moved, site_id=site_id))
+        assert (await client.get(path, headers=auth("front_desk", ["dayton-north"]))).status_code == 200
+        assert (await client.get(path, headers=auth("front_desk", [SITE]))).status_code == 404
+        async with app.state.runtime.sessions() as session:
+            [episode] = await store.patient_enrollments(session, str(patient.patient_id))
+        assert episode["status"] == "transferred"
