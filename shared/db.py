@@ -66,15 +66,15 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 @asynccontextmanager
 async def transaction(session: AsyncSession) -> AsyncIterator[None]:
-    """Like `session.begin()`, but an `AccessDenied` commits before it propagates, so
-    the audit row of a refused access survives the refusal."""
-    from shared.errors import AccessDenied
-
+    """Like `session.begin()`, but an error marked `keeps_audit` (AccessDenied,
+    AuditedConflict) commits before it propagates, so the audit row written for it
+    survives; nothing else in such a transaction writes."""
     async with session.begin() as current:
         try:
             yield
-        except AccessDenied:
-            await current.commit()
+        except Exception as error:
+            if getattr(error, "keeps_audit", False):
+                await current.commit()
             raise
 
 

@@ -36,9 +36,17 @@ class AccessDenied(NotFound):
     """404 for a record the caller may not see, whose denial was audited in the
     transaction: `shared.db.transaction` commits (keeps the audit row) and re-raises."""
 
+    keeps_audit = True
+
 
 class Conflict(ApiError):
     status, code = 409, "conflict"
+
+
+class AuditedConflict(Conflict):
+    """409 that disclosed a record (a likely duplicate): its audit row is committed."""
+
+    keeps_audit = True
 
 
 class Invalid(ApiError):

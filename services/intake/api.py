@@ -39,7 +39,7 @@ from shared.contracts.events import (
     TreatmentPlanUpdated,
 )
 from shared.db import transaction
-from shared.errors import AccessDenied, Conflict, Invalid, NotFound
+from shared.errors import AccessDenied, AuditedConflict, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -489,13 +489,15 @@ async def create_patient(body: PatientIn, principal: Staff, session: Db) -> Pati
     patient_id = uuid4()
     values = body.model_dump(exclude={"confirmed_not_duplicate"})
     name_key = domain.normalize_name(body.given_name + body.family_name)
-    async with session.begin():
+    async with transaction(session):
         if not await store.get_site(session, body.site_id):
             raise Invalid("unknown site", {"site_id": "no such site is registered"})
         existing = await store.find_identity(session, name_key, body.birth_date)
         if existing is not None and not body.confirmed_not_duplicate:
             if principal.sees_site(existing["site_id"]):
-                raise Conflict(
+                # Naming the existing record is an access to it: audited, and the row kept.
+                await _audit(session, principal, "patient.duplicate_match", existing["site_id"], existing["patient_id"])
+                raise AuditedConflict(
                     f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
                     {"patient_id": existing["patient_id"]},
                 )
@@ -701,6 +703,7 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
         raise Invalid("effective_on is too far in the past", {"effective_on": "more than 30 days ago"})
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.transfer", lock=True)
+        await _audit(session, principal, "enrollment.transfer", enrollment["site_id"], enrollment["patient_id"])
         if body.to_site_id == enrollment["site_id"]:
             raise Invalid("a transfer goes to another site", {"to_site_id": "same site"})
         if await store.get_site(session, body.to_site_id) is None:

@@ -545,13 +545,20 @@ async def hours_report(
         if domain.hours_verdict(hours, now, end) is not None:
             entry["at_risk"].append(enrollment["enrollment_id"])
     report = []
+    site_present = site_recorded = 0
     for entry in programs.values():
         recorded = entry.pop("recorded")
         present = entry.pop("present")
+        site_present, site_recorded = site_present + present, site_recorded + recorded
         entry["attendance_rate"] = round(present / recorded, 3) if recorded else None
         report.append(entry)
-    total_recorded = sum(1 for _ in report)
-    return {"site_id": site_id, "iso_week": iso_week, "programs": report, "program_count": total_recorded}
+    site = {
+        "enrollments": sum(p["enrollments"] for p in report),
+        "attended_hours": round(sum(p["attended_hours"] for p in report), 2),
+        "attendance_rate": round(site_present / site_recorded, 3) if site_recorded else None,
+        "at_risk": sorted(e for p in report for e in p["at_risk"]),
+    }
+    return {"site_id": site_id, "iso_week": iso_week, "site": site, "programs": report, "program_count": len(report)}
 
 
 # --- operations ------------------------------------------------------------------------

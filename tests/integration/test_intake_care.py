@@ -74,6 +74,10 @@ async def test_duplicates_are_caught_network_wide_without_leaking(app, nats_serv
         same = await client.post("/patients", json=patient_body("LUCIA", "Nunez"), headers=DESK)
         assert same.status_code == 409
         assert same.json()["error"]["fields"]["patient_id"] == first.json()["patient_id"]
+        audit = await client.get(
+            "/audit", params={"patient_id": first.json()["patient_id"]}, headers=auth("site_admin", [SITE])
+        )
+        assert "patient.duplicate_match" in {a["action"] for a in audit.json()}
         elsewhere = await client.post(
             "/patients", json={**patient_body("lucia", "nuñez"), "site_id": OTHER}, headers=auth("front_desk", [OTHER])
         )
