@@ -44,6 +44,14 @@ def iop_template(days: tuple[int, ...] = (1, 3, 5), capacity: int = 12) -> list[
     return [{**b, "weekday": d, "capacity": capacity} for d in days for b in IOP_DAY]
 
 
+def enrolled_in(program_id: str, start: date, site_id: str = SITE, **envelope: object):
+    """PatientEnrolled as intake publishes it, for a new patient (or `patient_id=`)."""
+    patient_id = envelope.pop("patient_id", None) or uuid4()
+    event = PatientEnrolled(patient_id=patient_id, enrollment_id=uuid4(), program_id=program_id, level_of_care="2.1",
+                            cohort="adult", start_date=start, referral_source="self")  # fmt: skip
+    return new_envelope(event, site_id=site_id, **envelope)  # type: ignore[arg-type]
+
+
 @pytest.fixture
 def app(nats_server, database_url: str, tmp_path: Path):
     return create_app(make_settings(nats_server.url, tmp_path, scheduling_database_url=database_url))
@@ -380,21 +388,7 @@ async def test_enrollment_books_and_discharge_cancels_with_backfill(app, nats_se
         await with_site(app, nats_server.url)
         body = {"site_id": SITE, "name": "Adult IOP", "cohort": "adult", "blocks": iop_template(capacity=1)}
         program = (await client.post("/programs", json=body, headers=ADMIN)).json()
-        first, second = (
-            new_envelope(
-                PatientEnrolled(
-                    patient_id=uuid4(),
-                    enrollment_id=uuid4(),
-                    program_id=program["program_id"],
-                    level_of_care="2.1",
-                    cohort="adult",
-                    start_date=TOMORROW,
-                    referral_source="self",
-                ),
-                site_id=SITE,
-            )
-            for _ in range(2)
-        )
+        first, second = (enrolled_in(program["program_id"], TOMORROW) for _ in range(2))
         await publish(nats_server.url, first)
         await publish(nats_server.url, first, msg_id_prefix="redelivered-")  # idempotent: books once
         await publish(nats_server.url, second)
@@ -438,18 +432,7 @@ async def test_site_closure_cancels_the_day(app, nats_server, bus: BusRecorder) 
             "blocks": iop_template(days=(1, 2, 3, 4, 5, 6, 7)),
         }
         program = (await client.post("/programs", json=body, headers=ADMIN)).json()
-        enrolled = new_envelope(
-            PatientEnrolled(
-                patient_id=uuid4(),
-                enrollment_id=uuid4(),
-                program_id=program["program_id"],
-                level_of_care="2.1",
-                cohort="adult",
-                start_date=TOMORROW,
-                referral_source="self",
-            ),
-            site_id=SITE,
-        )
+        enrolled = enrolled_in(program["program_id"], TOMORROW)
         await publish(nats_server.url, enrolled)
         holiday = date.today() + timedelta(days=3)
         await bus.wait_for_event("PatientBooked", count=await _count_from(app, program, TOMORROW))
@@ -501,18 +484,7 @@ async def test_track_switch_moves_future_bookings_and_keeps_hours(app, nats_serv
                 },
             )
         ).json()
-        enrolled = new_envelope(
-            PatientEnrolled(
-                patient_id=uuid4(),
-                enrollment_id=uuid4(),
-                program_id=morning["program_id"],
-                level_of_care="2.1",
-                cohort="adult",
-                start_date=date.today(),
-                referral_source="self",
-            ),
-            site_id=SITE,
-        )
+        enrolled = enrolled_in(morning["program_id"], date.today())
         await publish(nats_server.url, enrolled)
         enrollment_id = enrolled.data["enrollment_id"]
 
@@ -588,11 +560,7 @@ async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nat
         columbus = (await client.post("/programs", json=body, headers=ADMIN)).json()
         dayton_admin = auth("site_admin", ["dayton-north"])
         dayton = (await client.post("/programs", json={**body, "site_id": "dayton-north"}, headers=dayton_admin)).json()
-        enrolled = new_envelope(
-            PatientEnrolled(patient_id=uuid4(), enrollment_id=uuid4(), program_id=columbus["program_id"],
-                            level_of_care="2.1", cohort="adult", start_date=TOMORROW, referral_source="self"),
-            site_id=SITE,
-        )  # fmt: skip
+        enrolled = enrolled_in(columbus["program_id"], TOMORROW)
         await publish(nats_server.url, enrolled)
         expected = await _count_from(app, columbus, TOMORROW)
         await bus.wait_for_event("PatientBooked", count=expected)
@@ -604,11 +572,9 @@ async def test_transfer_and_discharge_are_idempotent_and_reports_add_up(app, nat
             site_id=SITE,
         )  # fmt: skip
         # Intake ends the episode here and opens a new one at the receiving site.
-        reenrolled = new_envelope(
-            PatientEnrolled(patient_id=enrolled.data["patient_id"], enrollment_id=uuid4(),
-                            program_id=dayton["program_id"], level_of_care="2.1", cohort="adult",
-                            start_date=TOMORROW, referral_source="self"),
-            site_id="dayton-north", correlation_id=transfer.correlation_id, causation_id=transfer.event_id,
+        reenrolled = enrolled_in(
+            dayton["program_id"], TOMORROW, "dayton-north", patient_id=enrolled.data["patient_id"],
+            correlation_id=transfer.correlation_id, causation_id=transfer.event_id,
         )  # fmt: skip
         await publish(nats_server.url, transfer, reenrolled)
         await publish(nats_server.url, transfer, msg_id_prefix="again-")
