@@ -154,3 +154,29 @@ async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_d
     assert payload == b""
     assert headers["Iop-Payload-Withheld"] == "restricted"
     assert headers["Iop-Original-Stream"] == "IOP_RESTRICTED"
+
+
+async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server, inbox_db) -> None:
+    inbox, sessions = inbox_db
+    seen: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        seen.append(event.program_id)
+
+    backlog = [enrolled(f"p{index:02d}") for index in range(20)]
+    await publish(nats_server.url, *backlog)  # all waiting before the consumer starts
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer("batcher", Subscription("IOP_INTAKE", {"PatientEnrolled": handler}), sessions, inbox,
+                        nc.jetstream(), batch=64)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == 20
+
+        await eventually(all_applied, what="twenty events applied")
+    finally:
+        task.cancel()
+        await nc.close()
+    assert seen == [f"p{index:02d}" for index in range(20)]
+    assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
