@@ -492,6 +492,7 @@ async def create_patient(body: PatientIn, principal: Staff, session: Db) -> Pati
     async with transaction(session):
         if not await store.get_site(session, body.site_id):
             raise Invalid("unknown site", {"site_id": "no such site is registered"})
+        await store.lock_identity(session, name_key, body.birth_date)
         existing = await store.find_identity(session, name_key, body.birth_date)
         if existing is not None and not body.confirmed_not_duplicate:
             if principal.sees_site(existing["site_id"]):

@@ -275,6 +275,15 @@ async def update_patient(session: AsyncSession, patient_id: str, **values: Any) 
     )
 
 
+async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) -> None:
+    """Serialize registrations of one identity (folded name + birth date) for the rest of
+    the transaction, so two desks registering the same person at once cannot both pass
+    the duplicate check. PostgreSQL: an advisory lock; SQLite already serializes writers."""
+    if session.bind.dialect.name == "postgresql":
+        key = f"identity:{name_key}:{birth_date.isoformat()}"
+        await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+
+
 async def find_identity(session: AsyncSession, name_key: str, birth_date: date) -> dict[str, Any] | None:
     """A likely duplicate anywhere in the network: same folded name, same birth date."""
     query = select(patients).where(patients.c.name_key == name_key, patients.c.birth_date == birth_date).limit(1)

@@ -437,3 +437,10 @@ async def test_an_idempotency_key_answers_only_its_own_caller(app, nats_server) 
             await client.get("/audit", params={"patient_id": patient_id}, headers=auth("site_admin", [SITE]))
         ).json()
         assert "check_in.replay" in {a["action"] for a in audit}
+
+
+async def test_two_desks_registering_one_person_at_once_make_one_record(app, nats_server) -> None:
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        answers = await asyncio.gather(*(client.post("/patients", json=patient_body(), headers=DESK) for _ in range(4)))
+        assert sorted(a.status_code for a in answers) == [201, 409, 409, 409]
