@@ -28,16 +28,24 @@ TEST_SECRET = "test-signing-secret-" + "x" * 32
 
 
 class ExternalNats:
-    """IOPNET_TEST_NATS_URL: an existing server; it cannot be killed by the tests."""
+    """IOPNET_TEST_NATS_URL: an existing server, which the tests must not kill."""
 
     def __init__(self, url: str) -> None:
         self.url = url
 
     def stop(self, kill: bool = False) -> None:
-        pytest.skip("this test kills the broker; it needs its own nats-server")
+        raise RuntimeError("an external broker cannot be stopped; use the own_nats_server fixture")
 
     def start(self) -> "ExternalNats":
         return self
+
+
+def _local_nats(tmp_path: Path) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path / "nats", port=free_port()).start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
 
 
 @pytest.fixture
@@ -46,11 +54,13 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer | ExternalNats]:
     if external:
         yield ExternalNats(external)
         return
-    server = NatsServer(tmp_path / "nats", port=free_port()).start()
-    try:
-        yield server
-    finally:
-        server.stop(kill=True)
+    yield from _local_nats(tmp_path)
+
+
+@pytest.fixture
+def own_nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A nats-server of the test's own, always: fault tests kill and restart it."""
+    yield from _local_nats(tmp_path)
 
 
 def _postgres_admin_url() -> str | None:

@@ -40,6 +40,12 @@ IOP_DAY = [
 ]
 
 
+def program_spec(name: str, *, blocks: list[dict], track: str = "main", target: float | None = None) -> dict:
+    """An adult ASAM 2.1 program as POST /programs takes it (the use cases take the same)."""
+    return {"name": name, "track": track, "cohort": "adult", "level_of_care": "2.1",
+            "weekly_hours_target": target, "blocks": blocks}  # fmt: skip
+
+
 def iop_template(days: tuple[int, ...] = (1, 3, 5), capacity: int = 12) -> list[dict]:
     return [{**b, "weekday": d, "capacity": capacity} for d in days for b in IOP_DAY]
 
@@ -172,14 +178,7 @@ async def test_capacity_holds_under_concurrent_bookings(app, nats_server) -> Non
     async with running(app) as client:
         site = await with_site(app, nats_server.url)
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Small group",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": iop_template(days=(1, 2, 3, 4, 5, 6, 7), capacity=3),
-            }
+            spec = program_spec("Small group", blocks=iop_template(days=(1, 2, 3, 4, 5, 6, 7), capacity=3))
             program = await usecases.publish_program(session, site, spec, date.today() + timedelta(days=1))
             enrollments = [await add_enrollment(session, program, date.today()) for _ in range(10)]
             [target] = (await store.sessions_between(session, program_id=program["program_id"]))[:1]
@@ -205,24 +204,8 @@ async def test_cancellation_backfills_from_the_waitlist_in_order(app, nats_serve
     async with running(app):
         site = await with_site(app, nats_server.url)
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Pair",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": [
-                    {
-                        "weekday": d,
-                        "start": "10:00",
-                        "minutes": 60,
-                        "kind": "group_therapy",
-                        "title": "Group",
-                        "capacity": 2,
-                    }
-                    for d in range(1, 8)
-                ],
-            }
+            block = {"start": "10:00", "minutes": 60, "kind": "group_therapy", "title": "Group", "capacity": 2}
+            spec = program_spec("Pair", blocks=[{**block, "weekday": d} for d in range(1, 8)])
             program = await usecases.publish_program(session, site, spec, date.today() + timedelta(days=1))
             [target] = (await store.sessions_between(session, program_id=program["program_id"]))[:1]
             a, b, c, d = [await add_enrollment(session, program, date.today()) for _ in range(4)]
@@ -246,14 +229,7 @@ async def test_hours_at_risk_is_raised_once_mid_week_and_shortfall_at_week_close
         site = await with_site(app, nats_server.url)
         monday = date(2026, 11, 2)  # ISO 2026-W45, a past week, so the clock is ours to set
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Adult IOP",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": iop_template(),
-            }
+            spec = program_spec("Adult IOP", blocks=iop_template())
             program = await usecases.publish_program(session, site, spec, monday)
             enrollment = await add_enrollment(session, program, monday)
             booked = await usecases.book_enrollment(session, enrollment, None, local(monday, 6))
@@ -297,23 +273,9 @@ async def test_hours_use_the_site_week_not_the_utc_week(app, nats_server) -> Non
         site = await with_site(app, nats_server.url, "la-west", "America/Los_Angeles")
         sunday = date(2026, 11, 8)  # 22:00 Sunday in Los Angeles is Monday 06:00 UTC (ISO W46)
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Evening",
-                "track": "evening",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": [
-                    {
-                        "weekday": 7,
-                        "start": "22:00",
-                        "minutes": 60,
-                        "kind": "group_therapy",
-                        "title": "Sunday group",
-                        "capacity": 12,
-                    }
-                ],
-            }
+            block = {"weekday": 7, "start": "22:00", "minutes": 60, "kind": "group_therapy",
+                     "title": "Sunday group", "capacity": 12}  # fmt: skip
+            spec = program_spec("Evening", track="evening", blocks=[block])
             program = await usecases.publish_program(session, site, spec, sunday)
             enrollment = await add_enrollment(session, program, sunday - timedelta(days=6))
             await usecases.book_enrollment(session, enrollment, None, local(sunday, 8, zone="America/Los_Angeles"))
@@ -335,14 +297,7 @@ async def test_attendance_and_completion_rules(app, nats_server, bus: BusRecorde
     async with running(app) as client:
         site = await with_site(app, nats_server.url)
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Adult IOP",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": iop_template(days=(1, 2, 3, 4, 5, 6, 7)),
-            }
+            spec = program_spec("Adult IOP", blocks=iop_template(days=(1, 2, 3, 4, 5, 6, 7)))
             yesterday = date.today() - timedelta(days=1)
             program = await usecases.publish_program(session, site, spec, yesterday)
             enrollment = await add_enrollment(session, program, yesterday)
@@ -527,14 +482,7 @@ async def test_individual_slots_never_double_book_a_clinician(app, nats_server) 
         )
         assert overlap.status_code == 409
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "IOP",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": None,
-                "blocks": iop_template(),
-            }
+            spec = program_spec("IOP", blocks=iop_template())
             program = await usecases.publish_program(session, site, spec, date.today())
             one, two = [await add_enrollment(session, program, date.today()) for _ in range(2)]
         path = f"/sessions/{first.json()['session_id']}/bookings"
@@ -620,14 +568,7 @@ async def test_sessions_awaiting_attendance_entry_do_not_raise_false_risk(app, n
         site = await with_site(app, nats_server.url)
         monday = date(2026, 11, 9)
         async with app.state.runtime.sessions() as session, session.begin():
-            spec = {
-                "name": "Adult IOP",
-                "track": "main",
-                "cohort": "adult",
-                "level_of_care": "2.1",
-                "weekly_hours_target": 9.0,
-                "blocks": iop_template(),
-            }
+            spec = program_spec("Adult IOP", target=9.0, blocks=iop_template())
             program = await usecases.publish_program(session, site, spec, monday)
             enrollment = await add_enrollment(session, program, monday)
             await usecases.book_enrollment(session, enrollment, None, local(monday, 6))
