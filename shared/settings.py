@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".data")
     # Given: use it and start nothing. Absent: the embedded server below.
     nats_url: str | None = None
+    # The account that holds IOP_RESTRICTED (contact details), for intake and notifications
+    # only. Unset: the same server as nats_url (a server without accounts, as in tests).
+    nats_restricted_url: str | None = None
     embedded_nats_host: str = "127.0.0.1"
     embedded_nats_port: int = 4223
 
@@ -33,6 +36,10 @@ class Settings(BaseSettings):
     # Absent: a random secret kept in <data_dir>/jwt.secret, shared by the local network.
     jwt_secret: str | None = None
     jwt_ttl_seconds: int = 8 * 3600
+    jwt_issuer: str = "iopnet"
+    jwt_audience: str = "iopnet"
+    # A token whose exp - iat exceeds this is refused, whoever signed it.
+    jwt_max_ttl_seconds: int = 12 * 3600
 
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024
@@ -70,6 +77,10 @@ class Settings(BaseSettings):
     notify_send_timeout_seconds: float = 10.0
     notify_dispatch_tick_seconds: float = 1.0
     notify_care_team_language: str = "en"
+    # Development only: webhooks over plain http and to loopback/private addresses
+    # (a local receiver). Off: https to public addresses only (no SSRF).
+    notify_allow_insecure_targets: bool = False
+    notify_response_max_bytes: int = 64 * 1024
     smtp_host: str = "127.0.0.1"
     smtp_port: int = 25
     smtp_from: str = "iopnet <no-reply@iopnet.invalid>"
