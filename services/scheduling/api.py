@@ -1,20 +1,27 @@
 """Scheduling HTTP API: programs and tracks, the calendar, bookings, attendance,
-closures and treatment hours (DESIGN A6)."""
+closures and treatment hours (DESIGN A6).
+
+Every read or change of a patient's data writes an audit row in the same transaction,
+and so does a refused attempt at another site's patient: `transaction` keeps that row
+while the caller gets the same 404 as for a record that does not exist (DESIGN B5).
+Dates, wall times and ISO weeks are bounded at the boundary (`domain.check_day`), so no
+input reaches date arithmetic that could overflow."""
 
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID, uuid4
 
-from fastapi import APIRouter, Depends, Query
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi import APIRouter, Depends, Path, Query
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store, usecases
 from shared.audit import record_access
 from shared.auth import Principal, ensure_site, require_roles
 from shared.contracts.events import AttendanceStatus, Cohort, LevelOfCare, SessionKind, SiteId
-from shared.errors import Conflict, Invalid, NotFound
+from shared.db import transaction
+from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -29,6 +36,14 @@ Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"
 NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
 Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
 Booker = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
+
+# Bounded at the boundary: a day, a site-local wall time and an ISO week the date
+# arithmetic behind every route can hold (a bad one is a 422, never a 500).
+Day = Annotated[date, Field(description=f"{domain.FIRST_DAY} to {domain.LAST_DAY}"), AfterValidator(domain.check_day)]
+WallTime = Annotated[datetime, AfterValidator(domain.check_wall_time)]
+IsoWeek = Annotated[str, Field(pattern=r"^[0-9]{4}-W[0-9]{2}$"), AfterValidator(domain.check_iso_week)]
+# sessions.clinician_id is 200 characters: a longer id would fail the insert itself.
+ClinicianId = Annotated[str, Path(min_length=1, max_length=200)]
 
 
 class Input(BaseModel):
@@ -127,7 +142,7 @@ class AttendanceIn(Input):
 
 
 class ClosureIn(Input):
-    date: date
+    date: Day
     reason: Literal["holiday", "weather", "staffing", "facility", "other"]
 
 
@@ -141,7 +156,7 @@ INDIVIDUAL_TITLE = "Individual session"
 
 class SlotIn(Input):
     site_id: SiteId
-    starts_local: Annotated[datetime, Field(description="site-local wall time, no offset")]
+    starts_local: Annotated[WallTime, Field(description="site-local wall time, no offset")]
     minutes: Annotated[int, Field(ge=15, le=180)] = 50
 
 
@@ -187,6 +202,10 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _invalid(error: domain.ScheduleError | usecases.Rejected) -> Invalid:
+    return Invalid(str(error), {error.field: str(error)} if error.field else None)
+
+
 async def _guarded(action: Callable[[], Awaitable[T]]) -> T:
     """Map rule violations to the A6 error shape: 409 conflicts, 422 bad input."""
     try:
@@ -194,9 +213,9 @@ async def _guarded(action: Callable[[], Awaitable[T]]) -> T:
     except usecases.Rejected as error:
         if error.status == 409:
             raise Conflict(str(error)) from None
-        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
+        raise _invalid(error) from None
     except domain.ScheduleError as error:
-        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
+        raise _invalid(error) from None
 
 
 async def _site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
@@ -207,24 +226,60 @@ async def _site(session: AsyncSession, principal: Principal, site_id: str) -> di
     return site
 
 
+async def _audit(
+    session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: UUID | str | None
+) -> None:
+    await record_access(session, store.audit, principal, action=action, site_id=site_id, patient_id=patient_id)
+
+
+async def _deny(
+    session: AsyncSession, principal: Principal, action: str, site_id: str, patient_ids: list[str], what: str
+) -> AccessDenied:
+    """Audit a refused attempt, one row per patient it aimed at (one without a patient
+    when there is none yet: the probe itself is worth keeping); the caller raises the
+    404, whose body is the one an unknown id gets."""
+    for patient_id in patient_ids or [None]:
+        await _audit(session, principal, f"{action}.denied", site_id, patient_id)
+    return AccessDenied(f"{what} not found")
+
+
+async def _visible_site(session: AsyncSession, principal: Principal, site_id: str, action: str) -> dict[str, Any]:
+    """A site whose patient figures the caller may read (a refusal is audited)."""
+    site = await store.get_site(session, site_id)
+    if site is None:
+        raise NotFound("site not found")
+    if not principal.sees_site(site_id):
+        raise await _deny(session, principal, action, site_id, [], "site")
+    return site
+
+
 async def _session(
-    session: AsyncSession, principal: Principal, session_id: UUID, *, lock: bool = False
+    session: AsyncSession, principal: Principal, session_id: UUID, action: str, *, lock: bool = False
 ) -> dict[str, Any]:
+    """A session of the caller's sites. A refusal is audited for each patient on its
+    roster: the roster (and attendance) is what the caller was after."""
     row = await store.get_session(session, str(session_id), lock=lock)
-    if row is None or not principal.sees_site(row["site_id"]):
+    if row is None:
         raise NotFound("session not found")
+    if not principal.sees_site(row["site_id"]):
+        roster = await store.session_bookings(session, row["session_id"])
+        patients = sorted({b["patient_id"] for b in roster if b["status"] != "cancelled"})
+        raise await _deny(session, principal, action, row["site_id"], patients, "session")
     return row
 
 
-async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id: UUID) -> dict[str, Any]:
+async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id: UUID, action: str) -> dict[str, Any]:
+    """An enrollment the caller may see: staff of its site, or the patient it belongs
+    to. A refusal is audited against that patient."""
     row = await store.get_enrollment(session, str(enrollment_id))
     if row is None:
         raise NotFound("enrollment not found")
     if principal.role == "patient":
-        if principal.patient_id != UUID(row["patient_id"]):
-            raise NotFound("enrollment not found")
-    elif not principal.sees_site(row["site_id"]):
-        raise NotFound("enrollment not found")
+        allowed = principal.patient_id == UUID(row["patient_id"])
+    else:
+        allowed = principal.sees_site(row["site_id"])
+    if not allowed:
+        raise await _deny(session, principal, action, row["site_id"], [row["patient_id"]], "enrollment")
     return row
 
 
@@ -285,14 +340,15 @@ async def site_calendar(
     site_id: str,
     principal: Staff,
     session: Db,
-    since: Annotated[date | None, Query(alias="from", description="site-local first day")] = None,
-    until: Annotated[date | None, Query(alias="to", description="site-local last day (inclusive)")] = None,
+    since: Annotated[Day | None, Query(alias="from", description="site-local first day")] = None,
+    until: Annotated[Day | None, Query(alias="to", description="site-local last day (inclusive)")] = None,
 ) -> list[SessionOut]:
     site = await _site(session, principal, site_id)
     today = domain.site_today(_now(), site["timezone"])
-    first, last = since or today, until or (since or today) + timedelta(days=6)
-    if last < first or (last - first).days > 62:
-        raise Invalid("'to' must be on or after 'from' and at most 62 days later", {"to": "bad range"})
+    try:
+        first, last = domain.calendar_range(since, until, today)
+    except domain.ScheduleError as error:
+        raise _invalid(error) from None
     zone_start, _ = domain.week_bounds(f"{first.isocalendar()[0]}-W{first.isocalendar()[1]:02d}", site["timezone"])
     rows = await store.sessions_between(
         session,
@@ -324,8 +380,8 @@ async def _session_out(session: AsyncSession, row: dict[str, Any]) -> SessionOut
 
 @router.get("/sessions/{session_id}", response_model=SessionDetail, tags=["calendar"])
 async def session_roster(session_id: UUID, principal: Staff, session: Db) -> SessionDetail:
-    async with session.begin():
-        row = await _session(session, principal, session_id)
+    async with transaction(session):
+        row = await _session(session, principal, session_id, "roster.read")
         attendance = {a["patient_id"]: a for a in await store.get_attendance(session, str(session_id))}
         roster = []
         for booking in await store.session_bookings(session, str(session_id)):
@@ -342,32 +398,26 @@ async def session_roster(session_id: UUID, principal: Staff, session: Db) -> Ses
                     minutes=record["minutes"] if record else None,
                 )
             )
-            await record_access(
-                session, store.audit, principal, action="roster.read", site_id=row["site_id"],
-                patient_id=booking["patient_id"],
-            )  # fmt: skip
+            await _audit(session, principal, "roster.read", row["site_id"], booking["patient_id"])
         summary = await _session_out(session, row)
     return SessionDetail(**summary.model_dump(), roster=roster)
 
 
 @router.post("/sessions/{session_id}/attendance", tags=["attendance"])
 async def record_attendance(session_id: UUID, body: AttendanceIn, principal: Clinical, session: Db) -> dict[str, Any]:
-    async with session.begin():
-        row = await _session(session, principal, session_id, lock=True)
+    async with transaction(session):
+        row = await _session(session, principal, session_id, "attendance.record", lock=True)
         records = [{**r.model_dump(), "patient_id": str(r.patient_id)} for r in body.records]
         count = await _guarded(lambda: usecases.record_attendance(session, row, records, principal.sub, _now()))
         for record in records:
-            await record_access(
-                session, store.audit, principal, action="attendance.record", site_id=row["site_id"],
-                patient_id=record["patient_id"],
-            )  # fmt: skip
+            await _audit(session, principal, "attendance.record", row["site_id"], record["patient_id"])
     return {"session_id": session_id, "recorded": count}
 
 
 @router.post("/sessions/{session_id}/complete", tags=["attendance"])
 async def complete_session(session_id: UUID, principal: Clinical, session: Db) -> dict[str, Any]:
-    async with session.begin():
-        row = await _session(session, principal, session_id, lock=True)
+    async with transaction(session):
+        row = await _session(session, principal, session_id, "session.complete", lock=True)
         counts = await _guarded(lambda: usecases.complete_session(session, row, _now()))
     return {"session_id": session_id, "status": "completed", **counts}
 
@@ -376,13 +426,11 @@ async def complete_session(session_id: UUID, principal: Clinical, session: Db) -
 
 
 @router.post("/clinicians/{clinician_id}/slots", status_code=201, response_model=SessionOut, tags=["individual"])
-async def open_slot(clinician_id: str, body: SlotIn, principal: Clinical, session: Db) -> SessionOut:
+async def open_slot(clinician_id: ClinicianId, body: SlotIn, principal: Clinical, session: Db) -> SessionOut:
     if principal.role == "clinician" and principal.sub != clinician_id:
         raise NotFound("clinician not found")
     async with session.begin():
         site = await _site(session, principal, body.site_id)
-        if body.starts_local.tzinfo is not None:
-            raise Invalid("starts_local is a site-local wall time without an offset", {"starts_local": "has offset"})
         starts = domain.local_instant(body.starts_local.date(), body.starts_local.time(), _zone(site))
         ends = starts + timedelta(minutes=body.minutes)
         if starts <= _now():
@@ -403,9 +451,9 @@ async def open_slot(clinician_id: str, body: SlotIn, principal: Clinical, sessio
 
 @router.post("/sessions/{session_id}/bookings", status_code=201, tags=["bookings"])
 async def book_session(session_id: UUID, body: SlotBookingIn, principal: Booker, session: Db) -> dict[str, Any]:
-    async with session.begin():
-        row = await _session(session, principal, session_id, lock=True)
-        enrollment = await _enrollment(session, principal, body.enrollment_id)
+    async with transaction(session):
+        row = await _session(session, principal, session_id, "booking.create", lock=True)
+        enrollment = await _enrollment(session, principal, body.enrollment_id, "booking.create")
         if enrollment["site_id"] != row["site_id"] or enrollment["status"] != "active":
             raise Invalid("the enrollment is not active at this session's site", {"enrollment_id": "wrong site"})
         if row["starts_at"] <= _now():
@@ -414,10 +462,7 @@ async def book_session(session_id: UUID, body: SlotBookingIn, principal: Booker,
         status = await _guarded(
             lambda: usecases.book(session, str(session_id), enrollment, None, waitlist=not individual)
         )
-        await record_access(
-            session, store.audit, principal, action="booking.create", site_id=row["site_id"],
-            patient_id=enrollment["patient_id"],
-        )  # fmt: skip
+        await _audit(session, principal, "booking.create", row["site_id"], enrollment["patient_id"])
     return {"session_id": session_id, "enrollment_id": body.enrollment_id, "status": status}
 
 
@@ -426,53 +471,54 @@ async def book_session(session_id: UUID, body: SlotBookingIn, principal: Booker,
 
 @router.get("/patients/{patient_id}/bookings", response_model=list[BookingOut], tags=["bookings"])
 async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session: Db) -> list[BookingOut]:
-    async with session.begin():
-        rows = await store.patient_bookings(session, str(patient_id))
-        if principal.role == "patient":
-            visible = rows if principal.patient_id == patient_id else []
-        else:
-            visible = [r for r in rows if principal.sees_site(r["site_id"])]
-        if not visible:
+    async with transaction(session):
+        known = await store.patient_sites(session, str(patient_id))
+        if not known:
             raise NotFound("patient not found")
-        for site_id in sorted({r["site_id"] for r in visible}):
-            await record_access(
-                session, store.audit, principal, action="schedule.read", site_id=site_id, patient_id=patient_id
-            )
-    return [BookingOut(**{k: r[k] for k in BookingOut.model_fields}) for r in visible if r["status"] != "cancelled"]
+        if principal.role == "patient":
+            readable = known if principal.patient_id == patient_id else set()
+        else:
+            readable = {s for s in known if principal.sees_site(s)}
+        if not readable:
+            for site_id in sorted(known):
+                await _audit(session, principal, "schedule.read.denied", site_id, patient_id)
+            raise AccessDenied("patient not found")
+        for site_id in sorted(readable):
+            await _audit(session, principal, "schedule.read", site_id, patient_id)
+        rows = await store.patient_bookings(session, str(patient_id))
+    return [
+        BookingOut(**{k: r[k] for k in BookingOut.model_fields})
+        for r in rows
+        if r["site_id"] in readable and r["status"] != "cancelled"
+    ]
 
 
 @router.get("/enrollments/{enrollment_id}", response_model=EnrollmentOut, tags=["enrollments"])
 async def read_enrollment(enrollment_id: UUID, principal: Staff, session: Db) -> EnrollmentOut:
-    async with session.begin():
-        enrollment = await _enrollment(session, principal, enrollment_id)
-        await record_access(
-            session, store.audit, principal, action="enrollment.read",
-            site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
-        )  # fmt: skip
+    async with transaction(session):
+        enrollment = await _enrollment(session, principal, enrollment_id, "enrollment.read")
+        await _audit(session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"])
     return EnrollmentOut(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields})
 
 
 @router.post("/enrollments/{enrollment_id}/track", tags=["enrollments"])
 async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Booker, session: Db) -> dict[str, Any]:
-    async with session.begin():
-        enrollment = await _enrollment(session, principal, enrollment_id)
+    async with transaction(session):
+        enrollment = await _enrollment(session, principal, enrollment_id, "enrollment.switch_track")
         if enrollment["status"] != "active":
             raise Conflict("only an active enrollment can switch track")
         program = await store.get_program(session, body.program_id)
         if program is None or not principal.sees_site(program["site_id"]):
             raise Invalid("unknown program", {"program_id": "no such program"})
         booked = await _guarded(lambda: usecases.switch_track(session, enrollment, program, _now()))
-        await record_access(
-            session, store.audit, principal, action="enrollment.switch_track",
-            site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
-        )  # fmt: skip
+        await _audit(session, principal, "enrollment.switch_track", enrollment["site_id"], enrollment["patient_id"])
     return {"enrollment_id": enrollment_id, "program_id": body.program_id, "sessions_booked": booked}
 
 
 @router.get("/enrollments/{enrollment_id}/hours", response_model=HoursOut, tags=["hours"])
 async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, session: Db) -> HoursOut:
-    async with session.begin():
-        enrollment = await _enrollment(session, principal, enrollment_id)
+    async with transaction(session):
+        enrollment = await _enrollment(session, principal, enrollment_id, "hours.read")
         site = await store.get_site(session, enrollment["site_id"])
         if site is None:
             raise NotFound("site not found")
@@ -492,10 +538,7 @@ async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, sessi
                     target_hours=hours.target, state=state, alerts=sorted(alerts.get(iso_week, [])),
                 )
             )  # fmt: skip
-        await record_access(
-            session, store.audit, principal, action="hours.read",
-            site_id=enrollment["site_id"], patient_id=enrollment["patient_id"],
-        )  # fmt: skip
+        await _audit(session, principal, "hours.read", enrollment["site_id"], enrollment["patient_id"])
     return HoursOut(
         enrollment_id=enrollment_id, patient_id=enrollment["patient_id"],
         weekly_hours_target=enrollment["weekly_hours_target"], weeks=weeks,
@@ -518,20 +561,41 @@ async def hours_report(
     site_id: str,
     principal: Clinical,
     session: Db,
-    week: Annotated[str | None, Query(pattern=r"^\d{4}-W\d{2}$")] = None,
+    week: Annotated[IsoWeek | None, Query(description="ISO week, e.g. 2026-W07; default this week")] = None,
 ) -> dict[str, Any]:
-    site = await _site(session, principal, site_id)
-    now = _now()
-    iso_week = week or domain.iso_week_of(now, site["timezone"])
+    async with transaction(session):
+        site = await _visible_site(session, principal, site_id, "hours_report.read")
+        now = _now()
+        iso_week = week or domain.iso_week_of(now, site["timezone"])
+        programs = await _program_hours(session, site, iso_week, now)
+        at_risk = sorted(e for p in programs for e in p["at_risk"])
+        # The enrollment ids it names are patients' data: each patient disclosed is audited.
+        for patient_id in sorted({patient for p in programs for patient in p["disclosed"]}):
+            await _audit(session, principal, "hours_report.read", site_id, patient_id)
+    report = [_rates(entry) for entry in programs]
+    totals = {
+        "enrollments": sum(p["enrollments"] for p in report),
+        "attended_hours": round(sum(p["attended_hours"] for p in report), 2),
+        "attendance_rate": _rate(sum(p["present"] for p in programs), sum(p["recorded"] for p in programs)),
+        "at_risk": at_risk,
+    }
+    return {"site_id": site_id, "iso_week": iso_week, "site": totals, "programs": report, "program_count": len(report)}
+
+
+async def _program_hours(
+    session: AsyncSession, site: dict[str, Any], iso_week: str, now: datetime
+) -> list[dict[str, Any]]:
+    """Per program of the site: active enrollments, their hours and attendance in the
+    week, and the enrollments at risk (or short) of their weekly target."""
     start, end = domain.week_bounds(iso_week, site["timezone"])
     programs: dict[str, dict[str, Any]] = {}
-    for program in await store.list_programs(session, site_id):
+    for program in await store.list_programs(session, site["site_id"]):
         programs[program["program_id"]] = {
             "program_id": program["program_id"], "name": program["name"], "track": program["track"],
             "enrollments": 0, "attended_hours": 0.0, "target_hours": 0.0, "at_risk": [],
-            "present": 0, "recorded": 0,
+            "present": 0, "recorded": 0, "disclosed": [],
         }  # fmt: skip
-    for enrollment in await store.site_enrollments(session, site_id):
+    for enrollment in await store.site_enrollments(session, site["site_id"]):
         entry = programs.get(enrollment["program_id"])
         if entry is None:
             continue
@@ -544,21 +608,19 @@ async def hours_report(
         entry["present"] += sum(1 for status, _ in records if status in domain.COUNTED_STATUSES)
         if domain.hours_verdict(hours, now, end) is not None:
             entry["at_risk"].append(enrollment["enrollment_id"])
-    report = []
-    site_present = site_recorded = 0
-    for entry in programs.values():
-        recorded = entry.pop("recorded")
-        present = entry.pop("present")
-        site_present, site_recorded = site_present + present, site_recorded + recorded
-        entry["attendance_rate"] = round(present / recorded, 3) if recorded else None
-        report.append(entry)
-    site = {
-        "enrollments": sum(p["enrollments"] for p in report),
-        "attended_hours": round(sum(p["attended_hours"] for p in report), 2),
-        "attendance_rate": round(site_present / site_recorded, 3) if site_recorded else None,
-        "at_risk": sorted(e for p in report for e in p["at_risk"]),
-    }
-    return {"site_id": site_id, "iso_week": iso_week, "site": site, "programs": report, "program_count": len(report)}
+            entry["disclosed"].append(enrollment["patient_id"])
+    return list(programs.values())
+
+
+def _rate(present: int, recorded: int) -> float | None:
+    return round(present / recorded, 3) if recorded else None
+
+
+def _rates(entry: dict[str, Any]) -> dict[str, Any]:
+    """A program's entry as reported: its attendance rate instead of the raw counts (and
+    without the patient ids behind `at_risk`, kept only for the audit)."""
+    shown = {k: v for k, v in entry.items() if k not in ("present", "recorded", "disclosed")}
+    return {**shown, "attendance_rate": _rate(entry["present"], entry["recorded"])}
 
 
 # --- operations ------------------------------------------------------------------------

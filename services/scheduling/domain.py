@@ -1,6 +1,7 @@
 """Scheduling rules, free of I/O: templates, DST-safe session times, ISO weeks in site
 time, capacity and waitlist order, and treatment-hours arithmetic."""
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -17,6 +18,14 @@ GROUP_CAPACITY = 12
 HORIZON_DAYS = 28
 GROUP_KINDS = frozenset({"check_in_group", "group_therapy", "workshop", "wrap_up"})
 COUNTED_STATUSES = frozenset({"present", "late"})
+# The calendar accepted at the edges. Python's dates end at years 1 and 9999, and the
+# service adds to every day it is given (a week's Monday + 7 days, a slot + its minutes,
+# the site's UTC offset): bounding the input keeps all of that inside the range. Nothing
+# is scheduled before the network existed or in the next century.
+FIRST_DAY = date(2000, 1, 1)
+LAST_DAY = date(2099, 12, 31)
+CALENDAR_MAX_DAYS = 62
+ISO_WEEK = re.compile(r"([0-9]{4})-W([0-9]{2})")  # ASCII digits: \d matches every script's digits
 
 
 class ScheduleError(ValueError):
@@ -141,10 +150,55 @@ def iso_week_of(instant: datetime, timezone: str) -> str:
     return f"{year}-W{week:02d}"
 
 
+def check_day(value: date) -> date:
+    """A day within FIRST_DAY..LAST_DAY (messages never echo the input)."""
+    if not FIRST_DAY <= value <= LAST_DAY:
+        raise ScheduleError(f"a date must lie between {FIRST_DAY} and {LAST_DAY}")
+    return value
+
+
+def check_wall_time(value: datetime) -> datetime:
+    """A site-local wall time: no offset (the site's timezone supplies it), a day in range."""
+    if value.tzinfo is not None:
+        raise ScheduleError("a site-local wall time carries no offset")
+    check_day(value.date())
+    return value
+
+
+def monday_of(iso_week: str) -> date:
+    """The Monday of an ISO week 'YYYY-Www' that exists (W53 only in long years) and
+    lies in the accepted calendar."""
+    match = ISO_WEEK.fullmatch(iso_week)
+    if match is None:
+        raise ScheduleError("an ISO week is written YYYY-Www, e.g. 2026-W07", field="week")
+    try:
+        monday = date.fromisocalendar(int(match[1]), int(match[2]), 1)
+    except ValueError:
+        raise ScheduleError("that year has no such ISO week", field="week") from None
+    try:
+        return check_day(monday)
+    except ScheduleError as error:
+        raise ScheduleError(str(error), field="week") from None
+
+
+def check_iso_week(iso_week: str) -> str:
+    monday_of(iso_week)
+    return iso_week
+
+
+def calendar_range(first: date | None, last: date | None, today: date) -> tuple[date, date]:
+    """The days a calendar query covers: from `first` (default today) to `last` (default
+    a week on), at most CALENDAR_MAX_DAYS apart."""
+    start = first or today
+    end = last or start + timedelta(days=6)
+    if end < start or (end - start).days > CALENDAR_MAX_DAYS:
+        raise ScheduleError(f"'to' must be on or after 'from' and at most {CALENDAR_MAX_DAYS} days later", field="to")
+    return start, end
+
+
 def week_bounds(iso_week: str, timezone: str) -> tuple[datetime, datetime]:
     """[Monday 00:00, next Monday 00:00) site-local, as UTC instants."""
-    year, week = int(iso_week[:4]), int(iso_week[6:])
-    monday = date.fromisocalendar(year, week, 1)
+    monday = monday_of(iso_week)
     zone = ZoneInfo(timezone)
     return local_instant(monday, time(0), zone), local_instant(monday + timedelta(days=7), time(0), zone)
 

@@ -20,6 +20,7 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    union,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -336,6 +337,17 @@ async def patient_bookings(session: AsyncSession, patient_id: str) -> list[dict[
         .order_by(sessions.c.starts_at)
     )  # fmt: skip
     return _rows(await session.execute(query))
+
+
+async def patient_sites(session: AsyncSession, patient_id: str) -> set[str]:
+    """Every site holding scheduling data of the patient: an enrollment or a booking."""
+    enrolled = select(enrollments.c.site_id).where(enrollments.c.patient_id == patient_id)
+    booked = (
+        select(sessions.c.site_id)
+        .join(bookings, bookings.c.session_id == sessions.c.session_id)
+        .where(bookings.c.patient_id == patient_id)
+    )
+    return {row.site_id for row in await session.execute(union(enrolled, booked))}
 
 
 # --- attendance ----------------------------------------------------------------
