@@ -21,11 +21,18 @@ ROLES: tuple[Role, ...] = (
     "network_admin", "site_admin", "clinician", "front_desk", "patient", "integration",
 )  # fmt: skip
 ALGORITHM = "HS256"
+# Defaults of Settings.jwt_issuer / jwt_audience / jwt_max_ttl_seconds; the services pass
+# their settings, these serve callers without settings (tests, tools).
+ISSUER = "iopnet"
 AUDIENCE = "iopnet"
+MAX_TTL_SECONDS = 12 * 3600
+# The audit row's actor column is String(200): a longer sub would fail every audited
+# request on PostgreSQL, so it is refused as a bad token instead.
+MAX_SUB_LENGTH = 200
 
 
 class Principal(BaseModel):
-    sub: str = Field(min_length=1)
+    sub: str = Field(min_length=1, max_length=MAX_SUB_LENGTH)
     role: Role
     sites: list[str] = Field(default_factory=list)
     patient_id: UUID | None = None
@@ -49,6 +56,8 @@ def mint_token(
     sites: list[str] | None = None,
     patient_id: UUID | str | None = None,
     ttl_seconds: int = 8 * 3600,
+    issuer: str = ISSUER,
+    audience: str = AUDIENCE,
 ) -> str:
     if role == "patient" and patient_id is None:
         raise ValueError("a patient token needs a patient_id")
@@ -57,7 +66,8 @@ def mint_token(
         "sub": sub,
         "role": role,
         "sites": sites or [],
-        "aud": AUDIENCE,
+        "iss": issuer,
+        "aud": audience,
         "iat": now,
         "exp": now + timedelta(seconds=ttl_seconds),
     }
@@ -66,15 +76,30 @@ def mint_token(
     return jwt.encode(claims, secret, algorithm=ALGORITHM)
 
 
-def decode_token(secret: str, token: str) -> Principal:
+def decode_token(
+    secret: str,
+    token: str,
+    *,
+    issuer: str = ISSUER,
+    audience: str = AUDIENCE,
+    max_ttl_seconds: int = MAX_TTL_SECONDS,
+) -> Principal:
+    """The caller of a valid token: signed with `secret`, from `issuer` for `audience`,
+    unexpired, and minted for at most `max_ttl_seconds` (a leaked token of years'
+    lifetime is refused even though the signature holds)."""
     try:
         claims = jwt.decode(
             token,
             secret,
             algorithms=[ALGORITHM],
-            audience=AUDIENCE,
-            options={"require": ["exp", "sub"]},
+            issuer=issuer,
+            audience=audience,
+            options={"require": ["exp", "iat", "iss", "aud", "sub"]},
         )
+        # PyJWT has checked both are integers (or numbers it could read as such).
+        lifetime = int(claims["exp"]) - int(claims["iat"])
+        if lifetime > max_ttl_seconds:
+            raise Unauthorized("token lifetime exceeds the allowed maximum")
         principal = Principal.model_validate(claims)
     except (jwt.PyJWTError, ValidationError) as exc:
         raise Unauthorized("missing or invalid bearer token") from exc
@@ -92,7 +117,14 @@ async def current_principal(
 ) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing or invalid bearer token")
-    return decode_token(request.app.state.settings.signing_secret, credentials.credentials)
+    settings = request.app.state.settings
+    return decode_token(
+        settings.signing_secret,
+        credentials.credentials,
+        issuer=settings.jwt_issuer,
+        audience=settings.jwt_audience,
+        max_ttl_seconds=settings.jwt_max_ttl_seconds,
+    )
 
 
 def require_roles(*roles: Role) -> Callable[..., Awaitable[Principal]]:

@@ -1,19 +1,39 @@
 """Settings from the environment (prefix IOPNET_), with the local defaults of DESIGN A2."""
 
+import contextlib
+import os
 import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ServiceName = Literal["intake", "scheduling", "notifications"]
 SERVICES: tuple[ServiceName, ...] = ("intake", "scheduling", "notifications")
 DEFAULT_PORTS: dict[str, int] = {"intake": 8001, "scheduling": 8002, "notifications": 8003}
+# HS256 with a shorter key can be brute-forced offline from any one token (RFC 7518
+# section 3.2 asks for at least the hash size, 256 bits).
+MIN_SECRET_BYTES = 32
+
+
+class WeakSecretError(ValueError):
+    """The JWT signing secret is too short to start with."""
+
+
+def check_secret(secret: str, origin: str) -> str:
+    if len(secret.encode()) < MIN_SECRET_BYTES:
+        raise WeakSecretError(
+            f"the JWT signing secret ({origin}) has {len(secret.encode())} bytes; at least {MIN_SECRET_BYTES} "
+            "are needed: set a longer IOPNET_JWT_SECRET, or unset it to use a generated one"
+        )
+    return secret
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="IOPNET_", extra="ignore")
+    # hide_input_in_errors: a refused value (a short secret, a password) is not echoed.
+    model_config = SettingsConfigDict(env_prefix="IOPNET_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Path(".data")
     # Given: use it and start nothing. Absent: the embedded server below.
@@ -92,6 +112,19 @@ class Settings(BaseSettings):
     sms_api_key: str | None = None
     sms_sender: str | None = None
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _secret_long_enough(cls, value: str | None) -> str | None:
+        # Refused here, when settings are read, so a service never starts with it.
+        # Empty means unset (the generated secret), as the signing_secret property reads it.
+        return check_secret(value, "IOPNET_JWT_SECRET") if value else None
+
+    @model_validator(mode="after")
+    def _tokens_we_mint_are_accepted(self) -> "Settings":
+        if self.jwt_ttl_seconds > self.jwt_max_ttl_seconds:
+            raise ValueError("jwt_ttl_seconds exceeds jwt_max_ttl_seconds: minted tokens would be refused")
+        return self
+
     @property
     def effective_nats_url(self) -> str:
         return self.nats_url or f"nats://{self.embedded_nats_host}:{self.embedded_nats_port}"
@@ -113,16 +146,21 @@ class Settings(BaseSettings):
         path = self.data_dir / "jwt.secret"
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            # Exclusive create: two processes racing at first start agree on one secret.
-            try:
-                with open(path, "x", opener=lambda p, f: _open_private(p, f)) as handle:
-                    handle.write(secrets.token_urlsafe(48))
-            except FileExistsError:
-                pass
-        return path.read_text().strip()
+            _publish_private(path, secrets.token_urlsafe(48))
+        # A hand-edited or truncated file is refused as an environment secret would be.
+        return check_secret(path.read_text().strip(), str(path))
 
 
-def _open_private(path: str, flags: int) -> int:
-    import os
-
-    return os.open(path, flags, 0o600)
+def _publish_private(path: Path, content: str) -> None:
+    """Write `content` to `path` (mode 0600) unless it exists. Written to a scratch file
+    and linked into place: a process racing at first start sees no file or the whole
+    secret, never an empty one, and both agree on the first one linked."""
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(content)
+        with contextlib.suppress(FileExistsError):  # another process linked first: use theirs
+            os.link(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)

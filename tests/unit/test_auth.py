@@ -6,7 +6,18 @@ from uuid import uuid4
 import jwt
 import pytest
 
-from shared.auth import ALGORITHM, AUDIENCE, ROLES, Principal, decode_token, ensure_site, mint_token
+from shared.auth import (
+    ALGORITHM,
+    AUDIENCE,
+    ISSUER,
+    MAX_SUB_LENGTH,
+    MAX_TTL_SECONDS,
+    ROLES,
+    Principal,
+    decode_token,
+    ensure_site,
+    mint_token,
+)
 from shared.errors import NotFound, Unauthorized
 
 SECRET = "unit-test-secret-" + "s" * 32
@@ -14,7 +25,7 @@ SECRET = "unit-test-secret-" + "s" * 32
 
 def _claims(**overrides):
     now = datetime.now(UTC)
-    claims = {"sub": "u1", "role": "clinician", "sites": ["columbus-east"], "aud": AUDIENCE, "iat": now}
+    claims = {"sub": "u1", "role": "clinician", "sites": ["columbus-east"], "iss": ISSUER, "aud": AUDIENCE, "iat": now}
     claims["exp"] = now + timedelta(minutes=5)
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
@@ -50,11 +61,30 @@ def test_default_sites_is_empty():
     assert decode_token(SECRET, mint_token(SECRET, sub="a", role="network_admin")).sites == []
 
 
-def test_token_carries_audience_and_expiry():
+def test_token_carries_issuer_audience_and_expiry() -> None:
     token = mint_token(SECRET, sub="a", role="clinician", ttl_seconds=60)
-    claims = jwt.decode(token, SECRET, algorithms=[ALGORITHM], audience=AUDIENCE)
+    claims = jwt.decode(token, SECRET, algorithms=[ALGORITHM], audience=AUDIENCE, issuer=ISSUER)
+    assert claims["iss"] == ISSUER
     assert claims["aud"] == AUDIENCE
     assert 0 < claims["exp"] - claims["iat"] <= 60
+
+
+def test_minted_issuer_and_audience_follow_the_arguments() -> None:
+    token = mint_token(SECRET, sub="a", role="clinician", issuer="clinic-idp", audience="iop-api")
+    assert decode_token(SECRET, token, issuer="clinic-idp", audience="iop-api").sub == "a"
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, token)  # the defaults: another issuer and audience
+
+
+def test_defaults_match_the_settings_defaults() -> None:
+    from shared.settings import Settings
+
+    settings = Settings(jwt_secret=SECRET)
+    assert (
+        settings.jwt_issuer,
+        settings.jwt_audience,
+        settings.jwt_max_ttl_seconds,
+    ) == (ISSUER, AUDIENCE, MAX_TTL_SECONDS)
 
 
 def test_patient_token_without_patient_id_rejected_by_mint():
@@ -89,7 +119,12 @@ def test_hand_made_valid_token_accepted():
     [
         pytest.param(_encode(aud="someone-else"), id="wrong-audience"),
         pytest.param(_encode(aud=None), id="no-audience"),
+        pytest.param(_encode(iss="someone-else"), id="wrong-issuer"),
+        pytest.param(_encode(iss=None), id="no-issuer"),
         pytest.param(_encode(exp=None), id="no-expiry"),
+        pytest.param(_encode(iat=None), id="no-issued-at"),
+        pytest.param(_encode(sub="s" * (MAX_SUB_LENGTH + 1)), id="subject-over-audit-column"),
+        pytest.param(_encode(sub="s" * 60_000), id="subject-60kb"),
         pytest.param(_encode(sub=None), id="no-subject"),
         pytest.param(_encode(sub=""), id="empty-subject"),
         pytest.param(_encode(role=None), id="no-role"),
@@ -103,6 +138,54 @@ def test_hand_made_valid_token_accepted():
 def test_invalid_tokens_unauthorized(token):
     with pytest.raises(Unauthorized):
         decode_token(SECRET, token)
+
+
+def _lifetime_token(lifetime: timedelta, age: timedelta = timedelta(0)) -> str:
+    """A token issued `age` ago, valid for `lifetime` from its issue."""
+    iat = datetime.now(UTC) - age
+    return _encode(iat=iat, exp=iat + lifetime)
+
+
+def test_token_lifetime_over_the_maximum_unauthorized() -> None:
+    token = _lifetime_token(timedelta(seconds=MAX_TTL_SECONDS + 1))
+    with pytest.raises(Unauthorized, match="lifetime"):
+        decode_token(SECRET, token)
+
+
+def test_old_long_lived_token_unauthorized_though_unexpired() -> None:
+    # Issued 30 days ago for a year: still within exp, refused for its lifetime.
+    token = _lifetime_token(timedelta(days=365), age=timedelta(days=30))
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, token)
+
+
+def test_token_lifetime_at_the_maximum_accepted() -> None:
+    token = _lifetime_token(timedelta(seconds=MAX_TTL_SECONDS))
+    assert decode_token(SECRET, token).sub == "u1"
+
+
+def test_maximum_lifetime_is_a_parameter() -> None:
+    token = _lifetime_token(timedelta(hours=2))
+    assert decode_token(SECRET, token, max_ttl_seconds=2 * 3600).sub == "u1"
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, token, max_ttl_seconds=3600)
+
+
+def test_minted_token_over_a_lower_maximum_unauthorized() -> None:
+    token = mint_token(SECRET, sub="a", role="clinician", ttl_seconds=3600)
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, token, max_ttl_seconds=60)
+
+
+def test_issued_in_the_future_unauthorized() -> None:
+    iat = datetime.now(UTC) + timedelta(hours=1)
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, _encode(iat=iat, exp=iat + timedelta(minutes=5)))
+
+
+def test_subject_at_the_audit_column_length_accepted() -> None:
+    sub = "s" * MAX_SUB_LENGTH
+    assert decode_token(SECRET, _encode(sub=sub)).sub == sub
 
 
 def test_unsigned_token_unauthorized():
