@@ -5,6 +5,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -55,6 +56,46 @@ class Invalid(ApiError):
 
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"error": {"code": code, "message": message, "fields": fields or {}}}
+
+
+INTERNAL_MESSAGE = "an unexpected error occurred; quote the request id when reporting it"
+
+
+def internal_error_body(request_id: str) -> dict[str, Any]:
+    """The 500 answer: the error shape plus the request id that the log line carries too.
+    The message is fixed: an exception's own text may hold input (PHI)."""
+    return {**error_body("internal", INTERNAL_MESSAGE), "request_id": request_id}
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid"])
+    message: str
+    fields: dict[str, str] = Field(default_factory=dict, description="offending field -> what is wrong with it")
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx answer (DESIGN A6)."""
+
+    error: ErrorDetail
+
+
+class InternalErrorResponse(ErrorResponse):
+    """A 500: also names the request, as the X-Request-Id header and the log line do."""
+
+    request_id: str
+
+
+# Documented on every service route at once (shared.http includes routers with it), so
+# the OpenAPI at /docs shows the error shape without each route repeating it.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorResponse, "description": "Missing, expired or invalid bearer token"},
+    403: {"model": ErrorResponse, "description": "The caller's role may not do this"},
+    404: {"model": ErrorResponse, "description": "Not found, or at a site the caller does not serve"},
+    409: {"model": ErrorResponse, "description": "Conflict: a duplicate or an illegal status change"},
+    413: {"model": ErrorResponse, "description": "Request body over the size limit"},
+    422: {"model": ErrorResponse, "description": "Invalid input; `fields` names what is wrong"},
+    500: {"model": InternalErrorResponse, "description": "Unexpected error; quote `request_id`"},
+}
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -1,37 +1,61 @@
-"""The HTTP shell every service shares: lifespan, errors, body limit, health, AsyncAPI."""
+"""The HTTP shell every service shares: lifespan, errors, body limit, request ids and
+the access log, security headers, health, AsyncAPI, offline docs."""
 
 import logging
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
+from uuid import uuid4
 
-from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from shared.contracts.asyncapi import asyncapi_document
-from shared.errors import BodyLimit, install_error_handlers
+from shared.db import is_sqlite
+from shared.errors import ERROR_RESPONSES, BodyLimit, install_error_handlers, internal_error_body
+from shared.files import secure_data_dir, secure_file
 from shared.runtime import ServiceRuntime
 
 log = logging.getLogger("iopnet.http")
+
+# Swagger UI and ReDoc files, served from the fastapi-offline package (no CDN): /docs
+# works on a clinic network without internet access, and loads no third-party script.
+DOCS_ASSETS = "/docs-assets"
+REQUEST_ID_HEADER = "X-Request-Id"
+# A caller's own request id is kept (it ties their logs to ours) if it is plainly an id:
+# a bounded token of safe characters, so it cannot forge log lines or carry text.
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], description: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        _secure_files(runtime)
+        # Read now so a short secret stops the service at start, not at the first request.
+        _ = runtime.settings.signing_secret
         await runtime.start()
         try:
             yield
         finally:
             await runtime.stop()
 
-    app = FastAPI(title=f"iopnet {runtime.name}", description=description, lifespan=lifespan)
+    app = FastAPIOffline(
+        title=f"iopnet {runtime.name}", description=description, lifespan=lifespan, static_url=DOCS_ASSETS
+    )
     app.state.runtime = runtime
     app.state.settings = runtime.settings
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_body_bytes)
-    app.middleware("http")(_access_log)
+    # Added last, so outermost: it sees every answer, a 413 or a 500 included.
+    app.add_middleware(RequestContext, cacheable_prefix=DOCS_ASSETS + "/")
 
     subscribed = sorted({t for s in runtime.subscriptions for t in s.handlers})
 
@@ -52,24 +76,97 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
         return asyncapi_document(runtime.name, subscribed)
 
     for router in routers:
-        app.include_router(router)
+        # The error answers are documented once here for every API route (a route's own
+        # `responses` entry for a status still wins).
+        app.include_router(router, responses=ERROR_RESPONSES)
     return app
 
 
-async def _access_log(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    # Path only: a query string may carry a name being searched for.
-    started = time.perf_counter()
-    response = await call_next(request)
-    log.info(
-        "request",
-        extra={
-            "method": request.method,
-            "path": request.url.path,
-            "status": response.status_code,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-        },
-    )
-    return response
+def _secure_files(runtime: ServiceRuntime) -> None:
+    """Private umask, and group/other access taken off the data dir and the service's
+    SQLite files (which may live elsewhere when the URL says so)."""
+    secure_data_dir(runtime.settings.data_dir)
+    url = runtime.settings.database_url(runtime.name)
+    database = make_url(url).database if is_sqlite(url) else None
+    if database and database != ":memory:":
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            secure_file(Path(database + suffix))
+
+
+class RequestContext:
+    """Pure ASGI middleware (BaseHTTPMiddleware would re-wrap exceptions and cost a task
+    per request). For every HTTP request: a request id (the caller's if sane, else new)
+    in `request.state.request_id` and the X-Request-Id header; security headers; an
+    answer in the error shape for any unexpected exception; one access-log line with
+    method, path (never the query: it may hold a searched name), status and the id."""
+
+    def __init__(self, app: ASGIApp, cacheable_prefix: str | None = None) -> None:
+        self.app = app
+        self.cacheable_prefix = cacheable_prefix
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _incoming_request_id(scope) or uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path: str = scope.get("path", "")
+        # Answers carry patient data: no browser or proxy may keep a copy. Only the
+        # static docs assets (no data) may be cached.
+        no_store = not (self.cacheable_prefix and path.startswith(self.cacheable_prefix))
+        status: int | None = None
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                headers["X-Content-Type-Options"] = "nosniff"
+                if no_store:
+                    headers["Cache-Control"] = "no-store"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        except Exception as exc:
+            log.error(
+                "unhandled error",
+                extra={
+                    "method": scope.get("method"),
+                    "path": path,
+                    "request_id": request_id,
+                    "error": type(exc).__name__,
+                },
+                exc_info=exc,
+            )
+            if status is not None:
+                # Part of the answer is out: nothing coherent can follow. Re-raised so
+                # the server drops the connection instead of leaving a truncated body.
+                raise
+            response = JSONResponse(internal_error_body(request_id), status_code=500)
+            await response(scope, receive, send_with_headers)
+        finally:
+            log.info(
+                "request",
+                extra={
+                    "method": scope.get("method"),
+                    "path": path,
+                    # None: the client went away before any answer was started.
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    "request_id": request_id,
+                },
+            )
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers") or []:
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            return candidate if _SANE_REQUEST_ID.fullmatch(candidate) else None
+    return None
 
 
 async def db_session(request: Request) -> AsyncIterator[AsyncSession]:

@@ -5,7 +5,10 @@ slip cannot leak PHI into a log aggregator."""
 import json
 import logging
 import sys
+import traceback
 from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
 
 SAFE_FIELDS = frozenset(
     {
@@ -13,6 +16,7 @@ SAFE_FIELDS = frozenset(
         "consumer", "stream", "deliveries", "reason", "count", "attempts", "method", "path",
         "status", "duration_ms", "url", "channel", "template", "notification_id", "error",
         "correlation_id", "pid", "alert_id", "session_id", "booking_id", "check_in_id",
+        "request_id", "file",
     }
 )  # fmt: skip
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
@@ -28,10 +32,19 @@ class JsonFormatter(logging.Formatter):
         }
         for key, value in vars(record).items():
             if key not in _STANDARD and key in SAFE_FIELDS:
-                entry[key] = value if isinstance(value, int | float | bool) else str(value)
+                entry[key] = value if value is None or isinstance(value, int | float | bool) else str(value)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
+            # Where it happened, never what it said: the message and the locals may hold
+            # input (a name, a phone number); file, line and function cannot.
+            entry["exc_where"] = _where(record.exc_info[2])
         return json.dumps(entry)
+
+
+def _where(tb: TracebackType | None, frames: int = 8) -> str:
+    """The innermost `frames` frames as `file:line in function`, innermost first."""
+    summary = traceback.extract_tb(tb)[-frames:]
+    return " <- ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in reversed(summary))
 
 
 def configure_logging(level: str = "INFO", service: str | None = None) -> None:

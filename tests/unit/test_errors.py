@@ -6,14 +6,19 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 from shared.errors import (
+    ERROR_RESPONSES,
+    INTERNAL_MESSAGE,
     ApiError,
     BodyLimit,
     Conflict,
+    ErrorResponse,
     Forbidden,
+    InternalErrorResponse,
     Invalid,
     NotFound,
     Unauthorized,
     install_error_handlers,
+    internal_error_body,
 )
 
 MAX_BYTES = 256
@@ -172,3 +177,37 @@ async def test_streamed_oversized_body_answers_413_on_a_model_route(client):
         "/patients", content=_chunks(_over_limit_patient()), headers={"content-type": "application/json"}
     )
     _assert_too_large(response)
+
+
+# --- the documented error schema (OpenAPI) is the one the handlers answer with ----------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs"),
+    [
+        *[("GET", f"/raise/{name}", {}) for name in ERRORS],
+        ("GET", "/nowhere", {}),
+        ("POST", "/patients", {"json": {"age": "x"}}),
+        ("POST", "/raw", {"content": b"x" * (MAX_BYTES + 1)}),
+    ],
+)
+async def test_error_answers_match_the_documented_schema(
+    client: httpx.AsyncClient, method: str, path: str, kwargs: dict[str, object]
+) -> None:
+    response = await client.request(method, path, **kwargs)
+    assert response.status_code >= 400
+    assert ErrorResponse.model_validate(response.json()).model_dump() == response.json()
+
+
+def test_every_error_status_is_documented_with_the_error_schema() -> None:
+    assert {401, 403, 404, 409, 413, 422} <= set(ERROR_RESPONSES)
+    for status, entry in ERROR_RESPONSES.items():
+        assert issubclass(entry["model"], ErrorResponse), status
+        assert entry["description"], status
+    assert ERROR_RESPONSES[500]["model"] is InternalErrorResponse
+
+
+def test_internal_error_body_is_fixed_text_and_names_the_request() -> None:
+    body = internal_error_body("req-1")
+    assert body == {"error": {"code": "internal", "message": INTERNAL_MESSAGE, "fields": {}}, "request_id": "req-1"}
+    assert InternalErrorResponse.model_validate(body).model_dump() == body

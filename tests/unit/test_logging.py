@@ -100,4 +100,32 @@ def test_exception_renders_type_only():
 
 
 def test_no_exception_no_exc_type():
-    assert "exc_type" not in _format(_record())
+    entry = _format(_record())
+    assert "exc_type" not in entry
+    assert "exc_where" not in entry
+
+
+def _fail_with_phi() -> None:
+    raise ValueError(f"bad phone {PHI['phone']}")
+
+
+def test_exception_says_where_it_happened_not_what_it_said() -> None:
+    try:
+        _fail_with_phi()
+    except ValueError:
+        record = _record("failed", exc_info=sys.exc_info())
+    line = JsonFormatter().format(record)
+    where = json.loads(line)["exc_where"]
+    # Innermost frame first: the function that raised, then its caller.
+    assert where.startswith("test_logging.py:")
+    assert "in _fail_with_phi <- test_logging.py:" in where
+    assert "in test_exception_says_where_it_happened_not_what_it_said" in where
+    assert PHI["phone"] not in line
+    assert "raise ValueError" not in line  # no source text either
+
+
+def test_request_fields_are_kept_and_none_is_null() -> None:
+    entry = _format(_record(request_id="4f2a", status=None, file="intake.db"))
+    assert entry["request_id"] == "4f2a"
+    assert entry["status"] is None
+    assert entry["file"] == "intake.db"
