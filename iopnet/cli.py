@@ -131,17 +131,23 @@ def _ops_nats_url() -> str:
     return settings.nats_url or ops_url(settings.data_dir, settings.effective_nats_url)
 
 
+# What `ops` may subscribe to: every public event and the dead letters (iopnet/natsd.py).
+PUBLIC_SUBJECTS = ("iop.intake.>", "iop.scheduling.>", "iop.notifications.>", "iop.dlq.>")
+
+
 @events_app.command("tail")
 def events_tail(
-    subject: Annotated[str, typer.Option(help="subject filter")] = "iop.>",
+    subject: Annotated[
+        list[str] | None, typer.Option(help="subject filter, repeatable (default: every public subject)")
+    ] = None,
     count: Annotated[int, typer.Option(help="stop after this many (0: forever)")] = 0,
 ) -> None:
     """Print events as they arrive (envelopes, one JSON per line). As the `ops` user it
-    sees every public subject; `iop.restricted.>` (contact details) is not delivered."""
+    sees every public subject; `iop.restricted.>` (contact details) is refused."""
     denied: list[str] = []
 
     async def tail() -> None:
-        import nats
+        from shared.messaging.connection import connect_once
 
         done = asyncio.Event()
 
@@ -150,7 +156,7 @@ def events_tail(
                 denied.append(str(exc))
                 done.set()
 
-        nc = await nats.connect(_ops_nats_url(), error_cb=on_error)
+        nc = await connect_once(_ops_nats_url(), error_cb=on_error)
         seen = 0
 
         async def on_message(msg: object) -> None:
@@ -160,7 +166,8 @@ def events_tail(
             if count and seen >= count:
                 done.set()
 
-        await nc.subscribe(subject, cb=on_message)
+        for pattern in subject or PUBLIC_SUBJECTS:
+            await nc.subscribe(pattern, cb=on_message)
         await done.wait()
         await nc.drain()
 
@@ -172,21 +179,47 @@ def events_tail(
 
 @events_app.command("replay")
 def events_replay(
-    stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS")],
+    stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS | IOP_RESTRICTED")],
     from_seq: Annotated[int, typer.Option("--from-seq", help="first stream sequence")] = 1,
     to_seq: Annotated[int | None, typer.Option("--to-seq", help="last stream sequence (default: the end)")] = None,
     subject: Annotated[str | None, typer.Option(help="only matching subjects, e.g. 'iop.intake.>'")] = None,
+    service: Annotated[
+        list[str] | None, typer.Option("--service", help="only this consumer, repeatable (default: every service)")
+    ] = None,
 ) -> None:
-    """Re-publish stored events; consumers' inboxes skip what they already applied."""
-    from iopnet.replay import replay_events
+    """Have each consuming service re-apply stored events; inboxes skip what was applied."""
+    from iopnet.replay import ReplayFailed, replay_events
+    from shared.messaging.control import ControlReply
+
+    unknown = set(service or ()) - set(SERVICES)
+    if unknown:
+        raise typer.BadParameter(f"unknown service {', '.join(sorted(unknown))}; one of {', '.join(SERVICES)}")
+
+    def progress(reply: ControlReply) -> None:
+        done = min(reply.next_seq or 0, (reply.last_seq or 0) + 1) - 1
+        typer.echo(f"{reply.service}: {stream} up to {done} of {reply.last_seq}", err=True)
 
     try:
-        replayed = asyncio.run(replay_events(_ops_nats_url(), stream, from_seq, to_seq, subject))
+        summaries = asyncio.run(
+            replay_events(
+                _ops_nats_url(),
+                stream,
+                from_seq,
+                to_seq,
+                subject,
+                services=tuple(service or SERVICES),
+                progress=progress,
+            )
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
-    for entry in replayed:
-        typer.echo(json.dumps(entry))
-    typer.echo(f"replayed {len(replayed)} event(s) from {stream}", err=True)
+    except ReplayFailed as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    for summary in summaries:
+        typer.echo(json.dumps(summary))
+    if any(summary["failed"] for summary in summaries):
+        raise typer.Exit(1)
 
 
 @dlq_app.command("list")
@@ -200,15 +233,15 @@ def dlq_list(limit: Annotated[int, typer.Option(help="at most this many")] = 50)
 
 @dlq_app.command("retry")
 def dlq_retry(sequence: Annotated[int, typer.Argument(help="the dead letter's sequence in IOP_DLQ")]) -> None:
-    """Re-publish a dead letter to its original subject (the consumer's inbox keeps it idempotent)."""
-    from iopnet.dlq import retry_dead_letter
+    """Have the service that dead-lettered it apply the stored original again (once: its inbox skips a repeat)."""
+    from iopnet.dlq import RetryRefused, retry_dead_letter
 
     try:
-        subject = asyncio.run(retry_dead_letter(_ops_nats_url(), sequence))
-    except PermissionError as exc:
+        reply = asyncio.run(retry_dead_letter(_ops_nats_url(), sequence))
+    except RetryRefused as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"re-published to {subject}")
+    typer.echo(f"{reply.service}: {reply.outcome}")
 
 
 if __name__ == "__main__":

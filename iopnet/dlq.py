@@ -1,16 +1,25 @@
-"""Operations on the dead-letter stream IOP_DLQ (as the `ops` NATS user on `iopnet run`)."""
+"""Operations on the dead-letter stream IOP_DLQ (as the `ops` NATS user on `iopnet run`).
 
+`ops` reads the dead letters but publishes no event: a retry asks the consumer that
+dead-lettered the message to re-read the original from its stream and apply it
+(shared/messaging/control.py), so the retry reaches that consumer only, with exactly the
+stored message, and a forged dead letter of another service is refused by the service.
+"""
+
+import json
 from typing import Any
 
-import nats
 import nats.errors
 from nats.js.errors import NotFoundError
 
-DLQ_STREAM = "IOP_DLQ"
+from shared.messaging.connection import connect_once
+from shared.messaging.control import DLQ_STREAM, ControlReply, DeadLetterRetry, control_subject
+
+CONTROL_TIMEOUT = 60.0
 
 
 async def list_dead_letters(url: str, limit: int) -> list[dict[str, Any]]:
-    nc = await nats.connect(url)
+    nc = await connect_once(url)
     try:
         js = nc.jetstream()
         try:
@@ -34,6 +43,8 @@ async def list_dead_letters(url: str, limit: int) -> list[dict[str, Any]]:
                     "reason": headers.get("Iop-Dlq-Reason"),
                     "consumer": headers.get("Iop-Consumer"),
                     "original_subject": headers.get("Iop-Original-Subject"),
+                    "original_stream": headers.get("Iop-Original-Stream"),
+                    "original_sequence": headers.get("Iop-Original-Sequence"),
                     "deliveries": headers.get("Iop-Deliveries"),
                     "dead_lettered_at": headers.get("Iop-Dead-Lettered-At"),
                 }
@@ -43,28 +54,27 @@ async def list_dead_letters(url: str, limit: int) -> list[dict[str, Any]]:
         await nc.close()
 
 
-async def retry_dead_letter(url: str, sequence: int) -> str:
-    violations: list[str] = []
+class RetryRefused(Exception):
+    """The service answered, and did not apply the event (the reason is safe to print)."""
 
-    async def on_error(exc: Exception) -> None:
-        if "permissions violation" in str(exc).lower():
-            violations.append(str(exc))
 
-    nc = await nats.connect(url, error_cb=on_error)
+async def retry_dead_letter(url: str, sequence: int) -> ControlReply:
+    """Ask the service that dead-lettered message `sequence` to apply its original again."""
+    nc = await connect_once(url)
     try:
-        js = nc.jetstream()
-        msg = await js.get_msg(DLQ_STREAM, sequence)
-        headers = msg.headers or {}
-        subject = headers["Iop-Original-Subject"]
-        # A fresh Nats-Msg-Id: the original id may still be in the duplicate window.
         try:
-            await js.publish(subject, msg.data or b"", headers={"Nats-Msg-Id": f"retry:{sequence}"})
-        except nats.errors.TimeoutError:
-            # A denied publish gets no ack, only the server's -ERR (e.g. `ops` may not
-            # publish `iop.restricted.>`): say so instead of a bare timeout.
-            if any(subject.lower() in violation.lower() for violation in violations):
-                raise PermissionError(f"this NATS user may not publish to {subject}") from None
-            raise
-        return subject
+            letter = await nc.jetstream().get_msg(DLQ_STREAM, sequence)
+        except NotFoundError:
+            raise RetryRefused(f"no dead letter {sequence} in {DLQ_STREAM}") from None
+        service = letter.subject.split(".")[2]  # iop.dlq.<service>.<event>.<site>
+        request = DeadLetterRetry(dlq_sequence=sequence).model_dump_json().encode()
+        try:
+            response = await nc.request(control_subject(service, "dlq_retry"), request, timeout=CONTROL_TIMEOUT)
+        except nats.errors.NoRespondersError:
+            raise RetryRefused(f"the {service} service is not running: start it and retry") from None
+        reply = ControlReply.model_validate(json.loads(response.data))
+        if not reply.ok:
+            raise RetryRefused(f"{service}: {reply.error}")
+        return reply
     finally:
         await nc.close()

@@ -4,10 +4,11 @@ Used by `iopnet run` and by the tests, which start their own on free ports so th
 can kill and restart it. JetStream fsyncs every write (`sync_interval: always`): the
 default 2-minute fsync can lose acknowledged publishes in an OS crash (DESIGN B7).
 
-With `users`, the server requires a user and password and applies the per-user
-permissions below (DESIGN A4: `iop.restricted.>` / IOP_RESTRICTED is readable by the
-notifications service only). `iopnet run` always passes users; the tests' own
-`nats_server` fixture starts without them. deploy/nats.conf carries the same block.
+With `users`, the server requires a user and password, puts each user in its account
+and applies the allow-lists below (DESIGN A4: `iop.restricted.>` / IOP_RESTRICTED lives
+in an account of its own, readable by the notifications service only). `iopnet run`
+always passes users; the tests' own `nats_server` fixture starts without them (one
+global account, no permissions). deploy/nats.conf carries the same block.
 """
 
 import contextlib
@@ -24,130 +25,224 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-USERS = ("intake", "scheduling", "notifications", "ops")
+# Two NATS accounts. IOP holds the public events and every service's main connection;
+# RESTRICTED holds IOP_RESTRICTED (contact details) and only two users: intake publishes
+# into it, notifications consumes from it. An account is a separate subject and
+# JetStream namespace: no user of IOP can mirror, source, republish, read or even name a
+# subject of RESTRICTED, whatever stream it creates (DESIGN A4; no export, no import).
+MAIN_ACCOUNT = "IOP"
+RESTRICTED_ACCOUNT = "RESTRICTED"
+SERVICE_USERS = ("intake", "scheduling", "notifications")
+RESTRICTED_USERS = {"intake": "intake-restricted", "notifications": "notifications-restricted"}
+USERS = (*SERVICE_USERS, "ops", *RESTRICTED_USERS.values())
 CREDENTIALS_FILE = "credentials.json"
 # deploy/nats.conf and docker-compose.yml take the passwords from these variables.
-PASSWORD_ENV = {user: f"IOPNET_NATS_{user.upper()}_PASSWORD" for user in USERS}
+PASSWORD_ENV = {user: f"IOPNET_NATS_{user.upper().replace('-', '_')}_PASSWORD" for user in USERS}
 
-RESTRICTED_SUBJECTS = "iop.restricted.>"
-# Every JetStream API request that reads IOP_RESTRICTED, as nats-server 2.15 names it
-# (tests/integration/test_nats_permissions.py tries each one as each user).
-READ_RESTRICTED_STREAM = (
-    "$JS.API.CONSUMER.CREATE.IOP_RESTRICTED",  # unnamed (ephemeral) consumer
-    "$JS.API.CONSUMER.CREATE.IOP_RESTRICTED.>",  # named consumer, optionally .<filter subject>
-    "$JS.API.CONSUMER.DURABLE.CREATE.IOP_RESTRICTED.>",  # legacy durable create
-    "$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.>",  # pull from an existing consumer (notifications')
-    "$JS.API.STREAM.MSG.GET.IOP_RESTRICTED",  # get by sequence or last by subject
-    "$JS.API.DIRECT.GET.IOP_RESTRICTED",  # direct get (if the stream ever allows it)
-    "$JS.API.DIRECT.GET.IOP_RESTRICTED.>",
-    "$JS.API.STREAM.SNAPSHOT.IOP_RESTRICTED",  # a snapshot sends the whole store to the caller
-    "$JS.ACK.IOP_RESTRICTED.>",  # acks on notifications' consumer; an ack with +NXT pulls the next message
-)
 PRODUCER_SUBJECTS = {
     "intake": "iop.intake.>",
     "scheduling": "iop.scheduling.>",
     "notifications": "iop.notifications.>",
 }
+# The streams each service consumes, one durable `<service>-<stream>` each
+# (shared/messaging/consumer.py); tests/integration/test_nats_permissions.py checks this
+# table against the services' subscriptions.
+CONSUMES: dict[str, tuple[str, ...]] = {
+    "intake": ("IOP_SCHEDULING",),
+    "scheduling": ("IOP_INTAKE",),
+    "notifications": ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_RESTRICTED"),
+}
+# The streams each service declares (creates and updates) in the main account; the
+# others may only create IOP_DLQ if it is missing. IOP_RESTRICTED is notifications'
+# (its reader) and intake may only create it (shared/messaging/streams.py). Nobody may
+# purge or delete a stream, or create any other: that is an operator's job, with the
+# server's system account, not a service's.
+OWNS: dict[str, tuple[str, ...]] = {
+    "intake": ("IOP_INTAKE", "IOP_DLQ"),
+    "scheduling": ("IOP_SCHEDULING",),
+    "notifications": ("IOP_NOTIFICATIONS",),
+}
+# Operators ask a service to re-apply a dead letter or replay a stream on these subjects
+# (shared/messaging/control.py); only ops may publish them, each service hears its own.
+CONTROL_SUBJECT = "iop.ctl.{service}.*"
 
 
 @dataclass(frozen=True)
 class Permissions:
-    """nats-server deny lists: everything not denied is allowed (deny wins over allow)."""
+    """nats-server allow-lists: a user may publish and subscribe to these subjects only.
+    The JetStream API is subjects too (`$JS.API.…`), so every stream and consumer
+    operation a user may make is listed here by name."""
 
-    publish_deny: tuple[str, ...] = ()
-    subscribe_deny: tuple[str, ...] = ()
+    account: str
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    # Reply to a request it received (services answering ops' control requests).
+    allow_responses: bool = False
 
 
-def _others(producer: str | None) -> tuple[str, ...]:
-    return tuple(subjects for name, subjects in PRODUCER_SUBJECTS.items() if name != producer)
+def inbox(user: str) -> str:
+    """Each user's replies come on its own inbox prefix (nats-py `inbox_prefix`), so no
+    user can subscribe to another's JetStream replies and deliveries."""
+    return f"_INBOX.{user}"
+
+
+def _own(stream: str) -> tuple[str, ...]:
+    return (f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}")
+
+
+def _consume(stream: str, durable: str) -> tuple[str, ...]:
+    return (
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}",
+        f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.>",  # the form with one filter subject
+        f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+        f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+        f"$JS.ACK.{stream}.{durable}.>",
+        # Re-reading a stored message by sequence: dead-letter retry and replay.
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}",
+    )
+
+
+def _unique(*subjects: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(subjects))
+
+
+def _service(service: str) -> Permissions:
+    public = [s for s in CONSUMES[service] if s != "IOP_RESTRICTED"]
+    return Permissions(
+        account=MAIN_ACCOUNT,
+        publish=_unique(
+            PRODUCER_SUBJECTS[service],
+            f"iop.dlq.{service}.>",
+            *(api for stream in OWNS[service] for api in _own(stream)),
+            *(api for stream in public for api in _consume(stream, f"{service}-{stream}")),
+            "$JS.API.STREAM.CREATE.IOP_DLQ",
+            "$JS.API.STREAM.INFO.IOP_DLQ",
+            "$JS.API.STREAM.MSG.GET.IOP_DLQ",
+        ),
+        subscribe=(f"{inbox(service)}.>", CONTROL_SUBJECT.format(service=service)),
+        allow_responses=True,
+    )
 
 
 PERMISSIONS: dict[str, Permissions] = {
-    # Publishes iop.intake.> and iop.restricted.intake.>, owns IOP_RESTRICTED (create,
-    # update, info), but reads no restricted event.
-    "intake": Permissions(
-        publish_deny=(*_others("intake"), *READ_RESTRICTED_STREAM),
-        subscribe_deny=(RESTRICTED_SUBJECTS,),
-    ),
-    "scheduling": Permissions(
-        publish_deny=(*_others("scheduling"), RESTRICTED_SUBJECTS, *READ_RESTRICTED_STREAM),
-        subscribe_deny=(RESTRICTED_SUBJECTS,),
-    ),
-    # The only reader of iop.restricted.> / IOP_RESTRICTED.
-    "notifications": Permissions(publish_deny=(*_others("notifications"), RESTRICTED_SUBJECTS)),
-    # `iopnet events tail` and `iopnet dlq list|retry`: a retry re-publishes a dead letter
-    # to its original public subject, so ops may publish every producer's subjects.
+    **{service: _service(service) for service in SERVICE_USERS},
+    # `iopnet events tail`, `dlq list`, and the control requests behind `dlq retry` and
+    # `events replay`: reads the public streams' state and the dead letters, publishes
+    # no event at all.
     "ops": Permissions(
-        publish_deny=(RESTRICTED_SUBJECTS, *READ_RESTRICTED_STREAM),
-        subscribe_deny=(RESTRICTED_SUBJECTS,),
+        account=MAIN_ACCOUNT,
+        publish=(
+            "$JS.API.INFO",
+            "$JS.API.STREAM.NAMES",
+            "$JS.API.STREAM.LIST",
+            "$JS.API.STREAM.INFO.*",
+            "$JS.API.CONSUMER.NAMES.*",
+            "$JS.API.CONSUMER.LIST.*",
+            "$JS.API.CONSUMER.INFO.*.*",
+            "$JS.API.STREAM.MSG.GET.IOP_DLQ",
+            CONTROL_SUBJECT.format(service="*"),
+        ),
+        subscribe=(*PRODUCER_SUBJECTS.values(), "iop.dlq.>", f"{inbox('ops')}.>"),
+    ),
+    # Publishes contact changes; creates IOP_RESTRICTED if it is missing, never changes it.
+    RESTRICTED_USERS["intake"]: Permissions(
+        account=RESTRICTED_ACCOUNT,
+        publish=(
+            "iop.restricted.intake.>",
+            "$JS.API.STREAM.CREATE.IOP_RESTRICTED",
+            "$JS.API.STREAM.INFO.IOP_RESTRICTED",
+        ),
+        subscribe=(f"{inbox(RESTRICTED_USERS['intake'])}.>",),
+    ),
+    # The only reader of contact details, and so the owner of their stream.
+    RESTRICTED_USERS["notifications"]: Permissions(
+        account=RESTRICTED_ACCOUNT,
+        publish=_unique(*_own("IOP_RESTRICTED"), *_consume("IOP_RESTRICTED", "notifications-IOP_RESTRICTED")),
+        subscribe=(f"{inbox(RESTRICTED_USERS['notifications'])}.>",),
     ),
 }
-# Every user may publish iop.dlq.> and use every other JetStream API (stream info, their
-# own streams, consumers on the other streams, acks, _INBOX.> replies).
 
 
-def _deny(direction: str, subjects: tuple[str, ...]) -> list[str]:
+def _allow(direction: str, subjects: tuple[str, ...]) -> list[str]:
     return [
-        f"        {direction}: {{",
-        "          deny: [",
-        *(f'            "{s}"' for s in subjects),
-        "          ]",
-        "        }",
+        f"          {direction}: {{",
+        "            allow: [",
+        *(f'              "{s}"' for s in subjects),
+        "            ]",
+        "          }",
     ]
 
 
-def authorization_block(passwords: Mapping[str, str], *, quote_passwords: bool = True) -> str:
-    """The `authorization { users = [...] }` block for `passwords` (user -> password).
+def accounts_block(passwords: Mapping[str, str], *, quote_passwords: bool = True) -> str:
+    """The `accounts { ... }` block for `passwords` (user -> password).
 
     `quote_passwords=False` writes the values as they are, for `$ENV_VAR` references
     (deploy/nats.conf)."""
-    lines = ["authorization {", "  users = ["]
-    for user in USERS:
-        if user not in passwords:
-            raise ValueError(f"no password for NATS user {user!r}")
-        password = passwords[user]
-        if quote_passwords and not re.fullmatch(r"[A-Za-z0-9_-]+", password):
-            raise ValueError(f"NATS password for {user!r} must be URL-safe base64 (secrets.token_urlsafe)")
-        permissions = PERMISSIONS[user]
-        lines += [
-            "    {",
-            f'      user: "{user}"',
-            f'      password: "{password}"' if quote_passwords else f"      password: {password}",
-            "      permissions: {",
-        ]
-        if permissions.publish_deny:
-            lines += _deny("publish", permissions.publish_deny)
-        if permissions.subscribe_deny:
-            lines += _deny("subscribe", permissions.subscribe_deny)
-        lines += ["      }", "    }"]
-    lines += ["  ]", "}"]
+    lines = ["accounts {"]
+    for account in (MAIN_ACCOUNT, RESTRICTED_ACCOUNT):
+        lines += [f"  {account}: {{", "    jetstream: enabled", "    users: ["]
+        for user in USERS:
+            permissions = PERMISSIONS[user]
+            if permissions.account != account:
+                continue
+            if user not in passwords:
+                raise ValueError(f"no password for NATS user {user!r}")
+            password = passwords[user]
+            if quote_passwords and not re.fullmatch(r"[A-Za-z0-9_-]+", password):
+                raise ValueError(f"NATS password for {user!r} must be URL-safe base64 (secrets.token_urlsafe)")
+            lines += [
+                "      {",
+                f'        user: "{user}"',
+                f'        password: "{password}"' if quote_passwords else f"        password: {password}",
+                "        permissions: {",
+                *_allow("publish", permissions.publish),
+                *_allow("subscribe", permissions.subscribe),
+            ]
+            if permissions.allow_responses:
+                lines.append("          allow_responses: true")
+            lines += ["        }", "      }"]
+        lines += ["    ]", "  }"]
+    lines += ["}"]
     return "\n".join(lines) + "\n"
 
 
 def load_or_create_credentials(data_dir: Path) -> dict[str, str]:
     """The users' passwords in `<data_dir>/credentials.json` (mode 0600), generated on the
-    first call and read back afterwards, so a restarted server keeps them."""
+    first call and read back afterwards, so a restarted server keeps them. A file from an
+    older version that lacks a user gains a password for it; the others are kept."""
     path = data_dir / CREDENTIALS_FILE
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
-        fresh = json.dumps({user: secrets.token_urlsafe(24) for user in USERS}, indent=2) + "\n"
-        # Written whole to a private temp file, then linked into place: os.link fails if
-        # the file exists, so two racing first starts agree on one set and a reader never
-        # sees a half-written file.
-        scratch = data_dir / f".{CREDENTIALS_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(fresh)
-                handle.flush()
-                os.fsync(handle.fileno())
-            with contextlib.suppress(FileExistsError):
-                os.link(scratch, path)
-        finally:
-            scratch.unlink(missing_ok=True)
+        # os.link fails if the file exists, so two racing first starts agree on one set.
+        _write_private(data_dir, {user: secrets.token_urlsafe(24) for user in USERS}, replace=False)
+    stored = json.loads(path.read_text())
+    missing = [user for user in USERS if not isinstance(stored.get(user), str)]
+    if missing:
+        _write_private(data_dir, {**stored, **{user: secrets.token_urlsafe(24) for user in missing}}, replace=True)
     credentials = read_credentials(data_dir)
     assert credentials is not None
     return credentials
+
+
+def _write_private(data_dir: Path, credentials: Mapping[str, str], *, replace: bool) -> None:
+    """Written whole to a private temp file, then moved into place: a reader never sees
+    a half-written file."""
+    path = data_dir / CREDENTIALS_FILE
+    scratch = data_dir / f".{CREDENTIALS_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(dict(credentials), indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        if replace:
+            os.replace(scratch, path)
+        else:
+            with contextlib.suppress(FileExistsError):
+                os.link(scratch, path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def read_credentials(data_dir: Path) -> dict[str, str] | None:
@@ -159,7 +254,7 @@ def read_credentials(data_dir: Path) -> dict[str, str] | None:
         return None
     missing = [user for user in USERS if not isinstance(credentials.get(user), str)]
     if missing:
-        raise RuntimeError(f"{path} has no password for {', '.join(missing)}; delete it to generate new ones")
+        raise RuntimeError(f"{path} has no password for {', '.join(missing)}; `iopnet run` adds them")
     return {user: credentials[user] for user in USERS}
 
 
@@ -236,7 +331,7 @@ class NatsServer:
             "}\n"
         )
         if self.users is not None:
-            config += authorization_block(self.users)
+            config += accounts_block(self.users)
         return config
 
     def start(self, timeout: float = 15.0) -> "NatsServer":

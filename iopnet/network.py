@@ -12,7 +12,7 @@ from typing import IO
 
 import httpx
 
-from iopnet.natsd import NatsServer, embedded_data_dir, load_or_create_credentials, public_url
+from iopnet.natsd import RESTRICTED_USERS, NatsServer, embedded_data_dir, load_or_create_credentials, public_url
 from shared.settings import SERVICES, ServiceName, Settings
 
 
@@ -56,6 +56,11 @@ class LocalNetwork:
         )
         if self.settings.jwt_secret:
             env["IOPNET_JWT_SECRET"] = self.settings.jwt_secret
+        if self.nats is not None and service in RESTRICTED_USERS:
+            # Contact details live in a NATS account of their own (iopnet/natsd.py).
+            env["IOPNET_NATS_RESTRICTED_URL"] = self.nats.user_url(RESTRICTED_USERS[service])
+        elif self.settings.nats_restricted_url:
+            env["IOPNET_NATS_RESTRICTED_URL"] = self.settings.nats_restricted_url
         return env
 
     def start(self, timeout: float = 60) -> "LocalNetwork":

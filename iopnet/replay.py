@@ -1,52 +1,76 @@
-"""`iopnet events replay`: re-publish stored events so consumers re-apply what they miss.
+"""`iopnet events replay`: a consumer whose database lost recent work gets it back.
 
 For repair after a consumer's database was restored from an older backup (or a bug fix
-that needs events applied again): each stored event is published again to its own
-subject under a fresh Nats-Msg-Id. Every consumer's inbox skips the events it has already
-applied, so a replay changes only what was missing. The restricted stream cannot be
-replayed by the `ops` user (the broker refuses it), and dead letters have `dlq retry`.
+that needs events applied again): each service that consumes the stream re-reads the
+stored events by sequence and applies them through its inbox, which skips what it has
+already applied (shared/messaging/control.py). Nothing is published: other subscribers
+see no copies, and the restricted stream is replayed by notifications itself.
 """
 
+import json
+from collections.abc import Callable
 from typing import Any
 
-import nats
-from nats.js.errors import NotFoundError
+import nats.errors
 
-REPLAYABLE = ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_NOTIFICATIONS")
+from shared.messaging.connection import connect_once
+from shared.messaging.control import ControlReply, ReplayRequest, control_subject
+from shared.settings import SERVICES
+
+REPLAYABLE = ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_NOTIFICATIONS", "IOP_RESTRICTED")
+CONTROL_TIMEOUT = 120.0
 
 
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: `*` is one token, a final `>` is one or more."""
-    wanted, tokens = pattern.split("."), subject.split(".")
-    for index, token in enumerate(wanted):
-        if token == ">":
-            return len(tokens) > index
-        if index >= len(tokens) or (token != "*" and token != tokens[index]):
-            return False
-    return len(tokens) == len(wanted)
+class ReplayFailed(Exception):
+    pass
 
 
 async def replay_events(
-    url: str, stream: str, first_seq: int, last_seq: int | None = None, subject: str | None = None
+    url: str,
+    stream: str,
+    first_seq: int,
+    last_seq: int | None = None,
+    subject: str | None = None,
+    *,
+    services: tuple[str, ...] = SERVICES,
+    chunk: int = 500,
+    progress: Callable[[ControlReply], None] | None = None,
 ) -> list[dict[str, Any]]:
+    """One summary per service that consumes `stream`: applied, duplicates (skipped by
+    the inbox), not handled (event types it does not consume) and failures."""
     if stream not in REPLAYABLE:
         raise ValueError(f"{stream} cannot be replayed; one of {', '.join(REPLAYABLE)}")
-    nc = await nats.connect(url)
+    nc = await connect_once(url)
+    summaries = []
     try:
-        js = nc.jetstream()
-        state = (await js.stream_info(stream)).state
-        # Fixed before publishing: the copies land in the same stream, past this point.
-        last = min(last_seq or state.last_seq, state.last_seq)
-        replayed = []
-        for seq in range(max(first_seq, state.first_seq, 1), last + 1):
-            try:
-                message = await js.get_msg(stream, seq)
-            except NotFoundError:
-                continue  # removed by retention
-            if subject and not subject_matches(subject, message.subject):
-                continue
-            await js.publish(message.subject, message.data or b"", headers={"Nats-Msg-Id": f"replay:{stream}:{seq}"})
-            replayed.append({"sequence": seq, "subject": message.subject})
-        return replayed
+        for service in services:
+            totals: dict[str, Any] = {"service": service, "applied": 0, "duplicates": 0, "not_handled": 0, "failed": []}
+            seq = first_seq
+            while True:
+                request = ReplayRequest(stream=stream, from_seq=seq, to_seq=last_seq, subject=subject, limit=chunk)
+                try:
+                    response = await nc.request(
+                        control_subject(service, "replay"), request.model_dump_json().encode(), timeout=CONTROL_TIMEOUT
+                    )
+                except nats.errors.NoRespondersError:
+                    raise ReplayFailed(f"the {service} service is not running: start it and replay again") from None
+                reply = ControlReply.model_validate(json.loads(response.data))
+                if not reply.consumed:
+                    break
+                if reply.error and not reply.failed:
+                    raise ReplayFailed(f"{service}: {reply.error}")
+                totals["applied"] += reply.applied
+                totals["duplicates"] += reply.duplicates
+                totals["not_handled"] += reply.not_handled
+                totals["failed"] += [f.model_dump() for f in reply.failed]
+                if progress is not None:
+                    progress(reply)
+                assert reply.next_seq is not None and reply.last_seq is not None
+                if reply.next_seq > reply.last_seq:
+                    break
+                seq = reply.next_seq
+            if reply.consumed:
+                summaries.append(totals)
+        return summaries
     finally:
         await nc.close()

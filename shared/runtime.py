@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db import create_engine, migrate, session_factory
 from shared.messaging import (
+    STREAMS,
     Consumer,
     Inbox,
     Outbox,
@@ -23,6 +24,7 @@ from shared.messaging import (
     owned_streams,
 )
 from shared.messaging.connection import connect
+from shared.messaging.control import ControlPlane
 from shared.settings import ServiceName, Settings
 
 log = logging.getLogger("iopnet.runtime")
@@ -74,6 +76,10 @@ class ServiceRuntime:
         self.sessions: async_sessionmaker[AsyncSession]
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        # The connection to the account that holds IOP_RESTRICTED (intake, notifications);
+        # the main one when no separate URL is configured (a server without accounts).
+        self.restricted_nc: Client | None = None
+        self.restricted_js: JetStreamContext | None = None
         self.relay: OutboxRelay
         self.consumers: list[Consumer] = []
         self.streams_ready = asyncio.Event()
@@ -87,6 +93,7 @@ class ServiceRuntime:
             self.outbox,
             self.sessions,
             lambda: self.js if self.streams_ready.is_set() else None,
+            restricted_js=lambda: self.restricted_js if self.streams_ready.is_set() else None,
             batch_size=self.settings.outbox_batch,
             retry_seconds=self.settings.outbox_retry_seconds,
         )
@@ -96,19 +103,33 @@ class ServiceRuntime:
             self._spawn(job(self), getattr(job, "__name__", "job"))
         log.info("service started", extra={"service": self.name})
 
+    def _needs_restricted(self) -> bool:
+        return any(s.restricted for s in owned_streams(self.name)) or any(
+            STREAMS[s.stream].restricted for s in self.subscriptions
+        )
+
     async def _messaging(self) -> None:
         self.nc = await connect(self.settings.effective_nats_url, f"iopnet-{self.name}")
         self.js = self.nc.jetstream()
-        await ensure_streams(self.js, owned_streams(self.name), self.settings.duplicate_window_seconds)
+        self.restricted_nc, self.restricted_js = self.nc, self.js
+        if self.settings.nats_restricted_url and self._needs_restricted():
+            self.restricted_nc = await connect(self.settings.nats_restricted_url, f"iopnet-{self.name}-restricted")
+            self.restricted_js = self.restricted_nc.jetstream()
+        window = self.settings.duplicate_window_seconds
+        owned = owned_streams(self.name)
+        await ensure_streams(self.js, [s for s in owned if not s.restricted], window, service=self.name)
+        await ensure_streams(self.restricted_js, [s for s in owned if s.restricted], window, service=self.name)
         self.streams_ready.set()
         self.relay.wake()
         for subscription in self.subscriptions:
+            restricted = STREAMS[subscription.stream].restricted
             consumer = Consumer(
                 self.name,
                 subscription,
                 self.sessions,
                 self.inbox,
-                self.js,
+                self.restricted_js if restricted else self.js,
+                dlq_js=self.js,
                 max_deliver=self.settings.max_deliver,
                 ack_wait_seconds=self.settings.ack_wait_seconds,
                 nak_delay_seconds=self.settings.nak_delay_seconds,
@@ -117,6 +138,7 @@ class ServiceRuntime:
             )
             self.consumers.append(consumer)
             self._spawn(consumer.run(), consumer.durable)
+        await ControlPlane(self.name, self.js, self.consumers).start(self.nc)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> None:
         task = asyncio.ensure_future(coro)
@@ -142,10 +164,11 @@ class ServiceRuntime:
             for task in stuck:
                 log.error("background task ignored cancellation", extra={"reason": task.get_name()})
         try:
-            if self.nc is not None and not self.nc.is_closed:
-                # Not drain(): it waits out pull subscriptions' pending requests (30 s).
-                # Every publish was already acknowledged; unacked messages are redelivered.
-                await self.nc.close()
+            for nc in {id(c): c for c in (self.restricted_nc, self.nc) if c is not None}.values():
+                if not nc.is_closed:
+                    # Not drain(): it waits out pull subscriptions' pending requests (30 s).
+                    # Every publish was already acknowledged; unacked messages are redelivered.
+                    await nc.close()
         except Exception as exc:  # the broker may already be gone; the database still closes
             log.warning("nats close failed", extra={"error": type(exc).__name__})
         finally:
@@ -162,7 +185,13 @@ class ServiceRuntime:
                 checks["database"] = True
             except Exception as exc:
                 log.warning("database not ready", extra={"error": type(exc).__name__})
-        checks["nats"] = bool(self.nc and self.nc.is_connected and self.streams_ready.is_set())
+        checks["nats"] = bool(
+            self.nc
+            and self.nc.is_connected
+            and self.restricted_nc
+            and self.restricted_nc.is_connected
+            and self.streams_ready.is_set()
+        )
         checks["consumers"] = len(self.consumers) == len(self.subscriptions) and all(
             c.bound.is_set() for c in self.consumers
         )

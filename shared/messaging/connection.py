@@ -3,11 +3,20 @@
 import asyncio
 import logging
 import re
+from typing import Any
 
 import nats
 from nats.aio.client import Client
 
 log = logging.getLogger("iopnet.nats")
+
+
+def inbox_prefix(url: str) -> str:
+    """`_INBOX.<user>` for a URL that names a user, else nats-py's `_INBOX`: the broker
+    lets each user subscribe to its own inbox prefix only (iopnet/natsd.py), so no user
+    receives another's JetStream replies."""
+    match = re.match(r"^[a-z]+://([^:@/]+)(:[^@/]*)?@", url)
+    return f"_INBOX.{match.group(1)}" if match else "_INBOX"
 
 
 async def connect(url: str, name: str) -> Client:
@@ -28,6 +37,7 @@ async def connect(url: str, name: str) -> Client:
             return await nats.connect(
                 url,
                 name=name,
+                inbox_prefix=inbox_prefix(url),
                 connect_timeout=2,
                 allow_reconnect=True,
                 max_reconnect_attempts=-1,
@@ -45,3 +55,9 @@ async def connect(url: str, name: str) -> Client:
 
 def _without_credentials(url: str) -> str:
     return re.sub(r"^([a-z]+://)?[^@/]*@", r"\1", url)
+
+
+async def connect_once(url: str, **options: Any) -> Client:
+    """One connection for a command-line tool or a test: no retry, and this user's inbox
+    prefix (the only one the broker lets it subscribe to)."""
+    return await nats.connect(url, inbox_prefix=inbox_prefix(url), **options)

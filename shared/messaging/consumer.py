@@ -75,6 +75,7 @@ class Consumer:
         inbox: Inbox,
         js: JetStreamContext,
         *,
+        dlq_js: JetStreamContext | None = None,
         max_deliver: int = 5,
         ack_wait_seconds: float = 30.0,
         nak_delay_seconds: float = 1.0,
@@ -88,6 +89,9 @@ class Consumer:
         self.sessions = sessions
         self.inbox = inbox
         self.js = js
+        # IOP_DLQ lives in the main NATS account; a consumer of IOP_RESTRICTED reads
+        # through the restricted account's connection and dead-letters through this one.
+        self.dlq_js = dlq_js or js
         self.max_deliver = max_deliver
         self.ack_wait_seconds = ack_wait_seconds
         self.nak_delay_seconds = nak_delay_seconds
@@ -196,7 +200,7 @@ class Consumer:
         while True:
             try:
                 # The consumer needs somewhere to put dead letters before it takes a message.
-                await ensure_streams(self.js, [STREAMS["IOP_DLQ"]], self.duplicate_window_seconds)
+                await ensure_streams(self.dlq_js, [STREAMS["IOP_DLQ"]], self.duplicate_window_seconds, update=False)
                 await self.js.add_consumer(self.subscription.stream, config)
                 return await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
             except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
@@ -217,8 +221,9 @@ class Consumer:
         except ValidationError as exc:
             await self._dead_letter(message, f"invalid event: {_summarize(exc)}")
             return
-        except UnknownEventType as exc:
-            await self._dead_letter(message, str(exc))
+        except UnknownEventType:
+            # Never the type itself: the reason reaches the ops-readable DLQ and the log.
+            await self._dead_letter(message, "unknown event type")
             return
         handler = self.subscription.handlers.get(envelope.event_type)
         if handler is None:
@@ -254,6 +259,35 @@ class Consumer:
         else:
             self.stats.skipped_duplicates += 1
 
+    async def apply_stored(self, data: bytes) -> str:
+        """Apply one message re-read from its stream (a dead-letter retry, a replay) once,
+        through the inbox: "applied", "duplicate" or "not_handled". One try, no dead
+        letter: the operator who asked sees the failure as a HandlerError with a reason
+        that is safe to show (no PHI)."""
+        try:
+            envelope = Envelope.from_bytes(data)
+            event = envelope.event()
+        except ValidationError as exc:
+            raise HandlerError(f"invalid event: {_summarize(exc)}") from None
+        except UnknownEventType:
+            raise HandlerError("unknown event type") from None
+        handler = self.subscription.handlers.get(envelope.event_type)
+        if handler is None:
+            return "not_handled"
+        try:
+            async with self.sessions() as session, session.begin():
+                applied = await self.inbox.claim(session, envelope, self.durable)
+                if applied:
+                    await handler(session, envelope, event)
+        except Exception as exc:
+            raise HandlerError(f"{envelope.event_type} failed: {_describe(exc)}") from None
+        self.stats.transactions += 1
+        if applied:
+            self.stats.applied += 1
+            return "applied"
+        self.stats.skipped_duplicates += 1
+        return "duplicate"
+
     async def _dead_letter(self, message: Msg, reason: str, attempts: int | None = None) -> None:
         reason = re.sub(r"[\r\n]+", " ", reason)[:500]
         try:
@@ -279,7 +313,7 @@ class Consumer:
             payload = b""
             headers["Iop-Payload-Withheld"] = "restricted"
         try:
-            await self.js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
+            await self.dlq_js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
         except Exception as exc:
             # Not acked: the server redelivers it and the next try dead-letters again.
             log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})
@@ -303,11 +337,9 @@ class Consumer:
 
 
 def _summarize(exc: ValidationError) -> str:
-    # Locations and messages only: the rejected input may be a phone number.
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
-        for err in exc.errors(include_input=False, include_url=False)
-    )
+    # pydantic's error types only (a fixed vocabulary): a location may name a key the
+    # sender made up and a message may quote the input, which may be a phone number.
+    return ", ".join(sorted({err["type"] for err in exc.errors(include_input=False, include_url=False)}))
 
 
 def _describe(exc: Exception) -> str:

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from shared.contracts import Envelope
+from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime
 
 log = logging.getLogger("iopnet.outbox")
@@ -121,6 +122,7 @@ class OutboxRelay:
         sessions: async_sessionmaker[AsyncSession],
         js: Callable[[], JetStreamContext | None],
         *,
+        restricted_js: Callable[[], JetStreamContext | None] | None = None,
         batch_size: int = 256,
         retry_seconds: float = 2.0,
         publish_timeout: float = 5.0,
@@ -128,6 +130,8 @@ class OutboxRelay:
         self.outbox = outbox
         self.sessions = sessions
         self._js = js
+        # Events on iop.restricted.> go to the NATS account that holds IOP_RESTRICTED.
+        self._restricted_js = restricted_js or js
         self.batch_size = batch_size
         self.retry_seconds = retry_seconds
         self.publish_timeout = publish_timeout
@@ -152,9 +156,10 @@ class OutboxRelay:
 
     async def relay_batch(self) -> int:
         """Publish one batch of pending rows; returns how many were sent."""
-        js = self._js()
-        if js is None:
+        js, restricted = self._js(), self._restricted_js()
+        if js is None or restricted is None:
             return 0
+        publisher = _Publisher(js, restricted)
         async with self.sessions() as session:
             if session.bind.dialect.name == "postgresql":
                 async with session.begin():
@@ -162,7 +167,7 @@ class OutboxRelay:
                     # others) while this relay publishes them. PostgreSQL has a pool, so
                     # the open transaction blocks nobody else.
                     rows = await self._pending(session, lock=True)
-                    sent, error = await self._publish(js, rows) if rows else ([], None)
+                    sent, error = await self._publish(publisher, rows) if rows else ([], None)
                     await self._record(session, rows, sent, error)
             else:
                 # SQLite: one relay per file and one pooled connection. Publish with no
@@ -170,7 +175,7 @@ class OutboxRelay:
                 # service's requests behind the relay.
                 async with session.begin():
                     rows = await self._pending(session, lock=False)
-                sent, error = await self._publish(js, rows) if rows else ([], None)
+                sent, error = await self._publish(publisher, rows) if rows else ([], None)
                 async with session.begin():
                     await self._record(session, rows, sent, error)
         self.published += len(sent)
@@ -206,7 +211,7 @@ class OutboxRelay:
                 .values(attempts=table.c.attempts + 1, last_error=error[:500])
             )
 
-    async def _publish(self, js: JetStreamContext, rows: list) -> tuple[list[int], str | None]:
+    async def _publish(self, publisher: "_Publisher", rows: list) -> tuple[list[int], str | None]:
         # Publish the batch pipelined, then wait for every ack. Rows after a failure
         # stay pending and are retried in order; JetStream de-duplicates any that
         # were in fact stored.
@@ -214,7 +219,7 @@ class OutboxRelay:
         try:
             for row in rows:
                 futures.append(
-                    await js.publish_async(
+                    await publisher.js(row.subject).publish_async(
                         row.subject,
                         row.payload.encode(),
                         headers={"Nats-Msg-Id": row.event_id},
@@ -241,3 +246,11 @@ class OutboxRelay:
 
 class _PublishFailed(Exception):
     pass
+
+
+class _Publisher:
+    def __init__(self, js: JetStreamContext, restricted: JetStreamContext) -> None:
+        self._js, self._restricted = js, restricted
+
+    def js(self, subject: str) -> JetStreamContext:
+        return self._restricted if subject.startswith(f"{ROOT}.{RESTRICTED}.") else self._js

@@ -11,7 +11,12 @@ from nats.js.errors import NotFoundError
 class StreamSpec:
     name: str
     subjects: tuple[str, ...]
-    owner: str  # the service that declares it; "all" for the shared dead-letter stream
+    owner: str  # the service that declares it (creates and updates it)
+    # Services that create it if it is missing but never change it (the broker lets
+    # only the owner update a stream: iopnet/natsd.py).
+    creators: tuple[str, ...] = ()
+    # The stream lives in the NATS account of the restricted connection (contact details).
+    restricted: bool = False
 
 
 STREAMS: dict[str, StreamSpec] = {
@@ -20,10 +25,13 @@ STREAMS: dict[str, StreamSpec] = {
         StreamSpec("IOP_INTAKE", ("iop.intake.>",), "intake"),
         StreamSpec("IOP_SCHEDULING", ("iop.scheduling.>",), "scheduling"),
         StreamSpec("IOP_NOTIFICATIONS", ("iop.notifications.>",), "notifications"),
-        StreamSpec("IOP_RESTRICTED", ("iop.restricted.>",), "intake"),
-        # Every consumer may dead-letter, so every service ensures this one stream
-        # from this single definition (identical config: no drift between owners).
-        StreamSpec("IOP_DLQ", ("iop.dlq.>",), "all"),
+        # Its reader owns it: notifications' every start brings its config back to this
+        # one (no republish, no subjects added), and intake, whose events it stores,
+        # only creates it if it is missing, so intake never waits for notifications.
+        StreamSpec("IOP_RESTRICTED", ("iop.restricted.>",), "notifications", ("intake",), restricted=True),
+        # Every consumer may dead-letter, so each service creates this stream if it is
+        # missing (from this one definition); only intake updates it.
+        StreamSpec("IOP_DLQ", ("iop.dlq.>",), "intake", ("scheduling", "notifications")),
     )
 }
 
@@ -36,7 +44,8 @@ def stream_for_subject(subject: str) -> str:
 
 
 def owned_streams(service: str) -> list[StreamSpec]:
-    return [s for s in STREAMS.values() if s.owner in (service, "all")]
+    """The streams `service` declares: those it owns, and those it creates if missing."""
+    return [s for s in STREAMS.values() if service == s.owner or service in s.creators]
 
 
 def stream_config(spec: StreamSpec, duplicate_window_seconds: float) -> StreamConfig:
@@ -51,12 +60,23 @@ def stream_config(spec: StreamSpec, duplicate_window_seconds: float) -> StreamCo
     )
 
 
-async def ensure_streams(js: JetStreamContext, specs: list[StreamSpec], duplicate_window_seconds: float) -> None:
+async def ensure_streams(
+    js: JetStreamContext,
+    specs: list[StreamSpec],
+    duplicate_window_seconds: float,
+    *,
+    update: bool = True,
+    service: str | None = None,
+) -> None:
+    """Create each stream if it is missing, and bring an existing one to this config
+    if `update` (and, given `service`, only where `service` owns it)."""
     for spec in specs:
+        owns = update and (service is None or spec.owner == service)
         config = stream_config(spec, duplicate_window_seconds)
         try:
             await js.stream_info(spec.name)
         except NotFoundError:
             await js.add_stream(config)
         else:
-            await js.update_stream(config)
+            if owns:
+                await js.update_stream(config)

@@ -3,6 +3,7 @@ retried (not terminated, DESIGN B7), succeeds once, and a handler that keeps fai
 dead-lettered after max_deliver while the next event still flows."""
 
 import asyncio
+import json
 from collections import Counter
 from datetime import date
 from pathlib import Path
@@ -154,6 +155,40 @@ async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_d
     assert payload == b""
     assert headers["Iop-Payload-Withheld"] == "restricted"
     assert headers["Iop-Original-Stream"] == "IOP_RESTRICTED"
+
+
+async def test_dead_letter_reasons_are_fixed_texts_never_input(nats_server, inbox_db) -> None:
+    """A reason reaches the ops-readable DLQ and the log: it must not echo what the
+    sender wrote (an event type or a key can be any text, a name included)."""
+    inbox, sessions = inbox_db
+
+    async def handler(session, envelope, event) -> None:
+        raise AssertionError("never called: neither message applies")
+
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer(
+        "probe", Subscription("IOP_INTAKE", {"PatientEnrolled": handler}), sessions, inbox, nc.jetstream()
+    )
+    unknown = enrolled("p-1").model_dump(mode="json") | {"event_type": "JaneDoeAt555-0123"}
+    invalid = enrolled("p-1").model_dump(mode="json")
+    invalid["data"] = {"Jane Doe 555-0123": True, "cohort": "Jane Doe"}
+    subject = "iop.intake.patient_enrolled.columbus-east"
+    for body in (unknown, invalid):
+        await publish_raw(nats_server.url, subject, json.dumps(body).encode())
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def dead_lettered() -> bool:
+            return consumer.stats.dead_lettered == 2
+
+        await eventually(dead_lettered, what="both dead-lettered")
+    finally:
+        task.cancel()
+        await nc.close()
+    reasons = [headers["Iop-Dlq-Reason"] for _, headers, _ in await dead_letters(nats_server.url)]
+    assert reasons[0] == "unknown event type"
+    assert reasons[1].startswith("invalid event: ")
+    assert not [r for r in reasons if "Jane" in r or "555" in r], reasons
 
 
 async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server, inbox_db) -> None:

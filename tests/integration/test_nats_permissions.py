@@ -1,7 +1,9 @@
-"""Broker-enforced access to contact details (DESIGN A4), on a nats-server with the users
-and permissions `iopnet run` gives its embedded server: only `notifications` can read
-`iop.restricted.>` / IOP_RESTRICTED, only a producer publishes its own subjects, and `ops`
-can re-publish a dead letter to a public subject.
+"""Broker-enforced access (DESIGN A4), on the nats-server configuration `iopnet run` gives
+its embedded server and deploy/nats.conf carries: every user has an allow-list; the
+contact details live in an account of their own (RESTRICTED) that only intake (publish)
+and notifications (consume) have users in; only a producer publishes its own subjects;
+only a stream's owner changes it, and nobody purges or deletes one; a dead-letter retry
+reaches only the consumer that dead-lettered the message and applies the stored original.
 
 What a denial looks like to nats-py 2.16 against nats-server 2.15: the server drops the
 denied publish (a JetStream API call is a publish to `$JS.API.…`) and sends the client
@@ -30,33 +32,49 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+from sqlalchemy import delete, func, select
 
-from iopnet.dlq import list_dead_letters, retry_dead_letter
+from iopnet.dlq import RetryRefused, list_dead_letters, retry_dead_letter
 from iopnet.natsd import (
+    CONSUMES,
     CREDENTIALS_FILE,
+    OWNS,
     PASSWORD_ENV,
     PERMISSIONS,
+    RESTRICTED_USERS,
+    USERS,
     NatsServer,
-    authorization_block,
+    accounts_block,
     free_port,
     load_or_create_credentials,
     nats_server_binary,
     ops_url,
 )
 from iopnet.testing import eventually
+from services.intake.handlers import SUBSCRIPTIONS as INTAKE_SUBSCRIPTIONS
 from services.notifications.handlers import SUBSCRIPTIONS as NOTIFICATIONS_SUBSCRIPTIONS
+from services.scheduling import store as scheduling_store
+from services.scheduling.app import create_app as create_scheduling
+from services.scheduling.handlers import SUBSCRIPTIONS as SCHEDULING_SUBSCRIPTIONS
 from shared.contracts import dlq_subject, new_envelope
-from shared.contracts.events import PatientContactChanged, PatientEnrolled
+from shared.contracts.events import PatientContactChanged, PatientEnrolled, SiteRegistered
+from shared.messaging.connection import connect_once
+from shared.messaging.control import control_subject
 from shared.messaging.streams import STREAMS, ensure_streams, owned_streams, stream_for_subject
+from tests.conftest import make_settings, running
 
 REPO = Path(__file__).resolve().parents[2]
 SITE = "columbus-east"
 PHONE = "+13805550123"
 DENIED_TIMEOUT = 1.0  # a denied request never gets a reply: it can only time out
-NOT_NOTIFICATIONS = ["intake", "scheduling", "ops"]
+INTAKE_R, NOTIFICATIONS_R = RESTRICTED_USERS["intake"], RESTRICTED_USERS["notifications"]
+# Everyone but the one reader of contact details.
+NOT_THE_READER = [user for user in USERS if user != NOTIFICATIONS_R]
+DURABLE = "notifications-IOP_RESTRICTED"
+PUBLIC_STREAMS = [name for name, spec in STREAMS.items() if not spec.restricted]
 
 
 @pytest.fixture
@@ -98,6 +116,9 @@ class User:
             await request
         await self.reported("publish", subject)
 
+    async def api(self, subject: str, body: dict[str, Any] | None = None) -> Any:
+        return await self.nc.request(subject, json.dumps(body or {}).encode(), timeout=DENIED_TIMEOUT)
+
 
 @asynccontextmanager
 async def connected(server: NatsServer, name: str) -> AsyncIterator[User]:
@@ -109,7 +130,8 @@ async def connected(server: NatsServer, name: str) -> AsyncIterator[User]:
             violations.append(str(exc).lower())
             changed.notify_all()
 
-    nc = await nats.connect(server.user_url(name), error_cb=on_error, allow_reconnect=False)
+    # connect_once: the user's own inbox prefix, the only one it may subscribe to.
+    nc = await connect_once(server.user_url(name), error_cb=on_error, allow_reconnect=False)
     try:
         yield User(name, nc, violations, changed)
     finally:
@@ -136,24 +158,36 @@ def enrolled() -> Any:
     return new_envelope(event, site_id=SITE)
 
 
+async def declare_streams(server: NatsServer) -> None:
+    """What the services' runtimes do at start, each as its own user."""
+    for owner in OWNS:
+        async with connected(server, owner) as user:
+            await ensure_streams(user.js, [s for s in owned_streams(owner) if not s.restricted], 120, service=owner)
+    async with connected(server, NOTIFICATIONS_R) as user:
+        await ensure_streams(user.js, [STREAMS["IOP_RESTRICTED"]], 120, service="notifications")
+
+
 async def publish_as_intake(server: NatsServer, *envelopes: Any) -> None:
-    """What intake's runtime and relay do: ensure its streams, publish with Nats-Msg-Id."""
-    async with connected(server, "intake") as intake:
-        await ensure_streams(intake.js, owned_streams("intake"), 120)
-        for envelope in envelopes:
+    """What intake's relay does: public events on its main connection, contact details on
+    its restricted one, each with Nats-Msg-Id."""
+    for envelope in envelopes:
+        restricted = envelope.subject.startswith("iop.restricted.")
+        async with connected(server, INTAKE_R if restricted else "intake") as intake:
+            specs = [s for s in owned_streams("intake") if s.restricted == restricted]
+            await ensure_streams(intake.js, specs, 120, service="intake")
             ack = await intake.js.publish(
                 envelope.subject, envelope.to_bytes(), headers={"Nats-Msg-Id": str(envelope.event_id)}
             )
-            assert ack.stream == ("IOP_RESTRICTED" if envelope.subject.startswith("iop.restricted.") else "IOP_INTAKE")
+            assert ack.stream == ("IOP_RESTRICTED" if restricted else "IOP_INTAKE")
+            assert not intake.violations
 
 
 def notifications_consumer_config() -> ConsumerConfig:
     """The durable notifications' Consumer._bind creates on IOP_RESTRICTED."""
     [subscription] = [s for s in NOTIFICATIONS_SUBSCRIPTIONS if s.stream == "IOP_RESTRICTED"]
-    durable = "notifications-IOP_RESTRICTED"
     return ConsumerConfig(
-        name=durable,
-        durable_name=durable,
+        name=DURABLE,
+        durable_name=DURABLE,
         ack_policy=AckPolicy.EXPLICIT,
         deliver_policy=DeliverPolicy.ALL,
         filter_subjects=subscription.filter_subjects(),
@@ -166,63 +200,83 @@ async def test_the_server_requires_a_user_and_its_password(server: NatsServer) -
             await nats.connect(url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
 
 
-async def test_intake_owns_and_publishes_the_restricted_stream(server: NatsServer) -> None:
-    async with connected(server, "intake") as intake:
-        # Create, then the update path a restart takes: both are intake's to do.
-        await ensure_streams(intake.js, owned_streams("intake"), 120)
-        await ensure_streams(intake.js, owned_streams("intake"), 120)
-        envelope = contact_changed()
-        ack = await intake.js.publish(envelope.subject, envelope.to_bytes())
-        assert envelope.subject.startswith("iop.restricted.intake.")
-        assert (ack.stream, ack.seq) == ("IOP_RESTRICTED", 1)
-        assert not intake.violations
+def test_the_permission_tables_match_what_the_services_do() -> None:
+    """natsd's allow-lists are written from CONSUMES and OWNS; those must be what the
+    services really consume and declare, or a service would be refused at start."""
+    subscriptions = {
+        "intake": INTAKE_SUBSCRIPTIONS,
+        "scheduling": SCHEDULING_SUBSCRIPTIONS,
+        "notifications": NOTIFICATIONS_SUBSCRIPTIONS,
+    }
+    consumed = {service: {s.stream for s in subs} for service, subs in subscriptions.items()}
+    assert consumed == {service: set(streams) for service, streams in CONSUMES.items()}
+    for service in OWNS:
+        owned = {s.name for s in STREAMS.values() if s.owner == service and not s.restricted}
+        assert owned == set(OWNS[service])
+    assert STREAMS["IOP_RESTRICTED"].owner == "notifications"
+    assert STREAMS["IOP_RESTRICTED"].creators == ("intake",)
 
 
-async def test_notifications_consumes_contact_details_intake_published(server: NatsServer) -> None:
+async def test_contact_details_flow_from_intake_to_notifications_in_their_own_account(server: NatsServer) -> None:
     envelope = contact_changed()
-    await publish_as_intake(server, envelope)
-    async with connected(server, "notifications") as notifications:
+    await publish_as_intake(server, envelope)  # intake creates the stream if it is missing
+    await declare_streams(server)  # notifications, the owner, brings it to its config
+    async with connected(server, NOTIFICATIONS_R) as notifications:
         await notifications.js.add_consumer("IOP_RESTRICTED", notifications_consumer_config())
-        pull = await notifications.js.pull_subscribe_bind(
-            durable="notifications-IOP_RESTRICTED", stream="IOP_RESTRICTED"
-        )
+        pull = await notifications.js.pull_subscribe_bind(durable=DURABLE, stream="IOP_RESTRICTED")
         [message] = await pull.fetch(1, timeout=5)
         await message.ack_sync()
         assert message.subject == envelope.subject
         assert json.loads(message.data)["data"]["phone"] == PHONE
-        # Direct reads of the stream are open to notifications too.
+        # A dead letter's retry re-reads the original by sequence.
         assert (await notifications.js.get_msg("IOP_RESTRICTED", 1)).subject == envelope.subject
         assert not notifications.violations
+    # In the main account there is no such stream at all.
+    async with connected(server, "ops") as ops:
+        with pytest.raises(NotFoundError):
+            await ops.js.stream_info("IOP_RESTRICTED")
 
 
-@pytest.mark.parametrize("name", NOT_NOTIFICATIONS)
-async def test_only_notifications_reads_the_restricted_stream(server: NatsServer, name: str) -> None:
+@pytest.mark.parametrize("name", NOT_THE_READER)
+async def test_no_side_door_to_the_contact_details(server: NatsServer, name: str) -> None:
+    """Every way to read IOP_RESTRICTED, copy it, divert it, change it or empty it, tried
+    as each user but the one reader, is refused by the broker, and none of it touched
+    the stream or notifications' place in it."""
     envelope = contact_changed()
+    await declare_streams(server)
     await publish_as_intake(server, envelope)
-    async with connected(server, "notifications") as notifications:
-        # notifications' own durable exists, as in a running network.
+    async with connected(server, NOTIFICATIONS_R) as notifications:
         await notifications.js.add_consumer("IOP_RESTRICTED", notifications_consumer_config())
+        config_before = (await notifications.js.stream_info("IOP_RESTRICTED")).config
 
     async with connected(server, name) as user:
-        # get_msg takes the context's timeout; the others take their own.
         js, inbox = user.nc.jetstream(timeout=DENIED_TIMEOUT), user.nc.new_inbox()
-        durable = "notifications-IOP_RESTRICTED"
-        snapshot = json.dumps({"deliver_subject": inbox, "chunk_size": 1024}).encode()
-        legacy = json.dumps({"stream_name": "IOP_RESTRICTED", "config": {"durable_name": "peek"}}).encode()
-        attempts = {
+        snapshot = {"deliver_subject": inbox, "chunk_size": 1024}
+        legacy = {"stream_name": "IOP_RESTRICTED", "config": {"durable_name": "peek"}}
+        republish = {
+            "name": "IOP_RESTRICTED",
+            "subjects": ["iop.restricted.>"],
+            "storage": "file",
+            "republish": {"src": "iop.restricted.>", "dest": "probe.leak.>"},
+        }
+        copies = {
+            "COPY": {"name": "COPY", "mirror": {"name": "IOP_RESTRICTED"}, "storage": "memory"},
+            "SOURCED": {"name": "SOURCED", "sources": [{"name": "IOP_RESTRICTED"}], "storage": "memory"},
+        }
+        attempts: dict[str, Awaitable[Any]] = {
             # a consumer of its own: named (how Consumer._bind does it), ephemeral, legacy durable
-            f"$JS.API.CONSUMER.CREATE.IOP_RESTRICTED.{durable}": js.add_consumer(
+            f"$JS.API.CONSUMER.CREATE.IOP_RESTRICTED.{DURABLE}": js.add_consumer(
                 "IOP_RESTRICTED", notifications_consumer_config(), timeout=DENIED_TIMEOUT
             ),
             "$JS.API.CONSUMER.CREATE.IOP_RESTRICTED": js.add_consumer(
                 "IOP_RESTRICTED", ConsumerConfig(ack_policy=AckPolicy.EXPLICIT), timeout=DENIED_TIMEOUT
             ),
-            "$JS.API.CONSUMER.DURABLE.CREATE.IOP_RESTRICTED.peek": user.nc.request(
-                "$JS.API.CONSUMER.DURABLE.CREATE.IOP_RESTRICTED.peek", legacy, timeout=DENIED_TIMEOUT
+            "$JS.API.CONSUMER.DURABLE.CREATE.IOP_RESTRICTED.peek": user.api(
+                "$JS.API.CONSUMER.DURABLE.CREATE.IOP_RESTRICTED.peek", legacy
             ),
             # pulling from notifications' durable
-            f"$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.{durable}": user.nc.request(
-                f"$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.{durable}", b'{"batch": 1}', timeout=DENIED_TIMEOUT
+            f"$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.{DURABLE}": user.api(
+                f"$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.{DURABLE}", {"batch": 1}
             ),
             # reading messages by sequence or by subject, through the API and directly
             "$JS.API.STREAM.MSG.GET.IOP_RESTRICTED": js.get_msg("IOP_RESTRICTED", 1),
@@ -231,73 +285,76 @@ async def test_only_notifications_reads_the_restricted_stream(server: NatsServer
                 "IOP_RESTRICTED", subject=envelope.subject, direct=True
             ),
             # a snapshot would stream the whole store to the caller
-            "$JS.API.STREAM.SNAPSHOT.IOP_RESTRICTED": user.nc.request(
-                "$JS.API.STREAM.SNAPSHOT.IOP_RESTRICTED", snapshot, timeout=DENIED_TIMEOUT
+            "$JS.API.STREAM.SNAPSHOT.IOP_RESTRICTED": user.api("$JS.API.STREAM.SNAPSHOT.IOP_RESTRICTED", snapshot),
+            # copies: a mirror or a source, and a republish of every new message
+            **{
+                f"$JS.API.STREAM.CREATE.{copy}": user.api(f"$JS.API.STREAM.CREATE.{copy}", c)
+                for copy, c in copies.items()
+            },
+            "$JS.API.STREAM.UPDATE.IOP_RESTRICTED": user.api("$JS.API.STREAM.UPDATE.IOP_RESTRICTED", republish),
+            # emptying it
+            "$JS.API.STREAM.PURGE.IOP_RESTRICTED": user.api("$JS.API.STREAM.PURGE.IOP_RESTRICTED"),
+            "$JS.API.STREAM.DELETE.IOP_RESTRICTED": user.api("$JS.API.STREAM.DELETE.IOP_RESTRICTED"),
+            "$JS.API.STREAM.MSG.DELETE.IOP_RESTRICTED": user.api(
+                "$JS.API.STREAM.MSG.DELETE.IOP_RESTRICTED", {"seq": 1}
             ),
         }
         await asyncio.gather(*(user.denied(request, subject) for subject, request in attempts.items()))
 
         # Acks on notifications' consumer (an ack with +NXT would pull the next message).
-        await user.nc.publish(f"$JS.ACK.IOP_RESTRICTED.{durable}.1.1.1.0.0", b"+NXT", reply=inbox)
-        await user.reported("publish", f"$JS.ACK.IOP_RESTRICTED.{durable}.1.1.1.0.0")
+        await user.nc.publish(f"$JS.ACK.IOP_RESTRICTED.{DURABLE}.1.1.1.0.0", b"+NXT", reply=inbox)
+        await user.reported("publish", f"$JS.ACK.IOP_RESTRICTED.{DURABLE}.1.1.1.0.0")
+        # Core subscriptions: the subjects themselves, everything, anyone's inbox.
+        for pattern in ("iop.restricted.>", ">", "_INBOX.>", "probe.leak.>"):
+            await user.nc.subscribe(pattern)
+            await user.reported("subscription", pattern)
 
-        # A core subscription to the restricted subjects is refused outright.
-        await user.nc.subscribe("iop.restricted.>")
-        await user.reported("subscription", "iop.restricted.>")
-
-        # The stream's existence and size are not secret: intake and readiness checks need them.
-        assert (await js.stream_info("IOP_RESTRICTED")).state.messages == 1
-
-    # None of it took the message from notifications.
-    async with connected(server, "notifications") as notifications:
-        pull = await notifications.js.pull_subscribe_bind(durable=durable, stream="IOP_RESTRICTED")
+    # Nothing changed: the one message, the stream's config, notifications' place in it.
+    async with connected(server, NOTIFICATIONS_R) as notifications:
+        info = await notifications.js.stream_info("IOP_RESTRICTED")
+        assert info.state.messages == 1
+        assert info.config.republish is None and info.config.subjects == config_before.subjects
+        pull = await notifications.js.pull_subscribe_bind(durable=DURABLE, stream="IOP_RESTRICTED")
         [message] = await pull.fetch(1, timeout=5)
         assert message.subject == envelope.subject
         assert message.metadata.num_delivered == 1
+    async with connected(server, "ops") as ops:
+        for copy in ("COPY", "SOURCED"):
+            with pytest.raises(NotFoundError):
+                await ops.js.stream_info(copy)
 
 
-@pytest.mark.parametrize("name", NOT_NOTIFICATIONS)
-async def test_a_wildcard_subscriber_never_receives_restricted_messages(server: NatsServer, name: str) -> None:
-    """`>` is allowed, but the server filters restricted subjects out of it: intake's
-    publish, and notifications' own pull deliveries to its `_INBOX`."""
+MAIN_USERS = [user for user in USERS if PERMISSIONS[user].account == "IOP"]
+
+
+@pytest.mark.parametrize("name", MAIN_USERS)
+async def test_only_a_streams_owner_changes_it_and_nobody_empties_it(server: NatsServer, name: str) -> None:
+    await declare_streams(server)
+    await publish_as_intake(server, enrolled())
     async with connected(server, name) as user:
-        received: list[Msg] = []
-        marker = asyncio.Event()
-
-        async def record(msg: Msg) -> None:
-            received.append(msg)
-            if msg.subject == "permissions.test.marker":
-                marker.set()
-
-        await user.nc.subscribe(">", cb=record)
-        await user.nc.flush()
-
-        restricted, public = contact_changed(), enrolled()
-        await publish_as_intake(server, restricted, public)
-        async with connected(server, "notifications") as notifications:
-            await notifications.js.add_consumer("IOP_RESTRICTED", notifications_consumer_config())
-            pull = await notifications.js.pull_subscribe_bind(
-                durable="notifications-IOP_RESTRICTED", stream="IOP_RESTRICTED"
-            )
-            [message] = await pull.fetch(1, timeout=5)
-            await message.ack_sync()
-            # Published after every message above reached the server: when it arrives here,
-            # anything the server delivered to this subscription before it has arrived too.
-            await notifications.nc.publish("permissions.test.marker", b"")
-            await notifications.nc.flush()
-        async with asyncio.timeout(5):
-            await marker.wait()
-
-        assert public.subject in [m.subject for m in received]
-        assert not [m.subject for m in received if m.subject.startswith("iop.restricted.")]
-        assert not [m.subject for m in received if PHONE.encode() in m.data]
-        assert not user.violations
+        rogue = {"name": "ROGUE", "subjects": ["rogue.>"], "storage": "memory"}
+        attempts: dict[str, Awaitable[Any]] = {
+            "$JS.API.STREAM.CREATE.ROGUE": user.api("$JS.API.STREAM.CREATE.ROGUE", rogue)
+        }
+        for stream in PUBLIC_STREAMS:
+            for operation in ("PURGE", "DELETE"):
+                subject = f"$JS.API.STREAM.{operation}.{stream}"
+                attempts[subject] = user.api(subject)
+            if stream not in OWNS.get(name, ()):
+                config = {"name": stream, "subjects": list(STREAMS[stream].subjects), "storage": "file"}
+                config["republish"] = {"src": ">", "dest": "probe.leak.>"}
+                attempts[f"$JS.API.STREAM.UPDATE.{stream}"] = user.api(f"$JS.API.STREAM.UPDATE.{stream}", config)
+        await asyncio.gather(*(user.denied(request, subject) for subject, request in attempts.items()))
+    async with connected(server, "ops") as ops:
+        assert (await ops.js.stream_info("IOP_INTAKE")).state.messages == 1
+        for stream in PUBLIC_STREAMS:
+            assert (await ops.js.stream_info(stream)).config.republish is None
 
 
 PUBLISH_RULES = [
     # (user, subject, allowed)
     ("intake", "iop.intake.patient_enrolled.site-a", True),
-    ("intake", "iop.restricted.intake.patient_contact_changed.site-a", True),
+    ("intake", "iop.restricted.intake.patient_contact_changed.site-a", False),  # only on its restricted user
     ("intake", "iop.scheduling.session_scheduled.site-a", False),
     ("intake", "iop.notifications.notification_sent.site-a", False),
     ("scheduling", "iop.scheduling.session_scheduled.site-a", True),
@@ -308,22 +365,25 @@ PUBLISH_RULES = [
     ("notifications", "iop.intake.patient_enrolled.site-a", False),
     ("notifications", "iop.scheduling.session_scheduled.site-a", False),
     ("notifications", "iop.restricted.intake.patient_contact_changed.site-a", False),
-    # `iopnet dlq retry` re-publishes to the original public subject.
-    ("ops", "iop.intake.patient_enrolled.site-a", True),
-    ("ops", "iop.scheduling.session_scheduled.site-a", True),
-    ("ops", "iop.notifications.notification_sent.site-a", True),
-    ("ops", "iop.restricted.intake.patient_contact_changed.site-a", False),
+    # ops publishes no event at all: a dead-letter retry is the consumer's own doing.
+    ("ops", "iop.intake.patient_enrolled.site-a", False),
+    ("ops", "iop.scheduling.session_scheduled.site-a", False),
+    ("ops", "iop.notifications.notification_sent.site-a", False),
+    ("ops", "iop.dlq.scheduling.patient_enrolled.site-a", False),
+    # Each consumer dead-letters under its own name only: the subject says whose it is.
     *((name, f"iop.dlq.{name}.patient_enrolled.site-a", True) for name in ("intake", "scheduling", "notifications")),
-    ("ops", "iop.dlq.ops.patient_enrolled.site-a", True),
+    ("scheduling", "iop.dlq.notifications.patient_enrolled.site-a", False),
+    ("notifications", "iop.dlq.intake.patient_enrolled.site-a", False),
+    (INTAKE_R, "iop.restricted.intake.patient_contact_changed.site-a", True),
+    (INTAKE_R, "iop.intake.patient_enrolled.site-a", False),
+    (NOTIFICATIONS_R, "iop.restricted.intake.patient_contact_changed.site-a", False),
 ]
 
 
 async def test_each_user_publishes_only_its_own_subjects(server: NatsServer) -> None:
-    for owner in ("intake", "scheduling", "notifications"):
-        async with connected(server, owner) as user:
-            await ensure_streams(user.js, owned_streams(owner), 120)
+    await declare_streams(server)
     async with AsyncExitStack() as stack:
-        users = {name: await stack.enter_async_context(connected(server, name)) for name in PERMISSIONS}
+        users = {name: await stack.enter_async_context(connected(server, name)) for name in USERS}
 
         async def check(name: str, subject: str, allowed: bool) -> None:
             user = users[name]
@@ -334,53 +394,109 @@ async def test_each_user_publishes_only_its_own_subjects(server: NatsServer) -> 
                 await user.denied(request, subject)
 
         await asyncio.gather(*(check(*rule) for rule in PUBLISH_RULES))
-    async with connected(server, "notifications") as notifications:
-        # Nothing denied was stored: one message per allowed publish, in its stream.
-        stored = {name: (await notifications.js.stream_info(name)).state.messages for name in STREAMS}
+    # Nothing denied was stored: one message per allowed publish, in its stream.
+    async with connected(server, "ops") as ops:
+        stored = {name: (await ops.js.stream_info(name)).state.messages for name in PUBLIC_STREAMS}
+    async with connected(server, NOTIFICATIONS_R) as notifications:
+        stored["IOP_RESTRICTED"] = (await notifications.js.stream_info("IOP_RESTRICTED")).state.messages
     expected = Counter(stream_for_subject(subject) for _, subject, allowed in PUBLISH_RULES if allowed)
     assert stored == {name: expected[name] for name in STREAMS}
 
 
-async def test_ops_lists_and_retries_dead_letters_but_not_restricted_ones(server: NatsServer) -> None:
-    public, restricted = enrolled(), contact_changed()
-    await publish_as_intake(server, public, restricted)
-    # Dead letters as Consumer._dead_letter writes them: scheduling gave up on a public
-    # event, notifications on a restricted one.
-    for consumer, envelope in (("scheduling", public), ("notifications", restricted)):
-        async with connected(server, consumer) as user:
-            await ensure_streams(user.js, [STREAMS["IOP_DLQ"]], 120)
-            headers = {
-                "Nats-Msg-Id": f"dlq:{consumer}:{envelope.event_id}",
-                "Iop-Dlq-Reason": "failed 3 times: HandlerError: test",
-                "Iop-Consumer": f"{consumer}-{'IOP_INTAKE' if consumer == 'scheduling' else 'IOP_RESTRICTED'}",
-                "Iop-Original-Subject": envelope.subject,
-                "Iop-Deliveries": "3",
-            }
-            subject = dlq_subject(consumer, envelope.subject.split(".")[-2], SITE)
-            await user.js.publish(subject, envelope.to_bytes(), headers=headers)
-
-    ops = server.user_url("ops")
-    letters = await list_dead_letters(ops, 10)
-    assert [(letter["sequence"], letter["original_subject"]) for letter in letters] == [
-        (1, public.subject),
-        (2, restricted.subject),
-    ]
-    assert await retry_dead_letter(ops, 1) == public.subject
-    with pytest.raises(PermissionError, match=restricted.subject):
-        await retry_dead_letter(ops, 2)
-
-    async with connected(server, "ops") as user:
-        assert (await user.js.stream_info("IOP_INTAKE")).state.messages == 2  # the event and its retry
-        retried = await user.js.get_msg("IOP_INTAKE", 2)
-        assert (retried.subject, retried.data) == (public.subject, public.to_bytes())
-        assert (await user.js.stream_info("IOP_RESTRICTED")).state.messages == 1
+async def dead_letter_as(server: NatsServer, consumer: str, original: Any, sequence: int, **overrides: Any) -> None:
+    """A dead letter as Consumer._dead_letter writes it (`overrides` forge it)."""
+    async with connected(server, consumer) as user:
+        headers = {
+            "Iop-Dlq-Reason": "failed 3 times: HandlerError: test",
+            "Iop-Consumer": f"{consumer}-IOP_INTAKE",
+            "Iop-Original-Subject": original.subject,
+            "Iop-Original-Stream": "IOP_INTAKE",
+            "Iop-Original-Sequence": str(sequence),
+            "Iop-Deliveries": "3",
+            **overrides.pop("headers", {}),
+        }
+        payload = overrides.pop("payload", original.to_bytes())
+        subject = dlq_subject(consumer, original.subject.split(".")[-2], SITE)
+        await user.js.publish(subject, payload, headers=headers)
+        assert not user.violations
 
 
-def test_credentials_persist_across_restarts(tmp_path: Path) -> None:
+async def test_a_dead_letter_retry_applies_the_stored_original_in_its_own_consumer_only(
+    server: NatsServer, tmp_path: Path
+) -> None:
+    """Scheduling runs as its NATS user. A retry asks scheduling to re-read the original
+    from IOP_INTAKE: a forged dead letter can neither make it apply another payload nor
+    reach another service, and ops publishes nothing."""
+    site = new_envelope(SiteRegistered(name="Columbus East", timezone="America/New_York"), site_id=SITE)
+    lost, forged = enrolled(), enrolled()
+    settings = make_settings(
+        server.user_url("scheduling"), tmp_path, scheduling_database_url=f"sqlite+aiosqlite:///{tmp_path / 's.db'}"
+    )
+    app = create_scheduling(settings)
+    enrollments = scheduling_store.enrollments
+
+    async def enrollment_ids() -> set[str]:
+        async with app.state.runtime.sessions() as session:
+            return {str(r) for r in (await session.execute(select(enrollments.c.enrollment_id))).scalars()}
+
+    async with running(app):
+        await declare_streams(server)
+        await publish_as_intake(server, site, lost)  # IOP_INTAKE seq 1 and 2
+
+        async def applied() -> bool:
+            return str(lost.data["enrollment_id"]) in await enrollment_ids()
+
+        await eventually(applied, what="scheduling applied the enrollment")
+        # As if the handler had failed for good: the effect and the inbox row are gone.
+        async with app.state.runtime.sessions() as session, session.begin():
+            await session.execute(
+                delete(enrollments).where(enrollments.c.enrollment_id == str(lost.data["enrollment_id"]))
+            )
+            inbox = scheduling_store.inbox.table
+            await session.execute(delete(inbox).where(inbox.c.event_id == str(lost.event_id)))
+
+        # 1: a real dead letter of scheduling's; 2: one whose payload is forged; 3: one that
+        # names a stored event under another subject; 4: notifications' dead letter.
+        await dead_letter_as(server, "scheduling", lost, 2)
+        await dead_letter_as(server, "scheduling", lost, 2, payload=forged.to_bytes())
+        await dead_letter_as(server, "scheduling", lost, 1)
+        await dead_letter_as(server, "notifications", lost, 2)
+        ops = server.user_url("ops")
+        assert [letter["sequence"] for letter in await list_dead_letters(ops, 10)] == [1, 2, 3, 4]
+
+        reply = await retry_dead_letter(ops, 1)
+        assert (reply.service, reply.outcome) == ("scheduling", "applied")
+        assert await applied()
+        # The forged payload is never read: the stored original is, and it is applied already.
+        assert (await retry_dead_letter(ops, 2)).outcome == "duplicate"
+        assert str(forged.data["enrollment_id"]) not in await enrollment_ids()
+        with pytest.raises(RetryRefused, match="does not match the dead letter"):
+            await retry_dead_letter(ops, 3)
+        # Notifications' dead letter goes to notifications (not running here), and
+        # scheduling, asked directly, refuses it.
+        with pytest.raises(RetryRefused, match="notifications service is not running"):
+            await retry_dead_letter(ops, 4)
+        async with connected(server, "ops") as user:
+            request = json.dumps({"dlq_sequence": 4}).encode()
+            answer = await user.nc.request(control_subject("scheduling", "dlq_retry"), request, timeout=10)
+            assert json.loads(answer.data)["error"] == "not a dead letter of this service"
+            # ops cannot speak for scheduling: control replies come from the service only.
+            assert (await user.js.stream_info("IOP_INTAKE")).state.messages == 2  # nothing re-published
+        async with app.state.runtime.sessions() as session:
+            count = (await session.execute(select(func.count()).select_from(enrollments))).scalar_one()
+        assert count == 1
+
+
+def test_credentials_persist_across_restarts_and_gain_new_users(tmp_path: Path) -> None:
     nats_dir = tmp_path / "nats"
+    nats_dir.mkdir()
+    # A file from before the restricted account: its four passwords are kept.
+    old = {user: f"old-{user}-password" for user in ("intake", "scheduling", "notifications", "ops")}
+    (nats_dir / CREDENTIALS_FILE).write_text(json.dumps(old))
     first = load_or_create_credentials(nats_dir)
-    assert set(first) == {"intake", "scheduling", "notifications", "ops"}
-    assert len(set(first.values())) == 4
+    assert set(first) == set(USERS)
+    assert {user: first[user] for user in old} == old
+    assert len(set(first.values())) == len(USERS)
     path = nats_dir / CREDENTIALS_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
@@ -404,10 +520,10 @@ def test_credentials_persist_across_restarts(tmp_path: Path) -> None:
     assert ops_url(tmp_path, "nats://someone:pw@h:4222") == "nats://someone:pw@h:4222"  # a given user wins
 
 
-def test_deploy_nats_conf_has_the_same_users_and_permissions(tmp_path: Path) -> None:
+def test_deploy_nats_conf_has_the_same_accounts_users_and_permissions(tmp_path: Path) -> None:
     conf = (REPO / "deploy" / "nats.conf").read_text()
     references = {user: f"${variable}" for user, variable in PASSWORD_ENV.items()}
-    assert authorization_block(references, quote_passwords=False) in conf
+    assert accounts_block(references, quote_passwords=False) in conf
 
     def check(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         base = {k: v for k, v in os.environ.items() if k not in PASSWORD_ENV.values()}
@@ -428,27 +544,7 @@ def test_deploy_nats_conf_has_the_same_users_and_permissions(tmp_path: Path) -> 
     compose = (REPO / "docker-compose.yml").read_text()
     for service in ("intake", "scheduling", "notifications"):
         assert f"IOPNET_NATS_URL: nats://{service}:${{{PASSWORD_ENV[service]}:?" in compose
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap: within one NATS account, a stream create/update may mirror or source "
-    "IOP_RESTRICTED and no subject permission sees it; closing it needs a separate account",
-)
-async def test_scheduling_cannot_copy_the_restricted_stream(server: NatsServer) -> None:
-    await publish_as_intake(server, contact_changed())
-    async with connected(server, "scheduling") as scheduling:
-        config = {"name": "COPY", "mirror": {"name": "IOP_RESTRICTED"}, "storage": "memory"}
-        try:
-            await scheduling.nc.request(
-                "$JS.API.STREAM.CREATE.COPY", json.dumps(config).encode(), timeout=DENIED_TIMEOUT
-            )
-        except nats.errors.TimeoutError:
-            return  # denied: the gap is closed
-
-        async def copied() -> bool:
-            return (await scheduling.js.stream_info("COPY")).state.messages > 0
-
-        await eventually(copied, timeout=5, what="the mirror to copy IOP_RESTRICTED")
-        message = await scheduling.js.get_msg("COPY", 1)
-        assert PHONE.encode() not in (message.data or b"")
+    for user in RESTRICTED_USERS.values():
+        assert f"IOPNET_NATS_RESTRICTED_URL: nats://{user}:${{{PASSWORD_ENV[user]}:?" in compose
+    for variable in PASSWORD_ENV.values():
+        assert f"{variable}: '\"${{{variable}:?" in compose  # passed to the nats container, quoted

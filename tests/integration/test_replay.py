@@ -1,5 +1,6 @@
 """`iopnet events replay`: a consumer whose database lost recent work gets it back from
-the stream, and what it had already applied is skipped by its inbox."""
+the stream, and what it had already applied is skipped by its inbox. Nothing is
+re-published: other subscribers see no copies."""
 
 from datetime import date
 from pathlib import Path
@@ -8,7 +9,8 @@ from uuid import uuid4
 import pytest
 from sqlalchemy import delete, func, select
 
-from iopnet.replay import replay_events, subject_matches
+from iopnet.replay import ReplayFailed, replay_events
+from shared.messaging.control import subject_matches
 from iopnet.testing import eventually
 from services.scheduling import store
 from services.scheduling.app import create_app
@@ -50,16 +52,33 @@ async def test_replay_restores_lost_work_and_skips_the_rest(app, nats_server) ->
             await session.execute(delete(store.inbox.table).where(store.inbox.table.c.event_id == str(second.event_id)))
         assert await enrollment_count(app) == 1
 
-        replayed = await replay_events(nats_server.url, "IOP_INTAKE", 1, subject="iop.intake.patient_enrolled.>")
-        assert [r["sequence"] for r in replayed] == [2, 3]
-        await eventually(both, what="the lost enrollment re-applied")
         consumer = app.state.runtime.consumers[0]
+        skipped_before = consumer.stats.skipped_duplicates
+        progress = []
+        summaries = await replay_events(
+            nats_server.url,
+            "IOP_INTAKE",
+            1,
+            subject="iop.intake.patient_enrolled.>",
+            services=("scheduling",),
+            chunk=2,
+            progress=progress.append,
+        )
+        # Answered only when applied: no waiting needed.
+        assert summaries == [
+            {"service": "scheduling", "applied": 1, "duplicates": 1, "not_handled": 0, "failed": []}
+        ]
+        assert [(p.next_seq, p.last_seq) for p in progress] == [(3, 3), (4, 3)]  # two chunks of two
+        assert await enrollment_count(app) == 2
+        assert consumer.stats.skipped_duplicates == skipped_before + 1
+        # Not re-published: the stream holds the three original events only.
+        assert await stream_count(nats_server.url, "IOP_INTAKE") == 3
 
-        async def skipped() -> bool:
-            return consumer.stats.skipped_duplicates == 1
 
-        await eventually(skipped, what="the already applied event skipped")
-    assert await stream_count(nats_server.url, "IOP_INTAKE") == 5
+async def test_replay_says_when_a_consumer_is_not_running(nats_server) -> None:
+    await publish(nats_server.url, enrolled())
+    with pytest.raises(ReplayFailed, match="scheduling service is not running"):
+        await replay_events(nats_server.url, "IOP_INTAKE", 1, services=("scheduling",))
 
 
 async def test_replay_refuses_other_streams(nats_server) -> None:
