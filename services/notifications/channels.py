@@ -6,11 +6,17 @@ text is what the delivery log keeps: an exception class, a status code or an SMT
 reply code, never an address, a body or a provider's reply text (which may quote them).
 """
 
+import asyncio
 import json
 import logging
+import socket
+import ssl
 import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import make_msgid
+from ipaddress import ip_address
 from typing import Protocol
 from uuid import uuid4
 
@@ -18,6 +24,7 @@ import aiosmtplib
 import httpx
 from pydantic import BaseModel
 
+from services.notifications import domain
 from services.notifications.domain import webhook_signature
 from shared.settings import Settings
 
@@ -114,25 +121,148 @@ class EmailChannel:
         return message_id
 
 
-async def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> httpx.Response:
+# --- HTTP: one way to POST, for the SMS provider and webhooks --------------------------------------
+
+Resolver = Callable[[str, int], Awaitable[list[domain.IPAddress]]]
+
+
+async def system_resolver(host: str, port: int) -> list[domain.IPAddress]:
+    """Every address the operating system resolves `host` to (getaddrinfo, off the loop)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    found: list[domain.IPAddress] = []
+    for *_, sockaddr in infos:
+        address = ip_address(str(sockaddr[0]))
+        if address not in found:
+            found.append(address)
+    return found
+
+
+class TargetRefused(DeliveryError):
+    """The webhook target is outside the policy (domain.target_refusal): no request was
+    made. Final at once: a retry would meet the same policy. The reason is a fixed code."""
+
+    def __init__(self, refusal: domain.TargetRefusal) -> None:
+        super().__init__(f"target refused: {refusal}", retryable=False)
+        self.refusal = refusal
+
+
+class PinnedTransport(httpx.AsyncBaseTransport):
+    """Sends a request only to an address checked against the webhook policy.
+
+    Why a transport and not a check before `client.post`: httpcore resolves the host
+    again when it connects, a second lookup that the name's DNS server may answer
+    differently (DNS rebinding: a public address when checked, 127.0.0.1 when used).
+    Here the name is resolved once, every address is checked (a name with one public and
+    one private address is refused), and the request goes to the first of them literally:
+    the URL's host becomes that IP, the Host header keeps the name, and TLS gets the name
+    through httpcore's `sni_hostname` request extension, so SNI and certificate
+    verification still prove it is the named server. The client never follows redirects
+    (a redirect would be a second, unchecked target).
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, resolve: Resolver, *, allow_local: bool) -> None:
+        self.inner = inner
+        self.resolve = resolve
+        self.allow_local = allow_local
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = url.raw_host.decode("ascii")  # the IDNA form the connection would use
+        refusal = domain.target_refusal(
+            url.scheme, host, has_userinfo=bool(url.userinfo), allow_insecure=self.allow_local
+        )
+        if refusal is not None:
+            raise TargetRefused(refusal)
+        address = await self._checked_address(host, url.port or (443 if url.scheme == "https" else 80))
+        extensions = dict(request.extensions)
+        if domain.parse_ip(host) is None:
+            extensions["sni_hostname"] = host
+        pinned = httpx.Request(
+            request.method,
+            url.copy_with(host=str(address)),
+            headers=request.headers,  # carries Host: the name, set when the request was built
+            stream=request.stream,
+            extensions=extensions,
+        )
+        return await self.inner.handle_async_request(pinned)
+
+    async def _checked_address(self, host: str, port: int) -> domain.IPAddress:
+        literal = domain.parse_ip(host)
+        if literal is not None:
+            return literal  # already judged by target_refusal
+        try:
+            addresses = await self.resolve(host, port)
+        except OSError:
+            raise DeliveryError("name not resolved") from None  # DNS may be back on the next try
+        refusal = domain.addresses_refusal(addresses, allow_local=self.allow_local)
+        if refusal is not None:
+            raise TargetRefused(refusal)
+        return addresses[0]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    headers: httpx.Headers
+    body: bytes
+    complete: bool  # False: the body was longer than the cap; the rest was never read
+
+
+async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """At most `limit` bytes of the body, raw: decompressing (a small gzip can expand to
+    gigabytes) or reading on would let a receiver fill our memory."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_raw():
+        if size + len(chunk) > limit:
+            chunks.append(chunk[: limit - size])
+            return b"".join(chunks), False
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), True
+
+
+async def _post(
+    transport: httpx.AsyncBaseTransport, url: str, body: bytes, headers: dict[str, str], settings: Settings
+) -> Answer:
+    timeout = settings.notify_send_timeout_seconds
+    request_headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **headers}
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            return await client.post(url, content=body, headers={"Content-Type": "application/json", **headers})
+        # httpx's timeouts are per operation; one deadline over the whole exchange (resolve,
+        # connect, send, read) keeps a receiver that drips bytes from holding the send past
+        # its lease (3 x the timeout, delivery.py). No proxy or .netrc from the environment
+        # (trust_env=False): the request goes where the policy checked, with nothing added.
+        async with (
+            asyncio.timeout(2 * timeout),
+            httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client,
+            client.stream("POST", url, content=body, headers=request_headers) as response,
+        ):
+            data, complete = await _read_capped(response, settings.notify_response_max_bytes)
     except httpx.HTTPError as exc:
         raise DeliveryError(type(exc).__name__) from None
+    except TimeoutError:
+        raise DeliveryError("TimeoutError") from None
+    return Answer(response.status_code, response.headers, data, complete)
 
 
-def _check_status(response: httpx.Response) -> None:
-    if response.status_code >= 500 or response.status_code in (408, 425, 429):
-        raise DeliveryError(f"HTTP {response.status_code}")
-    if response.status_code >= 400:
-        raise DeliveryError(f"HTTP {response.status_code}", retryable=False)
+def _check_status(status: int) -> None:
+    if status >= 500 or status in (408, 425, 429):
+        raise DeliveryError(f"HTTP {status}")
+    if status >= 400:
+        raise DeliveryError(f"HTTP {status}", retryable=False)
+    if status >= 300:
+        # Not delivered, and never followed: its Location is a target nobody checked.
+        raise DeliveryError(f"HTTP {status} redirect not followed", retryable=False)
 
 
 class SmsChannel:
     """A provider adapter: POST {to, body} (JSON) to the configured URL with the API key
     as a bearer token; the provider's message id comes back as `id`, `message_id` or
-    `sid` in the JSON answer."""
+    `sid` in the JSON answer. The URL is the operator's setting, not user input: no
+    target policy, but the same client rules (no redirects, capped answer, deadline)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -148,15 +278,17 @@ class SmsChannel:
         headers = {"Idempotency-Key": message.notification_id}
         if self.settings.sms_api_key:
             headers["Authorization"] = f"Bearer {self.settings.sms_api_key}"
-        response = await _post(
-            self.settings.sms_api_url, json.dumps(document).encode(), headers, self.settings.notify_send_timeout_seconds
+        answer = await _post(
+            httpx.AsyncHTTPTransport(), self.settings.sms_api_url, json.dumps(document).encode(), headers, self.settings
         )
-        _check_status(response)
+        _check_status(answer.status)
+        if not answer.complete:
+            raise DeliveryError("provider answer too large", retryable=False)
         try:
-            answer = response.json()
+            parsed = json.loads(answer.body)
         except ValueError:
             raise DeliveryError("provider answer is not JSON") from None
-        provider_id = next((answer.get(k) for k in ("id", "message_id", "sid") if isinstance(answer, dict)), None)
+        provider_id = next((parsed.get(k) for k in ("id", "message_id", "sid") if isinstance(parsed, dict)), None)
         if not provider_id:
             raise DeliveryError("provider answer has no message id")
         return str(provider_id)[:120]
@@ -165,10 +297,22 @@ class SmsChannel:
 class WebhookChannel:
     """POST the JSON document, signed: X-Iopnet-Timestamp (unix seconds) and
     X-Iopnet-Signature = hex HMAC-SHA256(secret, f"{timestamp}.{body}"). The receiver
-    recomputes it over the raw body and should refuse old timestamps (replays)."""
+    recomputes it over the raw body and should refuse old timestamps (replays).
 
-    def __init__(self, settings: Settings) -> None:
+    The target is user input: it goes through PinnedTransport (the webhook policy at
+    send time). `resolve` and `verify` are there for tests (a resolver that answers a
+    test name, a test CA); production uses the system's resolver and trust store."""
+
+    def __init__(
+        self, settings: Settings, *, resolve: Resolver = system_resolver, verify: ssl.SSLContext | bool = True
+    ) -> None:
         self.settings = settings
+        self.resolve = resolve
+        self.ssl_context = verify if isinstance(verify, ssl.SSLContext) else httpx.create_ssl_context(verify=verify)
+
+    def transport(self) -> PinnedTransport:
+        inner = httpx.AsyncHTTPTransport(verify=self.ssl_context)
+        return PinnedTransport(inner, self.resolve, allow_local=self.settings.notify_allow_insecure_targets)
 
     async def send(self, message: OutboundMessage) -> str:
         if not message.address or message.secret is None:
@@ -183,9 +327,13 @@ class WebhookChannel:
             SIGNATURE_HEADER: webhook_signature(message.secret, timestamp, body),
             DELIVERY_HEADER: message.notification_id,
         }
-        response = await _post(message.address, body, headers, self.settings.notify_send_timeout_seconds)
-        _check_status(response)
-        return (response.headers.get("X-Request-Id") or f"webhook-{message.notification_id}")[:120]
+        try:
+            url = httpx.URL(message.address)
+        except httpx.InvalidURL:
+            raise DeliveryError("webhook url is not valid", retryable=False) from None
+        answer = await _post(self.transport(), str(url), body, headers, self.settings)
+        _check_status(answer.status)
+        return (answer.headers.get("X-Request-Id") or f"webhook-{message.notification_id}")[:120]
 
 
 def build_channels(settings: Settings) -> dict[str, ChannelAdapter]:

@@ -162,7 +162,7 @@ class Dispatcher:
                 outcome="failed" if final else "retry", error=error,
             )  # fmt: skip
             if final:
-                envelope = usecases.outcome_envelope(NotificationFailed, row, channel, attempts)
+                envelope = usecases.outcome_envelope(NotificationFailed, row, channel, attempts, reason=error)
                 await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
                 self.failed += 1
             self.wake_after_commit(session)

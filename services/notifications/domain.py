@@ -22,6 +22,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from string import Template
 from typing import Literal
 from zoneinfo import ZoneInfo
@@ -408,3 +409,155 @@ def next_roster_index(level: int, roster_size: int) -> int | None:
     everyone on the roster has been alerted."""
     following = level + 1
     return following if following < roster_size else None
+
+
+# --- webhook targets: no server-side request forgery ---------------------------------------------
+#
+# A webhook URL comes from a user (an integration's subscription, a site admin's roster), and
+# this service POSTs to it from inside the network: without a policy it is a way to reach
+# the cloud metadata endpoint, our own services on loopback, or anything on the private
+# network. The policy: https to public addresses only. The development setting
+# IOPNET_NOTIFY_ALLOW_INSECURE_TARGETS also allows plain http and loopback/private targets
+# (a local receiver); link-local (169.254.169.254, the metadata endpoint), multicast,
+# reserved and unspecified addresses stay refused even then: no development receiver lives
+# there. The same rules run at registration (on the URL as written) and at send time (on
+# every address the name resolves to), see channels.PinnedTransport.
+
+IPAddress = IPv4Address | IPv6Address
+TargetRefusal = Literal[
+    "scheme", "userinfo", "no_host", "local_name", "numeric_host", "unresolved",
+    "unspecified", "link_local", "multicast", "reserved", "loopback", "private", "shared",
+]  # fmt: skip
+
+# Fixed texts (the reason a delivery log and a 422 carry): never the URL or the address.
+TARGET_REFUSALS: dict[TargetRefusal, str] = {
+    "scheme": "only https targets are allowed",
+    "userinfo": "credentials in the URL are not allowed",
+    "no_host": "the URL has no host",
+    "local_name": "a local host name (localhost, a single label, .local, .internal) is not allowed",
+    "numeric_host": "a numeric host that is not a plain IP address is not allowed",
+    "unresolved": "the host name did not resolve",
+    "unspecified": "the unspecified address is not allowed",
+    "link_local": "a link-local address (such as the metadata endpoint) is not allowed",
+    "multicast": "a multicast address is not allowed",
+    "reserved": "a reserved address is not allowed",
+    "loopback": "a loopback address is not allowed",
+    "private": "a private or non-public address is not allowed",
+    "shared": "a carrier-grade NAT address (100.64.0.0/10) is not allowed",
+}
+
+# Refused in every mode; the rest of the non-public space only outside development.
+_ALWAYS_REFUSED: frozenset[TargetRefusal] = frozenset(
+    {"scheme", "userinfo", "no_host", "numeric_host", "unresolved"}
+    | {"unspecified", "link_local", "multicast", "reserved"}
+)
+_THIS_NETWORK = IPv4Network("0.0.0.0/8")  # "this host on this network": Linux connects it locally
+_SHARED = IPv4Network("100.64.0.0/10")  # carrier-grade NAT: not private in `ipaddress`, not public either
+_NAT64 = (IPv6Network("64:ff9b::/96"), IPv6Network("64:ff9b:1::/48"))
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+_LOCAL_SUFFIXES = (".localhost", ".local", ".internal", ".localdomain", ".home.arpa")
+_NUMERIC_LABEL = re.compile(r"^(0x[0-9a-f]*|[0-9]+)$")
+
+
+def _translated_ipv4(address: IPAddress) -> IPv4Address | None:
+    """The IPv4 address an IPv6 address is only a spelling of: mapped (::ffff:a.b.c.d)
+    or NAT64. A connection to it reaches exactly that IPv4 address."""
+    if isinstance(address, IPv4Address):
+        return None
+    if address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    if any(address in network for network in _NAT64):
+        return IPv4Address(int(address) & 0xFFFFFFFF)
+    return None
+
+
+def _tunnelled_ipv4(address: IPAddress) -> IPv4Address | None:
+    """The IPv4 endpoint a 6to4 or Teredo address tunnels to."""
+    if isinstance(address, IPv4Address):
+        return None
+    if address.sixtofour is not None:
+        return address.sixtofour
+    return address.teredo[1] if address.teredo is not None else None
+
+
+def _address_class(address: IPAddress) -> TargetRefusal | None:
+    """What kind of non-public address this is (None: public). Order matters: ::1 is
+    both loopback and reserved, 169.254.169.254 both link-local and private."""
+    if address.is_unspecified or (isinstance(address, IPv4Address) and address in _THIS_NETWORK):
+        return "unspecified"
+    if address.is_link_local:
+        return "link_local"
+    if address.is_multicast:
+        return "multicast"
+    if address.is_loopback:
+        return "loopback"
+    if address.is_reserved:
+        return "reserved"
+    if isinstance(address, IPv4Address) and address in _SHARED:
+        return "shared"
+    if address.is_private or not address.is_global:
+        return "private"
+    return None
+
+
+def address_refusal(address: IPAddress, *, allow_local: bool) -> TargetRefusal | None:
+    """Why a webhook may not be sent to `address` (None: it may). `allow_local`: the
+    development setting (loopback and private targets allowed)."""
+    translated = _translated_ipv4(address)
+    if translated is not None:
+        verdict = _address_class(translated)  # ::ffff:127.0.0.1 is loopback, whatever the spelling
+    else:
+        tunnelled = _tunnelled_ipv4(address)
+        verdict = (_address_class(tunnelled) if tunnelled is not None else None) or _address_class(address)
+    if verdict is None or (allow_local and verdict not in _ALWAYS_REFUSED):
+        return None
+    return verdict
+
+
+def addresses_refusal(addresses: Sequence[IPAddress], *, allow_local: bool) -> TargetRefusal | None:
+    """Send-time rule for a resolved name: every address must pass, not just the one
+    used (a name with one public and one private address is refused)."""
+    if not addresses:
+        return "unresolved"
+    for address in addresses:
+        verdict = address_refusal(address, allow_local=allow_local)
+        if verdict is not None:
+            return verdict
+    return None
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    """`host` as an IP literal (brackets, an IPv6 zone id allowed), else None."""
+    try:
+        return ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _name_refusal(name: str, *, allow_local: bool) -> TargetRefusal | None:
+    labels = name.split(".")
+    # 2130706433, 0x7f.1, 127.1: resolvers read these as IP addresses; no real name looks so.
+    if _NUMERIC_LABEL.match(labels[-1]):
+        return "numeric_host"
+    if allow_local:
+        return None
+    if name in _LOCAL_NAMES or name.endswith(_LOCAL_SUFFIXES) or len(labels) < 2:
+        return "local_name"
+    return None
+
+
+def target_refusal(scheme: str, host: str, *, has_userinfo: bool, allow_insecure: bool) -> TargetRefusal | None:
+    """Why a webhook URL may not be registered or used, judged on the URL as parsed by
+    the HTTP client that sends it (scheme, host, userinfo); None: allowed. A host name
+    is checked again at send time, on every address it resolves to."""
+    if scheme not in (("https", "http") if allow_insecure else ("https",)):
+        return "scheme"
+    if has_userinfo:
+        return "userinfo"
+    name = host.lower().rstrip(".")
+    if not name:
+        return "no_host"
+    literal = parse_ip(name)
+    if literal is not None:
+        return address_refusal(literal, allow_local=allow_insecure)
+    return _name_refusal(name, allow_local=allow_insecure)

@@ -146,8 +146,16 @@ async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
 
 
 def outcome_envelope(
-    kind: type[NotificationSent] | type[NotificationFailed], row: dict[str, Any], channel: str, attempts: int
+    kind: type[NotificationSent] | type[NotificationFailed],
+    row: dict[str, Any],
+    channel: str,
+    attempts: int,
+    reason: str | None = None,
 ) -> Envelope:
+    """`reason`: the fixed failure text (a status code, "target refused: loopback"),
+    carried once the event declares a `reason` field (an additive contract change that
+    shared/contracts owns); until then it is kept on the row and in the delivery log."""
+    extra: dict[str, Any] = {"reason": reason} if reason is not None and "reason" in kind.model_fields else {}
     event = kind(
         notification_id=UUID(row["notification_id"]),
         recipient_kind=row["recipient_kind"],
@@ -155,6 +163,7 @@ def outcome_envelope(
         template=row["template"],
         cause_event_id=UUID(row["cause_event_id"]),
         attempts=attempts,
+        **extra,
     )
     return new_envelope(
         event,
