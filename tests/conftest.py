@@ -135,6 +135,8 @@ def make_settings(nats_url: str, tmp_path: Path, **overrides: Any) -> Settings:
         "ack_wait_seconds": 5.0,
         "max_deliver": 3,
         "outbox_retry_seconds": 0.2,
+        # Local receivers (http on 127.0.0.1); tests of the strict policy set it False.
+        "notify_allow_insecure_targets": True,
     }
     values.update(overrides)
     return Settings(**values)

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
 
+import httpx
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -42,8 +43,38 @@ def _wake(request: Request, session: AsyncSession) -> None:
     request.app.state.notifier.dispatcher.wake_after_commit(session)
 
 
+def _target_problem(request: Request, address: str) -> str | None:
+    """Why a webhook URL may not be registered (domain.target_refusal), or None. Parsed
+    by httpx, the client that will send to it, so both read the same host."""
+    try:
+        url = httpx.URL(address)
+    except httpx.InvalidURL:
+        return "not a valid URL"
+    allow = request.app.state.settings.notify_allow_insecure_targets
+    refusal = domain.target_refusal(
+        url.scheme, url.raw_host.decode("ascii"), has_userinfo=bool(url.userinfo), allow_insecure=allow
+    )
+    return domain.TARGET_REFUSALS[refusal] if refusal is not None else None
+
+
 class Input(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+async def _audit(
+    session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: UUID | str | None
+) -> None:
+    await record_access(session, store.audit, principal, action=action, site_id=site_id, patient_id=patient_id)
+
+
+async def _ensure_sees_patient(
+    session: AsyncSession, principal: Principal, site_id: str, patient_id: UUID | str, action: str
+) -> None:
+    """404 for a patient of a site the caller does not serve, like an unknown one; the
+    attempt is audited (`<action>.denied`, committed by `transaction` with the 404)."""
+    if not principal.sees_site(site_id):
+        await _audit(session, principal, f"{action}.denied", site_id, patient_id)
+        raise AccessDenied("patient not found")
 
 
 # --- a patient's messages ---------------------------------------------------------------------
@@ -80,17 +111,15 @@ class NotificationOut(BaseModel):
 
 @router.get("/patients/{patient_id}/notifications", response_model=list[NotificationOut], tags=["patients"])
 async def patient_notifications(patient_id: UUID, principal: Staff, session: Db) -> list[NotificationOut]:
-    async with session.begin():
+    async with transaction(session):
         site_id = await store.patient_site(session, str(patient_id))
         if site_id is None:
             raise NotFound("patient not found")
-        ensure_site(principal, site_id, "patient")
+        await _ensure_sees_patient(session, principal, site_id, patient_id, "notifications.read")
         rows = await store.patient_notifications(session, str(patient_id))
         rows = [r for r in rows if principal.sees_site(r["site_id"])]
         log = await store.attempts_of(session, [r["notification_id"] for r in rows])
-        await record_access(
-            session, store.audit, principal, action="notifications.read", site_id=site_id, patient_id=patient_id
-        )
+        await _audit(session, principal, "notifications.read", site_id, patient_id)
     fields = NotificationOut.model_fields
     return [
         NotificationOut(
@@ -176,6 +205,13 @@ async def put_care_team(site_id: str, body: CareTeamIn, principal: Admin, sessio
     ]
     if len({m["member_id"] for m in members}) != len(members):
         raise Invalid("a member is listed twice", {"members": "the same channel and address appear twice"})
+    refused = {
+        f"members.{i}.address": problem
+        for i, m in enumerate(body.members)
+        if m.channel == "webhook" and (problem := _target_problem(request, m.address))
+    }
+    if refused:
+        raise Invalid("a webhook address is not allowed", refused)
     async with session.begin():
         await _known_site(session, principal, site_id)
         await store.replace_care_team(session, site_id, members)
@@ -304,29 +340,30 @@ async def list_alerts(
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
 ) -> list[AlertOut]:
     """Care-team alerts of the caller's sites, newest first."""
-    async with session.begin():
+    async with transaction(session):
         sites = principal.visible_sites()
         if site_id is not None:
-            ensure_site(principal, site_id, "site")
+            if not principal.sees_site(site_id):
+                # Alerts name patients: asking for another site's is an attempt at patient data.
+                await _audit(session, principal, "alerts.read.denied", site_id, None)
+                raise AccessDenied("site not found")
             sites = [site_id]
         rows = await store.list_alerts(session, sites, status, limit)
         out = [await _alert_out(session, r) for r in rows]
         for site, patient in sorted({(r["site_id"], r["patient_id"]) for r in rows}):
-            await record_access(session, store.audit, principal, action="alerts.read", site_id=site, patient_id=patient)
+            await _audit(session, principal, "alerts.read", site, patient)
     return out
 
 
 async def _visible_alert(
-    session: AsyncSession, principal: Principal, alert_id: UUID, *, lock: bool = False
+    session: AsyncSession, principal: Principal, alert_id: UUID, action: str, *, lock: bool = False
 ) -> dict[str, Any]:
+    """The alert if the caller serves its site, else 404 with `<action>.denied` audited."""
     alert = await store.get_alert(session, str(alert_id), lock=lock)
     if alert is None:
         raise NotFound("alert not found")
     if not principal.sees_site(alert["site_id"]):
-        await record_access(
-            session, store.audit, principal, action="alert.denied", site_id=alert["site_id"],
-            patient_id=alert["patient_id"],
-        )  # fmt: skip
+        await _audit(session, principal, f"{action}.denied", alert["site_id"], alert["patient_id"])
         raise AccessDenied("alert not found")
     return alert
 
@@ -334,11 +371,8 @@ async def _visible_alert(
 @router.get("/alerts/{alert_id}", response_model=AlertOut, tags=["alerts"])
 async def read_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertOut:
     async with transaction(session):
-        alert = await _visible_alert(session, principal, alert_id)
-        await record_access(
-            session, store.audit, principal, action="alert.read", site_id=alert["site_id"],
-            patient_id=alert["patient_id"],
-        )  # fmt: skip
+        alert = await _visible_alert(session, principal, alert_id, "alert.read")
+        await _audit(session, principal, "alert.read", alert["site_id"], alert["patient_id"])
         return await _alert_out(session, alert)
 
 
@@ -346,15 +380,12 @@ async def read_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertO
 async def acknowledge_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertOut:
     """Someone has it: escalation stops, and escalations not yet sent are cancelled."""
     async with transaction(session):
-        alert = await _visible_alert(session, principal, alert_id, lock=True)
+        alert = await _visible_alert(session, principal, alert_id, "alert.acknowledge", lock=True)
         try:
             updated = await usecases.acknowledge(session, alert, principal.sub, _now())
         except usecases.AckRejected as error:
             raise Conflict(str(error)) from None
-        await record_access(
-            session, store.audit, principal, action="alert.acknowledge", site_id=alert["site_id"],
-            patient_id=alert["patient_id"],
-        )  # fmt: skip
+        await _audit(session, principal, "alert.acknowledge", alert["site_id"], alert["patient_id"])
         return await _alert_out(session, updated)
 
 
@@ -405,11 +436,19 @@ def _subscription_out(row: dict[str, Any]) -> SubscriptionOut:
 
 
 @router.post("/subscriptions", status_code=201, response_model=SubscriptionOut, tags=["webhooks"])
-async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db) -> SubscriptionOut:
+async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, request: Request) -> SubscriptionOut:
     """Register a webhook: every listed event of the site is POSTed to `url` as its
     envelope (JSON), signed with X-Iopnet-Timestamp and X-Iopnet-Signature = hex
-    HMAC-SHA256(secret, f"{timestamp}.{body}"). The secret is never returned."""
+    HMAC-SHA256(secret, f"{timestamp}.{body}"). The secret is never returned.
+
+    `url` must be https to a public host, without credentials in it (422 otherwise);
+    the address it resolves to is checked again at every send, and redirects are not
+    followed. IOPNET_NOTIFY_ALLOW_INSECURE_TARGETS (development) also allows plain http
+    and loopback or private hosts."""
     ensure_site(principal, body.site_id, "site")
+    problem = _target_problem(request, str(body.url))
+    if problem is not None:
+        raise Invalid("the webhook url is not allowed", {"url": problem})
     subscription_id = str(uuid4())
     async with session.begin():
         await store.add_subscription(

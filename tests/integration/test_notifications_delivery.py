@@ -497,7 +497,11 @@ async def test_an_unknown_patient_gets_no_message_and_reads_are_scoped(app, nats
         assert (await client.get(f"/patients/{patient.id}/notifications", headers=STAFF)).status_code == 200
         async with app.state.runtime.sessions() as session:
             audit = (await session.execute(select(store.audit))).mappings().all()
-        assert [(a["action"], a["patient_id"]) for a in audit] == [("notifications.read", patient.id)]
+        # The other site's attempt is audited too (DESIGN B5), against the patient's site.
+        assert [(a["action"], a["patient_id"], a["site_id"], a["role"]) for a in audit] == [
+            ("notifications.read.denied", patient.id, SITE, "clinician"),
+            ("notifications.read", patient.id, SITE, "front_desk"),
+        ]
 
 
 async def test_a_message_waits_for_the_contact_it_goes_to(app, nats_server, smtp_sink: SmtpSink) -> None:
