@@ -3,6 +3,7 @@
 from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
@@ -17,12 +18,14 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
     func,
     insert,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql import Select
 
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent
@@ -186,6 +189,25 @@ goal_progress = Table(
 )
 
 
+# Registrations that match (folded name + birth date) a patient at a site the registering
+# caller does not serve. The caller's answer must not depend on other sites' records, so
+# the match is queued here for network admins instead. Sites are not copied: a patient
+# moves with a transfer, and the queue shows where each record is now.
+potential_duplicates = Table(
+    "potential_duplicates",
+    metadata,
+    Column("duplicate_id", String(36), primary_key=True),
+    Column("patient_id", String(36), ForeignKey("patients.patient_id"), nullable=False, index=True),
+    Column("match_patient_id", String(36), ForeignKey("patients.patient_id"), nullable=False, index=True),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("status", String(10), nullable=False, index=True),
+    Column("resolution", String(10), nullable=True),
+    Column("resolved_at", UtcDateTime, nullable=True),
+    Column("resolved_by", String(200), nullable=True),
+    UniqueConstraint("patient_id", "match_patient_id", name="uq_potential_duplicates_pair"),
+)
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -284,11 +306,17 @@ async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) 
         await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
 
 
-async def find_identity(session: AsyncSession, name_key: str, birth_date: date) -> dict[str, Any] | None:
-    """A likely duplicate anywhere in the network: same folded name, same birth date."""
-    query = select(patients).where(patients.c.name_key == name_key, patients.c.birth_date == birth_date).limit(1)
-    row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+async def find_identities(
+    session: AsyncSession, name_key: str, birth_date: date, limit: int = 20
+) -> list[dict[str, Any]]:
+    """Likely duplicates anywhere in the network: same folded name, same birth date; oldest first."""
+    query = (
+        select(patients)
+        .where(patients.c.name_key == name_key, patients.c.birth_date == birth_date)
+        .order_by(patients.c.created_at, patients.c.patient_id)
+        .limit(limit)
+    )
+    return [dict(r) for r in (await session.execute(query)).mappings()]
 
 
 async def search_patients(
@@ -485,3 +513,52 @@ async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
             )
             activated += 1
     return activated
+
+
+# --- potential duplicates (network admins) ---------------------------------------------------
+
+
+async def add_potential_duplicate(session: AsyncSession, patient_id: str, match_patient_id: str) -> None:
+    await session.execute(
+        insert(potential_duplicates).values(
+            duplicate_id=str(uuid4()),
+            patient_id=patient_id,
+            match_patient_id=match_patient_id,
+            created_at=now(),
+            status="open",
+        )
+    )
+
+
+def _duplicates_with_sites() -> Select[Any]:
+    """Queue rows with each record's current site."""
+    patient, match = patients.alias("patient"), patients.alias("match")
+    return (
+        select(potential_duplicates, patient.c.site_id, match.c.site_id.label("match_site_id"))
+        .join(patient, patient.c.patient_id == potential_duplicates.c.patient_id)
+        .join(match, match.c.patient_id == potential_duplicates.c.match_patient_id)
+    )
+
+
+async def list_potential_duplicates(session: AsyncSession, status: str | None, limit: int) -> list[dict[str, Any]]:
+    query = _duplicates_with_sites().order_by(potential_duplicates.c.created_at, potential_duplicates.c.duplicate_id)
+    if status is not None:
+        query = query.where(potential_duplicates.c.status == status)
+    return [dict(r) for r in (await session.execute(query.limit(limit))).mappings()]
+
+
+async def get_potential_duplicate(session: AsyncSession, duplicate_id: str) -> dict[str, Any] | None:
+    query = _duplicates_with_sites().where(potential_duplicates.c.duplicate_id == duplicate_id)
+    row = (await session.execute(query)).mappings().first()
+    return dict(row) if row else None
+
+
+async def resolve_potential_duplicate(session: AsyncSession, duplicate_id: str, resolution: str, actor: str) -> bool:
+    """Resolve an open entry; False if it was already resolved (conditional: once only,
+    even when two admins resolve it at the same moment)."""
+    changed = await session.execute(
+        update(potential_duplicates)
+        .where(potential_duplicates.c.duplicate_id == duplicate_id, potential_duplicates.c.status == "open")
+        .values(status="resolved", resolution=resolution, resolved_at=now(), resolved_by=actor)
+    )
+    return bool(changed.rowcount)
