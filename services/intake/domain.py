@@ -60,6 +60,34 @@ def normalize_name(name: str) -> str:
     return "".join(c for c in without_marks.casefold() if c.isalnum())
 
 
+def check_person_name(name: str) -> str:
+    """A given or family name must hold a letter once compatibility forms are folded (NFKC)
+    and format characters (category Cf: zero-width space and joiners, word joiner, BOM) are
+    dropped: a name of invisible characters only is no name, and folds to nothing.
+
+    The name is kept as written: joiners are part of the spelling in some scripts.
+    Control characters (line breaks, NUL) have no place in a name."""
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        raise DomainError("a name may not hold control characters")
+    visible = (c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    if not any(unicodedata.category(c).startswith("L") for c in visible):
+        raise DomainError("a name must hold at least one letter")
+    return name
+
+
+MIN_SEARCH_KEY = 2
+
+
+def search_key(text: str) -> str:
+    """The folded text a name search matches on. Punctuation, wildcards and invisible
+    characters fold away: a key shorter than two letters or digits would match (and list)
+    nearly every patient of the caller's sites."""
+    key = normalize_name(text)
+    if len(key) < MIN_SEARCH_KEY:
+        raise DomainError("a name search needs at least two letters or digits", field="name")
+    return key
+
+
 class EnrollmentStatus(StrEnum):
     PENDING = "pending"
     ACTIVE = "active"

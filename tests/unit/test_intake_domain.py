@@ -12,11 +12,13 @@ from services.intake.domain import (
     EnrollmentStatus,
     IllegalTransition,
     check_can_enroll,
+    check_person_name,
     check_start_date,
     check_transition,
     initial_status,
     new_mrn,
     normalize_name,
+    search_key,
     validate_birth_date,
     validate_timezone,
 )
@@ -128,6 +130,47 @@ def test_normalize_name_keeps_different_names_apart():
 def test_normalize_name_keeps_non_latin_names_apart():
     assert normalize_name("Иван") != normalize_name("Ольга")
     assert normalize_name("Иван") != ""
+
+
+INVISIBLE = ["\u200b", "\u200c", "\u200d", "\u2060", "\ufeff", "\u200b\u200d\u2060\ufeff", "\u00ad", "\u2063"]
+
+
+@pytest.mark.parametrize("name", [*INVISIBLE, " \u200b ", "-", "'", "1", "42", "\u0301", "\u200b.\u2060"])
+def test_a_name_without_a_letter_is_refused(name):
+    with pytest.raises(DomainError, match="letter"):
+        check_person_name(name)
+
+
+@pytest.mark.parametrize("name", ["Ana\x00", "Ana\nBaker", "\x07Bo", "Zoë\x7f"])
+def test_a_name_with_control_characters_is_refused(name):
+    with pytest.raises(DomainError, match="control"):
+        check_person_name(name)
+
+
+@pytest.mark.parametrize(
+    "name", ["Lucía", "O'Neil", "Li", "李", "Иван", "\u0645\u0631\u064a\u0645", "Ana\u200d", "\ufeffZoë", "ﬁona"]
+)
+def test_a_name_with_a_letter_is_kept_as_written(name):
+    assert check_person_name(name) == name  # joiners are part of spelling in some scripts
+
+
+def test_invisible_characters_fold_away():
+    assert normalize_name("Ba\u200bker\u2060") == normalize_name("Baker") == "baker"
+    assert all(normalize_name(c) == "" for c in INVISIBLE)
+
+
+@pytest.mark.parametrize("text", ["--", "_%", "!!", "%%%", "%_", "\u200b\u200b", "a-", " a ", "é.", "' '"])
+def test_a_search_that_folds_to_less_than_two_characters_is_refused(text):
+    with pytest.raises(DomainError) as caught:
+        search_key(text)
+    assert caught.value.field == "name"
+
+
+@pytest.mark.parametrize(
+    ("text", "key"), [("nunez", "nunez"), ("Ñúñez", "nunez"), ("O'Neil", "oneil"), ("李明", "李明"), ("%nu_", "nu")]
+)
+def test_a_search_key_is_the_folded_name(text, key):
+    assert search_key(text) == key
 
 
 # --- enrollment lifecycle -------------------------------------------------------
