@@ -6,13 +6,15 @@ a refused read is audited too (`transaction` keeps that row when it answers 404)
 
 import hashlib
 import json
+import re
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any, Literal
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AwareDatetime as PydanticAwareDatetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -55,10 +57,60 @@ AnyStaffOrSystem = Annotated[
     Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "integration"))
 ]
 
+# --- boundary types: what a request may hold, checked before any handler runs ----------------
+# pydantic's lax mode reads "0" or 0.5 as seconds since 1970 and accepts a date-time
+# without offset; a year-1 time at +14:00 parses but overflows on conversion to UTC (a 500
+# in the database driver). These types take RFC 3339 / ISO 8601 text only, in a sane range.
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})$")
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+EARLIEST_YEAR, LATEST_YEAR = 1900, 2199
+
+
+def _rfc3339_text(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _RFC3339.match(value):
+        raise ValueError("give an RFC 3339 date-time with a UTC offset, e.g. 2026-03-09T09:00:00-05:00")
+    return value
+
+
+def _utc_in_range(value: datetime) -> datetime:
+    # The wall-clock year is checked before any arithmetic: an offset moves it by a day at most.
+    if not EARLIEST_YEAR <= value.year <= LATEST_YEAR:
+        raise ValueError(f"a date-time between the years {EARLIEST_YEAR} and {LATEST_YEAR}")
+    return value.astimezone(UTC)
+
+
+def _iso_date_text(value: Any) -> Any:
+    if isinstance(value, date) and not isinstance(value, datetime):
+        return value
+    if not isinstance(value, str) or not _ISO_DATE.match(value):
+        raise ValueError("give a date as YYYY-MM-DD")
+    return value
+
+
+def _not_null(value: Any) -> Any:
+    # For changes (PATCH): leaving a field out keeps it; null would clear a required one.
+    if value is None:
+        raise ValueError("may not be null: leave the field out to keep its value")
+    return value
+
+
+def _searchable(value: str | None) -> str | None:
+    if value is not None:
+        domain.search_key(value)
+    return value
+
+
+AwareDatetime = Annotated[PydanticAwareDatetime, BeforeValidator(_rfc3339_text), AfterValidator(_utc_in_range)]
+IsoDate = Annotated[date, BeforeValidator(_iso_date_text)]
+NotNull = BeforeValidator(_not_null)
+
 Phone = Annotated[str, Field(pattern=r"^\+[1-9]\d{6,14}$")]
 Email = Annotated[str, Field(max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$")]
 Language = Annotated[str, Field(pattern=r"^[a-z]{2}$")]
-Name = Annotated[str, Field(min_length=1, max_length=100)]
+Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(domain.check_person_name)]
 FreeText = Annotated[str, Field(max_length=2000)]
 # Substances as codes, so a check-in's list can be counted without reading free text.
 Substance = Literal["alcohol", "opioids", "stimulants", "cannabis", "benzodiazepines", "nicotine", "other"]
@@ -69,6 +121,14 @@ ConsentPurpose = Literal[
 
 class Input(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # PostgreSQL text cannot hold U+0000 (the insert fails with a 500); no input needs it.
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("may not contain the NUL character")
+        return value
 
 
 # --- request and response models --------------------------------------------------------
@@ -82,8 +142,8 @@ class SiteIn(Input):
 
 
 class SiteChange(Input):
-    name: Annotated[str | None, Field(min_length=1, max_length=200)] = None
-    timezone: Annotated[str | None, Field(min_length=1, max_length=64)] = None
+    name: Annotated[str | None, Field(min_length=1, max_length=200), NotNull] = None
+    timezone: Annotated[str | None, Field(min_length=1, max_length=64), NotNull] = None
     address: Annotated[str | None, Field(max_length=300)] = None
 
 
@@ -105,7 +165,7 @@ class PatientIn(Input):
     site_id: SiteId
     given_name: Name
     family_name: Name
-    birth_date: date
+    birth_date: IsoDate
     phone: Phone | None = None
     email: Email | None = None
     preferred_channel: PreferredChannel = "none"
@@ -120,13 +180,13 @@ class PatientIn(Input):
 
 
 class PatientChange(Input):
-    given_name: Name | None = None
-    family_name: Name | None = None
-    birth_date: date | None = None
+    given_name: Annotated[Name | None, NotNull] = None
+    family_name: Annotated[Name | None, NotNull] = None
+    birth_date: Annotated[IsoDate | None, NotNull] = None
     phone: Phone | None = None
     email: Email | None = None
-    preferred_channel: PreferredChannel | None = None
-    language: Language | None = None
+    preferred_channel: Annotated[PreferredChannel | None, NotNull] = None
+    language: Annotated[Language | None, NotNull] = None
 
 
 class EnrollmentOut(BaseModel):
@@ -182,7 +242,7 @@ class EnrollmentIn(Input):
     program_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
     level_of_care: LevelOfCare
     cohort: Cohort
-    start_date: date
+    start_date: IsoDate
     referral_source: ReferralSource
 
 
@@ -194,12 +254,12 @@ class LevelIn(Input):
 class TransferIn(Input):
     to_site_id: SiteId
     to_program_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    effective_on: date
+    effective_on: IsoDate
 
 
 class DischargeIn(Input):
     reason: DischargeReason
-    discharged_on: date
+    discharged_on: IsoDate
 
 
 _UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
@@ -217,13 +277,13 @@ class ConsentIn(Input):
     ]
     purpose: ConsentPurpose
     information: Annotated[str, Field(min_length=1, max_length=2000)]
-    expires_on: date | None = None
+    expires_on: IsoDate | None = None
     expires_event: Literal["end_of_treatment"] | None = None
-    signed_at: datetime
+    signed_at: AwareDatetime
 
 
 class RevokeIn(Input):
-    revoked_at: datetime | None = None
+    revoked_at: AwareDatetime | None = None
     note: FreeText | None = None
 
 
@@ -281,14 +341,14 @@ class CheckInRecord(CheckInOut):
 class GoalIn(Input):
     text: Annotated[str, Field(min_length=1, max_length=500)]
     target: Annotated[str | None, Field(max_length=500)] = None
-    review_on: date | None = None
+    review_on: IsoDate | None = None
 
 
 class GoalChange(Input):
-    status: Literal["active", "met", "dropped"] | None = None
-    text: Annotated[str | None, Field(min_length=1, max_length=500)] = None
+    status: Annotated[Literal["active", "met", "dropped"] | None, NotNull] = None
+    text: Annotated[str | None, Field(min_length=1, max_length=500), NotNull] = None
     target: Annotated[str | None, Field(max_length=500)] = None
-    review_on: date | None = None
+    review_on: IsoDate | None = None
     note: FreeText | None = None
 
 
@@ -376,7 +436,9 @@ async def _visible_enrollment(
     except AccessDenied:
         raise AccessDenied("enrollment not found") from None
     if principal.role != "patient" and not principal.sees_site(enrollment["site_id"]):
-        raise NotFound("enrollment not found")  # an older episode at another site
+        # An older episode at a site the caller does not serve: a denied attempt, audited there.
+        await _audit(session, principal, f"{action}.denied", enrollment["site_id"], enrollment["patient_id"])
+        raise AccessDenied("enrollment not found")
     return enrollment
 
 
@@ -433,7 +495,7 @@ async def register_site(body: SiteIn, principal: NetworkAdmin, session: Db) -> S
 
 
 @router.patch("/sites/{site_id}", response_model=SiteOut, tags=["sites"])
-async def update_site(site_id: str, body: SiteChange, principal: NetworkAdmin, session: Db) -> SiteOut:
+async def update_site(site_id: SiteId, body: SiteChange, principal: NetworkAdmin, session: Db) -> SiteOut:
     changes = body.model_dump(exclude_unset=True)
     if "timezone" in changes:
         try:
@@ -470,7 +532,9 @@ class ProgramOut(BaseModel):
 
 
 @router.get("/programs", response_model=list[ProgramOut], tags=["sites"])
-async def list_programs(principal: AnyStaffOrSystem, session: Db, site_id: str | None = None) -> list[ProgramOut]:
+async def list_programs(
+    principal: AnyStaffOrSystem, session: Db, site_id: Annotated[SiteId | None, Query()] = None
+) -> list[ProgramOut]:
     """Programs a patient can be enrolled in: intake's projection of ProgramPublished."""
     rows = await store.list_programs(session, site_id)
     return [ProgramOut(**{k: r[k] for k in ProgramOut.model_fields}) for r in rows if principal.sees_site(r["site_id"])]
@@ -493,23 +557,34 @@ async def create_patient(body: PatientIn, principal: Staff, session: Db) -> Pati
         if not await store.get_site(session, body.site_id):
             raise Invalid("unknown site", {"site_id": "no such site is registered"})
         await store.lock_identity(session, name_key, body.birth_date)
-        existing = await store.find_identity(session, name_key, body.birth_date)
-        if existing is not None and not body.confirmed_not_duplicate:
-            if principal.sees_site(existing["site_id"]):
-                # Naming the existing record is an access to it: audited, and the row kept.
-                await _audit(session, principal, "patient.duplicate_match", existing["site_id"], existing["patient_id"])
-                raise AuditedConflict(
-                    f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
-                    {"patient_id": existing["patient_id"]},
-                )
-            raise Conflict("a patient with this name and birth date exists elsewhere in the network")
+        matches = await store.find_identities(session, name_key, body.birth_date)
+        seen = [m for m in matches if principal.sees_site(m["site_id"])]
+        if seen and not body.confirmed_not_duplicate:
+            # Naming the existing record is an access to it: audited, and the row kept.
+            existing = seen[0]
+            await _audit(session, principal, "patient.duplicate_match", existing["site_id"], existing["patient_id"])
+            raise AuditedConflict(
+                f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
+                {"patient_id": existing["patient_id"]},
+            )
         mrn = domain.new_mrn()
         while await store.mrn_taken(session, mrn):
             mrn = domain.new_mrn()
         await store.add_patient(session, patient_id=str(patient_id), mrn=mrn, name_key=name_key, **values)
+        await _queue_unseen_matches(session, patient_id, [m for m in matches if m not in seen])
         await _stage_contact(session, patient_id, body.site_id, values)
         await _audit(session, principal, "patient.create", body.site_id, patient_id)
     return PatientOut(patient_id=patient_id, mrn=mrn, **values)
+
+
+async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen: list[dict[str, Any]]) -> None:
+    """Matches at sites the caller does not serve go to the network admins' queue, never
+    into the answer: a 409 would tell this site that the person is in treatment elsewhere.
+    No audit row is written here: nothing was disclosed to anyone yet, and a row at the
+    matched site naming this caller would tell that site where the person registered.
+    A desk's `confirmed_not_duplicate` covers the records it was shown, not these."""
+    for match in unseen:
+        await store.add_potential_duplicate(session, str(patient_id), match["patient_id"])
 
 
 async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, values: dict[str, Any]) -> None:
@@ -528,8 +603,8 @@ async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, 
 async def search_patients(
     principal: Staff,
     session: Db,
-    name: Annotated[str | None, Query(min_length=2, max_length=200)] = None,
-    birth_date: date | None = None,
+    name: Annotated[str | None, Query(min_length=2, max_length=200), AfterValidator(_searchable)] = None,
+    birth_date: Annotated[IsoDate | None, Query()] = None,
     mrn: Annotated[str | None, Query(pattern=r"^IOP-[A-Za-z0-9]{8}$")] = None,
 ) -> list[PatientSummary]:
     if not (name or birth_date or mrn):
@@ -538,7 +613,7 @@ async def search_patients(
         rows = await store.search_patients(
             session,
             principal.visible_sites(),
-            name_key=domain.normalize_name(name) if name else None,
+            name_key=domain.search_key(name) if name else None,
             birth_date=birth_date,
             mrn=mrn,
         )
@@ -562,12 +637,6 @@ async def read_patient(patient_id: UUID, principal: StaffOrPatient, session: Db)
 @router.patch("/patients/{patient_id}", response_model=PatientOut, tags=["patients"])
 async def update_patient(patient_id: UUID, body: PatientChange, principal: Staff, session: Db) -> PatientOut:
     changes = body.model_dump(exclude_unset=True)
-    if any(
-        changes.get(k) is None
-        for k in ("given_name", "family_name", "birth_date", "preferred_channel", "language")
-        if k in changes
-    ):
-        raise Invalid("these fields cannot be cleared", {k: "may not be null" for k, v in changes.items() if v is None})
     if "birth_date" in changes:
         try:
             domain.validate_birth_date(changes["birth_date"], _today())
@@ -707,9 +776,7 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
         await _audit(session, principal, "enrollment.transfer", enrollment["site_id"], enrollment["patient_id"])
         if body.to_site_id == enrollment["site_id"]:
             raise Invalid("a transfer goes to another site", {"to_site_id": "same site"})
-        if await store.get_site(session, body.to_site_id) is None:
-            raise Invalid("unknown site", {"to_site_id": "no such site is registered"})
-        await _check_program(session, body.to_program_id, body.to_site_id, enrollment["cohort"])
+        await _check_destination(session, principal, body, enrollment["cohort"])
         _transition(enrollment["status"], domain.EnrollmentStatus.TRANSFERRED)
         await store.update_enrollment(session, str(enrollment_id), status="transferred", ended_on=body.effective_on)
         await store.add_history(
@@ -745,6 +812,26 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
         }
         new_episode, _ = await _open_episode(session, principal, patient, spec, first)
     return EnrollmentOut(**{k: new_episode[k] for k in EnrollmentOut.model_fields})
+
+
+def _unknown_destination() -> Invalid:
+    return Invalid(
+        "unknown destination",
+        {"to_site_id": "not a site you serve", "to_program_id": "not a published program of that site"},
+    )
+
+
+async def _check_destination(session: AsyncSession, principal: Principal, body: TransferIn, cohort: str) -> None:
+    """The receiving site must be one the caller serves (network admins serve all). A site
+    the caller does not serve, a site that does not exist and a program the site does not
+    publish answer alike: the answer must not tell which site ids exist."""
+    if not principal.sees_site(body.to_site_id) or await store.get_site(session, body.to_site_id) is None:
+        raise _unknown_destination()
+    program = await store.get_program(session, body.to_program_id)
+    if program is None or program["site_id"] != body.to_site_id:
+        raise _unknown_destination()
+    if program["cohort"] != cohort:
+        raise Invalid("the program serves another cohort", {"to_program_id": f"program is for {program['cohort']}"})
 
 
 @router.post("/enrollments/{enrollment_id}/discharge", response_model=EnrollmentDetail, tags=["enrollments"])
@@ -786,8 +873,6 @@ async def discharge(enrollment_id: UUID, body: DischargeIn, principal: Clinical,
 @router.post("/patients/{patient_id}/consents", status_code=201, response_model=ConsentOut, tags=["consents"])
 async def grant_consent(patient_id: UUID, body: ConsentIn, principal: StaffOrPatient, session: Db) -> ConsentOut:
     now = _now()
-    if body.signed_at.tzinfo is None:
-        raise Invalid("signed_at needs a UTC offset", {"signed_at": "naive datetime"})
     try:
         domain.check_consent_dates(body.signed_at, body.expires_on, body.expires_event, now)
     except domain.DomainError as error:
@@ -832,8 +917,8 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
     """Revocation in writing (sec. 2.31): the time it was made and an optional note."""
     now = _now()
     revoked_at = body.revoked_at or now
-    if revoked_at.tzinfo is None or revoked_at > now + timedelta(minutes=5):
-        raise Invalid("revoked_at must be an aware time, not in the future", {"revoked_at": "invalid"})
+    if revoked_at > now + timedelta(minutes=5):
+        raise Invalid("revoked_at is in the future", {"revoked_at": "in the future"})
     async with transaction(session):
         consent = await store.get_consent(session, str(consent_id), lock=True)
         if consent is None:
@@ -1116,10 +1201,76 @@ async def read_audit(
     principal: Auditor,
     session: Db,
     patient_id: UUID | None = None,
-    since: Annotated[datetime | None, Query(alias="from")] = None,
-    until: Annotated[datetime | None, Query(alias="to")] = None,
+    since: Annotated[AwareDatetime | None, Query(alias="from")] = None,
+    until: Annotated[AwareDatetime | None, Query(alias="to")] = None,
 ) -> list[AuditOut]:
     rows = await store.audit_rows(
         session, principal.visible_sites(), str(patient_id) if patient_id else None, since, until
     )
     return [AuditOut(**r) for r in rows]
+
+
+# --- potential duplicates (network admins) -----------------------------------------------------
+
+
+class DuplicateOut(BaseModel):
+    """Ids and sites only: a network admin opens the two records to compare them (audited)."""
+
+    duplicate_id: UUID
+    patient_id: UUID
+    site_id: str
+    match_patient_id: UUID
+    match_site_id: str
+    created_at: datetime
+    status: Literal["open", "resolved"]
+    resolution: Literal["linked", "dismissed"] | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+
+
+async def _audit_pair(session: AsyncSession, principal: Principal, action: str, row: dict[str, Any]) -> None:
+    await _audit(session, principal, action, row["site_id"], row["patient_id"])
+    await _audit(session, principal, action, row["match_site_id"], row["match_patient_id"])
+
+
+@router.get("/potential-duplicates", response_model=list[DuplicateOut], tags=["patients"])
+async def list_potential_duplicates(
+    principal: NetworkAdmin,
+    session: Db,
+    status: Literal["open", "resolved", "all"] = "open",
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> list[DuplicateOut]:
+    """Registrations that matched (folded name and birth date) a patient at a site the
+    registering desk does not serve. Listing is a read of both records: audited."""
+    async with session.begin():
+        rows = await store.list_potential_duplicates(session, None if status == "all" else status, limit)
+        for row in rows:
+            await _audit_pair(session, principal, "patient.duplicate_review", row)
+    return [DuplicateOut(**{k: r[k] for k in DuplicateOut.model_fields}) for r in rows]
+
+
+async def _resolve(
+    session: AsyncSession, principal: Principal, duplicate_id: UUID, resolution: Literal["linked", "dismissed"]
+) -> DuplicateOut:
+    async with session.begin():
+        if await store.get_potential_duplicate(session, str(duplicate_id)) is None:
+            raise NotFound("potential duplicate not found")
+        if not await store.resolve_potential_duplicate(session, str(duplicate_id), resolution, principal.sub):
+            raise Conflict("this potential duplicate is already resolved")
+        row = await store.get_potential_duplicate(session, str(duplicate_id))
+        assert row is not None
+        action = "patient.duplicate_link" if resolution == "linked" else "patient.duplicate_dismiss"
+        await _audit_pair(session, principal, action, row)
+    return DuplicateOut(**{k: row[k] for k in DuplicateOut.model_fields})
+
+
+@router.post("/potential-duplicates/{duplicate_id}/link", response_model=DuplicateOut, tags=["patients"])
+async def link_duplicate(duplicate_id: UUID, principal: NetworkAdmin, session: Db) -> DuplicateOut:
+    """The two records are one person: recorded for the network (the records are not merged)."""
+    return await _resolve(session, principal, duplicate_id, "linked")
+
+
+@router.post("/potential-duplicates/{duplicate_id}/dismiss", response_model=DuplicateOut, tags=["patients"])
+async def dismiss_duplicate(duplicate_id: UUID, principal: NetworkAdmin, session: Db) -> DuplicateOut:
+    """Two different people who share a folded name and a birth date."""
+    return await _resolve(session, principal, duplicate_id, "dismissed")
