@@ -349,11 +349,11 @@ async def site_calendar(
         first, last = domain.calendar_range(since, until, today)
     except domain.ScheduleError as error:
         raise _invalid(error) from None
-    zone_start, _ = domain.week_bounds(f"{first.isocalendar()[0]}-W{first.isocalendar()[1]:02d}", site["timezone"])
+    # A day's margin each side of the site-local days; `local_date` then picks exactly.
     rows = await store.sessions_between(
         session,
         site_id=site_id,
-        since=zone_start - timedelta(days=1),
+        since=domain.local_instant(first - timedelta(days=1), datetime.min.time(), _zone(site)),
         until=domain.local_instant(last + timedelta(days=2), datetime.min.time(), _zone(site)),
     )
     out = []

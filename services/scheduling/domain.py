@@ -166,23 +166,20 @@ def check_wall_time(value: datetime) -> datetime:
 
 
 def monday_of(iso_week: str) -> date:
-    """The Monday of an ISO week 'YYYY-Www' that exists (W53 only in long years) and
-    lies in the accepted calendar."""
+    """The Monday of an ISO week 'YYYY-Www' that exists (W53 only in long years)."""
     match = ISO_WEEK.fullmatch(iso_week)
     if match is None:
         raise ScheduleError("an ISO week is written YYYY-Www, e.g. 2026-W07", field="week")
     try:
-        monday = date.fromisocalendar(int(match[1]), int(match[2]), 1)
+        return date.fromisocalendar(int(match[1]), int(match[2]), 1)
     except ValueError:
         raise ScheduleError("that year has no such ISO week", field="week") from None
-    try:
-        return check_day(monday)
-    except ScheduleError as error:
-        raise ScheduleError(str(error), field="week") from None
 
 
 def check_iso_week(iso_week: str) -> str:
-    monday_of(iso_week)
+    """An ISO week that exists and starts within the accepted calendar."""
+    if not FIRST_DAY <= monday_of(iso_week) <= LAST_DAY:
+        raise ScheduleError(f"a week must start between {FIRST_DAY} and {LAST_DAY}", field="week")
     return iso_week
 
 
