@@ -112,3 +112,80 @@ def test_workshop_topics_rotate_weekly() -> None:
 def test_targets_follow_asam_level_2_1() -> None:
     assert domain.weekly_hours_target("adult") == 9.0
     assert domain.weekly_hours_target("adolescent") == 6.0
+
+
+# --- the accepted calendar (issue 8: bad dates are a 422, never a 500) ---------------------
+
+
+@pytest.mark.parametrize("day", [date(1, 1, 1), date(1999, 12, 31), date(2100, 1, 1), date(9999, 12, 31)])
+def test_days_outside_the_calendar_are_refused(day: date) -> None:
+    with pytest.raises(ScheduleError):
+        domain.check_day(day)
+
+
+def test_the_calendar_edges_are_accepted_and_compute() -> None:
+    assert domain.check_day(domain.FIRST_DAY) == date(2000, 1, 1)
+    assert domain.check_day(domain.LAST_DAY) == date(2099, 12, 31)
+    # The latest wall time plus the longest slot, read in the zone furthest behind UTC.
+    latest = domain.local_instant(domain.LAST_DAY, time(23, 59), ZoneInfo("Pacific/Pago_Pago"))
+    assert latest + timedelta(minutes=480) > datetime(2100, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(9999, 12, 31, 22, 0),
+        datetime(2100, 1, 1, 0, 0),
+        datetime(1999, 12, 31, 23, 59),
+        datetime(2026, 12, 1, 10, 0, tzinfo=UTC),  # a wall time takes the site's offset, not one given
+        datetime(2026, 12, 1, 10, 0, tzinfo=ZoneInfo("America/New_York")),
+    ],
+)
+def test_wall_times_outside_the_calendar_or_with_an_offset_are_refused(value: datetime) -> None:
+    with pytest.raises(ScheduleError):
+        domain.check_wall_time(value)
+
+
+def test_a_wall_time_in_the_calendar_is_accepted() -> None:
+    assert domain.check_wall_time(datetime(2099, 12, 31, 22, 0)) == datetime(2099, 12, 31, 22, 0)
+
+
+@pytest.mark.parametrize(
+    "week",
+    ["2026-W54", "2027-W53", "2026-W00", "0000-W01", "9999-W52", "1999-W52", "2100-W01", "2026-w07", "2026-W7",
+     "26-W07", " 2026-W07", "2026-W07 ", "\u0662\u0660\u0662\u0666-W07", ""],
+)  # fmt: skip
+def test_iso_weeks_that_do_not_exist_or_lie_outside_the_calendar_are_refused(week: str) -> None:
+    with pytest.raises(ScheduleError) as error:
+        domain.check_iso_week(week)
+    assert error.value.field == "week"
+
+
+@pytest.mark.parametrize("week", ["2026-W53", "2020-W53", "2000-W01", "2099-W53", "2026-W07"])
+def test_iso_weeks_that_exist_are_accepted(week: str) -> None:
+    assert domain.check_iso_week(week) == week
+    start, end = domain.week_bounds(week, "America/New_York")
+    assert end - start >= timedelta(days=7) - timedelta(hours=1)
+
+
+def test_week_bounds_refuse_a_week_that_does_not_exist() -> None:
+    with pytest.raises(ScheduleError):
+        domain.week_bounds("2026-W54", "UTC")
+
+
+def test_calendar_range_defaults_to_a_week_from_today() -> None:
+    today = date(2026, 11, 27)
+    assert domain.calendar_range(None, None, today) == (today, date(2026, 12, 3))
+    assert domain.calendar_range(date(2026, 12, 1), None, today) == (date(2026, 12, 1), date(2026, 12, 7))
+    assert domain.calendar_range(None, today, today) == (today, today)
+    assert domain.calendar_range(today, today + timedelta(days=62), today)[1] == date(2027, 1, 28)
+
+
+@pytest.mark.parametrize(
+    ("first", "last"),
+    [(date(2026, 12, 2), date(2026, 12, 1)), (date(2026, 1, 1), date(2026, 3, 5)), (None, date(2026, 11, 26))],
+)
+def test_calendar_range_refuses_backwards_or_long_ranges(first: date | None, last: date) -> None:
+    with pytest.raises(ScheduleError) as error:
+        domain.calendar_range(first, last, date(2026, 11, 27))
+    assert error.value.field == "to"
