@@ -136,6 +136,8 @@ class RequestContext:
                 extra={
                     "method": scope.get("method"),
                     "path": path,
+                    # 500 unless an answer had already started (then it keeps its status).
+                    "status": status or 500,
                     "request_id": request_id,
                     "error": type(exc).__name__,
                 },
