@@ -48,6 +48,9 @@ def live_notifications(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink) -> 
         "IOPNET_NOTIFY_ESCALATION_MINUTES": "0.05",
         "IOPNET_NOTIFY_ESCALATION_CHECK_SECONDS": "0.5",
         "IOPNET_NOTIFY_RETRY_BASE_SECONDS": "0.2",
+        # A deployment's default, stated: webhooks to http or internal targets are refused
+        # (the rosters here use email, so no local webhook receiver is needed).
+        "IOPNET_NOTIFY_ALLOW_INSECURE_TARGETS": "false",
     }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
@@ -75,6 +78,30 @@ async def set_up_site(http: httpx.AsyncClient, network: Any, quiet: tuple[str, s
         body = {"quiet_start": quiet[0], "quiet_end": quiet[1]}
         response = await http.put(f"{notifications}/sites/{SITE}/notification-settings", json=body, headers=admin)
         assert response.status_code == 200, response.text
+
+
+async def internal_targets_are_refused(http: httpx.AsyncClient, network: Any) -> None:
+    """The report's server-side request forgery, against the real processes: webhooks to
+    our own services, loopback and the metadata endpoint answer 422 and change nothing."""
+    notifications, admin = network.url("notifications"), auth("site_admin", [SITE])
+    before = (await http.get(f"{notifications}/sites/{SITE}/care-team", headers=admin)).json()
+    for url in (
+        f"{network.url('intake')}/sites",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://[::1]:22/",
+        f"http://localhost:{network.settings.embedded_nats_port}/",
+    ):
+        hook = {"site_id": SITE, "url": url, "events": ["CareTeamAlerted"], "secret": "whsec-" + "e" * 24}
+        refused = await http.post(f"{notifications}/subscriptions", json=hook, headers=auth("integration", [SITE]))
+        assert refused.status_code == 422, (url, refused.text)
+        assert refused.json()["error"]["code"] == "invalid"
+        pager = {"name": "Pager", "role": "pager", "channel": "webhook", "address": url, "secret": hook["secret"]}
+        roster = {"members": [*before["members"], pager]}
+        assert (
+            await http.put(f"{notifications}/sites/{SITE}/care-team", json=roster, headers=admin)
+        ).status_code == 422
+    assert (await http.get(f"{notifications}/subscriptions", headers=auth("integration", [SITE]))).json() == []
+    assert (await http.get(f"{notifications}/sites/{SITE}/care-team", headers=admin)).json() == before
 
 
 async def publish_program(http: httpx.AsyncClient, network: Any, weekday: int) -> str:
@@ -141,6 +168,7 @@ async def test_urgent_check_in_reaches_the_care_team_mailbox(network, smtp_sink:
     email = "mob@example.org"
     async with httpx.AsyncClient(timeout=10) as http:
         await set_up_site(http, network)
+        await internal_targets_are_refused(http, network)
         program_id = await publish_program(http, network, weekday=(date.today() + timedelta(days=2)).isoweekday())
         patient_id, _ = await enrolled_patient(http, network, program_id, email)
         await grant_consent(http, network, patient_id)
