@@ -112,7 +112,7 @@ async def _measure(network: LocalNetwork, patients: int, concurrency: int, seque
         await driver.register_site(network.url("scheduling"))
 
         # Unloaded: one enrollment at a time, each followed to its NotificationSent.
-        bus = await BusRecorder(network.nats_url).start()
+        bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
         for index in range(sequential):
             await driver.enroll(index)
             await bus.wait_for_event("NotificationSent", count=index + 1, timeout=30)
@@ -127,7 +127,7 @@ async def _measure(network: LocalNetwork, patients: int, concurrency: int, seque
 
         # Loaded: `patients` enrollments from `concurrency` clients, as fast as intake answers.
         driver.http_ms = []
-        bus = await BusRecorder(network.nats_url).start()
+        bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
         limiter = asyncio.Semaphore(concurrency)
 
         async def one(index: int) -> None:

@@ -53,9 +53,15 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
         nonlocal stopping
         stopping = True
 
+    from shared.files import secure_data_dir
+
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    network = LocalNetwork(Settings())
+    settings = Settings()
+    # Before anything is written: the umask (0o077) is inherited by nats-server and the
+    # services, and modes left open by an older version are closed.
+    secure_data_dir(settings.data_dir)
+    network = LocalNetwork(settings)
     try:
         network.start()
         embedded = ""
@@ -99,6 +105,8 @@ def token(
             sites=site or [],
             patient_id=patient_id,
             ttl_seconds=settings.jwt_ttl_seconds,
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
         )
     )
 
@@ -131,10 +139,6 @@ def _ops_nats_url() -> str:
     return settings.nats_url or ops_url(settings.data_dir, settings.effective_nats_url)
 
 
-# What `ops` may subscribe to: every public event and the dead letters (iopnet/natsd.py).
-PUBLIC_SUBJECTS = ("iop.intake.>", "iop.scheduling.>", "iop.notifications.>", "iop.dlq.>")
-
-
 @events_app.command("tail")
 def events_tail(
     subject: Annotated[
@@ -147,6 +151,7 @@ def events_tail(
     denied: list[str] = []
 
     async def tail() -> None:
+        from iopnet.natsd import OBSERVED_SUBJECTS
         from shared.messaging.connection import connect_once
 
         done = asyncio.Event()
@@ -166,7 +171,7 @@ def events_tail(
             if count and seen >= count:
                 done.set()
 
-        for pattern in subject or PUBLIC_SUBJECTS:
+        for pattern in subject or OBSERVED_SUBJECTS:
             await nc.subscribe(pattern, cb=on_message)
         await done.wait()
         await nc.drain()

@@ -44,6 +44,9 @@ PRODUCER_SUBJECTS = {
     "scheduling": "iop.scheduling.>",
     "notifications": "iop.notifications.>",
 }
+# What `ops` (events tail, the tests' and bench's bus recorders) may subscribe to: every
+# public event and the dead letters.
+OBSERVED_SUBJECTS = (*PRODUCER_SUBJECTS.values(), "iop.dlq.>")
 # The streams each service consumes, one durable `<service>-<stream>` each
 # (shared/messaging/consumer.py); tests/integration/test_nats_permissions.py checks this
 # table against the services' subscriptions.
@@ -143,7 +146,7 @@ PERMISSIONS: dict[str, Permissions] = {
             "$JS.API.STREAM.MSG.GET.IOP_DLQ",
             CONTROL_SUBJECT.format(service="*"),
         ),
-        subscribe=(*PRODUCER_SUBJECTS.values(), "iop.dlq.>", f"{inbox('ops')}.>"),
+        subscribe=(*OBSERVED_SUBJECTS, f"{inbox('ops')}.>"),
     ),
     # Publishes contact changes; creates IOP_RESTRICTED if it is missing, never changes it.
     RESTRICTED_USERS["intake"]: Permissions(

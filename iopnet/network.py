@@ -12,7 +12,14 @@ from typing import IO
 
 import httpx
 
-from iopnet.natsd import RESTRICTED_USERS, NatsServer, embedded_data_dir, load_or_create_credentials, public_url
+from iopnet.natsd import (
+    OBSERVED_SUBJECTS,
+    RESTRICTED_USERS,
+    NatsServer,
+    embedded_data_dir,
+    load_or_create_credentials,
+    public_url,
+)
 from shared.settings import SERVICES, ServiceName, Settings
 
 
@@ -29,6 +36,11 @@ class LocalNetwork:
         """For observers (the CLI, tests, bench): on the embedded server, the `ops` user,
         which sees every public subject but nothing on `iop.restricted.>`."""
         return self.nats.user_url("ops") if self.nats is not None else self.settings.effective_nats_url
+
+    @property
+    def observed_subjects(self) -> tuple[str, ...]:
+        """What `nats_url` may subscribe to (for a BusRecorder)."""
+        return OBSERVED_SUBJECTS if self.nats is not None else ("iop.>",)
 
     @property
     def public_nats_url(self) -> str:

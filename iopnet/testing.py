@@ -12,9 +12,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
+
+from shared.messaging.connection import connect_once
 
 T = TypeVar("T")
 
@@ -50,17 +51,19 @@ class BusMessage:
 
 @dataclass
 class BusRecorder:
-    """A plain nats-py subscriber that records every message on `subject`."""
+    """A plain nats-py subscriber that records every message on `subjects` (on a network
+    with NATS users, `OBSERVED_SUBJECTS`: what its `ops` user may read)."""
 
     url: str
-    subject: str = "iop.>"
+    subjects: tuple[str, ...] = ("iop.>",)
     messages: list[BusMessage] = field(default_factory=list)
     _nc: Client | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def start(self) -> "BusRecorder":
-        self._nc = await nats.connect(self.url)
-        await self._nc.subscribe(self.subject, cb=self._on_message)
+        self._nc = await connect_once(self.url)
+        for subject in self.subjects:
+            await self._nc.subscribe(subject, cb=self._on_message)
         await self._nc.flush()
         return self
 

@@ -21,6 +21,7 @@ from iopnet.natsd import NatsServer, free_port
 from iopnet.testing import BusRecorder
 from shared.auth import Role, mint_token
 from shared.contracts import Envelope
+from shared.messaging.connection import connect_once
 from shared.messaging.streams import STREAMS, ensure_streams
 from shared.settings import Settings
 
@@ -174,7 +175,7 @@ async def publish(nats_url: str, *envelopes: Envelope, msg_id_prefix: str = "") 
     `msg_id_prefix` changes the Nats-Msg-Id: the same event re-published past the
     duplicate window, which only the consumer's inbox can catch.
     """
-    nc = await nats.connect(nats_url)
+    nc = await connect_once(nats_url)
     try:
         js = nc.jetstream()
         producers = {e.producer for e in envelopes}
@@ -189,7 +190,7 @@ async def publish(nats_url: str, *envelopes: Envelope, msg_id_prefix: str = "") 
 
 
 async def publish_raw(nats_url: str, subject: str, payload: bytes) -> None:
-    nc = await nats.connect(nats_url)
+    nc = await connect_once(nats_url)
     try:
         js = nc.jetstream()
         await ensure_streams(js, [STREAMS["IOP_INTAKE"], STREAMS["IOP_SCHEDULING"], STREAMS["IOP_RESTRICTED"]], 120)
@@ -199,7 +200,7 @@ async def publish_raw(nats_url: str, subject: str, payload: bytes) -> None:
 
 
 async def dead_letters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]:
-    nc = await nats.connect(nats_url)
+    nc = await connect_once(nats_url)
     try:
         js = nc.jetstream()
         try:
@@ -216,7 +217,7 @@ async def dead_letters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]
 
 
 async def stream_count(nats_url: str, stream: str) -> int:
-    nc = await nats.connect(nats_url)
+    nc = await connect_once(nats_url)
     try:
         return int((await nc.jetstream().stream_info(stream)).state.messages)
     finally:

@@ -14,7 +14,7 @@ FREE_TEXT = ("Stay away from the old crowd", "Lost my job today", "Marguerite", 
 
 async def test_urgent_check_in_reaches_the_bus_without_free_text(network) -> None:
     site_id = "columbus-east"
-    bus = await BusRecorder(network.nats_url).start()
+    bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
     desk = auth("front_desk", [site_id])
     intake = network.url("intake")
     try:

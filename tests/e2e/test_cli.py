@@ -27,6 +27,9 @@ def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
         assert f"nats://127.0.0.1:{ports['EMBEDDED_NATS']} (embedded" in printed
         assert "demo: 2 sites, 5 patients enrolled" in printed
         assert (tmp_path / ".data" / "nats" / "jetstream").is_dir()
+        # Private at rest: names, contact details and passwords are the owner's only.
+        exposed = [p for p in (tmp_path / ".data").rglob("*") if p.stat().st_mode & 0o077]
+        assert not exposed and (tmp_path / ".data").stat().st_mode & 0o777 == 0o700, exposed
         assert {p.name for p in (tmp_path / ".data").glob("*.db")} == {
             "intake.db", "scheduling.db", "notifications.db",
         }  # fmt: skip

@@ -5,7 +5,10 @@ which sees every public subject and nothing on `iop.restricted.>`."""
 from datetime import date, timedelta
 
 import httpx
+import pytest
+from nats.js.errors import NotFoundError
 
+from iopnet.natsd import RESTRICTED_USERS
 from iopnet.testing import BusRecorder, eventually
 from tests.conftest import auth, stream_count
 
@@ -26,7 +29,7 @@ PHI = ("Teodoro", "Villanueva", "1979-06-30", "+13805550199", "teo.v@example.org
 
 
 async def test_enrollment_reaches_a_welcome_notification(network) -> None:
-    bus = await BusRecorder(network.nats_url).start()
+    bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
     admin, desk = auth("network_admin"), auth("front_desk", ["columbus-east"])
     try:
         async with httpx.AsyncClient(timeout=10) as http:
@@ -88,9 +91,13 @@ async def test_enrollment_reaches_a_welcome_notification(network) -> None:
     assert sent_env["correlation_id"] == enrolled_env["correlation_id"]
     assert sent_env["causation_id"] == enrolled_env["event_id"]
     assert sent_env["data"]["cause_event_id"] == enrolled_env["event_id"]
-    # PatientContactChanged went to IOP_RESTRICTED while `ops` listened to `iop.>`, and the
-    # server did not deliver it: the broker, not the subscriber, keeps contact details away.
-    assert await stream_count(network.nats_url, "IOP_RESTRICTED") >= 1
+    # PatientContactChanged went to IOP_RESTRICTED, in an account `ops` is not in: the
+    # broker, not the subscriber, keeps contact details away.
+    assert network.nats is not None
+    reader = network.nats.user_url(RESTRICTED_USERS["notifications"])
+    assert await stream_count(reader, "IOP_RESTRICTED") >= 1
+    with pytest.raises(NotFoundError):
+        await stream_count(network.nats_url, "IOP_RESTRICTED")
     assert not [m.subject for m in bus.messages if m.subject.startswith("iop.restricted.")]
     assert bus.messages, "public events were seen"
     for message in bus.messages:

@@ -27,7 +27,7 @@ def site_zone_and_start() -> tuple[str, datetime]:
 async def test_program_enrollment_booking_attendance_completion(network) -> None:
     zone, start = site_zone_and_start()
     site_id = "e2e-site"
-    bus = await BusRecorder(network.nats_url).start()
+    bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
     admin, site_admin = auth("network_admin"), auth("site_admin", [site_id])
     desk, clinician = auth("front_desk", [site_id]), auth("clinician", [site_id])
     intake, scheduling = network.url("intake"), network.url("scheduling")
