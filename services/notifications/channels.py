@@ -226,18 +226,28 @@ async def _read_capped(response: httpx.Response, limit: int) -> tuple[bytes, boo
 
 
 async def _post(
-    transport: httpx.AsyncBaseTransport, url: str, body: bytes, headers: dict[str, str], settings: Settings
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    settings: Settings,
+    transport: httpx.AsyncBaseTransport | None = None,
 ) -> Answer:
+    """POST without following redirects, reading at most notify_response_max_bytes of the
+    answer. `transport` (webhooks: PinnedTransport) also turns off the environment's
+    proxy and .netrc settings: the request goes where the policy checked, with nothing
+    added. Without one (the operator's SMS provider) they apply as for any client."""
     timeout = settings.notify_send_timeout_seconds
     request_headers = {"Content-Type": "application/json", "Accept-Encoding": "identity", **headers}
+    client = httpx.AsyncClient(
+        transport=transport, timeout=timeout, follow_redirects=False, trust_env=transport is None
+    )
     try:
         # httpx's timeouts are per operation; one deadline over the whole exchange (resolve,
         # connect, send, read) keeps a receiver that drips bytes from holding the send past
-        # its lease (3 x the timeout, delivery.py). No proxy or .netrc from the environment
-        # (trust_env=False): the request goes where the policy checked, with nothing added.
+        # its lease (3 x the timeout, delivery.py).
         async with (
             asyncio.timeout(2 * timeout),
-            httpx.AsyncClient(transport=transport, timeout=timeout, follow_redirects=False, trust_env=False) as client,
+            client,
             client.stream("POST", url, content=body, headers=request_headers) as response,
         ):
             data, complete = await _read_capped(response, settings.notify_response_max_bytes)
@@ -278,9 +288,7 @@ class SmsChannel:
         headers = {"Idempotency-Key": message.notification_id}
         if self.settings.sms_api_key:
             headers["Authorization"] = f"Bearer {self.settings.sms_api_key}"
-        answer = await _post(
-            httpx.AsyncHTTPTransport(), self.settings.sms_api_url, json.dumps(document).encode(), headers, self.settings
-        )
+        answer = await _post(self.settings.sms_api_url, json.dumps(document).encode(), headers, self.settings)
         _check_status(answer.status)
         if not answer.complete:
             raise DeliveryError("provider answer too large", retryable=False)
@@ -331,7 +339,7 @@ class WebhookChannel:
             url = httpx.URL(message.address)
         except httpx.InvalidURL:
             raise DeliveryError("webhook url is not valid", retryable=False) from None
-        answer = await _post(self.transport(), str(url), body, headers, self.settings)
+        answer = await _post(str(url), body, headers, self.settings, transport=self.transport())
         _check_status(answer.status)
         return (answer.headers.get("X-Request-Id") or f"webhook-{message.notification_id}")[:120]
 

@@ -431,7 +431,7 @@ TargetRefusal = Literal[
 
 # Fixed texts (the reason a delivery log and a 422 carry): never the URL or the address.
 TARGET_REFUSALS: dict[TargetRefusal, str] = {
-    "scheme": "only https targets are allowed",
+    "scheme": "only https targets are allowed (and http in development)",
     "userinfo": "credentials in the URL are not allowed",
     "no_host": "the URL has no host",
     "local_name": "a local host name (localhost, a single label, .local, .internal) is not allowed",
