@@ -252,6 +252,9 @@ class NotificationFailed(NotificationsEvent):
     template: str
     cause_event_id: UUID
     attempts: int
+    # Additive: why it failed, as a fixed text (a status code, "target refused: loopback"),
+    # never a provider's words or the address.
+    reason: str | None = None
 
 
 class CareTeamAlerted(NotificationsEvent):

@@ -236,6 +236,7 @@ async def test_a_name_resolving_to_loopback_is_refused_at_send_time_and_nothing_
         by_kind = {m.envelope()["data"]["recipient_kind"]: m.envelope()["data"] for m in failed}
         assert set(by_kind) == {"care_team", "integration"}
         assert all(d["channel"] == "webhook" and d["attempts"] == 1 for d in by_kind.values())  # no retries
+        assert {d["reason"] for d in by_kind.values()} == {"target refused: loopback"}  # on the bus too
         refused = await wait_rows(
             app, lambda r: len(r) == 2 and all(x["status"] == "failed" for x in r), "both webhooks failed",
             channel="webhook",
