@@ -10,12 +10,12 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from iopnet.replay import ReplayFailed, replay_events
-from shared.messaging.control import subject_matches
 from iopnet.testing import eventually
 from services.scheduling import store
 from services.scheduling.app import create_app
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientEnrolled, SiteRegistered
+from shared.messaging.control import subject_matches
 from tests.conftest import make_settings, publish, running, stream_count
 
 
@@ -65,9 +65,7 @@ async def test_replay_restores_lost_work_and_skips_the_rest(app, nats_server) ->
             progress=progress.append,
         )
         # Answered only when applied: no waiting needed.
-        assert summaries == [
-            {"service": "scheduling", "applied": 1, "duplicates": 1, "not_handled": 0, "failed": []}
-        ]
+        assert summaries == [{"service": "scheduling", "applied": 1, "duplicates": 1, "not_handled": 0, "failed": []}]
         assert [(p.next_seq, p.last_seq) for p in progress] == [(3, 3), (4, 3)]  # two chunks of two
         assert await enrollment_count(app) == 2
         assert consumer.stats.skipped_duplicates == skipped_before + 1
