@@ -34,6 +34,7 @@ bench: setup
 
 schemas: setup
 	$(BIN)/python -m shared.contracts.schemas
+	$(BIN)/python -m iopnet.asyncapi_docs
 
 clean:
-	rm -rf $(VENV) .data .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .data .cache .pytest_cache .ruff_cache *.egg-info
