@@ -22,6 +22,7 @@ from shared.contracts.asyncapi import asyncapi_document
 from shared.db import is_sqlite
 from shared.errors import ERROR_RESPONSES, BodyLimit, install_error_handlers, internal_error_body
 from shared.files import secure_data_dir, secure_file
+from shared.metrics import install_metrics
 from shared.runtime import ServiceRuntime
 
 log = logging.getLogger("iopnet.http")
@@ -54,6 +55,7 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     app.state.settings = runtime.settings
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_body_bytes)
+    install_metrics(app, runtime)
     # Added last, so outermost: it sees every answer, a 413 or a 500 included.
     app.add_middleware(RequestContext, cacheable_prefix=DOCS_ASSETS + "/")
 

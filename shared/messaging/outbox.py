@@ -8,6 +8,7 @@ inbox drop the copy. Nothing is lost: a row stays until JetStream acknowledged i
 """
 
 import asyncio
+import collections
 import contextlib
 import logging
 from collections.abc import Callable
@@ -114,6 +115,10 @@ class Outbox:
         query = select(func.count()).select_from(self.table).where(self.table.c.sent_at.is_(None))
         return int((await session.execute(query)).scalar_one())
 
+    async def oldest_pending_at(self, session: AsyncSession) -> datetime | None:
+        query = select(func.min(self.table.c.created_at)).where(self.table.c.sent_at.is_(None))
+        return (await session.execute(query)).scalar_one()
+
 
 class OutboxRelay:
     def __init__(
@@ -136,6 +141,8 @@ class OutboxRelay:
         self.retry_seconds = retry_seconds
         self.publish_timeout = publish_timeout
         self.published = 0
+        # By event name (the subject's third token), for /metrics.
+        self.published_by_event: collections.Counter[str] = collections.Counter()
         self._signal = CommitSignal(sessions, "outbox")
         outbox.commit_signal = self._signal
 
@@ -179,6 +186,8 @@ class OutboxRelay:
                 async with session.begin():
                     await self._record(session, rows, sent, error)
         self.published += len(sent)
+        done = set(sent)
+        self.published_by_event.update(row.subject.split(".")[-2] for row in rows if row.seq in done)
         if error is not None:
             raise _PublishFailed(f"{len(rows) - len(sent)} pending: {error}")
         return len(sent)

@@ -1,0 +1,164 @@
+"""`GET /metrics` in Prometheus' text format (prometheus-client), one registry per app.
+
+- HTTP: requests by method, route template (never the raw path: it holds ids) and status,
+  with a latency histogram.
+- Events: consumed per consumer and outcome (applied, duplicate, retried, dead-lettered)
+  and published per event type, read from the counters the consumers and the relay keep.
+- Backlog, read when scraped: outbox rows pending and the oldest one's age; each durable
+  consumer's pending and redelivered counts as JetStream reports them.
+
+Scrape-time reads are bounded (`SCRAPE_WAIT_SECONDS`): a busy database or an absent
+broker leaves the last value and raises `iopnet_scrape_errors_total`, never a slow scrape.
+"""
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from shared.runtime import ServiceRuntime
+
+SCRAPE_WAIT_SECONDS = 0.5
+
+
+class ServiceMetrics:
+    def __init__(self, runtime: "ServiceRuntime") -> None:
+        self.runtime = runtime
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "iopnet_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "iopnet_http_request_duration_seconds", "HTTP request latency", ["method", "route"], registry=self.registry
+        )
+        self.outbox_pending = Gauge("iopnet_outbox_pending", "Outbox rows not yet published", registry=self.registry)
+        self.outbox_oldest_age = Gauge(
+            "iopnet_outbox_oldest_pending_age_seconds",
+            "Age of the oldest unpublished outbox row",
+            registry=self.registry,
+        )
+        self.consumer_pending = Gauge(
+            "iopnet_consumer_pending", "Messages not yet delivered to the durable", ["consumer"], registry=self.registry
+        )
+        self.consumer_ack_pending = Gauge(
+            "iopnet_consumer_ack_pending", "Delivered, not yet acknowledged", ["consumer"], registry=self.registry
+        )
+        self.consumer_redelivered = Gauge(
+            "iopnet_consumer_redelivered", "Messages JetStream has redelivered", ["consumer"], registry=self.registry
+        )
+        self.scrape_errors = Counter(
+            "iopnet_scrape_errors", "Scrape-time reads that failed or timed out", ["source"], registry=self.registry
+        )
+        self.registry.register(_RuntimeCounters(runtime))
+
+    async def refresh(self) -> None:
+        await asyncio.gather(self._refresh_outbox(), *(self._refresh_consumer(c) for c in self.runtime.consumers))
+
+    async def _refresh_outbox(self) -> None:
+        runtime = self.runtime
+        if runtime.engine is None:
+            return
+        try:
+            async with asyncio.timeout(SCRAPE_WAIT_SECONDS), runtime.sessions() as session:
+                pending = await runtime.outbox.pending_count(session)
+                oldest = await runtime.outbox.oldest_pending_at(session)
+        except Exception:
+            self.scrape_errors.labels("outbox").inc()
+            return
+        self.outbox_pending.set(pending)
+        self.outbox_oldest_age.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
+
+    async def _refresh_consumer(self, consumer: Any) -> None:
+        try:
+            info = await consumer.js.consumer_info(
+                consumer.subscription.stream, consumer.durable, timeout=SCRAPE_WAIT_SECONDS
+            )
+        except Exception:
+            self.scrape_errors.labels(consumer.durable).inc()
+            return
+        self.consumer_pending.labels(consumer.durable).set(info.num_pending or 0)
+        self.consumer_ack_pending.labels(consumer.durable).set(info.num_ack_pending or 0)
+        self.consumer_redelivered.labels(consumer.durable).set(info.num_redelivered or 0)
+
+
+class _RuntimeCounters(Collector):
+    """The counters the consumers and the relay keep in memory, read at scrape time."""
+
+    def __init__(self, runtime: "ServiceRuntime") -> None:
+        self.runtime = runtime
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        consumed = CounterMetricFamily(
+            "iopnet_events_consumed", "Events taken by a consumer, by outcome", labels=["consumer", "outcome"]
+        )
+        dead = CounterMetricFamily("iopnet_dead_letters", "Messages dead-lettered", labels=["consumer"])
+        for consumer in self.runtime.consumers:
+            stats = consumer.stats
+            for outcome, value in (
+                ("applied", stats.applied),
+                ("duplicate", stats.skipped_duplicates),
+                ("retried", stats.retried),
+                ("dead_lettered", stats.dead_lettered),
+            ):
+                consumed.add_metric([consumer.durable, outcome], value)
+            dead.add_metric([consumer.durable], stats.dead_lettered)
+        published = CounterMetricFamily(
+            "iopnet_events_published", "Events the outbox relay published, by type", labels=["event"]
+        )
+        relay = getattr(self.runtime, "relay", None)
+        for event, value in sorted((relay.published_by_event if relay else {}).items()):
+            published.add_metric([event], value)
+        yield consumed
+        yield dead
+        yield published
+
+
+class MetricsMiddleware:
+    """Pure ASGI: counts and times every HTTP request by its route template."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def capture(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, capture)
+        finally:
+            # The router put the matched route in the scope; unmatched paths share one label.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope.get("method", "")
+            self.metrics.requests.labels(method, route, str(status)).inc()
+            self.metrics.latency.labels(method, route).observe(time.perf_counter() - started)
+
+
+def install_metrics(app: FastAPI, runtime: "ServiceRuntime") -> ServiceMetrics:
+    metrics = ServiceMetrics(runtime)
+    app.state.metrics = metrics
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.get("/metrics", tags=["ops"], include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        await metrics.refresh()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
