@@ -22,6 +22,7 @@ from shared.contracts.asyncapi import asyncapi_document
 from shared.db import is_sqlite
 from shared.errors import ERROR_RESPONSES, BodyLimit, install_error_handlers, internal_error_body
 from shared.files import secure_data_dir, secure_file
+from shared.logging import log_context
 from shared.metrics import install_metrics
 from shared.runtime import ServiceRuntime
 
@@ -131,7 +132,8 @@ class RequestContext:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_headers)
+            with log_context(request_id=request_id):
+                await self.app(scope, receive, send_with_headers)
         except Exception as exc:
             log.error(
                 "unhandled error",

@@ -6,6 +6,9 @@ import json
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -20,6 +23,38 @@ SAFE_FIELDS = frozenset(
     }
 )  # fmt: skip
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None)))
+# What the current request or event is: every log line written while handling it carries
+# these ids (request_id in HTTP; correlation_id and event_id in a consumer), so one
+# check-in can be followed from the request through every service that reacts to it.
+_CONTEXT: ContextVar[dict[str, str]] = ContextVar("iopnet_log_context", default={})  # noqa: B039 - never mutated
+
+
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_with_context(*args: object, **kwargs: object) -> logging.LogRecord:
+    # Stamped when the line is logged, in the caller's context: a handler that formats
+    # later, elsewhere (a queue, pytest's capture), still sees the right ids.
+    record = _base_factory(*args, **kwargs)
+    record.iopnet_context = _CONTEXT.get()
+    return record
+
+
+logging.setLogRecordFactory(_record_with_context)
+
+
+@contextmanager
+def log_context(**ids: object) -> Iterator[None]:
+    """Within the block (and the tasks it starts), log lines carry `ids` unless a line
+    names its own value. Ids only: the keys must be in SAFE_FIELDS."""
+    unsafe = set(ids) - SAFE_FIELDS
+    if unsafe:
+        raise ValueError(f"not loggable: {sorted(unsafe)}")
+    token = _CONTEXT.set({**_CONTEXT.get(), **{k: str(v) for k, v in ids.items() if v is not None}})
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,6 +68,8 @@ class JsonFormatter(logging.Formatter):
         for key, value in vars(record).items():
             if key not in _STANDARD and key in SAFE_FIELDS:
                 entry[key] = value if value is None or isinstance(value, int | float | bool) else str(value)
+        for key, value in getattr(record, "iopnet_context", {}).items():
+            entry.setdefault(key, value)
         if record.exc_info and record.exc_info[0] is not None:
             entry["exc_type"] = record.exc_info[0].__name__
             # Where it happened, never what it said: the message and the locals may hold

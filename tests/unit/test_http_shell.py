@@ -50,6 +50,11 @@ def _router() -> APIRouter:
     async def ok() -> dict[str, str]:
         return {"patient": "p-1"}
 
+    @router.get("/logs")
+    async def logs() -> dict[str, str]:
+        logging.getLogger("iopnet.handler").info("handled")
+        return {}
+
     @router.get("/missing")
     async def missing() -> None:
         raise NotFound("patient not found")
@@ -110,6 +115,15 @@ def http_log(caplog: pytest.LogCaptureFixture) -> Iterator[HttpLog]:
 
 
 # --- the catch-all ---------------------------------------------------------------------
+
+
+async def test_a_requests_own_log_lines_carry_its_request_id(
+    client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="iopnet.handler"):
+        response = await client.get("/logs")
+    [record] = [r for r in caplog.records if r.name == "iopnet.handler"]
+    assert json.loads(JsonFormatter().format(record))["request_id"] == response.headers["X-Request-Id"]
 
 
 @pytest.mark.parametrize("path", ["/boom", "/boom-key"])

@@ -20,7 +20,7 @@ PHI = {
 
 
 def _record(msg="processed", args=(), exc_info=None, **extra):
-    record = logging.LogRecord("iopnet.test", logging.INFO, __file__, 10, msg, args, exc_info)
+    record = logging.getLogRecordFactory()("iopnet.test", logging.INFO, __file__, 10, msg, args, exc_info)
     for key, value in extra.items():
         setattr(record, key, value)
     return record
@@ -129,3 +129,34 @@ def test_request_fields_are_kept_and_none_is_null() -> None:
     assert entry["request_id"] == "4f2a"
     assert entry["status"] is None
     assert entry["file"] == "intake.db"
+
+
+def test_lines_inside_a_context_carry_its_ids():
+    from shared.logging import log_context
+
+    request_id, correlation_id = uuid4().hex, str(uuid4())
+    with log_context(request_id=request_id):
+        assert _format(_record())["request_id"] == request_id
+        with log_context(correlation_id=correlation_id):
+            inner = _format(_record())
+        # A line's own value wins over the context's.
+        assert _format(_record(request_id="explicit"))["request_id"] == "explicit"
+    assert (inner["request_id"], inner["correlation_id"]) == (request_id, correlation_id)
+    assert "request_id" not in _format(_record())
+
+
+def test_a_context_takes_ids_only():
+    from shared.logging import log_context
+
+    with pytest.raises(ValueError, match="given_name"), log_context(given_name="Jane"):
+        pass
+
+
+async def test_a_request_context_reaches_the_tasks_it_starts():
+    import asyncio
+
+    from shared.logging import log_context
+
+    with log_context(request_id="r-1"):
+        entry = await asyncio.create_task(asyncio.to_thread(lambda: _format(_record())))
+    assert entry["request_id"] == "r-1"
