@@ -130,6 +130,17 @@ def bench(
     main(patients, concurrency)
 
 
+@app.command("bench-consumer")
+def bench_consumer(
+    messages: Annotated[int, typer.Option(help="events to drain per round")] = 5000,
+    rounds: Annotated[int, typer.Option(help="alternating rounds; the best of each is kept")] = 3,
+) -> None:
+    """Benchmark the consumer against a raw nats-py pull consumer in the same run."""
+    from iopnet.bench_consumer import main
+
+    main(messages, rounds)
+
+
 def _ops_nats_url() -> str:
     """IOPNET_NATS_URL if set; else the local embedded server as its `ops` user (the
     password is in <data_dir>/nats/credentials.json, written by `iopnet run`)."""
