@@ -4,6 +4,7 @@ import secrets
 import unicodedata
 from datetime import date, datetime
 from enum import StrEnum
+from uuid import NAMESPACE_URL, UUID, uuid5
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 MRN_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY3479"  # no look-alikes (0/O, 1/I, 5/S, 8/B)
@@ -73,6 +74,14 @@ def check_person_name(name: str) -> str:
     if not any(unicodedata.category(c).startswith("L") for c in visible):
         raise DomainError("a name must hold at least one letter")
     return name
+
+
+def check_channel_address(preferred: str | None, phone: str | None, email: str | None) -> None:
+    """A patient reached by SMS or email needs that address on record."""
+    if preferred == "sms" and not phone:
+        raise DomainError("preferred_channel sms needs a phone number", field="preferred_channel")
+    if preferred == "email" and not email:
+        raise DomainError("preferred_channel email needs an email address", field="preferred_channel")
 
 
 MIN_SEARCH_KEY = 2
@@ -197,9 +206,6 @@ class ConsentState(StrEnum):
     REVOKED = "revoked"
 
 
-EXPIRY_EVENTS = ("end_of_treatment",)
-
-
 def consent_state(
     *, revoked_at: datetime | None, expires_on: date | None, expires_event: str | None, today: date,
     episode_ended: bool,
@@ -232,6 +238,11 @@ def check_revocation(state: ConsentState) -> None:
 
 
 GOAL_STATUSES = ("active", "met", "dropped")
+
+
+def plan_id_of(enrollment_id: str) -> UUID:
+    """One plan per episode, with a stable id: no row needed to name it."""
+    return uuid5(NAMESPACE_URL, f"iopnet:plan:{enrollment_id}")
 
 
 def check_goal_status_change(current: str, target: str) -> None:
