@@ -1,15 +1,17 @@
 """Intake HTTP API (DESIGN A6): sites, patients, enrollments and their lifecycle,
 Part 2 consents, daily check-ins with risk, recovery plans, and the audit trail.
 
-Every read or change of a patient record writes an audit row in the same transaction;
-a refused read is audited too (`transaction` keeps that row when it answers 404)."""
+Routes parse, check access, call a use case (usecases.py holds the business steps)
+and shape the answer. Every read or change of a patient record writes an audit row in
+the same transaction; a refused read is audited too (`transaction` keeps that row when
+it answers 404)."""
 
 import hashlib
 import json
 import re
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
-from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
+from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
@@ -18,30 +20,19 @@ from pydantic import AwareDatetime as PydanticAwareDatetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.intake import domain, store
+from services.intake import domain, store, usecases
 from shared.audit import record_access
 from shared.auth import Principal, ensure_site, require_roles
-from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import (
-    CheckInSubmitted,
     Cohort,
-    ConsentGranted,
-    ConsentRevoked,
     DischargeReason,
-    GoalStatus,
     LevelOfCare,
-    PatientContactChanged,
-    PatientDischarged,
-    PatientEnrolled,
-    PatientTransferred,
     PreferredChannel,
     ReferralSource,
     SiteId,
-    SiteRegistered,
-    TreatmentPlanUpdated,
 )
 from shared.db import transaction
-from shared.errors import AccessDenied, AuditedConflict, Conflict, Invalid, NotFound
+from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -154,13 +145,6 @@ class SiteOut(BaseModel):
     address: str | None = None
 
 
-def _channel_has_address(preferred: str | None, phone: str | None, email: str | None) -> None:
-    if preferred == "sms" and not phone:
-        raise ValueError("preferred_channel sms needs a phone number")
-    if preferred == "email" and not email:
-        raise ValueError("preferred_channel email needs an email address")
-
-
 class PatientIn(Input):
     site_id: SiteId
     given_name: Name
@@ -175,7 +159,7 @@ class PatientIn(Input):
 
     @model_validator(mode="after")
     def _contact(self) -> "PatientIn":
-        _channel_has_address(self.preferred_channel, self.phone, self.email)
+        domain.check_channel_address(self.preferred_channel, self.phone, self.email)
         return self
 
 
@@ -260,10 +244,6 @@ class TransferIn(Input):
 class DischargeIn(Input):
     reason: DischargeReason
     discharged_on: IsoDate
-
-
-_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-RECIPIENT_PATTERN = rf"^((class|org):[a-z0-9_-]{{2,70}}|person:{_UUID})$"
 
 
 class ConsentIn(Input):
@@ -387,21 +367,12 @@ class AuditOut(BaseModel):
 # --- helpers -------------------------------------------------------------------------
 
 
-def _invalid(error: domain.DomainError) -> Invalid:
-    return Invalid(str(error), {error.field: str(error)} if error.field else None)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
 def _today() -> date:
     return _now().date()
-
-
-def plan_id_of(enrollment_id: str) -> UUID:
-    """One plan per episode, with a stable id: no row needed to name it."""
-    return uuid5(NAMESPACE_URL, f"iopnet:plan:{enrollment_id}")
 
 
 async def _audit(session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: Any) -> None:
@@ -442,35 +413,9 @@ async def _visible_enrollment(
     return enrollment
 
 
-def _transition(current: str, target: domain.EnrollmentStatus) -> None:
-    try:
-        domain.check_transition(domain.EnrollmentStatus(current), target)
-    except domain.IllegalTransition as error:
-        raise Conflict(str(error)) from None
-
-
 async def _enrollment_detail(session: AsyncSession, enrollment: dict[str, Any]) -> EnrollmentDetail:
     history = [HistoryOut(**h) for h in await store.history(session, enrollment["enrollment_id"])]
     return EnrollmentDetail(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields}, history=history)
-
-
-async def _treatment_ended_since(session: AsyncSession, patient_id: str, signed_at: datetime) -> bool:
-    """'End of treatment' for a consent: a discharge on or after the day it was signed.
-    A transfer continues treatment elsewhere; a later re-enrollment does not revive it."""
-    return any(
-        e["status"] == "discharged" and e["ended_on"] is not None and e["ended_on"] >= signed_at.date()
-        for e in await store.patient_enrollments(session, patient_id)
-    )
-
-
-def _consent_state(consent: dict[str, Any], episode_ended: bool) -> domain.ConsentState:
-    return domain.consent_state(
-        revoked_at=consent["revoked_at"],
-        expires_on=consent["expires_on"],
-        expires_event=consent["expires_event"],
-        today=_today(),
-        episode_ended=episode_ended,
-    )
 
 
 # --- sites -----------------------------------------------------------------------------
@@ -479,39 +424,18 @@ def _consent_state(consent: dict[str, Any], episode_ended: bool) -> domain.Conse
 @router.post("/sites", status_code=201, response_model=SiteOut, tags=["sites"])
 async def register_site(body: SiteIn, principal: NetworkAdmin, session: Db) -> SiteOut:
     try:
-        domain.validate_timezone(body.timezone)
-    except domain.DomainError as error:
-        raise _invalid(error) from None
-    try:
         async with session.begin():
-            if await store.get_site(session, body.site_id):
-                raise Conflict(f"site {body.site_id} already exists")
-            await store.add_site(session, **body.model_dump())
-            event = SiteRegistered(name=body.name, timezone=body.timezone)
-            await store.outbox.stage(session, new_envelope(event, site_id=body.site_id))
+            await usecases.register_site(session, body.model_dump())
     except IntegrityError:
+        # Two admins registering one site id at once: the loser's insert hits the key.
         raise Conflict(f"site {body.site_id} already exists") from None
     return SiteOut(**body.model_dump())
 
 
 @router.patch("/sites/{site_id}", response_model=SiteOut, tags=["sites"])
 async def update_site(site_id: SiteId, body: SiteChange, principal: NetworkAdmin, session: Db) -> SiteOut:
-    changes = body.model_dump(exclude_unset=True)
-    if "timezone" in changes:
-        try:
-            domain.validate_timezone(changes["timezone"] or "")
-        except domain.DomainError as error:
-            raise _invalid(error) from None
     async with session.begin():
-        site = await store.get_site(session, site_id)
-        if site is None:
-            raise NotFound("site not found")
-        if changes:
-            await store.update_site(session, site_id, **changes)
-        updated = {**site, **changes}
-        if changes.keys() & {"name", "timezone"}:
-            event = SiteRegistered(name=updated["name"], timezone=updated["timezone"])
-            await store.outbox.stage(session, new_envelope(event, site_id=site_id))
+        updated = await usecases.update_site(session, site_id, body.model_dump(exclude_unset=True))
     return SiteOut(**{k: updated[k] for k in SiteOut.model_fields})
 
 
@@ -546,57 +470,11 @@ async def list_programs(
 @router.post("/patients", status_code=201, response_model=PatientOut, tags=["patients"])
 async def create_patient(body: PatientIn, principal: Staff, session: Db) -> PatientOut:
     ensure_site(principal, body.site_id, "site")
-    try:
-        domain.validate_birth_date(body.birth_date, _today())
-    except domain.DomainError as error:
-        raise _invalid(error) from None
-    patient_id = uuid4()
-    values = body.model_dump(exclude={"confirmed_not_duplicate"})
-    name_key = domain.normalize_name(body.given_name + body.family_name)
+    spec = body.model_dump(exclude={"confirmed_not_duplicate"})
     async with transaction(session):
-        if not await store.get_site(session, body.site_id):
-            raise Invalid("unknown site", {"site_id": "no such site is registered"})
-        await store.lock_identity(session, name_key, body.birth_date)
-        matches = await store.find_identities(session, name_key, body.birth_date)
-        seen = [m for m in matches if principal.sees_site(m["site_id"])]
-        if seen and not body.confirmed_not_duplicate:
-            # Naming the existing record is an access to it: audited, and the row kept.
-            existing = seen[0]
-            await _audit(session, principal, "patient.duplicate_match", existing["site_id"], existing["patient_id"])
-            raise AuditedConflict(
-                f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
-                {"patient_id": existing["patient_id"]},
-            )
-        mrn = domain.new_mrn()
-        while await store.mrn_taken(session, mrn):
-            mrn = domain.new_mrn()
-        await store.add_patient(session, patient_id=str(patient_id), mrn=mrn, name_key=name_key, **values)
-        await _queue_unseen_matches(session, patient_id, [m for m in matches if m not in seen])
-        await _stage_contact(session, patient_id, body.site_id, values)
-        await _audit(session, principal, "patient.create", body.site_id, patient_id)
-    return PatientOut(patient_id=patient_id, mrn=mrn, **values)
-
-
-async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen: list[dict[str, Any]]) -> None:
-    """Matches at sites the caller does not serve go to the network admins' queue, never
-    into the answer: a 409 would tell this site that the person is in treatment elsewhere.
-    No audit row is written here: nothing was disclosed to anyone yet, and a row at the
-    matched site naming this caller would tell that site where the person registered.
-    A desk's `confirmed_not_duplicate` covers the records it was shown, not these."""
-    for match in unseen:
-        await store.add_potential_duplicate(session, str(patient_id), match["patient_id"])
-
-
-async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, values: dict[str, Any]) -> None:
-    """Contact details travel only on iop.restricted.> (PatientContactChanged.restricted)."""
-    contact = PatientContactChanged(
-        patient_id=patient_id,
-        phone=values["phone"],
-        email=values["email"],
-        preferred_channel=values["preferred_channel"],
-        language=values["language"],
-    )
-    await store.outbox.stage(session, new_envelope(contact, site_id=site_id))
+        patient = await usecases.register_patient(session, principal, spec, body.confirmed_not_duplicate, _today())
+        await _audit(session, principal, "patient.create", body.site_id, patient["patient_id"])
+    return PatientOut(**patient)
 
 
 @router.get("/patients", response_model=list[PatientSummary], tags=["patients"])
@@ -628,36 +506,23 @@ async def read_patient(patient_id: UUID, principal: StaffOrPatient, session: Db)
         patient = await _visible_patient(session, principal, patient_id, "patient.read")
         episodes = await store.patient_enrollments(session, str(patient_id))
         await _audit(session, principal, "patient.read", patient["site_id"], patient_id)
-    fields = {k: v for k, v in patient.items() if k in PatientOut.model_fields}
-    return PatientOut(
-        **fields, enrollments=[EnrollmentOut(**{k: e[k] for k in EnrollmentOut.model_fields}) for e in episodes]
-    )
+    return _patient_out(patient, episodes)
 
 
 @router.patch("/patients/{patient_id}", response_model=PatientOut, tags=["patients"])
 async def update_patient(patient_id: UUID, body: PatientChange, principal: Staff, session: Db) -> PatientOut:
     changes = body.model_dump(exclude_unset=True)
-    if "birth_date" in changes:
-        try:
-            domain.validate_birth_date(changes["birth_date"], _today())
-        except domain.DomainError as error:
-            raise _invalid(error) from None
+    usecases.check_patient_changes(changes, _today())
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "patient.update")
-        updated = {**patient, **changes}
-        try:
-            _channel_has_address(updated["preferred_channel"], updated["phone"], updated["email"])
-        except ValueError as error:
-            raise Invalid(str(error), {"preferred_channel": str(error)}) from None
-        if changes.keys() & {"given_name", "family_name"}:
-            changes["name_key"] = domain.normalize_name(updated["given_name"] + updated["family_name"])
-        if changes:
-            await store.update_patient(session, str(patient_id), **changes)
-        if changes.keys() & {"phone", "email", "preferred_channel", "language"}:
-            await _stage_contact(session, patient_id, patient["site_id"], updated)
+        updated = await usecases.update_patient(session, patient, changes)
         await _audit(session, principal, "patient.update", patient["site_id"], patient_id)
         episodes = await store.patient_enrollments(session, str(patient_id))
-    fields = {k: v for k, v in updated.items() if k in PatientOut.model_fields}
+    return _patient_out(updated, episodes)
+
+
+def _patient_out(patient: dict[str, Any], episodes: list[dict[str, Any]]) -> PatientOut:
+    fields = {k: v for k, v in patient.items() if k in PatientOut.model_fields}
     return PatientOut(
         **fields, enrollments=[EnrollmentOut(**{k: e[k] for k in EnrollmentOut.model_fields}) for e in episodes]
     )
@@ -668,62 +533,13 @@ async def update_patient(patient_id: UUID, body: PatientChange, principal: Staff
 
 @router.post("/patients/{patient_id}/enrollments", status_code=201, response_model=EnrollmentOut, tags=["enrollments"])
 async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff, session: Db) -> EnrollmentOut:
-    try:
-        domain.check_start_date(body.start_date, _today())
-    except domain.DomainError as error:
-        raise _invalid(error) from None
+    today = _today()
+    usecases.check_enrollment(body.start_date, today)
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
-        await _check_program(session, body.program_id, patient["site_id"], body.cohort)
-        enrollment, _ = await _open_episode(session, principal, patient, body.model_dump(), None)
+        enrollment = await usecases.enroll(session, principal.sub, patient, body.model_dump(), today)
+        await _audit(session, principal, "enrollment.create", patient["site_id"], patient_id)
     return EnrollmentOut(**{k: enrollment[k] for k in EnrollmentOut.model_fields})
-
-
-async def _check_program(session: AsyncSession, program_id: str, site_id: str, cohort: str) -> None:
-    program = await store.get_program(session, program_id)
-    if program is None or program["site_id"] != site_id:
-        raise Invalid("unknown program", {"program_id": "not a published program of this site"})
-    if program["cohort"] != cohort:
-        raise Invalid("the program serves another cohort", {"cohort": f"program is for {program['cohort']}"})
-
-
-async def _open_episode(
-    session: AsyncSession, principal: Principal, patient: dict[str, Any], spec: dict[str, Any], cause: Envelope | None
-) -> tuple[dict[str, Any], Envelope]:
-    """Create an enrollment (pending or active) and stage PatientEnrolled."""
-    patient_id = patient["patient_id"]
-    # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
-    await store.get_patient(session, patient_id, lock=True)
-    open_statuses = [str(s) for s in domain.OPEN_STATUSES]
-    try:
-        domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, open_statuses))
-    except domain.IllegalTransition as error:
-        raise Conflict(str(error)) from None
-    enrollment_id = uuid4()
-    status = domain.initial_status(spec["start_date"], _today())
-    event = PatientEnrolled(patient_id=UUID(patient_id), enrollment_id=enrollment_id, **spec)
-    envelope = (
-        new_envelope(
-            event, site_id=patient["site_id"], correlation_id=cause.correlation_id, causation_id=cause.event_id
-        )
-        if cause
-        else new_envelope(event, site_id=patient["site_id"])
-    )
-    await store.add_enrollment(
-        session,
-        enrollment_id=str(enrollment_id),
-        patient_id=patient_id,
-        site_id=patient["site_id"],
-        status=str(status),
-        correlation_id=str(envelope.correlation_id),
-        **spec,
-    )
-    await store.add_history(session, str(enrollment_id), "created", principal.sub, to_value=str(status))
-    await store.outbox.stage(session, envelope)
-    await _audit(session, principal, "enrollment.create", patient["site_id"], patient_id)
-    enrollment = await store.get_enrollment(session, str(enrollment_id))
-    assert enrollment is not None
-    return enrollment, envelope
 
 
 @router.get("/enrollments/{enrollment_id}", response_model=EnrollmentDetail, tags=["enrollments"])
@@ -739,25 +555,8 @@ async def change_level(enrollment_id: UUID, body: LevelIn, principal: Clinical, 
     """Step-down or step-up between ASAM levels within the episode, kept as history."""
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.level", lock=True)
-        if enrollment["status"] not in {str(s) for s in domain.OPEN_STATUSES}:
-            raise Conflict(f"a {enrollment['status']} enrollment cannot change level")
-        try:
-            change = domain.level_change(enrollment["level_of_care"], body.level_of_care)
-        except domain.IllegalTransition as error:
-            raise Conflict(str(error)) from None
-        await store.update_enrollment(session, str(enrollment_id), level_of_care=body.level_of_care)
-        await store.add_history(
-            session,
-            str(enrollment_id),
-            str(change),
-            principal.sub,
-            from_value=enrollment["level_of_care"],
-            to_value=body.level_of_care,
-            reason=body.reason,
-        )
+        updated = await usecases.change_level(session, principal.sub, enrollment, body.level_of_care, body.reason)
         await _audit(session, principal, "enrollment.level", enrollment["site_id"], enrollment["patient_id"])
-        updated = await store.get_enrollment(session, str(enrollment_id))
-        assert updated is not None
         return await _enrollment_detail(session, updated)
 
 
@@ -769,101 +568,23 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
 
     PatientTransferred is published under both sites' subjects, so both sites'
     subscribers see it; PatientEnrolled follows for the new episode."""
-    if body.effective_on < _today() - timedelta(days=30):
-        raise Invalid("effective_on is too far in the past", {"effective_on": "more than 30 days ago"})
+    today = _today()
+    usecases.check_transfer(body.effective_on, today)
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.transfer", lock=True)
         await _audit(session, principal, "enrollment.transfer", enrollment["site_id"], enrollment["patient_id"])
-        if body.to_site_id == enrollment["site_id"]:
-            raise Invalid("a transfer goes to another site", {"to_site_id": "same site"})
-        await _check_destination(session, principal, body, enrollment["cohort"])
-        _transition(enrollment["status"], domain.EnrollmentStatus.TRANSFERRED)
-        await store.update_enrollment(session, str(enrollment_id), status="transferred", ended_on=body.effective_on)
-        await store.add_history(
-            session,
-            str(enrollment_id),
-            "transferred",
-            principal.sub,
-            from_value=enrollment["site_id"],
-            to_value=body.to_site_id,
-        )
-        event = PatientTransferred(
-            patient_id=UUID(enrollment["patient_id"]),
-            enrollment_id=enrollment_id,
-            from_site_id=enrollment["site_id"],
-            to_site_id=body.to_site_id,
-            to_program_id=body.to_program_id,
-            effective_on=body.effective_on,
-        )
-        first = new_envelope(event, site_id=enrollment["site_id"], correlation_id=UUID(enrollment["correlation_id"]))
-        second = new_envelope(
-            event, site_id=body.to_site_id, correlation_id=first.correlation_id, causation_id=first.event_id
-        )
-        await store.outbox.stage(session, first, second)
-        await store.update_patient(session, enrollment["patient_id"], site_id=body.to_site_id)
-        patient = await store.get_patient(session, enrollment["patient_id"])
-        assert patient is not None
-        spec = {
-            "program_id": body.to_program_id,
-            "level_of_care": enrollment["level_of_care"],
-            "cohort": enrollment["cohort"],
-            "start_date": body.effective_on,
-            "referral_source": enrollment["referral_source"],
-        }
-        new_episode, _ = await _open_episode(session, principal, patient, spec, first)
+        new_episode = await usecases.transfer(session, principal, enrollment, body.model_dump(), today)
+        await _audit(session, principal, "enrollment.create", new_episode["site_id"], new_episode["patient_id"])
     return EnrollmentOut(**{k: new_episode[k] for k in EnrollmentOut.model_fields})
-
-
-def _unknown_destination() -> Invalid:
-    return Invalid(
-        "unknown destination",
-        {"to_site_id": "not a site you serve", "to_program_id": "not a published program of that site"},
-    )
-
-
-async def _check_destination(session: AsyncSession, principal: Principal, body: TransferIn, cohort: str) -> None:
-    """The receiving site must be one the caller serves (network admins serve all). A site
-    the caller does not serve, a site that does not exist and a program the site does not
-    publish answer alike: the answer must not tell which site ids exist."""
-    if not principal.sees_site(body.to_site_id) or await store.get_site(session, body.to_site_id) is None:
-        raise _unknown_destination()
-    program = await store.get_program(session, body.to_program_id)
-    if program is None or program["site_id"] != body.to_site_id:
-        raise _unknown_destination()
-    if program["cohort"] != cohort:
-        raise Invalid("the program serves another cohort", {"to_program_id": f"program is for {program['cohort']}"})
 
 
 @router.post("/enrollments/{enrollment_id}/discharge", response_model=EnrollmentDetail, tags=["enrollments"])
 async def discharge(enrollment_id: UUID, body: DischargeIn, principal: Clinical, session: Db) -> EnrollmentDetail:
-    if body.discharged_on > _today() + timedelta(days=1):
-        raise Invalid("discharged_on is in the future", {"discharged_on": "in the future"})
+    usecases.check_discharge(body.discharged_on, _today())
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.discharge", lock=True)
-        _transition(enrollment["status"], domain.EnrollmentStatus.DISCHARGED)
-        if body.discharged_on < enrollment["start_date"] and enrollment["status"] == "active":
-            raise Invalid("discharged before the episode started", {"discharged_on": "before start_date"})
-        await store.update_enrollment(session, str(enrollment_id), status="discharged", ended_on=body.discharged_on)
-        await store.add_history(
-            session,
-            str(enrollment_id),
-            "discharged",
-            principal.sub,
-            from_value=enrollment["status"],
-            to_value="discharged",
-            reason=body.reason,
-        )
-        event = PatientDischarged(
-            patient_id=UUID(enrollment["patient_id"]),
-            enrollment_id=enrollment_id,
-            reason=body.reason,
-            discharged_on=body.discharged_on,
-        )
-        envelope = new_envelope(event, site_id=enrollment["site_id"], correlation_id=UUID(enrollment["correlation_id"]))
-        await store.outbox.stage(session, envelope)
+        updated = await usecases.discharge(session, principal.sub, enrollment, body.reason, body.discharged_on)
         await _audit(session, principal, "enrollment.discharge", enrollment["site_id"], enrollment["patient_id"])
-        updated = await store.get_enrollment(session, str(enrollment_id))
-        assert updated is not None
         return await _enrollment_detail(session, updated)
 
 
@@ -872,29 +593,13 @@ async def discharge(enrollment_id: UUID, body: DischargeIn, principal: Clinical,
 
 @router.post("/patients/{patient_id}/consents", status_code=201, response_model=ConsentOut, tags=["consents"])
 async def grant_consent(patient_id: UUID, body: ConsentIn, principal: StaffOrPatient, session: Db) -> ConsentOut:
-    now = _now()
-    try:
-        domain.check_consent_dates(body.signed_at, body.expires_on, body.expires_event, now)
-    except domain.DomainError as error:
-        raise _invalid(error) from None
-    consent_id = uuid4()
+    spec = body.model_dump()
+    usecases.check_consent(spec, _now())
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "consent.grant")
-        values = body.model_dump()
-        await store.add_consent(
-            session, consent_id=str(consent_id), patient_id=str(patient_id), site_id=patient["site_id"], **values
-        )
-        event = ConsentGranted(
-            consent_id=consent_id,
-            patient_id=patient_id,
-            recipient=body.recipient,
-            purpose=body.purpose,
-            expires_on=body.expires_on,
-            expires_event=body.expires_event,
-        )
-        await store.outbox.stage(session, new_envelope(event, site_id=patient["site_id"]))
+        consent_id = await usecases.grant_consent(session, patient, spec)
         await _audit(session, principal, "consent.grant", patient["site_id"], patient_id)
-    return ConsentOut(consent_id=consent_id, patient_id=patient_id, revoked_at=None, state="active", **values)
+    return ConsentOut(consent_id=consent_id, patient_id=patient_id, revoked_at=None, state="active", **spec)
 
 
 @router.get("/patients/{patient_id}/consents", response_model=list[ConsentOut], tags=["consents"])
@@ -902,9 +607,7 @@ async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "consent.read")
         consents = await store.patient_consents(session, str(patient_id))
-        states = [
-            _consent_state(c, await _treatment_ended_since(session, str(patient_id), c["signed_at"])) for c in consents
-        ]
+        states = [await usecases.consent_state(session, c, _today()) for c in consents]
         await _audit(session, principal, "consent.read", patient["site_id"], patient_id)
     return [
         ConsentOut(**{k: c[k] for k in ConsentOut.model_fields if k in c}, state=str(state))
@@ -917,8 +620,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
     """Revocation in writing (sec. 2.31): the time it was made and an optional note."""
     now = _now()
     revoked_at = body.revoked_at or now
-    if revoked_at > now + timedelta(minutes=5):
-        raise Invalid("revoked_at is in the future", {"revoked_at": "in the future"})
+    usecases.check_revocation_time(revoked_at, now)
     async with transaction(session):
         consent = await store.get_consent(session, str(consent_id), lock=True)
         if consent is None:
@@ -927,23 +629,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
             patient = await _visible_patient(session, principal, UUID(consent["patient_id"]), "consent.revoke")
         except AccessDenied:
             raise AccessDenied("consent not found") from None
-        ended = await _treatment_ended_since(session, consent["patient_id"], consent["signed_at"])
-        try:
-            domain.check_revocation(_consent_state(consent, ended))
-        except domain.IllegalTransition as error:
-            raise Conflict(str(error)) from None
-        if revoked_at < consent["signed_at"]:
-            raise Invalid("revoked before it was signed", {"revoked_at": "before signed_at"})
-        await store.revoke_consent(session, str(consent_id), revoked_at, body.note)
-        event = ConsentRevoked(
-            consent_id=consent_id,
-            patient_id=UUID(consent["patient_id"]),
-            recipient=consent["recipient"],
-            purpose=consent["purpose"],
-            expires_on=consent["expires_on"],
-            expires_event=consent["expires_event"],
-        )
-        await store.outbox.stage(session, new_envelope(event, site_id=patient["site_id"]))
+        await usecases.revoke_consent(session, consent, patient, revoked_at, body.note, now.date())
         await _audit(session, principal, "consent.revoke", patient["site_id"], consent["patient_id"])
     fields = {k: consent[k] for k in ConsentOut.model_fields if k in consent}
     return ConsentOut(**{**fields, "revoked_at": revoked_at}, state="revoked")
@@ -1013,72 +699,9 @@ def _replayed(earlier: dict[str, Any], request_hash: str) -> tuple[int, dict[str
 async def _record_check_in(
     session: AsyncSession, principal: Principal, patient: dict[str, Any], body: CheckInIn
 ) -> CheckInOut:
-    enrollment = await store.open_enrollment(session, patient["patient_id"], [str(s) for s in domain.OPEN_STATUSES])
-    if enrollment is None:
-        raise Conflict("check-ins need an open enrollment")
-    goals = {g["goal_id"]: g for g in await store.plan_goals_of(session, enrollment["enrollment_id"])}
-    for index, progress in enumerate(body.goal_progress):
-        if str(progress.goal_id) not in goals:
-            raise Invalid("not a goal of this episode's plan", {f"goal_progress.{index}.goal_id": "unknown goal"})
-    previous = await store.recent_cravings(session, enrollment["enrollment_id"])
-    risk, reasons = domain.score_risk(
-        mood=body.mood,
-        craving=body.craving,
-        used_since_last=body.used_since_last,
-        safety_concern=body.safety_concern,
-        previous_cravings=previous,
-    )
-    check_in_id, submitted_at = uuid4(), _now()
-    await store.add_check_in(
-        session,
-        check_in_id=str(check_in_id),
-        patient_id=patient["patient_id"],
-        enrollment_id=enrollment["enrollment_id"],
-        site_id=enrollment["site_id"],
-        submitted_at=submitted_at,
-        submitted_by=principal.sub,
-        submitted_role=principal.role,
-        mood=body.mood,
-        craving=body.craving,
-        used_since_last=body.used_since_last,
-        substances=json.dumps(body.substances),
-        sleep_hours=body.sleep_hours,
-        safety_concern=body.safety_concern,
-        goals=body.goals,
-        challenges=body.challenges,
-        risk=str(risk),
-        risk_reasons=json.dumps(reasons),
-    )
-    for progress in body.goal_progress:
-        await store.add_progress(
-            session,
-            goal_id=str(progress.goal_id),
-            check_in_id=str(check_in_id),
-            note=progress.note,
-            actor=principal.sub,
-        )
-    event = CheckInSubmitted(
-        check_in_id=check_in_id,
-        patient_id=UUID(patient["patient_id"]),
-        enrollment_id=UUID(enrollment["enrollment_id"]),
-        submitted_at=submitted_at,
-        mood=body.mood,
-        craving=body.craving,
-        used_since_last=body.used_since_last,
-        safety_concern=body.safety_concern,
-        risk=str(risk),
-    )
-    envelope = new_envelope(event, site_id=enrollment["site_id"], correlation_id=UUID(enrollment["correlation_id"]))
-    await store.outbox.stage(session, envelope)
-    await _audit(session, principal, "check_in.submit", enrollment["site_id"], patient["patient_id"])
-    return CheckInOut(
-        check_in_id=check_in_id,
-        patient_id=patient["patient_id"],
-        enrollment_id=enrollment["enrollment_id"],
-        submitted_at=submitted_at,
-        risk=str(risk),
-        risk_reasons=reasons,
-    )
+    recorded = await usecases.record_check_in(session, principal, patient, body.model_dump(), _now())
+    await _audit(session, principal, "check_in.submit", recorded["site_id"], patient["patient_id"])
+    return CheckInOut(**{k: recorded[k] for k in CheckInOut.model_fields})
 
 
 @router.get("/patients/{patient_id}/check-ins", response_model=list[CheckInRecord], tags=["check-ins"])
@@ -1100,23 +723,11 @@ async def list_check_ins(patient_id: UUID, principal: StaffOrPatient, session: D
 # --- recovery plan ------------------------------------------------------------------------
 
 
-async def _stage_plan(session: AsyncSession, enrollment: dict[str, Any]) -> None:
-    goals = await store.plan_goals_of(session, enrollment["enrollment_id"])
-    event = TreatmentPlanUpdated(
-        patient_id=UUID(enrollment["patient_id"]),
-        enrollment_id=UUID(enrollment["enrollment_id"]),
-        plan_id=plan_id_of(enrollment["enrollment_id"]),
-        goals=[GoalStatus(goal_id=UUID(g["goal_id"]), status=g["status"]) for g in goals],
-    )
-    envelope = new_envelope(event, site_id=enrollment["site_id"], correlation_id=UUID(enrollment["correlation_id"]))
-    await store.outbox.stage(session, envelope)
-
-
 async def _plan_out(session: AsyncSession, enrollment: dict[str, Any]) -> PlanOut:
     goals = await store.plan_goals_of(session, enrollment["enrollment_id"])
     progress = await store.progress_of(session, [g["goal_id"] for g in goals])
     return PlanOut(
-        plan_id=plan_id_of(enrollment["enrollment_id"]),
+        plan_id=domain.plan_id_of(enrollment["enrollment_id"]),
         enrollment_id=enrollment["enrollment_id"],
         goals=[
             GoalOut(
@@ -1136,19 +747,7 @@ async def _plan_out(session: AsyncSession, enrollment: dict[str, Any]) -> PlanOu
 async def add_goal(enrollment_id: UUID, body: GoalIn, principal: Clinical, session: Db) -> PlanOut:
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "plan.update", lock=True)
-        if enrollment["status"] not in {str(s) for s in domain.OPEN_STATUSES}:
-            raise Conflict(f"a {enrollment['status']} enrollment's plan is closed")
-        await store.add_goal(
-            session,
-            goal_id=str(uuid4()),
-            plan_id=str(plan_id_of(str(enrollment_id))),
-            enrollment_id=str(enrollment_id),
-            text=body.text,
-            target=body.target,
-            status="active",
-            review_on=body.review_on,
-        )
-        await _stage_plan(session, enrollment)
+        await usecases.add_goal(session, enrollment, body.model_dump())
         await _audit(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
         return await _plan_out(session, enrollment)
 
@@ -1166,21 +765,7 @@ async def change_goal(goal_id: UUID, body: GoalChange, principal: Clinical, sess
             )
         except AccessDenied:
             raise AccessDenied("goal not found") from None
-        if "status" in changes:
-            try:
-                domain.check_goal_status_change(goal["status"], changes["status"])
-            except domain.DomainError as error:
-                raise (
-                    Conflict(str(error)) if isinstance(error, domain.IllegalTransition) else _invalid(error)
-                ) from None
-        if changes:
-            await store.update_goal(session, str(goal_id), **changes)
-        if "status" in changes or body.note:
-            await store.add_progress(
-                session, goal_id=str(goal_id), note=body.note, status=changes.get("status"), actor=principal.sub
-            )
-        if "status" in changes:
-            await _stage_plan(session, enrollment)
+        await usecases.change_goal(session, principal.sub, goal, enrollment, changes, body.note)
         await _audit(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
         return await _plan_out(session, enrollment)
 
@@ -1253,12 +838,7 @@ async def _resolve(
     session: AsyncSession, principal: Principal, duplicate_id: UUID, resolution: Literal["linked", "dismissed"]
 ) -> DuplicateOut:
     async with session.begin():
-        if await store.get_potential_duplicate(session, str(duplicate_id)) is None:
-            raise NotFound("potential duplicate not found")
-        if not await store.resolve_potential_duplicate(session, str(duplicate_id), resolution, principal.sub):
-            raise Conflict("this potential duplicate is already resolved")
-        row = await store.get_potential_duplicate(session, str(duplicate_id))
-        assert row is not None
+        row = await usecases.resolve_duplicate(session, str(duplicate_id), resolution, principal.sub)
         action = "patient.duplicate_link" if resolution == "linked" else "patient.duplicate_dismiss"
         await _audit_pair(session, principal, action, row)
     return DuplicateOut(**{k: row[k] for k in DuplicateOut.model_fields})

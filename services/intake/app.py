@@ -3,7 +3,7 @@ loop (pending episodes become active on their start date) and routes."""
 
 from fastapi import FastAPI
 
-from services.intake import api, store
+from services.intake import api, store, usecases
 from services.intake.handlers import SUBSCRIPTIONS
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime, periodic
@@ -18,7 +18,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
-        jobs=[periodic(lambda s: s.horizon_interval_seconds, store.activate_due_enrollments, "enrollment-activation")],
+        jobs=[
+            periodic(lambda s: s.horizon_interval_seconds, usecases.activate_due_enrollments, "enrollment-activation")
+        ],
     )
     return create_service_app(
         runtime,

@@ -3,7 +3,7 @@ can be enrolled in (DESIGN: a service learns of others only from their events)."
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.intake import store
+from services.intake import usecases
 from shared.contracts import Envelope
 from shared.contracts.events import Event, ProgramPublished
 from shared.messaging import Subscription
@@ -11,15 +11,7 @@ from shared.messaging import Subscription
 
 async def on_program_published(session: AsyncSession, envelope: Envelope, event: Event) -> None:
     assert isinstance(event, ProgramPublished)
-    await store.upsert_program(
-        session,
-        event.program_id,
-        site_id=envelope.site_id,
-        name=event.name,
-        cohort=event.cohort,
-        level_of_care=event.level_of_care,
-        published_at=envelope.occurred_at,
-    )
+    await usecases.project_program(session, event, envelope.site_id, envelope.occurred_at)
 
 
 SUBSCRIPTIONS = [Subscription("IOP_SCHEDULING", {"ProgramPublished": on_program_published})]

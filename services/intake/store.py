@@ -4,7 +4,6 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import (
     Boolean,
@@ -495,24 +494,23 @@ async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[dict[s
     return [dict(r) for r in (await session.execute(query)).mappings()]
 
 
+async def change_status_if(session: AsyncSession, enrollment_id: str, current: str, target: str) -> bool:
+    """Move an enrollment from `current` to `target`; False if it is no longer `current`.
+    Conditional, so a change committed since the caller's read is never undone."""
+    changed = await session.execute(
+        update(enrollments)
+        .where(enrollments.c.enrollment_id == enrollment_id, enrollments.c.status == current)
+        .values(status=target)
+    )
+    return bool(changed.rowcount)
+
+
 async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
-    """Pending episodes whose start date has come (in the site's own calendar) become active."""
-    activated = 0
-    for enrollment in await pending_enrollments(session):
-        if enrollment["start_date"] <= now.astimezone(ZoneInfo(enrollment["timezone"])).date():
-            # Conditional: a discharge committed since the read must not be undone.
-            changed = await session.execute(
-                update(enrollments)
-                .where(enrollments.c.enrollment_id == enrollment["enrollment_id"], enrollments.c.status == "pending")
-                .values(status="active")
-            )
-            if not changed.rowcount:
-                continue
-            await add_history(
-                session, enrollment["enrollment_id"], "activated", "system", from_value="pending", to_value="active"
-            )
-            activated += 1
-    return activated
+    """The former home of activation, kept for callers of this name; the rule now lives
+    in `usecases.activate_due_enrollments` (imported here, not at the top: it imports us)."""
+    from services.intake import usecases
+
+    return await usecases.activate_due_enrollments(session, now)
 
 
 # --- potential duplicates (network admins) ---------------------------------------------------

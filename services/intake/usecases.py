@@ -1,0 +1,620 @@
+"""What intake does, each in the caller's transaction: register and change sites and
+patients, open, activate, re-level, transfer and discharge episodes, grant and revoke
+Part 2 consents, record check-ins with their risk, keep recovery plans, resolve the
+potential-duplicate queue, and project the programs scheduling publishes.
+
+Both entrypoints call these: api.py for commands (after it has checked access),
+handlers.py for events, app.py for the activation job. Every event goes through the
+outbox in the same transaction as the change that caused it. `now`/`today` are
+parameters so the rules can be exercised at any instant.
+
+A broken rule is raised as the error the API answers with (shared.errors: Conflict,
+Invalid, NotFound); `_broken_rules` is the one place intake's domain errors become those.
+The `check_*` functions need no record: routes call them before they look anything up,
+so bad input is answered alike whatever records exist or the caller may see."""
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta
+from typing import Any, Literal
+from uuid import UUID, uuid4
+from zoneinfo import ZoneInfo
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.intake import domain, store
+from shared.audit import record_access
+from shared.auth import Principal
+from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts.events import (
+    CheckInSubmitted,
+    ConsentGranted,
+    ConsentRevoked,
+    Event,
+    GoalStatus,
+    PatientContactChanged,
+    PatientDischarged,
+    PatientEnrolled,
+    PatientTransferred,
+    ProgramPublished,
+    SiteRegistered,
+    TreatmentPlanUpdated,
+)
+from shared.errors import AuditedConflict, Conflict, Invalid, NotFound
+
+OPEN = frozenset(str(s) for s in domain.OPEN_STATUSES)
+
+
+@contextmanager
+def _broken_rules() -> Iterator[None]:
+    """A refused change (an illegal transition) is a conflict; any other broken rule is
+    bad input, pinned to the field at fault when the rule names one."""
+    try:
+        yield
+    except domain.IllegalTransition as error:
+        raise Conflict(str(error)) from None
+    except domain.DomainError as error:
+        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
+
+
+async def _stage(
+    session: AsyncSession,
+    event: Event,
+    site_id: str,
+    *,
+    cause: Envelope | None = None,
+    episode: dict[str, Any] | None = None,
+) -> Envelope:
+    """Stage an event: in reply to `cause` if given, else in the chain of the enrollment
+    row `episode` (every event of an episode shares its correlation id), else a new chain."""
+    if cause is not None:
+        envelope = caused_by(cause, event, site_id=site_id)
+    elif episode is not None:
+        envelope = new_envelope(event, site_id=site_id, correlation_id=UUID(episode["correlation_id"]))
+    else:
+        envelope = new_envelope(event, site_id=site_id)
+    await store.outbox.stage(session, envelope)
+    return envelope
+
+
+async def _reloaded(session: AsyncSession, enrollment_id: str) -> dict[str, Any]:
+    enrollment = await store.get_enrollment(session, enrollment_id)
+    assert enrollment is not None
+    return enrollment
+
+
+# --- sites ----------------------------------------------------------------------------
+
+
+async def register_site(session: AsyncSession, spec: dict[str, Any]) -> None:
+    with _broken_rules():
+        domain.validate_timezone(spec["timezone"])
+    if await store.get_site(session, spec["site_id"]):
+        raise Conflict(f"site {spec['site_id']} already exists")
+    await store.add_site(session, **spec)
+    await _stage(session, SiteRegistered(name=spec["name"], timezone=spec["timezone"]), spec["site_id"])
+
+
+async def update_site(session: AsyncSession, site_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Returns the site as changed. Other services learn only of a new name or timezone."""
+    if "timezone" in changes:
+        with _broken_rules():
+            domain.validate_timezone(changes["timezone"] or "")
+    site = await store.get_site(session, site_id)
+    if site is None:
+        raise NotFound("site not found")
+    if changes:
+        await store.update_site(session, site_id, **changes)
+    updated = {**site, **changes}
+    if changes.keys() & {"name", "timezone"}:
+        await _stage(session, SiteRegistered(name=updated["name"], timezone=updated["timezone"]), site_id)
+    return updated
+
+
+# --- patients ---------------------------------------------------------------------------
+
+
+async def register_patient(
+    session: AsyncSession, principal: Principal, spec: dict[str, Any], confirmed_not_duplicate: bool, today: date
+) -> dict[str, Any]:
+    """Register a patient unless a likely duplicate is at a site the caller serves (and
+    the desk has not confirmed it is another person). Returns the new patient's values."""
+    with _broken_rules():
+        domain.validate_birth_date(spec["birth_date"], today)
+    patient_id = uuid4()
+    name_key = domain.normalize_name(spec["given_name"] + spec["family_name"])
+    if not await store.get_site(session, spec["site_id"]):
+        raise Invalid("unknown site", {"site_id": "no such site is registered"})
+    await store.lock_identity(session, name_key, spec["birth_date"])
+    matches = await store.find_identities(session, name_key, spec["birth_date"])
+    seen = [m for m in matches if principal.sees_site(m["site_id"])]
+    if seen and not confirmed_not_duplicate:
+        # Naming the existing record is an access to it: audited, and the row kept.
+        existing = seen[0]
+        await record_access(
+            session,
+            store.audit,
+            principal,
+            action="patient.duplicate_match",
+            site_id=existing["site_id"],
+            patient_id=existing["patient_id"],
+        )
+        raise AuditedConflict(
+            f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
+            {"patient_id": existing["patient_id"]},
+        )
+    mrn = domain.new_mrn()
+    while await store.mrn_taken(session, mrn):
+        mrn = domain.new_mrn()
+    await store.add_patient(session, patient_id=str(patient_id), mrn=mrn, name_key=name_key, **spec)
+    await _queue_unseen_matches(session, patient_id, [m for m in matches if m not in seen])
+    await _stage_contact(session, patient_id, spec["site_id"], spec)
+    return {**spec, "patient_id": patient_id, "mrn": mrn}
+
+
+async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen: list[dict[str, Any]]) -> None:
+    """Matches at sites the caller does not serve go to the network admins' queue, never
+    into the answer: a 409 would tell this site that the person is in treatment elsewhere.
+    No audit row is written here: nothing was disclosed to anyone yet, and a row at the
+    matched site naming this caller would tell that site where the person registered.
+    A desk's `confirmed_not_duplicate` covers the records it was shown, not these."""
+    for match in unseen:
+        await store.add_potential_duplicate(session, str(patient_id), match["patient_id"])
+
+
+async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, values: dict[str, Any]) -> None:
+    """Contact details travel only on iop.restricted.> (PatientContactChanged.restricted)."""
+    contact = PatientContactChanged(
+        patient_id=patient_id,
+        phone=values["phone"],
+        email=values["email"],
+        preferred_channel=values["preferred_channel"],
+        language=values["language"],
+    )
+    await _stage(session, contact, site_id)
+
+
+def check_patient_changes(changes: dict[str, Any], today: date) -> None:
+    if "birth_date" in changes:
+        with _broken_rules():
+            domain.validate_birth_date(changes["birth_date"], today)
+
+
+async def update_patient(session: AsyncSession, patient: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """Returns the patient as changed; a changed contact is published (restricted)."""
+    updated = {**patient, **changes}
+    with _broken_rules():
+        domain.check_channel_address(updated["preferred_channel"], updated["phone"], updated["email"])
+    stored = dict(changes)
+    if changes.keys() & {"given_name", "family_name"}:
+        stored["name_key"] = domain.normalize_name(updated["given_name"] + updated["family_name"])
+    if stored:
+        await store.update_patient(session, patient["patient_id"], **stored)
+    if changes.keys() & {"phone", "email", "preferred_channel", "language"}:
+        await _stage_contact(session, UUID(patient["patient_id"]), patient["site_id"], updated)
+    return updated
+
+
+# --- episodes ---------------------------------------------------------------------------
+
+
+def check_enrollment(start_date: date, today: date) -> None:
+    with _broken_rules():
+        domain.check_start_date(start_date, today)
+
+
+async def enroll(
+    session: AsyncSession, actor: str, patient: dict[str, Any], spec: dict[str, Any], today: date
+) -> dict[str, Any]:
+    """Open an episode in a published program of the patient's site."""
+    await _check_program(session, spec["program_id"], patient["site_id"], spec["cohort"])
+    return await _open_episode(session, actor, patient, spec, today, None)
+
+
+async def _check_program(session: AsyncSession, program_id: str, site_id: str, cohort: str) -> None:
+    program = await store.get_program(session, program_id)
+    if program is None or program["site_id"] != site_id:
+        raise Invalid("unknown program", {"program_id": "not a published program of this site"})
+    if program["cohort"] != cohort:
+        raise Invalid("the program serves another cohort", {"cohort": f"program is for {program['cohort']}"})
+
+
+async def _open_episode(
+    session: AsyncSession,
+    actor: str,
+    patient: dict[str, Any],
+    spec: dict[str, Any],
+    today: date,
+    cause: Envelope | None,
+) -> dict[str, Any]:
+    """Create an enrollment (pending or active) and stage PatientEnrolled."""
+    patient_id = patient["patient_id"]
+    # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
+    await store.get_patient(session, patient_id, lock=True)
+    with _broken_rules():
+        domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, list(OPEN)))
+    enrollment_id = uuid4()
+    status = domain.initial_status(spec["start_date"], today)
+    event = PatientEnrolled(patient_id=UUID(patient_id), enrollment_id=enrollment_id, **spec)
+    # The episode's correlation id is its PatientEnrolled's: later events of it join that chain.
+    envelope = await _stage(session, event, patient["site_id"], cause=cause)
+    await store.add_enrollment(
+        session,
+        enrollment_id=str(enrollment_id),
+        patient_id=patient_id,
+        site_id=patient["site_id"],
+        status=str(status),
+        correlation_id=str(envelope.correlation_id),
+        **spec,
+    )
+    await store.add_history(session, str(enrollment_id), "created", actor, to_value=str(status))
+    return await _reloaded(session, str(enrollment_id))
+
+
+async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
+    """The activation job: pending episodes whose start date has come (in the site's own
+    calendar) become active."""
+    activated = 0
+    for enrollment in await store.pending_enrollments(session):
+        if enrollment["start_date"] <= now.astimezone(ZoneInfo(enrollment["timezone"])).date():
+            activated += await activate(session, enrollment)
+    return activated
+
+
+async def activate(session: AsyncSession, enrollment: dict[str, Any]) -> bool:
+    """Activate one episode as read; False if it changed since (a discharge committed
+    since the read must not be undone)."""
+    domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.ACTIVE)
+    if not await store.change_status_if(session, enrollment["enrollment_id"], enrollment["status"], "active"):
+        return False
+    await store.add_history(
+        session, enrollment["enrollment_id"], "activated", "system", from_value=enrollment["status"], to_value="active"
+    )
+    return True
+
+
+async def change_level(
+    session: AsyncSession, actor: str, enrollment: dict[str, Any], level_of_care: str, reason: str | None
+) -> dict[str, Any]:
+    """Step-down or step-up between ASAM levels within the episode, kept as history."""
+    if enrollment["status"] not in OPEN:
+        raise Conflict(f"a {enrollment['status']} enrollment cannot change level")
+    with _broken_rules():
+        change = domain.level_change(enrollment["level_of_care"], level_of_care)
+    await store.update_enrollment(session, enrollment["enrollment_id"], level_of_care=level_of_care)
+    await store.add_history(
+        session,
+        enrollment["enrollment_id"],
+        str(change),
+        actor,
+        from_value=enrollment["level_of_care"],
+        to_value=level_of_care,
+        reason=reason,
+    )
+    return await _reloaded(session, enrollment["enrollment_id"])
+
+
+def check_transfer(effective_on: date, today: date) -> None:
+    if effective_on < today - timedelta(days=30):
+        raise Invalid("effective_on is too far in the past", {"effective_on": "more than 30 days ago"})
+
+
+async def transfer(
+    session: AsyncSession,
+    principal: Principal,
+    enrollment: dict[str, Any],
+    destination: dict[str, Any],
+    today: date,
+) -> dict[str, Any]:
+    """End the episode at this site (transferred) and open one at the receiving site
+    (`destination`: to_site_id, to_program_id, effective_on). Returns the new episode.
+
+    PatientTransferred is staged under both sites' subjects, so both sites' subscribers
+    see it; PatientEnrolled follows for the new episode."""
+    to_site_id, effective_on = destination["to_site_id"], destination["effective_on"]
+    if to_site_id == enrollment["site_id"]:
+        raise Invalid("a transfer goes to another site", {"to_site_id": "same site"})
+    await _check_destination(session, principal, to_site_id, destination["to_program_id"], enrollment["cohort"])
+    with _broken_rules():
+        domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.TRANSFERRED)
+    enrollment_id = enrollment["enrollment_id"]
+    await store.update_enrollment(session, enrollment_id, status="transferred", ended_on=effective_on)
+    await store.add_history(
+        session, enrollment_id, "transferred", principal.sub, from_value=enrollment["site_id"], to_value=to_site_id
+    )
+    event = PatientTransferred(
+        patient_id=UUID(enrollment["patient_id"]),
+        enrollment_id=UUID(enrollment_id),
+        from_site_id=enrollment["site_id"],
+        **destination,
+    )
+    first = await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    await _stage(session, event, to_site_id, cause=first)
+    await store.update_patient(session, enrollment["patient_id"], site_id=to_site_id)
+    patient = await store.get_patient(session, enrollment["patient_id"])
+    assert patient is not None
+    spec = {
+        "program_id": destination["to_program_id"],
+        "level_of_care": enrollment["level_of_care"],
+        "cohort": enrollment["cohort"],
+        "start_date": effective_on,
+        "referral_source": enrollment["referral_source"],
+    }
+    return await _open_episode(session, principal.sub, patient, spec, today, first)
+
+
+def _unknown_destination() -> Invalid:
+    return Invalid(
+        "unknown destination",
+        {"to_site_id": "not a site you serve", "to_program_id": "not a published program of that site"},
+    )
+
+
+async def _check_destination(
+    session: AsyncSession, principal: Principal, to_site_id: str, to_program_id: str, cohort: str
+) -> None:
+    """The receiving site must be one the caller serves (network admins serve all). A site
+    the caller does not serve, a site that does not exist and a program the site does not
+    publish answer alike: the answer must not tell which site ids exist."""
+    if not principal.sees_site(to_site_id) or await store.get_site(session, to_site_id) is None:
+        raise _unknown_destination()
+    program = await store.get_program(session, to_program_id)
+    if program is None or program["site_id"] != to_site_id:
+        raise _unknown_destination()
+    if program["cohort"] != cohort:
+        raise Invalid("the program serves another cohort", {"to_program_id": f"program is for {program['cohort']}"})
+
+
+def check_discharge(discharged_on: date, today: date) -> None:
+    if discharged_on > today + timedelta(days=1):
+        raise Invalid("discharged_on is in the future", {"discharged_on": "in the future"})
+
+
+async def discharge(
+    session: AsyncSession, actor: str, enrollment: dict[str, Any], reason: str, discharged_on: date
+) -> dict[str, Any]:
+    with _broken_rules():
+        domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.DISCHARGED)
+    if discharged_on < enrollment["start_date"] and enrollment["status"] == "active":
+        raise Invalid("discharged before the episode started", {"discharged_on": "before start_date"})
+    enrollment_id = enrollment["enrollment_id"]
+    await store.update_enrollment(session, enrollment_id, status="discharged", ended_on=discharged_on)
+    await store.add_history(
+        session,
+        enrollment_id,
+        "discharged",
+        actor,
+        from_value=enrollment["status"],
+        to_value="discharged",
+        reason=reason,
+    )
+    event = PatientDischarged(
+        patient_id=UUID(enrollment["patient_id"]),
+        enrollment_id=UUID(enrollment_id),
+        reason=reason,
+        discharged_on=discharged_on,
+    )
+    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    return await _reloaded(session, enrollment_id)
+
+
+# --- consents (42 CFR Part 2) -------------------------------------------------------------
+
+
+def check_consent(spec: dict[str, Any], now: datetime) -> None:
+    with _broken_rules():
+        domain.check_consent_dates(spec["signed_at"], spec["expires_on"], spec["expires_event"], now)
+
+
+async def grant_consent(session: AsyncSession, patient: dict[str, Any], spec: dict[str, Any]) -> UUID:
+    consent_id = uuid4()
+    await store.add_consent(
+        session, consent_id=str(consent_id), patient_id=patient["patient_id"], site_id=patient["site_id"], **spec
+    )
+    event = ConsentGranted(consent_id=consent_id, patient_id=UUID(patient["patient_id"]), **_terms(spec))
+    await _stage(session, event, patient["site_id"])
+    return consent_id
+
+
+def _terms(consent: dict[str, Any]) -> dict[str, Any]:
+    """What the bus carries of a consent: who may receive it, why, until when. Never the
+    `information` it covers: free text, which stays in intake's database."""
+    return {k: consent[k] for k in ("recipient", "purpose", "expires_on", "expires_event")}
+
+
+async def consent_state(session: AsyncSession, consent: dict[str, Any], today: date) -> domain.ConsentState:
+    ended = await _treatment_ended_since(session, consent["patient_id"], consent["signed_at"])
+    return domain.consent_state(
+        revoked_at=consent["revoked_at"],
+        expires_on=consent["expires_on"],
+        expires_event=consent["expires_event"],
+        today=today,
+        episode_ended=ended,
+    )
+
+
+async def _treatment_ended_since(session: AsyncSession, patient_id: str, signed_at: datetime) -> bool:
+    """'End of treatment' for a consent: a discharge on or after the day it was signed.
+    A transfer continues treatment elsewhere; a later re-enrollment does not revive it."""
+    return any(
+        e["status"] == "discharged" and e["ended_on"] is not None and e["ended_on"] >= signed_at.date()
+        for e in await store.patient_enrollments(session, patient_id)
+    )
+
+
+def check_revocation_time(revoked_at: datetime, now: datetime) -> None:
+    # A few minutes' grace: the client's clock may run a little ahead of ours.
+    if revoked_at > now + timedelta(minutes=5):
+        raise Invalid("revoked_at is in the future", {"revoked_at": "in the future"})
+
+
+async def revoke_consent(
+    session: AsyncSession,
+    consent: dict[str, Any],
+    patient: dict[str, Any],
+    revoked_at: datetime,
+    note: str | None,
+    today: date,
+) -> None:
+    """Revocation in writing (sec. 2.31): the time it was made and an optional note."""
+    with _broken_rules():
+        domain.check_revocation(await consent_state(session, consent, today))
+    if revoked_at < consent["signed_at"]:
+        raise Invalid("revoked before it was signed", {"revoked_at": "before signed_at"})
+    await store.revoke_consent(session, consent["consent_id"], revoked_at, note)
+    event = ConsentRevoked(
+        consent_id=UUID(consent["consent_id"]), patient_id=UUID(consent["patient_id"]), **_terms(consent)
+    )
+    await _stage(session, event, patient["site_id"])
+
+
+# --- daily check-ins ------------------------------------------------------------------------
+
+
+async def record_check_in(
+    session: AsyncSession, principal: Principal, patient: dict[str, Any], answers: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """Score a check-in for risk against the episode's recent cravings, record it with the
+    plan goals it reports progress on, and publish it (without its free text)."""
+    enrollment = await store.open_enrollment(session, patient["patient_id"], list(OPEN))
+    if enrollment is None:
+        raise Conflict("check-ins need an open enrollment")
+    await _check_goals(session, enrollment["enrollment_id"], answers["goal_progress"])
+    risk, reasons = domain.score_risk(
+        mood=answers["mood"],
+        craving=answers["craving"],
+        used_since_last=answers["used_since_last"],
+        safety_concern=answers["safety_concern"],
+        previous_cravings=await store.recent_cravings(session, enrollment["enrollment_id"]),
+    )
+    check_in_id = uuid4()
+    await store.add_check_in(
+        session,
+        check_in_id=str(check_in_id),
+        patient_id=patient["patient_id"],
+        enrollment_id=enrollment["enrollment_id"],
+        site_id=enrollment["site_id"],
+        submitted_at=now,
+        submitted_by=principal.sub,
+        submitted_role=principal.role,
+        **{k: answers[k] for k in ("mood", "craving", "used_since_last", "sleep_hours", "safety_concern")},
+        substances=json.dumps(answers["substances"]),
+        goals=answers["goals"],
+        challenges=answers["challenges"],
+        risk=str(risk),
+        risk_reasons=json.dumps(reasons),
+    )
+    for progress in answers["goal_progress"]:
+        await store.add_progress(
+            session,
+            goal_id=str(progress["goal_id"]),
+            check_in_id=str(check_in_id),
+            note=progress["note"],
+            actor=principal.sub,
+        )
+    event = CheckInSubmitted(
+        check_in_id=check_in_id,
+        patient_id=UUID(patient["patient_id"]),
+        enrollment_id=UUID(enrollment["enrollment_id"]),
+        submitted_at=now,
+        **{k: answers[k] for k in ("mood", "craving", "used_since_last", "safety_concern")},
+        risk=str(risk),
+    )
+    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    return {
+        "check_in_id": check_in_id,
+        "patient_id": patient["patient_id"],
+        "enrollment_id": enrollment["enrollment_id"],
+        "site_id": enrollment["site_id"],
+        "submitted_at": now,
+        "risk": str(risk),
+        "risk_reasons": reasons,
+    }
+
+
+async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list[dict[str, Any]]) -> None:
+    goals = {g["goal_id"] for g in await store.plan_goals_of(session, enrollment_id)}
+    for index, entry in enumerate(progress):
+        if str(entry["goal_id"]) not in goals:
+            raise Invalid("not a goal of this episode's plan", {f"goal_progress.{index}.goal_id": "unknown goal"})
+
+
+# --- recovery plan ------------------------------------------------------------------------
+
+
+async def add_goal(session: AsyncSession, enrollment: dict[str, Any], spec: dict[str, Any]) -> None:
+    if enrollment["status"] not in OPEN:
+        raise Conflict(f"a {enrollment['status']} enrollment's plan is closed")
+    await store.add_goal(
+        session,
+        goal_id=str(uuid4()),
+        plan_id=str(domain.plan_id_of(enrollment["enrollment_id"])),
+        enrollment_id=enrollment["enrollment_id"],
+        status="active",
+        **spec,
+    )
+    await _stage_plan(session, enrollment)
+
+
+async def change_goal(
+    session: AsyncSession,
+    actor: str,
+    goal: dict[str, Any],
+    enrollment: dict[str, Any],
+    changes: dict[str, Any],
+    note: str | None,
+) -> None:
+    """Change a goal; a status change (met, dropped, reopened) is progress, and published."""
+    if "status" in changes:
+        with _broken_rules():
+            domain.check_goal_status_change(goal["status"], changes["status"])
+    if changes:
+        await store.update_goal(session, goal["goal_id"], **changes)
+    if "status" in changes or note:
+        await store.add_progress(session, goal_id=goal["goal_id"], note=note, status=changes.get("status"), actor=actor)
+    if "status" in changes:
+        await _stage_plan(session, enrollment)
+
+
+async def _stage_plan(session: AsyncSession, enrollment: dict[str, Any]) -> None:
+    goals = await store.plan_goals_of(session, enrollment["enrollment_id"])
+    event = TreatmentPlanUpdated(
+        patient_id=UUID(enrollment["patient_id"]),
+        enrollment_id=UUID(enrollment["enrollment_id"]),
+        plan_id=domain.plan_id_of(enrollment["enrollment_id"]),
+        goals=[GoalStatus(goal_id=UUID(g["goal_id"]), status=g["status"]) for g in goals],
+    )
+    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+
+
+# --- potential duplicates (network admins) -----------------------------------------------------
+
+
+async def resolve_duplicate(
+    session: AsyncSession, duplicate_id: str, resolution: Literal["linked", "dismissed"], actor: str
+) -> dict[str, Any]:
+    """Resolve a queue entry once; returns it as resolved (the records are not merged)."""
+    if await store.get_potential_duplicate(session, duplicate_id) is None:
+        raise NotFound("potential duplicate not found")
+    if not await store.resolve_potential_duplicate(session, duplicate_id, resolution, actor):
+        raise Conflict("this potential duplicate is already resolved")
+    row = await store.get_potential_duplicate(session, duplicate_id)
+    assert row is not None
+    return row
+
+
+# --- events in ------------------------------------------------------------------------------
+
+
+async def project_program(session: AsyncSession, event: ProgramPublished, site_id: str, published_at: datetime) -> None:
+    """Keep the catalogue of programs a patient can be enrolled in (scheduling owns them)."""
+    await store.upsert_program(
+        session,
+        event.program_id,
+        site_id=site_id,
+        name=event.name,
+        cohort=event.cohort,
+        level_of_care=event.level_of_care,
+        published_at=published_at,
+    )
