@@ -505,14 +505,6 @@ async def change_status_if(session: AsyncSession, enrollment_id: str, current: s
     return bool(changed.rowcount)
 
 
-async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
-    """The former home of activation, kept for callers of this name; the rule now lives
-    in `usecases.activate_due_enrollments` (imported here, not at the top: it imports us)."""
-    from services.intake import usecases
-
-    return await usecases.activate_due_enrollments(session, now)
-
-
 # --- potential duplicates (network admins) ---------------------------------------------------
 
 

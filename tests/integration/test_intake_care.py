@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from iopnet.testing import BusRecorder, eventually
-from services.intake import store
+from services.intake import store, usecases
 from services.intake.app import create_app
 from tests.conftest import auth, make_settings, program_published, publish, running
 
@@ -152,7 +152,7 @@ async def test_enrollment_rules_and_lifecycle(app, nats_server, bus: BusRecorder
 
         async with app.state.runtime.sessions() as session, session.begin():
             tomorrow_noon = datetime.combine(TOMORROW, datetime.min.time(), UTC) + timedelta(hours=17)
-            assert await store.activate_due_enrollments(session, tomorrow_noon) == 1
+            assert await usecases.activate_due_enrollments(session, tomorrow_noon) == 1
         step = await client.post(
             f"/enrollments/{enrollment_id}/level",
             json={"level_of_care": "1.0", "reason": "progress"},
