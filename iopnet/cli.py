@@ -238,6 +238,38 @@ def events_replay(
         raise typer.Exit(1)
 
 
+@events_app.command("reapply")
+def events_reapply(
+    stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS | IOP_RESTRICTED")],
+    sequence: Annotated[int, typer.Argument(help="the event's sequence in STREAM")],
+    service: Annotated[str, typer.Option("--service", help="the consuming service that applies it again")],
+    reason: Annotated[str, typer.Option("--reason", help="why (3-200 characters, one line; kept in its audit row)")],
+    by: Annotated[str | None, typer.Option("--by", help="who asks (default: your login name)")] = None,
+) -> None:
+    """Have SERVICE apply one stored event again although its inbox holds it (a repair),
+    recorded in its operations table. Its handlers converge: only what is missing changes."""
+    import getpass
+
+    from pydantic import ValidationError
+
+    from iopnet.replay import ReplayFailed, reapply_event
+    from shared.messaging.control import ReapplyRequest
+
+    try:
+        request = ReapplyRequest(stream=stream, sequence=sequence, reason=reason, requested_by=by or getpass.getuser())
+    except ValidationError as exc:
+        fields = ", ".join(sorted({str(error["loc"][0]) for error in exc.errors()}))
+        raise typer.BadParameter(f"invalid {fields}") from None
+    try:
+        reply = asyncio.run(reapply_event(_ops_nats_url(), service, request))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ReplayFailed as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{reply.service}: {reply.outcome} {reply.event_type} {reply.event_id} (operation {reply.operation_id})")
+
+
 @dlq_app.command("list")
 def dlq_list(limit: Annotated[int, typer.Option(help="at most this many")] = 50) -> None:
     """List dead letters with their reason (newest last)."""

@@ -66,7 +66,7 @@ async def retry_dead_letter(url: str, sequence: int) -> ControlReply:
             letter = await nc.jetstream().get_msg(DLQ_STREAM, sequence)
         except NotFoundError:
             raise RetryRefused(f"no dead letter {sequence} in {DLQ_STREAM}") from None
-        service = letter.subject.split(".")[2]  # iop.dlq.<service>.<event>.<site>
+        service = (letter.subject or "").split(".")[2]  # iop.dlq.<service>.<event>.<site>
         request = DeadLetterRetry(dlq_sequence=sequence).model_dump_json().encode()
         try:
             response = await nc.request(control_subject(service, "dlq_retry"), request, timeout=CONTROL_TIMEOUT)

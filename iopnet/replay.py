@@ -1,10 +1,16 @@
-"""`iopnet events replay`: a consumer whose database lost recent work gets it back.
+"""`iopnet events replay`: a consumer whose database lost recent work gets it back;
+`iopnet events reapply`: one stored event applied again on purpose, audited.
 
 For repair after a consumer's database was restored from an older backup (or a bug fix
 that needs events applied again): each service that consumes the stream re-reads the
 stored events by sequence and applies them through its inbox, which skips what it has
 already applied (shared/messaging/control.py). Nothing is published: other subscribers
 see no copies, and the restricted stream is replayed by notifications itself.
+
+Replay skips what the inbox holds. When an effect was lost although the inbox recorded
+the event (a bug since fixed, a state edited by hand), `reapply` asks one service to
+apply that stored event again anyway: its handlers converge on what the event says, and
+the service writes who asked, when, which event and why in its `operations` table.
 """
 
 import json
@@ -14,7 +20,7 @@ from typing import Any
 import nats.errors
 
 from shared.messaging.connection import connect_once
-from shared.messaging.control import ControlReply, ReplayRequest, control_subject
+from shared.messaging.control import ControlReply, ReapplyRequest, ReplayRequest, control_subject
 from shared.settings import SERVICES
 
 REPLAYABLE = ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_NOTIFICATIONS", "IOP_RESTRICTED")
@@ -74,3 +80,28 @@ async def replay_events(
         return summaries
     finally:
         await nc.close()
+
+
+async def reapply_event(url: str, service: str, request: ReapplyRequest) -> ControlReply:
+    """Ask `service` to apply the stored event (request.stream, request.sequence) again,
+    though its inbox holds it. Raises ReplayFailed with a reason safe to print."""
+    if service not in SERVICES:
+        raise ValueError(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
+    if request.stream not in REPLAYABLE:
+        raise ValueError(f"{request.stream} cannot be re-applied; one of {', '.join(REPLAYABLE)}")
+    nc = await connect_once(url)
+    try:
+        try:
+            response = await nc.request(
+                control_subject(service, "reapply"), request.model_dump_json().encode(), timeout=CONTROL_TIMEOUT
+            )
+        except nats.errors.NoRespondersError:
+            raise ReplayFailed(f"the {service} service is not running: start it and reapply again") from None
+    finally:
+        await nc.close()
+    reply = ControlReply.model_validate(json.loads(response.data))
+    if not reply.consumed:
+        raise ReplayFailed(f"{service} does not consume {request.stream}")
+    if not reply.ok:
+        raise ReplayFailed(f"{service}: {reply.error}")
+    return reply
