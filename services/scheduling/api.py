@@ -190,6 +190,7 @@ class EnrollmentOut(BaseModel):
     start_date: date
     weekly_hours_target: float
     status: str
+    ended_on: date | None = None  # discharged or transferred on
 
 
 class SiteOut(BaseModel):

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from shared.contracts.events import Cohort
@@ -227,6 +228,40 @@ def hours_verdict(week: WeekHours, now: datetime, week_end: datetime) -> str | N
     if now >= week_end:
         return None if week.met else "shortfall"
     return None if week.reachable else "at_risk"
+
+
+# --- episode lifecycle ------------------------------------------------------------------
+
+ACTIVE = "active"
+EndStatus = Literal["discharged", "transferred"]
+
+
+@dataclass(frozen=True)
+class EpisodeEnd:
+    """A discharge or a transfer-out of one enrollment, as its event tells it."""
+
+    status: EndStatus
+    ended_on: date
+
+
+def opening_status(end: EpisodeEnd | None) -> str:
+    """The status an enrollment opens with. Events of one stream can arrive out of order
+    (after a consumer restart, unacked messages come back only after ack_wait, behind
+    later ones): an end that arrived first was remembered, and the late enrollment then
+    opens already ended, so it is never booked."""
+    return end.status if end is not None else ACTIVE
+
+
+def status_after_end(current: str, end: EpisodeEnd) -> str:
+    """An active episode takes the end; an ended one keeps its first end (a transfer's
+    second copy, a discharge of a transferred episode, a redelivery)."""
+    return end.status if current == ACTIVE else current
+
+
+def holds_places(status: str) -> bool:
+    """Only an active episode is booked; an ended one holds no future booking or
+    waitlist place."""
+    return status == ACTIVE
 
 
 def waitlist_position(existing_positions: Iterable[int]) -> int:

@@ -1,6 +1,6 @@
 """Scheduling's own database: sites and enrollments (projections of intake's events),
-programs, sessions, bookings, attendance, closures and hours alerts; plus outbox, inbox
-and audit."""
+the ends of episodes, programs, sessions, bookings, attendance, closures and hours
+alerts; plus outbox, inbox, audit and the operators' repairs."""
 
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
+from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,6 +36,7 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 site_directory = SiteDirectory(metadata)  # projection of SiteRegistered
 sites = site_directory.table
@@ -55,6 +57,20 @@ enrollments = Table(
     Column("created_at", UtcDateTime, nullable=False),
     Column("correlation_id", String(36), nullable=True),
     Column("ended_on", Date, nullable=True),
+)
+
+# Every discharge or transfer-out heard of, by enrollment: one that arrives before its
+# PatientEnrolled (out of order after a consumer restart) is remembered here, so the late
+# enrollment opens ended instead of being booked. The first end of an episode wins.
+episode_ends = Table(
+    "episode_ends",
+    metadata,
+    Column("enrollment_id", String(36), primary_key=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("status", String(12), nullable=False),
+    Column("ended_on", Date, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
 )
 
 programs = Table(
@@ -172,6 +188,20 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> None:
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
     await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+
+
+async def remember_end(
+    session: AsyncSession, enrollment_id: str, patient_id: str, status: str, ended_on: date, event_id: str
+) -> bool:
+    """Record an episode's end; False if one was recorded before (the first one stays)."""
+    return await insert_if_absent(
+        session, episode_ends, enrollment_id=enrollment_id, patient_id=patient_id, status=status,
+        ended_on=ended_on, event_id=event_id, recorded_at=now(),
+    )  # fmt: skip
+
+
+async def get_end(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
 
 
 async def active_enrollments(session: AsyncSession, program_id: str) -> list[dict[str, Any]]:

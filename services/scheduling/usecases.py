@@ -22,6 +22,7 @@ from shared.contracts.events import (
     Event,
     HoursAtRisk,
     PatientBooked,
+    PatientEnrolled,
     PatientWaitlisted,
     ProgramPublished,
     SessionCancelled,
@@ -179,6 +180,80 @@ async def extend_horizons(session: AsyncSession, now: datetime) -> int:
         today = domain.site_today(now, site["timezone"])
         created += await materialize(session, program, site, today + timedelta(days=domain.HORIZON_DAYS), today)
     return created
+
+
+# --- episodes: intake's lifecycle events ------------------------------------------------
+#
+# State-based, so that order and repetition do not matter: each event records what it
+# says (an enrollment, an end) and then the episode's bookings converge on its status.
+# A redelivery, a re-published copy or an operator's reapply changes only what is
+# missing; a discharge that arrives before its enrollment still ends the episode.
+
+
+async def open_enrollment(session: AsyncSession, cause: Envelope, event: PatientEnrolled, now: datetime) -> str:
+    """Project an enrollment (ended already if its end arrived first) and converge its
+    bookings. Returns the episode's status."""
+    enrollment_id = str(event.enrollment_id)
+    enrollment = await store.get_enrollment(session, enrollment_id)
+    if enrollment is None:
+        await _add_enrollment(session, cause, event)
+        enrollment = await store.get_enrollment(session, enrollment_id)
+        assert enrollment is not None
+    await converge_bookings(session, enrollment, cause, now)
+    return str(enrollment["status"])
+
+
+async def _add_enrollment(session: AsyncSession, cause: Envelope, event: PatientEnrolled) -> None:
+    end = _end_of(await store.get_end(session, str(event.enrollment_id)))
+    program = await store.get_program(session, event.program_id)
+    target = program["weekly_hours_target"] if program else domain.weekly_hours_target(event.cohort)
+    await store.add_enrollment(
+        session,
+        enrollment_id=str(event.enrollment_id),
+        patient_id=str(event.patient_id),
+        site_id=cause.site_id,
+        program_id=event.program_id,
+        level_of_care=event.level_of_care,
+        cohort=event.cohort,
+        start_date=event.start_date,
+        weekly_hours_target=target,
+        status=domain.opening_status(end),
+        ended_on=end.ended_on if end else None,
+        enrolled_event_id=str(cause.event_id),
+        correlation_id=str(cause.correlation_id),
+    )
+
+
+def _end_of(row: dict[str, Any] | None) -> domain.EpisodeEnd | None:
+    return domain.EpisodeEnd(row["status"], row["ended_on"]) if row else None
+
+
+async def end_enrollment(
+    session: AsyncSession, cause: Envelope, enrollment_id: str, patient_id: str, end: domain.EpisodeEnd, now: datetime
+) -> str | None:
+    """A discharge or transfer-out: remembered whether or not the enrollment is known
+    yet; a known active episode ends and gives up its future places (backfilled).
+    Returns the episode's status, None while its enrollment has not arrived."""
+    await store.remember_end(session, enrollment_id, patient_id, end.status, end.ended_on, str(cause.event_id))
+    enrollment = await store.get_enrollment(session, enrollment_id)
+    if enrollment is None:
+        return None  # the late PatientEnrolled finds the end and opens ended
+    status = domain.status_after_end(enrollment["status"], end)
+    if status != enrollment["status"]:
+        await store.update_enrollment(session, enrollment_id, status=status, ended_on=end.ended_on)
+    await converge_bookings(session, {**enrollment, "status": status}, cause, now)
+    return status
+
+
+async def converge_bookings(
+    session: AsyncSession, enrollment: dict[str, Any], cause: Envelope | None, now: datetime
+) -> int:
+    """An active episode is booked into every future group session of its program; an
+    ended one holds no future booking or waitlist place. What already holds is left
+    alone (no event), so applying this again is harmless."""
+    if domain.holds_places(enrollment["status"]):
+        return await book_enrollment(session, enrollment, cause, now)
+    return await cancel_future_bookings(session, enrollment["enrollment_id"], now, enrollment["status"], cause)
 
 
 # --- bookings ------------------------------------------------------------------------
