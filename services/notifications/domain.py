@@ -411,6 +411,63 @@ def next_roster_index(level: int, roster_size: int) -> int | None:
     return following if following < roster_size else None
 
 
+# --- events of one thing out of order -------------------------------------------------------------
+#
+# One stream's events normally arrive in order, but not after a consumer restart: the
+# messages it had fetched and not acked come back only after ack_wait, behind later ones.
+# Each rule here says what a late event may still change.
+
+ACTIVE = "active"
+EndStatus = Literal["discharged", "transferred"]
+
+
+@dataclass(frozen=True)
+class EpisodeEnd:
+    """A discharge or a transfer-out of one enrollment, as its event tells it."""
+
+    status: EndStatus
+    ended_on: date
+
+
+def opening_status(end: EpisodeEnd | None) -> str:
+    """An enrollment whose end arrived first opens ended: no welcome goes out."""
+    return end.status if end is not None else ACTIVE
+
+
+def status_after_end(current: str, end: EpisodeEnd) -> str:
+    """An active episode takes the end; an ended one keeps its first end."""
+    return end.status if current == ACTIVE else current
+
+
+def may_plan_for(episode_statuses: Iterable[str]) -> bool:
+    """Patient messages about the site's sessions (reminders, "we missed you") are
+    planned unless every episode known at the site has ended; with none known yet (the
+    enrollment is on another stream and may come later) they are."""
+    statuses = list(episode_statuses)
+    return not statuses or ACTIVE in statuses
+
+
+def booking_event_applies(
+    stored_at: datetime | None, stored_status: str | None, incoming_at: datetime, incoming_status: str
+) -> bool:
+    """Whether a PatientBooked/BookingCancelled applies to the booking: the later event
+    (its occurred_at, stamped by scheduling) wins, so a cancellation is never undone by
+    the booking it cancelled arriving late, while a later re-booking of the same booking
+    still applies. The same event again applies again (a repair converges); at a tie
+    between the two, the cancellation wins: the safe side is no reminder."""
+    if stored_at is None:
+        return True
+    if incoming_at != stored_at:
+        return incoming_at > stored_at
+    return incoming_status in (stored_status, "cancelled")
+
+
+def session_status_after(stored: str | None, incoming: str) -> str:
+    """A cancelled session stays cancelled (scheduling never reopens one): a late
+    SessionScheduled must not make it bookable again."""
+    return stored if stored == "cancelled" else incoming
+
+
 # --- webhook targets: no server-side request forgery ---------------------------------------------
 #
 # A webhook URL comes from a user (an integration's subscription, a site admin's roster), and

@@ -111,23 +111,16 @@ class Handlers:
 
     async def on_patient_enrolled(self, session: AsyncSession, envelope: Envelope, event: PatientEnrolled) -> None:
         await store.lock_patient(session, str(event.patient_id))
-        await store.add_enrollment(
-            session,
-            enrollment_id=str(event.enrollment_id),
-            patient_id=str(event.patient_id),
-            site_id=envelope.site_id,
-            start_date=event.start_date,
-            enrolled_event_id=str(envelope.event_id),
-            correlation_id=str(envelope.correlation_id),
-        )
-        await usecases.plan_welcome(session, self.policy, str(event.patient_id), _now())
+        await usecases.open_enrollment(session, self.policy, envelope, event, _now())
 
     async def on_patient_discharged(self, session: AsyncSession, envelope: Envelope, event: PatientDischarged) -> None:
         patient_id = str(event.patient_id)
         await store.lock_patient(session, patient_id)
-        await store.update_enrollment(
-            session, str(event.enrollment_id), status="discharged", discharged_on=event.discharged_on
-        )
+        end = domain.EpisodeEnd("discharged", event.discharged_on)
+        await usecases.end_enrollment(
+            session, envelope, enrollment_id=str(event.enrollment_id), patient_id=patient_id,
+            site_id=envelope.site_id, end=end,
+        )  # fmt: skip
         await store.cancel_open(session, "discharged", patient_id=patient_id, site_id=envelope.site_id)
         await store.end_treatment_consents(session, patient_id, event.discharged_on)
 
@@ -140,7 +133,11 @@ class Handlers:
         patient_id = str(event.patient_id)
         await store.lock_patient(session, patient_id)
         await store.move_contact(session, patient_id, event.to_site_id)
-        await store.update_enrollment(session, str(event.enrollment_id), status="transferred")
+        end = domain.EpisodeEnd("transferred", event.effective_on)
+        await usecases.end_enrollment(
+            session, envelope, enrollment_id=str(event.enrollment_id), patient_id=patient_id,
+            site_id=event.from_site_id, end=end,
+        )  # fmt: skip
         await store.cancel_open(session, "transferred", patient_id=patient_id, site_id=event.from_site_id)
 
     async def on_consent_granted(self, session: AsyncSession, envelope: Envelope, event: ConsentGranted) -> None:
@@ -194,45 +191,19 @@ class Handlers:
     # --- scheduling -----------------------------------------------------------------------
 
     async def on_session_scheduled(self, session: AsyncSession, envelope: Envelope, event: SessionScheduled) -> None:
-        await store.upsert_session(
-            session, str(event.session_id), site_id=envelope.site_id,
-            starts_at=event.starts_at, ends_at=event.ends_at, status="scheduled",
-        )  # fmt: skip
+        await usecases.record_session(session, envelope, event, "scheduled")
 
     async def on_session_cancelled(self, session: AsyncSession, envelope: Envelope, event: SessionCancelled) -> None:
-        await store.upsert_session(
-            session, str(event.session_id), site_id=envelope.site_id,
-            starts_at=event.starts_at, ends_at=event.ends_at, status="cancelled",
-        )  # fmt: skip
+        await usecases.record_session(session, envelope, event, "cancelled")
         await store.cancel_open(session, "session_cancelled", session_id=str(event.session_id))
 
     async def on_patient_booked(self, session: AsyncSession, envelope: Envelope, event: PatientBooked) -> None:
-        patient_id, booking_id = str(event.patient_id), str(event.booking_id)
-        await store.lock_patient(session, patient_id)
-        await store.upsert_booking(
-            session, booking_id, session_id=str(event.session_id), patient_id=patient_id,
-            site_id=envelope.site_id, starts_at=event.starts_at, status="booked",
-        )  # fmt: skip
-        target = await store.get_session(session, str(event.session_id))
-        if target is not None and target["status"] == "cancelled":
-            return
-        episodes = [e for e in await store.patient_enrollments(session, patient_id) if e["site_id"] == envelope.site_id]
-        if episodes and all(e["status"] != "active" for e in episodes):
-            return  # discharged: a late booking event plans nothing
-        if await store.open_patient_messages(session, patient_id, booking_id=booking_id):
-            return  # the same booking announced again: its reminders are planned
-        booking = await store.get_booking(session, booking_id)
-        assert booking is not None
-        await usecases.plan_reminders(session, self.policy, booking, envelope, _now())
+        await store.lock_patient(session, str(event.patient_id))
+        await usecases.booking_announced(session, self.policy, envelope, event, _now())
 
     async def on_booking_cancelled(self, session: AsyncSession, envelope: Envelope, event: BookingCancelled) -> None:
-        patient_id, booking_id = str(event.patient_id), str(event.booking_id)
-        await store.lock_patient(session, patient_id)
-        await store.upsert_booking(
-            session, booking_id, session_id=str(event.session_id), patient_id=patient_id,
-            site_id=envelope.site_id, starts_at=event.starts_at, status="cancelled",
-        )  # fmt: skip
-        await store.cancel_open(session, "booking_cancelled", booking_id=booking_id)
+        await store.lock_patient(session, str(event.patient_id))
+        await usecases.booking_withdrawn(session, envelope, event)
 
     async def on_attendance(self, session: AsyncSession, envelope: Envelope, event: AttendanceRecorded) -> None:
         patient_id, session_id = str(event.patient_id), str(event.session_id)

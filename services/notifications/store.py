@@ -1,7 +1,8 @@
 """Notifications' own database: projections of the other services' events (contacts,
 consents, sites, enrollments, sessions, bookings, attendance), what this service owns
 (care-team rosters, site notification settings, alerts, webhook subscriptions), the
-message log with its delivery attempts, plus outbox, inbox and audit."""
+message log with its delivery attempts, plus outbox, inbox, audit and the operators'
+repairs."""
 
 import json
 from collections.abc import Iterable
@@ -30,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent, lock_row
 from shared.messaging import Inbox, Outbox
+from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -37,6 +39,7 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 # Statuses of a message: pending (due at due_at), held (waits for the patient's consent
 # or contact), sending (claimed by a dispatcher until due_at, its lease), sent, failed
@@ -77,6 +80,21 @@ enrollments = Table(
     Column("correlation_id", String(36), nullable=False),
     Column("status", String(12), nullable=False, server_default="active"),
     Column("discharged_on", Date, nullable=True),
+)
+
+# Every discharge or transfer-out heard of, by enrollment: one that arrives before its
+# PatientEnrolled (out of order after a consumer restart) is remembered here, so the late
+# enrollment opens ended and no welcome goes out. The first end of an episode wins.
+episode_ends = Table(
+    "episode_ends",
+    metadata,
+    Column("enrollment_id", String(36), primary_key=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("ended_on", Date, nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("recorded_at", UtcDateTime, nullable=False),
 )
 
 site_directory = SiteDirectory(metadata)  # projection of SiteRegistered
@@ -130,6 +148,8 @@ bookings = Table(
     Column("starts_at", UtcDateTime, nullable=False),
     Column("status", String(12), nullable=False),
     Column("updated_at", UtcDateTime, nullable=False),
+    # occurred_at of the event that set `status`: a late, older one changes nothing.
+    Column("event_at", UtcDateTime, nullable=True),
 )
 
 attendance = Table(
@@ -282,8 +302,39 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
     query = select(enrollments.c.enrollment_id).where(enrollments.c.enrollment_id == values["enrollment_id"])
     if (await session.execute(query)).first() is not None:
         return False
-    await session.execute(insert(enrollments).values(status="active", **values))
+    values.setdefault("status", "active")
+    await session.execute(insert(enrollments).values(**values))
     return True
+
+
+async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any) -> bool:
+    """Record an episode's end; False if one was recorded before (the first one stays)."""
+    return await insert_if_absent(session, episode_ends, enrollment_id=enrollment_id, recorded_at=now(), **values)
+
+
+async def get_end(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
+    return await _one(session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
+
+
+async def episode_statuses(session: AsyncSession, patient_id: str, site_id: str) -> list[str]:
+    """The status of every episode of the patient known at the site: enrolled ones, and
+    ends whose enrollment has not arrived yet."""
+    enrolled = _rows(
+        await session.execute(
+            select(enrollments.c.enrollment_id, enrollments.c.status).where(
+                enrollments.c.patient_id == patient_id, enrollments.c.site_id == site_id
+            )
+        )
+    )
+    ended = _rows(
+        await session.execute(
+            select(episode_ends.c.enrollment_id, episode_ends.c.status).where(
+                episode_ends.c.patient_id == patient_id, episode_ends.c.site_id == site_id
+            )
+        )
+    )
+    known = {row["enrollment_id"] for row in enrolled}
+    return [row["status"] for row in enrolled] + [row["status"] for row in ended if row["enrollment_id"] not in known]
 
 
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:

@@ -22,9 +22,14 @@ from services.notifications import domain, store
 from shared.contracts import Envelope, caused_by, new_envelope
 from shared.contracts.events import (
     EVENT_TYPES,
+    BookingCancelled,
     CareTeamAlerted,
     NotificationFailed,
     NotificationSent,
+    PatientBooked,
+    PatientEnrolled,
+    SessionCancelled,
+    SessionScheduled,
 )
 from shared.settings import Settings
 
@@ -256,6 +261,117 @@ async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, n
             expires_at=now + domain.WELCOME_VALID,
         )
     return queued
+
+
+# --- episodes, sessions and bookings: events that may arrive out of order -------------------
+#
+# State-based, so that order and repetition do not matter: an end that arrives before
+# its enrollment is remembered, a cancelled session stays cancelled, the later of a
+# booking's events wins. A late, repeated or re-applied event (`iopnet events reapply`)
+# changes only what is missing.
+
+
+async def open_enrollment(
+    session: AsyncSession, policy: Policy, cause: Envelope, event: PatientEnrolled, now: datetime
+) -> int:
+    """Project an enrollment (ended already if its end arrived first) and plan the
+    welcome of every active episode. Returns how many messages were queued."""
+    end = _end_of(await store.get_end(session, str(event.enrollment_id)))
+    discharged_on = end.ended_on if end is not None and end.status == "discharged" else None
+    await store.add_enrollment(
+        session,
+        enrollment_id=str(event.enrollment_id),
+        patient_id=str(event.patient_id),
+        site_id=cause.site_id,
+        start_date=event.start_date,
+        enrolled_event_id=str(cause.event_id),
+        correlation_id=str(cause.correlation_id),
+        status=domain.opening_status(end),
+        discharged_on=discharged_on,
+    )
+    return await plan_welcome(session, policy, str(event.patient_id), now)
+
+
+def _end_of(row: dict[str, Any] | None) -> domain.EpisodeEnd | None:
+    return domain.EpisodeEnd(row["status"], row["ended_on"]) if row else None
+
+
+async def end_enrollment(
+    session: AsyncSession, cause: Envelope, *, enrollment_id: str, patient_id: str, site_id: str, end: domain.EpisodeEnd
+) -> None:
+    """A discharge or transfer-out, remembered whether or not the enrollment is known
+    yet; a known active episode takes it. (The caller cancels what is open.)"""
+    await store.remember_end(
+        session, enrollment_id, patient_id=patient_id, site_id=site_id, status=end.status,
+        ended_on=end.ended_on, event_id=str(cause.event_id),
+    )  # fmt: skip
+    enrollment = await store.get_enrollment(session, enrollment_id)
+    if enrollment is None:
+        return  # the late PatientEnrolled finds the end and opens ended
+    status = domain.status_after_end(enrollment["status"], end)
+    if status == enrollment["status"]:
+        return
+    values: dict[str, Any] = {"status": status}
+    if status == "discharged":
+        values["discharged_on"] = end.ended_on
+    await store.update_enrollment(session, enrollment_id, **values)
+
+
+async def record_session(
+    session: AsyncSession, cause: Envelope, event: SessionScheduled | SessionCancelled, status: str
+) -> str:
+    """Project a session; returns its status (a cancelled one stays cancelled)."""
+    current = await store.get_session(session, str(event.session_id))
+    kept = domain.session_status_after(current["status"] if current else None, status)
+    await store.upsert_session(
+        session, str(event.session_id), site_id=cause.site_id,
+        starts_at=event.starts_at, ends_at=event.ends_at, status=kept,
+    )  # fmt: skip
+    return kept
+
+
+async def record_booking(
+    session: AsyncSession, cause: Envelope, event: PatientBooked | BookingCancelled, status: str
+) -> bool:
+    """Project a booking event unless a later one of the same booking applied first;
+    True if it applied."""
+    current = await store.get_booking(session, str(event.booking_id))
+    stored_at, stored_status = (current["event_at"], current["status"]) if current else (None, None)
+    if not domain.booking_event_applies(stored_at, stored_status, cause.occurred_at, status):
+        return False
+    await store.upsert_booking(
+        session, str(event.booking_id), session_id=str(event.session_id), patient_id=str(event.patient_id),
+        site_id=cause.site_id, starts_at=event.starts_at, status=status, event_at=cause.occurred_at,
+    )  # fmt: skip
+    return True
+
+
+async def booking_announced(
+    session: AsyncSession, policy: Policy, cause: Envelope, event: PatientBooked, now: datetime
+) -> int:
+    """PatientBooked: plan the booking's reminders, unless its cancellation (or its
+    session's) applied first, every episode at the site has ended, or they are planned."""
+    patient_id, booking_id = str(event.patient_id), str(event.booking_id)
+    if not await record_booking(session, cause, event, "booked"):
+        return 0
+    target = await store.get_session(session, str(event.session_id))
+    if target is not None and target["status"] == "cancelled":
+        return 0
+    if not domain.may_plan_for(await store.episode_statuses(session, patient_id, cause.site_id)):
+        return 0  # discharged: a late booking event plans nothing
+    if await store.open_patient_messages(session, patient_id, booking_id=booking_id):
+        return 0  # the same booking announced again: its reminders are planned
+    booking = await store.get_booking(session, booking_id)
+    assert booking is not None
+    return await plan_reminders(session, policy, booking, cause, now)
+
+
+async def booking_withdrawn(session: AsyncSession, cause: Envelope, event: BookingCancelled) -> int:
+    """BookingCancelled: cancel the booking's open reminders, unless a later re-booking
+    of it applied first."""
+    if not await record_booking(session, cause, event, "cancelled"):
+        return 0
+    return await store.cancel_open(session, "booking_cancelled", booking_id=str(event.booking_id))
 
 
 async def plan_reminders(
