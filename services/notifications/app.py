@@ -53,6 +53,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def dispatcher(runtime: ServiceRuntime) -> None:
         await notifier.dispatcher.run(runtime)
 
+    # On shutdown the dispatcher stops taking messages and lets the sends under way
+    # finish and be recorded. It does so when its task is cancelled; a runtime that calls
+    # a job's `stop()` before cancelling its tasks gets the same, a little earlier.
+    dispatcher.stop = notifier.dispatcher.stop  # type: ignore[attr-defined]
+
     async def escalations(runtime: ServiceRuntime) -> None:
         await notifier.escalation_loop(runtime)
 

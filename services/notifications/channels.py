@@ -4,6 +4,12 @@ through a provider's HTTP API, and webhooks (HTTP POST, JSON, HMAC-SHA256 signed
 Every channel returns the provider's message id or raises DeliveryError. An error's
 text is what the delivery log keeps: an exception class, a status code or an SMTP
 reply code, never an address, a body or a provider's reply text (which may quote them).
+
+Delivery is at least once: a process killed between a send and its record sends again
+when the message's lease ends. Every message therefore carries one identity across all
+its attempts, derived from its notification id, for the receiver to drop a copy: the
+email's Message-ID (`<notification_id@iopnet.invalid>`), and `Idempotency-Key` and
+`X-Iopnet-Delivery-Id` on SMS and webhook requests.
 """
 
 import asyncio
@@ -15,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
-from email.utils import make_msgid
 from ipaddress import ip_address
 from typing import Protocol
 from uuid import uuid4
@@ -32,7 +37,21 @@ log = logging.getLogger("iopnet.notifications.channels")
 
 SIGNATURE_HEADER = "X-Iopnet-Signature"
 TIMESTAMP_HEADER = "X-Iopnet-Timestamp"
-DELIVERY_HEADER = "X-Iopnet-Delivery"
+DELIVERY_HEADER = "X-Iopnet-Delivery"  # kept for receivers that read it already
+DELIVERY_ID_HEADER = "X-Iopnet-Delivery-Id"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+MESSAGE_ID_DOMAIN = "iopnet.invalid"
+
+
+def message_id(notification_id: str) -> str:
+    """The email Message-ID of a notification: the same on every attempt (make_msgid
+    would add a time and a random part), so a mail system can drop a resent copy."""
+    return f"<{notification_id}@{MESSAGE_ID_DOMAIN}>"
+
+
+def delivery_headers(notification_id: str) -> dict[str, str]:
+    """What an HTTP receiver (SMS provider, webhook) dedupes a resent request on."""
+    return {IDEMPOTENCY_HEADER: notification_id, DELIVERY_ID_HEADER: notification_id}
 
 
 class OutboundMessage(BaseModel):
@@ -92,9 +111,9 @@ class EmailChannel:
         mail["From"] = self.settings.smtp_from
         mail["To"] = message.address
         mail["Subject"] = message.subject
-        message_id = make_msgid(idstring=message.notification_id, domain="iopnet.invalid")
-        mail["Message-ID"] = message_id
+        mail["Message-ID"] = message_id(message.notification_id)
         mail[DELIVERY_HEADER] = message.notification_id
+        mail[DELIVERY_ID_HEADER] = message.notification_id
         mail.set_content(message.text)
         try:
             await aiosmtplib.send(
@@ -118,7 +137,7 @@ class EmailChannel:
             raise DeliveryError(f"{type(exc).__name__} {exc.code}", retryable=exc.code < 500) from None
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             raise DeliveryError(type(exc).__name__) from None
-        return message_id
+        return message_id(message.notification_id)
 
 
 # --- HTTP: one way to POST, for the SMS provider and webhooks --------------------------------------
@@ -285,7 +304,7 @@ class SmsChannel:
         document: dict[str, str] = {"to": message.address, "body": message.text}
         if self.settings.sms_sender:
             document["from"] = self.settings.sms_sender
-        headers = {"Idempotency-Key": message.notification_id}
+        headers = delivery_headers(message.notification_id)
         if self.settings.sms_api_key:
             headers["Authorization"] = f"Bearer {self.settings.sms_api_key}"
         answer = await _post(self.settings.sms_api_url, json.dumps(document).encode(), headers, self.settings)
@@ -334,6 +353,7 @@ class WebhookChannel:
             TIMESTAMP_HEADER: timestamp,
             SIGNATURE_HEADER: webhook_signature(message.secret, timestamp, body),
             DELIVERY_HEADER: message.notification_id,
+            **delivery_headers(message.notification_id),
         }
         try:
             url = httpx.URL(message.address)

@@ -5,15 +5,31 @@ transaction); the dispatcher, woken on commit (and by a tick for messages due la
 decides at send time whether it may go out now (usecases.prepare: expiry, consent,
 quiet and business hours), sends it outside any transaction and then records the
 attempt together with NotificationSent, or a retry with exponential backoff and
-jitter, or after the last attempt NotificationFailed. A crash between send and record
-resends once, when its send lease runs out: at-least-once to the channel, never a lost
-message. A claimed message is `sending` until the lease ends, so dispatchers of replicas
-sharing a PostgreSQL database (SKIP LOCKED) never send the same message at once.
+jitter, or after the last attempt NotificationFailed. A claimed message is `sending`
+until its lease ends, so dispatchers of replicas sharing a PostgreSQL database (SKIP
+LOCKED) never send the same message at once.
+
+The window between a send and its record is what can send a message twice, so it is
+kept short and closed on shutdown:
+- Records are written together (group commit: whoever gets the database writes every
+  outcome that is waiting), and a new claim waits while outcomes wait, so a record never
+  queues behind this dispatcher's own claims. (On SQLite it can still wait for a
+  consumer's transaction to finish: one writer at a time.)
+- `stop()` (and a cancellation, which does the same) stops taking messages, hands back
+  the claimed ones not sent yet, and lets the sends under way finish and be recorded,
+  for at most `stop_grace_seconds`.
+- Only a kill between a send and its record leaves a message `sending`: it goes out
+  again when its lease ends. Every outbound message carries its notification id as an
+  idempotency key (email Message-ID, `Idempotency-Key` and `X-Iopnet-Delivery-Id` on
+  SMS and webhooks, channels.py) so the receiver can drop that copy.
 """
 
 import asyncio
+import contextlib
 import logging
 import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,17 +45,107 @@ from shared.settings import Settings
 log = logging.getLogger("iopnet.notifications.delivery")
 BATCH = 50
 CONCURRENCY = 8
+# uvicorn's graceful shutdown (iopnet serve) and ServiceRuntime.stop() each allow 10 s;
+# the sends under way get half of that to finish and be recorded.
+STOP_GRACE_SECONDS = 5.0
+
+sessionmaker = async_sessionmaker[AsyncSession]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one attempt came to, to be recorded: sent (provider_id) or failed (error)."""
+
+    row: dict[str, Any]
+    channel: str
+    attempts: int
+    provider_id: str | None = None
+    error: str | None = None
+    retryable: bool = True  # failed: False for a refusal no later attempt can fix
+    final: bool = False  # failed: no further attempt (the last one, or a refusal)
+    retry_at: datetime | None = None
+
+    @property
+    def sent(self) -> bool:
+        return self.error is None
+
+
+class GroupCommit:
+    """Writes outcomes in as few transactions as the database allows: whoever gets the
+    turn writes every outcome queued meanwhile. `idle()` returns once none is waiting."""
+
+    def __init__(self, sessions: sessionmaker, write: Callable[[AsyncSession, Outcome], Awaitable[None]]) -> None:
+        self.sessions = sessions
+        self.write = write
+        self.queue: list[tuple[Outcome, asyncio.Future[None]]] = []
+        self.turn = asyncio.Lock()
+        self.drained = asyncio.Event()
+        self.drained.set()
+
+    async def record(self, outcome: Outcome) -> None:
+        """Return once `outcome` is committed; raise if it could not be."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.queue.append((outcome, done))
+        self.drained.clear()
+        async with self.turn:
+            if not done.done():
+                batch, self.queue = self.queue, []
+                await self._commit(batch)
+            if not self.queue:
+                self.drained.set()
+        await done
+
+    async def idle(self) -> None:
+        await self.drained.wait()
+
+    async def _commit(self, batch: list[tuple[Outcome, asyncio.Future[None]]]) -> None:
+        try:
+            async with self.sessions() as session, session.begin():
+                for outcome, _ in batch:
+                    await self.write(session, outcome)
+        except Exception as exc:
+            if len(batch) > 1:  # one bad outcome must not cost the others their record
+                for item in batch:
+                    await self._commit([item])
+                return
+            _settle_futures(batch, exc)
+            return
+        except BaseException:  # cancelled mid-write: the waiters learn it, never hang
+            _settle_futures(batch, asyncio.CancelledError())
+            raise
+        _settle_futures(batch, None)
+
+
+def _settle_futures(batch: list[tuple[Outcome, asyncio.Future[None]]], error: BaseException | None) -> None:
+    for _, done in batch:
+        if done.done():
+            continue
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
 
 
 class Dispatcher:
-    def __init__(self, settings: Settings, policy: usecases.Policy) -> None:
+    def __init__(
+        self, settings: Settings, policy: usecases.Policy, *, stop_grace_seconds: float = STOP_GRACE_SECONDS
+    ) -> None:
         self.settings = settings
         self.policy = policy
+        self.stop_grace_seconds = stop_grace_seconds
         self.channels: dict[str, ChannelAdapter] = build_channels(settings)
         self.signal: CommitSignal | None = None
         self.sent = 0
         self.failed = 0
         self._random = random.Random()
+        self._stopping = False
+        self._deliveries: set[asyncio.Task[None]] = set()
+        self._records: GroupCommit | None = None
+        self._finished: asyncio.Future[None] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
     def wake_after_commit(self, session: AsyncSession) -> None:
         if self.signal is not None:
@@ -47,15 +153,36 @@ class Dispatcher:
 
     async def run(self, runtime: ServiceRuntime) -> None:
         self.signal = CommitSignal(runtime.sessions, "deliveries")
+        try:
+            await self._loop(runtime.sessions)
+        except asyncio.CancelledError:
+            # Cancelled without stop() first (ServiceRuntime.stop cancels its tasks):
+            # finish the same way before going.
+            await self._finish()
+            raise
+        await self._finish()
+
+    async def stop(self) -> None:
+        """Stop taking messages; let the sends under way finish and be recorded (at most
+        stop_grace_seconds). For the service's shutdown, before its tasks are cancelled."""
+        self._stopping = True
+        if self.signal is not None:
+            self.signal.set()
+        await self._finish()
+
+    async def _loop(self, sessions: sessionmaker) -> None:
         tick = self.settings.notify_dispatch_tick_seconds
         wait = 0.0
-        while True:
+        assert self.signal is not None
+        while not self._stopping:
             # Woken on commit, or when the next message falls due (a reminder, a retry),
             # or by the tick at the latest.
             await self.signal.wait(tick=wait)
+            if self._stopping:
+                return
             try:
-                await self.dispatch_due(runtime.sessions)
-                async with runtime.sessions() as session:
+                await self.dispatch_due(sessions)
+                async with sessions() as session:
                     upcoming = await store.next_due_at(session)
             except Exception as exc:  # a failed round is retried next tick, never fatal
                 log.warning("dispatch round failed", extra={"error": type(exc).__name__})
@@ -64,67 +191,169 @@ class Dispatcher:
             if upcoming is not None:
                 wait = min(tick, max(0.01, (upcoming - store.now()).total_seconds()))
 
-    async def dispatch_due(self, sessions: async_sessionmaker[AsyncSession]) -> int:
+    async def _finish(self) -> None:
+        """Once, however it is reached (stop(), then the cancellation that follows)."""
+        self._stopping = True
+        if self._finished is None:
+            self._finished = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._finished)
+
+    async def _drain(self) -> None:
+        pending = set(self._deliveries)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=self.stop_grace_seconds)
+        for task in late:  # a send past the grace stays `sending`: it goes out after its lease
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
+            log.warning("sends cut short by shutdown", extra={"count": len(late)})
+
+    async def dispatch_due(self, sessions: sessionmaker) -> int:
         """Send everything due now, in batches; returns how many messages were handled."""
         handled = 0
         limit = asyncio.Semaphore(CONCURRENCY)
 
         async def one(row: dict[str, Any]) -> None:
             async with limit:
-                await self.deliver(sessions, row)
+                if not self._stopping:
+                    await self.deliver(sessions, row)
 
-        while True:
+        while not self._stopping:
             async with sessions() as session:
                 due = await store.due_notifications(session, store.now(), BATCH)
             if not due:
                 return handled
-            for outcome in await asyncio.gather(*(one(row) for row in due), return_exceptions=True):
-                if isinstance(outcome, Exception):
-                    log.warning("delivery failed to record", extra={"error": type(outcome).__name__})
+            # Tasks of their own, awaited with wait() rather than gather(): cancelling this
+            # round (shutdown) must not cancel a send under way or its record.
+            tasks = {asyncio.ensure_future(one(row)) for row in due}
+            self._deliveries |= tasks
+            try:
+                await asyncio.wait(tasks)
+            finally:
+                self._deliveries -= {t for t in tasks if t.done()}
+            for task in tasks:
+                if not task.cancelled() and task.exception() is not None:
+                    log.warning("delivery failed to record", extra={"error": type(task.exception()).__name__})
             handled += len(due)
             if len(due) < BATCH:
                 return handled
+        return handled
 
-    async def deliver(self, sessions: async_sessionmaker[AsyncSession], row: dict[str, Any]) -> None:
+    async def deliver(self, sessions: sessionmaker, row: dict[str, Any]) -> None:
+        records = self._recorder(sessions)
+        await records.idle()  # outcomes waiting to be recorded go first
         now = store.now()
         try:
-            async with sessions() as session, session.begin():
-                lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
-                current = await store.claim_notification(session, row["notification_id"], now, lease)
-                if current is None:
-                    return  # cancelled, held, rescheduled or taken since it was picked up
-                decision = await usecases.prepare(session, self.policy, current, now)
-                if isinstance(decision, usecases.Settle):
-                    await self._settle(session, current, decision)
-                    return
-            message = compose(current, decision)
+            claimed = await self._claim(sessions, row, now)
         except Exception as exc:  # counted as an attempt: a broken row backs off, never spins
-            await self._failed(sessions, row, row["channel"], row["attempts"] + 1, type(exc).__name__, True)
+            await self._record(records, self._failure(row, row["channel"], row["attempts"] + 1, type(exc).__name__))
+            return
+        if claimed is None:
+            return
+        current, decision, message = claimed
+        if self._stopping:
+            await self._release(sessions, current)  # claimed, not sent: back to pending at once
             return
         attempts = current["attempts"] + 1
         adapter = self.channels.get(decision.channel) or self.channels["console"]
         try:
             provider_id = await adapter.send(message)
         except DeliveryError as exc:
-            await self._failed(sessions, current, decision.channel, attempts, exc.reason, exc.retryable)
-            return
+            outcome = self._failure(current, decision.channel, attempts, exc.reason, retryable=exc.retryable)
         except Exception as exc:  # a bug in an adapter must not kill the dispatcher
-            await self._failed(sessions, current, decision.channel, attempts, type(exc).__name__, True)
-            return
+            outcome = self._failure(current, decision.channel, attempts, type(exc).__name__)
+        else:
+            outcome = Outcome(current, decision.channel, attempts, provider_id=provider_id)
+        await self._record(records, outcome)
+
+    def _recorder(self, sessions: sessionmaker) -> GroupCommit:
+        if self._records is None or self._records.sessions is not sessions:
+            self._records = GroupCommit(sessions, self._write)
+        return self._records
+
+    async def _claim(
+        self, sessions: sessionmaker, row: dict[str, Any], now: datetime
+    ) -> tuple[dict[str, Any], usecases.Ready, OutboundMessage] | None:
+        """Take the message for sending, or settle it if it may not go out now."""
         async with sessions() as session, session.begin():
-            await store.mark_notification(
-                session, current["notification_id"],
-                status="sent", status_reason=None, attempts=attempts, provider_id=provider_id,
-                sent_at=store.now(), channel=decision.channel, last_error=None,
-            )  # fmt: skip
-            await store.record_attempt(
-                session, notification_id=current["notification_id"], attempt=attempts,
-                channel=decision.channel, outcome="sent", provider_id=provider_id,
-            )  # fmt: skip
-            envelope = usecases.outcome_envelope(NotificationSent, current, decision.channel, attempts)
-            await usecases.emit(session, envelope, fan_out=current["recipient_kind"] != "integration")
-            self.wake_after_commit(session)
-        self.sent += 1
+            lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
+            current = await store.claim_notification(session, row["notification_id"], now, lease)
+            if current is None:
+                return None  # cancelled, held, rescheduled or taken since it was picked up
+            decision = await usecases.prepare(session, self.policy, current, now)
+            if isinstance(decision, usecases.Settle):
+                await self._settle(session, current, decision)
+                return None
+        return current, decision, compose(current, decision)
+
+    async def _release(self, sessions: sessionmaker, row: dict[str, Any]) -> None:
+        # `row` is as it was before the claim: it is due again at its own time.
+        with contextlib.suppress(Exception):  # else its lease runs out: sent later, once
+            async with sessions() as session, session.begin():
+                await store.mark_notification(session, row["notification_id"], status="pending", due_at=row["due_at"])
+
+    async def _record(self, records: GroupCommit, outcome: Outcome) -> None:
+        await records.record(outcome)
+        if outcome.sent:
+            self.sent += 1
+            return
+        if outcome.final:
+            self.failed += 1
+        log.warning(
+            "notification attempt failed",
+            extra={
+                "notification_id": outcome.row["notification_id"],
+                "channel": outcome.channel,
+                "attempts": outcome.attempts,
+                "error": outcome.error,
+                "status": "failed" if outcome.final else "retry",
+            },
+        )
+
+    def _failure(
+        self, row: dict[str, Any], channel: str, attempts: int, error: str, *, retryable: bool = True
+    ) -> Outcome:
+        final = attempts >= self.policy.max_attempts or not retryable
+        retry_at = None if final else self.retry_at(store.now(), attempts)
+        return Outcome(row, channel, attempts, error=error, retryable=retryable, final=final, retry_at=retry_at)
+
+    async def _write(self, session: AsyncSession, outcome: Outcome) -> None:
+        if outcome.sent:
+            await self._write_sent(session, outcome)
+        else:
+            await self._write_failed(session, outcome)
+        self.wake_after_commit(session)
+
+    async def _write_sent(self, session: AsyncSession, outcome: Outcome) -> None:
+        row, channel, attempts = outcome.row, outcome.channel, outcome.attempts
+        await store.mark_notification(
+            session, row["notification_id"],
+            status="sent", status_reason=None, attempts=attempts, provider_id=outcome.provider_id,
+            sent_at=store.now(), channel=channel, last_error=None,
+        )  # fmt: skip
+        await store.record_attempt(
+            session, notification_id=row["notification_id"], attempt=attempts,
+            channel=channel, outcome="sent", provider_id=outcome.provider_id,
+        )  # fmt: skip
+        envelope = usecases.outcome_envelope(NotificationSent, row, channel, attempts)
+        await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
+
+    async def _write_failed(self, session: AsyncSession, outcome: Outcome) -> None:
+        row, channel, attempts, error = outcome.row, outcome.channel, outcome.attempts, outcome.error
+        values: dict[str, Any] = {"attempts": attempts, "last_error": error, "channel": channel}
+        if outcome.final:
+            values.update(status="failed", status_reason="gave_up" if outcome.retryable else "refused")
+        else:
+            values.update(status="pending", due_at=outcome.retry_at)
+        await store.mark_notification(session, row["notification_id"], **values)
+        await store.record_attempt(
+            session, notification_id=row["notification_id"], attempt=attempts, channel=channel,
+            outcome="failed" if outcome.final else "retry", error=error,
+        )  # fmt: skip
+        if outcome.final:
+            envelope = usecases.outcome_envelope(NotificationFailed, row, channel, attempts, reason=error)
+            await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
 
     async def _settle(self, session: AsyncSession, row: dict[str, Any], decision: usecases.Settle) -> None:
         # `row` is as it was before the claim: a message not sent now keeps its due time
@@ -138,43 +367,6 @@ class Dispatcher:
         log.info(
             "notification not sent now",
             extra={"notification_id": row["notification_id"], "status": decision.status, "reason": decision.reason},
-        )
-
-    async def _failed(
-        self,
-        sessions: async_sessionmaker[AsyncSession],
-        row: dict[str, Any],
-        channel: str,
-        attempts: int,
-        error: str,
-        retryable: bool,
-    ) -> None:
-        final = attempts >= self.policy.max_attempts or not retryable
-        async with sessions() as session, session.begin():
-            values: dict[str, Any] = {"attempts": attempts, "last_error": error, "channel": channel}
-            if final:
-                values.update(status="failed", status_reason="gave_up" if retryable else "refused")
-            else:
-                values.update(status="pending", due_at=self.retry_at(store.now(), attempts))
-            await store.mark_notification(session, row["notification_id"], **values)
-            await store.record_attempt(
-                session, notification_id=row["notification_id"], attempt=attempts, channel=channel,
-                outcome="failed" if final else "retry", error=error,
-            )  # fmt: skip
-            if final:
-                envelope = usecases.outcome_envelope(NotificationFailed, row, channel, attempts, reason=error)
-                await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
-                self.failed += 1
-            self.wake_after_commit(session)
-        log.warning(
-            "notification attempt failed",
-            extra={
-                "notification_id": row["notification_id"],
-                "channel": channel,
-                "attempts": attempts,
-                "error": error,
-                "status": "failed" if final else "retry",
-            },
         )
 
     def retry_at(self, now: datetime, attempts: int) -> datetime:

@@ -376,6 +376,12 @@ async def test_webhook_subscriptions_receive_signed_events_with_retries(
             app, lambda r: r and r[0]["status"] == "sent", "webhook row sent", recipient_kind="integration"
         )
         assert hook["attempts"] == 2 and hook["patient_id"] is None
+        # Both attempts carry the delivery's identity, for the receiver to drop a resent copy.
+        keys = {
+            (p["headers"]["Idempotency-Key"], p["headers"]["X-Iopnet-Delivery-Id"])
+            for p in http_peer.posts("/hooks/ehr")
+        }
+        assert keys == {(hook["notification_id"], hook["notification_id"])}
 
         # A subscriber with the wrong secret is refused by the receiver: no retry helps.
         http_peer.secrets["/hooks/bad"] = "another-secret-entirely"

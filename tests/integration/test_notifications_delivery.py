@@ -451,6 +451,9 @@ async def test_sms_is_retried_after_500s_then_delivered(
         assert forbidden_in(document["body"]) == []
         [row] = await wait_rows(app, lambda r: r[0]["status"] == "sent", "sms sent", patient_id=patient.id)
         assert (row["attempts"], row["provider_id"], row["last_error"]) == (3, "peer-3", None)
+        # One identity on every attempt, for the provider to drop a copy sent again.
+        keys = {(p["headers"]["Idempotency-Key"], p["headers"]["X-Iopnet-Delivery-Id"]) for p in posts}
+        assert keys == {(row["notification_id"], row["notification_id"])}
         listed = (await client.get(f"/patients/{patient.id}/notifications", headers=STAFF)).json()
         assert [d["outcome"] for d in listed[0]["deliveries"]] == ["retry", "retry", "sent"]
         assert [d["error"] for d in listed[0]["deliveries"]] == ["HTTP 500", "HTTP 500", None]
@@ -480,9 +483,14 @@ async def test_email_is_retried_after_a_temporary_smtp_refusal(app, nats_server,
     async with running(app):
         await register_site(app, nats_server.url)
         await onboard(app, nats_server.url, patient)
-        await wait_mail(smtp_sink, patient.email)
+        [mail] = await wait_mail(smtp_sink, patient.email)
         [row] = await wait_rows(app, lambda r: r[0]["status"] == "sent", "email sent", patient_id=patient.id)
         assert row["attempts"] == 2
+        # The Message-ID is the notification's, the same on every attempt: a resent copy
+        # (after a crash between send and record) can be dropped by the mail system.
+        assert mail["headers"]["Message-ID"] == f"<{row['notification_id']}@iopnet.invalid>"
+        assert mail["headers"]["X-Iopnet-Delivery-Id"] == row["notification_id"]
+        assert row["provider_id"] == mail["headers"]["Message-ID"]
 
 
 async def test_an_unknown_patient_gets_no_message_and_reads_are_scoped(app, nats_server) -> None:
