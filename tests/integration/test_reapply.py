@@ -17,6 +17,7 @@ from sqlalchemy import func, select, update
 from typer.testing import CliRunner
 
 from iopnet.cli import app as cli
+from iopnet.natsd import NatsServer, free_port, load_or_create_credentials
 from iopnet.replay import ReplayFailed, reapply_event
 from iopnet.testing import eventually
 from services.notifications import store as notifications_store
@@ -27,6 +28,7 @@ from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import CheckInSubmitted, PatientDischarged, PatientEnrolled, SiteRegistered
 from shared.messaging.connection import connect_once
 from shared.messaging.control import ReapplyRequest
+from shared.messaging.streams import STREAMS, ensure_streams
 from tests.conftest import auth, make_settings, publish, running
 from tests.integration.test_notifications_delivery import Patient, publish_and_settle, register_site, rows
 
@@ -70,8 +72,8 @@ async def count(app, table, *where) -> int:
         return int((await session.execute(select(func.count()).select_from(table).where(*where))).scalar_one())
 
 
-async def enrolled_and_discharged(app, client, nats_url: str) -> tuple[Envelope, Envelope]:
-    await publish(nats_url, new_envelope(SiteRegistered(name="Columbus East", timezone=TZ), site_id=SITE))
+async def enrolled_and_discharged(app, client, nats_url: str, send=publish) -> tuple[Envelope, Envelope]:
+    await send(nats_url, new_envelope(SiteRegistered(name="Columbus East", timezone=TZ), site_id=SITE))
 
     async def site_known():
         async with app.state.runtime.sessions() as session:
@@ -90,7 +92,7 @@ async def enrolled_and_discharged(app, client, nats_url: str) -> tuple[Envelope,
                           reason="completed", discharged_on=date.today()),
         site_id=SITE,
     )  # fmt: skip
-    await publish(nats_url, enrolled, discharged)
+    await send(nats_url, enrolled, discharged)
 
     async def ended():
         response = await client.get(f"/enrollments/{enrolled.data['enrollment_id']}", headers=STAFF)
@@ -259,3 +261,46 @@ async def test_notifications_handlers_converge_when_reapplied(notifications, nat
         assert await count(app, notifications_store.alerts) == alerts
         assert await count(app, notifications_store.outbox.table) == staged
         assert await count(app, notifications_store.operations.table) == 3
+
+
+async def test_reapply_works_under_the_brokers_allow_lists(tmp_path: Path) -> None:
+    """On the configuration `iopnet run` gives its server: scheduling as its own NATS
+    user, the request from `ops`, which may ask but publishes no event."""
+    nats_dir = tmp_path / "nats"
+    server = NatsServer(nats_dir, port=free_port(), users=load_or_create_credentials(nats_dir)).start()
+    try:
+        database = f"sqlite+aiosqlite:///{tmp_path / 'scheduling.db'}"
+        app = create_app(make_settings(server.user_url("scheduling"), tmp_path, scheduling_database_url=database))
+        async with running(app) as client:
+            intake = server.user_url("intake")
+            _, discharged = await enrolled_and_discharged(app, client, intake, send=_publish_as_intake)
+            ops = server.user_url("ops")
+            # Found here as the consumer may read its stream (ops reads sequences from dlq list).
+            seq = await sequence_of(server.user_url("scheduling"), "IOP_INTAKE", discharged)
+            stored = (await _stream_state(ops)).messages
+            reply = await reapply_event(ops, "scheduling", request("IOP_INTAKE", seq))
+            assert (reply.outcome, reply.event_id) == ("reapplied", str(discharged.event_id))
+            assert (await _stream_state(ops)).messages == stored  # nothing re-published
+            assert await count(app, store.operations.table) == 1
+    finally:
+        server.stop(kill=True)
+
+
+async def _publish_as_intake(url: str, *envelopes: Envelope) -> None:
+    """As intake's relay does, as its own NATS user: its stream, Nats-Msg-Id = event_id."""
+    nc = await connect_once(url)
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, [STREAMS["IOP_INTAKE"]], 120, service="intake")
+        for envelope in envelopes:
+            await js.publish(envelope.subject, envelope.to_bytes(), headers={"Nats-Msg-Id": str(envelope.event_id)})
+    finally:
+        await nc.close()
+
+
+async def _stream_state(url: str):
+    nc = await connect_once(url)
+    try:
+        return (await nc.jetstream().stream_info("IOP_INTAKE")).state
+    finally:
+        await nc.close()
