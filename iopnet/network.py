@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO
 
@@ -88,20 +89,56 @@ class LocalNetwork:
             )
             self.nats.start()
         for name in SERVICES:
-            env = self.child_env(name)
-            output: IO[bytes] | None = None
-            if self.log_dir is not None:
-                output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-                self._logs.append(output)
-            self.processes[name] = subprocess.Popen(
-                [sys.executable, "-m", "iopnet.cli", "serve", name], env=env, stdout=output, stderr=output
-            )
+            self._spawn(name)
         self.wait_ready(timeout)
         return self
 
-    def wait_ready(self, timeout: float) -> None:
+    def _spawn(self, name: ServiceName) -> None:
+        output: IO[bytes] | None = None
+        if self.log_dir is not None:
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(output)
+        self.processes[name] = subprocess.Popen(
+            [sys.executable, "-m", "iopnet.cli", "serve", name], env=self.child_env(name), stdout=output, stderr=output
+        )
+
+    # --- faults: one process at a time, same ports, same data dir (tests/faults) ---------------
+
+    def signal_service(self, name: ServiceName, sig: int = signal.SIGKILL, timeout: float = 30) -> int:
+        """Send `sig` (kill -9 by default, or SIGTERM for a graceful stop) to one service
+        and wait for it to exit; returns its exit status."""
+        process = self.processes[name]
+        if process.poll() is None:
+            process.send_signal(sig)
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()  # a graceful stop that hangs is itself a fault: end it
+            process.wait()
+            raise RuntimeError(f"{name} did not exit within {timeout}s of signal {sig}") from None
+
+    def restart_service(self, name: ServiceName, timeout: float = 60) -> None:
+        """Start a stopped service again, as `start` did, and wait until it is ready."""
+        if self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(name)
+        self.wait_ready(timeout, [name])
+
+    def stop_nats(self, kill: bool = True) -> None:
+        """kill -9 (or SIGTERM) the embedded nats-server; its data dir and port are kept."""
+        if self.nats is None:
+            raise RuntimeError("no embedded nats-server: IOPNET_NATS_URL names an external one")
+        self.nats.stop(kill=kill)
+
+    def start_nats(self) -> None:
+        """Start the embedded nats-server again on the same port, data dir and users."""
+        if self.nats is None:
+            raise RuntimeError("no embedded nats-server: IOPNET_NATS_URL names an external one")
+        self.nats.start()
+
+    def wait_ready(self, timeout: float, names: Iterable[str] | None = None) -> None:
         deadline = time.monotonic() + timeout
-        pending = set(self.processes)
+        pending = set(self.processes if names is None else names)
         with httpx.Client(timeout=1) as client:
             while pending:
                 for name in sorted(pending):
