@@ -7,9 +7,24 @@ after the handler's transaction commits, retries in place with backoff (so event
 stream are applied in order), and after `max_deliver` tries the message is published to
 `iop.dlq.>` with its reason and then acked, so it never blocks the messages behind it
 for longer than its retries.
+
+In order across restarts as well. Every message fetched and not yet acked is *held*:
+- while held, its lease is renewed (`in_progress()` every third of ack_wait), so a batch
+  that works longer than ack_wait is not redelivered behind our back, and ack_wait can be
+  short: a crashed consumer's messages come back within seconds;
+- on `request_stop()` the consumer takes no new message, lets the message or batch in
+  hand finish (the runtime bounds how long), stops the server's deliveries to it and NAKs
+  (no delay) everything still held, oldest first: they are redelivered at once, in order,
+  before any later message;
+- after a kill -9 (or a lost connection) the server still counts the dead run's messages
+  as pending until their lease ends, and would hand the restarted consumer *later*
+  messages first. So before taking new work the consumer asks how many are pending
+  (`_recover`), gathers them back (NAKed ones come at once, orphaned ones when their
+  lease ends, at most ack_wait) and applies them, oldest first, before anything newer.
 """
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
@@ -64,6 +79,9 @@ class ConsumerStats:
     dead_lettered: int = 0
     idle_fetches: int = 0
     transactions: int = 0  # committed handler transactions (a batch commits once)
+    recovered: int = 0  # messages an earlier run left unacked, gathered back before new ones
+    returned: int = 0  # messages NAKed at a stop (or a re-bind) so they come back at once
+    redelivered: int = 0  # fetched messages the server had delivered before
 
 
 class Consumer:
@@ -83,6 +101,7 @@ class Consumer:
         duplicate_window_seconds: float = 120.0,
         idle_wait_seconds: float = 5.0,
         backlog_wait_seconds: float = 0.02,
+        recovery_margin_seconds: float = 1.0,
     ) -> None:
         self.service = service
         self.subscription = subscription
@@ -99,34 +118,72 @@ class Consumer:
         self.duplicate_window_seconds = duplicate_window_seconds
         self.idle_wait_seconds = idle_wait_seconds
         self.backlog_wait_seconds = backlog_wait_seconds
+        # Past a lease's end, before the server's timer has surely put it back in line.
+        self.recovery_margin_seconds = recovery_margin_seconds
         self.durable = f"{service}-{subscription.stream}"
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
+        # The stream does not exist yet (its producer has not declared it): nothing to
+        # consume, and the durable will start from its first message once it does.
+        self.awaiting_stream = False
+        self._stopping = asyncio.Event()
+        # Fetched and not yet acked or NAKed, by stream sequence.
+        self._held: dict[int, Msg] = {}
+        self._reconnects = 0
+
+    def request_stop(self) -> None:
+        """Take no new message; `run()` returns once the work in hand is done and the
+        rest is handed back (see the module docstring)."""
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     async def run(self) -> None:
-        """Consume forever; an unexpected failure (a deleted consumer, a failed ack)
-        re-binds after a pause instead of ending the loop."""
-        while True:
-            try:
-                subscription = await self._bind()
-                self.bound.set()
-                await self._consume(subscription)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.bound.clear()
-                log.error("consumer failed; re-binding", extra={"consumer": self.durable, "error": type(exc).__name__})
-                await asyncio.sleep(1.0)
+        """Consume until `request_stop()`; an unexpected failure (a deleted consumer, a
+        failed ack) re-binds after a pause instead of ending the loop."""
+        try:
+            while not self.stopping:
+                try:
+                    subscription = await self._bind()
+                    if subscription is None:
+                        return
+                    self.bound.set()
+                    await self._consume(subscription)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.bound.clear()
+                    failure = {"consumer": self.durable, "error": type(exc).__name__}
+                    log.error("consumer failed; re-binding", extra=failure)
+                    await self._pause(1.0)
+        finally:
+            self.bound.clear()
 
     async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
-        while True:
-            # Wait for one message (returns as soon as it arrives), then take the
-            # backlog in batches. A plain fetch(batch) would hold the first message
-            # until the batch filled or the request expired.
-            for message in await self._fetch(subscription, 1, self.idle_wait_seconds):
-                await self.process(message)
-                while backlog := await self._fetch(subscription, self.batch, self.backlog_wait_seconds):
-                    await self.process_batch(backlog)
+        leases = asyncio.create_task(self._keep_leases(), name=f"{self.durable}-leases")
+        try:
+            await self._recover(subscription)
+            while not self.stopping:
+                if self._reconnected():
+                    # The broker may have lost what it sent us meanwhile: see _recover.
+                    await self._recover(subscription)
+                    continue
+                # Wait for one message (returns as soon as it arrives), then take the
+                # backlog in batches. A plain fetch(batch) would hold the first message
+                # until the batch filled or the request expired.
+                messages = await self._idle_fetch(subscription)
+                # Messages fetched across a reconnect stay held: _recover applies them
+                # after the ones the broker may still count as ours from before.
+                while messages and not self.stopping and not self._reconnected():
+                    await self.process_batch(messages)
+                    if self.stopping or self._reconnected():
+                        break
+                    messages = await self._fetch(subscription, self.batch, self.backlog_wait_seconds)
+        finally:
+            leases.cancel()
+            await self._release(subscription)
 
     async def process_batch(self, messages: list[Msg]) -> None:
         """A backlog in one transaction (one commit, one fsync, instead of one per event).
@@ -137,7 +194,7 @@ class Consumer:
         if len(messages) == 1:
             await self.process(messages[0])
             return
-        work = []
+        work: list[tuple[Envelope, Event, Handler]] = []
         for message in messages:
             try:
                 envelope = Envelope.from_bytes(message.data)
@@ -151,8 +208,7 @@ class Consumer:
                 break
             work.append((envelope, event, handler))
         if not work:
-            for message in messages:
-                await self.process(message)
+            await self._one_by_one(messages)
             return
         applied: list[bool] = []
         try:
@@ -164,26 +220,139 @@ class Consumer:
                     applied.append(fresh)
         except Exception:
             # The message at len(applied) failed once already: it counts as a try.
-            for index, message in enumerate(messages):
-                await self.process(message, tried=1 if index == len(applied) else 0)
+            await self._one_by_one(messages, failed_at=len(applied))
             return
         self.stats.transactions += 1
         for message in messages:
-            await message.ack()
+            await self._ack(message)
         self.stats.applied += sum(applied)
         self.stats.skipped_duplicates += len(applied) - sum(applied)
 
+    async def _one_by_one(self, messages: list[Msg], failed_at: int | None = None) -> None:
+        for index, message in enumerate(messages):
+            if self.stopping:
+                return  # the rest stay held: _release hands them back in order
+            await self.process(message, tried=1 if index == failed_at else 0)
+
     async def _fetch(self, subscription: JetStreamContext.PullSubscription, batch: int, wait: float) -> list[Msg]:
         try:
-            return await subscription.fetch(batch, timeout=wait)
+            messages = await subscription.fetch(batch, timeout=wait)
         except TimeoutError:  # nats-py raises both its own and asyncio's TimeoutError
             self.stats.idle_fetches += 1
             return []
         except (nats.errors.ConnectionClosedError, nats.errors.ConnectionReconnectingError):
-            await asyncio.sleep(0.5)  # backoff while nats-py reconnects
+            await self._pause(0.5)  # backoff while nats-py reconnects
             return []
+        for message in messages:
+            self._held[_sequence(message)] = message
+            self.stats.redelivered += message.metadata.num_delivered > 1
+        return messages
 
-    async def _bind(self) -> JetStreamContext.PullSubscription:
+    async def _idle_fetch(self, subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+        """The long wait for the next message, cut short by `request_stop()`."""
+        fetch = asyncio.ensure_future(self._fetch(subscription, 1, self.idle_wait_seconds))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not fetch.done():
+                # A message that reaches us after this is still in the subscription's
+                # queue: _release takes it from there and NAKs it.
+                fetch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await fetch
+        return fetch.result() if not fetch.cancelled() else []
+
+    async def _recover(self, subscription: JetStreamContext.PullSubscription) -> None:
+        """Before any new message: gather back, and apply oldest first, the messages an
+        earlier run (or this one, before a lost connection) fetched and never acked.
+
+        The server counts them in `num_ack_pending`. NAKed ones (a clean stop) are
+        redelivered at once; a dead run's come back only when their lease ends, and until
+        then the server hands out *later* messages. Those later ones are held, not
+        applied, and nothing more is fetched until the lease is surely over (ack_wait
+        from now: the dead run renewed it at most until it died, which was before now)."""
+        self._reconnects = self._reconnect_count()
+        info = await subscription.consumer_info()
+        outstanding = (info.num_ack_pending or 0) - len(self._held)
+        if outstanding <= 0:
+            return
+        loop = asyncio.get_running_loop()
+        lease = max(self.ack_wait_seconds, info.config.ack_wait or 0.0)
+        deadline = loop.time() + lease + self.recovery_margin_seconds
+        delivered_before = info.delivered.stream_seq if info.delivered else 0
+        log.warning("recovering unacknowledged messages", extra={"consumer": self.durable, "count": outstanding})
+        while not self.stopping:
+            if (info.num_ack_pending or 0) <= len(self._held):
+                break  # every pending message is in hand
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                # Their leases are over: the server redelivers them before anything new.
+                await self._fetch(subscription, max(self.batch, outstanding), self.backlog_wait_seconds)
+                break
+            if any(seq > delivered_before for seq in self._held):
+                await self._pause(min(remaining, 0.5))  # the rest only return at their lease's end
+            else:
+                await self._fetch(subscription, self.batch, min(remaining, 0.5))
+            info = await subscription.consumer_info()
+        if self.stopping or not self._held:
+            return
+        self.stats.recovered += sum(seq <= delivered_before for seq in self._held)
+        await self.process_batch(sorted(self._held.values(), key=_sequence))
+
+    async def _keep_leases(self) -> None:
+        """Renew the lease of every held message, every third of ack_wait: a batch may
+        work longer than ack_wait without being redelivered meanwhile."""
+        while True:
+            await asyncio.sleep(self.ack_wait_seconds / 3)  # a heartbeat period, not a wait on work
+            for message in list(self._held.values()):
+                with contextlib.suppress(Exception):  # acked meanwhile, or the connection is down
+                    await message.in_progress()
+
+    async def _release(self, subscription: JetStreamContext.PullSubscription) -> None:
+        """Stop the server's deliveries to this subscription, then NAK (no delay) every
+        message fetched and not acked, oldest first: they are redelivered at once and in
+        order, to whoever binds next, instead of after ack_wait behind later ones."""
+        for message in await _stop_deliveries(subscription):
+            self._held.setdefault(_sequence(message), message)
+        unacked = sorted(self._held.values(), key=_sequence)
+        self._held.clear()
+        for message in unacked:
+            with contextlib.suppress(Exception):  # the broker is gone: the lease returns them
+                await message.nak()
+        if unacked:
+            self.stats.returned += len(unacked)
+            with contextlib.suppress(Exception):
+                await subscription._nc.flush(timeout=1)
+            log.info("returned unacknowledged messages", extra={"consumer": self.durable, "count": len(unacked)})
+
+    async def _ack(self, message: Msg) -> None:
+        await message.ack()
+        self._held.pop(_sequence(message), None)
+
+    async def _nak(self, message: Msg, delay: float | None = None) -> None:
+        await message.nak(delay=delay)
+        self._held.pop(_sequence(message), None)
+
+    def _reconnect_count(self) -> int:
+        client = getattr(self.js, "_nc", None)  # nats-py's JetStreamContext keeps its client here
+        return int(client.stats.get("reconnects", 0)) if client is not None else 0
+
+    def _reconnected(self) -> bool:
+        return self._reconnect_count() != self._reconnects
+
+    async def _pause(self, seconds: float) -> bool:
+        """Wait `seconds` unless a stop is requested first; True if it was."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _bind(self) -> JetStreamContext.PullSubscription | None:
+        """The durable and a pull subscription on it; None if a stop came first."""
         config = ConsumerConfig(
             name=self.durable,
             durable_name=self.durable,
@@ -197,20 +366,24 @@ class Consumer:
             max_ack_pending=max(self.batch * 4, 256),
         )
         delay = 0.2
-        while True:
+        while not self.stopping:
             try:
                 # The consumer needs somewhere to put dead letters before it takes a message.
                 await ensure_streams(self.dlq_js, [STREAMS["IOP_DLQ"]], self.duplicate_window_seconds, update=False)
                 await self.js.add_consumer(self.subscription.stream, config)
-                return await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
+                subscription = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
+                self.awaiting_stream = False
+                return subscription
             except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 # The owner has not declared the stream yet; keep trying, never give up.
+                self.awaiting_stream = isinstance(exc, NotFoundError)
                 log.info(
                     "waiting for stream",
                     extra={"stream": self.subscription.stream, "error": type(exc).__name__},
                 )
-                await asyncio.sleep(delay)
+                await self._pause(delay)
                 delay = min(delay * 2, 5.0)
+        return None
 
     async def process(self, message: Msg, tried: int = 0) -> None:
         """Apply one message; `tried` counts failed tries made before (in a batch)."""
@@ -227,7 +400,7 @@ class Consumer:
             return
         handler = self.subscription.handlers.get(envelope.event_type)
         if handler is None:
-            await message.ack()
+            await self._ack(message)
             return
         attempt = deliveries
         while True:
@@ -251,9 +424,10 @@ class Consumer:
                 self.stats.retried += 1
                 log.warning("handler failed; will retry", extra=self._log_fields(envelope, attempt, reason))
                 await message.in_progress()  # keeps ack_wait from expiring meanwhile
-                await asyncio.sleep(self.nak_delay_seconds * 2 ** (attempt - 1))
+                if await self._pause(self.nak_delay_seconds * 2 ** (attempt - 1)):
+                    return  # stopping: still held, so _release hands it back in order
                 attempt += 1
-        await message.ack()
+        await self._ack(message)
         if applied:
             self.stats.applied += 1
         else:
@@ -317,9 +491,9 @@ class Consumer:
         except Exception as exc:
             # Not acked: the server redelivers it and the next try dead-letters again.
             log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})
-            await message.nak(delay=self.nak_delay_seconds)
+            await self._nak(message, delay=self.nak_delay_seconds)
             return
-        await message.ack()
+        await self._ack(message)
         self.stats.dead_lettered += 1
         log.error(
             "event dead-lettered",
@@ -334,6 +508,33 @@ class Consumer:
             "deliveries": deliveries,
             "reason": reason,
         }
+
+
+def _sequence(message: Msg) -> int:
+    return int(message.metadata.sequence.stream)
+
+
+async def _stop_deliveries(subscription: JetStreamContext.PullSubscription) -> list[Msg]:
+    """Unsubscribe the pull subscription's inbox and return the messages already in its
+    queue. After the UNSUB and a round trip, the server has no interest left: it drops
+    any pull request still waiting (nats-server checks interest before delivering), and
+    whatever it sent before is in the queue. nats-py has no public call for "stop and
+    give me what you have", so this reaches into its Subscription (nats-py 2.x)."""
+    inner = subscription._sub
+    try:
+        await inner._conn._send_unsubscribe(inner._id)
+        await inner._conn.flush(timeout=1)
+    except Exception as exc:  # closed or reconnecting: the server forgets us either way
+        log.info("could not stop deliveries", extra={"error": type(exc).__name__})
+    left: list[Msg] = []
+    queue = inner._pending_queue
+    while not queue.empty():
+        message = queue.get_nowait()
+        if message.reply and not JetStreamContext.is_status_msg(message):
+            left.append(message)
+    with contextlib.suppress(Exception):
+        await subscription.unsubscribe()
+    return left
 
 
 def _summarize(exc: ValidationError) -> str:

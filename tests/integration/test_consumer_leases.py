@@ -1,0 +1,129 @@
+"""Leases: a consumer keeps the messages it works on, and gets back in order the ones a
+dead consumer left unacknowledged.
+
+Against a real nats-server and database, with a short ack_wait:
+- a batch that works for several times ack_wait is not redelivered meanwhile (its
+  leases are renewed with in_progress());
+- messages a killed consumer had fetched and never acked are applied before any later
+  message, when their lease ends, not behind the later ones."""
+
+import asyncio
+from datetime import date
+from uuid import uuid4
+
+import nats
+import pytest
+from sqlalchemy import MetaData, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from iopnet.testing import eventually
+from shared.contracts import Envelope, new_envelope
+from shared.contracts.events import Event, PatientEnrolled
+from shared.db import create_engine, session_factory
+from shared.messaging import Consumer, Inbox, Subscription
+from tests.conftest import publish
+
+ACK_WAIT = 1.0
+
+
+def enrolled(program_id: str) -> Envelope:
+    event = PatientEnrolled(
+        patient_id=uuid4(), enrollment_id=uuid4(), program_id=program_id, level_of_care="2.1",
+        cohort="adult", start_date=date(2026, 12, 1), referral_source="self",
+    )  # fmt: skip
+    return new_envelope(event, site_id="columbus-east")
+
+
+@pytest.fixture
+async def inbox_db(database_url: str):
+    metadata = MetaData()
+    inbox = Inbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield inbox, session_factory(engine)
+    await engine.dispose()
+
+
+async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: Inbox) -> list[str]:
+    async with sessions() as session:
+        query = select(inbox.table.c.event_id).order_by(inbox.table.c.received_at)
+        return [str(r) for r in (await session.execute(query)).scalars()]
+
+
+async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbox_db) -> None:
+    inbox, sessions = inbox_db
+
+    async def slow(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+        await asyncio.sleep(0.4)  # the work itself: 7 of these make a batch of 2.8 s
+
+    events = [enrolled(f"p{i}") for i in range(8)]
+    await publish(nats_server.url, *events)
+    nc = await nats.connect(nats_server.url)
+    consumer = Consumer("leaser", Subscription("IOP_INTAKE", {"PatientEnrolled": slow}), sessions, inbox,
+                        nc.jetstream(), ack_wait_seconds=ACK_WAIT)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == len(events)
+
+        await eventually(all_applied, timeout=15, what="the slow batch applied")
+        info = await nc.jetstream().consumer_info("IOP_INTAKE", "leaser-IOP_INTAKE")
+    finally:
+        consumer.request_stop()
+        await task
+        await nc.close()
+    assert consumer.stats.transactions == 2  # the first message alone, then one batch of 7
+    assert info.delivered.consumer_seq == len(events)  # not one redelivery
+    assert consumer.stats.redelivered == 0 and consumer.stats.skipped_duplicates == 0
+    assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
+
+
+async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats_server, inbox_db) -> None:
+    inbox, sessions = inbox_db
+
+    async def handler(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+        return None
+
+    events = [enrolled(f"p{i}") for i in range(6)]
+    subscription = Subscription("IOP_INTAKE", {"PatientEnrolled": handler})
+    nc = await nats.connect(nats_server.url)
+    try:
+        # A first run creates the durable and applies e0.
+        await publish(nats_server.url, events[0])
+        first = Consumer("crasher", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT * 2)
+        task = asyncio.create_task(first.run())
+
+        async def first_applied() -> bool:
+            return first.stats.applied == 1
+
+        await eventually(first_applied, what="e0 applied")
+        first.request_stop()
+        await task
+
+        # A process takes e1 and e2 from the durable and dies without a word (kill -9).
+        await publish(nats_server.url, *events[1:4])
+        doomed = await nats.connect(nats_server.url)
+        held = await (await doomed.jetstream().pull_subscribe_bind("crasher-IOP_INTAKE", "IOP_INTAKE")).fetch(2)
+        assert [Envelope.from_bytes(m.data).event_id for m in held] == [e.event_id for e in events[1:3]]
+        await doomed.close()
+        await publish(nats_server.url, *events[4:])
+
+        # The restarted consumer gets e3..e5 at once, but must not apply them before
+        # e1 and e2, which the broker hands out again only when their lease ends.
+        restarted = Consumer("crasher", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT * 2)
+        task = asyncio.create_task(restarted.run())
+        try:
+
+            async def all_applied() -> bool:
+                return len(await applied_in_order(sessions, inbox)) == len(events)
+
+            await eventually(all_applied, timeout=15, what="every event applied")
+        finally:
+            restarted.request_stop()
+            await task
+    finally:
+        await nc.close()
+    assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
+    assert restarted.stats.recovered == 2
