@@ -68,10 +68,10 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
 
     @app.get("/readyz", tags=["ops"])
     async def readyz() -> JSONResponse:
+        # 503 until every check holds, consumers bound included (ServiceRuntime.readiness
+        # says what counts as bound); answered within a second even under a backlog.
         checks = await runtime.readiness()
-        # A consumer still waiting for another service's stream is reported, not gating:
-        # its durable consumer will start from the stream's first message once bound.
-        ready = all(ok for name, ok in checks.items() if name != "consumers")
+        ready = all(checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     @app.get("/asyncapi", tags=["ops"])

@@ -10,9 +10,10 @@ from pathlib import Path
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
-from shared.db import create_engine, migrate, session_factory
+from shared.db import create_engine, is_sqlite, migrate, session_factory
 from shared.messaging import (
     STREAMS,
     Consumer,
@@ -28,6 +29,15 @@ from shared.messaging.control import ControlPlane
 from shared.settings import ServiceName, Settings
 
 log = logging.getLogger("iopnet.runtime")
+
+# How long a stop lets each consumer finish the message or batch in hand before it is
+# cancelled (its transaction then rolls back, and what it held is NAKed all the same).
+CONSUMER_STOP_GRACE_SECONDS = 5.0
+# Then every other background task: cancelled, and given this long to wind down (a job
+# may catch the cancellation to finish work in flight, e.g. record a send).
+TASK_STOP_GRACE_SECONDS = 10.0
+# /readyz answers within a second: the database probe gets this long, then counts as down.
+READINESS_DATABASE_TIMEOUT_SECONDS = 0.8
 
 BackgroundJob = Callable[["ServiceRuntime"], Awaitable[None]]
 
@@ -73,6 +83,8 @@ class ServiceRuntime:
         self.subscriptions = subscriptions
         self.jobs = jobs or []
         self.engine: AsyncEngine | None = None
+        # The readiness probe's own connections (see `readiness`).
+        self.probe_engine: AsyncEngine | None = None
         self.sessions: async_sessionmaker[AsyncSession]
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
@@ -83,10 +95,20 @@ class ServiceRuntime:
         self.relay: OutboxRelay
         self.consumers: list[Consumer] = []
         self.streams_ready = asyncio.Event()
+        # Set when the service starts to stop: a job may watch it to take no new work.
+        self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._consumer_tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
-        self.engine = create_engine(self.settings.database_url(self.name))
+        url = self.settings.database_url(self.name)
+        self.engine = create_engine(url)
+        # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
+        # probe never queues behind the service's own work. No pool: each probe opens and
+        # closes its connection (cheap on SQLite, one short session on PostgreSQL).
+        self.probe_engine = create_async_engine(
+            url, poolclass=NullPool, connect_args={"timeout": READINESS_DATABASE_TIMEOUT_SECONDS}
+        )
         self.sessions = session_factory(self.engine)
         await migrate(self.engine, self.migrations_dir)
         self.relay = OutboxRelay(
@@ -137,14 +159,15 @@ class ServiceRuntime:
                 duplicate_window_seconds=self.settings.duplicate_window_seconds,
             )
             self.consumers.append(consumer)
-            self._spawn(consumer.run(), consumer.durable)
+            self._consumer_tasks.append(self._spawn(consumer.run(), consumer.durable))
         await ControlPlane(self.name, self.js, self.consumers).start(self.nc)
 
-    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+    def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         task.set_name(name)
         task.add_done_callback(self._on_task_done)
         self._tasks.append(task)
+        return task
 
     def _on_task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -157,34 +180,46 @@ class ServiceRuntime:
             )
 
     async def stop(self) -> None:
+        """Consumers first: each takes no new message, finishes the one or the batch in
+        hand (bounded) and NAKs what it still holds, so those come back at once and in
+        order (not after ack_wait, behind later ones). Meanwhile the other tasks are
+        cancelled. NATS and the database close only after all of them have ended."""
+        self.stopping.set()
+        for consumer in self.consumers:
+            consumer.request_stop()
+        consumer_tasks = set(self._consumer_tasks)
         for task in self._tasks:
-            task.cancel()
+            if task not in consumer_tasks:
+                task.cancel()
+        if consumer_tasks:
+            _, slow = await asyncio.wait(consumer_tasks, timeout=CONSUMER_STOP_GRACE_SECONDS)
+            for task in slow:
+                log.warning("consumer did not finish its batch in time; cancelled", extra={"reason": task.get_name()})
+                task.cancel()
         if self._tasks:
-            _, stuck = await asyncio.wait(self._tasks, timeout=10)
+            _, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_GRACE_SECONDS)
             for task in stuck:
                 log.error("background task ignored cancellation", extra={"reason": task.get_name()})
         try:
             for nc in {id(c): c for c in (self.restricted_nc, self.nc) if c is not None}.values():
                 if not nc.is_closed:
                     # Not drain(): it waits out pull subscriptions' pending requests (30 s).
-                    # Every publish was already acknowledged; unacked messages are redelivered.
+                    # Every publish was already acknowledged, and the consumers have
+                    # handed back what they held.
                     await nc.close()
         except Exception as exc:  # the broker may already be gone; the database still closes
             log.warning("nats close failed", extra={"error": type(exc).__name__})
         finally:
-            if self.engine is not None:
-                await self.engine.dispose()
+            for engine in (self.probe_engine, self.engine):
+                if engine is not None:
+                    await engine.dispose()
         log.info("service stopped", extra={"service": self.name})
 
     async def readiness(self) -> dict[str, bool]:
-        checks = {"database": False, "nats": False, "consumers": False, "background": False}
-        if self.engine is not None:
-            try:
-                async with self.engine.connect() as connection:
-                    await connection.execute(text("SELECT 1"))
-                checks["database"] = True
-            except Exception as exc:
-                log.warning("database not ready", extra={"error": type(exc).__name__})
+        """Every check must hold for /readyz to answer 200. It answers within a second
+        even while the service works through a backlog: nothing here waits for the
+        service's pooled connection (see `_database_reachable`)."""
+        checks = {"database": await self._database_reachable()}
         checks["nats"] = bool(
             self.nc
             and self.nc.is_connected
@@ -192,8 +227,29 @@ class ServiceRuntime:
             and self.restricted_nc.is_connected
             and self.streams_ready.is_set()
         )
+        # Every consumer bound to its durable. One whose stream its producer has not
+        # declared yet counts as bound: there is nothing to consume, its durable will
+        # start from the stream's first message, and a service must not be unready
+        # because another one has never run. Starting, re-binding after a failure, a
+        # broker that does not answer, or stopping: not ready.
         checks["consumers"] = len(self.consumers) == len(self.subscriptions) and all(
-            c.bound.is_set() for c in self.consumers
+            c.bound.is_set() or (c.awaiting_stream and not c.stopping) for c in self.consumers
         )
         checks["background"] = all(not t.done() for t in self._tasks if t.get_name() != "messaging")
         return checks
+
+    async def _database_reachable(self) -> bool:
+        """A query on a connection of the probe's own, with a deadline. On SQLite it reads
+        the schema (a `SELECT 1` never touches the file); on PostgreSQL `SELECT 1`."""
+        if self.probe_engine is None:
+            return False
+        url = self.settings.database_url(self.name)
+        query = "SELECT count(*) FROM sqlite_master" if is_sqlite(url) else "SELECT 1"
+        try:
+            async with asyncio.timeout(READINESS_DATABASE_TIMEOUT_SECONDS):
+                async with self.probe_engine.connect() as connection:
+                    await connection.execute(text(query))
+        except Exception as exc:
+            log.warning("database not ready", extra={"error": type(exc).__name__})
+            return False
+        return True
