@@ -88,11 +88,13 @@ class GroupCommit:
         self.queue.append((outcome, done))
         self.drained.clear()
         async with self.turn:
-            if not done.done():
-                batch, self.queue = self.queue, []
-                await self._commit(batch)
-            if not self.queue:
-                self.drained.set()
+            try:
+                if not done.done():
+                    batch, self.queue = self.queue, []
+                    await self._commit(batch)
+            finally:
+                if not self.queue:
+                    self.drained.set()
         await done
 
     async def idle(self) -> None:
@@ -111,7 +113,8 @@ class GroupCommit:
             _settle_futures(batch, exc)
             return
         except BaseException:  # cancelled mid-write: the waiters learn it, never hang
-            _settle_futures(batch, asyncio.CancelledError())
+            for _, done in batch:
+                done.cancel()
             raise
         _settle_futures(batch, None)
 
