@@ -29,12 +29,14 @@ from sqlalchemy.sql import Select
 from shared.audit import audit_table
 from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
+from shared.messaging.control import OperationsLog
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 sites = Table(
     "sites",

@@ -304,3 +304,33 @@ async def _stream_state(url: str):
         return (await nc.jetstream().stream_info("IOP_INTAKE")).state
     finally:
         await nc.close()
+
+
+async def test_intake_reapplies_a_lost_program_and_audits_it(nats_server, database_url: str, tmp_path: Path) -> None:
+    """Intake keeps the same operations log: a ProgramPublished whose projection was lost
+    is applied again, once, with its row."""
+    from services.intake import store as intake_store
+    from services.intake.app import create_app as intake_app
+    from tests.conftest import program_published
+
+    app = intake_app(make_settings(nats_server.url, tmp_path, intake_database_url=database_url))
+    program = program_published(SITE)
+    async with running(app):
+        await publish(nats_server.url, program)
+        table = intake_store.programs
+
+        async def projected() -> bool:
+            return await count(app, table) == 1
+
+        await eventually(projected, what="the program projected")
+        async with app.state.runtime.sessions() as session, session.begin():
+            await session.execute(table.delete())
+        sequence = await sequence_of(nats_server.url, "IOP_SCHEDULING", program)
+        reply = await reapply_event(nats_server.url, "intake", request("IOP_SCHEDULING", sequence))
+        assert reply.ok, reply.error
+        assert await count(app, table) == 1
+        operations = intake_store.operations.table
+        async with app.state.runtime.sessions() as session:
+            [row] = (await session.execute(select(operations))).mappings().all()
+    assert (row["stream"], row["sequence"], row["event_id"]) == ("IOP_SCHEDULING", sequence, str(program.event_id))
+    assert (row["requested_by"], row["reason"]) == ("ops-alice", REASON)
