@@ -281,20 +281,27 @@ class Consumer:
         loop = asyncio.get_running_loop()
         lease = max(self.ack_wait_seconds, info.config.ack_wait or 0.0)
         deadline = loop.time() + lease + self.recovery_margin_seconds
+        # Past this, whatever is still counted is not coming back (an ack the server
+        # processed late, a count gone stale across a broker restart): go on.
+        give_up = deadline + lease
         delivered_before = info.delivered.stream_seq if info.delivered else 0
         log.warning("recovering unacknowledged messages", extra={"consumer": self.durable, "count": outstanding})
         while not self.stopping:
-            if (info.num_ack_pending or 0) <= len(self._held):
+            missing = (info.num_ack_pending or 0) - len(self._held)
+            if missing <= 0:
                 break  # every pending message is in hand
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                # Their leases are over: the server redelivers them before anything new.
-                await self._fetch(subscription, max(self.batch, outstanding), self.backlog_wait_seconds)
+            now = loop.time()
+            if now >= give_up:
+                extra = {"consumer": self.durable, "count": missing}
+                log.warning("unacknowledged messages did not come back", extra=extra)
                 break
-            if any(seq > delivered_before for seq in self._held):
-                await self._pause(min(remaining, 0.5))  # the rest only return at their lease's end
+            if now < deadline and any(seq > delivered_before for seq in self._held):
+                # Later messages are coming instead: the rest return only at their lease's end.
+                await self._pause(min(deadline - now, 0.5))
             else:
-                await self._fetch(subscription, self.batch, min(remaining, 0.5))
+                # Redeliveries come before anything new. A fetch may return part of them
+                # (the rest arrive after its wait): fetch again until all are in hand.
+                await self._fetch(subscription, max(self.batch, missing), 0.5)
             info = await subscription.consumer_info()
         if self.stopping or not self._held:
             return

@@ -80,13 +80,16 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbo
     assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
 
 
-async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats_server, inbox_db) -> None:
+@pytest.mark.parametrize("held", [2, 150])
+async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats_server, inbox_db, held: int) -> None:
+    """`held` 150: more than one fetch brings back (the batch is 64), so the restarted
+    consumer must keep gathering until the broker counts none outstanding."""
     inbox, sessions = inbox_db
 
     async def handler(session: AsyncSession, envelope: Envelope, event: Event) -> None:
         return None
 
-    events = [enrolled(f"p{i}") for i in range(6)]
+    events = [enrolled(f"p{i}") for i in range(held + 5)]
     subscription = Subscription("IOP_INTAKE", {"PatientEnrolled": handler})
     nc = await nats.connect(nats_server.url)
     try:
@@ -102,16 +105,19 @@ async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats
         first.request_stop()
         await task
 
-        # A process takes e1 and e2 from the durable and dies without a word (kill -9).
-        await publish(nats_server.url, *events[1:4])
+        # A process takes the next `held` events from the durable and dies without a
+        # word (kill -9).
+        await publish(nats_server.url, *events[1 : held + 2])
         doomed = await nats.connect(nats_server.url)
-        held = await (await doomed.jetstream().pull_subscribe_bind("crasher-IOP_INTAKE", "IOP_INTAKE")).fetch(2)
-        assert [Envelope.from_bytes(m.data).event_id for m in held] == [e.event_id for e in events[1:3]]
+        pull = await doomed.jetstream().pull_subscribe_bind("crasher-IOP_INTAKE", "IOP_INTAKE")
+        taken = await pull.fetch(held, timeout=5)
+        assert [Envelope.from_bytes(m.data).event_id for m in taken] == [e.event_id for e in events[1 : held + 1]]
         await doomed.close()
-        await publish(nats_server.url, *events[4:])
+        await publish(nats_server.url, *events[held + 2 :])
 
-        # The restarted consumer gets e3..e5 at once, but must not apply them before
-        # e1 and e2, which the broker hands out again only when their lease ends.
+        # The restarted consumer is handed the later events at once, but must not apply
+        # them before the held ones, which the broker gives out again only when their
+        # lease ends.
         restarted = Consumer("crasher", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT * 2)
         task = asyncio.create_task(restarted.run())
         try:
@@ -126,4 +132,4 @@ async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats
     finally:
         await nc.close()
     assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
-    assert restarted.stats.recovered == 2
+    assert restarted.stats.recovered == held
