@@ -1,14 +1,15 @@
 """Audit rows: every read or change of a patient record (DESIGN B5).
 
-Each service keeps its own audit table (it owns its database); the shape is shared.
+Each service keeps its own audit table (it owns its database); the shape and the one
+way to write a row are shared: a service's store binds an `AuditTrail` to its table.
 """
 
-from datetime import UTC, datetime
 from uuid import UUID
 
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from shared import clock
 from shared.auth import Principal
 from shared.db import UtcDateTime
 
@@ -27,6 +28,33 @@ def audit_table(metadata: MetaData) -> Table:
     )
 
 
+class AuditTrail:
+    """Writes audit rows to one service's audit table, each in the caller's transaction
+    (it commits with the change, or with the refusal it records)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+
+    async def __call__(
+        self,
+        session: AsyncSession,
+        principal: Principal,
+        action: str,
+        site_id: str,
+        patient_id: UUID | str | None,
+    ) -> None:
+        await session.execute(
+            insert(self.table).values(
+                at=clock.now(),
+                actor=principal.sub,
+                role=principal.role,
+                site_id=site_id,
+                action=action,
+                patient_id=str(patient_id) if patient_id is not None else None,
+            )
+        )
+
+
 async def record_access(
     session: AsyncSession,
     table: Table,
@@ -37,13 +65,4 @@ async def record_access(
     patient_id: UUID | str | None,
 ) -> None:
     """Write one audit row in the caller's transaction (it commits with the change)."""
-    await session.execute(
-        insert(table).values(
-            at=datetime.now(UTC),
-            actor=principal.sub,
-            role=principal.role,
-            site_id=site_id,
-            action=action,
-            patient_id=str(patient_id) if patient_id is not None else None,
-        )
-    )
+    await AuditTrail(table)(session, principal, action, site_id, patient_id)

@@ -5,7 +5,7 @@ the caller may not see (answering 403 there would confirm it exists).
 """
 
 from collections.abc import Awaitable, Callable, Iterable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Annotated, Literal
 from uuid import UUID
 
@@ -14,6 +14,7 @@ from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field, ValidationError
 
+from shared import clock
 from shared.errors import Forbidden, NotFound, Unauthorized
 
 Role = Literal["network_admin", "site_admin", "clinician", "front_desk", "patient", "integration"]
@@ -61,7 +62,7 @@ def mint_token(
 ) -> str:
     if role == "patient" and patient_id is None:
         raise ValueError("a patient token needs a patient_id")
-    now = datetime.now(UTC)
+    now = clock.now()
     claims: dict[str, object] = {
         "sub": sub,
         "role": role,
@@ -144,3 +145,20 @@ def ensure_site(principal: Principal, site_id: str, what: str = "resource") -> N
     """404 for a site the caller does not serve: no existence leak."""
     if not principal.sees_site(site_id):
         raise NotFound(f"{what} not found")
+
+
+# --- the role aliases every service's routes use (DESIGN A3) -----------------------------
+# One set, so a role means the same in every service: a route names who may call it.
+
+NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
+Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
+Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
+Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
+StaffOrPatient = Annotated[
+    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "patient"))
+]
+StaffOrSystem = Annotated[
+    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "integration"))
+]
+# Systems that receive webhooks, and the admins who register them for their site.
+Integrator = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "integration"))]

@@ -1,4 +1,9 @@
-"""The error shape of DESIGN A6 and the handlers that produce it."""
+"""The error shape of DESIGN A6 and the handlers that produce it.
+
+Two kinds of error become an answer here: the HTTP layer's own (`ApiError`: no token,
+a role or site the caller may not use, bad input it checks itself) and a broken
+business rule (`shared.domain_errors.DomainError`), whose kind picks the ApiError it
+answers as — the one place a domain error becomes HTTP."""
 
 from typing import Any
 
@@ -9,6 +14,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from shared.domain_errors import DomainError, Kind
 
 
 class ApiError(Exception):
@@ -52,6 +59,10 @@ class AuditedConflict(Conflict):
 
 class Invalid(ApiError):
     status, code = 422, "invalid"
+
+
+# What each kind of broken rule answers as (status and code come with the class).
+DOMAIN_ANSWERS: dict[Kind, type[ApiError]] = {"conflict": Conflict, "invalid": Invalid, "not_found": NotFound}
 
 
 def error_body(code: str, message: str, fields: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -109,6 +120,11 @@ async def _api_error(_: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc.code, exc.message, exc.fields), status_code=exc.status, headers=headers)
 
 
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, DomainError)
+    return await _api_error(request, DOMAIN_ANSWERS[exc.kind](exc.message, exc.fields))
+
+
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     # Messages only, never the rejected input: it may be a name or a phone number.
@@ -128,6 +144,7 @@ async def _http_error(_: Request, exc: Exception) -> JSONResponse:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(DomainError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
 

@@ -1,6 +1,8 @@
 """Transactional outbox (DESIGN B2).
 
-`Outbox.stage` writes the event in the caller's transaction. After that transaction
+`Outbox.emit` is the one way a service stages an event: it builds the envelope (in
+reply to a cause, continuing a chain, or starting one) and `stage`s it, which writes
+it in the caller's transaction. After that transaction
 commits, a session hook wakes the relay, which publishes pending rows in order with
 `Nats-Msg-Id` = event_id, waits for JetStream's acks, then marks them sent. A crash
 between publish and mark re-publishes; JetStream's duplicate window and the consumers'
@@ -12,8 +14,10 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from nats.js import JetStreamContext
 from sqlalchemy import (
@@ -32,7 +36,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from shared.contracts import Envelope
+from shared import clock
+from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime
 
@@ -72,6 +77,28 @@ class CommitSignal:
         self._event.clear()
 
 
+@dataclass(frozen=True)
+class Chain:
+    """A chain of events to continue when there is no envelope to reply to (a change
+    made by a command or a timer): its correlation id and, where one is known, the
+    event that caused this one (e.g. the episode's PatientEnrolled)."""
+
+    correlation_id: UUID
+    causation_id: UUID | None = None
+
+
+def envelope_for(event: Event, site_id: str, *, cause: Envelope | None = None, chain: Chain | None = None) -> Envelope:
+    """In reply to `cause` if given (its correlation, it as causation), else continuing
+    `chain`, else the first event of a new chain."""
+    if cause is not None:
+        return caused_by(cause, event, site_id=site_id)
+    if chain is not None:
+        return new_envelope(
+            event, site_id=site_id, correlation_id=chain.correlation_id, causation_id=chain.causation_id
+        )
+    return new_envelope(event, site_id=site_id)
+
+
 class Outbox:
     def __init__(self, metadata: MetaData) -> None:
         self.table = Table(
@@ -88,6 +115,21 @@ class Outbox:
         )
         self.commit_signal: CommitSignal | None = None
 
+    async def emit(
+        self,
+        session: AsyncSession,
+        event: Event,
+        site_id: str,
+        *,
+        cause: Envelope | None = None,
+        chain: Chain | None = None,
+    ) -> Envelope:
+        """Stage one event of this service (see `envelope_for`); returns its envelope,
+        whose ids a caller may keep (an episode's correlation id) or pass on."""
+        envelope = envelope_for(event, site_id, cause=cause, chain=chain)
+        await self.stage(session, envelope)
+        return envelope
+
     async def stage(self, session: AsyncSession, *envelopes: Envelope) -> None:
         """Add events to the caller's transaction; they leave only if it commits."""
         if not envelopes:
@@ -99,7 +141,7 @@ class Outbox:
                     "event_id": str(env.event_id),
                     "subject": env.subject,
                     "payload": env.model_dump_json(),
-                    "created_at": datetime.now(UTC),
+                    "created_at": clock.now(),
                     "attempts": 0,
                 }
                 for env in envelopes
@@ -208,9 +250,7 @@ class OutboxRelay:
         table = self.outbox.table
         if sent:
             await session.execute(
-                update(table)
-                .where(table.c.seq.in_(sent))
-                .values(sent_at=datetime.now(UTC), attempts=table.c.attempts + 1)
+                update(table).where(table.c.seq.in_(sent)).values(sent_at=clock.now(), attempts=table.c.attempts + 1)
             )
         if error is not None:
             failed = [r.seq for r in rows if r.seq not in set(sent)]

@@ -1,10 +1,12 @@
-"""Error shape of DESIGN A6 and the 413 body limit (shared/errors.py)."""
+"""Error shape of DESIGN A6 and the 413 body limit (shared/errors.py), and the one place
+a broken rule (shared.domain_errors.DomainError) becomes that answer."""
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
+from shared.domain_errors import DomainError
 from shared.errors import (
     ERROR_RESPONSES,
     INTERNAL_MESSAGE,
@@ -31,6 +33,30 @@ ERRORS: dict[str, type[ApiError]] = {
     "invalid": Invalid,
 }
 
+# Each kind of broken rule, and the answer it must get: (status, code, message, fields).
+RULES: dict[str, tuple[DomainError, tuple[int, str, str, dict[str, str]]]] = {
+    "conflict": (
+        DomainError("conflict", "the alert is already acknowledged"),
+        (409, "conflict", "the alert is already acknowledged", {}),
+    ),
+    "not_found": (
+        DomainError("not_found", "potential duplicate not found"),
+        (404, "not_found", "potential duplicate not found", {}),
+    ),
+    "invalid_field": (
+        DomainError("invalid", "birth date is in the future", "birth_date"),
+        (422, "invalid", "birth date is in the future", {"birth_date": "birth date is in the future"}),
+    ),
+    "invalid_unnamed": (
+        DomainError("invalid", "a name must hold at least one letter"),
+        (422, "invalid", "a name must hold at least one letter", {}),
+    ),
+    "invalid_fields": (
+        DomainError("invalid", "unknown destination", fields={"to_site_id": "not a site you serve"}),
+        (422, "invalid", "unknown destination", {"to_site_id": "not a site you serve"}),
+    ),
+}
+
 
 class Patient(BaseModel):
     given_name: str = Field(min_length=1)
@@ -46,6 +72,10 @@ def make_app() -> FastAPI:
     @app.get("/raise/{name}")
     async def raise_error(name: str) -> None:
         raise ERRORS[name]("it went wrong", fields={"site_id": "unknown site"} if name == "invalid" else None)
+
+    @app.get("/rule/{name}")
+    async def break_rule(name: str) -> None:
+        raise RULES[name][0]
 
     @app.post("/patients", status_code=201)
     async def create(patient: Patient) -> dict[str, int]:
@@ -75,6 +105,21 @@ async def test_api_errors_map_to_status_and_shape(client, name, status):
     assert response.headers["content-type"] == "application/json"
     fields = {"site_id": "unknown site"} if name == "invalid" else {}
     assert response.json() == {"error": {"code": name, "message": "it went wrong", "fields": fields}}
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+async def test_each_kind_of_broken_rule_maps_to_its_status_code_and_fields(client, name):
+    status, code, message, fields = RULES[name][1]
+    response = await client.get(f"/rule/{name}")
+    assert response.status_code == status
+    assert response.json() == {"error": {"code": code, "message": message, "fields": fields}}
+
+
+def test_a_broken_rule_knows_no_http():
+    error = DomainError("invalid", "start date is more than a year away", "start_date")
+    assert not hasattr(error, "status")
+    assert isinstance(error, ValueError)  # so a rule checked in a pydantic validator is a 422 too
+    assert (error.kind, error.fields) == ("invalid", {"start_date": "start date is more than a year away"})
 
 
 async def test_unauthorized_asks_for_a_bearer_token(client):
@@ -186,6 +231,7 @@ async def test_streamed_oversized_body_answers_413_on_a_model_route(client):
     ("method", "path", "kwargs"),
     [
         *[("GET", f"/raise/{name}", {}) for name in ERRORS],
+        *[("GET", f"/rule/{name}", {}) for name in RULES],
         ("GET", "/nowhere", {}),
         ("POST", "/patients", {"json": {"age": "x"}}),
         ("POST", "/raw", {"content": b"x" * (MAX_BYTES + 1)}),
