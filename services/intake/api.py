@@ -13,16 +13,17 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from fastapi import APIRouter, Depends, Header, Query
+from fastapi import APIRouter, Header, Query
 from fastapi.responses import JSONResponse
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 from pydantic import AwareDatetime as PydanticAwareDatetime
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store, usecases
-from shared.audit import record_access
-from shared.auth import Principal, ensure_site, require_roles
+from shared import clock
+from shared.api import Input
+from shared.auth import Admin, Clinical, NetworkAdmin, Principal, Staff, StaffOrPatient, StaffOrSystem, ensure_site
 from shared.contracts.events import (
     Cohort,
     DischargeReason,
@@ -36,17 +37,6 @@ from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
-
-NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
-Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
-Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
-StaffOrPatient = Annotated[
-    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "patient"))
-]
-Auditor = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
-AnyStaffOrSystem = Annotated[
-    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "integration"))
-]
 
 # --- boundary types: what a request may hold, checked before any handler runs ----------------
 # pydantic's lax mode reads "0" or 0.5 as seconds since 1970 and accepts a date-time
@@ -108,18 +98,6 @@ Substance = Literal["alcohol", "opioids", "stimulants", "cannabis", "benzodiazep
 ConsentPurpose = Literal[
     "treatment", "care_coordination", "appointment_reminders", "payment", "court_reporting", "research"
 ]
-
-
-class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-    @field_validator("*", mode="after")
-    @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        # PostgreSQL text cannot hold U+0000 (the insert fails with a 500); no input needs it.
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("may not contain the NUL character")
-        return value
 
 
 # --- request and response models --------------------------------------------------------
@@ -367,18 +345,6 @@ class AuditOut(BaseModel):
 # --- helpers -------------------------------------------------------------------------
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _today() -> date:
-    return _now().date()
-
-
-async def _audit(session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: Any) -> None:
-    await record_access(session, store.audit, principal, action=action, site_id=site_id, patient_id=patient_id)
-
-
 async def _visible_patient(
     session: AsyncSession, principal: Principal, patient_id: UUID, action: str
 ) -> dict[str, Any]:
@@ -391,7 +357,7 @@ async def _visible_patient(
     else:
         allowed = principal.sees_site(patient["site_id"])
     if not allowed:
-        await _audit(session, principal, f"{action}.denied", patient["site_id"], patient_id)
+        await store.record_access(session, principal, f"{action}.denied", patient["site_id"], patient_id)
         raise AccessDenied("patient not found")
     return patient
 
@@ -408,7 +374,9 @@ async def _visible_enrollment(
         raise AccessDenied("enrollment not found") from None
     if principal.role != "patient" and not principal.sees_site(enrollment["site_id"]):
         # An older episode at a site the caller does not serve: a denied attempt, audited there.
-        await _audit(session, principal, f"{action}.denied", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, f"{action}.denied", enrollment["site_id"], enrollment["patient_id"]
+        )
         raise AccessDenied("enrollment not found")
     return enrollment
 
@@ -440,7 +408,7 @@ async def update_site(site_id: SiteId, body: SiteChange, principal: NetworkAdmin
 
 
 @router.get("/sites", response_model=list[SiteOut], tags=["sites"])
-async def list_sites(principal: AnyStaffOrSystem, session: Db) -> list[SiteOut]:
+async def list_sites(principal: StaffOrSystem, session: Db) -> list[SiteOut]:
     return [
         SiteOut(**{k: r[k] for k in SiteOut.model_fields})
         for r in await store.list_sites(session, principal.visible_sites())
@@ -457,7 +425,7 @@ class ProgramOut(BaseModel):
 
 @router.get("/programs", response_model=list[ProgramOut], tags=["sites"])
 async def list_programs(
-    principal: AnyStaffOrSystem, session: Db, site_id: Annotated[SiteId | None, Query()] = None
+    principal: StaffOrSystem, session: Db, site_id: Annotated[SiteId | None, Query()] = None
 ) -> list[ProgramOut]:
     """Programs a patient can be enrolled in: intake's projection of ProgramPublished."""
     rows = await store.list_programs(session, site_id)
@@ -472,8 +440,8 @@ async def create_patient(body: PatientIn, principal: Staff, session: Db) -> Pati
     ensure_site(principal, body.site_id, "site")
     spec = body.model_dump(exclude={"confirmed_not_duplicate"})
     async with transaction(session):
-        patient = await usecases.register_patient(session, principal, spec, body.confirmed_not_duplicate, _today())
-        await _audit(session, principal, "patient.create", body.site_id, patient["patient_id"])
+        patient = await usecases.register_patient(session, principal, spec, body.confirmed_not_duplicate, clock.today())
+        await store.record_access(session, principal, "patient.create", body.site_id, patient["patient_id"])
     return PatientOut(**patient)
 
 
@@ -496,7 +464,7 @@ async def search_patients(
             mrn=mrn,
         )
         for row in rows:
-            await _audit(session, principal, "patient.search", row["site_id"], row["patient_id"])
+            await store.record_access(session, principal, "patient.search", row["site_id"], row["patient_id"])
     return [PatientSummary(**{k: r[k] for k in PatientSummary.model_fields}) for r in rows]
 
 
@@ -505,18 +473,18 @@ async def read_patient(patient_id: UUID, principal: StaffOrPatient, session: Db)
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "patient.read")
         episodes = await store.patient_enrollments(session, str(patient_id))
-        await _audit(session, principal, "patient.read", patient["site_id"], patient_id)
+        await store.record_access(session, principal, "patient.read", patient["site_id"], patient_id)
     return _patient_out(patient, episodes)
 
 
 @router.patch("/patients/{patient_id}", response_model=PatientOut, tags=["patients"])
 async def update_patient(patient_id: UUID, body: PatientChange, principal: Staff, session: Db) -> PatientOut:
     changes = body.model_dump(exclude_unset=True)
-    usecases.check_patient_changes(changes, _today())
+    usecases.check_patient_changes(changes, clock.today())
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "patient.update")
         updated = await usecases.update_patient(session, patient, changes)
-        await _audit(session, principal, "patient.update", patient["site_id"], patient_id)
+        await store.record_access(session, principal, "patient.update", patient["site_id"], patient_id)
         episodes = await store.patient_enrollments(session, str(patient_id))
     return _patient_out(updated, episodes)
 
@@ -533,12 +501,12 @@ def _patient_out(patient: dict[str, Any], episodes: list[dict[str, Any]]) -> Pat
 
 @router.post("/patients/{patient_id}/enrollments", status_code=201, response_model=EnrollmentOut, tags=["enrollments"])
 async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff, session: Db) -> EnrollmentOut:
-    today = _today()
+    today = clock.today()
     usecases.check_enrollment(body.start_date, today)
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
         enrollment = await usecases.enroll(session, principal.sub, patient, body.model_dump(), today)
-        await _audit(session, principal, "enrollment.create", patient["site_id"], patient_id)
+        await store.record_access(session, principal, "enrollment.create", patient["site_id"], patient_id)
     return EnrollmentOut(**{k: enrollment[k] for k in EnrollmentOut.model_fields})
 
 
@@ -546,7 +514,9 @@ async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff,
 async def read_enrollment(enrollment_id: UUID, principal: StaffOrPatient, session: Db) -> EnrollmentDetail:
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.read")
-        await _audit(session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"]
+        )
         return await _enrollment_detail(session, enrollment)
 
 
@@ -556,7 +526,9 @@ async def change_level(enrollment_id: UUID, body: LevelIn, principal: Clinical, 
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.level", lock=True)
         updated = await usecases.change_level(session, principal.sub, enrollment, body.level_of_care, body.reason)
-        await _audit(session, principal, "enrollment.level", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.level", enrollment["site_id"], enrollment["patient_id"]
+        )
         return await _enrollment_detail(session, updated)
 
 
@@ -568,23 +540,29 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
 
     PatientTransferred is published under both sites' subjects, so both sites'
     subscribers see it; PatientEnrolled follows for the new episode."""
-    today = _today()
+    today = clock.today()
     usecases.check_transfer(body.effective_on, today)
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.transfer", lock=True)
-        await _audit(session, principal, "enrollment.transfer", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.transfer", enrollment["site_id"], enrollment["patient_id"]
+        )
         new_episode = await usecases.transfer(session, principal, enrollment, body.model_dump(), today)
-        await _audit(session, principal, "enrollment.create", new_episode["site_id"], new_episode["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.create", new_episode["site_id"], new_episode["patient_id"]
+        )
     return EnrollmentOut(**{k: new_episode[k] for k in EnrollmentOut.model_fields})
 
 
 @router.post("/enrollments/{enrollment_id}/discharge", response_model=EnrollmentDetail, tags=["enrollments"])
 async def discharge(enrollment_id: UUID, body: DischargeIn, principal: Clinical, session: Db) -> EnrollmentDetail:
-    usecases.check_discharge(body.discharged_on, _today())
+    usecases.check_discharge(body.discharged_on, clock.today())
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "enrollment.discharge", lock=True)
         updated = await usecases.discharge(session, principal.sub, enrollment, body.reason, body.discharged_on)
-        await _audit(session, principal, "enrollment.discharge", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.discharge", enrollment["site_id"], enrollment["patient_id"]
+        )
         return await _enrollment_detail(session, updated)
 
 
@@ -594,11 +572,11 @@ async def discharge(enrollment_id: UUID, body: DischargeIn, principal: Clinical,
 @router.post("/patients/{patient_id}/consents", status_code=201, response_model=ConsentOut, tags=["consents"])
 async def grant_consent(patient_id: UUID, body: ConsentIn, principal: StaffOrPatient, session: Db) -> ConsentOut:
     spec = body.model_dump()
-    usecases.check_consent(spec, _now())
+    usecases.check_consent(spec, clock.now())
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "consent.grant")
         consent_id = await usecases.grant_consent(session, patient, spec)
-        await _audit(session, principal, "consent.grant", patient["site_id"], patient_id)
+        await store.record_access(session, principal, "consent.grant", patient["site_id"], patient_id)
     return ConsentOut(consent_id=consent_id, patient_id=patient_id, revoked_at=None, state="active", **spec)
 
 
@@ -607,8 +585,8 @@ async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "consent.read")
         consents = await store.patient_consents(session, str(patient_id))
-        states = [await usecases.consent_state(session, c, _today()) for c in consents]
-        await _audit(session, principal, "consent.read", patient["site_id"], patient_id)
+        states = [await usecases.consent_state(session, c, clock.today()) for c in consents]
+        await store.record_access(session, principal, "consent.read", patient["site_id"], patient_id)
     return [
         ConsentOut(**{k: c[k] for k in ConsentOut.model_fields if k in c}, state=str(state))
         for c, state in zip(consents, states, strict=True)
@@ -618,7 +596,7 @@ async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db
 @router.post("/consents/{consent_id}/revoke", response_model=ConsentOut, tags=["consents"])
 async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPatient, session: Db) -> ConsentOut:
     """Revocation in writing (sec. 2.31): the time it was made and an optional note."""
-    now = _now()
+    now = clock.now()
     revoked_at = body.revoked_at or now
     usecases.check_revocation_time(revoked_at, now)
     async with transaction(session):
@@ -630,7 +608,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
         except AccessDenied:
             raise AccessDenied("consent not found") from None
         await usecases.revoke_consent(session, consent, patient, revoked_at, body.note, now.date())
-        await _audit(session, principal, "consent.revoke", patient["site_id"], consent["patient_id"])
+        await store.record_access(session, principal, "consent.revoke", patient["site_id"], consent["patient_id"])
     fields = {k: consent[k] for k in ConsentOut.model_fields if k in consent}
     return ConsentOut(**{**fields, "revoked_at": revoked_at}, state="revoked")
 
@@ -668,7 +646,7 @@ async def submit_check_in(
             earlier = await store.get_idempotent(session, scope, idempotency_key) if idempotency_key else None
             if earlier is not None:
                 replay = _replayed(earlier, request_hash)
-                await _audit(session, principal, "check_in.replay", patient["site_id"], patient_id)
+                await store.record_access(session, principal, "check_in.replay", patient["site_id"], patient_id)
             else:
                 answer = await _record_check_in(session, principal, patient, body)
                 if idempotency_key and not await store.remember_idempotent(
@@ -699,8 +677,8 @@ def _replayed(earlier: dict[str, Any], request_hash: str) -> tuple[int, dict[str
 async def _record_check_in(
     session: AsyncSession, principal: Principal, patient: dict[str, Any], body: CheckInIn
 ) -> CheckInOut:
-    recorded = await usecases.record_check_in(session, principal, patient, body.model_dump(), _now())
-    await _audit(session, principal, "check_in.submit", recorded["site_id"], patient["patient_id"])
+    recorded = await usecases.record_check_in(session, principal, patient, body.model_dump(), clock.now())
+    await store.record_access(session, principal, "check_in.submit", recorded["site_id"], patient["patient_id"])
     return CheckInOut(**{k: recorded[k] for k in CheckInOut.model_fields})
 
 
@@ -709,7 +687,7 @@ async def list_check_ins(patient_id: UUID, principal: StaffOrPatient, session: D
     async with transaction(session):
         patient = await _visible_patient(session, principal, patient_id, "check_in.read")
         rows = await store.patient_check_ins(session, str(patient_id))
-        await _audit(session, principal, "check_in.read", patient["site_id"], patient_id)
+        await store.record_access(session, principal, "check_in.read", patient["site_id"], patient_id)
     return [
         CheckInRecord(
             **{k: r[k] for k in CheckInRecord.model_fields if k in r and k not in ("substances", "risk_reasons")},
@@ -748,7 +726,7 @@ async def add_goal(enrollment_id: UUID, body: GoalIn, principal: Clinical, sessi
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "plan.update", lock=True)
         await usecases.add_goal(session, enrollment, body.model_dump())
-        await _audit(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
         return await _plan_out(session, enrollment)
 
 
@@ -766,7 +744,7 @@ async def change_goal(goal_id: UUID, body: GoalChange, principal: Clinical, sess
         except AccessDenied:
             raise AccessDenied("goal not found") from None
         await usecases.change_goal(session, principal.sub, goal, enrollment, changes, body.note)
-        await _audit(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(session, principal, "plan.update", enrollment["site_id"], enrollment["patient_id"])
         return await _plan_out(session, enrollment)
 
 
@@ -774,7 +752,7 @@ async def change_goal(goal_id: UUID, body: GoalChange, principal: Clinical, sess
 async def read_plan(enrollment_id: UUID, principal: StaffOrPatient, session: Db) -> PlanOut:
     async with transaction(session):
         enrollment = await _visible_enrollment(session, principal, enrollment_id, "plan.read")
-        await _audit(session, principal, "plan.read", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(session, principal, "plan.read", enrollment["site_id"], enrollment["patient_id"])
         return await _plan_out(session, enrollment)
 
 
@@ -783,7 +761,7 @@ async def read_plan(enrollment_id: UUID, principal: StaffOrPatient, session: Db)
 
 @router.get("/audit", response_model=list[AuditOut], tags=["audit"])
 async def read_audit(
-    principal: Auditor,
+    principal: Admin,
     session: Db,
     patient_id: UUID | None = None,
     since: Annotated[AwareDatetime | None, Query(alias="from")] = None,
@@ -814,8 +792,8 @@ class DuplicateOut(BaseModel):
 
 
 async def _audit_pair(session: AsyncSession, principal: Principal, action: str, row: dict[str, Any]) -> None:
-    await _audit(session, principal, action, row["site_id"], row["patient_id"])
-    await _audit(session, principal, action, row["match_site_id"], row["match_patient_id"])
+    await store.record_access(session, principal, action, row["site_id"], row["patient_id"])
+    await store.record_access(session, principal, action, row["match_site_id"], row["match_patient_id"])
 
 
 @router.get("/potential-duplicates", response_model=list[DuplicateOut], tags=["patients"])

@@ -7,19 +7,17 @@ from enum import StrEnum
 from uuid import NAMESPACE_URL, UUID, uuid5
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
+from shared.domain_errors import DomainError
+
 MRN_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY3479"  # no look-alikes (0/O, 1/I, 5/S, 8/B)
 
 
-class DomainError(ValueError):
-    """A rule was broken; `field` names the input at fault, if one is."""
-
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
-
-
 class IllegalTransition(DomainError):
-    pass
+    """A change the record's current state does not allow (an enrollment, consent or
+    goal lifecycle has no such step): always a conflict, never bad input."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("conflict", message)
 
 
 # Files in /usr/share/zoneinfo that are not IANA zone names a site could be in.
@@ -29,19 +27,19 @@ _NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
 def validate_timezone(name: str) -> str:
     # ZoneInfo alone accepts file paths; the system's zone list also holds a few non-zones.
     if name in _NOT_ZONES or name.startswith(("posix/", "right/")) or name not in available_timezones():
-        raise DomainError(f"unknown IANA timezone {name!r}", field="timezone")
+        raise DomainError("invalid", f"unknown IANA timezone {name!r}", field="timezone")
     try:
         ZoneInfo(name)
     except ZoneInfoNotFoundError:
-        raise DomainError(f"unknown IANA timezone {name!r}", field="timezone") from None
+        raise DomainError("invalid", f"unknown IANA timezone {name!r}", field="timezone") from None
     return name
 
 
 def validate_birth_date(birth_date: date, today: date) -> date:
     if birth_date > today:
-        raise DomainError("birth date is in the future", field="birth_date")
+        raise DomainError("invalid", "birth date is in the future", field="birth_date")
     if birth_date.year < today.year - 130:
-        raise DomainError("birth date is implausibly old", field="birth_date")
+        raise DomainError("invalid", "birth date is implausibly old", field="birth_date")
     return birth_date
 
 
@@ -69,19 +67,19 @@ def check_person_name(name: str) -> str:
     The name is kept as written: joiners are part of the spelling in some scripts.
     Control characters (line breaks, NUL) have no place in a name."""
     if any(unicodedata.category(c) == "Cc" for c in name):
-        raise DomainError("a name may not hold control characters")
+        raise DomainError("invalid", "a name may not hold control characters")
     visible = (c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
     if not any(unicodedata.category(c).startswith("L") for c in visible):
-        raise DomainError("a name must hold at least one letter")
+        raise DomainError("invalid", "a name must hold at least one letter")
     return name
 
 
 def check_channel_address(preferred: str | None, phone: str | None, email: str | None) -> None:
     """A patient reached by SMS or email needs that address on record."""
     if preferred == "sms" and not phone:
-        raise DomainError("preferred_channel sms needs a phone number", field="preferred_channel")
+        raise DomainError("invalid", "preferred_channel sms needs a phone number", field="preferred_channel")
     if preferred == "email" and not email:
-        raise DomainError("preferred_channel email needs an email address", field="preferred_channel")
+        raise DomainError("invalid", "preferred_channel email needs an email address", field="preferred_channel")
 
 
 MIN_SEARCH_KEY = 2
@@ -93,7 +91,7 @@ def search_key(text: str) -> str:
     nearly every patient of the caller's sites."""
     key = normalize_name(text)
     if len(key) < MIN_SEARCH_KEY:
-        raise DomainError("a name search needs at least two letters or digits", field="name")
+        raise DomainError("invalid", "a name search needs at least two letters or digits", field="name")
     return key
 
 
@@ -133,9 +131,9 @@ def check_can_enroll(open_enrollments: int) -> None:
 
 def check_start_date(start_date: date, today: date) -> date:
     if (start_date - today).days > 365:
-        raise DomainError("start date is more than a year away", field="start_date")
+        raise DomainError("invalid", "start date is more than a year away", field="start_date")
     if (today - start_date).days > 30:
-        raise DomainError("start date is more than 30 days in the past", field="start_date")
+        raise DomainError("invalid", "start date is more than 30 days in the past", field="start_date")
     return start_date
 
 
@@ -222,11 +220,11 @@ def consent_state(
 
 def check_consent_dates(signed_at: datetime, expires_on: date | None, expires_event: str | None, now: datetime) -> None:
     if signed_at > now:
-        raise DomainError("signed_at is in the future", field="signed_at")
+        raise DomainError("invalid", "signed_at is in the future", field="signed_at")
     if (expires_on is None) == (expires_event is None):
-        raise DomainError("give exactly one of expires_on or expires_event", field="expires_on")
+        raise DomainError("invalid", "give exactly one of expires_on or expires_event", field="expires_on")
     if expires_on is not None and expires_on < signed_at.date():
-        raise DomainError("the consent would expire before it was signed", field="expires_on")
+        raise DomainError("invalid", "the consent would expire before it was signed", field="expires_on")
 
 
 def check_revocation(state: ConsentState) -> None:
@@ -248,6 +246,6 @@ def plan_id_of(enrollment_id: str) -> UUID:
 def check_goal_status_change(current: str, target: str) -> None:
     """Goals can be met or dropped, and reopened; a no-op change is refused."""
     if target not in GOAL_STATUSES:
-        raise DomainError(f"unknown goal status {target!r}", field="status")
+        raise DomainError("invalid", f"unknown goal status {target!r}", field="status")
     if current == target:
         raise IllegalTransition(f"the goal is already {current}")

@@ -1,6 +1,6 @@
 """Intake's own database: sites, patients (PHI), enrollments, plus outbox, inbox, audit."""
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -26,7 +26,8 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Select
 
-from shared.audit import audit_table
+from shared import clock
+from shared.audit import AuditTrail, audit_table
 from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
@@ -36,6 +37,7 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+record_access = AuditTrail(audit)  # every read or change of a patient record (DESIGN B5)
 operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 sites = Table(
@@ -209,10 +211,6 @@ potential_duplicates = Table(
 )
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
     row = (await session.execute(select(sites).where(sites.c.site_id == site_id))).mappings().first()
     return dict(row) if row else None
@@ -226,7 +224,7 @@ async def list_sites(session: AsyncSession, only: list[str] | None) -> list[dict
 
 
 async def add_site(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(sites).values(created_at=now(), **values))
+    await session.execute(insert(sites).values(created_at=clock.now(), **values))
 
 
 async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> dict[str, Any] | None:
@@ -242,7 +240,7 @@ async def mrn_taken(session: AsyncSession, mrn: str) -> bool:
 
 
 async def add_patient(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(patients).values(created_at=now(), **values))
+    await session.execute(insert(patients).values(created_at=clock.now(), **values))
 
 
 async def open_enrollment_count(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> int:
@@ -255,7 +253,7 @@ async def open_enrollment_count(session: AsyncSession, patient_id: str, open_sta
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(enrollments).values(created_at=now(), **values))
+    await session.execute(insert(enrollments).values(created_at=clock.now(), **values))
 
 
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
@@ -286,7 +284,7 @@ async def audit_rows(
 
 
 async def update_site(session: AsyncSession, site_id: str, **values: Any) -> None:
-    await session.execute(update(sites).where(sites.c.site_id == site_id).values(updated_at=now(), **values))
+    await session.execute(update(sites).where(sites.c.site_id == site_id).values(updated_at=clock.now(), **values))
 
 
 # --- patients ------------------------------------------------------------------------
@@ -294,7 +292,7 @@ async def update_site(session: AsyncSession, site_id: str, **values: Any) -> Non
 
 async def update_patient(session: AsyncSession, patient_id: str, **values: Any) -> None:
     await session.execute(
-        update(patients).where(patients.c.patient_id == patient_id).values(updated_at=now(), **values)
+        update(patients).where(patients.c.patient_id == patient_id).values(updated_at=clock.now(), **values)
     )
 
 
@@ -364,7 +362,7 @@ async def update_enrollment(session: AsyncSession, enrollment_id: str, **values:
 
 async def add_history(session: AsyncSession, enrollment_id: str, kind: str, actor: str, **values: Any) -> None:
     await session.execute(
-        insert(enrollment_history).values(enrollment_id=enrollment_id, kind=kind, actor=actor, at=now(), **values)
+        insert(enrollment_history).values(enrollment_id=enrollment_id, kind=kind, actor=actor, at=clock.now(), **values)
     )
 
 
@@ -403,7 +401,7 @@ async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] 
 
 
 async def add_consent(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(consents).values(created_at=now(), **values))
+    await session.execute(insert(consents).values(created_at=clock.now(), **values))
 
 
 async def get_consent(session: AsyncSession, consent_id: str, *, lock: bool = False) -> dict[str, Any] | None:
@@ -460,7 +458,7 @@ async def get_idempotent(session: AsyncSession, scope: str, key: str) -> dict[st
 
 
 async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
-    return await insert_if_absent(session, idempotency_keys, created_at=now(), **values)
+    return await insert_if_absent(session, idempotency_keys, created_at=clock.now(), **values)
 
 
 # --- recovery plan ---------------------------------------------------------------------
@@ -477,16 +475,18 @@ async def get_goal(session: AsyncSession, goal_id: str) -> dict[str, Any] | None
 
 
 async def add_goal(session: AsyncSession, **values: Any) -> None:
-    stamp = now()
+    stamp = clock.now()
     await session.execute(insert(plan_goals).values(created_at=stamp, updated_at=stamp, **values))
 
 
 async def update_goal(session: AsyncSession, goal_id: str, **values: Any) -> None:
-    await session.execute(update(plan_goals).where(plan_goals.c.goal_id == goal_id).values(updated_at=now(), **values))
+    await session.execute(
+        update(plan_goals).where(plan_goals.c.goal_id == goal_id).values(updated_at=clock.now(), **values)
+    )
 
 
 async def add_progress(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(goal_progress).values(at=now(), **values))
+    await session.execute(insert(goal_progress).values(at=clock.now(), **values))
 
 
 async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[dict[str, Any]]:
@@ -516,7 +516,7 @@ async def add_potential_duplicate(session: AsyncSession, patient_id: str, match_
             duplicate_id=str(uuid4()),
             patient_id=patient_id,
             match_patient_id=match_patient_id,
-            created_at=now(),
+            created_at=clock.now(),
             status="open",
         )
     )
@@ -551,6 +551,6 @@ async def resolve_potential_duplicate(session: AsyncSession, duplicate_id: str, 
     changed = await session.execute(
         update(potential_duplicates)
         .where(potential_duplicates.c.duplicate_id == duplicate_id, potential_duplicates.c.status == "open")
-        .values(status="resolved", resolution=resolution, resolved_at=now(), resolved_by=actor)
+        .values(status="resolved", resolution=resolution, resolved_at=clock.now(), resolved_by=actor)
     )
     return bool(changed.rowcount)

@@ -8,14 +8,12 @@ handlers.py for events, app.py for the activation job. Every event goes through 
 outbox in the same transaction as the change that caused it. `now`/`today` are
 parameters so the rules can be exercised at any instant.
 
-A broken rule is raised as the error the API answers with (shared.errors: Conflict,
-Invalid, NotFound); `_broken_rules` is the one place intake's domain errors become those.
-The `check_*` functions need no record: routes call them before they look anything up,
-so bad input is answered alike whatever records exist or the caller may see."""
+A broken rule raises `DomainError` (in domain.py or here); shared.errors maps its kind
+to the API's answer. The `check_*` functions need no record: routes call them before
+they look anything up, so bad input is answered alike whatever records exist or the
+caller may see."""
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID, uuid4
@@ -24,14 +22,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store
-from shared.audit import record_access
 from shared.auth import Principal
-from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts import Envelope
 from shared.contracts.events import (
     CheckInSubmitted,
     ConsentGranted,
     ConsentRevoked,
-    Event,
     GoalStatus,
     PatientContactChanged,
     PatientDischarged,
@@ -41,41 +37,15 @@ from shared.contracts.events import (
     SiteRegistered,
     TreatmentPlanUpdated,
 )
-from shared.errors import AuditedConflict, Conflict, Invalid, NotFound
+from shared.domain_errors import DomainError
+from shared.messaging.outbox import Chain
 
 OPEN = frozenset(str(s) for s in domain.OPEN_STATUSES)
 
 
-@contextmanager
-def _broken_rules() -> Iterator[None]:
-    """A refused change (an illegal transition) is a conflict; any other broken rule is
-    bad input, pinned to the field at fault when the rule names one."""
-    try:
-        yield
-    except domain.IllegalTransition as error:
-        raise Conflict(str(error)) from None
-    except domain.DomainError as error:
-        raise Invalid(str(error), {error.field: str(error)} if error.field else None) from None
-
-
-async def _stage(
-    session: AsyncSession,
-    event: Event,
-    site_id: str,
-    *,
-    cause: Envelope | None = None,
-    episode: dict[str, Any] | None = None,
-) -> Envelope:
-    """Stage an event: in reply to `cause` if given, else in the chain of the enrollment
-    row `episode` (every event of an episode shares its correlation id), else a new chain."""
-    if cause is not None:
-        envelope = caused_by(cause, event, site_id=site_id)
-    elif episode is not None:
-        envelope = new_envelope(event, site_id=site_id, correlation_id=UUID(episode["correlation_id"]))
-    else:
-        envelope = new_envelope(event, site_id=site_id)
-    await store.outbox.stage(session, envelope)
-    return envelope
+def _episode(enrollment: dict[str, Any]) -> Chain:
+    """Every event of an episode shares its correlation id (its PatientEnrolled's)."""
+    return Chain(UUID(enrollment["correlation_id"]))
 
 
 async def _reloaded(session: AsyncSession, enrollment_id: str) -> dict[str, Any]:
@@ -88,27 +58,25 @@ async def _reloaded(session: AsyncSession, enrollment_id: str) -> dict[str, Any]
 
 
 async def register_site(session: AsyncSession, spec: dict[str, Any]) -> None:
-    with _broken_rules():
-        domain.validate_timezone(spec["timezone"])
+    domain.validate_timezone(spec["timezone"])
     if await store.get_site(session, spec["site_id"]):
-        raise Conflict(f"site {spec['site_id']} already exists")
+        raise DomainError("conflict", f"site {spec['site_id']} already exists")
     await store.add_site(session, **spec)
-    await _stage(session, SiteRegistered(name=spec["name"], timezone=spec["timezone"]), spec["site_id"])
+    await store.outbox.emit(session, SiteRegistered(name=spec["name"], timezone=spec["timezone"]), spec["site_id"])
 
 
 async def update_site(session: AsyncSession, site_id: str, changes: dict[str, Any]) -> dict[str, Any]:
     """Returns the site as changed. Other services learn only of a new name or timezone."""
     if "timezone" in changes:
-        with _broken_rules():
-            domain.validate_timezone(changes["timezone"] or "")
+        domain.validate_timezone(changes["timezone"] or "")
     site = await store.get_site(session, site_id)
     if site is None:
-        raise NotFound("site not found")
+        raise DomainError("not_found", "site not found")
     if changes:
         await store.update_site(session, site_id, **changes)
     updated = {**site, **changes}
     if changes.keys() & {"name", "timezone"}:
-        await _stage(session, SiteRegistered(name=updated["name"], timezone=updated["timezone"]), site_id)
+        await store.outbox.emit(session, SiteRegistered(name=updated["name"], timezone=updated["timezone"]), site_id)
     return updated
 
 
@@ -120,29 +88,25 @@ async def register_patient(
 ) -> dict[str, Any]:
     """Register a patient unless a likely duplicate is at a site the caller serves (and
     the desk has not confirmed it is another person). Returns the new patient's values."""
-    with _broken_rules():
-        domain.validate_birth_date(spec["birth_date"], today)
+    domain.validate_birth_date(spec["birth_date"], today)
     patient_id = uuid4()
     name_key = domain.normalize_name(spec["given_name"] + spec["family_name"])
     if not await store.get_site(session, spec["site_id"]):
-        raise Invalid("unknown site", {"site_id": "no such site is registered"})
+        raise DomainError("invalid", "unknown site", fields={"site_id": "no such site is registered"})
     await store.lock_identity(session, name_key, spec["birth_date"])
     matches = await store.find_identities(session, name_key, spec["birth_date"])
     seen = [m for m in matches if principal.sees_site(m["site_id"])]
     if seen and not confirmed_not_duplicate:
         # Naming the existing record is an access to it: audited, and the row kept.
         existing = seen[0]
-        await record_access(
-            session,
-            store.audit,
-            principal,
-            action="patient.duplicate_match",
-            site_id=existing["site_id"],
-            patient_id=existing["patient_id"],
+        await store.record_access(
+            session, principal, "patient.duplicate_match", existing["site_id"], existing["patient_id"]
         )
-        raise AuditedConflict(
+        raise DomainError(
+            "conflict",
             f"likely duplicate of patient {existing['patient_id']} ({existing['mrn']})",
-            {"patient_id": existing["patient_id"]},
+            fields={"patient_id": existing["patient_id"]},
+            keeps_audit=True,
         )
     mrn = domain.new_mrn()
     while await store.mrn_taken(session, mrn):
@@ -172,20 +136,18 @@ async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, 
         preferred_channel=values["preferred_channel"],
         language=values["language"],
     )
-    await _stage(session, contact, site_id)
+    await store.outbox.emit(session, contact, site_id)
 
 
 def check_patient_changes(changes: dict[str, Any], today: date) -> None:
     if "birth_date" in changes:
-        with _broken_rules():
-            domain.validate_birth_date(changes["birth_date"], today)
+        domain.validate_birth_date(changes["birth_date"], today)
 
 
 async def update_patient(session: AsyncSession, patient: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     """Returns the patient as changed; a changed contact is published (restricted)."""
     updated = {**patient, **changes}
-    with _broken_rules():
-        domain.check_channel_address(updated["preferred_channel"], updated["phone"], updated["email"])
+    domain.check_channel_address(updated["preferred_channel"], updated["phone"], updated["email"])
     stored = dict(changes)
     if changes.keys() & {"given_name", "family_name"}:
         stored["name_key"] = domain.normalize_name(updated["given_name"] + updated["family_name"])
@@ -200,8 +162,7 @@ async def update_patient(session: AsyncSession, patient: dict[str, Any], changes
 
 
 def check_enrollment(start_date: date, today: date) -> None:
-    with _broken_rules():
-        domain.check_start_date(start_date, today)
+    domain.check_start_date(start_date, today)
 
 
 async def enroll(
@@ -215,9 +176,11 @@ async def enroll(
 async def _check_program(session: AsyncSession, program_id: str, site_id: str, cohort: str) -> None:
     program = await store.get_program(session, program_id)
     if program is None or program["site_id"] != site_id:
-        raise Invalid("unknown program", {"program_id": "not a published program of this site"})
+        raise DomainError("invalid", "unknown program", fields={"program_id": "not a published program of this site"})
     if program["cohort"] != cohort:
-        raise Invalid("the program serves another cohort", {"cohort": f"program is for {program['cohort']}"})
+        raise DomainError(
+            "invalid", "the program serves another cohort", fields={"cohort": f"program is for {program['cohort']}"}
+        )
 
 
 async def _open_episode(
@@ -232,13 +195,12 @@ async def _open_episode(
     patient_id = patient["patient_id"]
     # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
     await store.get_patient(session, patient_id, lock=True)
-    with _broken_rules():
-        domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, list(OPEN)))
+    domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, list(OPEN)))
     enrollment_id = uuid4()
     status = domain.initial_status(spec["start_date"], today)
     event = PatientEnrolled(patient_id=UUID(patient_id), enrollment_id=enrollment_id, **spec)
     # The episode's correlation id is its PatientEnrolled's: later events of it join that chain.
-    envelope = await _stage(session, event, patient["site_id"], cause=cause)
+    envelope = await store.outbox.emit(session, event, patient["site_id"], cause=cause)
     await store.add_enrollment(
         session,
         enrollment_id=str(enrollment_id),
@@ -279,9 +241,8 @@ async def change_level(
 ) -> dict[str, Any]:
     """Step-down or step-up between ASAM levels within the episode, kept as history."""
     if enrollment["status"] not in OPEN:
-        raise Conflict(f"a {enrollment['status']} enrollment cannot change level")
-    with _broken_rules():
-        change = domain.level_change(enrollment["level_of_care"], level_of_care)
+        raise DomainError("conflict", f"a {enrollment['status']} enrollment cannot change level")
+    change = domain.level_change(enrollment["level_of_care"], level_of_care)
     await store.update_enrollment(session, enrollment["enrollment_id"], level_of_care=level_of_care)
     await store.add_history(
         session,
@@ -297,7 +258,9 @@ async def change_level(
 
 def check_transfer(effective_on: date, today: date) -> None:
     if effective_on < today - timedelta(days=30):
-        raise Invalid("effective_on is too far in the past", {"effective_on": "more than 30 days ago"})
+        raise DomainError(
+            "invalid", "effective_on is too far in the past", fields={"effective_on": "more than 30 days ago"}
+        )
 
 
 async def transfer(
@@ -314,10 +277,9 @@ async def transfer(
     see it; PatientEnrolled follows for the new episode."""
     to_site_id, effective_on = destination["to_site_id"], destination["effective_on"]
     if to_site_id == enrollment["site_id"]:
-        raise Invalid("a transfer goes to another site", {"to_site_id": "same site"})
+        raise DomainError("invalid", "a transfer goes to another site", fields={"to_site_id": "same site"})
     await _check_destination(session, principal, to_site_id, destination["to_program_id"], enrollment["cohort"])
-    with _broken_rules():
-        domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.TRANSFERRED)
+    domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.TRANSFERRED)
     enrollment_id = enrollment["enrollment_id"]
     await store.update_enrollment(session, enrollment_id, status="transferred", ended_on=effective_on)
     await store.add_history(
@@ -329,8 +291,8 @@ async def transfer(
         from_site_id=enrollment["site_id"],
         **destination,
     )
-    first = await _stage(session, event, enrollment["site_id"], episode=enrollment)
-    await _stage(session, event, to_site_id, cause=first)
+    first = await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
+    await store.outbox.emit(session, event, to_site_id, cause=first)
     await store.update_patient(session, enrollment["patient_id"], site_id=to_site_id)
     patient = await store.get_patient(session, enrollment["patient_id"])
     assert patient is not None
@@ -344,10 +306,11 @@ async def transfer(
     return await _open_episode(session, principal.sub, patient, spec, today, first)
 
 
-def _unknown_destination() -> Invalid:
-    return Invalid(
+def _unknown_destination() -> DomainError:
+    return DomainError(
+        "invalid",
         "unknown destination",
-        {"to_site_id": "not a site you serve", "to_program_id": "not a published program of that site"},
+        fields={"to_site_id": "not a site you serve", "to_program_id": "not a published program of that site"},
     )
 
 
@@ -363,21 +326,26 @@ async def _check_destination(
     if program is None or program["site_id"] != to_site_id:
         raise _unknown_destination()
     if program["cohort"] != cohort:
-        raise Invalid("the program serves another cohort", {"to_program_id": f"program is for {program['cohort']}"})
+        raise DomainError(
+            "invalid",
+            "the program serves another cohort",
+            fields={"to_program_id": f"program is for {program['cohort']}"},
+        )
 
 
 def check_discharge(discharged_on: date, today: date) -> None:
     if discharged_on > today + timedelta(days=1):
-        raise Invalid("discharged_on is in the future", {"discharged_on": "in the future"})
+        raise DomainError("invalid", "discharged_on is in the future", fields={"discharged_on": "in the future"})
 
 
 async def discharge(
     session: AsyncSession, actor: str, enrollment: dict[str, Any], reason: str, discharged_on: date
 ) -> dict[str, Any]:
-    with _broken_rules():
-        domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.DISCHARGED)
+    domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.DISCHARGED)
     if discharged_on < enrollment["start_date"] and enrollment["status"] == "active":
-        raise Invalid("discharged before the episode started", {"discharged_on": "before start_date"})
+        raise DomainError(
+            "invalid", "discharged before the episode started", fields={"discharged_on": "before start_date"}
+        )
     enrollment_id = enrollment["enrollment_id"]
     await store.update_enrollment(session, enrollment_id, status="discharged", ended_on=discharged_on)
     await store.add_history(
@@ -395,7 +363,7 @@ async def discharge(
         reason=reason,
         discharged_on=discharged_on,
     )
-    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
     return await _reloaded(session, enrollment_id)
 
 
@@ -403,8 +371,7 @@ async def discharge(
 
 
 def check_consent(spec: dict[str, Any], now: datetime) -> None:
-    with _broken_rules():
-        domain.check_consent_dates(spec["signed_at"], spec["expires_on"], spec["expires_event"], now)
+    domain.check_consent_dates(spec["signed_at"], spec["expires_on"], spec["expires_event"], now)
 
 
 async def grant_consent(session: AsyncSession, patient: dict[str, Any], spec: dict[str, Any]) -> UUID:
@@ -413,7 +380,7 @@ async def grant_consent(session: AsyncSession, patient: dict[str, Any], spec: di
         session, consent_id=str(consent_id), patient_id=patient["patient_id"], site_id=patient["site_id"], **spec
     )
     event = ConsentGranted(consent_id=consent_id, patient_id=UUID(patient["patient_id"]), **_terms(spec))
-    await _stage(session, event, patient["site_id"])
+    await store.outbox.emit(session, event, patient["site_id"])
     return consent_id
 
 
@@ -446,7 +413,7 @@ async def _treatment_ended_since(session: AsyncSession, patient_id: str, signed_
 def check_revocation_time(revoked_at: datetime, now: datetime) -> None:
     # A few minutes' grace: the client's clock may run a little ahead of ours.
     if revoked_at > now + timedelta(minutes=5):
-        raise Invalid("revoked_at is in the future", {"revoked_at": "in the future"})
+        raise DomainError("invalid", "revoked_at is in the future", fields={"revoked_at": "in the future"})
 
 
 async def revoke_consent(
@@ -458,15 +425,14 @@ async def revoke_consent(
     today: date,
 ) -> None:
     """Revocation in writing (sec. 2.31): the time it was made and an optional note."""
-    with _broken_rules():
-        domain.check_revocation(await consent_state(session, consent, today))
+    domain.check_revocation(await consent_state(session, consent, today))
     if revoked_at < consent["signed_at"]:
-        raise Invalid("revoked before it was signed", {"revoked_at": "before signed_at"})
+        raise DomainError("invalid", "revoked before it was signed", fields={"revoked_at": "before signed_at"})
     await store.revoke_consent(session, consent["consent_id"], revoked_at, note)
     event = ConsentRevoked(
         consent_id=UUID(consent["consent_id"]), patient_id=UUID(consent["patient_id"]), **_terms(consent)
     )
-    await _stage(session, event, patient["site_id"])
+    await store.outbox.emit(session, event, patient["site_id"])
 
 
 # --- daily check-ins ------------------------------------------------------------------------
@@ -479,7 +445,7 @@ async def record_check_in(
     plan goals it reports progress on, and publish it (without its free text)."""
     enrollment = await store.open_enrollment(session, patient["patient_id"], list(OPEN))
     if enrollment is None:
-        raise Conflict("check-ins need an open enrollment")
+        raise DomainError("conflict", "check-ins need an open enrollment")
     await _check_goals(session, enrollment["enrollment_id"], answers["goal_progress"])
     risk, reasons = domain.score_risk(
         mood=answers["mood"],
@@ -521,7 +487,7 @@ async def record_check_in(
         **{k: answers[k] for k in ("mood", "craving", "used_since_last", "safety_concern")},
         risk=str(risk),
     )
-    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
     return {
         "check_in_id": check_in_id,
         "patient_id": patient["patient_id"],
@@ -537,7 +503,11 @@ async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list
     goals = {g["goal_id"] for g in await store.plan_goals_of(session, enrollment_id)}
     for index, entry in enumerate(progress):
         if str(entry["goal_id"]) not in goals:
-            raise Invalid("not a goal of this episode's plan", {f"goal_progress.{index}.goal_id": "unknown goal"})
+            raise DomainError(
+                "invalid",
+                "not a goal of this episode's plan",
+                fields={f"goal_progress.{index}.goal_id": "unknown goal"},
+            )
 
 
 # --- recovery plan ------------------------------------------------------------------------
@@ -545,7 +515,7 @@ async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list
 
 async def add_goal(session: AsyncSession, enrollment: dict[str, Any], spec: dict[str, Any]) -> None:
     if enrollment["status"] not in OPEN:
-        raise Conflict(f"a {enrollment['status']} enrollment's plan is closed")
+        raise DomainError("conflict", f"a {enrollment['status']} enrollment's plan is closed")
     await store.add_goal(
         session,
         goal_id=str(uuid4()),
@@ -567,8 +537,7 @@ async def change_goal(
 ) -> None:
     """Change a goal; a status change (met, dropped, reopened) is progress, and published."""
     if "status" in changes:
-        with _broken_rules():
-            domain.check_goal_status_change(goal["status"], changes["status"])
+        domain.check_goal_status_change(goal["status"], changes["status"])
     if changes:
         await store.update_goal(session, goal["goal_id"], **changes)
     if "status" in changes or note:
@@ -585,7 +554,7 @@ async def _stage_plan(session: AsyncSession, enrollment: dict[str, Any]) -> None
         plan_id=domain.plan_id_of(enrollment["enrollment_id"]),
         goals=[GoalStatus(goal_id=UUID(g["goal_id"]), status=g["status"]) for g in goals],
     )
-    await _stage(session, event, enrollment["site_id"], episode=enrollment)
+    await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
 
 
 # --- potential duplicates (network admins) -----------------------------------------------------
@@ -596,9 +565,9 @@ async def resolve_duplicate(
 ) -> dict[str, Any]:
     """Resolve a queue entry once; returns it as resolved (the records are not merged)."""
     if await store.get_potential_duplicate(session, duplicate_id) is None:
-        raise NotFound("potential duplicate not found")
+        raise DomainError("not_found", "potential duplicate not found")
     if not await store.resolve_potential_duplicate(session, duplicate_id, resolution, actor):
-        raise Conflict("this potential duplicate is already resolved")
+        raise DomainError("conflict", "this potential duplicate is already resolved")
     row = await store.get_potential_duplicate(session, duplicate_id)
     assert row is not None
     return row

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import usecases
 from services.intake.domain import IllegalTransition
-from shared.errors import Invalid
+from shared.domain_errors import DomainError
 
 TODAY = date(2025, 3, 9)
 
@@ -52,6 +52,7 @@ async def test_activation_leaves_an_episode_that_changed_since_it_was_read() -> 
 
 
 def test_a_broken_rule_is_invalid_input_on_the_field_it_names() -> None:
-    with pytest.raises(Invalid) as raised:
+    with pytest.raises(DomainError) as raised:
         usecases.check_enrollment(TODAY + timedelta(days=366), TODAY)
+    assert raised.value.kind == "invalid"
     assert raised.value.fields == {"start_date": "start date is more than a year away"}
