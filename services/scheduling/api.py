@@ -7,35 +7,24 @@ while the caller gets the same 404 as for a record that does not exist (DESIGN B
 Dates, wall times and ISO weeks are bounded at the boundary (`domain.check_day`), so no
 input reaches date arithmetic that could overflow."""
 
-from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
-from typing import Annotated, Any, Literal, TypeVar
-from uuid import UUID, uuid4
+from datetime import date, datetime, timedelta
+from typing import Annotated, Any, Literal
+from uuid import UUID
 
-from fastapi import APIRouter, Depends, Path, Query
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from fastapi import APIRouter, Path, Query
+from pydantic import AfterValidator, BaseModel, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store, usecases
-from shared.audit import record_access
-from shared.auth import Principal, ensure_site, require_roles
+from shared import clock
+from shared.api import Input
+from shared.auth import Admin, Clinical, NetworkAdmin, Principal, Staff, StaffOrPatient, ensure_site
 from shared.contracts.events import AttendanceStatus, Cohort, LevelOfCare, SessionKind, SiteId
 from shared.db import transaction
 from shared.errors import AccessDenied, Conflict, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
-T = TypeVar("T")
-
-Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
-StaffOrPatient = Annotated[
-    Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk", "patient"))
-]
-Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
-# Jobs that run across every site: network admins only.
-NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
-Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
-Booker = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
 
 # Bounded at the boundary: a day, a site-local wall time and an ISO week the date
 # arithmetic behind every route can hold (a bad one is a 422, never a 500).
@@ -44,10 +33,6 @@ WallTime = Annotated[datetime, AfterValidator(domain.check_wall_time)]
 IsoWeek = Annotated[str, Field(pattern=r"^[0-9]{4}-W[0-9]{2}$"), AfterValidator(domain.check_iso_week)]
 # sessions.clinician_id is 200 characters: a longer id would fail the insert itself.
 ClinicianId = Annotated[str, Path(min_length=1, max_length=200)]
-
-
-class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
 
 class BlockIn(Input):
@@ -150,10 +135,6 @@ class TrackIn(Input):
     program_id: Annotated[str, Field(min_length=1, max_length=64)]
 
 
-# One fixed title: a free-text title of a one-to-one session could name the patient on the bus.
-INDIVIDUAL_TITLE = "Individual session"
-
-
 class SlotIn(Input):
     site_id: SiteId
     starts_local: Annotated[WallTime, Field(description="site-local wall time, no offset")]
@@ -199,38 +180,12 @@ class SiteOut(BaseModel):
     timezone: str
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _invalid(error: domain.ScheduleError | usecases.Rejected) -> Invalid:
-    return Invalid(str(error), {error.field: str(error)} if error.field else None)
-
-
-async def _guarded(action: Callable[[], Awaitable[T]]) -> T:
-    """Map rule violations to the A6 error shape: 409 conflicts, 422 bad input."""
-    try:
-        return await action()
-    except usecases.Rejected as error:
-        if error.status == 409:
-            raise Conflict(str(error)) from None
-        raise _invalid(error) from None
-    except domain.ScheduleError as error:
-        raise _invalid(error) from None
-
-
 async def _site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
     ensure_site(principal, site_id, "site")
     site = await store.get_site(session, site_id)
     if site is None:
         raise NotFound("site not found")
     return site
-
-
-async def _audit(
-    session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: UUID | str | None
-) -> None:
-    await record_access(session, store.audit, principal, action=action, site_id=site_id, patient_id=patient_id)
 
 
 async def _deny(
@@ -240,7 +195,7 @@ async def _deny(
     when there is none yet: the probe itself is worth keeping); the caller raises the
     404, whose body is the one an unknown id gets."""
     for patient_id in patient_ids or [None]:
-        await _audit(session, principal, f"{action}.denied", site_id, patient_id)
+        await store.record_access(session, principal, f"{action}.denied", site_id, patient_id)
     return AccessDenied(f"{what} not found")
 
 
@@ -310,9 +265,9 @@ async def publish_program(body: ProgramIn, principal: Admin, session: Db) -> Pro
         site = await store.get_site(session, body.site_id)
         if site is None:
             raise Invalid("unknown site", {"site_id": "no such site is registered"})
-        today = domain.site_today(_now(), site["timezone"])
+        today = domain.site_today(clock.now(), site["timezone"])
         spec = body.model_dump()
-        program = await _guarded(lambda: usecases.publish_program(session, site, spec, today))
+        program = await usecases.publish_program(session, site, spec, today)
         sessions = await store.sessions_between(session, program_id=program["program_id"])
     return _program_out(program, len(sessions))
 
@@ -327,9 +282,9 @@ async def list_programs(principal: Staff, session: Db, site_id: str | None = Non
 async def close_day(site_id: str, body: ClosureIn, principal: Admin, session: Db) -> dict[str, Any]:
     async with session.begin():
         site = await _site(session, principal, site_id)
-        if body.date < domain.site_today(_now(), site["timezone"]):
+        if body.date < domain.site_today(clock.now(), site["timezone"]):
             raise Invalid("a closure cannot be in the past", {"date": "in the past"})
-        cancelled = await _guarded(lambda: usecases.close_site_day(session, site, body.date, body.reason))
+        cancelled = await usecases.close_site_day(session, site, body.date, body.reason)
     return {"site_id": site_id, "date": body.date, "sessions_cancelled": cancelled}
 
 
@@ -345,11 +300,8 @@ async def site_calendar(
     until: Annotated[Day | None, Query(alias="to", description="site-local last day (inclusive)")] = None,
 ) -> list[SessionOut]:
     site = await _site(session, principal, site_id)
-    today = domain.site_today(_now(), site["timezone"])
-    try:
-        first, last = domain.calendar_range(since, until, today)
-    except domain.ScheduleError as error:
-        raise _invalid(error) from None
+    today = domain.site_today(clock.now(), site["timezone"])
+    first, last = domain.calendar_range(since, until, today)
     # A day's margin each side of the site-local days; `local_date` then picks exactly.
     rows = await store.sessions_between(
         session,
@@ -399,7 +351,7 @@ async def session_roster(session_id: UUID, principal: Staff, session: Db) -> Ses
                     minutes=record["minutes"] if record else None,
                 )
             )
-            await _audit(session, principal, "roster.read", row["site_id"], booking["patient_id"])
+            await store.record_access(session, principal, "roster.read", row["site_id"], booking["patient_id"])
         summary = await _session_out(session, row)
     return SessionDetail(**summary.model_dump(), roster=roster)
 
@@ -409,9 +361,9 @@ async def record_attendance(session_id: UUID, body: AttendanceIn, principal: Cli
     async with transaction(session):
         row = await _session(session, principal, session_id, "attendance.record", lock=True)
         records = [{**r.model_dump(), "patient_id": str(r.patient_id)} for r in body.records]
-        count = await _guarded(lambda: usecases.record_attendance(session, row, records, principal.sub, _now()))
+        count = await usecases.record_attendance(session, row, records, principal.sub, clock.now())
         for record in records:
-            await _audit(session, principal, "attendance.record", row["site_id"], record["patient_id"])
+            await store.record_access(session, principal, "attendance.record", row["site_id"], record["patient_id"])
     return {"session_id": session_id, "recorded": count}
 
 
@@ -419,7 +371,7 @@ async def record_attendance(session_id: UUID, body: AttendanceIn, principal: Cli
 async def complete_session(session_id: UUID, principal: Clinical, session: Db) -> dict[str, Any]:
     async with transaction(session):
         row = await _session(session, principal, session_id, "session.complete", lock=True)
-        counts = await _guarded(lambda: usecases.complete_session(session, row, _now()))
+        counts = await usecases.complete_session(session, row, clock.now())
     return {"session_id": session_id, "status": "completed", **counts}
 
 
@@ -434,36 +386,25 @@ async def open_slot(clinician_id: ClinicianId, body: SlotIn, principal: Clinical
         site = await _site(session, principal, body.site_id)
         starts = domain.local_instant(body.starts_local.date(), body.starts_local.time(), _zone(site))
         ends = starts + timedelta(minutes=body.minutes)
-        if starts <= _now():
+        if starts <= clock.now():
             raise Invalid("a slot must be in the future", {"starts_local": "in the past"})
-        await store.lock_clinician(session, clinician_id)
-        if await store.clinician_overlaps(session, clinician_id, starts, ends):
-            raise Conflict("the clinician already has a session at that time")
-        row = {
-            "session_id": str(uuid4()), "program_id": None, "site_id": site["site_id"],
-            "kind": "individual_therapy", "title": INDIVIDUAL_TITLE, "block_key": f"slot-{uuid4().hex[:12]}",
-            "local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends, "capacity": 1,
-            "status": "scheduled", "clinician_id": clinician_id,
-        }  # fmt: skip
-        await store.add_session(session, **row)
-        await usecases.emit(session, usecases._session_event(usecases.SessionScheduled, row), site["site_id"], None)
+        times = {"local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends}
+        row = await usecases.open_slot(session, site, clinician_id, times)
     return SessionOut(**{k: row[k] for k in SessionOut.model_fields if k in row})
 
 
 @router.post("/sessions/{session_id}/bookings", status_code=201, tags=["bookings"])
-async def book_session(session_id: UUID, body: SlotBookingIn, principal: Booker, session: Db) -> dict[str, Any]:
+async def book_session(session_id: UUID, body: SlotBookingIn, principal: Staff, session: Db) -> dict[str, Any]:
     async with transaction(session):
         row = await _session(session, principal, session_id, "booking.create", lock=True)
         enrollment = await _enrollment(session, principal, body.enrollment_id, "booking.create")
         if enrollment["site_id"] != row["site_id"] or enrollment["status"] != "active":
             raise Invalid("the enrollment is not active at this session's site", {"enrollment_id": "wrong site"})
-        if row["starts_at"] <= _now():
+        if row["starts_at"] <= clock.now():
             raise Invalid("the session has started", {"session_id": "in the past"})
         individual = row["kind"] == "individual_therapy"
-        status = await _guarded(
-            lambda: usecases.book(session, str(session_id), enrollment, None, waitlist=not individual)
-        )
-        await _audit(session, principal, "booking.create", row["site_id"], enrollment["patient_id"])
+        status = await usecases.book(session, str(session_id), enrollment, None, waitlist=not individual)
+        await store.record_access(session, principal, "booking.create", row["site_id"], enrollment["patient_id"])
     return {"session_id": session_id, "enrollment_id": body.enrollment_id, "status": status}
 
 
@@ -482,10 +423,10 @@ async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session:
             readable = {s for s in known if principal.sees_site(s)}
         if not readable:
             for site_id in sorted(known):
-                await _audit(session, principal, "schedule.read.denied", site_id, patient_id)
+                await store.record_access(session, principal, "schedule.read.denied", site_id, patient_id)
             raise AccessDenied("patient not found")
         for site_id in sorted(readable):
-            await _audit(session, principal, "schedule.read", site_id, patient_id)
+            await store.record_access(session, principal, "schedule.read", site_id, patient_id)
         rows = await store.patient_bookings(session, str(patient_id))
     return [
         BookingOut(**{k: r[k] for k in BookingOut.model_fields})
@@ -498,12 +439,14 @@ async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session:
 async def read_enrollment(enrollment_id: UUID, principal: Staff, session: Db) -> EnrollmentOut:
     async with transaction(session):
         enrollment = await _enrollment(session, principal, enrollment_id, "enrollment.read")
-        await _audit(session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(
+            session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"]
+        )
     return EnrollmentOut(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields})
 
 
 @router.post("/enrollments/{enrollment_id}/track", tags=["enrollments"])
-async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Booker, session: Db) -> dict[str, Any]:
+async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Staff, session: Db) -> dict[str, Any]:
     async with transaction(session):
         enrollment = await _enrollment(session, principal, enrollment_id, "enrollment.switch_track")
         if enrollment["status"] != "active":
@@ -511,8 +454,10 @@ async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Booker, se
         program = await store.get_program(session, body.program_id)
         if program is None or not principal.sees_site(program["site_id"]):
             raise Invalid("unknown program", {"program_id": "no such program"})
-        booked = await _guarded(lambda: usecases.switch_track(session, enrollment, program, _now()))
-        await _audit(session, principal, "enrollment.switch_track", enrollment["site_id"], enrollment["patient_id"])
+        booked = await usecases.switch_track(session, enrollment, program, clock.now())
+        await store.record_access(
+            session, principal, "enrollment.switch_track", enrollment["site_id"], enrollment["patient_id"]
+        )
     return {"enrollment_id": enrollment_id, "program_id": body.program_id, "sessions_booked": booked}
 
 
@@ -523,7 +468,7 @@ async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, sessi
         site = await store.get_site(session, enrollment["site_id"])
         if site is None:
             raise NotFound("site not found")
-        now = _now()
+        now = clock.now()
         alerts: dict[str, list[str]] = {}
         for alert in await store.hours_alerts_for(session, enrollment["enrollment_id"]):
             alerts.setdefault(alert["iso_week"], []).append(alert["kind"])
@@ -539,7 +484,7 @@ async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, sessi
                     target_hours=hours.target, state=state, alerts=sorted(alerts.get(iso_week, [])),
                 )
             )  # fmt: skip
-        await _audit(session, principal, "hours.read", enrollment["site_id"], enrollment["patient_id"])
+        await store.record_access(session, principal, "hours.read", enrollment["site_id"], enrollment["patient_id"])
     return HoursOut(
         enrollment_id=enrollment_id, patient_id=enrollment["patient_id"],
         weekly_hours_target=enrollment["weekly_hours_target"], weeks=weeks,
@@ -566,13 +511,13 @@ async def hours_report(
 ) -> dict[str, Any]:
     async with transaction(session):
         site = await _visible_site(session, principal, site_id, "hours_report.read")
-        now = _now()
+        now = clock.now()
         iso_week = week or domain.iso_week_of(now, site["timezone"])
         programs = await _program_hours(session, site, iso_week, now)
         at_risk = sorted(e for p in programs for e in p["at_risk"])
         # The enrollment ids it names are patients' data: each patient disclosed is audited.
         for patient_id in sorted({patient for p in programs for patient in p["disclosed"]}):
-            await _audit(session, principal, "hours_report.read", site_id, patient_id)
+            await store.record_access(session, principal, "hours_report.read", site_id, patient_id)
     report = [_rates(entry) for entry in programs]
     totals = {
         "enrollments": sum(p["enrollments"] for p in report),
@@ -631,11 +576,11 @@ def _rates(entry: dict[str, Any]) -> dict[str, Any]:
 async def run_hours_review(principal: NetworkAdmin, session: Db) -> dict[str, int]:
     """Run the treatment-hours review now (the background loop runs it on a timer)."""
     async with session.begin():
-        return await usecases.review_hours(session, _now())
+        return await usecases.review_hours(session, clock.now())
 
 
 @router.post("/admin/horizon", tags=["ops"])
 async def extend_horizon(principal: NetworkAdmin, session: Db) -> dict[str, int]:
     """Materialize every program's sessions up to the rolling horizon now."""
     async with session.begin():
-        return {"sessions_created": await usecases.extend_horizons(session, _now())}
+        return {"sessions_created": await usecases.extend_horizons(session, clock.now())}

@@ -10,6 +10,7 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 from shared.contracts.events import Cohort
+from shared.domain_errors import DomainError
 
 # ASAM level 2.1 (IOP): at least 9 hours a week for adults, 6 for adolescents.
 WEEKLY_HOURS_TARGET: dict[str, float] = {"adult": 9.0, "adolescent": 6.0}
@@ -27,12 +28,6 @@ FIRST_DAY = date(2000, 1, 1)
 LAST_DAY = date(2099, 12, 31)
 CALENDAR_MAX_DAYS = 62
 ISO_WEEK = re.compile(r"([0-9]{4})-W([0-9]{2})")  # ASCII digits: \d matches every script's digits
-
-
-class ScheduleError(ValueError):
-    def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
 
 
 def weekly_hours_target(cohort: Cohort) -> float:
@@ -73,30 +68,32 @@ def parse_start(value: str) -> time:
         hours, minutes = (int(part) for part in value.split(":"))
         return time(hours, minutes)
     except ValueError:
-        raise ScheduleError(f"start {value!r} is not HH:MM", field="start") from None
+        raise DomainError("invalid", f"start {value!r} is not HH:MM", field="start") from None
 
 
 def validate_template(blocks: Sequence[Block]) -> None:
     """Blocks lie within 05:00-23:00 local, have capacity >= 1 and never overlap."""
     if not blocks:
-        raise ScheduleError("a program needs at least one block", field="blocks")
+        raise DomainError("invalid", "a program needs at least one block", field="blocks")
     for index, block in enumerate(blocks):
         end_minutes = block.start.hour * 60 + block.start.minute + block.minutes
         if block.start < EARLIEST or end_minutes > LATEST.hour * 60:
-            raise ScheduleError(
+            raise DomainError(
+                "invalid",
                 f"block {index} ({block.start:%H:%M}, {block.minutes} min) falls outside 05:00-23:00",
                 field=f"blocks.{index}",
             )
         if block.capacity < 1:
-            raise ScheduleError(f"block {index} capacity must be at least 1", field=f"blocks.{index}.capacity")
+            raise DomainError("invalid", f"block {index} capacity must be at least 1", field=f"blocks.{index}.capacity")
         if block.kind == "individual_therapy" and block.capacity != 1:
-            raise ScheduleError(
-                f"block {index}: individual therapy holds one patient", field=f"blocks.{index}.capacity"
+            raise DomainError(
+                "invalid", f"block {index}: individual therapy holds one patient", field=f"blocks.{index}.capacity"
             )
     by_day = sorted(enumerate(blocks), key=lambda item: (item[1].weekday, item[1].start))
     for (_, first), (second_index, second) in pairwise(by_day):
         if first.weekday == second.weekday and _minutes(second.start) < _minutes(first.start) + first.minutes:
-            raise ScheduleError(
+            raise DomainError(
+                "invalid",
                 f"block {second_index} overlaps another block on weekday {second.weekday}",
                 field=f"blocks.{second_index}",
             )
@@ -154,14 +151,14 @@ def iso_week_of(instant: datetime, timezone: str) -> str:
 def check_day(value: date) -> date:
     """A day within FIRST_DAY..LAST_DAY (messages never echo the input)."""
     if not FIRST_DAY <= value <= LAST_DAY:
-        raise ScheduleError(f"a date must lie between {FIRST_DAY} and {LAST_DAY}")
+        raise DomainError("invalid", f"a date must lie between {FIRST_DAY} and {LAST_DAY}")
     return value
 
 
 def check_wall_time(value: datetime) -> datetime:
     """A site-local wall time: no offset (the site's timezone supplies it), a day in range."""
     if value.tzinfo is not None:
-        raise ScheduleError("a site-local wall time carries no offset")
+        raise DomainError("invalid", "a site-local wall time carries no offset")
     check_day(value.date())
     return value
 
@@ -170,17 +167,17 @@ def monday_of(iso_week: str) -> date:
     """The Monday of an ISO week 'YYYY-Www' that exists (W53 only in long years)."""
     match = ISO_WEEK.fullmatch(iso_week)
     if match is None:
-        raise ScheduleError("an ISO week is written YYYY-Www, e.g. 2026-W07", field="week")
+        raise DomainError("invalid", "an ISO week is written YYYY-Www, e.g. 2026-W07", field="week")
     try:
         return date.fromisocalendar(int(match[1]), int(match[2]), 1)
     except ValueError:
-        raise ScheduleError("that year has no such ISO week", field="week") from None
+        raise DomainError("invalid", "that year has no such ISO week", field="week") from None
 
 
 def check_iso_week(iso_week: str) -> str:
     """An ISO week that exists and starts within the accepted calendar."""
     if not FIRST_DAY <= monday_of(iso_week) <= LAST_DAY:
-        raise ScheduleError(f"a week must start between {FIRST_DAY} and {LAST_DAY}", field="week")
+        raise DomainError("invalid", f"a week must start between {FIRST_DAY} and {LAST_DAY}", field="week")
     return iso_week
 
 
@@ -190,7 +187,9 @@ def calendar_range(first: date | None, last: date | None, today: date) -> tuple[
     start = first or today
     end = last or start + timedelta(days=6)
     if end < start or (end - start).days > CALENDAR_MAX_DAYS:
-        raise ScheduleError(f"'to' must be on or after 'from' and at most {CALENDAR_MAX_DAYS} days later", field="to")
+        raise DomainError(
+            "invalid", f"'to' must be on or after 'from' and at most {CALENDAR_MAX_DAYS} days later", field="to"
+        )
     return start, end
 
 

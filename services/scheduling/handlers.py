@@ -3,11 +3,10 @@ consumer runs each in one transaction with the inbox row, so each is applied onc
 Each hands its event to a use case; the use cases are state-based, so a late, repeated
 or re-applied event (`iopnet events reapply`) converges instead of doubling effects."""
 
-from datetime import UTC, datetime
-
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store, usecases
+from shared import clock
 from shared.contracts import Envelope
 from shared.contracts.events import Event, PatientDischarged, PatientEnrolled, PatientTransferred, SiteRegistered
 from shared.messaging import Subscription
@@ -20,15 +19,13 @@ async def on_site_registered(session: AsyncSession, envelope: Envelope, event: E
 
 async def on_patient_enrolled(session: AsyncSession, envelope: Envelope, event: Event) -> None:
     assert isinstance(event, PatientEnrolled)
-    await usecases.open_enrollment(session, envelope, event, datetime.now(UTC))
+    await usecases.open_enrollment(session, envelope, event, clock.now())
 
 
 async def on_patient_discharged(session: AsyncSession, envelope: Envelope, event: Event) -> None:
     assert isinstance(event, PatientDischarged)
     end = domain.EpisodeEnd("discharged", event.discharged_on)
-    await usecases.end_enrollment(
-        session, envelope, str(event.enrollment_id), str(event.patient_id), end, datetime.now(UTC)
-    )
+    await usecases.end_enrollment(session, envelope, str(event.enrollment_id), str(event.patient_id), end, clock.now())
 
 
 async def on_patient_transferred(session: AsyncSession, envelope: Envelope, event: Event) -> None:
@@ -38,9 +35,7 @@ async def on_patient_transferred(session: AsyncSession, envelope: Envelope, even
     finds the episode already closed."""
     assert isinstance(event, PatientTransferred)
     end = domain.EpisodeEnd("transferred", event.effective_on)
-    await usecases.end_enrollment(
-        session, envelope, str(event.enrollment_id), str(event.patient_id), end, datetime.now(UTC)
-    )
+    await usecases.end_enrollment(session, envelope, str(event.enrollment_id), str(event.patient_id), end, clock.now())
 
 
 SUBSCRIPTIONS = [

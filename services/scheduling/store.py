@@ -2,7 +2,7 @@
 the ends of episodes, programs, sessions, bookings, attendance, closures and hours
 alerts; plus outbox, inbox, audit and the operators' repairs."""
 
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.audit import audit_table
+from shared import clock
+from shared.audit import AuditTrail, audit_table
 from shared.db import UtcDateTime, insert_if_absent
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
@@ -36,6 +37,7 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+record_access = AuditTrail(audit)  # every read or change of a patient record (DESIGN B5)
 operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 site_directory = SiteDirectory(metadata)  # projection of SiteRegistered
@@ -154,10 +156,6 @@ hours_alerts = Table(
 )
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _rows(result: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in result.mappings()]
 
@@ -183,7 +181,7 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str,
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(enrollments).values(created_at=now(), **values))
+    await session.execute(insert(enrollments).values(created_at=clock.now(), **values))
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
@@ -196,7 +194,7 @@ async def remember_end(
     """Record an episode's end; False if one was recorded before (the first one stays)."""
     return await insert_if_absent(
         session, episode_ends, enrollment_id=enrollment_id, patient_id=patient_id, status=status,
-        ended_on=ended_on, event_id=event_id, recorded_at=now(),
+        ended_on=ended_on, event_id=event_id, recorded_at=clock.now(),
     )  # fmt: skip
 
 
@@ -220,7 +218,7 @@ async def site_enrollments(session: AsyncSession, site_id: str | None = None) ->
 
 
 async def add_program(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(programs).values(published_at=now(), **values))
+    await session.execute(insert(programs).values(published_at=clock.now(), **values))
 
 
 async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] | None:
@@ -330,13 +328,13 @@ async def count_booked(session: AsyncSession, session_id: str) -> int:
 
 
 async def add_booking(session: AsyncSession, **values: Any) -> None:
-    stamp = now()
+    stamp = clock.now()
     await session.execute(insert(bookings).values(created_at=stamp, updated_at=stamp, **values))
 
 
 async def update_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
     await session.execute(
-        update(bookings).where(bookings.c.booking_id == booking_id).values(updated_at=now(), **values)
+        update(bookings).where(bookings.c.booking_id == booking_id).values(updated_at=clock.now(), **values)
     )
 
 
@@ -431,7 +429,7 @@ async def add_closure(session: AsyncSession, site_id: str, local_date: date, rea
     if found:
         return False
     await session.execute(
-        insert(closures).values(site_id=site_id, local_date=local_date, reason=reason, created_at=now())
+        insert(closures).values(site_id=site_id, local_date=local_date, reason=reason, created_at=clock.now())
     )
     return True
 
@@ -445,7 +443,7 @@ async def closed_dates(session: AsyncSession, site_id: str) -> set[date]:
 async def claim_hours_alert(session: AsyncSession, enrollment_id: str, iso_week: str, kind: str) -> bool:
     """True the first time (enrollment, week, kind) is raised; False ever after."""
     return await insert_if_absent(
-        session, hours_alerts, enrollment_id=enrollment_id, iso_week=iso_week, kind=kind, raised_at=now()
+        session, hours_alerts, enrollment_id=enrollment_id, iso_week=iso_week, kind=kind, raised_at=clock.now()
     )
 
 

@@ -4,7 +4,8 @@ record attendance, complete a session, review treatment hours, switch track.
 
 Both entrypoints call these: api.py for commands, handlers.py for events. Every event
 goes through the outbox in the same transaction as the change that caused it.
-`now`/`today` are parameters so the rules can be exercised at any instant.
+`now`/`today` are parameters so the rules can be exercised at any instant. A broken
+rule raises `DomainError`; shared.errors maps its kind to the API's answer.
 """
 
 import json
@@ -15,7 +16,7 @@ from uuid import UUID, uuid4
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store
-from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts import Envelope
 from shared.contracts.events import (
     AttendanceRecorded,
     BookingCancelled,
@@ -31,34 +32,16 @@ from shared.contracts.events import (
     TemplateBlock,
     WeeklyHoursShortfall,
 )
+from shared.domain_errors import DomainError
+from shared.messaging.outbox import Chain
 
 
-class Rejected(ValueError):
-    """A command that breaks a rule; `status` 409 for conflicts, 422 for bad input."""
-
-    def __init__(self, message: str, status: int = 409, field: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.field = field
-
-
-async def emit(
-    session: AsyncSession, event: Event, site_id: str, cause: Envelope | None, *, chain: dict[str, Any] | None = None
-) -> None:
-    """Stage an event: in reply to `cause` if given, else continuing the chain of the
-    enrollment row `chain` when it knows its correlation id, else a new chain."""
-    if cause is not None:
-        envelope = caused_by(cause, event, site_id=site_id)
-    elif chain is not None and chain.get("correlation_id"):
-        envelope = new_envelope(
-            event,
-            site_id=site_id,
-            correlation_id=UUID(chain["correlation_id"]),
-            causation_id=UUID(chain["enrolled_event_id"]),
-        )
-    else:
-        envelope = new_envelope(event, site_id=site_id)
-    await store.outbox.stage(session, envelope)
+def _episode(enrollment: dict[str, Any]) -> Chain | None:
+    """An episode's events continue the chain of its PatientEnrolled, when the row
+    knows it."""
+    if not enrollment.get("correlation_id"):
+        return None
+    return Chain(UUID(enrollment["correlation_id"]), UUID(enrollment["enrolled_event_id"]))
 
 
 # --- programs and sessions -------------------------------------------------------------
@@ -104,7 +87,7 @@ async def publish_program(
         weekly_hours_target=program["weekly_hours_target"],
         template=[TemplateBlock(**{k: b[k] for k in TemplateBlock.model_fields}) for b in spec["blocks"]],
     )
-    await emit(session, event, site["site_id"], None)
+    await store.outbox.emit(session, event, site["site_id"])
     stored = await store.get_program(session, program["program_id"])
     assert stored is not None
     await materialize(session, stored, site, today + timedelta(days=domain.HORIZON_DAYS), today)
@@ -140,7 +123,7 @@ async def materialize(
             "status": "scheduled",
         }
         await store.add_session(session, **row)
-        await emit(session, _session_event(SessionScheduled, row), site["site_id"], None)
+        await store.outbox.emit(session, _session_event(SessionScheduled, row), site["site_id"])
         created.append(row)
     await store.set_materialized_until(session, program["program_id"], until)
     for enrollment in await store.active_enrollments(session, program["program_id"]):
@@ -148,6 +131,28 @@ async def materialize(
             if _bookable_for(row, enrollment, site):
                 await book(session, row["session_id"], enrollment, None)
     return len(created)
+
+
+# One fixed title: a free-text title of a one-to-one session could name the patient on the bus.
+INDIVIDUAL_TITLE = "Individual session"
+
+
+async def open_slot(
+    session: AsyncSession, site: dict[str, Any], clinician_id: str, times: dict[str, Any]
+) -> dict[str, Any]:
+    """Open a one-to-one session (`times`: local_date, starts_at, ends_at) in a
+    clinician's calendar, unless it overlaps another of theirs. Returns the session."""
+    await store.lock_clinician(session, clinician_id)
+    if await store.clinician_overlaps(session, clinician_id, times["starts_at"], times["ends_at"]):
+        raise DomainError("conflict", "the clinician already has a session at that time")
+    slot = {
+        **times, "session_id": str(uuid4()), "program_id": None, "site_id": site["site_id"],
+        "kind": "individual_therapy", "title": INDIVIDUAL_TITLE, "block_key": f"slot-{uuid4().hex[:12]}",
+        "capacity": 1, "status": "scheduled", "clinician_id": clinician_id,
+    }  # fmt: skip
+    await store.add_session(session, **slot)
+    await store.outbox.emit(session, _session_event(SessionScheduled, slot), site["site_id"])
+    return slot
 
 
 def _session_event(kind: type[SessionScheduled] | type[SessionCancelled], row: dict[str, Any]) -> Event:
@@ -265,14 +270,14 @@ async def book(
     """Book an enrollment into a session, or waitlist it when full. Returns the status."""
     target = await store.get_session(session, session_id, lock=True)
     if target is None or target["status"] != "scheduled":
-        raise Rejected("the session is not open for booking")
+        raise DomainError("conflict", "the session is not open for booking")
     existing = await store.get_booking(session, session_id, enrollment["enrollment_id"])
     if existing is not None and existing["status"] != "cancelled":
         return str(existing["status"])
     booked = await store.count_booked(session, session_id)
     status = domain.booking_decision(booked, target["capacity"])
     if status == "waitlisted" and not waitlist:
-        raise Rejected("the session is full")
+        raise DomainError("conflict", "the session is full")
     position = None
     if status == "waitlisted":
         waiting = await store.session_bookings(session, session_id, "waitlisted")
@@ -302,7 +307,7 @@ async def book(
     else:
         assert position is not None
         event = PatientWaitlisted(session_id=UUID(session_id), patient_id=patient_id, position=position)
-    await emit(session, event, target["site_id"], cause)
+    await store.outbox.emit(session, event, target["site_id"], cause=cause)
     return status
 
 
@@ -340,7 +345,7 @@ async def cancel_booking(
         starts_at=target["starts_at"],
         reason=reason,
     )
-    await emit(session, event, target["site_id"], cause)
+    await store.outbox.emit(session, event, target["site_id"], cause=cause)
     if backfill and target["status"] == "scheduled":
         await _backfill(session, target, cause)
 
@@ -360,7 +365,7 @@ async def _backfill(session: AsyncSession, target: dict[str, Any], cause: Envelo
         starts_at=target["starts_at"],
         reason="waitlist",
     )
-    await emit(session, event, target["site_id"], cause)
+    await store.outbox.emit(session, event, target["site_id"], cause=cause)
 
 
 async def cancel_future_bookings(
@@ -375,13 +380,13 @@ async def cancel_future_bookings(
 async def close_site_day(session: AsyncSession, site: dict[str, Any], local_date: date, reason: str) -> int:
     """A holiday or closure: cancel that day's sessions and every booking in them."""
     if not await store.add_closure(session, site["site_id"], local_date, reason):
-        raise Rejected(f"{local_date} is already closed")
+        raise DomainError("conflict", f"{local_date} is already closed")
     cancelled = 0
     for row in await store.sessions_between(
         session, site_id=site["site_id"], local_date=local_date, status="scheduled"
     ):
         await store.update_session(session, row["session_id"], status="cancelled")
-        await emit(session, _session_event(SessionCancelled, row), site["site_id"], None)
+        await store.outbox.emit(session, _session_event(SessionCancelled, row), site["site_id"])
         for booking in await store.session_bookings(session, row["session_id"]):
             if booking["status"] != "cancelled":
                 await cancel_booking(session, booking, "site_closed", None, backfill=False)
@@ -395,11 +400,11 @@ async def switch_track(
     """Move an enrollment to another track of its site: future bookings move, past
     attendance (and so the week's hours) stays with the enrollment."""
     if program["site_id"] != enrollment["site_id"]:
-        raise Rejected("a track switch stays within the site; use a transfer", status=422, field="program_id")
+        raise DomainError("invalid", "a track switch stays within the site; use a transfer", "program_id")
     if program["cohort"] != enrollment["cohort"]:
-        raise Rejected("that track serves another cohort", status=422, field="program_id")
+        raise DomainError("invalid", "that track serves another cohort", "program_id")
     if program["program_id"] == enrollment["program_id"]:
-        raise Rejected("the enrollment is already on that track")
+        raise DomainError("conflict", "the enrollment is already on that track")
     await cancel_future_bookings(session, enrollment["enrollment_id"], now, "track_switch", None)
     await store.update_enrollment(session, enrollment["enrollment_id"], program_id=program["program_id"])
     moved = {**enrollment, "program_id": program["program_id"]}
@@ -413,22 +418,18 @@ async def record_attendance(
     session: AsyncSession, target: dict[str, Any], records: list[dict[str, Any]], recorded_by: str, now: datetime
 ) -> int:
     if target["status"] == "cancelled":
-        raise Rejected("the session was cancelled")
+        raise DomainError("conflict", "the session was cancelled")
     if target["status"] == "completed":
-        raise Rejected("the session is completed; attendance is closed")
+        raise DomainError("conflict", "the session is completed; attendance is closed")
     if target["starts_at"] > now:
-        raise Rejected("attendance cannot be recorded before the session starts", status=422)
+        raise DomainError("invalid", "attendance cannot be recorded before the session starts")
     booked = {b["patient_id"]: b for b in await store.session_bookings(session, target["session_id"], "booked")}
     session_minutes = int((target["ends_at"] - target["starts_at"]).total_seconds() // 60)
     for index, record in enumerate(records):
         if record["patient_id"] not in booked:
-            raise Rejected(
-                "the patient is not booked into this session", status=422, field=f"records.{index}.patient_id"
-            )
+            raise DomainError("invalid", "the patient is not booked into this session", f"records.{index}.patient_id")
         if record["minutes"] > session_minutes:
-            raise Rejected(
-                f"minutes exceed the session's {session_minutes}", status=422, field=f"records.{index}.minutes"
-            )
+            raise DomainError("invalid", f"minutes exceed the session's {session_minutes}", f"records.{index}.minutes")
     for record in records:
         minutes = record["minutes"] if record["status"] in domain.COUNTED_STATUSES else 0
         await store.upsert_attendance(
@@ -447,17 +448,17 @@ async def record_attendance(
             status=record["status"],
             minutes=minutes,
         )
-        await emit(session, event, target["site_id"], None)
+        await store.outbox.emit(session, event, target["site_id"])
     return len(records)
 
 
 async def complete_session(session: AsyncSession, target: dict[str, Any], now: datetime) -> dict[str, int]:
     if target["status"] == "completed":
-        raise Rejected("the session is already completed")
+        raise DomainError("conflict", "the session is already completed")
     if target["status"] == "cancelled":
-        raise Rejected("a cancelled session cannot be completed")
+        raise DomainError("conflict", "a cancelled session cannot be completed")
     if target["starts_at"] > now:
-        raise Rejected("a session cannot be completed before it starts", status=422)
+        raise DomainError("invalid", "a session cannot be completed before it starts")
     records = await store.get_attendance(session, target["session_id"])
     present = sum(1 for r in records if r["status"] in domain.COUNTED_STATUSES)
     absent = sum(1 for r in records if r["status"] == "absent")
@@ -470,7 +471,7 @@ async def complete_session(session: AsyncSession, target: dict[str, Any], now: d
         present_count=present,
         absent_count=absent,
     )
-    await emit(session, event, target["site_id"], None)
+    await store.outbox.emit(session, event, target["site_id"])
     return {"present_count": present, "absent_count": absent}
 
 
@@ -535,7 +536,9 @@ async def review_hours(session: AsyncSession, now: datetime) -> dict[str, int]:
             ):
                 continue
             raised[verdict] += 1
-            await emit(session, _hours_event(verdict, enrollment, hours), enrollment["site_id"], None, chain=enrollment)
+            await store.outbox.emit(
+                session, _hours_event(verdict, enrollment, hours), enrollment["site_id"], chain=_episode(enrollment)
+            )
     return raised
 
 

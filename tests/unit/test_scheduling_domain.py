@@ -7,7 +7,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from services.scheduling import domain
-from services.scheduling.domain import Block, ScheduleError, WeekHours
+from services.scheduling.domain import Block, WeekHours
+from shared.domain_errors import DomainError
 
 
 def block(weekday: int = 1, start: str = "09:00", minutes: int = 60, kind: str = "group_therapy", capacity: int = 12):
@@ -32,7 +33,7 @@ def test_valid_iop_day_passes() -> None:
     ],
 )
 def test_invalid_templates_are_rejected(blocks: list[Block], field: str) -> None:
-    with pytest.raises(ScheduleError) as error:
+    with pytest.raises(DomainError) as error:
         domain.validate_template(blocks)
     assert error.value.field == field
 
@@ -119,7 +120,7 @@ def test_targets_follow_asam_level_2_1() -> None:
 
 @pytest.mark.parametrize("day", [date(1, 1, 1), date(1999, 12, 31), date(2100, 1, 1), date(9999, 12, 31)])
 def test_days_outside_the_calendar_are_refused(day: date) -> None:
-    with pytest.raises(ScheduleError):
+    with pytest.raises(DomainError):
         domain.check_day(day)
 
 
@@ -142,7 +143,7 @@ def test_the_calendar_edges_are_accepted_and_compute() -> None:
     ],
 )
 def test_wall_times_outside_the_calendar_or_with_an_offset_are_refused(value: datetime) -> None:
-    with pytest.raises(ScheduleError):
+    with pytest.raises(DomainError):
         domain.check_wall_time(value)
 
 
@@ -156,7 +157,7 @@ def test_a_wall_time_in_the_calendar_is_accepted() -> None:
      "26-W07", " 2026-W07", "2026-W07 ", "\u0662\u0660\u0662\u0666-W07", ""],
 )  # fmt: skip
 def test_iso_weeks_that_do_not_exist_or_lie_outside_the_calendar_are_refused(week: str) -> None:
-    with pytest.raises(ScheduleError) as error:
+    with pytest.raises(DomainError) as error:
         domain.check_iso_week(week)
     assert error.value.field == "week"
 
@@ -169,7 +170,7 @@ def test_iso_weeks_that_exist_are_accepted(week: str) -> None:
 
 
 def test_week_bounds_refuse_a_week_that_does_not_exist() -> None:
-    with pytest.raises(ScheduleError):
+    with pytest.raises(DomainError):
         domain.week_bounds("2026-W54", "UTC")
 
 
@@ -186,6 +187,6 @@ def test_calendar_range_defaults_to_a_week_from_today() -> None:
     [(date(2026, 12, 2), date(2026, 12, 1)), (date(2026, 1, 1), date(2026, 3, 5)), (None, date(2026, 11, 26))],
 )
 def test_calendar_range_refuses_backwards_or_long_ranges(first: date | None, last: date) -> None:
-    with pytest.raises(ScheduleError) as error:
+    with pytest.raises(DomainError) as error:
         domain.calendar_range(first, last, date(2026, 11, 27))
     assert error.value.field == "to"
