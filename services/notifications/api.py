@@ -2,36 +2,28 @@
 settings, care-team alerts and their acknowledgement, webhook subscriptions (DESIGN A6)."""
 
 import re
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
 
 import httpx
-from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator, model_validator
+from fastapi import APIRouter, Query, Request
+from pydantic import AnyHttpUrl, BaseModel, Field, field_validator, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifications import domain, store, usecases
-from shared.audit import record_access
-from shared.auth import Principal, ensure_site, require_roles
+from shared import clock
+from shared.api import Input
+from shared.auth import Admin, Clinical, Integrator, NetworkAdmin, Principal, Staff, ensure_site
 from shared.contracts.events import SiteId
 from shared.db import transaction
-from shared.errors import AccessDenied, Conflict, Invalid, NotFound
+from shared.errors import AccessDenied, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
 
-Staff = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician", "front_desk"))]
-Clinical = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "clinician"))]
-Admin = Annotated[Principal, Depends(require_roles("network_admin", "site_admin"))]
-Integrator = Annotated[Principal, Depends(require_roles("network_admin", "site_admin", "integration"))]
-
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]+\.[^@\s]+$")
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _policy(request: Request) -> usecases.Policy:
@@ -57,23 +49,13 @@ def _target_problem(request: Request, address: str) -> str | None:
     return domain.TARGET_REFUSALS[refusal] if refusal is not None else None
 
 
-class Input(BaseModel):
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-
-
-async def _audit(
-    session: AsyncSession, principal: Principal, action: str, site_id: str, patient_id: UUID | str | None
-) -> None:
-    await record_access(session, store.audit, principal, action=action, site_id=site_id, patient_id=patient_id)
-
-
 async def _ensure_sees_patient(
     session: AsyncSession, principal: Principal, site_id: str, patient_id: UUID | str, action: str
 ) -> None:
     """404 for a patient of a site the caller does not serve, like an unknown one; the
     attempt is audited (`<action>.denied`, committed by `transaction` with the 404)."""
     if not principal.sees_site(site_id):
-        await _audit(session, principal, f"{action}.denied", site_id, patient_id)
+        await store.record_access(session, principal, f"{action}.denied", site_id, patient_id)
         raise AccessDenied("patient not found")
 
 
@@ -119,7 +101,7 @@ async def patient_notifications(patient_id: UUID, principal: Staff, session: Db)
         rows = await store.patient_notifications(session, str(patient_id))
         rows = [r for r in rows if principal.sees_site(r["site_id"])]
         log = await store.attempts_of(session, [r["notification_id"] for r in rows])
-        await _audit(session, principal, "notifications.read", site_id, patient_id)
+        await store.record_access(session, principal, "notifications.read", site_id, patient_id)
     fields = NotificationOut.model_fields
     return [
         NotificationOut(
@@ -216,7 +198,7 @@ async def put_care_team(site_id: str, body: CareTeamIn, principal: Admin, sessio
         await _known_site(session, principal, site_id)
         await store.replace_care_team(session, site_id, members)
         rows = await store.get_care_team(session, site_id)
-        if await usecases.route_waiting_alerts(session, _policy(request), site_id, _now()):
+        if await usecases.route_waiting_alerts(session, _policy(request), site_id, clock.now()):
             request.app.state.notifier.dispatcher.wake_after_commit(session)
     return _care_team_out(site_id, rows)
 
@@ -345,13 +327,13 @@ async def list_alerts(
         if site_id is not None:
             if not principal.sees_site(site_id):
                 # Alerts name patients: asking for another site's is an attempt at patient data.
-                await _audit(session, principal, "alerts.read.denied", site_id, None)
+                await store.record_access(session, principal, "alerts.read.denied", site_id, None)
                 raise AccessDenied("site not found")
             sites = [site_id]
         rows = await store.list_alerts(session, sites, status, limit)
         out = [await _alert_out(session, r) for r in rows]
         for site, patient in sorted({(r["site_id"], r["patient_id"]) for r in rows}):
-            await _audit(session, principal, "alerts.read", site, patient)
+            await store.record_access(session, principal, "alerts.read", site, patient)
     return out
 
 
@@ -363,7 +345,7 @@ async def _visible_alert(
     if alert is None:
         raise NotFound("alert not found")
     if not principal.sees_site(alert["site_id"]):
-        await _audit(session, principal, f"{action}.denied", alert["site_id"], alert["patient_id"])
+        await store.record_access(session, principal, f"{action}.denied", alert["site_id"], alert["patient_id"])
         raise AccessDenied("alert not found")
     return alert
 
@@ -372,7 +354,7 @@ async def _visible_alert(
 async def read_alert(alert_id: UUID, principal: Clinical, session: Db) -> AlertOut:
     async with transaction(session):
         alert = await _visible_alert(session, principal, alert_id, "alert.read")
-        await _audit(session, principal, "alert.read", alert["site_id"], alert["patient_id"])
+        await store.record_access(session, principal, "alert.read", alert["site_id"], alert["patient_id"])
         return await _alert_out(session, alert)
 
 
@@ -381,23 +363,16 @@ async def acknowledge_alert(alert_id: UUID, principal: Clinical, session: Db) ->
     """Someone has it: escalation stops, and escalations not yet sent are cancelled."""
     async with transaction(session):
         alert = await _visible_alert(session, principal, alert_id, "alert.acknowledge", lock=True)
-        try:
-            updated = await usecases.acknowledge(session, alert, principal.sub, _now())
-        except usecases.AckRejected as error:
-            raise Conflict(str(error)) from None
-        await _audit(session, principal, "alert.acknowledge", alert["site_id"], alert["patient_id"])
+        updated = await usecases.acknowledge(session, alert, principal.sub, clock.now())
+        await store.record_access(session, principal, "alert.acknowledge", alert["site_id"], alert["patient_id"])
         return await _alert_out(session, updated)
-
-
-# Jobs that run across every site: network admins only.
-NetworkAdmin = Annotated[Principal, Depends(require_roles("network_admin"))]
 
 
 @router.post("/admin/escalations", tags=["ops"])
 async def run_escalations(principal: NetworkAdmin, session: Db, request: Request) -> dict[str, int]:
     """Run the escalation check now (the background loop runs it on a timer)."""
     async with session.begin():
-        escalated = await usecases.escalate_alerts(session, _policy(request), _now())
+        escalated = await usecases.escalate_alerts(session, _policy(request), clock.now())
         _wake(request, session)
     return {"escalated": len(escalated)}
 

@@ -4,13 +4,13 @@ dispatcher, the escalation loop and routes."""
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from fastapi import FastAPI
 
 from services.notifications import api, store, usecases
 from services.notifications.delivery import Dispatcher
 from services.notifications.handlers import Handlers
+from shared import clock
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime
 from shared.settings import Settings
@@ -39,7 +39,7 @@ class Notifier:
         while True:
             try:
                 async with runtime.sessions() as session, session.begin():
-                    await usecases.escalate_alerts(session, self.policy, datetime.now(UTC))
+                    await usecases.escalate_alerts(session, self.policy, clock.now())
                     self.dispatcher.wake_after_commit(session)
             except Exception as exc:  # a failed round is retried next round, never fatal
                 log.warning("escalation round failed", extra={"error": type(exc).__name__})

@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.notifications import domain, store, usecases
 from services.notifications.channels import ChannelAdapter, DeliveryError, OutboundMessage, build_channels
+from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
 from shared.messaging.outbox import CommitSignal
 from shared.runtime import ServiceRuntime
@@ -192,7 +193,7 @@ class Dispatcher:
                 upcoming = None
             wait = tick
             if upcoming is not None:
-                wait = min(tick, max(0.01, (upcoming - store.now()).total_seconds()))
+                wait = min(tick, max(0.01, (upcoming - clock.now()).total_seconds()))
 
     async def _finish(self) -> None:
         """Once, however it is reached (stop(), then the cancellation that follows)."""
@@ -224,7 +225,7 @@ class Dispatcher:
 
         while not self._stopping:
             async with sessions() as session:
-                due = await store.due_notifications(session, store.now(), BATCH)
+                due = await store.due_notifications(session, clock.now(), BATCH)
             if not due:
                 return handled
             # Tasks of their own, awaited with wait() rather than gather(): cancelling this
@@ -246,7 +247,7 @@ class Dispatcher:
     async def deliver(self, sessions: sessionmaker, row: dict[str, Any]) -> None:
         records = self._recorder(sessions)
         await records.idle()  # outcomes waiting to be recorded go first
-        now = store.now()
+        now = clock.now()
         try:
             claimed = await self._claim(sessions, row, now)
         except Exception as exc:  # counted as an attempt: a broken row backs off, never spins
@@ -318,7 +319,7 @@ class Dispatcher:
         self, row: dict[str, Any], channel: str, attempts: int, error: str, *, retryable: bool = True
     ) -> Outcome:
         final = attempts >= self.policy.max_attempts or not retryable
-        retry_at = None if final else self.retry_at(store.now(), attempts)
+        retry_at = None if final else self.retry_at(clock.now(), attempts)
         return Outcome(row, channel, attempts, error=error, retryable=retryable, final=final, retry_at=retry_at)
 
     async def _write(self, session: AsyncSession, outcome: Outcome) -> None:
@@ -333,14 +334,13 @@ class Dispatcher:
         await store.mark_notification(
             session, row["notification_id"],
             status="sent", status_reason=None, attempts=attempts, provider_id=outcome.provider_id,
-            sent_at=store.now(), channel=channel, last_error=None,
+            sent_at=clock.now(), channel=channel, last_error=None,
         )  # fmt: skip
         await store.record_attempt(
             session, notification_id=row["notification_id"], attempt=attempts,
             channel=channel, outcome="sent", provider_id=outcome.provider_id,
         )  # fmt: skip
-        envelope = usecases.outcome_envelope(NotificationSent, row, channel, attempts)
-        await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
+        await usecases.announce_outcome(session, NotificationSent, row, channel, attempts)
 
     async def _write_failed(self, session: AsyncSession, outcome: Outcome) -> None:
         row, channel, attempts, error = outcome.row, outcome.channel, outcome.attempts, outcome.error
@@ -355,8 +355,7 @@ class Dispatcher:
             outcome="failed" if outcome.final else "retry", error=error,
         )  # fmt: skip
         if outcome.final:
-            envelope = usecases.outcome_envelope(NotificationFailed, row, channel, attempts, reason=error)
-            await usecases.emit(session, envelope, fan_out=row["recipient_kind"] != "integration")
+            await usecases.announce_outcome(session, NotificationFailed, row, channel, attempts, reason=error)
 
     async def _settle(self, session: AsyncSession, row: dict[str, Any], decision: usecases.Settle) -> None:
         # `row` is as it was before the claim: a message not sent now keeps its due time

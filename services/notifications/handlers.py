@@ -11,13 +11,13 @@ webhook subscriptions that asked for its type.
 """
 
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifications import domain, store, usecases
 from services.notifications.delivery import Dispatcher
+from shared import clock
 from shared.contracts import Envelope
 from shared.contracts.events import (
     AttendanceRecorded,
@@ -40,10 +40,6 @@ from shared.contracts.events import (
 from shared.messaging import Subscription
 from shared.messaging.consumer import Handler
 from shared.settings import Settings
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Handlers:
@@ -102,7 +98,7 @@ class Handlers:
             preferred_channel=event.preferred_channel,
             language=event.language,
         )
-        now = _now()
+        now = clock.now()
         await usecases.release_held(session, self.policy, str(event.patient_id), now, reason="awaiting_contact")
         await usecases.plan_welcome(session, self.policy, str(event.patient_id), now)
 
@@ -111,7 +107,7 @@ class Handlers:
 
     async def on_patient_enrolled(self, session: AsyncSession, envelope: Envelope, event: PatientEnrolled) -> None:
         await store.lock_patient(session, str(event.patient_id))
-        await usecases.open_enrollment(session, self.policy, envelope, event, _now())
+        await usecases.open_enrollment(session, self.policy, envelope, event, clock.now())
 
     async def on_patient_discharged(self, session: AsyncSession, envelope: Envelope, event: PatientDischarged) -> None:
         patient_id = str(event.patient_id)
@@ -155,7 +151,7 @@ class Handlers:
             revoked=False,
             granted_at=envelope.occurred_at,
         )
-        await usecases.consent_given(session, self.policy, patient_id, envelope.site_id, _now())
+        await usecases.consent_given(session, self.policy, patient_id, envelope.site_id, clock.now())
 
     async def on_consent_revoked(self, session: AsyncSession, envelope: Envelope, event: ConsentRevoked) -> None:
         patient_id = str(event.patient_id)
@@ -171,7 +167,7 @@ class Handlers:
             revoked=True,
             revoked_at=envelope.occurred_at,
         )
-        await usecases.consent_withdrawn(session, self.policy, patient_id, envelope.site_id, _now())
+        await usecases.consent_withdrawn(session, self.policy, patient_id, envelope.site_id, clock.now())
 
     async def on_check_in(self, session: AsyncSession, envelope: Envelope, event: CheckInSubmitted) -> None:
         reason = {"urgent": "urgent_check_in", "elevated": "elevated_check_in"}.get(event.risk)
@@ -185,7 +181,7 @@ class Handlers:
             patient_id=str(event.patient_id),
             cause=envelope,
             dedupe_key=f"check_in:{event.check_in_id}",
-            now=_now(),
+            now=clock.now(),
         )
 
     # --- scheduling -----------------------------------------------------------------------
@@ -199,7 +195,7 @@ class Handlers:
 
     async def on_patient_booked(self, session: AsyncSession, envelope: Envelope, event: PatientBooked) -> None:
         await store.lock_patient(session, str(event.patient_id))
-        await usecases.booking_announced(session, self.policy, envelope, event, _now())
+        await usecases.booking_announced(session, self.policy, envelope, event, clock.now())
 
     async def on_booking_cancelled(self, session: AsyncSession, envelope: Envelope, event: BookingCancelled) -> None:
         await store.lock_patient(session, str(event.patient_id))
@@ -221,7 +217,7 @@ class Handlers:
         )  # fmt: skip
         if event.status != "absent" or (enrollment is not None and enrollment["status"] != "active"):
             return
-        now = _now()
+        now = clock.now()
         await usecases.plan_patient_message(
             session,
             self.policy,
@@ -272,7 +268,7 @@ class Handlers:
             patient_id=str(event.patient_id),
             cause=envelope,
             dedupe_key=f"{reason}:{event.enrollment_id}:{event.iso_week}",
-            now=_now(),
+            now=clock.now(),
             details=details,
         )
 

@@ -6,7 +6,7 @@ repairs."""
 
 import json
 from collections.abc import Iterable
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.audit import audit_table
+from shared import clock
+from shared.audit import AuditTrail, audit_table
 from shared.db import UtcDateTime, insert_if_absent, lock_row
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
@@ -39,6 +40,7 @@ metadata = MetaData()
 outbox = Outbox(metadata)
 inbox = Inbox(metadata)
 audit = audit_table(metadata)
+record_access = AuditTrail(audit)  # every read or change of a patient record (DESIGN B5)
 operations = OperationsLog.declare(metadata)  # `iopnet events reapply`, audited
 
 # Statuses of a message: pending (due at due_at), held (waits for the patient's consent
@@ -263,10 +265,6 @@ delivery_attempts = Table(
 )
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
 def _rows(result: Any) -> list[dict[str, Any]]:
     return [dict(r) for r in result.mappings()]
 
@@ -309,7 +307,7 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
 
 async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any) -> bool:
     """Record an episode's end; False if one was recorded before (the first one stays)."""
-    return await insert_if_absent(session, episode_ends, enrollment_id=enrollment_id, recorded_at=now(), **values)
+    return await insert_if_absent(session, episode_ends, enrollment_id=enrollment_id, recorded_at=clock.now(), **values)
 
 
 async def get_end(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
@@ -385,7 +383,7 @@ async def get_site_settings(session: AsyncSession, site_id: str) -> dict[str, An
 async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str, **values: Any) -> None:
     if values.get("reminder_offsets") is not None:
         values["reminder_offsets"] = json.dumps(values["reminder_offsets"])
-    values.update(updated_at=now(), updated_by=updated_by)
+    values.update(updated_at=clock.now(), updated_by=updated_by)
     if not await insert_if_absent(session, site_settings, site_id=site_id, **values):
         await session.execute(update(site_settings).where(site_settings.c.site_id == site_id).values(**values))
 
@@ -432,7 +430,7 @@ async def get_session(session: AsyncSession, session_id: str) -> dict[str, Any] 
 
 
 async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
-    values["updated_at"] = now()
+    values["updated_at"] = clock.now()
     if not await insert_if_absent(session, bookings, booking_id=booking_id, **values):
         await session.execute(update(bookings).where(bookings.c.booking_id == booking_id).values(**values))
 
@@ -489,7 +487,7 @@ async def add_alert(session: AsyncSession, **values: Any) -> bool:
     query = select(alerts.c.alert_id).where(alerts.c.dedupe_key == values["dedupe_key"])
     if (await session.execute(query)).first() is not None:
         return False
-    await session.execute(insert(alerts).values(created_at=now(), **values))
+    await session.execute(insert(alerts).values(created_at=clock.now(), **values))
     return True
 
 
@@ -539,7 +537,7 @@ async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[s
 
 async def add_subscription(session: AsyncSession, **values: Any) -> None:
     values["event_types"] = json.dumps(sorted(values["event_types"]))
-    await session.execute(insert(subscriptions).values(active=True, created_at=now(), **values))
+    await session.execute(insert(subscriptions).values(active=True, created_at=clock.now(), **values))
 
 
 def _subscription(row: dict[str, Any]) -> dict[str, Any]:
@@ -584,7 +582,7 @@ async def add_notification(session: AsyncSession, **values: Any) -> bool:
     """Insert a message unless one for (cause, template, recipient) exists; True if new."""
     if await notification_exists(session, values["cause_event_id"], values["template"], values["recipient"]):
         return False
-    stamp = now()
+    stamp = clock.now()
     values.setdefault("due_at", stamp)
     await session.execute(insert(notifications).values(created_at=stamp, attempts=0, **values))
     return True
@@ -688,7 +686,7 @@ async def patient_notifications(session: AsyncSession, patient_id: str) -> list[
 
 
 async def record_attempt(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(delivery_attempts).values(at=now(), **values))
+    await session.execute(insert(delivery_attempts).values(at=clock.now(), **values))
 
 
 async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[dict[str, Any]]]:

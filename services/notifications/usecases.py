@@ -5,7 +5,8 @@ message may go out now.
 
 handlers.py (events), api.py (commands), delivery.py (the dispatcher) and app.py (the
 escalation loop) call these. `now` is a parameter wherever a rule depends on the clock,
-so tests can drive escalation and expiry at any instant.
+so tests can drive escalation and expiry at any instant. A broken rule raises
+`DomainError`; shared.errors maps its kind to the API's answer.
 """
 
 import json
@@ -19,11 +20,12 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifications import domain, store
-from shared.contracts import Envelope, caused_by, new_envelope
+from shared.contracts import Envelope
 from shared.contracts.events import (
     EVENT_TYPES,
     BookingCancelled,
     CareTeamAlerted,
+    Event,
     NotificationFailed,
     NotificationSent,
     PatientBooked,
@@ -31,6 +33,8 @@ from shared.contracts.events import (
     SessionCancelled,
     SessionScheduled,
 )
+from shared.domain_errors import DomainError
+from shared.messaging.outbox import Chain
 from shared.settings import Settings
 
 log = logging.getLogger("iopnet.notifications")
@@ -119,11 +123,26 @@ async def consent_verdict(
 # --- events out: the outbox plus webhook fan-out ------------------------------------------------
 
 
-async def emit(session: AsyncSession, envelope: Envelope, *, fan_out: bool = True) -> None:
-    """Stage an event of ours and queue it for the webhook subscriptions that want it."""
-    await store.outbox.stage(session, envelope)
+async def emit(
+    session: AsyncSession,
+    event: Event,
+    site_id: str,
+    *,
+    cause: Envelope | None = None,
+    chain: Chain | None = None,
+    fan_out: bool = True,
+) -> Envelope:
+    """Stage an event of ours (the shared outbox way) and queue it for the webhook
+    subscriptions that want it."""
+    envelope = await store.outbox.emit(session, event, site_id, cause=cause, chain=chain)
     if fan_out:
         await fan_out_event(session, envelope)
+    return envelope
+
+
+def _chain_of(row: dict[str, Any]) -> Chain:
+    """A message's or an alert's events continue the chain of the event that caused it."""
+    return Chain(UUID(row["correlation_id"]), UUID(row["cause_event_id"]))
 
 
 async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
@@ -150,16 +169,19 @@ async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
     return queued
 
 
-def outcome_envelope(
+async def announce_outcome(
+    session: AsyncSession,
     kind: type[NotificationSent] | type[NotificationFailed],
     row: dict[str, Any],
     channel: str,
     attempts: int,
     reason: str | None = None,
-) -> Envelope:
-    """`reason`: the fixed failure text (a status code, "target refused: loopback"),
-    carried once the event declares a `reason` field (an additive contract change that
-    shared/contracts owns); until then it is kept on the row and in the delivery log."""
+) -> None:
+    """Publish how a message ended. `reason`: the fixed failure text (a status code,
+    "target refused: loopback"), carried once the event declares a `reason` field (an
+    additive contract change that shared/contracts owns); until then it is kept on the
+    row and in the delivery log. A webhook delivery's own outcome is not fanned out to
+    webhooks again (one delivery would cause the next, forever)."""
     extra: dict[str, Any] = {"reason": reason} if reason is not None and "reason" in kind.model_fields else {}
     event = kind(
         notification_id=UUID(row["notification_id"]),
@@ -170,12 +192,7 @@ def outcome_envelope(
         attempts=attempts,
         **extra,
     )
-    return new_envelope(
-        event,
-        site_id=row["site_id"],
-        correlation_id=UUID(row["correlation_id"]),
-        causation_id=UUID(row["cause_event_id"]),
-    )
+    await emit(session, event, row["site_id"], chain=_chain_of(row), fan_out=row["recipient_kind"] != "integration")
 
 
 # --- patient messages -------------------------------------------------------------------------
@@ -502,7 +519,7 @@ async def raise_alert(
         severity=severity,
         cause_event_id=cause.event_id,
     )
-    await emit(session, caused_by(cause, event))
+    await emit(session, event, cause.site_id, cause=cause)
     return alert_id
 
 
@@ -577,26 +594,16 @@ async def escalate_alerts(session: AsyncSession, policy: Policy, now: datetime) 
             severity=alert["severity"],
             cause_event_id=UUID(alert["cause_event_id"]),
         )
-        envelope = new_envelope(
-            event,
-            site_id=alert["site_id"],
-            correlation_id=UUID(alert["correlation_id"]),
-            causation_id=UUID(alert["cause_event_id"]),
-        )
-        await emit(session, envelope)
+        await emit(session, event, alert["site_id"], chain=_chain_of(alert))
         escalated.append(alert["alert_id"])
     return escalated
-
-
-class AckRejected(ValueError):
-    pass
 
 
 async def acknowledge(session: AsyncSession, alert: dict[str, Any], by: str, now: datetime) -> dict[str, Any]:
     """Stop an alert's escalation. Its messages that have not gone out yet (a retry, an
     escalation) are cancelled: the alert is in someone's hands."""
     if alert["status"] == "acknowledged":
-        raise AckRejected("the alert is already acknowledged")
+        raise DomainError("conflict", "the alert is already acknowledged")
     await store.update_alert(
         session, alert["alert_id"], status="acknowledged", escalate_at=None, acknowledged_at=now, acknowledged_by=by
     )
