@@ -53,16 +53,3 @@ class AuditTrail:
                 patient_id=str(patient_id) if patient_id is not None else None,
             )
         )
-
-
-async def record_access(
-    session: AsyncSession,
-    table: Table,
-    principal: Principal,
-    *,
-    action: str,
-    site_id: str,
-    patient_id: UUID | str | None,
-) -> None:
-    """Write one audit row in the caller's transaction (it commits with the change)."""
-    await AuditTrail(table)(session, principal, action, site_id, patient_id)

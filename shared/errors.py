@@ -51,12 +51,6 @@ class Conflict(ApiError):
     status, code = 409, "conflict"
 
 
-class AuditedConflict(Conflict):
-    """409 that disclosed a record (a likely duplicate): its audit row is committed."""
-
-    keeps_audit = True
-
-
 class Invalid(ApiError):
     status, code = 422, "invalid"
 
