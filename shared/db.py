@@ -66,8 +66,8 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 @asynccontextmanager
 async def transaction(session: AsyncSession) -> AsyncIterator[None]:
-    """Like `session.begin()`, but an error marked `keeps_audit` (AccessDenied,
-    AuditedConflict) commits before it propagates, so the audit row written for it
+    """Like `session.begin()`, but an error marked `keeps_audit` (AccessDenied, a
+    DomainError(keeps_audit=True)) commits before it propagates, so the audit row written for it
     survives; nothing else in such a transaction writes."""
     async with session.begin() as current:
         try:
