@@ -61,9 +61,9 @@ class _Driver:
             response = await self.http.post(f"{scheduling}/programs", json=program, headers=self.admin)
             return response if response.status_code == 201 else None
 
-        self.program_id = (await eventually(published, timeout=30, what="scheduling to know the site")).json()[
-            "program_id"
-        ]
+        response = await eventually(published, timeout=30, what="scheduling to know the site")
+        assert response is not None  # eventually returns only a truthy value
+        self.program_id = response.json()["program_id"]
 
         async def known() -> bool:
             listed = await self.http.get(f"{self.intake}/programs", headers=self.admin)

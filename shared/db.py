@@ -4,14 +4,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import DateTime, MetaData, Table, event, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
@@ -78,14 +78,24 @@ async def transaction(session: AsyncSession) -> AsyncIterator[None]:
             raise
 
 
+def dialect_name(session: AsyncSession) -> str:
+    """ "postgresql" or "sqlite": some statements (locks, upserts) differ between them."""
+    return session.get_bind().dialect.name
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE/DELETE/INSERT touched (a DML result is a CursorResult; the session's
+    execute is typed with the base class)."""
+    return int(cast(CursorResult[Any], result).rowcount or 0)
+
+
 async def insert_if_absent(session: AsyncSession, table: Table, **values: Any) -> bool:
     """INSERT ... ON CONFLICT DO NOTHING on the primary key; True if this call inserted.
     Safe under concurrency: a racing insert waits for the other and then does nothing."""
-    dialect = session.bind.dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    insert = postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert
     keys = [column.name for column in table.primary_key.columns]
     result = await session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
-    return bool(result.rowcount)
+    return bool(rows_changed(result))
 
 
 async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
@@ -121,7 +131,8 @@ async def migrate(engine: AsyncEngine, migrations_dir: Path) -> None:
         await connection.run_sync(upgrade)
 
 
-def run_migrations(context: EnvironmentContext, target_metadata: MetaData) -> None:
+def run_migrations(context: Any, target_metadata: MetaData) -> None:
+    # `context` is alembic's `context` module, a proxy to the EnvironmentContext in use.
     """Body of every service's migrations/env.py (online mode only)."""
     connection: Connection | None = context.config.attributes.get("connection")
     if connection is None:
@@ -142,7 +153,7 @@ async def _migrate_url(url: str, context: EnvironmentContext, target_metadata: M
     await engine.dispose()
 
 
-def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     # Migrations stay free of project imports: UtcDateTime is stored as DateTime(tz).
     if type_ == "type" and isinstance(obj, UtcDateTime):
         return "sa.DateTime(timezone=True)"

@@ -42,7 +42,7 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         _secure_files(runtime)
         # Read now so a short secret stops the service at start, not at the first request.
-        _ = runtime.settings.signing_secret
+        assert runtime.settings.signing_secret
         await runtime.start()
         try:
             yield

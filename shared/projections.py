@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Column, MetaData, String, Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, rows_changed
 
 
 class SiteDirectory:
@@ -28,7 +28,7 @@ class SiteDirectory:
         """Apply SiteRegistered: registration and every later change of name or timezone."""
         values = {"name": name, "timezone": timezone, "updated_at": datetime.now(UTC)}
         found = await session.execute(update(self.table).where(self.table.c.site_id == site_id).values(**values))
-        if found.rowcount == 0:
+        if rows_changed(found) == 0:
             await session.execute(insert(self.table).values(site_id=site_id, **values))
 
     async def get(self, session: AsyncSession, site_id: str) -> dict[str, Any] | None:

@@ -28,7 +28,7 @@ from sqlalchemy.sql import Select
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, insert_if_absent
+from shared.db import UtcDateTime, dialect_name, insert_if_absent, rows_changed
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 
@@ -300,7 +300,7 @@ async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) 
     """Serialize registrations of one identity (folded name + birth date) for the rest of
     the transaction, so two desks registering the same person at once cannot both pass
     the duplicate check. PostgreSQL: an advisory lock; SQLite already serializes writers."""
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         key = f"identity:{name_key}:{birth_date.isoformat()}"
         await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
 
@@ -381,7 +381,7 @@ async def pending_enrollments(session: AsyncSession) -> list[dict[str, Any]]:
 
 async def upsert_program(session: AsyncSession, program_id: str, **values: Any) -> None:
     found = await session.execute(update(programs).where(programs.c.program_id == program_id).values(**values))
-    if found.rowcount == 0:
+    if rows_changed(found) == 0:
         await session.execute(insert(programs).values(program_id=program_id, **values))
 
 
@@ -504,7 +504,7 @@ async def change_status_if(session: AsyncSession, enrollment_id: str, current: s
         .where(enrollments.c.enrollment_id == enrollment_id, enrollments.c.status == current)
         .values(status=target)
     )
-    return bool(changed.rowcount)
+    return bool(rows_changed(changed))
 
 
 # --- potential duplicates (network admins) ---------------------------------------------------
@@ -553,4 +553,4 @@ async def resolve_potential_duplicate(session: AsyncSession, duplicate_id: str, 
         .where(potential_duplicates.c.duplicate_id == duplicate_id, potential_duplicates.c.status == "open")
         .values(status="resolved", resolution=resolution, resolved_at=clock.now(), resolved_by=actor)
     )
-    return bool(changed.rowcount)
+    return bool(rows_changed(changed))

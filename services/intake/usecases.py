@@ -15,7 +15,7 @@ caller may see."""
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
@@ -28,12 +28,14 @@ from shared.contracts.events import (
     CheckInSubmitted,
     ConsentGranted,
     ConsentRevoked,
+    DischargeReason,
     GoalStatus,
     PatientContactChanged,
     PatientDischarged,
     PatientEnrolled,
     PatientTransferred,
     ProgramPublished,
+    Risk,
     SiteRegistered,
     TreatmentPlanUpdated,
 )
@@ -360,7 +362,7 @@ async def discharge(
     event = PatientDischarged(
         patient_id=UUID(enrollment["patient_id"]),
         enrollment_id=UUID(enrollment_id),
-        reason=reason,
+        reason=cast(DischargeReason, reason),
         discharged_on=discharged_on,
     )
     await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
@@ -485,7 +487,7 @@ async def record_check_in(
         enrollment_id=UUID(enrollment["enrollment_id"]),
         submitted_at=now,
         **{k: answers[k] for k in ("mood", "craving", "used_since_last", "safety_concern")},
-        risk=str(risk),
+        risk=cast(Risk, str(risk)),
     )
     await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
     return {

@@ -505,8 +505,17 @@ TARGET_REFUSALS: dict[TargetRefusal, str] = {
 
 # Refused in every mode; the rest of the non-public space only outside development.
 _ALWAYS_REFUSED: frozenset[TargetRefusal] = frozenset(
-    {"scheme", "userinfo", "no_host", "numeric_host", "unresolved"}
-    | {"unspecified", "link_local", "multicast", "reserved"}
+    {
+        "scheme",
+        "userinfo",
+        "no_host",
+        "numeric_host",
+        "unresolved",
+        "unspecified",
+        "link_local",
+        "multicast",
+        "reserved",
+    }
 )
 _THIS_NETWORK = IPv4Network("0.0.0.0/8")  # "this host on this network": Linux connects it locally
 _SHARED = IPv4Network("100.64.0.0/10")  # carrier-grade NAT: not private in `ipaddress`, not public either

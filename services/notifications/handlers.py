@@ -209,7 +209,8 @@ class Handlers:
         starts_at = (target or booking or {"starts_at": envelope.occurred_at})["starts_at"]
         episodes = [e for e in await store.patient_enrollments(session, patient_id) if e["site_id"] == envelope.site_id]
         active = [e for e in episodes if e["status"] == "active"]
-        enrollment = (active or episodes or [None])[-1]
+        candidates = active or episodes
+        enrollment = candidates[-1] if candidates else None
         streak_key = enrollment["enrollment_id"] if enrollment else f"patient:{patient_id}"
         await store.upsert_attendance(
             session, session_id, patient_id, streak_key=streak_key, site_id=envelope.site_id,

@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, insert_if_absent, lock_row
+from shared.db import UtcDateTime, dialect_name, insert_if_absent, lock_row, rows_changed
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
@@ -516,7 +516,7 @@ async def list_alerts(
 async def unrouted_alerts(session: AsyncSession, site_id: str) -> list[dict[str, Any]]:
     """Open alerts nobody has been told of yet (raised while the site had no roster)."""
     query = select(alerts).where(alerts.c.site_id == site_id, alerts.c.status == "open", alerts.c.level == -1)
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return _rows(await session.execute(query.order_by(alerts.c.created_at)))
 
@@ -527,7 +527,7 @@ async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[s
         .where(alerts.c.status == "open", alerts.c.escalate_at.is_not(None), alerts.c.escalate_at <= at)
         .order_by(alerts.c.escalate_at)
     )
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
     return _rows(await session.execute(query))
 
@@ -618,7 +618,7 @@ async def claim_notification(
         notifications.c.status.in_(DISPATCHABLE),
         notifications.c.due_at <= at,
     )
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
     row = await _one(session, query)
     if row is not None:
@@ -672,7 +672,7 @@ async def cancel_open(session: AsyncSession, reason: str, **where: str) -> int:
         )
         .values(status="cancelled", status_reason=reason)
     )
-    return int(result.rowcount or 0)
+    return rows_changed(result)
 
 
 async def alert_messages(session: AsyncSession, alert_id: str) -> list[dict[str, Any]]:

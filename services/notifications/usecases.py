@@ -13,7 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
@@ -25,6 +25,7 @@ from shared.contracts.events import (
     EVENT_TYPES,
     BookingCancelled,
     CareTeamAlerted,
+    Channel,
     Event,
     NotificationFailed,
     NotificationSent,
@@ -186,7 +187,7 @@ async def announce_outcome(
     event = kind(
         notification_id=UUID(row["notification_id"]),
         recipient_kind=row["recipient_kind"],
-        channel=channel,
+        channel=cast(Channel, channel),
         template=row["template"],
         cause_event_id=UUID(row["cause_event_id"]),
         attempts=attempts,

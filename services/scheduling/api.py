@@ -8,7 +8,7 @@ Dates, wall times and ISO weeks are bounded at the boundary (`domain.check_day`)
 input reaches date arithmetic that could overflow."""
 
 from datetime import date, datetime, timedelta
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 from uuid import UUID
 
 from fastapi import APIRouter, Path, Query
@@ -33,6 +33,9 @@ WallTime = Annotated[datetime, AfterValidator(domain.check_wall_time)]
 IsoWeek = Annotated[str, Field(pattern=r"^[0-9]{4}-W[0-9]{2}$"), AfterValidator(domain.check_iso_week)]
 # sessions.clinician_id is 200 characters: a longer id would fail the insert itself.
 ClinicianId = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+WeekState = Literal["met", "on_track", "at_risk", "shortfall"]
 
 
 class BlockIn(Input):
@@ -150,7 +153,7 @@ class WeekOut(BaseModel):
     attended_hours: float
     remaining_booked_hours: float
     target_hours: float
-    state: Literal["met", "on_track", "at_risk", "shortfall"]
+    state: "WeekState"
     alerts: list[str]
 
 
@@ -194,7 +197,8 @@ async def _deny(
     """Audit a refused attempt, one row per patient it aimed at (one without a patient
     when there is none yet: the probe itself is worth keeping); the caller raises the
     404, whose body is the one an unknown id gets."""
-    for patient_id in patient_ids or [None]:
+    targets: list[str | None] = [*patient_ids] or [None]
+    for patient_id in targets:
         await store.record_access(session, principal, f"{action}.denied", site_id, patient_id)
     return AccessDenied(f"{what} not found")
 
@@ -477,7 +481,7 @@ async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, sessi
             hours = await usecases.week_hours(session, enrollment, site["timezone"], iso_week, now)
             _, end = domain.week_bounds(iso_week, site["timezone"])
             verdict = domain.hours_verdict(hours, now, end)
-            state = verdict or ("met" if hours.met else "on_track")
+            state = cast(WeekState, verdict or ("met" if hours.met else "on_track"))
             weeks.append(
                 WeekOut(
                     iso_week=iso_week, attended_hours=hours.attended, remaining_booked_hours=hours.remaining_booked,

@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, insert_if_absent
+from shared.db import UtcDateTime, dialect_name, insert_if_absent, rows_changed
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
@@ -291,7 +291,7 @@ async def sessions_between(
 async def lock_clinician(session: AsyncSession, clinician_id: str) -> None:
     """Serialize slot creation per clinician for the rest of the transaction. PostgreSQL:
     a transaction-scoped advisory lock; SQLite already serializes writers."""
-    if session.bind.dialect.name == "postgresql":
+    if dialect_name(session) == "postgresql":
         await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(f"clinician:{clinician_id}"))))
 
 
@@ -391,7 +391,7 @@ async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: 
         .where(attendance.c.session_id == session_id, attendance.c.patient_id == patient_id)
         .values(**values)
     )
-    if found.rowcount == 0:
+    if rows_changed(found) == 0:
         await session.execute(insert(attendance).values(session_id=session_id, patient_id=patient_id, **values))
 
 

@@ -39,7 +39,7 @@ from sqlalchemy.orm import Session
 from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, dialect_name
 
 log = logging.getLogger("iopnet.outbox")
 
@@ -210,7 +210,7 @@ class OutboxRelay:
             return 0
         publisher = _Publisher(js, restricted)
         async with self.sessions() as session:
-            if session.bind.dialect.name == "postgresql":
+            if dialect_name(session) == "postgresql":
                 async with session.begin():
                     # Replicas share the outbox: the rows stay locked (SKIP LOCKED for the
                     # others) while this relay publishes them. PostgreSQL has a pool, so
