@@ -28,8 +28,6 @@ from typing import Literal
 from zoneinfo import ZoneInfo
 
 Channel = Literal["console", "email", "sms", "webhook"]
-LiveChannel = Literal["email", "sms", "webhook"]
-Audience = Literal["patient", "care_team"]
 Severity = Literal["info", "warning", "urgent"]
 
 DEFAULT_LANGUAGE = "en"

@@ -588,10 +588,6 @@ async def add_notification(session: AsyncSession, **values: Any) -> bool:
     return True
 
 
-async def get_notification(session: AsyncSession, notification_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(notifications).where(notifications.c.notification_id == notification_id))
-
-
 # Due for the dispatcher: pending messages whose time has come, and messages whose
 # send lease ran out (the process died while sending them).
 DISPATCHABLE = ("pending", "sending")
