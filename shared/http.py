@@ -25,6 +25,7 @@ from shared.files import secure_data_dir, secure_file
 from shared.logging import log_context
 from shared.metrics import install_metrics
 from shared.runtime import ServiceRuntime
+from shared.tracing import TELEMETRY, configure_tracing
 
 log = logging.getLogger("iopnet.http")
 
@@ -41,6 +42,7 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         _secure_files(runtime)
+        configure_tracing(runtime.name)
         # Read now so a short secret stops the service at start, not at the first request.
         assert runtime.settings.signing_secret
         await runtime.start()
@@ -50,7 +52,11 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
             await runtime.stop()
 
     app = FastAPIOffline(
-        title=f"iopnet {runtime.name}", description=description, lifespan=lifespan, static_url=DOCS_ASSETS
+        title=f"iopnet {runtime.name}",
+        description=description,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+        telemetry=TELEMETRY,
     )
     app.state.runtime = runtime
     app.state.settings = runtime.settings

@@ -20,6 +20,7 @@ from typing import Any
 from uuid import UUID
 
 from nats.js import JetStreamContext
+from opentelemetry.trace import SpanKind
 from sqlalchemy import (
     Column,
     Integer,
@@ -40,6 +41,7 @@ from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime, dialect_name
+from shared.tracing import current_context, headers_with_context, span_under, stored_context
 
 log = logging.getLogger("iopnet.outbox")
 
@@ -112,6 +114,9 @@ class Outbox:
             Column("sent_at", UtcDateTime, nullable=True, index=True),
             Column("attempts", Integer, nullable=False, default=0),
             Column("last_error", String(500), nullable=True),
+            # W3C trace context of the span that staged the event (shared/tracing.py):
+            # the relay publishes later, outside that span, and continues the trace from here.
+            Column("trace_context", String(512), nullable=True),
         )
         self.commit_signal: CommitSignal | None = None
 
@@ -134,6 +139,7 @@ class Outbox:
         """Add events to the caller's transaction; they leave only if it commits."""
         if not envelopes:
             return
+        trace_context = current_context()
         await session.execute(
             insert(self.table),
             [
@@ -143,6 +149,7 @@ class Outbox:
                     "payload": env.model_dump_json(),
                     "created_at": clock.now(),
                     "attempts": 0,
+                    "trace_context": trace_context,
                 }
                 for env in envelopes
             ],
@@ -237,7 +244,7 @@ class OutboxRelay:
     async def _pending(self, session: AsyncSession, *, lock: bool) -> list[Any]:
         table = self.outbox.table
         query = (
-            select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload)
+            select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload, table.c.trace_context)
             .where(table.c.sent_at.is_(None))
             .order_by(table.c.seq)
             .limit(self.batch_size)
@@ -267,14 +274,17 @@ class OutboxRelay:
         futures = []
         try:
             for row in rows:
-                futures.append(
-                    await publisher.js(row.subject).publish_async(
-                        row.subject,
-                        row.payload.encode(),
-                        headers={"Nats-Msg-Id": row.event_id},
-                        wait_stall=self.publish_timeout,
+                # The trace goes on from the request (or handler) that staged the event.
+                with span_under(
+                    stored_context(row.trace_context), f"{row.subject} publish", SpanKind.PRODUCER,
+                    **{"messaging.system": "nats", "messaging.destination.name": row.subject},
+                ):  # fmt: skip
+                    headers = headers_with_context({"Nats-Msg-Id": row.event_id})
+                    futures.append(
+                        await publisher.js(row.subject).publish_async(
+                            row.subject, row.payload.encode(), headers=headers, wait_stall=self.publish_timeout
+                        )
                     )
-                )
         except Exception as exc:
             error: str | None = f"{type(exc).__name__}: {exc}"
         else:
