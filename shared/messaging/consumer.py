@@ -27,26 +27,22 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import nats.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
-from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts import EVENT_TYPES, Envelope, Event, UnknownEventType, dlq_subject
 from shared.contracts.subjects import RESTRICTED, ROOT, event_name, parse_subject
-from shared.logging import log_context
 from shared.messaging.inbox import Inbox
 from shared.messaging.streams import STREAMS, ensure_streams
-from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
 
@@ -217,11 +213,10 @@ class Consumer:
         applied: list[bool] = []
         try:
             async with self.sessions() as session, session.begin():
-                for message, (envelope, event, handler) in zip(messages, work, strict=True):
+                for envelope, event, handler in work:
                     fresh = await self.inbox.claim(session, envelope, self.durable)
                     if fresh:
-                        with self._handling(envelope, message.headers):
-                            await handler(session, envelope, event)
+                        await handler(session, envelope, event)
                     applied.append(fresh)
         except Exception:
             # The message at len(applied) failed once already: it counts as a try.
@@ -280,16 +275,25 @@ class Consumer:
         from now: the dead run renewed it at most until it died, which was before now)."""
         self._reconnects = self._reconnect_count()
         info = await subscription.consumer_info()
-        outstanding = (info.num_ack_pending or 0) - len(self._held)
-        if outstanding <= 0:
+        delivered_before = info.delivered.stream_seq if info.delivered else 0
+        if (info.num_ack_pending or 0) > len(self._held):
+            await self._gather(subscription, info)
+        # With what was fetched across a reconnect and kept back: all of it, oldest first.
+        if self.stopping or not self._held:
             return
+        self.stats.recovered += sum(seq <= delivered_before for seq in self._held)
+        await self.process_batch(sorted(self._held.values(), key=_sequence))
+
+    async def _gather(self, subscription: JetStreamContext.PullSubscription, info: ConsumerInfo) -> None:
+        """Fetch until every message the server counts as ours is held (or give up)."""
+        outstanding = (info.num_ack_pending or 0) - len(self._held)
+        delivered_before = info.delivered.stream_seq if info.delivered else 0
         loop = asyncio.get_running_loop()
         lease = max(self.ack_wait_seconds, info.config.ack_wait or 0.0)
         deadline = loop.time() + lease + self.recovery_margin_seconds
         # Past this, whatever is still counted is not coming back (an ack the server
         # processed late, a count gone stale across a broker restart): go on.
         give_up = deadline + lease
-        delivered_before = info.delivered.stream_seq if info.delivered else 0
         log.warning("recovering unacknowledged messages", extra={"consumer": self.durable, "count": outstanding})
         while not self.stopping:
             missing = (info.num_ack_pending or 0) - len(self._held)
@@ -308,10 +312,6 @@ class Consumer:
                 # (the rest arrive after its wait): fetch again until all are in hand.
                 await self._fetch(subscription, max(self.batch, missing), 0.5)
             info = await subscription.consumer_info()
-        if self.stopping or not self._held:
-            return
-        self.stats.recovered += sum(seq <= delivered_before for seq in self._held)
-        await self.process_batch(sorted(self._held.values(), key=_sequence))
 
     async def _keep_leases(self) -> None:
         """Renew the lease of every held message, every third of ack_wait: a batch may
@@ -420,8 +420,7 @@ class Consumer:
                 async with self.sessions() as session, session.begin():
                     applied = await self.inbox.claim(session, envelope, self.durable)
                     if applied:
-                        with self._handling(envelope, message.headers):
-                            await handler(session, envelope, event)
+                        await handler(session, envelope, event)
                 self.stats.transactions += 1
                 break
             except Poison as exc:
@@ -445,18 +444,6 @@ class Consumer:
             self.stats.applied += 1
         else:
             self.stats.skipped_duplicates += 1
-
-    @contextmanager
-    def _handling(self, envelope: Envelope, headers: Mapping[str, str] | None) -> Iterator[None]:
-        """The handler runs in a CONSUMER span under the publisher's trace context (from
-        the message headers) and with the event's ids on every log line: what it stages
-        continues the same trace and the same correlation."""
-        attributes = {"messaging.system": "nats", "messaging.consumer.group.name": self.durable}
-        with (
-            span_under(headers, f"{envelope.event_type} process", SpanKind.CONSUMER, **attributes),
-            log_context(correlation_id=envelope.correlation_id, event_id=envelope.event_id),
-        ):
-            yield
 
     async def apply_stored(self, data: bytes) -> str:
         """Apply one message re-read from its stream (a dead-letter retry, a replay) once,
