@@ -25,6 +25,7 @@ chunk of patients per fault), not by the clock.
 """
 
 import asyncio
+import itertools
 import json
 import re
 import signal
@@ -153,6 +154,7 @@ class Ledger:
     patients: list[Patient] = field(default_factory=list)
     writes: int = 0
     retries: int = 0
+    faults: list[tuple[str, str, float]] = field(default_factory=list)  # (target, how, when)
 
 
 def letters(number: int) -> str:
@@ -324,8 +326,9 @@ async def set_up_sites(http: httpx.AsyncClient, network: LocalNetwork, ledger: L
 # --- faults ----------------------------------------------------------------------------------
 
 
-async def inflict(network: LocalNetwork, target: str, how: str) -> None:
+async def inflict(network: LocalNetwork, target: str, how: str, ledger: Ledger) -> None:
     """kill -9 or SIGTERM one process, then start it again (same ports, same data)."""
+    ledger.faults.append((target, how, time.monotonic()))
     if target == "nats":
         await asyncio.to_thread(network.stop_nats, how == "kill")
         await asyncio.to_thread(network.start_nats)
@@ -454,6 +457,7 @@ class Snapshot:
     notification_enrollments: dict[str, dict[str, Any]]
     alerts: list[dict[str, Any]]
     notifications_stream: int
+    dead_letters: int
 
 
 async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Snapshot:
@@ -481,6 +485,7 @@ async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sn
         notification_enrollments={r["enrollment_id"]: r for r in await rows(engine, notifications_store.enrollments)},
         alerts=await rows(engine, notifications_store.alerts),
         notifications_stream=await stream_messages(network.nats_url, "IOP_NOTIFICATIONS"),
+        dead_letters=await stream_messages(network.nats_url, "IOP_DLQ"),
     )
 
 
@@ -585,13 +590,27 @@ async def verdict(
     booked = Counter(s.data["booking_id"] for s in by_type["PatientBooked"])
     duplicates["PatientBooked twice for one booking"] += sum(c - 1 for c in booked.values() if c > 1)
 
-    # 4. At the channel: each notification delivered once.
-    mailed: Counter[str] = Counter()
+    # 4. At the channel: each notification delivered once. After a kill -9 between a send
+    # and its record the dispatcher sends again (at least once: nothing can know whether
+    # the first went out); that copy carries the same Message-ID, for the mail system to
+    # drop, and is counted apart. Any other second copy is a duplicate.
+    kills = [when for target, how, when in ledger.faults if target == "notifications" and how == "kill"]
+    deliveries: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for mail in sink.mails:
         # The notification id: in X-Iopnet-Delivery, and inside the Message-ID.
         match = NOTIFICATION_ID.search(str(mail["headers"].get("Message-ID", "")))
-        mailed[str(mail["headers"].get("X-Iopnet-Delivery") or (match.group(0) if match else "unidentified"))] += 1
-    duplicates["mail delivered twice"] += sum(c - 1 for c in mailed.values() if c > 1)
+        notification_id = mail["headers"].get("X-Iopnet-Delivery") or (match.group(0) if match else "unidentified")
+        deliveries[str(notification_id)].append(mail)
+    mailed = Counter({notification_id: len(copies) for notification_id, copies in deliveries.items()})
+    resent_after_kill = 0
+    for copies in deliveries.values():
+        copies.sort(key=lambda m: m["received_at"])
+        for earlier, later in itertools.pairwise(copies):
+            same_id = earlier["headers"].get("Message-ID") == later["headers"].get("Message-ID")
+            if same_id and any(earlier["received_at"] < k < later["received_at"] for k in kills):
+                resent_after_kill += 1
+            else:
+                duplicates["mail delivered twice"] += 1
     rows_by_patient: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in snap.notifications:
         rows_by_patient[str(row["patient_id"])].append(row)
@@ -661,6 +680,8 @@ async def verdict(
         "events": {name: len(stream) for name, stream in snap.streams.items()}
         | {"IOP_NOTIFICATIONS": snap.notifications_stream},
         "mails": len(sink.mails),
+        "mails_resent_after_kill_same_message_id": resent_after_kill,
+        "dead_letters": snap.dead_letters,
         "lost": +lost,
         "duplicates": +duplicates,
         "discharged_active": +discharged_active,
@@ -698,7 +719,7 @@ async def test_crash_load_loses_nothing_duplicates_nothing_and_keeps_discharges(
                 base = ledger.writes
                 await load.release(chunk)
                 await load.writes_reach(base + 6)
-                await inflict(network, target, how)
+                await inflict(network, target, how, ledger)
             await load.release(PATIENTS)
             await asyncio.wait_for(queue.join(), timeout=90)
             loaded = time.monotonic() - started
