@@ -27,7 +27,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -36,13 +37,16 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.contracts import EVENT_TYPES, Envelope, Event, UnknownEventType, dlq_subject
 from shared.contracts.subjects import RESTRICTED, ROOT, event_name, parse_subject
+from shared.logging import log_context
 from shared.messaging.inbox import Inbox
 from shared.messaging.streams import STREAMS, ensure_streams
+from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
 
@@ -213,10 +217,11 @@ class Consumer:
         applied: list[bool] = []
         try:
             async with self.sessions() as session, session.begin():
-                for envelope, event, handler in work:
+                for message, (envelope, event, handler) in zip(messages, work, strict=True):
                     fresh = await self.inbox.claim(session, envelope, self.durable)
                     if fresh:
-                        await handler(session, envelope, event)
+                        with self._handling(envelope, message.headers):
+                            await handler(session, envelope, event)
                     applied.append(fresh)
         except Exception:
             # The message at len(applied) failed once already: it counts as a try.
@@ -420,7 +425,8 @@ class Consumer:
                 async with self.sessions() as session, session.begin():
                     applied = await self.inbox.claim(session, envelope, self.durable)
                     if applied:
-                        await handler(session, envelope, event)
+                        with self._handling(envelope, message.headers):
+                            await handler(session, envelope, event)
                 self.stats.transactions += 1
                 break
             except Poison as exc:
@@ -444,6 +450,18 @@ class Consumer:
             self.stats.applied += 1
         else:
             self.stats.skipped_duplicates += 1
+
+    @contextmanager
+    def _handling(self, envelope: Envelope, headers: Mapping[str, str] | None) -> Iterator[None]:
+        """The handler runs in a CONSUMER span under the publisher's trace context (from
+        the message headers) and with the event's ids on every log line: what it stages
+        continues the same trace and the same correlation."""
+        attributes = {"messaging.system": "nats", "messaging.consumer.group.name": self.durable}
+        with (
+            span_under(headers, f"{envelope.event_type} process", SpanKind.CONSUMER, **attributes),
+            log_context(correlation_id=envelope.correlation_id, event_id=envelope.event_id),
+        ):
+            yield
 
     async def apply_stored(self, data: bytes) -> str:
         """Apply one message re-read from its stream (a dead-letter retry, a replay) once,
