@@ -31,7 +31,7 @@ import re
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -190,6 +190,7 @@ class Load:
             return None if response.status_code in (502, 503, 504) else response
 
         response = await eventually(once, timeout=90, interval=0.1, what=f"{method} {url} answered")
+        assert response is not None
         self.ledger.retries += tries - 1
         return response
 
@@ -271,13 +272,15 @@ class Load:
     async def worker(self, queue: asyncio.Queue[Patient]) -> None:
         while True:
             patient = await queue.get()
-            index = patient.index
             async with self.released:
-                await self.released.wait_for(lambda index=index: index < self.allowed)
+                await self.released.wait_for(self._allows(patient.index))
             try:
                 await self.patient(patient)
             finally:
                 queue.task_done()
+
+    def _allows(self, index: int) -> Callable[[], bool]:
+        return lambda: index < self.allowed
 
     async def release(self, count: int) -> None:
         async with self.released:
@@ -289,38 +292,46 @@ class Load:
             await asyncio.wait_for(self.progress.wait_for(lambda: self.ledger.writes >= count), timeout=90)
 
 
-async def set_up_sites(http: httpx.AsyncClient, network: LocalNetwork, ledger: Ledger, sink: SmtpSink) -> None:
-    admin = auth("network_admin")
+async def set_up_sites(http: httpx.AsyncClient, network: LocalNetwork, ledger: Ledger) -> None:
     for site_id in SITES:
-        site = {"site_id": site_id, "name": site_id.replace("-", " ").title(), "timezone": "America/New_York"}
-        assert (await http.post(f"{network.url('intake')}/sites", json=site, headers=admin)).status_code == 201
-        ledger.sites.append(site_id)
-        roster = {"members": [{"name": "On Call", "role": "clinician", "channel": "email",
-                               "address": f"oncall-{site_id}@clinic.test"}]}  # fmt: skip
+        await set_up_site(http, network, ledger, site_id)
 
-        async def roster_set(site_id: str = site_id, roster: dict[str, Any] = roster) -> bool:
-            url = f"{network.url('notifications')}/sites/{site_id}/care-team"
-            return (await http.put(url, json=roster, headers=admin)).status_code == 200
 
-        await eventually(roster_set, timeout=30, what="notifications to learn the site")
-        weekday = (date.today() + timedelta(days=2)).isoweekday()
-        block = {"weekday": weekday, "start": "09:00", "minutes": 60, "kind": "group_therapy",
-                 "title": "Morning group", "capacity": 40}  # fmt: skip
-        program = {"site_id": site_id, "name": "Adult IOP", "track": "morning", "cohort": "adult", "blocks": [block]}
+async def set_up_site(http: httpx.AsyncClient, network: LocalNetwork, ledger: Ledger, site_id: str) -> None:
+    """The site at intake, its on-call roster at notifications, a program at scheduling
+    that intake has heard of."""
+    admin = auth("network_admin")
+    site = {"site_id": site_id, "name": site_id.replace("-", " ").title(), "timezone": "America/New_York"}
+    assert (await http.post(f"{network.url('intake')}/sites", json=site, headers=admin)).status_code == 201
+    ledger.sites.append(site_id)
+    roster = {"members": [{"name": "On Call", "role": "clinician", "channel": "email",
+                           "address": f"oncall-{site_id}@clinic.test"}]}  # fmt: skip
 
-        async def published(program: dict[str, Any] = program, site_id: str = site_id) -> str | None:
-            response = await http.post(
-                f"{network.url('scheduling')}/programs", json=program, headers=auth("site_admin", [site_id])
-            )
-            return str(response.json()["program_id"]) if response.status_code == 201 else None
+    async def roster_set() -> bool:
+        url = f"{network.url('notifications')}/sites/{site_id}/care-team"
+        return (await http.put(url, json=roster, headers=admin)).status_code == 200
 
-        ledger.programs[site_id] = await eventually(published, timeout=30, what="scheduling to learn the site")
+    await eventually(roster_set, timeout=30, what="notifications to learn the site")
+    weekday = (date.today() + timedelta(days=2)).isoweekday()
+    block = {"weekday": weekday, "start": "09:00", "minutes": 60, "kind": "group_therapy",
+             "title": "Morning group", "capacity": 40}  # fmt: skip
+    program = {"site_id": site_id, "name": "Adult IOP", "track": "morning", "cohort": "adult", "blocks": [block]}
 
-        async def known(site_id: str = site_id) -> bool:
-            response = await http.get(f"{network.url('intake')}/programs", headers=auth("front_desk", [site_id]))
-            return response.status_code == 200 and ledger.programs[site_id] in response.text
+    async def published() -> str | None:
+        response = await http.post(
+            f"{network.url('scheduling')}/programs", json=program, headers=auth("site_admin", [site_id])
+        )
+        return str(response.json()["program_id"]) if response.status_code == 201 else None
 
-        await eventually(known, timeout=30, what="intake to learn the program")
+    program_id = await eventually(published, timeout=30, what="scheduling to learn the site")
+    assert program_id is not None
+    ledger.programs[site_id] = program_id
+
+    async def known() -> bool:
+        response = await http.get(f"{network.url('intake')}/programs", headers=auth("front_desk", [site_id]))
+        return response.status_code == 200 and program_id in response.text
+
+    await eventually(known, timeout=30, what="intake to learn the program")
 
 
 # --- faults ----------------------------------------------------------------------------------
@@ -470,10 +481,12 @@ async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sn
     for (service, stream), user in CONSUMED.items():
         durable = f"{service}-{stream}"
         filters[(service, stream)], deliveries[durable] = await consumer_facts(user_url(network, user), stream, durable)
-    inboxes = {
+    inboxes: dict[str, dict[str, dict[str, Any]]] = {
         name: {r["event_id"]: r for r in await rows(engines[name], STORES[name].inbox.table)} for name in SERVICES
     }
-    outboxes = {name: await rows(engines[name], STORES[name].outbox.table) for name in SERVICES}
+    outboxes: dict[str, list[dict[str, Any]]] = {
+        name: await rows(engines[name], STORES[name].outbox.table) for name in SERVICES
+    }
     engine = engines["notifications"]
     return Snapshot(
         streams=streams,
@@ -523,8 +536,8 @@ async def verdict(
     duplicates: Counter[str] = Counter()
     discharged_active: Counter[str] = Counter()
     by_type: dict[str, list[Stored]] = defaultdict(list)
-    for stream in snap.streams.values():
-        for stored in stream:
+    for stored_events in snap.streams.values():
+        for stored in stored_events:
             by_type[stored.event_type].append(stored)
 
     def on_bus(event_type: str, field_name: str, value: str | None) -> Stored | None:
@@ -574,8 +587,8 @@ async def verdict(
         out_of_order[f"{service}-{stream}"] = late
 
     # 3. Each event once on its stream; each outbox row once on IOP_NOTIFICATIONS.
-    for name, stream in snap.streams.items():
-        twice = sum(count - 1 for count in Counter(s.event_id for s in stream).values() if count > 1)
+    for name, stored_events in snap.streams.items():
+        twice = sum(count - 1 for count in Counter(s.event_id for s in stored_events).values() if count > 1)
         if twice:
             duplicates[f"event twice on {name}"] += twice
     extra = snap.notifications_stream - len(snap.outboxes["notifications"])
@@ -644,14 +657,18 @@ async def verdict(
             discharged_active["scheduling holds bookings"] += 1
         if episode is not None and episode["status"] == "active":
             discharged_active["notifications says active"] += 1
-        stored = discharges.get(str(p.enrollment_id))
-        applied = snap.inboxes["notifications"].get(stored.event_id) if stored else None
+        discharge = discharges.get(str(p.enrollment_id))
+        discharge_applied = snap.inboxes["notifications"].get(discharge.event_id) if discharge else None
         for row in messages:
             if row["template"] != "welcome" and not row["template"].startswith("reminder"):
                 continue
             if row["status"] in ("pending", "held", "sending"):
                 discharged_active["message still planned"] += 1
-            elif row["status"] == "sent" and applied is not None and row["created_at"] > applied["received_at"]:
+            elif (
+                row["status"] == "sent"
+                and discharge_applied is not None
+                and row["created_at"] > discharge_applied["received_at"]
+            ):
                 discharged_active["message planned after the discharge, and sent"] += 1
 
     # 6. Urgent check-ins: one alert each, mailed to the site's on-call clinician.
@@ -677,7 +694,7 @@ async def verdict(
         "urgent": sum(p.urgent for p in ledger.patients),
         "accepted_writes": ledger.writes,
         "request_retries": ledger.retries,
-        "events": {name: len(stream) for name, stream in snap.streams.items()}
+        "events": {name: len(stored_events) for name, stored_events in snap.streams.items()}
         | {"IOP_NOTIFICATIONS": snap.notifications_stream},
         "mails": len(sink.mails),
         "mails_resent_after_kill_same_message_id": resent_after_kill,
@@ -696,13 +713,13 @@ async def test_crash_load_loses_nothing_duplicates_nothing_and_keeps_discharges(
 ) -> None:
     started = time.monotonic()
     ledger = Ledger()
-    engines = {name: create_engine(network.settings.database_url(name)) for name in SERVICES}
+    engines: dict[str, AsyncEngine] = {name: create_engine(network.settings.database_url(name)) for name in SERVICES}
     probe = ReadyProbe(network)
     probe_task = asyncio.create_task(probe.run())
     workers: list[asyncio.Task[None]] = []
     try:
         async with httpx.AsyncClient(timeout=30) as http:
-            await set_up_sites(http, network, ledger, smtp_sink)
+            await set_up_sites(http, network, ledger)
             load = Load(http, network, ledger)
             queue: asyncio.Queue[Patient] = asyncio.Queue()
             for index in range(PATIENTS):
@@ -730,6 +747,8 @@ async def test_crash_load_loses_nothing_duplicates_nothing_and_keeps_discharges(
             try:
                 snap = await eventually(quiet, timeout=45, interval=0.5, what="the network to settle")
             except AssertionError:
+                snap = None
+            if snap is None:
                 snap = await snapshot(network, engines)  # judged as it is: what is missing counts as lost
             figures = await verdict(http, network, ledger, snap, smtp_sink)
     finally:

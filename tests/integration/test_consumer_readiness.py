@@ -51,7 +51,7 @@ async def test_readyz_is_503_until_every_consumer_is_bound(app: FastAPI, nats_se
                 return answer if checks["database"] and checks["nats"] and not checks["consumers"] else None
 
             answer = await eventually(connected_but_unbound, what="database and NATS up, the consumer not bound")
-            assert answer.status_code == 503
+            assert answer is not None and answer.status_code == 503
 
             await js.delete_consumer("IOP_INTAKE", "scheduling-IOP_INTAKE")
 

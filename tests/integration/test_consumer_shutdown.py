@@ -210,4 +210,5 @@ async def test_a_service_stopped_mid_backlog_hands_it_back_in_order(
     finally:
         await again.stop()
     order = await stream_order(nats_server.url)
+    assert applied is not None
     assert [order[event_id] for event_id in applied] == sorted(order.values())
