@@ -66,7 +66,9 @@ class Settings(BaseSettings):
 
     # Consumers (DESIGN B3/B7): bounded redelivery, then the dead-letter stream.
     max_deliver: int = 5
-    ack_wait_seconds: float = 30.0
+    # Short, because a live consumer renews its leases (in_progress every ack_wait/3) and a
+    # crashed one's messages must come back soon: a restart waits for them, for order.
+    ack_wait_seconds: float = 10.0
     nak_delay_seconds: float = 1.0
     fetch_batch: int = 64
     # Streams: how long JetStream drops a re-published event_id.
