@@ -439,7 +439,10 @@ async def test_track_switch_moves_future_bookings_and_keeps_hours(app, nats_serv
                 },
             )
         ).json()
-        enrolled = enrolled_in(morning["program_id"], date.today())
+        # From tomorrow in site time: a session of today could have started on one track
+        # and not the other (09:00 vs 17:00), and a switch moves future bookings only.
+        tomorrow = datetime.now(ZoneInfo(TZ)).date() + timedelta(days=1)
+        enrolled = enrolled_in(morning["program_id"], tomorrow)
         await publish(nats_server.url, enrolled)
         enrollment_id = enrolled.data["enrollment_id"]
 
