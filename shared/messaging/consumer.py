@@ -516,13 +516,20 @@ class Consumer:
             # the original is kept (stream and sequence are in the headers).
             payload = b""
             headers["Iop-Payload-Withheld"] = "restricted"
-        try:
-            await self.dlq_js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
-        except Exception as exc:
-            # Not acked: the server redelivers it and the next try dead-letters again.
-            log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})
-            await self._nak(message, delay=self.nak_delay_seconds)
-            return
+        delay = self.nak_delay_seconds
+        while True:
+            try:
+                await self.dlq_js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
+                break
+            except Exception as exc:
+                # Retried in place, like a failing handler: NAKing and moving on would let the
+                # messages behind this one be applied first (a discharge before its enrollment).
+                log.error("dead-letter publish failed", extra={"consumer": self.durable, "error": type(exc).__name__})
+                with contextlib.suppress(Exception):
+                    await message.in_progress()
+                if await self._pause(delay):
+                    return  # stopping: still held, so _release hands it back in order
+                delay = min(delay * 2, 5.0)
         await self._ack(message)
         self.stats.dead_lettered += 1
         log.error(

@@ -18,6 +18,7 @@ from shared.contracts import new_envelope
 from shared.contracts.events import PatientEnrolled
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, HandlerError, Inbox, Subscription
+from shared.messaging.streams import STREAMS, ensure_streams
 from tests.conftest import dead_letters, publish, publish_raw
 
 
@@ -215,3 +216,56 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
         await nc.close()
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
+
+
+async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(nats_server, inbox_db, caplog) -> None:
+    """The dead-letter stream is unavailable when a poison message comes: the consumer
+    retries the dead letter in place, so the event behind it waits (order kept) and is
+    applied once the dead letter is stored."""
+    inbox, sessions = inbox_db
+    order: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        order.append(event.program_id)
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream()
+    consumer = Consumer(
+        "dlq-down",
+        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        sessions,
+        inbox,
+        js,
+        nak_delay_seconds=0.05,
+    )
+    await publish(nats_server.url, enrolled("first"))
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def first_applied() -> bool:
+            return order == ["first"]
+
+        await eventually(first_applied, what="the first event applied")
+        await js.delete_stream("IOP_DLQ")  # bound already: the consumer will not re-create it now
+        await publish_raw(nats_server.url, "iop.intake.patient_enrolled.columbus-east", b"{not json")
+        behind = enrolled("behind-the-poison")  # publish_raw: `publish` would re-create IOP_DLQ
+        await publish_raw(nats_server.url, behind.subject, behind.to_bytes())
+
+        async def tried_three_times() -> bool:
+            return sum(r.getMessage() == "dead-letter publish failed" for r in caplog.records) >= 3
+
+        await eventually(tried_three_times, what="three tries to store the dead letter")
+        assert consumer.stats.dead_lettered == 0
+        assert order == ["first"]  # nothing overtook the poison message meanwhile
+        await ensure_streams(js, [STREAMS["IOP_DLQ"]], 120)
+
+        async def both_done() -> bool:
+            return consumer.stats.dead_lettered == 1 and order == ["first", "behind-the-poison"]
+
+        await eventually(both_done, what="the dead letter stored, then the event behind it")
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await nc.close()
+    [(subject, _, _)] = await dead_letters(nats_server.url)
+    assert subject == "iop.dlq.dlq-down.patient_enrolled.columbus-east"
