@@ -15,12 +15,16 @@ import nats
 import nats.js.errors
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import MetaData, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iopnet.natsd import NatsServer, free_port
 from iopnet.testing import BusRecorder
 from shared.auth import Role, mint_token
 from shared.contracts import Envelope
+from shared.db import create_engine, session_factory
+from shared.messaging import Inbox
 from shared.messaging.connection import connect_once
 from shared.messaging.streams import STREAMS, ensure_streams
 from shared.settings import Settings
@@ -125,6 +129,25 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
         return
     async with fresh_postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+async def inbox_db(database_url: str):
+    """An inbox table alone, on each backend: for tests of the shared consumer."""
+    metadata = MetaData()
+    inbox = Inbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield inbox, session_factory(engine)
+    await engine.dispose()
+
+
+async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: Inbox) -> list[str]:
+    """The event ids the inbox holds, in the order they were applied."""
+    async with sessions() as session:
+        query = select(inbox.table.c.event_id).order_by(inbox.table.c.received_at)
+        return [str(r) for r in (await session.execute(query)).scalars()]
 
 
 def make_settings(nats_url: str, tmp_path: Path, **overrides: Any) -> Settings:

@@ -13,15 +13,13 @@ from uuid import uuid4
 
 import nats
 import pytest
-from sqlalchemy import MetaData, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iopnet.testing import eventually
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import Event, PatientEnrolled
-from shared.db import create_engine, session_factory
-from shared.messaging import Consumer, Inbox, Subscription
-from tests.conftest import publish
+from shared.messaging import Consumer, Subscription
+from tests.conftest import applied_in_order, publish
 
 ACK_WAIT = 1.0
 
@@ -32,23 +30,6 @@ def enrolled(program_id: str) -> Envelope:
         cohort="adult", start_date=date(2026, 12, 1), referral_source="self",
     )  # fmt: skip
     return new_envelope(event, site_id="columbus-east")
-
-
-@pytest.fixture
-async def inbox_db(database_url: str):
-    metadata = MetaData()
-    inbox = Inbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    yield inbox, session_factory(engine)
-    await engine.dispose()
-
-
-async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: Inbox) -> list[str]:
-    async with sessions() as session:
-        query = select(inbox.table.c.event_id).order_by(inbox.table.c.received_at)
-        return [str(r) for r in (await session.execute(query)).scalars()]
 
 
 async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbox_db) -> None:

@@ -10,19 +10,16 @@ import time
 from pathlib import Path
 
 import nats
-import pytest
-from sqlalchemy import MetaData, select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from iopnet.testing import eventually
 from services.scheduling import store as scheduling_store
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import Event, SiteRegistered
-from shared.db import create_engine, session_factory
-from shared.messaging import Consumer, Inbox, Subscription
+from shared.messaging import Consumer, Subscription
 from shared.messaging.consumer import Handler
 from shared.runtime import ServiceRuntime
-from tests.conftest import make_settings, publish
+from tests.conftest import applied_in_order, make_settings, publish
 
 # Long on purpose: a message that came back only when its lease ran out would miss
 # every deadline below.
@@ -31,24 +28,6 @@ ACK_WAIT = 30.0
 
 def site(index: int) -> Envelope:
     return new_envelope(SiteRegistered(name=f"Site {index:03d}", timezone="America/Chicago"), site_id=f"s-{index:03d}")
-
-
-@pytest.fixture
-async def inbox_db(database_url: str):
-    metadata = MetaData()
-    inbox = Inbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    yield inbox, session_factory(engine)
-    await engine.dispose()
-
-
-async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: Inbox) -> list[str]:
-    """The event ids the inbox holds, in the order they were applied."""
-    async with sessions() as session:
-        query = select(inbox.table.c.event_id).order_by(inbox.table.c.received_at)
-        return [str(r) for r in (await session.execute(query)).scalars()]
 
 
 async def stream_order(nats_url: str) -> dict[str, int]:

@@ -10,14 +10,11 @@ from pathlib import Path
 from uuid import uuid4
 
 import nats
-import pytest
-from sqlalchemy import MetaData
 
 from iopnet.testing import eventually
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientEnrolled
-from shared.db import create_engine, session_factory
-from shared.messaging import Consumer, HandlerError, Inbox, Subscription
+from shared.messaging import Consumer, HandlerError, Subscription
 from shared.messaging.streams import STREAMS, ensure_streams
 from tests.conftest import dead_letters, publish, publish_raw
 
@@ -33,17 +30,6 @@ def enrolled(program_id: str):
         referral_source="self",
     )
     return new_envelope(event, site_id="columbus-east")
-
-
-@pytest.fixture
-async def inbox_db(database_url: str):
-    metadata = MetaData()
-    inbox = Inbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    yield inbox, session_factory(engine)
-    await engine.dispose()
 
 
 async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_db, tmp_path: Path) -> None:

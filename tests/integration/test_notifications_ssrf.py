@@ -17,10 +17,8 @@ network (server-side request forgery), against a real nats-server, a real databa
 
 import asyncio
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,6 +28,7 @@ from typing import Any
 from uuid import uuid4
 
 import pytest
+import trustme
 from sqlalchemy import select
 
 from iopnet.natsd import free_port
@@ -483,34 +482,21 @@ async def test_a_receiver_dripping_bytes_meets_one_deadline(tmp_path: Path, serv
 # --- https to a pinned address: SNI and certificate checked for the name -------------------------------
 
 
-def openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
 @pytest.fixture
-def test_ca(tmp_path: Path) -> Path:
-    """A CA and a server certificate for hooks.iopnet.invalid only (not for 127.0.0.1)."""
-    if shutil.which("openssl") is None:
-        pytest.skip("the openssl command is not installed")
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
-            "-days", "2", "-subj", "/CN=iopnet test CA", cwd=pki)  # fmt: skip
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-            "-subj", "/CN=hooks.iopnet.invalid", cwd=pki)  # fmt: skip
-    (pki / "san.ext").write_text("subjectAltName=DNS:hooks.iopnet.invalid\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "san.ext", cwd=pki)  # fmt: skip
-    return pki
+def test_ca() -> trustme.CA:
+    """A CA (trustme: made in memory, no openssl command needed) that will sign a
+    certificate for hooks.iopnet.invalid only (not for 127.0.0.1)."""
+    return trustme.CA()
 
 
 async def test_https_to_the_pinned_address_verifies_the_certificate_for_the_name(
-    tmp_path: Path, test_ca: Path, servers: list[ScriptedServer]
+    tmp_path: Path, test_ca: trustme.CA, servers: list[ScriptedServer]
 ) -> None:
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    tls.load_cert_chain(test_ca / "server.pem", test_ca / "server.key")
+    test_ca.issue_cert("hooks.iopnet.invalid").configure_cert(tls)
     server = serve(servers, lambda path, out: head(out, "200 OK", {"Content-Length": "0"}), tls=tls)
-    trust = ssl.create_default_context(cafile=str(test_ca / "ca.pem"))
+    trust = ssl.create_default_context()
+    test_ca.configure_trust(trust)
     resolve = Resolver({"hooks.iopnet.invalid": ["127.0.0.1"], "other.iopnet.invalid": ["127.0.0.1"]})
     channel = WebhookChannel(channel_settings(tmp_path), resolve=resolve, verify=trust)
 
