@@ -22,7 +22,7 @@ def subscribed_event_types(service: str) -> list[str]:
         from services.scheduling.handlers import SUBSCRIPTIONS
     else:
         from services.notifications.handlers import SUBSCRIPTIONS
-    return sorted({event_type for subscription in SUBSCRIPTIONS for event_type in subscription.handlers})
+    return sorted({event_type for subscription in SUBSCRIPTIONS for event_type in subscription.event_types()})
 
 
 def documents() -> dict[str, dict[str, Any]]:

@@ -30,6 +30,7 @@ from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import PatientEnrolled
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, Inbox, Subscription
+from shared.messaging.broker import close, new_broker
 from shared.messaging.streams import STREAMS, ensure_streams
 
 BATCH = 64
@@ -113,13 +114,14 @@ async def _raw(url: str, db: Path, count: int, durable: str) -> float:
 
 async def _iopnet(url: str, db: Path, count: int, service: str) -> float:
     engine, sessions, inbox, effects = await _fresh_db(db)
-    nc = await nats.connect(url)
+    broker = new_broker(url, f"bench-{service}")
+    await broker.connect()
     consumer = Consumer(
         service,
-        Subscription("IOP_INTAKE", {"PatientEnrolled": effects.apply}),
+        Subscription("IOP_INTAKE", {PatientEnrolled: effects.apply}),
         sessions,
         inbox,
-        nc.jetstream(),
+        broker,
         batch=BATCH,
     )
     started = time.perf_counter()
@@ -133,7 +135,7 @@ async def _iopnet(url: str, db: Path, count: int, service: str) -> float:
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await nc.close()
+        await close(broker)
         await engine.dispose()
 
 

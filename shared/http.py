@@ -66,7 +66,7 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     # Added last, so outermost: it sees every answer, a 413 or a 500 included.
     app.add_middleware(RequestContext, cacheable_prefix=DOCS_ASSETS + "/")
 
-    subscribed = sorted({t for s in runtime.subscriptions for t in s.handlers})
+    subscribed = sorted({t for s in runtime.subscriptions for t in s.event_types()})
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

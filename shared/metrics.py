@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,7 +32,7 @@ SCRAPE_WAIT_SECONDS = 0.5
 class ServiceMetrics:
     def __init__(self, runtime: "ServiceRuntime") -> None:
         self.runtime = runtime
-        self.registry = CollectorRegistry()
+        self.registry = runtime.metrics_registry
         self.requests = Counter(
             "iopnet_http_requests", "HTTP requests answered", ["method", "route", "status"], registry=self.registry
         )

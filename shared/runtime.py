@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from nats.aio.client import Client
-from nats.js import JetStreamContext
+from faststream.nats import NatsBroker
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -24,8 +24,9 @@ from shared.messaging import (
     ensure_streams,
     owned_streams,
 )
-from shared.messaging.connection import connect
+from shared.messaging import broker as brokers
 from shared.messaging.control import ControlPlane
+from shared.messaging.publishers import declare_publishers
 from shared.settings import ServiceName, Settings
 
 log = logging.getLogger("iopnet.runtime")
@@ -82,40 +83,59 @@ class ServiceRuntime:
         self.migrations_dir = migrations_dir
         self.subscriptions = subscriptions
         self.jobs = jobs or []
-        self.engine: AsyncEngine | None = None
-        # The readiness probe's own connections (see `readiness`).
-        self.probe_engine: AsyncEngine | None = None
-        self.sessions: async_sessionmaker[AsyncSession]
-        self.nc: Client | None = None
-        self.js: JetStreamContext | None = None
-        # The connection to the account that holds IOP_RESTRICTED (intake, notifications);
-        # the main one when no separate URL is configured (a server without accounts).
-        self.restricted_nc: Client | None = None
-        self.restricted_js: JetStreamContext | None = None
+        url = settings.database_url(name)
+        self.engine: AsyncEngine = create_engine(url)
+        # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
+        # probe never queues behind the service's own work. No pool: each probe opens and
+        # closes its connection (cheap on SQLite, one short session on PostgreSQL).
+        self.probe_engine: AsyncEngine = create_async_engine(
+            url, poolclass=NullPool, connect_args={"timeout": READINESS_DATABASE_TIMEOUT_SECONDS}
+        )
+        self.sessions: async_sessionmaker[AsyncSession] = session_factory(self.engine)
+        # One registry per service: FastStream's Prometheus middleware and ServiceMetrics.
+        self.metrics_registry = CollectorRegistry()
+        # One FastStream broker per NATS account: the main one, and (intake, notifications)
+        # the account that holds IOP_RESTRICTED, or the main one when no separate URL is
+        # configured (a server without accounts).
+        self.broker = brokers.new_broker(settings.effective_nats_url, f"iopnet-{name}", registry=self.metrics_registry)
+        self.restricted_broker = self.broker
+        if settings.nats_restricted_url and self._needs_restricted():
+            self.restricted_broker = brokers.new_broker(
+                settings.nats_restricted_url, f"iopnet-{name}-restricted", registry=self.metrics_registry
+            )
+        declare_publishers(name, self.broker, self.restricted_broker)
+        self.consumers = [self._consumer(subscription) for subscription in subscriptions]
         self.relay: OutboxRelay
-        self.consumers: list[Consumer] = []
         self.streams_ready = asyncio.Event()
+        self.connected = False
         # Set when the service starts to stop: a job may watch it to take no new work.
         self.stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._consumer_tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        url = self.settings.database_url(self.name)
-        self.engine = create_engine(url)
-        # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
-        # probe never queues behind the service's own work. No pool: each probe opens and
-        # closes its connection (cheap on SQLite, one short session on PostgreSQL).
-        self.probe_engine = create_async_engine(
-            url, poolclass=NullPool, connect_args={"timeout": READINESS_DATABASE_TIMEOUT_SECONDS}
+    def _consumer(self, subscription: Subscription) -> Consumer:
+        restricted = STREAMS[subscription.stream].restricted
+        return Consumer(
+            self.name,
+            subscription,
+            self.sessions,
+            self.inbox,
+            self.restricted_broker if restricted else self.broker,
+            dlq_broker=self.broker,
+            max_deliver=self.settings.max_deliver,
+            ack_wait_seconds=self.settings.ack_wait_seconds,
+            nak_delay_seconds=self.settings.nak_delay_seconds,
+            batch=self.settings.fetch_batch,
+            duplicate_window_seconds=self.settings.duplicate_window_seconds,
         )
-        self.sessions = session_factory(self.engine)
+
+    async def start(self) -> None:
         await migrate(self.engine, self.migrations_dir)
         self.relay = OutboxRelay(
             self.outbox,
             self.sessions,
-            lambda: self.js if self.streams_ready.is_set() else None,
-            restricted_js=lambda: self.restricted_js if self.streams_ready.is_set() else None,
+            lambda: self.broker if self.streams_ready.is_set() else None,
+            restricted_broker=lambda: self.restricted_broker if self.streams_ready.is_set() else None,
             batch_size=self.settings.outbox_batch,
             retry_seconds=self.settings.outbox_retry_seconds,
         )
@@ -130,37 +150,23 @@ class ServiceRuntime:
             STREAMS[s.stream].restricted for s in self.subscriptions
         )
 
+    def _brokers(self) -> list[NatsBroker]:
+        return list({id(b): b for b in (self.broker, self.restricted_broker)}.values())
+
     async def _messaging(self) -> None:
-        self.nc = await connect(self.settings.effective_nats_url, f"iopnet-{self.name}")
-        self.js = self.nc.jetstream()
-        self.restricted_nc, self.restricted_js = self.nc, self.js
-        if self.settings.nats_restricted_url and self._needs_restricted():
-            self.restricted_nc = await connect(self.settings.nats_restricted_url, f"iopnet-{self.name}-restricted")
-            self.restricted_js = self.restricted_nc.jetstream()
+        for broker in self._brokers():
+            await brokers.connect(broker)
+        self.connected = True
+        main, restricted = brokers.jetstream(self.broker), brokers.jetstream(self.restricted_broker)
         window = self.settings.duplicate_window_seconds
         owned = owned_streams(self.name)
-        await ensure_streams(self.js, [s for s in owned if not s.restricted], window, service=self.name)
-        await ensure_streams(self.restricted_js, [s for s in owned if s.restricted], window, service=self.name)
+        await ensure_streams(main, [s for s in owned if not s.restricted], window, service=self.name)
+        await ensure_streams(restricted, [s for s in owned if s.restricted], window, service=self.name)
         self.streams_ready.set()
         self.relay.wake()
-        for subscription in self.subscriptions:
-            restricted = STREAMS[subscription.stream].restricted
-            consumer = Consumer(
-                self.name,
-                subscription,
-                self.sessions,
-                self.inbox,
-                self.restricted_js if restricted else self.js,
-                dlq_js=self.js,
-                max_deliver=self.settings.max_deliver,
-                ack_wait_seconds=self.settings.ack_wait_seconds,
-                nak_delay_seconds=self.settings.nak_delay_seconds,
-                batch=self.settings.fetch_batch,
-                duplicate_window_seconds=self.settings.duplicate_window_seconds,
-            )
-            self.consumers.append(consumer)
+        for consumer in self.consumers:
             self._consumer_tasks.append(self._spawn(consumer.run(), consumer.durable))
-        await ControlPlane(self.name, self.js, self.consumers).start(self.nc)
+        await ControlPlane(self.name, main, self.consumers).start(brokers.client(self.broker))
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
@@ -200,13 +206,10 @@ class ServiceRuntime:
             _, stuck = await asyncio.wait(self._tasks, timeout=TASK_STOP_GRACE_SECONDS)
             for task in stuck:
                 log.error("background task ignored cancellation", extra={"reason": task.get_name()})
+        self.connected = False
         try:
-            for nc in {id(c): c for c in (self.restricted_nc, self.nc) if c is not None}.values():
-                if not nc.is_closed:
-                    # Not drain(): it waits out pull subscriptions' pending requests (30 s).
-                    # Every publish was already acknowledged, and the consumers have
-                    # handed back what they held.
-                    await nc.close()
+            for broker in self._brokers():
+                await brokers.close(broker)
         except Exception as exc:  # the broker may already be gone; the database still closes
             log.warning("nats close failed", extra={"error": type(exc).__name__})
         finally:
@@ -220,11 +223,9 @@ class ServiceRuntime:
         even while the service works through a backlog: nothing here waits for the
         service's pooled connection (see `_database_reachable`)."""
         checks = {"database": await self._database_reachable()}
-        checks["nats"] = bool(
-            self.nc
-            and self.nc.is_connected
-            and self.restricted_nc
-            and self.restricted_nc.is_connected
+        checks["nats"] = (
+            self.connected
+            and all(brokers.client(b).is_connected for b in self._brokers())
             and self.streams_ready.is_set()
         )
         # Every consumer bound to its durable. One whose stream its producer has not
@@ -241,8 +242,6 @@ class ServiceRuntime:
     async def _database_reachable(self) -> bool:
         """A query on a connection of the probe's own, with a deadline. On SQLite it reads
         the schema (a `SELECT 1` never touches the file); on PostgreSQL `SELECT 1`."""
-        if self.probe_engine is None:
-            return False
         url = self.settings.database_url(self.name)
         query = "SELECT count(*) FROM sqlite_master" if is_sqlite(url) else "SELECT 1"
         try:

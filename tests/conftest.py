@@ -15,6 +15,7 @@ import nats
 import nats.js.errors
 import pytest
 from fastapi import FastAPI
+from faststream.nats import NatsBroker
 from sqlalchemy import MetaData, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -25,6 +26,7 @@ from shared.auth import Role, mint_token
 from shared.contracts import Envelope
 from shared.db import create_engine, session_factory
 from shared.messaging import Inbox
+from shared.messaging.broker import new_broker
 from shared.messaging.connection import connect_once
 from shared.messaging.streams import STREAMS, ensure_streams
 from shared.settings import Settings
@@ -190,6 +192,14 @@ async def bus(nats_server: NatsServer) -> AsyncIterator[BusRecorder]:
         yield recorder
     finally:
         await recorder.stop()
+
+
+async def connected_broker(nats_url: str) -> NatsBroker:
+    """A FastStream broker for a test's consumer, connected (close it with
+    shared.messaging.broker.close)."""
+    broker = new_broker(nats_url, "iopnet-test")
+    await broker.connect()
+    return broker
 
 
 async def publish(nats_url: str, *envelopes: Envelope, msg_id_prefix: str = "") -> None:

@@ -5,13 +5,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import usecases
 from shared.contracts import Envelope
-from shared.contracts.events import Event, ProgramPublished
+from shared.contracts.events import ProgramPublished
 from shared.messaging import Subscription
 
 
-async def on_program_published(session: AsyncSession, envelope: Envelope, event: Event) -> None:
-    assert isinstance(event, ProgramPublished)
+async def on_program_published(session: AsyncSession, envelope: Envelope, event: ProgramPublished) -> None:
     await usecases.project_program(session, event, envelope.site_id, envelope.occurred_at)
 
 
-SUBSCRIPTIONS = [Subscription("IOP_SCHEDULING", {"ProgramPublished": on_program_published})]
+SUBSCRIPTIONS = [Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published})]

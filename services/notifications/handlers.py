@@ -10,7 +10,6 @@ webhook subscriptions that asked for its type.
   AttendanceRecorded, HoursAtRisk, WeeklyHoursShortfall
 """
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -48,33 +47,33 @@ class Handlers:
         self.dispatcher = dispatcher
 
     def subscriptions(self) -> list[Subscription]:
-        streams: dict[str, dict[str, Callable[[AsyncSession, Envelope, Any], Awaitable[None]]]] = {
-            "IOP_RESTRICTED": {"PatientContactChanged": self.on_contact_changed},
+        streams: dict[str, dict[type[Event], Handler]] = {
+            "IOP_RESTRICTED": {PatientContactChanged: self.on_contact_changed},
             "IOP_INTAKE": {
-                "SiteRegistered": self.on_site_registered,
-                "PatientEnrolled": self.on_patient_enrolled,
-                "PatientDischarged": self.on_patient_discharged,
-                "PatientTransferred": self.on_patient_transferred,
-                "ConsentGranted": self.on_consent_granted,
-                "ConsentRevoked": self.on_consent_revoked,
-                "CheckInSubmitted": self.on_check_in,
+                SiteRegistered: self.on_site_registered,
+                PatientEnrolled: self.on_patient_enrolled,
+                PatientDischarged: self.on_patient_discharged,
+                PatientTransferred: self.on_patient_transferred,
+                ConsentGranted: self.on_consent_granted,
+                ConsentRevoked: self.on_consent_revoked,
+                CheckInSubmitted: self.on_check_in,
             },
             "IOP_SCHEDULING": {
-                "SessionScheduled": self.on_session_scheduled,
-                "SessionCancelled": self.on_session_cancelled,
-                "PatientBooked": self.on_patient_booked,
-                "BookingCancelled": self.on_booking_cancelled,
-                "AttendanceRecorded": self.on_attendance,
-                "HoursAtRisk": self.on_hours_alert,
-                "WeeklyHoursShortfall": self.on_hours_alert,
+                SessionScheduled: self.on_session_scheduled,
+                SessionCancelled: self.on_session_cancelled,
+                PatientBooked: self.on_patient_booked,
+                BookingCancelled: self.on_booking_cancelled,
+                AttendanceRecorded: self.on_attendance,
+                HoursAtRisk: self.on_hours_alert,
+                WeeklyHoursShortfall: self.on_hours_alert,
             },
         }
         return [
-            Subscription(stream, {name: self._wrap(handler) for name, handler in handlers.items()})
+            Subscription(stream, {cls: self._wrap(handler) for cls, handler in handlers.items()})
             for stream, handlers in streams.items()
         ]
 
-    def _wrap(self, handler: Callable[[AsyncSession, Envelope, Any], Awaitable[None]]) -> Handler:
+    def _wrap(self, handler: Handler) -> Handler:
         async def handle(session: AsyncSession, envelope: Envelope, event: Event) -> None:
             await handler(session, envelope, event)
             await usecases.fan_out_event(session, envelope)

@@ -1,12 +1,24 @@
-"""Durable pull consumers with explicit acks, an inbox, and a dead-letter path.
+"""Durable pull consumers on FastStream, with explicit acks, an inbox, and a dead-letter path.
 
-Why not FastStream's subscriber: DESIGN B7 lists the ways its defaults lose or loop
-messages (ack policy, message_id, max_workers duplicates, batches that do not wait).
-Here every one of those is explicit: one durable per (service, stream), explicit ack
-after the handler's transaction commits, retries in place with backoff (so events of one
-stream are applied in order), and after `max_deliver` tries the message is published to
-`iop.dlq.>` with its reason and then acked, so it never blocks the messages behind it
-for longer than its retries.
+Each `Consumer` registers one FastStream subscriber on its service's NatsBroker: one
+durable pull consumer per (service, stream) with `filter_subjects` for the event types
+it handles (so one stream's events apply in order), `AckPolicy.MANUAL`, `max_deliver`
+and `ack_wait` in its ConsumerConfig (DESIGN B7). A batch goes through the subscriber's
+FastStream pipeline (broker middlewares such as Prometheus, our decoder, the handler
+`_apply`): one transaction for the batch with its inbox rows, handlers dispatched by
+event class. We ack after the commit; a failure retries in place with backoff (the
+events behind it wait); after `max_deliver` tries the message is published to
+`iop.dlq.>` with its reason and acked.
+
+What FastStream lacks, and how it is extended (its subscriber class, `InOrderPullSubscriber`):
+FastStream's batch pull loop keeps fetching until the batch is full or its timeout ends
+(an urgent check-in would wait out the timeout), and it knows nothing of the messages
+it has fetched: on stop it cancels its task mid-batch and leaves them to ack_wait, and
+after a restart the server hands out later messages before them (issue 9: a discharge
+applied before its enrollment). So the subscriber's own loop is replaced (its
+`_create_subscription` starts nothing): `Consumer.run` binds the durable, fetches "one
+message, then whatever is there", keeps the leases and the order described below, and
+hands each batch to the subscriber's `process_message`.
 
 In order across restarts as well. Every message fetched and not yet acked is *held*:
 - while held, its lease is renewed (`in_progress()` every third of ack_wait), so a batch
@@ -31,8 +43,19 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any, Literal, cast
 
 import nats.errors
+from faststream import Context
+from faststream._internal.broker.registrator import Registrator
+from faststream._internal.endpoint.subscriber.call_item import CallsCollection
+from faststream.middlewares import AckPolicy as FastStreamAckPolicy
+from faststream.nats import JStream, NatsBroker, PullSub
+from faststream.nats.configs import NatsBrokerConfig
+from faststream.nats.message import NatsBatchMessage
+from faststream.nats.subscriber.config import NatsSubscriberConfig, NatsSubscriberSpecificationConfig
+from faststream.nats.subscriber.specification import NatsSubscriberSpecification
+from faststream.nats.subscriber.usecases import BatchPullStreamSubscriber
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
@@ -41,16 +64,20 @@ from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.contracts import EVENT_TYPES, Envelope, Event, UnknownEventType, dlq_subject
+from shared.contracts import Envelope, Event, UnknownEventType, dlq_subject
 from shared.contracts.subjects import RESTRICTED, ROOT, event_name, parse_subject
 from shared.logging import log_context
+from shared.messaging.broker import client, jetstream
 from shared.messaging.inbox import Inbox
-from shared.messaging.streams import STREAMS, ensure_streams
+from shared.messaging.streams import DLQ_STREAM, STREAMS, ensure_streams
 from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
 
-Handler = Callable[[AsyncSession, Envelope, Event], Awaitable[None]]
+# (session, envelope, event): the event parameter is typed by the handler's own event
+# class; the consumer dispatches by that class.
+Handler = Callable[[AsyncSession, Envelope, Any], Awaitable[None]]
+Outcome = Literal["applied", "duplicate", "not_handled"]
 
 
 class HandlerError(Exception):
@@ -61,18 +88,78 @@ class Poison(HandlerError):
     """An event that can never be applied: dead-letter it now instead of retrying."""
 
 
+class Undecodable(Poison):
+    """A message that is not an event we know (the reason names no content)."""
+
+
 @dataclass(frozen=True)
 class Subscription:
     stream: str
-    handlers: Mapping[str, Handler]
+    handlers: Mapping[type[Event], Handler]
+
+    def handler_for(self, event: Event) -> Handler | None:
+        return self.handlers.get(type(event))
+
+    def event_types(self) -> list[str]:
+        return sorted(cls.__name__ for cls in self.handlers)
 
     def filter_subjects(self) -> list[str]:
         subjects = []
-        for event_type in sorted(self.handlers):
-            cls = EVENT_TYPES[event_type]
+        for cls in sorted(self.handlers, key=lambda c: c.__name__):
             prefix = [ROOT, RESTRICTED] if cls.restricted else [ROOT]
-            subjects.append(".".join([*prefix, cls.producer, event_name(event_type), "*"]))
+            subjects.append(".".join([*prefix, cls.producer, event_name(cls.__name__), "*"]))
         return subjects
+
+
+class InOrderPullSubscriber(BatchPullStreamSubscriber):
+    """FastStream's batch pull subscriber without its fetch loop: `Consumer.run` fetches
+    and hands each batch to `process_message` (see the module docstring for why)."""
+
+    async def _create_subscription(self) -> None:
+        return None
+
+
+def _register_subscriber(broker: NatsBroker, consumer: "Consumer") -> InOrderPullSubscriber:
+    """Built from FastStream's own parts, as its `broker.subscriber(..., pull_sub=PullSub(
+    batch=True))` builds a BatchPullStreamSubscriber, and registered on the broker: it
+    gets the broker's middlewares and appears in the service's AsyncAPI document."""
+    config = consumer.consumer_config()
+    outer = cast("NatsBrokerConfig", broker.config)  # as FastStream's own registrator does
+    calls: CallsCollection[Any] = CallsCollection()
+    settings = NatsSubscriberConfig(
+        subject="",
+        sub_config=config,
+        extra_options={"durable": consumer.durable, "stream": consumer.subscription.stream},
+        no_reply=True,
+        _outer_config=outer,
+        _ack_policy=FastStreamAckPolicy.MANUAL,
+    )
+    specification = NatsSubscriberSpecification(
+        _outer_config=outer,
+        calls=calls,
+        specification_config=NatsSubscriberSpecificationConfig(
+            subject="",
+            queue=None,
+            filter_subjects=list(config.filter_subjects or ()),
+            title_=f"{consumer.durable}:consume",
+            description_=(
+                f"Durable pull consumer `{consumer.durable}` on stream {consumer.subscription.stream}: "
+                + ", ".join(consumer.subscription.event_types())
+                + ". Applied in stream order, once (inbox), acknowledged after commit."
+            ),
+            include_in_schema=True,
+        ),
+    )
+    subscriber = InOrderPullSubscriber(
+        settings,
+        specification,
+        calls,
+        stream=JStream(consumer.subscription.stream, declare=False),
+        pull_sub=PullSub(batch_size=consumer.batch, timeout=consumer.idle_wait_seconds, batch=True),
+    )
+    Registrator.subscriber(broker, subscriber, persistent=True)
+    subscriber(consumer.apply, decoder=consumer.decode)
+    return subscriber
 
 
 @dataclass
@@ -95,9 +182,9 @@ class Consumer:
         subscription: Subscription,
         sessions: async_sessionmaker[AsyncSession],
         inbox: Inbox,
-        js: JetStreamContext,
+        broker: NatsBroker,
         *,
-        dlq_js: JetStreamContext | None = None,
+        dlq_broker: NatsBroker | None = None,
         max_deliver: int = 5,
         ack_wait_seconds: float = 30.0,
         nak_delay_seconds: float = 1.0,
@@ -106,15 +193,16 @@ class Consumer:
         idle_wait_seconds: float = 5.0,
         backlog_wait_seconds: float = 0.02,
         recovery_margin_seconds: float = 1.0,
+        publish_timeout_seconds: float = 5.0,
     ) -> None:
         self.service = service
         self.subscription = subscription
         self.sessions = sessions
         self.inbox = inbox
-        self.js = js
+        self.broker = broker
         # IOP_DLQ lives in the main NATS account; a consumer of IOP_RESTRICTED reads
-        # through the restricted account's connection and dead-letters through this one.
-        self.dlq_js = dlq_js or js
+        # through the restricted account's broker and dead-letters through the main one.
+        self.dlq_broker = dlq_broker or broker
         self.max_deliver = max_deliver
         self.ack_wait_seconds = ack_wait_seconds
         self.nak_delay_seconds = nak_delay_seconds
@@ -124,6 +212,7 @@ class Consumer:
         self.backlog_wait_seconds = backlog_wait_seconds
         # Past a lease's end, before the server's timer has surely put it back in line.
         self.recovery_margin_seconds = recovery_margin_seconds
+        self.publish_timeout_seconds = publish_timeout_seconds
         self.durable = f"{service}-{subscription.stream}"
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
@@ -134,6 +223,27 @@ class Consumer:
         # Fetched and not yet acked or NAKed, by stream sequence.
         self._held: dict[int, Msg] = {}
         self._reconnects = 0
+        # Which message of a batch the handler is applying (a failure there counts as its try).
+        self._position = 0
+        self.subscriber = _register_subscriber(broker, self)
+
+    @property
+    def js(self) -> JetStreamContext:
+        return jetstream(self.broker)
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(
+            name=self.durable,
+            durable_name=self.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_seconds,
+            # Headroom past our own limit: if publishing the dead letter fails on the
+            # last try, the server still redelivers so the next try can dead-letter it.
+            max_deliver=self.max_deliver + 5,
+            filter_subjects=self.subscription.filter_subjects(),
+            max_ack_pending=max(self.batch * 4, 256),
+        )
 
     def request_stop(self) -> None:
         """Take no new message; `run()` returns once the work in hand is done and the
@@ -147,6 +257,7 @@ class Consumer:
     async def run(self) -> None:
         """Consume until `request_stop()`; an unexpected failure (a deleted consumer, a
         failed ack) re-binds after a pause instead of ending the loop."""
+        await self.subscriber.start()  # FastStream builds the handler's call model
         try:
             while not self.stopping:
                 try:
@@ -164,6 +275,7 @@ class Consumer:
                     await self._pause(1.0)
         finally:
             self.bound.clear()
+            await self.subscriber.stop()
 
     async def _consume(self, subscription: JetStreamContext.PullSubscription) -> None:
         leases = asyncio.create_task(self._keep_leases(), name=f"{self.durable}-leases")
@@ -192,46 +304,73 @@ class Consumer:
     async def process_batch(self, messages: list[Msg]) -> None:
         """A backlog in one transaction (one commit, one fsync, instead of one per event).
 
-        Only the happy path is batched: if any message does not parse, has no handler or
-        makes its handler fail, the whole transaction is rolled back and every message
-        goes through `process` one by one, with its retries and dead letter, in order."""
+        Only the happy path is batched: if any message does not decode or makes its
+        handler fail, the whole transaction is rolled back and every message goes
+        through `process` one by one, with its retries and dead letter, in order."""
         if len(messages) == 1:
             await self.process(messages[0])
             return
-        work: list[tuple[Envelope, Event, Handler]] = []
-        for message in messages:
-            try:
-                envelope = Envelope.from_bytes(message.data)
-                event = envelope.event()
-            except (ValidationError, UnknownEventType):
-                work = []
-                break
-            handler = self.subscription.handlers.get(envelope.event_type)
-            if handler is None:
-                work = []
-                break
-            work.append((envelope, event, handler))
-        if not work:
+        self._position = 0
+        try:
+            outcomes = await self._through_faststream(messages)
+        except Undecodable:
             await self._one_by_one(messages)
             return
-        applied: list[bool] = []
-        try:
-            async with self.sessions() as session, session.begin():
-                for message, (envelope, event, handler) in zip(messages, work, strict=True):
-                    fresh = await self.inbox.claim(session, envelope, self.durable)
-                    if fresh:
-                        with self._handling(envelope, message.headers):
-                            await handler(session, envelope, event)
-                    applied.append(fresh)
         except Exception:
-            # The message at len(applied) failed once already: it counts as a try.
-            await self._one_by_one(messages, failed_at=len(applied))
+            # The message the handler was applying failed once already: it counts as a try.
+            await self._one_by_one(messages, failed_at=self._position)
             return
-        self.stats.transactions += 1
         for message in messages:
             await self._ack(message)
-        self.stats.applied += sum(applied)
-        self.stats.skipped_duplicates += len(applied) - sum(applied)
+        self._count(outcomes)
+
+    async def _through_faststream(self, messages: list[Msg]) -> list[Outcome]:
+        """The subscriber's FastStream pipeline: broker middlewares, `decode`, `apply`."""
+        response = await self.subscriber.process_message(messages)
+        outcomes: list[Outcome] = response.body
+        return outcomes
+
+    async def decode(self, message: NatsBatchMessage) -> list[Envelope]:
+        """The subscriber's decoder (a FastStream extension point): envelopes whose event
+        is known and valid, or `Undecodable` with a reason that names no content."""
+        envelopes = []
+        for raw in message.raw_message:
+            try:
+                envelope = Envelope.from_bytes(raw.data)
+                envelope.event()
+            except ValidationError as exc:
+                raise Undecodable(f"invalid event: {_summarize(exc)}") from None
+            except UnknownEventType:
+                # Never the type itself: the reason reaches the ops-readable DLQ and the log.
+                raise Undecodable("unknown event type") from None
+            envelopes.append(envelope)
+        return envelopes
+
+    async def apply(self, envelopes: list[Envelope], message: NatsBatchMessage = Context()) -> list[Outcome]:
+        """The subscriber's handler: the batch in one transaction, each event once (its
+        inbox row), by its event class's handler. The consumer acks after the commit."""
+        outcomes: list[Outcome] = []
+        async with self.sessions() as session, session.begin():
+            for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
+                self._position = position
+                outcomes.append(await self._apply_one(session, envelope, headers))
+        self.stats.transactions += 1
+        return outcomes
+
+    async def _apply_one(self, session: AsyncSession, envelope: Envelope, headers: Mapping[str, str] | None) -> Outcome:
+        event = envelope.event()
+        handler = self.subscription.handler_for(event)
+        if handler is None:
+            return "not_handled"
+        if not await self.inbox.claim(session, envelope, self.durable):
+            return "duplicate"
+        with self._handling(envelope, headers):
+            await handler(session, envelope, event)
+        return "applied"
+
+    def _count(self, outcomes: list[Outcome]) -> None:
+        self.stats.applied += outcomes.count("applied")
+        self.stats.skipped_duplicates += outcomes.count("duplicate")
 
     async def _one_by_one(self, messages: list[Msg], failed_at: int | None = None) -> None:
         for index, message in enumerate(messages):
@@ -353,8 +492,7 @@ class Consumer:
         self._held.pop(_sequence(message), None)
 
     def _reconnect_count(self) -> int:
-        client = getattr(self.js, "_nc", None)  # nats-py's JetStreamContext keeps its client here
-        return int(client.stats.get("reconnects", 0)) if client is not None else 0
+        return int(client(self.broker).stats.get("reconnects", 0))
 
     def _reconnected(self) -> bool:
         return self._reconnect_count() != self._reconnects
@@ -370,23 +508,13 @@ class Consumer:
 
     async def _bind(self) -> JetStreamContext.PullSubscription | None:
         """The durable and a pull subscription on it; None if a stop came first."""
-        config = ConsumerConfig(
-            name=self.durable,
-            durable_name=self.durable,
-            ack_policy=AckPolicy.EXPLICIT,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_wait=self.ack_wait_seconds,
-            # Headroom past our own limit: if publishing the dead letter fails on the
-            # last try, the server still redelivers so the next try can dead-letter it.
-            max_deliver=self.max_deliver + 5,
-            filter_subjects=self.subscription.filter_subjects(),
-            max_ack_pending=max(self.batch * 4, 256),
-        )
+        config = self.consumer_config()
         delay = 0.2
         while not self.stopping:
             try:
                 # The consumer needs somewhere to put dead letters before it takes a message.
-                await ensure_streams(self.dlq_js, [STREAMS["IOP_DLQ"]], self.duplicate_window_seconds, update=False)
+                dlq = [STREAMS[DLQ_STREAM]]
+                await ensure_streams(jetstream(self.dlq_broker), dlq, self.duplicate_window_seconds, update=False)
                 await self.js.add_consumer(self.subscription.stream, config)
                 subscription = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
                 self.awaiting_stream = False
@@ -404,33 +532,17 @@ class Consumer:
 
     async def process(self, message: Msg, tried: int = 0) -> None:
         """Apply one message; `tried` counts failed tries made before (in a batch)."""
-        deliveries = message.metadata.num_delivered + tried
-        try:
-            envelope = Envelope.from_bytes(message.data)
-            event = envelope.event()
-        except ValidationError as exc:
-            await self._dead_letter(message, f"invalid event: {_summarize(exc)}")
-            return
-        except UnknownEventType:
-            # Never the type itself: the reason reaches the ops-readable DLQ and the log.
-            await self._dead_letter(message, "unknown event type")
-            return
-        handler = self.subscription.handlers.get(envelope.event_type)
-        if handler is None:
-            await self._ack(message)
-            return
-        attempt = deliveries
+        attempt = message.metadata.num_delivered + tried
         while True:
             try:
-                async with self.sessions() as session, session.begin():
-                    applied = await self.inbox.claim(session, envelope, self.durable)
-                    if applied:
-                        with self._handling(envelope, message.headers):
-                            await handler(session, envelope, event)
-                self.stats.transactions += 1
+                outcomes = await self._through_faststream([message])
                 break
+            except Undecodable as exc:
+                await self._dead_letter(message, str(exc))
+                return
             except Poison as exc:
-                await self._dead_letter(message, f"{envelope.event_type} rejected: {exc}")
+                event_type = Envelope.from_bytes(message.data).event_type
+                await self._dead_letter(message, f"{event_type} rejected: {exc}")
                 return
             except Exception as exc:
                 reason = _describe(exc)
@@ -440,16 +552,13 @@ class Consumer:
                 # Retried in place, not NAKed: the events behind this one wait, so a
                 # discharge is never applied before the enrollment it ends.
                 self.stats.retried += 1
-                log.warning("handler failed; will retry", extra=self._log_fields(envelope, attempt, reason))
+                log.warning("handler failed; will retry", extra=self._log_fields(message, attempt, reason))
                 await message.in_progress()  # keeps ack_wait from expiring meanwhile
                 if await self._pause(self.nak_delay_seconds * 2 ** (attempt - 1)):
                     return  # stopping: still held, so _release hands it back in order
                 attempt += 1
         await self._ack(message)
-        if applied:
-            self.stats.applied += 1
-        else:
-            self.stats.skipped_duplicates += 1
+        self._count(outcomes)
 
     @contextmanager
     def _handling(self, envelope: Envelope, headers: Mapping[str, str] | None) -> Iterator[None]:
@@ -470,27 +579,21 @@ class Consumer:
         that is safe to show (no PHI)."""
         try:
             envelope = Envelope.from_bytes(data)
-            event = envelope.event()
+            envelope.event()
         except ValidationError as exc:
             raise HandlerError(f"invalid event: {_summarize(exc)}") from None
         except UnknownEventType:
             raise HandlerError("unknown event type") from None
-        handler = self.subscription.handlers.get(envelope.event_type)
-        if handler is None:
-            return "not_handled"
         try:
             async with self.sessions() as session, session.begin():
-                applied = await self.inbox.claim(session, envelope, self.durable)
-                if applied:
-                    await handler(session, envelope, event)
+                outcome = await self._apply_one(session, envelope, None)
         except Exception as exc:
             raise HandlerError(f"{envelope.event_type} failed: {_describe(exc)}") from None
+        if outcome == "not_handled":
+            return outcome
         self.stats.transactions += 1
-        if applied:
-            self.stats.applied += 1
-            return "applied"
-        self.stats.skipped_duplicates += 1
-        return "duplicate"
+        self._count([outcome])
+        return outcome
 
     async def _dead_letter(self, message: Msg, reason: str, attempts: int | None = None) -> None:
         reason = re.sub(r"[\r\n]+", " ", reason)[:500]
@@ -519,7 +622,13 @@ class Consumer:
         delay = self.nak_delay_seconds
         while True:
             try:
-                await self.dlq_js.publish(dlq_subject(self.service, name, site), payload, headers=headers)
+                await self.dlq_broker.publish(
+                    payload,
+                    dlq_subject(self.service, name, site),
+                    headers=headers,
+                    stream=DLQ_STREAM,
+                    timeout=self.publish_timeout_seconds,
+                )
                 break
             except Exception as exc:
                 # Retried in place, like a failing handler: NAKing and moving on would let the
@@ -537,11 +646,11 @@ class Consumer:
             extra={"consumer": self.durable, "subject": message.subject, "reason": reason},
         )
 
-    def _log_fields(self, envelope: Envelope, deliveries: int, reason: str) -> dict[str, object]:
+    def _log_fields(self, message: Msg, deliveries: int, reason: str) -> dict[str, object]:
         return {
             "consumer": self.durable,
-            "event_id": envelope.event_id,
-            "event_type": envelope.event_type,
+            "subject": message.subject,
+            "sequence": _sequence(message),
             "deliveries": deliveries,
             "reason": reason,
         }

@@ -36,11 +36,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.contracts import Envelope, Event, UnknownEventType
 from shared.db import UtcDateTime
 from shared.messaging.consumer import Consumer, Handler, HandlerError
+from shared.messaging.streams import DLQ_STREAM
 
 log = logging.getLogger("iopnet.control")
 
 CONTROL_ROOT = "iop.ctl"
-DLQ_STREAM = "IOP_DLQ"
 OPERATIONS_TABLE = "operations"
 Operation = Literal["dlq_retry", "replay", "reapply"]
 # Who asked: a login name, never free text. Why: bounded, one line, no control characters
@@ -282,7 +282,7 @@ class ControlPlane:
             envelope, event = _parse(stored.data or b"")
         except HandlerError as exc:
             return self._refuse(str(exc))
-        handler = consumer.subscription.handlers.get(envelope.event_type)
+        handler = consumer.subscription.handler_for(event)
         if handler is None:
             return self._refuse("this service does not handle that event type", outcome="not_handled")
         return await self._apply_again(consumer, operations, request, envelope, event, handler)

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from nats.js import JetStreamContext
+from faststream.nats import NatsBroker
 from opentelemetry.trace import SpanKind
 from sqlalchemy import (
     Column,
@@ -41,6 +41,7 @@ from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime, dialect_name
+from shared.messaging.streams import stream_for_subject
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
 
 log = logging.getLogger("iopnet.outbox")
@@ -174,18 +175,18 @@ class OutboxRelay:
         self,
         outbox: Outbox,
         sessions: async_sessionmaker[AsyncSession],
-        js: Callable[[], JetStreamContext | None],
+        broker: Callable[[], NatsBroker | None],
         *,
-        restricted_js: Callable[[], JetStreamContext | None] | None = None,
+        restricted_broker: Callable[[], NatsBroker | None] | None = None,
         batch_size: int = 256,
         retry_seconds: float = 2.0,
         publish_timeout: float = 5.0,
     ) -> None:
         self.outbox = outbox
         self.sessions = sessions
-        self._js = js
+        self._broker = broker
         # Events on iop.restricted.> go to the NATS account that holds IOP_RESTRICTED.
-        self._restricted_js = restricted_js or js
+        self._restricted_broker = restricted_broker or broker
         self.batch_size = batch_size
         self.retry_seconds = retry_seconds
         self.publish_timeout = publish_timeout
@@ -212,10 +213,10 @@ class OutboxRelay:
 
     async def relay_batch(self) -> int:
         """Publish one batch of pending rows; returns how many were sent."""
-        js, restricted = self._js(), self._restricted_js()
-        if js is None or restricted is None:
+        broker, restricted = self._broker(), self._restricted_broker()
+        if broker is None or restricted is None:
             return 0
-        publisher = _Publisher(js, restricted)
+        publisher = _Publisher(broker, restricted)
         async with self.sessions() as session:
             if dialect_name(session) == "postgresql":
                 async with session.begin():
@@ -268,39 +269,29 @@ class OutboxRelay:
             )
 
     async def _publish(self, publisher: "_Publisher", rows: list) -> tuple[list[int], str | None]:
-        # Publish the batch pipelined, then wait for every ack. Rows after a failure
-        # stay pending and are retried in order; JetStream de-duplicates any that
-        # were in fact stored.
-        futures = []
-        try:
-            for row in rows:
-                # The trace goes on from the request (or handler) that staged the event.
-                with span_under(
-                    stored_context(row.trace_context), f"{row.subject} publish", SpanKind.PRODUCER,
-                    **{"messaging.system": "nats", "messaging.destination.name": row.subject},
-                ):  # fmt: skip
-                    headers = headers_with_context({"Nats-Msg-Id": row.event_id})
-                    futures.append(
-                        await publisher.js(row.subject).publish_async(
-                            row.subject, row.payload.encode(), headers=headers, wait_stall=self.publish_timeout
-                        )
-                    )
-        except Exception as exc:
-            error: str | None = f"{type(exc).__name__}: {exc}"
-        else:
-            error = None
+        """Through the service's FastStream broker, in order, each ack awaited before the
+        next (JetStream stores what it acknowledged; the row is marked sent after). Rows
+        after a failure stay pending and are retried in order; JetStream de-duplicates
+        any that were in fact stored (Nats-Msg-Id = event_id)."""
         sent: list[int] = []
-        for row, future in zip(rows, futures, strict=False):
-            try:
-                async with asyncio.timeout(self.publish_timeout):
-                    await future
-            except Exception as exc:
-                error = error or f"{type(exc).__name__}: {exc}"
-                break
+        for row in rows:
+            # The trace goes on from the request (or handler) that staged the event.
+            with span_under(
+                stored_context(row.trace_context), f"{row.subject} publish", SpanKind.PRODUCER,
+                **{"messaging.system": "nats", "messaging.destination.name": row.subject},
+            ):  # fmt: skip
+                try:
+                    await publisher.broker(row.subject).publish(
+                        row.payload.encode(),
+                        row.subject,
+                        headers=headers_with_context({"Nats-Msg-Id": row.event_id}),
+                        stream=stream_for_subject(row.subject),
+                        timeout=self.publish_timeout,
+                    )
+                except Exception as exc:
+                    return sent, f"{type(exc).__name__}: {exc}"
             sent.append(row.seq)
-        for future in futures[len(sent) :]:
-            future.cancel()  # frees its slot in nats-py's pending-publish limit
-        return sent, error
+        return sent, None
 
 
 class _PublishFailed(Exception):
@@ -308,8 +299,8 @@ class _PublishFailed(Exception):
 
 
 class _Publisher:
-    def __init__(self, js: JetStreamContext, restricted: JetStreamContext) -> None:
-        self._js, self._restricted = js, restricted
+    def __init__(self, broker: NatsBroker, restricted: NatsBroker) -> None:
+        self._broker, self._restricted = broker, restricted
 
-    def js(self, subject: str) -> JetStreamContext:
-        return self._restricted if subject.startswith(f"{ROOT}.{RESTRICTED}.") else self._js
+    def broker(self, subject: str) -> NatsBroker:
+        return self._restricted if subject.startswith(f"{ROOT}.{RESTRICTED}.") else self._broker

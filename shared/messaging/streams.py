@@ -19,6 +19,8 @@ class StreamSpec:
     restricted: bool = False
 
 
+DLQ_STREAM = "IOP_DLQ"
+
 STREAMS: dict[str, StreamSpec] = {
     spec.name: spec
     for spec in (
@@ -31,7 +33,7 @@ STREAMS: dict[str, StreamSpec] = {
         StreamSpec("IOP_RESTRICTED", ("iop.restricted.>",), "notifications", ("intake",), restricted=True),
         # Every consumer may dead-letter, so each service creates this stream if it is
         # missing (from this one definition); only intake updates it.
-        StreamSpec("IOP_DLQ", ("iop.dlq.>",), "intake", ("scheduling", "notifications")),
+        StreamSpec(DLQ_STREAM, ("iop.dlq.>",), "intake", ("scheduling", "notifications")),
     )
 }
 

@@ -21,7 +21,9 @@ from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import Event, SiteRegistered
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, Inbox, Subscription
+from shared.messaging.broker import close
 from shared.messaging.streams import STREAMS, ensure_streams
+from tests.conftest import connected_broker
 
 RESTARTS = 6
 
@@ -52,10 +54,11 @@ async def test_every_event_applied_once_and_in_order_across_broker_restarts(
 
     options = {"reconnect_time_wait": 0.2, "max_reconnect_attempts": -1}
     nc = await nats.connect(nats_server.url, **options)
+    broker = await connected_broker(nats_server.url)
     publisher = await nats.connect(nats_server.url, **options)
     await ensure_streams(nc.jetstream(), [STREAMS["IOP_INTAKE"]], 120)
     consumer = Consumer(
-        "restarts", Subscription("IOP_INTAKE", {"SiteRegistered": handler}), sessions, inbox, nc.jetstream(),
+        "restarts", Subscription("IOP_INTAKE", {SiteRegistered: handler}), sessions, inbox, broker,
         ack_wait_seconds=2,
     )  # fmt: skip
     published: list[Envelope] = []
@@ -108,6 +111,7 @@ async def test_every_event_applied_once_and_in_order_across_broker_restarts(
         message = await stream.get_msg("IOP_INTAKE", seq)
         sequence[str(Envelope.from_bytes(message.data or b"").event_id)] = seq
     await nc.close()
+    await close(broker)
     order = [sequence[event_id] for event_id in await applied()]
     await engine.dispose()
     assert set(sequence) >= {str(e.event_id) for e in published}

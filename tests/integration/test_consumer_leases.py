@@ -19,7 +19,8 @@ from iopnet.testing import eventually
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import Event, PatientEnrolled
 from shared.messaging import Consumer, Subscription
-from tests.conftest import applied_in_order, publish
+from shared.messaging.broker import close
+from tests.conftest import applied_in_order, connected_broker, publish
 
 ACK_WAIT = 1.0
 
@@ -41,8 +42,9 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbo
     events = [enrolled(f"p{i}") for i in range(8)]
     await publish(nats_server.url, *events)
     nc = await nats.connect(nats_server.url)
-    consumer = Consumer("leaser", Subscription("IOP_INTAKE", {"PatientEnrolled": slow}), sessions, inbox,
-                        nc.jetstream(), ack_wait_seconds=ACK_WAIT)  # fmt: skip
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("leaser", Subscription("IOP_INTAKE", {PatientEnrolled: slow}), sessions, inbox,
+                        broker, ack_wait_seconds=ACK_WAIT)  # fmt: skip
     task = asyncio.create_task(consumer.run())
     try:
 
@@ -55,6 +57,7 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbo
         consumer.request_stop()
         await task
         await nc.close()
+        await close(broker)
     assert consumer.stats.transactions == 2  # the first message alone, then one batch of 7
     assert info.delivered.consumer_seq == len(events)  # not one redelivery
     assert consumer.stats.redelivered == 0 and consumer.stats.skipped_duplicates == 0
@@ -71,12 +74,13 @@ async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats
         return None
 
     events = [enrolled(f"p{i}") for i in range(held + 5)]
-    subscription = Subscription("IOP_INTAKE", {"PatientEnrolled": handler})
+    subscription = Subscription("IOP_INTAKE", {PatientEnrolled: handler})
     nc = await nats.connect(nats_server.url)
+    broker = await connected_broker(nats_server.url)
     try:
         # A first run creates the durable and applies e0.
         await publish(nats_server.url, events[0])
-        first = Consumer("crasher", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT * 2)
+        first = Consumer("crasher", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT * 2)
         task = asyncio.create_task(first.run())
 
         async def first_applied() -> bool:
@@ -99,7 +103,7 @@ async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats
         # The restarted consumer is handed the later events at once, but must not apply
         # them before the held ones, which the broker gives out again only when their
         # lease ends.
-        restarted = Consumer("crasher", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT * 2)
+        restarted = Consumer("crasher", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT * 2)
         task = asyncio.create_task(restarted.run())
         try:
 
@@ -112,5 +116,6 @@ async def test_what_a_killed_consumer_held_is_applied_before_later_messages(nats
             await task
     finally:
         await nc.close()
+        await close(broker)
     assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
     assert restarted.stats.recovered == held

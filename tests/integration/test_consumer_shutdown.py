@@ -17,9 +17,10 @@ from services.scheduling import store as scheduling_store
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import Event, SiteRegistered
 from shared.messaging import Consumer, Subscription
+from shared.messaging.broker import close, jetstream
 from shared.messaging.consumer import Handler
 from shared.runtime import ServiceRuntime
-from tests.conftest import applied_in_order, make_settings, publish
+from tests.conftest import applied_in_order, connected_broker, make_settings, publish
 
 # Long on purpose: a message that came back only when its lease ran out would miss
 # every deadline below.
@@ -61,10 +62,10 @@ async def test_a_stop_finishes_the_message_in_hand_and_returns_the_rest_at_once_
             first.request_stop()  # a SIGTERM arrives while this message is being applied
 
     await publish(nats_server.url, *events)  # a backlog before the start
-    nc = await nats.connect(nats_server.url)
-    subscription = Subscription("IOP_INTAKE", {"SiteRegistered": handler})
+    broker = await connected_broker(nats_server.url)
+    subscription = Subscription("IOP_INTAKE", {SiteRegistered: handler})
     try:
-        first = Consumer("probe", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT)
+        first = Consumer("probe", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT)
         async with asyncio.timeout(10):
             await first.run()  # returns by itself once stopped
         # Site 000 alone, then the batch 001-019 failed at 002 and was replayed one by
@@ -72,7 +73,7 @@ async def test_a_stop_finishes_the_message_in_hand_and_returns_the_rest_at_once_
         assert await applied_in_order(sessions, inbox) == ids[:4]
         assert first.stats.returned == 16
 
-        second = Consumer("probe", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT)
+        second = Consumer("probe", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT)
         task = asyncio.create_task(second.run())
         try:
 
@@ -84,7 +85,7 @@ async def test_a_stop_finishes_the_message_in_hand_and_returns_the_rest_at_once_
             second.request_stop()
             await task
     finally:
-        await nc.close()
+        await close(broker)
     assert await applied_in_order(sessions, inbox) == ids  # each once, in stream order
     assert second.stats.recovered == 16
 
@@ -96,11 +97,11 @@ async def test_an_idle_consumer_stops_at_once_and_leaves_nothing_pending(nats_se
     async def handler(session: AsyncSession, envelope: Envelope, event: Event) -> None:
         return None
 
-    nc = await nats.connect(nats_server.url)
-    subscription = Subscription("IOP_INTAKE", {"SiteRegistered": handler})
+    broker = await connected_broker(nats_server.url)
+    subscription = Subscription("IOP_INTAKE", {SiteRegistered: handler})
     try:
         await publish(nats_server.url, events[0])
-        consumer = Consumer("probe", subscription, sessions, inbox, nc.jetstream(), idle_wait_seconds=30)
+        consumer = Consumer("probe", subscription, sessions, inbox, broker, idle_wait_seconds=30)
         task = asyncio.create_task(consumer.run())
 
         async def applied_first() -> bool:
@@ -116,9 +117,9 @@ async def test_an_idle_consumer_stops_at_once_and_leaves_nothing_pending(nats_se
         # The stopped consumer's pull request may still wait on the server; a message
         # published now must not be delivered into it (and lost until ack_wait).
         await publish(nats_server.url, events[1])
-        info = await nc.jetstream().consumer_info("IOP_INTAKE", "probe-IOP_INTAKE")
+        info = await jetstream(broker).consumer_info("IOP_INTAKE", "probe-IOP_INTAKE")
         assert info.num_ack_pending == 0 and info.num_pending == 1
-        again = Consumer("probe", subscription, sessions, inbox, nc.jetstream(), ack_wait_seconds=ACK_WAIT)
+        again = Consumer("probe", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT)
         task = asyncio.create_task(again.run())
         try:
 
@@ -130,7 +131,7 @@ async def test_an_idle_consumer_stops_at_once_and_leaves_nothing_pending(nats_se
             again.request_stop()
             await task
     finally:
-        await nc.close()
+        await close(broker)
     assert await applied_in_order(sessions, inbox) == [str(e.event_id) for e in events]
 
 
@@ -152,7 +153,7 @@ async def test_a_service_stopped_mid_backlog_hands_it_back_in_order(
             outbox=scheduling_store.outbox,
             inbox=inbox,
             migrations_dir=scheduling_store.MIGRATIONS,
-            subscriptions=[Subscription("IOP_INTAKE", {"SiteRegistered": handler})],
+            subscriptions=[Subscription("IOP_INTAKE", {SiteRegistered: handler})],
         )
 
     async def held_until_the_stop(session: AsyncSession, envelope: Envelope, event: Event) -> None:

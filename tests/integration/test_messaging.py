@@ -9,14 +9,13 @@ from datetime import date
 from pathlib import Path
 from uuid import uuid4
 
-import nats
-
 from iopnet.testing import eventually
 from shared.contracts import new_envelope
-from shared.contracts.events import PatientEnrolled
+from shared.contracts.events import PatientContactChanged, PatientEnrolled
 from shared.messaging import Consumer, HandlerError, Subscription
+from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import dead_letters, publish, publish_raw
+from tests.conftest import connected_broker, dead_letters, publish, publish_raw
 
 
 def enrolled(program_id: str):
@@ -45,13 +44,13 @@ async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_
             raise RuntimeError("transient")
         applied.append(event.program_id)
 
-    nc = await nats.connect(nats_server.url)
+    broker = await connected_broker(nats_server.url)
     consumer = Consumer(
         "probe",
-        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        Subscription("IOP_INTAKE", {PatientEnrolled: handler}),
         sessions,
         inbox,
-        nc.jetstream(),
+        broker,
         max_deliver=3,
         nak_delay_seconds=0.05,
         ack_wait_seconds=5,
@@ -66,7 +65,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_
         await eventually(settled, what="retries and a dead letter")
     finally:
         task.cancel()
-        await nc.close()
+        await close(broker)
 
     assert attempts["fails-twice"] == 3  # retried after errors, not terminated
     assert attempts["always-fails"] == 3  # exactly max_deliver tries
@@ -86,13 +85,13 @@ async def test_consumer_outlives_idle_periods(nats_server, inbox_db) -> None:
         applied.append(event.program_id)
 
     await publish(nats_server.url, enrolled("first"))
-    nc = await nats.connect(nats_server.url)
+    broker = await connected_broker(nats_server.url)
     consumer = Consumer(
         "idler",
-        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        Subscription("IOP_INTAKE", {PatientEnrolled: handler}),
         sessions,
         inbox,
-        nc.jetstream(),
+        broker,
         idle_wait_seconds=0.05,
     )
     task = asyncio.create_task(consumer.run())
@@ -111,7 +110,7 @@ async def test_consumer_outlives_idle_periods(nats_server, inbox_db) -> None:
         await eventually(both, what="event after idling applied")
     finally:
         task.cancel()
-        await nc.close()
+        await close(broker)
 
 
 async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_db) -> None:
@@ -121,9 +120,9 @@ async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_d
     async def handler(session, envelope, event) -> None:
         raise AssertionError("never called: the message does not parse")
 
-    nc = await nats.connect(nats_server.url)
+    broker = await connected_broker(nats_server.url)
     consumer = Consumer(
-        "probe", Subscription("IOP_RESTRICTED", {"PatientContactChanged": handler}), sessions, inbox, nc.jetstream()
+        "probe", Subscription("IOP_RESTRICTED", {PatientContactChanged: handler}), sessions, inbox, broker
     )
     poison = b'{"event_type": "PatientContactChanged", "data": {"phone": "+16145550123"}}'
     await publish_raw(nats_server.url, "iop.restricted.intake.patient_contact_changed.columbus-east", poison)
@@ -136,7 +135,7 @@ async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_d
         await eventually(dead_lettered, what="the poison contact change dead-lettered")
     finally:
         task.cancel()
-        await nc.close()
+        await close(broker)
     [(subject, headers, payload)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.probe.patient_contact_changed.columbus-east"
     assert payload == b""
@@ -152,10 +151,8 @@ async def test_dead_letter_reasons_are_fixed_texts_never_input(nats_server, inbo
     async def handler(session, envelope, event) -> None:
         raise AssertionError("never called: neither message applies")
 
-    nc = await nats.connect(nats_server.url)
-    consumer = Consumer(
-        "probe", Subscription("IOP_INTAKE", {"PatientEnrolled": handler}), sessions, inbox, nc.jetstream()
-    )
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("probe", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox, broker)
     unknown = enrolled("p-1").model_dump(mode="json") | {"event_type": "JaneDoeAt555-0123"}
     invalid = enrolled("p-1").model_dump(mode="json")
     invalid["data"] = {"Jane Doe 555-0123": True, "cohort": "Jane Doe"}
@@ -171,7 +168,7 @@ async def test_dead_letter_reasons_are_fixed_texts_never_input(nats_server, inbo
         await eventually(dead_lettered, what="both dead-lettered")
     finally:
         task.cancel()
-        await nc.close()
+        await close(broker)
     reasons = [headers["Iop-Dlq-Reason"] for _, headers, _ in await dead_letters(nats_server.url)]
     assert reasons[0] == "unknown event type"
     assert reasons[1].startswith("invalid event: ")
@@ -187,9 +184,9 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
 
     backlog = [enrolled(f"p{index:02d}") for index in range(20)]
     await publish(nats_server.url, *backlog)  # all waiting before the consumer starts
-    nc = await nats.connect(nats_server.url)
-    consumer = Consumer("batcher", Subscription("IOP_INTAKE", {"PatientEnrolled": handler}), sessions, inbox,
-                        nc.jetstream(), batch=64)  # fmt: skip
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("batcher", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64)  # fmt: skip
     task = asyncio.create_task(consumer.run())
     try:
 
@@ -199,7 +196,7 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
         await eventually(all_applied, what="twenty events applied")
     finally:
         task.cancel()
-        await nc.close()
+        await close(broker)
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
 
@@ -214,14 +211,14 @@ async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(
     async def handler(session, envelope, event) -> None:
         order.append(event.program_id)
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream()
+    broker = await connected_broker(nats_server.url)
+    js = jetstream(broker)
     consumer = Consumer(
         "dlq-down",
-        Subscription("IOP_INTAKE", {"PatientEnrolled": handler}),
+        Subscription("IOP_INTAKE", {PatientEnrolled: handler}),
         sessions,
         inbox,
-        js,
+        broker,
         nak_delay_seconds=0.05,
     )
     await publish(nats_server.url, enrolled("first"))
@@ -252,6 +249,6 @@ async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-        await nc.close()
+        await close(broker)
     [(subject, _, _)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.dlq-down.patient_enrolled.columbus-east"

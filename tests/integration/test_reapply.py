@@ -192,13 +192,13 @@ async def test_a_failed_reapply_is_rolled_back_and_audited(app, nats_server, mon
         await lose_the_discharge(app, enrolled.data["enrollment_id"])
         seq = await sequence_of(nats_server.url, "IOP_INTAKE", discharged)
         consumer = app.state.runtime.consumers[0]
-        handler = consumer.subscription.handlers["PatientDischarged"]
+        handler = consumer.subscription.handlers[PatientDischarged]
 
         async def fails_after_its_effects(session, envelope, event) -> None:
             await handler(session, envelope, event)
             raise RuntimeError("said something with PHI in it")
 
-        monkeypatch.setitem(consumer.subscription.handlers, "PatientDischarged", fails_after_its_effects)
+        monkeypatch.setitem(consumer.subscription.handlers, PatientDischarged, fails_after_its_effects)
         with pytest.raises(ReplayFailed, match=r"PatientDischarged failed: RuntimeError$"):
             await reapply_event(nats_server.url, "scheduling", request("IOP_INTAKE", seq))
         episode = (await client.get(f"/enrollments/{enrolled.data['enrollment_id']}", headers=STAFF)).json()
