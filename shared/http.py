@@ -18,11 +18,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from shared.contracts.asyncapi import asyncapi_document
 from shared.db import is_sqlite
 from shared.errors import ERROR_RESPONSES, BodyLimit, install_error_handlers, internal_error_body
 from shared.files import secure_data_dir, secure_file
 from shared.logging import log_context
+from shared.messaging.asyncapi import asyncapi_document
 from shared.metrics import install_metrics
 from shared.runtime import ServiceRuntime
 from shared.tracing import TELEMETRY, configure_tracing
@@ -66,8 +66,6 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     # Added last, so outermost: it sees every answer, a 413 or a 500 included.
     app.add_middleware(RequestContext, cacheable_prefix=DOCS_ASSETS + "/")
 
-    subscribed = sorted({t for s in runtime.subscriptions for t in s.event_types()})
-
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok", "service": runtime.name}
@@ -80,9 +78,11 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
         ready = all(checks.values())
         return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
+    document = asyncapi_document(runtime)  # generated once, from the brokers' declarations
+
     @app.get("/asyncapi", tags=["ops"])
     async def asyncapi() -> dict[str, Any]:
-        return asyncapi_document(runtime.name, subscribed)
+        return document
 
     for router in routers:
         # The error answers are documented once here for every API route (a route's own
