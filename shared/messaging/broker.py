@@ -36,7 +36,9 @@ def new_broker(url: str, name: str, *, registry: CollectorRegistry | None = None
     async def on_reconnect() -> None:
         log.info("nats reconnected")
 
-    middlewares = [NatsPrometheusMiddleware(registry=registry, metrics_prefix="iopnet_bus")] if registry else []
+    middlewares = (
+        [NatsPrometheusMiddleware(registry=registry, app_name=name, metrics_prefix="iopnet_bus")] if registry else []
+    )
     return NatsBroker(
         url,
         name=name,
