@@ -240,6 +240,8 @@ async def dead_letters(nats_url: str) -> list[tuple[str, dict[str, str], bytes]]
             info = await js.stream_info("IOP_DLQ")
         except nats.js.errors.NotFoundError:
             return []
+        if not info.state.messages:
+            return []  # an empty stream's first_seq is 0, which get_msg refuses
         letters = []
         for seq in range(info.state.first_seq, info.state.last_seq + 1):
             msg = await js.get_msg("IOP_DLQ", seq)
