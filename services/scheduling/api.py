@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, Field, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store, usecases
+from services.scheduling.store import EnrollmentRow, ProgramRow, SessionRow, SiteRow
 from shared import clock
 from shared.api import Input
 from shared.auth import Admin, Clinical, NetworkAdmin, Principal, Staff, StaffOrPatient, ensure_site
@@ -183,7 +184,7 @@ class SiteOut(BaseModel):
     timezone: str
 
 
-async def _site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
+async def _site(session: AsyncSession, principal: Principal, site_id: str) -> SiteRow:
     ensure_site(principal, site_id, "site")
     site = await store.get_site(session, site_id)
     if site is None:
@@ -203,7 +204,7 @@ async def _deny(
     return AccessDenied(f"{what} not found")
 
 
-async def _visible_site(session: AsyncSession, principal: Principal, site_id: str, action: str) -> dict[str, Any]:
+async def _visible_site(session: AsyncSession, principal: Principal, site_id: str, action: str) -> SiteRow:
     """A site whose patient figures the caller may read (a refusal is audited)."""
     site = await store.get_site(session, site_id)
     if site is None:
@@ -215,7 +216,7 @@ async def _visible_site(session: AsyncSession, principal: Principal, site_id: st
 
 async def _session(
     session: AsyncSession, principal: Principal, session_id: UUID, action: str, *, lock: bool = False
-) -> dict[str, Any]:
+) -> SessionRow:
     """A session of the caller's sites. A refusal is audited for each patient on its
     roster: the roster (and attendance) is what the caller was after."""
     row = await store.get_session(session, str(session_id), lock=lock)
@@ -228,7 +229,7 @@ async def _session(
     return row
 
 
-async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id: UUID, action: str) -> dict[str, Any]:
+async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id: UUID, action: str) -> EnrollmentRow:
     """An enrollment the caller may see: staff of its site, or the patient it belongs
     to. A refusal is audited against that patient."""
     row = await store.get_enrollment(session, str(enrollment_id))
@@ -243,11 +244,16 @@ async def _enrollment(session: AsyncSession, principal: Principal, enrollment_id
     return row
 
 
-def _program_out(program: dict[str, Any], created: int | None = None) -> ProgramOut:
+def _program_out(program: ProgramRow, created: int | None = None) -> ProgramOut:
     import json
 
     return ProgramOut(
-        **{k: program[k] for k in ("program_id", "site_id", "name", "track", "cohort", "level_of_care")},
+        program_id=program["program_id"],
+        site_id=program["site_id"],
+        name=program["name"],
+        track=program["track"],
+        cohort=program["cohort"],
+        level_of_care=program["level_of_care"],
         weekly_hours_target=program["weekly_hours_target"],
         blocks=json.loads(program["template"]),
         sessions_created=created,
@@ -259,7 +265,10 @@ def _program_out(program: dict[str, Any], created: int | None = None) -> Program
 
 @router.get("/sites", response_model=list[SiteOut], tags=["sites"])
 async def list_sites(principal: Staff, session: Db) -> list[SiteOut]:
-    return [SiteOut(**r) for r in await store.list_sites(session, principal.visible_sites())]
+    return [
+        SiteOut(site_id=r["site_id"], name=r["name"], timezone=r["timezone"])
+        for r in await store.list_sites(session, principal.visible_sites())
+    ]
 
 
 @router.post("/programs", status_code=201, response_model=ProgramOut, tags=["programs"])
@@ -320,18 +329,20 @@ async def site_calendar(
     return out
 
 
-def _zone(site: dict[str, Any]) -> Any:
+def _zone(site: SiteRow) -> Any:
     from zoneinfo import ZoneInfo
 
     return ZoneInfo(site["timezone"])
 
 
-async def _session_out(session: AsyncSession, row: dict[str, Any]) -> SessionOut:
+async def _session_out(session: AsyncSession, row: SessionRow) -> SessionOut:
     bookings = await store.session_bookings(session, row["session_id"])
-    return SessionOut(
-        **{k: row[k] for k in SessionOut.model_fields if k in row},
-        booked=sum(1 for b in bookings if b["status"] == "booked"),
-        waitlisted=sum(1 for b in bookings if b["status"] == "waitlisted"),
+    return SessionOut.model_validate(  # the row's other columns are ignored
+        {
+            **row,
+            "booked": sum(1 for b in bookings if b["status"] == "booked"),
+            "waitlisted": sum(1 for b in bookings if b["status"] == "waitlisted"),
+        }
     )
 
 
@@ -347,8 +358,8 @@ async def session_roster(session_id: UUID, principal: Staff, session: Db) -> Ses
             record = attendance.get(booking["patient_id"])
             roster.append(
                 RosterEntry(
-                    patient_id=booking["patient_id"],
-                    enrollment_id=booking["enrollment_id"],
+                    patient_id=UUID(booking["patient_id"]),
+                    enrollment_id=UUID(booking["enrollment_id"]),
                     status=booking["status"],
                     position=booking["position"],
                     attendance=record["status"] if record else None,
@@ -392,9 +403,9 @@ async def open_slot(clinician_id: ClinicianId, body: SlotIn, principal: Clinical
         ends = starts + timedelta(minutes=body.minutes)
         if starts <= clock.now():
             raise Invalid("a slot must be in the future", {"starts_local": "in the past"})
-        times = {"local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends}
+        times: usecases.SlotTimes = {"local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends}
         row = await usecases.open_slot(session, site, clinician_id, times)
-    return SessionOut(**{k: row[k] for k in SessionOut.model_fields if k in row})
+    return SessionOut.model_validate(row)  # the row's other columns are ignored
 
 
 @router.post("/sessions/{session_id}/bookings", status_code=201, tags=["bookings"])
@@ -433,7 +444,7 @@ async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session:
             await store.record_access(session, principal, "schedule.read", site_id, patient_id)
         rows = await store.patient_bookings(session, str(patient_id))
     return [
-        BookingOut(**{k: r[k] for k in BookingOut.model_fields})
+        BookingOut.model_validate(r)  # the row's other columns are ignored
         for r in rows
         if r["site_id"] in readable and r["status"] != "cancelled"
     ]
@@ -446,7 +457,7 @@ async def read_enrollment(enrollment_id: UUID, principal: Staff, session: Db) ->
         await store.record_access(
             session, principal, "enrollment.read", enrollment["site_id"], enrollment["patient_id"]
         )
-    return EnrollmentOut(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields})
+    return EnrollmentOut.model_validate(enrollment)  # the row's other columns are ignored
 
 
 @router.post("/enrollments/{enrollment_id}/track", tags=["enrollments"])
@@ -490,7 +501,7 @@ async def enrollment_hours(enrollment_id: UUID, principal: StaffOrPatient, sessi
             )  # fmt: skip
         await store.record_access(session, principal, "hours.read", enrollment["site_id"], enrollment["patient_id"])
     return HoursOut(
-        enrollment_id=enrollment_id, patient_id=enrollment["patient_id"],
+        enrollment_id=enrollment_id, patient_id=UUID(enrollment["patient_id"]),
         weekly_hours_target=enrollment["weekly_hours_target"], weeks=weeks,
     )  # fmt: skip
 
@@ -532,9 +543,7 @@ async def hours_report(
     return {"site_id": site_id, "iso_week": iso_week, "site": totals, "programs": report, "program_count": len(report)}
 
 
-async def _program_hours(
-    session: AsyncSession, site: dict[str, Any], iso_week: str, now: datetime
-) -> list[dict[str, Any]]:
+async def _program_hours(session: AsyncSession, site: SiteRow, iso_week: str, now: datetime) -> list[dict[str, Any]]:
     """Per program of the site: active enrollments, their hours and attendance in the
     week, and the enrollments at risk (or short) of their weekly target."""
     start, end = domain.week_bounds(iso_week, site["timezone"])

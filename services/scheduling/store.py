@@ -4,7 +4,7 @@ alerts; plus outbox, inbox, audit and the operators' repairs."""
 
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired, TypedDict, TypeVar, cast
 
 from sqlalchemy import (
     Column,
@@ -12,6 +12,8 @@ from sqlalchemy import (
     Float,
     Integer,
     MetaData,
+    Result,
+    RowMapping,
     String,
     Table,
     Text,
@@ -156,28 +158,178 @@ hours_alerts = Table(
 )
 
 
-def _rows(result: Any) -> list[dict[str, Any]]:
-    return [dict(r) for r in result.mappings()]
+# --- rows ----------------------------------------------------------------------------
+#
+# What the reads below return: one TypedDict per row kind, with the columns of the tables
+# above (a nullable column is `X | None`). Plain dicts at run time, as before.
 
 
-async def _one(session: AsyncSession, query: Any) -> dict[str, Any] | None:
+class SiteRow(TypedDict):
+    """A row of `sites` (shared.projections.SiteDirectory)."""
+
+    site_id: str
+    name: str
+    timezone: str
+    updated_at: datetime
+
+
+class EnrollmentRow(TypedDict):
+    enrollment_id: str
+    patient_id: str
+    site_id: str
+    program_id: str
+    level_of_care: str
+    cohort: str
+    start_date: date
+    weekly_hours_target: float
+    status: str
+    enrolled_event_id: str
+    created_at: datetime
+    correlation_id: str | None
+    ended_on: date | None
+
+
+class EpisodeEndRow(TypedDict):
+    enrollment_id: str
+    patient_id: str
+    status: str
+    ended_on: date
+    event_id: str
+    recorded_at: datetime
+
+
+class ProgramRow(TypedDict):
+    program_id: str
+    site_id: str
+    name: str
+    track: str
+    cohort: str
+    level_of_care: str
+    weekly_hours_target: float
+    template: str  # JSON: the template's blocks
+    published_at: datetime
+    materialized_until: date | None
+
+
+class SessionRow(TypedDict):
+    session_id: str
+    program_id: str | None  # None: a clinician's one-to-one slot
+    site_id: str
+    kind: str
+    title: str
+    block_key: str
+    local_date: date
+    starts_at: datetime
+    ends_at: datetime
+    capacity: int
+    status: str
+    clinician_id: str | None
+    completed_at: datetime | None
+
+
+class NewSession(TypedDict):
+    """A session as the use cases create it (`add_session`'s values): not a fetched row,
+    so no `completed_at`, and a program's group sessions have no `clinician_id`."""
+
+    session_id: str
+    program_id: str | None
+    site_id: str
+    kind: str
+    title: str
+    block_key: str
+    local_date: date
+    starts_at: datetime
+    ends_at: datetime
+    capacity: int
+    status: str
+    clinician_id: NotRequired[str | None]
+
+
+class BookingRow(TypedDict):
+    booking_id: str
+    session_id: str
+    enrollment_id: str
+    patient_id: str
+    status: str
+    position: int | None  # set while waitlisted
+    created_at: datetime
+    updated_at: datetime
+    cancel_reason: str | None
+
+
+class BookingWithSessionRow(BookingRow):
+    """A booking joined with columns of its session (`enrollment_bookings`,
+    `patient_bookings`)."""
+
+    starts_at: datetime
+    ends_at: datetime
+    kind: str
+    title: str
+    program_id: NotRequired[str | None]  # only `enrollment_bookings` selects it
+    site_id: str
+    session_status: str
+
+
+class AttendanceRow(TypedDict):
+    session_id: str
+    patient_id: str
+    enrollment_id: str
+    status: str
+    minutes: int
+    recorded_at: datetime
+    recorded_by: str
+
+
+class ClosureRow(TypedDict):
+    site_id: str
+    local_date: date
+    reason: str
+    created_at: datetime
+
+
+class HoursAlertRow(TypedDict):
+    enrollment_id: str
+    iso_week: str
+    kind: str
+    raised_at: datetime
+
+
+_RowT = TypeVar("_RowT")
+
+
+def _typed(kind: type[_RowT], row: RowMapping) -> _RowT:
+    """A fetched row as the TypedDict of its kind: a plain dict of its columns."""
+    return cast(_RowT, dict(row))
+
+
+def _rows(kind: type[_RowT], result: Result[Any]) -> list[_RowT]:
+    return [_typed(kind, r) for r in result.mappings()]
+
+
+async def _one(kind: type[_RowT], session: AsyncSession, query: Any) -> _RowT | None:
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _typed(kind, row) if row else None
 
 
 # --- sites -------------------------------------------------------------------
 
 
 upsert_site = site_directory.upsert
-get_site = site_directory.get
-list_sites = site_directory.list
+
+
+async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
+    return cast(SiteRow | None, await site_directory.get(session, site_id))
+
+
+async def list_sites(session: AsyncSession, only: list[str] | None) -> list[SiteRow]:
+    return cast(list[SiteRow], await site_directory.list(session, only))
 
 
 # --- enrollments ---------------------------------------------------------------
 
 
-async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
+async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:
+    return await _one(EnrollmentRow, session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
@@ -198,20 +350,20 @@ async def remember_end(
     )  # fmt: skip
 
 
-async def get_end(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
+async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
+    return await _one(EpisodeEndRow, session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
 
 
-async def active_enrollments(session: AsyncSession, program_id: str) -> list[dict[str, Any]]:
+async def active_enrollments(session: AsyncSession, program_id: str) -> list[EnrollmentRow]:
     query = select(enrollments).where(enrollments.c.program_id == program_id, enrollments.c.status == "active")
-    return _rows(await session.execute(query))
+    return _rows(EnrollmentRow, await session.execute(query))
 
 
-async def site_enrollments(session: AsyncSession, site_id: str | None = None) -> list[dict[str, Any]]:
+async def site_enrollments(session: AsyncSession, site_id: str | None = None) -> list[EnrollmentRow]:
     query = select(enrollments).where(enrollments.c.status == "active")
     if site_id is not None:
         query = query.where(enrollments.c.site_id == site_id)
-    return _rows(await session.execute(query))
+    return _rows(EnrollmentRow, await session.execute(query))
 
 
 # --- programs ------------------------------------------------------------------
@@ -221,15 +373,15 @@ async def add_program(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(programs).values(published_at=clock.now(), **values))
 
 
-async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(programs).where(programs.c.program_id == program_id))
+async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | None:
+    return await _one(ProgramRow, session, select(programs).where(programs.c.program_id == program_id))
 
 
-async def list_programs(session: AsyncSession, site_id: str | None = None) -> list[dict[str, Any]]:
+async def list_programs(session: AsyncSession, site_id: str | None = None) -> list[ProgramRow]:
     query = select(programs).order_by(programs.c.site_id, programs.c.name, programs.c.track)
     if site_id is not None:
         query = query.where(programs.c.site_id == site_id)
-    return _rows(await session.execute(query))
+    return _rows(ProgramRow, await session.execute(query))
 
 
 async def set_materialized_until(session: AsyncSession, program_id: str, until: date) -> None:
@@ -250,12 +402,12 @@ async def add_session(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(sessions).values(**values))
 
 
-async def get_session(session: AsyncSession, session_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+async def get_session(session: AsyncSession, session_id: str, *, lock: bool = False) -> SessionRow | None:
     query = select(sessions).where(sessions.c.session_id == session_id)
     if lock:
         # Serializes bookings of one session across requests and replicas (PostgreSQL).
         query = query.with_for_update()
-    return await _one(session, query)
+    return await _one(SessionRow, session, query)
 
 
 async def update_session(session: AsyncSession, session_id: str, **values: Any) -> None:
@@ -271,7 +423,7 @@ async def sessions_between(
     until: datetime | None = None,
     status: str | None = None,
     local_date: date | None = None,
-) -> list[dict[str, Any]]:
+) -> list[SessionRow]:
     query = select(sessions).order_by(sessions.c.starts_at)
     for column, value in (
         (sessions.c.site_id, site_id),
@@ -285,7 +437,7 @@ async def sessions_between(
         query = query.where(sessions.c.starts_at >= since)
     if until is not None:
         query = query.where(sessions.c.starts_at < until)
-    return _rows(await session.execute(query))
+    return _rows(SessionRow, await session.execute(query))
 
 
 async def lock_clinician(session: AsyncSession, clinician_id: str) -> None:
@@ -308,18 +460,18 @@ async def clinician_overlaps(session: AsyncSession, clinician_id: str, starts: d
 # --- bookings ------------------------------------------------------------------
 
 
-async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> dict[str, Any] | None:
+async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> BookingRow | None:
     query = select(bookings).where(bookings.c.session_id == session_id, bookings.c.enrollment_id == enrollment_id)
-    return await _one(session, query)
+    return await _one(BookingRow, session, query)
 
 
-async def session_bookings(session: AsyncSession, session_id: str, status: str | None = None) -> list[dict[str, Any]]:
+async def session_bookings(session: AsyncSession, session_id: str, status: str | None = None) -> list[BookingRow]:
     query = (
         select(bookings).where(bookings.c.session_id == session_id).order_by(bookings.c.position, bookings.c.created_at)
     )
     if status is not None:
         query = query.where(bookings.c.status == status)
-    return _rows(await session.execute(query))
+    return _rows(BookingRow, await session.execute(query))
 
 
 async def count_booked(session: AsyncSession, session_id: str) -> int:
@@ -340,7 +492,7 @@ async def update_booking(session: AsyncSession, booking_id: str, **values: Any) 
 
 async def enrollment_bookings(
     session: AsyncSession, enrollment_id: str, *, since: datetime | None = None, active_only: bool = True
-) -> list[dict[str, Any]]:
+) -> list[BookingWithSessionRow]:
     """An enrollment's bookings joined with their sessions, in time order."""
     query = (
         select(bookings, sessions.c.starts_at, sessions.c.ends_at, sessions.c.kind, sessions.c.title,
@@ -353,10 +505,10 @@ async def enrollment_bookings(
         query = query.where(bookings.c.status != "cancelled")
     if since is not None:
         query = query.where(sessions.c.starts_at >= since)
-    return _rows(await session.execute(query))
+    return _rows(BookingWithSessionRow, await session.execute(query))
 
 
-async def patient_bookings(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+async def patient_bookings(session: AsyncSession, patient_id: str) -> list[BookingWithSessionRow]:
     query = (
         select(bookings, sessions.c.starts_at, sessions.c.ends_at, sessions.c.kind, sessions.c.title,
                sessions.c.site_id, sessions.c.status.label("session_status"))
@@ -364,7 +516,7 @@ async def patient_bookings(session: AsyncSession, patient_id: str) -> list[dict[
         .where(bookings.c.patient_id == patient_id)
         .order_by(sessions.c.starts_at)
     )  # fmt: skip
-    return _rows(await session.execute(query))
+    return _rows(BookingWithSessionRow, await session.execute(query))
 
 
 async def patient_sites(session: AsyncSession, patient_id: str) -> set[str]:
@@ -381,8 +533,8 @@ async def patient_sites(session: AsyncSession, patient_id: str) -> set[str]:
 # --- attendance ----------------------------------------------------------------
 
 
-async def get_attendance(session: AsyncSession, session_id: str) -> list[dict[str, Any]]:
-    return _rows(await session.execute(select(attendance).where(attendance.c.session_id == session_id)))
+async def get_attendance(session: AsyncSession, session_id: str) -> list[AttendanceRow]:
+    return _rows(AttendanceRow, await session.execute(select(attendance).where(attendance.c.session_id == session_id)))
 
 
 async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: str, **values: Any) -> None:
@@ -424,7 +576,7 @@ async def attendance_between(
 
 async def add_closure(session: AsyncSession, site_id: str, local_date: date, reason: str) -> bool:
     found = await _one(
-        session, select(closures).where(closures.c.site_id == site_id, closures.c.local_date == local_date)
+        ClosureRow, session, select(closures).where(closures.c.site_id == site_id, closures.c.local_date == local_date)
     )
     if found:
         return False
@@ -447,5 +599,7 @@ async def claim_hours_alert(session: AsyncSession, enrollment_id: str, iso_week:
     )
 
 
-async def hours_alerts_for(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
-    return _rows(await session.execute(select(hours_alerts).where(hours_alerts.c.enrollment_id == enrollment_id)))
+async def hours_alerts_for(session: AsyncSession, enrollment_id: str) -> list[HoursAlertRow]:
+    return _rows(
+        HoursAlertRow, await session.execute(select(hours_alerts).where(hours_alerts.c.enrollment_id == enrollment_id))
+    )

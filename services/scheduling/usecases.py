@@ -10,12 +10,21 @@ rule raises `DomainError`; shared.errors maps its kind to the API's answer.
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any
+from typing import Any, TypedDict, cast
 from uuid import UUID, uuid4
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.scheduling import domain, store
+from services.scheduling.store import (
+    BookingRow,
+    EnrollmentRow,
+    EpisodeEndRow,
+    NewSession,
+    ProgramRow,
+    SessionRow,
+    SiteRow,
+)
 from shared.contracts import Envelope
 from shared.contracts.events import (
     AttendanceRecorded,
@@ -28,6 +37,7 @@ from shared.contracts.events import (
     ProgramPublished,
     SessionCancelled,
     SessionCompleted,
+    SessionKind,
     SessionScheduled,
     TemplateBlock,
     WeeklyHoursShortfall,
@@ -36,12 +46,13 @@ from shared.domain_errors import DomainError
 from shared.messaging.outbox import Chain
 
 
-def _episode(enrollment: dict[str, Any]) -> Chain | None:
+def _episode(enrollment: EnrollmentRow) -> Chain | None:
     """An episode's events continue the chain of its PatientEnrolled, when the row
     knows it."""
-    if not enrollment.get("correlation_id"):
+    correlation_id = enrollment.get("correlation_id")
+    if not correlation_id:
         return None
-    return Chain(UUID(enrollment["correlation_id"]), UUID(enrollment["enrolled_event_id"]))
+    return Chain(UUID(correlation_id), UUID(enrollment["enrolled_event_id"]))
 
 
 # --- programs and sessions -------------------------------------------------------------
@@ -59,13 +70,11 @@ def _block(raw: dict[str, Any]) -> domain.Block:
     )
 
 
-def blocks_of(program: dict[str, Any]) -> list[domain.Block]:
+def blocks_of(program: ProgramRow) -> list[domain.Block]:
     return [_block(raw) for raw in json.loads(program["template"])]
 
 
-async def publish_program(
-    session: AsyncSession, site: dict[str, Any], spec: dict[str, Any], today: date
-) -> dict[str, Any]:
+async def publish_program(session: AsyncSession, site: SiteRow, spec: dict[str, Any], today: date) -> ProgramRow:
     blocks = [_block(raw) for raw in spec["blocks"]]
     domain.validate_template(blocks)
     program = {
@@ -94,22 +103,20 @@ async def publish_program(
     return stored
 
 
-async def materialize(
-    session: AsyncSession, program: dict[str, Any], site: dict[str, Any], until: date, today: date
-) -> int:
+async def materialize(session: AsyncSession, program: ProgramRow, site: SiteRow, until: date, today: date) -> int:
     """Create the program's sessions for site-local days up to `until` (idempotent), and
     book the program's active enrollments into the new group sessions."""
     first = max(today, (program["materialized_until"] or today - timedelta(days=1)) + timedelta(days=1))
     if first > until:
         return 0
     closed = await store.closed_dates(session, site["site_id"])
-    created = []
+    created: list[NewSession] = []
     for occurrence in domain.expand(blocks_of(program), site["timezone"], first, until):
         if occurrence.local_date in closed:
             continue
         if await store.session_exists(session, program["program_id"], occurrence.local_date, occurrence.block.key):
             continue
-        row = {
+        row: NewSession = {
             "session_id": str(uuid4()),
             "program_id": program["program_id"],
             "site_id": site["site_id"],
@@ -137,15 +144,19 @@ async def materialize(
 INDIVIDUAL_TITLE = "Individual session"
 
 
-async def open_slot(
-    session: AsyncSession, site: dict[str, Any], clinician_id: str, times: dict[str, Any]
-) -> dict[str, Any]:
+class SlotTimes(TypedDict):
+    local_date: date  # site-local
+    starts_at: datetime
+    ends_at: datetime
+
+
+async def open_slot(session: AsyncSession, site: SiteRow, clinician_id: str, times: SlotTimes) -> NewSession:
     """Open a one-to-one session (`times`: local_date, starts_at, ends_at) in a
     clinician's calendar, unless it overlaps another of theirs. Returns the session."""
     await store.lock_clinician(session, clinician_id)
     if await store.clinician_overlaps(session, clinician_id, times["starts_at"], times["ends_at"]):
         raise DomainError("conflict", "the clinician already has a session at that time")
-    slot = {
+    slot: NewSession = {
         **times, "session_id": str(uuid4()), "program_id": None, "site_id": site["site_id"],
         "kind": "individual_therapy", "title": INDIVIDUAL_TITLE, "block_key": f"slot-{uuid4().hex[:12]}",
         "capacity": 1, "status": "scheduled", "clinician_id": clinician_id,
@@ -155,11 +166,11 @@ async def open_slot(
     return slot
 
 
-def _session_event(kind: type[SessionScheduled] | type[SessionCancelled], row: dict[str, Any]) -> Event:
+def _session_event(kind: type[SessionScheduled] | type[SessionCancelled], row: NewSession | SessionRow) -> Event:
     return kind(
         session_id=UUID(row["session_id"]),
         program_id=row["program_id"] or "",
-        kind=row["kind"],
+        kind=cast(SessionKind, row["kind"]),  # a String column; only SessionKind values are ever stored
         title=row["title"],
         starts_at=row["starts_at"],
         ends_at=row["ends_at"],
@@ -167,7 +178,7 @@ def _session_event(kind: type[SessionScheduled] | type[SessionCancelled], row: d
     )
 
 
-def _bookable_for(row: dict[str, Any], enrollment: dict[str, Any], site: dict[str, Any]) -> bool:
+def _bookable_for(row: NewSession | SessionRow, enrollment: EnrollmentRow, site: SiteRow) -> bool:
     return (
         row["kind"] in domain.GROUP_KINDS
         and row["status"] == "scheduled"
@@ -229,8 +240,9 @@ async def _add_enrollment(session: AsyncSession, cause: Envelope, event: Patient
     )
 
 
-def _end_of(row: dict[str, Any] | None) -> domain.EpisodeEnd | None:
-    return domain.EpisodeEnd(row["status"], row["ended_on"]) if row else None
+def _end_of(row: EpisodeEndRow | None) -> domain.EpisodeEnd | None:
+    # `status` was written by remember_end from an EpisodeEnd: one of its statuses.
+    return domain.EpisodeEnd(cast(domain.EndStatus, row["status"]), row["ended_on"]) if row else None
 
 
 async def end_enrollment(
@@ -251,7 +263,7 @@ async def end_enrollment(
 
 
 async def converge_bookings(
-    session: AsyncSession, enrollment: dict[str, Any], cause: Envelope | None, now: datetime
+    session: AsyncSession, enrollment: EnrollmentRow, cause: Envelope | None, now: datetime
 ) -> int:
     """An active episode is booked into every future group session of its program; an
     ended one holds no future booking or waitlist place. What already holds is left
@@ -265,7 +277,7 @@ async def converge_bookings(
 
 
 async def book(
-    session: AsyncSession, session_id: str, enrollment: dict[str, Any], cause: Envelope | None, *, waitlist: bool = True
+    session: AsyncSession, session_id: str, enrollment: EnrollmentRow, cause: Envelope | None, *, waitlist: bool = True
 ) -> str:
     """Book an enrollment into a session, or waitlist it when full. Returns the status."""
     target = await store.get_session(session, session_id, lock=True)
@@ -281,7 +293,8 @@ async def book(
     position = None
     if status == "waitlisted":
         waiting = await store.session_bookings(session, session_id, "waitlisted")
-        position = domain.waitlist_position(b["position"] for b in waiting)
+        # A waitlisted booking has its position: `book` sets it, only booking or cancelling clears it.
+        position = domain.waitlist_position(cast(int, b["position"]) for b in waiting)
     booking_id = existing["booking_id"] if existing else str(uuid4())
     if existing:
         await store.update_booking(session, booking_id, status=status, position=position, cancel_reason=None)
@@ -312,7 +325,7 @@ async def book(
 
 
 async def book_enrollment(
-    session: AsyncSession, enrollment: dict[str, Any], cause: Envelope | None, now: datetime
+    session: AsyncSession, enrollment: EnrollmentRow, cause: Envelope | None, now: datetime
 ) -> int:
     """Book an enrollment into every future group session of its program."""
     site = await store.get_site(session, enrollment["site_id"])
@@ -329,7 +342,7 @@ async def book_enrollment(
 
 
 async def cancel_booking(
-    session: AsyncSession, booking: dict[str, Any], reason: str, cause: Envelope | None, *, backfill: bool = True
+    session: AsyncSession, booking: BookingRow, reason: str, cause: Envelope | None, *, backfill: bool = True
 ) -> None:
     """Cancel one booking (or waitlist place); a freed seat goes to the first in line."""
     was_booked = booking["status"] == "booked"
@@ -350,7 +363,7 @@ async def cancel_booking(
         await _backfill(session, target, cause)
 
 
-async def _backfill(session: AsyncSession, target: dict[str, Any], cause: Envelope | None) -> None:
+async def _backfill(session: AsyncSession, target: SessionRow, cause: Envelope | None) -> None:
     if await store.count_booked(session, target["session_id"]) >= target["capacity"]:
         return
     waiting = await store.session_bookings(session, target["session_id"], "waitlisted")
@@ -377,7 +390,7 @@ async def cancel_future_bookings(
     return len(future)
 
 
-async def close_site_day(session: AsyncSession, site: dict[str, Any], local_date: date, reason: str) -> int:
+async def close_site_day(session: AsyncSession, site: SiteRow, local_date: date, reason: str) -> int:
     """A holiday or closure: cancel that day's sessions and every booking in them."""
     if not await store.add_closure(session, site["site_id"], local_date, reason):
         raise DomainError("conflict", f"{local_date} is already closed")
@@ -394,9 +407,7 @@ async def close_site_day(session: AsyncSession, site: dict[str, Any], local_date
     return cancelled
 
 
-async def switch_track(
-    session: AsyncSession, enrollment: dict[str, Any], program: dict[str, Any], now: datetime
-) -> int:
+async def switch_track(session: AsyncSession, enrollment: EnrollmentRow, program: ProgramRow, now: datetime) -> int:
     """Move an enrollment to another track of its site: future bookings move, past
     attendance (and so the week's hours) stays with the enrollment."""
     if program["site_id"] != enrollment["site_id"]:
@@ -407,7 +418,7 @@ async def switch_track(
         raise DomainError("conflict", "the enrollment is already on that track")
     await cancel_future_bookings(session, enrollment["enrollment_id"], now, "track_switch", None)
     await store.update_enrollment(session, enrollment["enrollment_id"], program_id=program["program_id"])
-    moved = {**enrollment, "program_id": program["program_id"]}
+    moved: EnrollmentRow = {**enrollment, "program_id": program["program_id"]}
     return await book_enrollment(session, moved, None, now)
 
 
@@ -415,7 +426,7 @@ async def switch_track(
 
 
 async def record_attendance(
-    session: AsyncSession, target: dict[str, Any], records: list[dict[str, Any]], recorded_by: str, now: datetime
+    session: AsyncSession, target: SessionRow, records: list[dict[str, Any]], recorded_by: str, now: datetime
 ) -> int:
     if target["status"] == "cancelled":
         raise DomainError("conflict", "the session was cancelled")
@@ -452,7 +463,7 @@ async def record_attendance(
     return len(records)
 
 
-async def complete_session(session: AsyncSession, target: dict[str, Any], now: datetime) -> dict[str, int]:
+async def complete_session(session: AsyncSession, target: SessionRow, now: datetime) -> dict[str, int]:
     if target["status"] == "completed":
         raise DomainError("conflict", "the session is already completed")
     if target["status"] == "cancelled":
@@ -465,7 +476,7 @@ async def complete_session(session: AsyncSession, target: dict[str, Any], now: d
     await store.update_session(session, target["session_id"], status="completed", completed_at=now)
     event = SessionCompleted(
         session_id=UUID(target["session_id"]),
-        kind=target["kind"],
+        kind=cast(SessionKind, target["kind"]),
         started_at=target["starts_at"],
         ended_at=target["ends_at"],
         present_count=present,
@@ -479,7 +490,7 @@ async def complete_session(session: AsyncSession, target: dict[str, Any], now: d
 
 
 async def week_hours(
-    session: AsyncSession, enrollment: dict[str, Any], timezone: str, iso_week: str, now: datetime
+    session: AsyncSession, enrollment: EnrollmentRow, timezone: str, iso_week: str, now: datetime
 ) -> domain.WeekHours:
     start, end = domain.week_bounds(iso_week, timezone)
     attended = domain.attended_hours(await store.attendance_between(session, enrollment["enrollment_id"], start, end))
@@ -500,7 +511,7 @@ async def week_hours(
     return domain.WeekHours(iso_week, attended, round(remaining, 2), target)
 
 
-async def _week_target(session: AsyncSession, enrollment: dict[str, Any], timezone: str, iso_week: str) -> float:
+async def _week_target(session: AsyncSession, enrollment: EnrollmentRow, timezone: str, iso_week: str) -> float:
     """The weekly target, prorated in the week the enrollment starts by the share of the
     program's template hours still ahead of its start day."""
     target = float(enrollment["weekly_hours_target"])
@@ -554,7 +565,7 @@ def _weeks_to_review(start_date: date, this_week: str, timezone: str) -> list[st
     return weeks
 
 
-def _hours_event(verdict: str, enrollment: dict[str, Any], hours: domain.WeekHours) -> Event:
+def _hours_event(verdict: str, enrollment: EnrollmentRow, hours: domain.WeekHours) -> Event:
     ids = {"patient_id": UUID(enrollment["patient_id"]), "enrollment_id": UUID(enrollment["enrollment_id"])}
     if verdict == "at_risk":
         return HoursAtRisk(
