@@ -9,6 +9,7 @@ it answers 404)."""
 import hashlib
 import json
 import re
+from collections.abc import Iterable, Mapping
 from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
@@ -21,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store, usecases
+from services.intake.store import DuplicateRow, EnrollmentRow, IdempotencyRow, PatientRow
 from shared import clock
 from shared.api import Input
 from shared.auth import Admin, Clinical, NetworkAdmin, Principal, Staff, StaffOrPatient, StaffOrSystem, ensure_site
@@ -345,9 +347,13 @@ class AuditOut(BaseModel):
 # --- helpers -------------------------------------------------------------------------
 
 
-async def _visible_patient(
-    session: AsyncSession, principal: Principal, patient_id: UUID, action: str
-) -> dict[str, Any]:
+def _values(row: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The row's values under these names (each must be in the row), as a response
+    model's keyword arguments."""
+    return {k: row[k] for k in names}
+
+
+async def _visible_patient(session: AsyncSession, principal: Principal, patient_id: UUID, action: str) -> PatientRow:
     """The patient if the caller may see them, else 404 (and the denial is audited)."""
     patient = await store.get_patient(session, str(patient_id))
     if patient is None:
@@ -364,7 +370,7 @@ async def _visible_patient(
 
 async def _visible_enrollment(
     session: AsyncSession, principal: Principal, enrollment_id: UUID, action: str, *, lock: bool = False
-) -> dict[str, Any]:
+) -> EnrollmentRow:
     enrollment = await store.get_enrollment(session, str(enrollment_id), lock=lock)
     if enrollment is None:
         raise NotFound("enrollment not found")
@@ -381,9 +387,10 @@ async def _visible_enrollment(
     return enrollment
 
 
-async def _enrollment_detail(session: AsyncSession, enrollment: dict[str, Any]) -> EnrollmentDetail:
-    history = [HistoryOut(**h) for h in await store.history(session, enrollment["enrollment_id"])]
-    return EnrollmentDetail(**{k: v for k, v in enrollment.items() if k in EnrollmentOut.model_fields}, history=history)
+async def _enrollment_detail(session: AsyncSession, enrollment: EnrollmentRow) -> EnrollmentDetail:
+    history = [HistoryOut.model_validate(h) for h in await store.history(session, enrollment["enrollment_id"])]
+    fields = _values(enrollment, [k for k in enrollment if k in EnrollmentOut.model_fields])
+    return EnrollmentDetail(**fields, history=history)
 
 
 # --- sites -----------------------------------------------------------------------------
@@ -404,14 +411,13 @@ async def register_site(body: SiteIn, principal: NetworkAdmin, session: Db) -> S
 async def update_site(site_id: SiteId, body: SiteChange, principal: NetworkAdmin, session: Db) -> SiteOut:
     async with session.begin():
         updated = await usecases.update_site(session, site_id, body.model_dump(exclude_unset=True))
-    return SiteOut(**{k: updated[k] for k in SiteOut.model_fields})
+    return SiteOut(**_values(updated, SiteOut.model_fields))
 
 
 @router.get("/sites", response_model=list[SiteOut], tags=["sites"])
 async def list_sites(principal: StaffOrSystem, session: Db) -> list[SiteOut]:
     return [
-        SiteOut(**{k: r[k] for k in SiteOut.model_fields})
-        for r in await store.list_sites(session, principal.visible_sites())
+        SiteOut(**_values(r, SiteOut.model_fields)) for r in await store.list_sites(session, principal.visible_sites())
     ]
 
 
@@ -429,7 +435,7 @@ async def list_programs(
 ) -> list[ProgramOut]:
     """Programs a patient can be enrolled in: intake's projection of ProgramPublished."""
     rows = await store.list_programs(session, site_id)
-    return [ProgramOut(**{k: r[k] for k in ProgramOut.model_fields}) for r in rows if principal.sees_site(r["site_id"])]
+    return [ProgramOut(**_values(r, ProgramOut.model_fields)) for r in rows if principal.sees_site(r["site_id"])]
 
 
 # --- patients --------------------------------------------------------------------------
@@ -465,7 +471,7 @@ async def search_patients(
         )
         for row in rows:
             await store.record_access(session, principal, "patient.search", row["site_id"], row["patient_id"])
-    return [PatientSummary(**{k: r[k] for k in PatientSummary.model_fields}) for r in rows]
+    return [PatientSummary(**_values(r, PatientSummary.model_fields)) for r in rows]
 
 
 @router.get("/patients/{patient_id}", response_model=PatientOut, tags=["patients"])
@@ -489,11 +495,9 @@ async def update_patient(patient_id: UUID, body: PatientChange, principal: Staff
     return _patient_out(updated, episodes)
 
 
-def _patient_out(patient: dict[str, Any], episodes: list[dict[str, Any]]) -> PatientOut:
-    fields = {k: v for k, v in patient.items() if k in PatientOut.model_fields}
-    return PatientOut(
-        **fields, enrollments=[EnrollmentOut(**{k: e[k] for k in EnrollmentOut.model_fields}) for e in episodes]
-    )
+def _patient_out(patient: PatientRow, episodes: list[EnrollmentRow]) -> PatientOut:
+    fields = _values(patient, [k for k in patient if k in PatientOut.model_fields])
+    return PatientOut(**fields, enrollments=[EnrollmentOut(**_values(e, EnrollmentOut.model_fields)) for e in episodes])
 
 
 # --- enrollments -----------------------------------------------------------------------
@@ -507,7 +511,7 @@ async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff,
         patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
         enrollment = await usecases.enroll(session, principal.sub, patient, body.model_dump(), today)
         await store.record_access(session, principal, "enrollment.create", patient["site_id"], patient_id)
-    return EnrollmentOut(**{k: enrollment[k] for k in EnrollmentOut.model_fields})
+    return EnrollmentOut(**_values(enrollment, EnrollmentOut.model_fields))
 
 
 @router.get("/enrollments/{enrollment_id}", response_model=EnrollmentDetail, tags=["enrollments"])
@@ -551,7 +555,7 @@ async def transfer(enrollment_id: UUID, body: TransferIn, principal: Clinical, s
         await store.record_access(
             session, principal, "enrollment.create", new_episode["site_id"], new_episode["patient_id"]
         )
-    return EnrollmentOut(**{k: new_episode[k] for k in EnrollmentOut.model_fields})
+    return EnrollmentOut(**_values(new_episode, EnrollmentOut.model_fields))
 
 
 @router.post("/enrollments/{enrollment_id}/discharge", response_model=EnrollmentDetail, tags=["enrollments"])
@@ -588,7 +592,7 @@ async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db
         states = [await usecases.consent_state(session, c, clock.today()) for c in consents]
         await store.record_access(session, principal, "consent.read", patient["site_id"], patient_id)
     return [
-        ConsentOut(**{k: c[k] for k in ConsentOut.model_fields if k in c}, state=str(state))
+        ConsentOut(**_values(c, [k for k in ConsentOut.model_fields if k in c]), state=str(state))
         for c, state in zip(consents, states, strict=True)
     ]
 
@@ -609,7 +613,7 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
             raise AccessDenied("consent not found") from None
         await usecases.revoke_consent(session, consent, patient, revoked_at, body.note, now.date())
         await store.record_access(session, principal, "consent.revoke", patient["site_id"], consent["patient_id"])
-    fields = {k: consent[k] for k in ConsentOut.model_fields if k in consent}
+    fields = _values(consent, [k for k in ConsentOut.model_fields if k in consent])
     return ConsentOut(**{**fields, "revoked_at": revoked_at}, state="revoked")
 
 
@@ -668,14 +672,14 @@ async def submit_check_in(
     return answer
 
 
-def _replayed(earlier: dict[str, Any], request_hash: str) -> tuple[int, dict[str, Any]]:
+def _replayed(earlier: IdempotencyRow, request_hash: str) -> tuple[int, dict[str, Any]]:
     if earlier["request_hash"] != request_hash:
         raise Conflict("this Idempotency-Key was used for a different check-in")
     return int(earlier["status_code"]), json.loads(earlier["response"])
 
 
 async def _record_check_in(
-    session: AsyncSession, principal: Principal, patient: dict[str, Any], body: CheckInIn
+    session: AsyncSession, principal: Principal, patient: PatientRow, body: CheckInIn
 ) -> CheckInOut:
     recorded = await usecases.record_check_in(session, principal, patient, body.model_dump(), clock.now())
     await store.record_access(session, principal, "check_in.submit", recorded["site_id"], patient["patient_id"])
@@ -690,7 +694,7 @@ async def list_check_ins(patient_id: UUID, principal: StaffOrPatient, session: D
         await store.record_access(session, principal, "check_in.read", patient["site_id"], patient_id)
     return [
         CheckInRecord(
-            **{k: r[k] for k in CheckInRecord.model_fields if k in r and k not in ("substances", "risk_reasons")},
+            **_values(r, [k for k in CheckInRecord.model_fields if k in r and k not in ("substances", "risk_reasons")]),
             substances=json.loads(r["substances"]),
             risk_reasons=json.loads(r["risk_reasons"]),
         )
@@ -701,17 +705,17 @@ async def list_check_ins(patient_id: UUID, principal: StaffOrPatient, session: D
 # --- recovery plan ------------------------------------------------------------------------
 
 
-async def _plan_out(session: AsyncSession, enrollment: dict[str, Any]) -> PlanOut:
+async def _plan_out(session: AsyncSession, enrollment: EnrollmentRow) -> PlanOut:
     goals = await store.plan_goals_of(session, enrollment["enrollment_id"])
     progress = await store.progress_of(session, [g["goal_id"] for g in goals])
     return PlanOut(
         plan_id=domain.plan_id_of(enrollment["enrollment_id"]),
-        enrollment_id=enrollment["enrollment_id"],
+        enrollment_id=UUID(enrollment["enrollment_id"]),
         goals=[
             GoalOut(
-                **{k: g[k] for k in ("goal_id", "text", "target", "status", "review_on")},
+                **_values(g, ("goal_id", "text", "target", "status", "review_on")),
                 progress=[
-                    ProgressOut(**{k: p[k] for k in ProgressOut.model_fields})
+                    ProgressOut(**_values(p, ProgressOut.model_fields))
                     for p in progress
                     if p["goal_id"] == g["goal_id"]
                 ],
@@ -770,7 +774,7 @@ async def read_audit(
     rows = await store.audit_rows(
         session, principal.visible_sites(), str(patient_id) if patient_id else None, since, until
     )
-    return [AuditOut(**r) for r in rows]
+    return [AuditOut.model_validate(r) for r in rows]
 
 
 # --- potential duplicates (network admins) -----------------------------------------------------
@@ -791,7 +795,7 @@ class DuplicateOut(BaseModel):
     resolved_by: str | None
 
 
-async def _audit_pair(session: AsyncSession, principal: Principal, action: str, row: dict[str, Any]) -> None:
+async def _audit_pair(session: AsyncSession, principal: Principal, action: str, row: DuplicateRow) -> None:
     await store.record_access(session, principal, action, row["site_id"], row["patient_id"])
     await store.record_access(session, principal, action, row["match_site_id"], row["match_patient_id"])
 
@@ -809,7 +813,7 @@ async def list_potential_duplicates(
         rows = await store.list_potential_duplicates(session, None if status == "all" else status, limit)
         for row in rows:
             await _audit_pair(session, principal, "patient.duplicate_review", row)
-    return [DuplicateOut(**{k: r[k] for k in DuplicateOut.model_fields}) for r in rows]
+    return [DuplicateOut(**_values(r, DuplicateOut.model_fields)) for r in rows]
 
 
 async def _resolve(
@@ -819,7 +823,7 @@ async def _resolve(
         row = await usecases.resolve_duplicate(session, str(duplicate_id), resolution, principal.sub)
         action = "patient.duplicate_link" if resolution == "linked" else "patient.duplicate_dismiss"
         await _audit_pair(session, principal, action, row)
-    return DuplicateOut(**{k: row[k] for k in DuplicateOut.model_fields})
+    return DuplicateOut(**_values(row, DuplicateOut.model_fields))
 
 
 @router.post("/potential-duplicates/{duplicate_id}/link", response_model=DuplicateOut, tags=["patients"])

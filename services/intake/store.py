@@ -2,7 +2,7 @@
 
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 from uuid import uuid4
 
 from sqlalchemy import (
@@ -23,6 +23,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Select
 
@@ -211,28 +212,200 @@ potential_duplicates = Table(
 )
 
 
-async def get_site(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
+# --- rows as the queries below return them ------------------------------------------------
+# One TypedDict per kind of row, with the columns of its table above and their Python
+# types (nullable columns may be None). At run time each is a plain dict, as before.
+
+
+class SiteRow(TypedDict):
+    site_id: str
+    name: str
+    timezone: str
+    created_at: datetime
+    address: str | None
+    updated_at: datetime | None
+
+
+class PatientRow(TypedDict):
+    patient_id: str
+    site_id: str
+    mrn: str
+    given_name: str
+    family_name: str
+    name_key: str
+    birth_date: date
+    phone: str | None
+    email: str | None
+    preferred_channel: str
+    language: str
+    created_at: datetime
+    updated_at: datetime | None
+
+
+class EnrollmentRow(TypedDict):
+    enrollment_id: str
+    patient_id: str
+    site_id: str
+    program_id: str
+    level_of_care: str
+    cohort: str
+    start_date: date
+    referral_source: str
+    status: str
+    correlation_id: str
+    created_at: datetime
+    ended_on: date | None
+
+
+class PendingEnrollmentRow(EnrollmentRow):
+    """A pending enrollment with its site's timezone (the activation job's query)."""
+
+    timezone: str
+
+
+class HistoryRow(TypedDict):
+    id: int
+    enrollment_id: str
+    at: datetime
+    kind: str
+    from_value: str | None
+    to_value: str | None
+    reason: str | None
+    actor: str
+
+
+class ProgramRow(TypedDict):
+    program_id: str
+    site_id: str
+    name: str
+    cohort: str
+    level_of_care: str
+    published_at: datetime
+
+
+class ConsentRow(TypedDict):
+    consent_id: str
+    patient_id: str
+    site_id: str
+    recipient: str
+    purpose: str
+    information: str
+    expires_on: date | None
+    expires_event: str | None
+    signed_at: datetime
+    revoked_at: datetime | None
+    revocation_note: str | None
+    created_at: datetime
+
+
+class CheckInRow(TypedDict):
+    check_in_id: str
+    patient_id: str
+    enrollment_id: str
+    site_id: str
+    submitted_at: datetime
+    submitted_by: str
+    submitted_role: str
+    mood: int
+    craving: int
+    used_since_last: bool
+    substances: str  # JSON list of codes
+    sleep_hours: float | None
+    safety_concern: bool
+    goals: str | None
+    challenges: str | None
+    risk: str
+    risk_reasons: str  # JSON list of rule names
+
+
+class IdempotencyRow(TypedDict):
+    scope: str
+    key: str
+    request_hash: str
+    status_code: int
+    response: str  # the first answer's JSON body
+    created_at: datetime
+
+
+class GoalRow(TypedDict):
+    goal_id: str
+    plan_id: str
+    enrollment_id: str
+    text: str
+    target: str | None
+    status: str
+    review_on: date | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class ProgressRow(TypedDict):
+    id: int
+    goal_id: str
+    check_in_id: str | None
+    at: datetime
+    note: str | None
+    status: str | None
+    actor: str
+
+
+class DuplicateRow(TypedDict):
+    """A potential-duplicate queue entry with each record's current site."""
+
+    duplicate_id: str
+    patient_id: str
+    match_patient_id: str
+    created_at: datetime
+    status: str
+    resolution: str | None
+    resolved_at: datetime | None
+    resolved_by: str | None
+    site_id: str  # the patient's (patients.site_id)
+    match_site_id: str  # the matched patient's
+
+
+class AuditRow(TypedDict):
+    """A row of the audit table (shared.audit.audit_table)."""
+
+    id: int
+    at: datetime
+    actor: str
+    role: str
+    site_id: str
+    action: str
+    patient_id: str | None
+
+
+_Row = TypeVar("_Row")
+
+
+def _as(kind: type[_Row], row: RowMapping) -> _Row:
+    """A fetched row as the TypedDict of its kind: a plain dict, as the callers always had."""
+    return cast(_Row, dict(row))
+
+
+async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
     row = (await session.execute(select(sites).where(sites.c.site_id == site_id))).mappings().first()
-    return dict(row) if row else None
+    return _as(SiteRow, row) if row else None
 
 
-async def list_sites(session: AsyncSession, only: list[str] | None) -> list[dict[str, Any]]:
+async def list_sites(session: AsyncSession, only: list[str] | None) -> list[SiteRow]:
     query = select(sites).order_by(sites.c.site_id)
     if only is not None:
         query = query.where(sites.c.site_id.in_(only))
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(SiteRow, r) for r in (await session.execute(query)).mappings()]
 
 
 async def add_site(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(sites).values(created_at=clock.now(), **values))
 
 
-async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> PatientRow | None:
     query = select(patients).where(patients.c.patient_id == patient_id)
     if lock:
         query = query.with_for_update()
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(PatientRow, row) if row else None
 
 
 async def mrn_taken(session: AsyncSession, mrn: str) -> bool:
@@ -256,9 +429,9 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(enrollments).values(created_at=clock.now(), **values))
 
 
-async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:
     query = select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.created_at)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(EnrollmentRow, r) for r in (await session.execute(query)).mappings()]
 
 
 async def audit_rows(
@@ -267,7 +440,7 @@ async def audit_rows(
     patient_id: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
-) -> list[dict[str, Any]]:
+) -> list[AuditRow]:
     query = select(audit).order_by(audit.c.id)
     if site_ids is not None:
         query = query.where(audit.c.site_id.in_(site_ids))
@@ -277,7 +450,7 @@ async def audit_rows(
         query = query.where(audit.c.at >= since)
     if until is not None:
         query = query.where(audit.c.at < until)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(AuditRow, r) for r in (await session.execute(query)).mappings()]
 
 
 # --- sites -------------------------------------------------------------------------
@@ -305,9 +478,7 @@ async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) 
         await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
 
 
-async def find_identities(
-    session: AsyncSession, name_key: str, birth_date: date, limit: int = 20
-) -> list[dict[str, Any]]:
+async def find_identities(session: AsyncSession, name_key: str, birth_date: date, limit: int = 20) -> list[PatientRow]:
     """Likely duplicates anywhere in the network: same folded name, same birth date; oldest first."""
     query = (
         select(patients)
@@ -315,7 +486,7 @@ async def find_identities(
         .order_by(patients.c.created_at, patients.c.patient_id)
         .limit(limit)
     )
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(PatientRow, r) for r in (await session.execute(query)).mappings()]
 
 
 async def search_patients(
@@ -326,7 +497,7 @@ async def search_patients(
     birth_date: date | None = None,
     mrn: str | None = None,
     limit: int = 50,
-) -> list[dict[str, Any]]:
+) -> list[PatientRow]:
     query = select(patients).order_by(patients.c.family_name, patients.c.given_name).limit(limit)
     if site_ids is not None:
         query = query.where(patients.c.site_id.in_(site_ids))
@@ -336,24 +507,24 @@ async def search_patients(
         query = query.where(patients.c.birth_date == birth_date)
     if mrn:
         query = query.where(patients.c.mrn == mrn.upper())
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(PatientRow, r) for r in (await session.execute(query)).mappings()]
 
 
 # --- enrollments -----------------------------------------------------------------------
 
 
-async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: bool = False) -> EnrollmentRow | None:
     query = select(enrollments).where(enrollments.c.enrollment_id == enrollment_id)
     if lock:
         query = query.with_for_update()
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(EnrollmentRow, row) if row else None
 
 
-async def open_enrollment(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> dict[str, Any] | None:
+async def open_enrollment(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> EnrollmentRow | None:
     query = select(enrollments).where(enrollments.c.patient_id == patient_id, enrollments.c.status.in_(open_statuses))
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(EnrollmentRow, row) if row else None
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
@@ -366,14 +537,17 @@ async def add_history(session: AsyncSession, enrollment_id: str, kind: str, acto
     )
 
 
-async def history(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
+async def history(session: AsyncSession, enrollment_id: str) -> list[HistoryRow]:
     query = select(enrollment_history).where(enrollment_history.c.enrollment_id == enrollment_id)
-    return [dict(r) for r in (await session.execute(query.order_by(enrollment_history.c.id))).mappings()]
+    return [_as(HistoryRow, r) for r in (await session.execute(query.order_by(enrollment_history.c.id))).mappings()]
 
 
-async def pending_enrollments(session: AsyncSession) -> list[dict[str, Any]]:
+async def pending_enrollments(session: AsyncSession) -> list[PendingEnrollmentRow]:
     query = select(enrollments, sites.c.timezone).join(sites, sites.c.site_id == enrollments.c.site_id)
-    return [dict(r) for r in (await session.execute(query.where(enrollments.c.status == "pending"))).mappings()]
+    return [
+        _as(PendingEnrollmentRow, r)
+        for r in (await session.execute(query.where(enrollments.c.status == "pending"))).mappings()
+    ]
 
 
 # --- programs (projection) -------------------------------------------------------------
@@ -385,16 +559,16 @@ async def upsert_program(session: AsyncSession, program_id: str, **values: Any) 
         await session.execute(insert(programs).values(program_id=program_id, **values))
 
 
-async def list_programs(session: AsyncSession, site_id: str | None) -> list[dict[str, Any]]:
+async def list_programs(session: AsyncSession, site_id: str | None) -> list[ProgramRow]:
     query = select(programs).order_by(programs.c.site_id, programs.c.name)
     if site_id is not None:
         query = query.where(programs.c.site_id == site_id)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(ProgramRow, r) for r in (await session.execute(query)).mappings()]
 
 
-async def get_program(session: AsyncSession, program_id: str) -> dict[str, Any] | None:
+async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | None:
     row = (await session.execute(select(programs).where(programs.c.program_id == program_id))).mappings().first()
-    return dict(row) if row else None
+    return _as(ProgramRow, row) if row else None
 
 
 # --- consents --------------------------------------------------------------------------
@@ -404,17 +578,17 @@ async def add_consent(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(consents).values(created_at=clock.now(), **values))
 
 
-async def get_consent(session: AsyncSession, consent_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+async def get_consent(session: AsyncSession, consent_id: str, *, lock: bool = False) -> ConsentRow | None:
     query = select(consents).where(consents.c.consent_id == consent_id)
     if lock:
         query = query.with_for_update()
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(ConsentRow, row) if row else None
 
 
-async def patient_consents(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+async def patient_consents(session: AsyncSession, patient_id: str) -> list[ConsentRow]:
     query = select(consents).where(consents.c.patient_id == patient_id).order_by(consents.c.signed_at)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(ConsentRow, r) for r in (await session.execute(query)).mappings()]
 
 
 async def revoke_consent(session: AsyncSession, consent_id: str, revoked_at: datetime, note: str | None) -> None:
@@ -441,20 +615,20 @@ async def recent_cravings(session: AsyncSession, enrollment_id: str, limit: int 
     return [r.craving for r in await session.execute(query)][::-1]
 
 
-async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int = 60) -> list[dict[str, Any]]:
+async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int = 60) -> list[CheckInRow]:
     query = (
         select(check_ins)
         .where(check_ins.c.patient_id == patient_id)
         .order_by(check_ins.c.submitted_at.desc())
         .limit(limit)
     )
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(CheckInRow, r) for r in (await session.execute(query)).mappings()]
 
 
-async def get_idempotent(session: AsyncSession, scope: str, key: str) -> dict[str, Any] | None:
+async def get_idempotent(session: AsyncSession, scope: str, key: str) -> IdempotencyRow | None:
     query = select(idempotency_keys).where(idempotency_keys.c.scope == scope, idempotency_keys.c.key == key)
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(IdempotencyRow, row) if row else None
 
 
 async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
@@ -464,14 +638,14 @@ async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
 # --- recovery plan ---------------------------------------------------------------------
 
 
-async def plan_goals_of(session: AsyncSession, enrollment_id: str) -> list[dict[str, Any]]:
+async def plan_goals_of(session: AsyncSession, enrollment_id: str) -> list[GoalRow]:
     query = select(plan_goals).where(plan_goals.c.enrollment_id == enrollment_id).order_by(plan_goals.c.created_at)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(GoalRow, r) for r in (await session.execute(query)).mappings()]
 
 
-async def get_goal(session: AsyncSession, goal_id: str) -> dict[str, Any] | None:
+async def get_goal(session: AsyncSession, goal_id: str) -> GoalRow | None:
     row = (await session.execute(select(plan_goals).where(plan_goals.c.goal_id == goal_id))).mappings().first()
-    return dict(row) if row else None
+    return _as(GoalRow, row) if row else None
 
 
 async def add_goal(session: AsyncSession, **values: Any) -> None:
@@ -489,11 +663,11 @@ async def add_progress(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(goal_progress).values(at=clock.now(), **values))
 
 
-async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[dict[str, Any]]:
+async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[ProgressRow]:
     if not goal_ids:
         return []
     query = select(goal_progress).where(goal_progress.c.goal_id.in_(goal_ids)).order_by(goal_progress.c.id)
-    return [dict(r) for r in (await session.execute(query)).mappings()]
+    return [_as(ProgressRow, r) for r in (await session.execute(query)).mappings()]
 
 
 async def change_status_if(session: AsyncSession, enrollment_id: str, current: str, target: str) -> bool:
@@ -532,17 +706,17 @@ def _duplicates_with_sites() -> Select[Any]:
     )
 
 
-async def list_potential_duplicates(session: AsyncSession, status: str | None, limit: int) -> list[dict[str, Any]]:
+async def list_potential_duplicates(session: AsyncSession, status: str | None, limit: int) -> list[DuplicateRow]:
     query = _duplicates_with_sites().order_by(potential_duplicates.c.created_at, potential_duplicates.c.duplicate_id)
     if status is not None:
         query = query.where(potential_duplicates.c.status == status)
-    return [dict(r) for r in (await session.execute(query.limit(limit))).mappings()]
+    return [_as(DuplicateRow, r) for r in (await session.execute(query.limit(limit))).mappings()]
 
 
-async def get_potential_duplicate(session: AsyncSession, duplicate_id: str) -> dict[str, Any] | None:
+async def get_potential_duplicate(session: AsyncSession, duplicate_id: str) -> DuplicateRow | None:
     query = _duplicates_with_sites().where(potential_duplicates.c.duplicate_id == duplicate_id)
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(DuplicateRow, row) if row else None
 
 
 async def resolve_potential_duplicate(session: AsyncSession, duplicate_id: str, resolution: str, actor: str) -> bool:

@@ -14,6 +14,7 @@ they look anything up, so bad input is answered alike whatever records exist or 
 caller may see."""
 
 import json
+from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, cast
 from uuid import UUID, uuid4
@@ -22,6 +23,7 @@ from zoneinfo import ZoneInfo
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store
+from services.intake.store import ConsentRow, DuplicateRow, EnrollmentRow, GoalRow, PatientRow, SiteRow
 from shared.auth import Principal
 from shared.contracts import Envelope
 from shared.contracts.events import (
@@ -43,14 +45,15 @@ from shared.domain_errors import DomainError
 from shared.messaging.outbox import Chain
 
 OPEN = frozenset(str(s) for s in domain.OPEN_STATUSES)
+GoalState = Literal["active", "met", "dropped"]  # a goal's status on the bus (GoalStatus.status)
 
 
-def _episode(enrollment: dict[str, Any]) -> Chain:
+def _episode(enrollment: EnrollmentRow) -> Chain:
     """Every event of an episode shares its correlation id (its PatientEnrolled's)."""
     return Chain(UUID(enrollment["correlation_id"]))
 
 
-async def _reloaded(session: AsyncSession, enrollment_id: str) -> dict[str, Any]:
+async def _reloaded(session: AsyncSession, enrollment_id: str) -> EnrollmentRow:
     enrollment = await store.get_enrollment(session, enrollment_id)
     assert enrollment is not None
     return enrollment
@@ -67,7 +70,7 @@ async def register_site(session: AsyncSession, spec: dict[str, Any]) -> None:
     await store.outbox.emit(session, SiteRegistered(name=spec["name"], timezone=spec["timezone"]), spec["site_id"])
 
 
-async def update_site(session: AsyncSession, site_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+async def update_site(session: AsyncSession, site_id: str, changes: dict[str, Any]) -> SiteRow:
     """Returns the site as changed. Other services learn only of a new name or timezone."""
     if "timezone" in changes:
         domain.validate_timezone(changes["timezone"] or "")
@@ -76,7 +79,7 @@ async def update_site(session: AsyncSession, site_id: str, changes: dict[str, An
         raise DomainError("not_found", "site not found")
     if changes:
         await store.update_site(session, site_id, **changes)
-    updated = {**site, **changes}
+    updated = cast(SiteRow, {**site, **changes})
     if changes.keys() & {"name", "timezone"}:
         await store.outbox.emit(session, SiteRegistered(name=updated["name"], timezone=updated["timezone"]), site_id)
     return updated
@@ -119,7 +122,7 @@ async def register_patient(
     return {**spec, "patient_id": patient_id, "mrn": mrn}
 
 
-async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen: list[dict[str, Any]]) -> None:
+async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen: list[PatientRow]) -> None:
     """Matches at sites the caller does not serve go to the network admins' queue, never
     into the answer: a 409 would tell this site that the person is in treatment elsewhere.
     No audit row is written here: nothing was disclosed to anyone yet, and a row at the
@@ -129,7 +132,7 @@ async def _queue_unseen_matches(session: AsyncSession, patient_id: UUID, unseen:
         await store.add_potential_duplicate(session, str(patient_id), match["patient_id"])
 
 
-async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, values: dict[str, Any]) -> None:
+async def _stage_contact(session: AsyncSession, patient_id: UUID, site_id: str, values: Mapping[str, Any]) -> None:
     """Contact details travel only on iop.restricted.> (PatientContactChanged.restricted)."""
     contact = PatientContactChanged(
         patient_id=patient_id,
@@ -146,9 +149,9 @@ def check_patient_changes(changes: dict[str, Any], today: date) -> None:
         domain.validate_birth_date(changes["birth_date"], today)
 
 
-async def update_patient(session: AsyncSession, patient: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+async def update_patient(session: AsyncSession, patient: PatientRow, changes: dict[str, Any]) -> PatientRow:
     """Returns the patient as changed; a changed contact is published (restricted)."""
-    updated = {**patient, **changes}
+    updated = cast(PatientRow, {**patient, **changes})
     domain.check_channel_address(updated["preferred_channel"], updated["phone"], updated["email"])
     stored = dict(changes)
     if changes.keys() & {"given_name", "family_name"}:
@@ -168,8 +171,8 @@ def check_enrollment(start_date: date, today: date) -> None:
 
 
 async def enroll(
-    session: AsyncSession, actor: str, patient: dict[str, Any], spec: dict[str, Any], today: date
-) -> dict[str, Any]:
+    session: AsyncSession, actor: str, patient: PatientRow, spec: dict[str, Any], today: date
+) -> EnrollmentRow:
     """Open an episode in a published program of the patient's site."""
     await _check_program(session, spec["program_id"], patient["site_id"], spec["cohort"])
     return await _open_episode(session, actor, patient, spec, today, None)
@@ -188,11 +191,11 @@ async def _check_program(session: AsyncSession, program_id: str, site_id: str, c
 async def _open_episode(
     session: AsyncSession,
     actor: str,
-    patient: dict[str, Any],
+    patient: PatientRow,
     spec: dict[str, Any],
     today: date,
     cause: Envelope | None,
-) -> dict[str, Any]:
+) -> EnrollmentRow:
     """Create an enrollment (pending or active) and stage PatientEnrolled."""
     patient_id = patient["patient_id"]
     # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
@@ -226,7 +229,7 @@ async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:
     return activated
 
 
-async def activate(session: AsyncSession, enrollment: dict[str, Any]) -> bool:
+async def activate(session: AsyncSession, enrollment: EnrollmentRow) -> bool:
     """Activate one episode as read; False if it changed since (a discharge committed
     since the read must not be undone)."""
     domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.ACTIVE)
@@ -239,8 +242,8 @@ async def activate(session: AsyncSession, enrollment: dict[str, Any]) -> bool:
 
 
 async def change_level(
-    session: AsyncSession, actor: str, enrollment: dict[str, Any], level_of_care: str, reason: str | None
-) -> dict[str, Any]:
+    session: AsyncSession, actor: str, enrollment: EnrollmentRow, level_of_care: str, reason: str | None
+) -> EnrollmentRow:
     """Step-down or step-up between ASAM levels within the episode, kept as history."""
     if enrollment["status"] not in OPEN:
         raise DomainError("conflict", f"a {enrollment['status']} enrollment cannot change level")
@@ -268,10 +271,10 @@ def check_transfer(effective_on: date, today: date) -> None:
 async def transfer(
     session: AsyncSession,
     principal: Principal,
-    enrollment: dict[str, Any],
+    enrollment: EnrollmentRow,
     destination: dict[str, Any],
     today: date,
-) -> dict[str, Any]:
+) -> EnrollmentRow:
     """End the episode at this site (transferred) and open one at the receiving site
     (`destination`: to_site_id, to_program_id, effective_on). Returns the new episode.
 
@@ -341,8 +344,8 @@ def check_discharge(discharged_on: date, today: date) -> None:
 
 
 async def discharge(
-    session: AsyncSession, actor: str, enrollment: dict[str, Any], reason: str, discharged_on: date
-) -> dict[str, Any]:
+    session: AsyncSession, actor: str, enrollment: EnrollmentRow, reason: str, discharged_on: date
+) -> EnrollmentRow:
     domain.check_transition(domain.EnrollmentStatus(enrollment["status"]), domain.EnrollmentStatus.DISCHARGED)
     if discharged_on < enrollment["start_date"] and enrollment["status"] == "active":
         raise DomainError(
@@ -376,7 +379,7 @@ def check_consent(spec: dict[str, Any], now: datetime) -> None:
     domain.check_consent_dates(spec["signed_at"], spec["expires_on"], spec["expires_event"], now)
 
 
-async def grant_consent(session: AsyncSession, patient: dict[str, Any], spec: dict[str, Any]) -> UUID:
+async def grant_consent(session: AsyncSession, patient: PatientRow, spec: dict[str, Any]) -> UUID:
     consent_id = uuid4()
     await store.add_consent(
         session, consent_id=str(consent_id), patient_id=patient["patient_id"], site_id=patient["site_id"], **spec
@@ -386,13 +389,13 @@ async def grant_consent(session: AsyncSession, patient: dict[str, Any], spec: di
     return consent_id
 
 
-def _terms(consent: dict[str, Any]) -> dict[str, Any]:
+def _terms(consent: Mapping[str, Any]) -> dict[str, Any]:
     """What the bus carries of a consent: who may receive it, why, until when. Never the
     `information` it covers: free text, which stays in intake's database."""
     return {k: consent[k] for k in ("recipient", "purpose", "expires_on", "expires_event")}
 
 
-async def consent_state(session: AsyncSession, consent: dict[str, Any], today: date) -> domain.ConsentState:
+async def consent_state(session: AsyncSession, consent: ConsentRow, today: date) -> domain.ConsentState:
     ended = await _treatment_ended_since(session, consent["patient_id"], consent["signed_at"])
     return domain.consent_state(
         revoked_at=consent["revoked_at"],
@@ -420,8 +423,8 @@ def check_revocation_time(revoked_at: datetime, now: datetime) -> None:
 
 async def revoke_consent(
     session: AsyncSession,
-    consent: dict[str, Any],
-    patient: dict[str, Any],
+    consent: ConsentRow,
+    patient: PatientRow,
     revoked_at: datetime,
     note: str | None,
     today: date,
@@ -441,7 +444,7 @@ async def revoke_consent(
 
 
 async def record_check_in(
-    session: AsyncSession, principal: Principal, patient: dict[str, Any], answers: dict[str, Any], now: datetime
+    session: AsyncSession, principal: Principal, patient: PatientRow, answers: dict[str, Any], now: datetime
 ) -> dict[str, Any]:
     """Score a check-in for risk against the episode's recent cravings, record it with the
     plan goals it reports progress on, and publish it (without its free text)."""
@@ -515,7 +518,7 @@ async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list
 # --- recovery plan ------------------------------------------------------------------------
 
 
-async def add_goal(session: AsyncSession, enrollment: dict[str, Any], spec: dict[str, Any]) -> None:
+async def add_goal(session: AsyncSession, enrollment: EnrollmentRow, spec: dict[str, Any]) -> None:
     if enrollment["status"] not in OPEN:
         raise DomainError("conflict", f"a {enrollment['status']} enrollment's plan is closed")
     await store.add_goal(
@@ -532,8 +535,8 @@ async def add_goal(session: AsyncSession, enrollment: dict[str, Any], spec: dict
 async def change_goal(
     session: AsyncSession,
     actor: str,
-    goal: dict[str, Any],
-    enrollment: dict[str, Any],
+    goal: GoalRow,
+    enrollment: EnrollmentRow,
     changes: dict[str, Any],
     note: str | None,
 ) -> None:
@@ -548,13 +551,13 @@ async def change_goal(
         await _stage_plan(session, enrollment)
 
 
-async def _stage_plan(session: AsyncSession, enrollment: dict[str, Any]) -> None:
+async def _stage_plan(session: AsyncSession, enrollment: EnrollmentRow) -> None:
     goals = await store.plan_goals_of(session, enrollment["enrollment_id"])
     event = TreatmentPlanUpdated(
         patient_id=UUID(enrollment["patient_id"]),
         enrollment_id=UUID(enrollment["enrollment_id"]),
         plan_id=domain.plan_id_of(enrollment["enrollment_id"]),
-        goals=[GoalStatus(goal_id=UUID(g["goal_id"]), status=g["status"]) for g in goals],
+        goals=[GoalStatus(goal_id=UUID(g["goal_id"]), status=cast(GoalState, g["status"])) for g in goals],
     )
     await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
 
@@ -564,7 +567,7 @@ async def _stage_plan(session: AsyncSession, enrollment: dict[str, Any]) -> None
 
 async def resolve_duplicate(
     session: AsyncSession, duplicate_id: str, resolution: Literal["linked", "dismissed"], actor: str
-) -> dict[str, Any]:
+) -> DuplicateRow:
     """Resolve a queue entry once; returns it as resolved (the records are not merged)."""
     if await store.get_potential_duplicate(session, duplicate_id) is None:
         raise DomainError("not_found", "potential duplicate not found")
