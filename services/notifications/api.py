@@ -2,6 +2,7 @@
 settings, care-team alerts and their acknowledgement, webhook subscriptions (DESIGN A6)."""
 
 import re
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID, uuid4
@@ -59,6 +60,11 @@ async def _ensure_sees_patient(
         raise AccessDenied("patient not found")
 
 
+def _pick(row: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """A response model's keyword arguments: the row's values of `names`, each a column."""
+    return {k: row[k] for k in names}
+
+
 # --- a patient's messages ---------------------------------------------------------------------
 
 
@@ -105,10 +111,8 @@ async def patient_notifications(patient_id: UUID, principal: Staff, session: Db)
     fields = NotificationOut.model_fields
     return [
         NotificationOut(
-            **{k: v for k, v in r.items() if k in fields},
-            deliveries=[
-                AttemptOut(**{k: a[k] for k in AttemptOut.model_fields}) for a in log.get(r["notification_id"], [])
-            ],
+            **_pick(r, [k for k in r if k in fields]),
+            deliveries=[AttemptOut(**_pick(a, AttemptOut.model_fields)) for a in log.get(r["notification_id"], [])],
         )
         for r in rows
     ]
@@ -117,7 +121,7 @@ async def patient_notifications(patient_id: UUID, principal: Staff, session: Db)
 # --- sites: care team and notification settings -----------------------------------------------
 
 
-async def _known_site(session: AsyncSession, principal: Principal, site_id: str) -> dict[str, Any]:
+async def _known_site(session: AsyncSession, principal: Principal, site_id: str) -> store.SiteRow:
     ensure_site(principal, site_id, "site")
     site = await store.get_site(session, site_id)
     if site is None:
@@ -166,14 +170,14 @@ class CareTeamOut(BaseModel):
     members: list[MemberOut]
 
 
-def _care_team_out(site_id: str, rows: list[dict[str, Any]]) -> CareTeamOut:
-    return CareTeamOut(site_id=site_id, members=[MemberOut(**{k: r[k] for k in MemberOut.model_fields}) for r in rows])
+def _care_team_out(site_id: str, rows: list[store.CareTeamMemberRow]) -> CareTeamOut:
+    return CareTeamOut(site_id=site_id, members=[MemberOut(**_pick(r, MemberOut.model_fields)) for r in rows])
 
 
 @router.put("/sites/{site_id}/care-team", response_model=CareTeamOut, tags=["care team"])
 async def put_care_team(site_id: str, body: CareTeamIn, principal: Admin, session: Db, request: Request) -> CareTeamOut:
     language = request.app.state.settings.notify_care_team_language
-    members = [
+    members: list[store.CareTeamMember] = [
         {
             "member_id": domain.member_id(site_id, m.channel, m.address),
             "name": m.name,
@@ -305,12 +309,12 @@ class AlertOut(BaseModel):
     messages: list[AlertMessageOut] = []
 
 
-async def _alert_out(session: AsyncSession, alert: dict[str, Any]) -> AlertOut:
+async def _alert_out(session: AsyncSession, alert: store.AlertRow) -> AlertOut:
     messages = [
-        AlertMessageOut(**{k: m[k] for k in AlertMessageOut.model_fields})
+        AlertMessageOut(**_pick(m, AlertMessageOut.model_fields))
         for m in await store.alert_messages(session, alert["alert_id"])
     ]
-    return AlertOut(**{k: alert[k] for k in AlertOut.model_fields if k in alert}, messages=messages)
+    return AlertOut(**_pick(alert, [k for k in AlertOut.model_fields if k in alert]), messages=messages)
 
 
 @router.get("/alerts", response_model=list[AlertOut], tags=["alerts"])
@@ -339,7 +343,7 @@ async def list_alerts(
 
 async def _visible_alert(
     session: AsyncSession, principal: Principal, alert_id: UUID, action: str, *, lock: bool = False
-) -> dict[str, Any]:
+) -> store.AlertRow:
     """The alert if the caller serves its site, else 404 with `<action>.denied` audited."""
     alert = await store.get_alert(session, str(alert_id), lock=lock)
     if alert is None:
@@ -403,9 +407,9 @@ class SubscriptionOut(BaseModel):
     created_at: datetime
 
 
-def _subscription_out(row: dict[str, Any]) -> SubscriptionOut:
+def _subscription_out(row: store.SubscriptionRow) -> SubscriptionOut:
     return SubscriptionOut(
-        subscription_id=row["subscription_id"], site_id=row["site_id"], url=row["url"],
+        subscription_id=UUID(row["subscription_id"]), site_id=row["site_id"], url=row["url"],
         events=row["event_types"], created_at=row["created_at"],
     )  # fmt: skip
 

@@ -57,7 +57,7 @@ sessionmaker = async_sessionmaker[AsyncSession]
 class Outcome:
     """What one attempt came to, to be recorded: sent (provider_id) or failed (error)."""
 
-    row: dict[str, Any]
+    row: store.NotificationRow
     channel: str
     attempts: int
     provider_id: str | None = None
@@ -218,7 +218,7 @@ class Dispatcher:
         handled = 0
         limit = asyncio.Semaphore(CONCURRENCY)
 
-        async def one(row: dict[str, Any]) -> None:
+        async def one(row: store.NotificationRow) -> None:
             async with limit:
                 if not self._stopping:
                     await self.deliver(sessions, row)
@@ -244,7 +244,7 @@ class Dispatcher:
                 return handled
         return handled
 
-    async def deliver(self, sessions: sessionmaker, row: dict[str, Any]) -> None:
+    async def deliver(self, sessions: sessionmaker, row: store.NotificationRow) -> None:
         records = self._recorder(sessions)
         await records.idle()  # outcomes waiting to be recorded go first
         now = clock.now()
@@ -277,8 +277,8 @@ class Dispatcher:
         return self._records
 
     async def _claim(
-        self, sessions: sessionmaker, row: dict[str, Any], now: datetime
-    ) -> tuple[dict[str, Any], usecases.Ready, OutboundMessage] | None:
+        self, sessions: sessionmaker, row: store.NotificationRow, now: datetime
+    ) -> tuple[store.NotificationRow, usecases.Ready, OutboundMessage] | None:
         """Take the message for sending, or settle it if it may not go out now."""
         async with sessions() as session, session.begin():
             lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
@@ -291,7 +291,7 @@ class Dispatcher:
                 return None
         return current, decision, compose(current, decision)
 
-    async def _release(self, sessions: sessionmaker, row: dict[str, Any]) -> None:
+    async def _release(self, sessions: sessionmaker, row: store.NotificationRow) -> None:
         # `row` is as it was before the claim: it is due again at its own time.
         with contextlib.suppress(Exception):  # else its lease runs out: sent later, once
             async with sessions() as session, session.begin():
@@ -316,7 +316,7 @@ class Dispatcher:
         )
 
     def _failure(
-        self, row: dict[str, Any], channel: str, attempts: int, error: str, *, retryable: bool = True
+        self, row: store.NotificationRow, channel: str, attempts: int, error: str, *, retryable: bool = True
     ) -> Outcome:
         final = attempts >= self.policy.max_attempts or not retryable
         retry_at = None if final else self.retry_at(clock.now(), attempts)
@@ -357,7 +357,7 @@ class Dispatcher:
         if outcome.final:
             await usecases.announce_outcome(session, NotificationFailed, row, channel, attempts, reason=error)
 
-    async def _settle(self, session: AsyncSession, row: dict[str, Any], decision: usecases.Settle) -> None:
+    async def _settle(self, session: AsyncSession, row: store.NotificationRow, decision: usecases.Settle) -> None:
         # `row` is as it was before the claim: a message not sent now keeps its due time
         # (or takes the later one given), not the claim's lease.
         values: dict[str, Any] = {
@@ -378,7 +378,7 @@ class Dispatcher:
         return now + timedelta(seconds=delay)
 
 
-def compose(row: dict[str, Any], ready: usecases.Ready) -> OutboundMessage:
+def compose(row: store.NotificationRow, ready: usecases.Ready) -> OutboundMessage:
     """The message itself: rendered in the recipient's language (webhooks: the event)."""
     webhook = row["template"] == "webhook"
     return OutboundMessage(

@@ -29,6 +29,7 @@ from zoneinfo import ZoneInfo
 
 Channel = Literal["console", "email", "sms", "webhook"]
 Severity = Literal["info", "warning", "urgent"]
+RecipientKind = Literal["patient", "care_team", "integration"]
 
 DEFAULT_LANGUAGE = "en"
 DEFAULT_TIMEZONE = "UTC"  # until the site's SiteRegistered arrives

@@ -5,10 +5,10 @@ message log with its delivery attempts, plus outbox, inbox, audit and the operat
 repairs."""
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, TypeVar, cast
 
 from sqlalchemy import (
     Boolean,
@@ -26,6 +26,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Result
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
@@ -265,13 +266,205 @@ delivery_attempts = Table(
 )
 
 
-def _rows(result: Any) -> list[dict[str, Any]]:
-    return [dict(r) for r in result.mappings()]
+# --- rows as they come back: one TypedDict per kind, the column names and the Python types
+# of the tables above (a nullable column: `| None`). At run time they are plain dicts.
 
 
-async def _one(session: AsyncSession, query: Any) -> dict[str, Any] | None:
+class ContactRow(TypedDict):
+    patient_id: str
+    site_id: str
+    phone: str | None
+    email: str | None
+    preferred_channel: str
+    language: str
+    changed_at: datetime
+
+
+class EnrollmentRow(TypedDict):
+    enrollment_id: str
+    patient_id: str
+    site_id: str
+    start_date: date
+    enrolled_event_id: str
+    correlation_id: str
+    status: str
+    discharged_on: date | None
+
+
+class EpisodeEndRow(TypedDict):
+    enrollment_id: str
+    patient_id: str
+    site_id: str
+    status: str
+    ended_on: date
+    event_id: str
+    recorded_at: datetime
+
+
+class _EpisodeStatus(TypedDict):
+    """episode_statuses reads these two columns only."""
+
+    enrollment_id: str
+    status: str
+
+
+class SiteRow(TypedDict):
+    site_id: str
+    name: str
+    timezone: str
+    updated_at: datetime
+
+
+class SiteSettingsRow(TypedDict):
+    site_id: str
+    reminder_offsets: list[int] | None  # decoded from its JSON column
+    quiet_start: str | None
+    quiet_end: str | None
+    updated_at: datetime
+    updated_by: str
+
+
+class ConsentRow(TypedDict):
+    consent_id: str
+    patient_id: str
+    site_id: str
+    recipient: str
+    purpose: str
+    expires_on: date | None
+    revoked: bool
+    granted_at: datetime | None
+    revoked_at: datetime | None
+    expires_event: str | None
+
+
+class SessionRow(TypedDict):
+    session_id: str
+    site_id: str
+    starts_at: datetime
+    ends_at: datetime
+    status: str
+
+
+class BookingRow(TypedDict):
+    booking_id: str
+    session_id: str
+    patient_id: str
+    site_id: str
+    starts_at: datetime
+    status: str
+    updated_at: datetime
+    event_at: datetime | None
+
+
+class AttendanceRow(TypedDict):
+    session_id: str
+    patient_id: str
+    streak_key: str
+    site_id: str
+    starts_at: datetime
+    status: str
+    recorded_at: datetime
+
+
+class CareTeamMember(TypedDict):
+    """A roster member as given to replace_care_team (its row less site and position)."""
+
+    member_id: str
+    name: str
+    role: str
+    channel: str
+    address: str
+    language: str
+    secret: str | None
+
+
+class CareTeamMemberRow(CareTeamMember):
+    site_id: str
+    position: int
+
+
+class AlertRow(TypedDict):
+    alert_id: str
+    site_id: str
+    patient_id: str
+    reason: str
+    severity: str
+    status: str
+    level: int
+    escalate_at: datetime | None
+    cause_event_id: str
+    correlation_id: str
+    dedupe_key: str
+    details: str | None  # JSON
+    created_at: datetime
+    acknowledged_at: datetime | None
+    acknowledged_by: str | None
+
+
+class SubscriptionRow(TypedDict):
+    subscription_id: str
+    site_id: str
+    url: str
+    event_types: list[str]  # decoded from its JSON column
+    secret: str
+    active: bool
+    created_by: str
+    created_at: datetime
+
+
+class NotificationRow(TypedDict):
+    notification_id: str
+    site_id: str
+    patient_id: str | None
+    recipient_kind: str
+    recipient: str
+    channel: str
+    template: str
+    language: str
+    cause_event_id: str
+    correlation_id: str
+    status: str
+    attempts: int
+    last_error: str | None
+    provider_id: str | None
+    created_at: datetime
+    due_at: datetime
+    sent_at: datetime | None
+    status_reason: str | None
+    expires_at: datetime | None
+    urgent: bool
+    booking_id: str | None
+    session_id: str | None
+    alert_id: str | None
+    payload: str | None
+
+
+class DeliveryAttemptRow(TypedDict):
+    id: int
+    notification_id: str
+    attempt: int
+    at: datetime
+    channel: str
+    outcome: str
+    error: str | None
+    provider_id: str | None
+
+
+RowT = TypeVar("RowT")
+
+
+def _as(kind: type[RowT], row: Mapping[Any, Any]) -> RowT:
+    """A row (a copy, as a plain dict) typed as the TypedDict of its kind."""
+    return cast(RowT, dict(row))
+
+
+def _rows(kind: type[RowT], result: Result[Any]) -> list[RowT]:
+    return [_as(kind, r) for r in result.mappings()]
+
+
+async def _one(session: AsyncSession, kind: type[RowT], query: Any) -> RowT | None:
     row = (await session.execute(query)).mappings().first()
-    return dict(row) if row else None
+    return _as(kind, row) if row else None
 
 
 # --- patients, contacts, enrollments --------------------------------------------------------
@@ -292,8 +485,8 @@ async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: dat
         )
 
 
-async def get_contact(session: AsyncSession, patient_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(contacts).where(contacts.c.patient_id == patient_id))
+async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | None:
+    return await _one(session, ContactRow, select(contacts).where(contacts.c.patient_id == patient_id))
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
@@ -310,33 +503,35 @@ async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any)
     return await insert_if_absent(session, episode_ends, enrollment_id=enrollment_id, recorded_at=clock.now(), **values)
 
 
-async def get_end(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
+async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
+    return await _one(session, EpisodeEndRow, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
 
 
 async def episode_statuses(session: AsyncSession, patient_id: str, site_id: str) -> list[str]:
     """The status of every episode of the patient known at the site: enrolled ones, and
     ends whose enrollment has not arrived yet."""
     enrolled = _rows(
+        _EpisodeStatus,
         await session.execute(
             select(enrollments.c.enrollment_id, enrollments.c.status).where(
                 enrollments.c.patient_id == patient_id, enrollments.c.site_id == site_id
             )
-        )
+        ),
     )
     ended = _rows(
+        _EpisodeStatus,
         await session.execute(
             select(episode_ends.c.enrollment_id, episode_ends.c.status).where(
                 episode_ends.c.patient_id == patient_id, episode_ends.c.site_id == site_id
             )
-        )
+        ),
     )
     known = {row["enrollment_id"] for row in enrolled}
     return [row["status"] for row in enrolled] + [row["status"] for row in ended if row["enrollment_id"] not in known]
 
 
-async def get_enrollment(session: AsyncSession, enrollment_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
+async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:
+    return await _one(session, EnrollmentRow, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
 
 
 async def move_contact(session: AsyncSession, patient_id: str, site_id: str) -> None:
@@ -347,9 +542,9 @@ async def update_enrollment(session: AsyncSession, enrollment_id: str, **values:
     await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
 
 
-async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:
     query = select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.start_date)
-    return _rows(await session.execute(query))
+    return _rows(EnrollmentRow, await session.execute(query))
 
 
 async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
@@ -370,14 +565,20 @@ async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
 
 
 upsert_site = site_directory.upsert
-get_site = site_directory.get
 
 
-async def get_site_settings(session: AsyncSession, site_id: str) -> dict[str, Any] | None:
-    row = await _one(session, select(site_settings).where(site_settings.c.site_id == site_id))
-    if row is not None and row["reminder_offsets"] is not None:
-        row["reminder_offsets"] = json.loads(row["reminder_offsets"])
-    return row
+async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
+    row = await site_directory.get(session, site_id)
+    return _as(SiteRow, row) if row is not None else None
+
+
+async def get_site_settings(session: AsyncSession, site_id: str) -> SiteSettingsRow | None:
+    query = select(site_settings).where(site_settings.c.site_id == site_id)
+    row = (await session.execute(query)).mappings().first()
+    if row is None:
+        return None
+    offsets = row["reminder_offsets"]
+    return _as(SiteSettingsRow, {**row, "reminder_offsets": json.loads(offsets) if offsets is not None else None})
 
 
 async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str, **values: Any) -> None:
@@ -393,7 +594,7 @@ async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str
 
 async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) -> None:
     if not await insert_if_absent(session, consents, consent_id=consent_id, **values):
-        current = await _one(session, select(consents).where(consents.c.consent_id == consent_id))
+        current = await _one(session, ConsentRow, select(consents).where(consents.c.consent_id == consent_id))
         assert current is not None
         if current["revoked"] and not values.get("revoked"):
             return  # a late or re-published grant never revives a revoked consent
@@ -413,8 +614,8 @@ async def end_treatment_consents(session: AsyncSession, patient_id: str, dischar
     )
 
 
-async def patient_consents(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
-    return _rows(await session.execute(select(consents).where(consents.c.patient_id == patient_id)))
+async def patient_consents(session: AsyncSession, patient_id: str) -> list[ConsentRow]:
+    return _rows(ConsentRow, await session.execute(select(consents).where(consents.c.patient_id == patient_id)))
 
 
 # --- sessions, bookings, attendance ---------------------------------------------------------
@@ -425,8 +626,8 @@ async def upsert_session(session: AsyncSession, session_id: str, **values: Any) 
         await session.execute(update(sessions).where(sessions.c.session_id == session_id).values(**values))
 
 
-async def get_session(session: AsyncSession, session_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(sessions).where(sessions.c.session_id == session_id))
+async def get_session(session: AsyncSession, session_id: str) -> SessionRow | None:
+    return await _one(session, SessionRow, select(sessions).where(sessions.c.session_id == session_id))
 
 
 async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
@@ -435,13 +636,13 @@ async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) 
         await session.execute(update(bookings).where(bookings.c.booking_id == booking_id).values(**values))
 
 
-async def get_booking(session: AsyncSession, booking_id: str) -> dict[str, Any] | None:
-    return await _one(session, select(bookings).where(bookings.c.booking_id == booking_id))
+async def get_booking(session: AsyncSession, booking_id: str) -> BookingRow | None:
+    return await _one(session, BookingRow, select(bookings).where(bookings.c.booking_id == booking_id))
 
 
-async def patient_booking_for_session(session: AsyncSession, patient_id: str, session_id: str) -> dict[str, Any] | None:
+async def patient_booking_for_session(session: AsyncSession, patient_id: str, session_id: str) -> BookingRow | None:
     query = select(bookings).where(bookings.c.patient_id == patient_id, bookings.c.session_id == session_id)
-    return await _one(session, query)
+    return await _one(session, BookingRow, query)
 
 
 async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: str, **values: Any) -> None:
@@ -453,15 +654,15 @@ async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: 
         )
 
 
-async def streak_attendance(session: AsyncSession, streak_key: str) -> list[dict[str, Any]]:
+async def streak_attendance(session: AsyncSession, streak_key: str) -> list[AttendanceRow]:
     query = select(attendance).where(attendance.c.streak_key == streak_key).order_by(attendance.c.starts_at)
-    return _rows(await session.execute(query))
+    return _rows(AttendanceRow, await session.execute(query))
 
 
 # --- care team --------------------------------------------------------------------------------
 
 
-async def replace_care_team(session: AsyncSession, site_id: str, members: list[dict[str, Any]]) -> None:
+async def replace_care_team(session: AsyncSession, site_id: str, members: list[CareTeamMember]) -> None:
     await session.execute(delete(care_team).where(care_team.c.site_id == site_id))
     if members:
         await session.execute(
@@ -469,14 +670,14 @@ async def replace_care_team(session: AsyncSession, site_id: str, members: list[d
         )
 
 
-async def get_care_team(session: AsyncSession, site_id: str) -> list[dict[str, Any]]:
+async def get_care_team(session: AsyncSession, site_id: str) -> list[CareTeamMemberRow]:
     query = select(care_team).where(care_team.c.site_id == site_id).order_by(care_team.c.position)
-    return _rows(await session.execute(query))
+    return _rows(CareTeamMemberRow, await session.execute(query))
 
 
-async def get_member(session: AsyncSession, site_id: str, member_id: str) -> dict[str, Any] | None:
+async def get_member(session: AsyncSession, site_id: str, member_id: str) -> CareTeamMemberRow | None:
     query = select(care_team).where(care_team.c.site_id == site_id, care_team.c.member_id == member_id)
-    return await _one(session, query)
+    return await _one(session, CareTeamMemberRow, query)
 
 
 # --- alerts -----------------------------------------------------------------------------------
@@ -491,11 +692,11 @@ async def add_alert(session: AsyncSession, **values: Any) -> bool:
     return True
 
 
-async def get_alert(session: AsyncSession, alert_id: str, *, lock: bool = False) -> dict[str, Any] | None:
+async def get_alert(session: AsyncSession, alert_id: str, *, lock: bool = False) -> AlertRow | None:
     query = select(alerts).where(alerts.c.alert_id == alert_id)
     if lock:
         query = query.with_for_update()
-    return await _one(session, query)
+    return await _one(session, AlertRow, query)
 
 
 async def update_alert(session: AsyncSession, alert_id: str, **values: Any) -> None:
@@ -504,24 +705,24 @@ async def update_alert(session: AsyncSession, alert_id: str, **values: Any) -> N
 
 async def list_alerts(
     session: AsyncSession, site_ids: list[str] | None, status: str | None, limit: int
-) -> list[dict[str, Any]]:
+) -> list[AlertRow]:
     query = select(alerts).order_by(alerts.c.created_at.desc()).limit(limit)
     if site_ids is not None:
         query = query.where(alerts.c.site_id.in_(site_ids))
     if status is not None:
         query = query.where(alerts.c.status == status)
-    return _rows(await session.execute(query))
+    return _rows(AlertRow, await session.execute(query))
 
 
-async def unrouted_alerts(session: AsyncSession, site_id: str) -> list[dict[str, Any]]:
+async def unrouted_alerts(session: AsyncSession, site_id: str) -> list[AlertRow]:
     """Open alerts nobody has been told of yet (raised while the site had no roster)."""
     query = select(alerts).where(alerts.c.site_id == site_id, alerts.c.status == "open", alerts.c.level == -1)
     if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    return _rows(await session.execute(query.order_by(alerts.c.created_at)))
+    return _rows(AlertRow, await session.execute(query.order_by(alerts.c.created_at)))
 
 
-async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[str, Any]]:
+async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[AlertRow]:
     query = (
         select(alerts)
         .where(alerts.c.status == "open", alerts.c.escalate_at.is_not(None), alerts.c.escalate_at <= at)
@@ -529,7 +730,7 @@ async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[dict[s
     )
     if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    return _rows(await session.execute(query))
+    return _rows(AlertRow, await session.execute(query))
 
 
 # --- webhook subscriptions --------------------------------------------------------------------
@@ -540,23 +741,24 @@ async def add_subscription(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(subscriptions).values(active=True, created_at=clock.now(), **values))
 
 
-def _subscription(row: dict[str, Any]) -> dict[str, Any]:
-    return {**row, "event_types": json.loads(row["event_types"])}
+def _subscription(row: Mapping[Any, Any]) -> SubscriptionRow:
+    return _as(SubscriptionRow, {**row, "event_types": json.loads(row["event_types"])})
 
 
-async def get_subscription(session: AsyncSession, subscription_id: str) -> dict[str, Any] | None:
-    row = await _one(session, select(subscriptions).where(subscriptions.c.subscription_id == subscription_id))
+async def get_subscription(session: AsyncSession, subscription_id: str) -> SubscriptionRow | None:
+    query = select(subscriptions).where(subscriptions.c.subscription_id == subscription_id)
+    row = (await session.execute(query)).mappings().first()
     return _subscription(row) if row else None
 
 
-async def list_subscriptions(session: AsyncSession, site_ids: list[str] | None) -> list[dict[str, Any]]:
+async def list_subscriptions(session: AsyncSession, site_ids: list[str] | None) -> list[SubscriptionRow]:
     query = select(subscriptions).where(subscriptions.c.active.is_(True)).order_by(subscriptions.c.created_at)
     if site_ids is not None:
         query = query.where(subscriptions.c.site_id.in_(site_ids))
-    return [_subscription(r) for r in _rows(await session.execute(query))]
+    return [_subscription(r) for r in (await session.execute(query)).mappings()]
 
 
-async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> list[dict[str, Any]]:
+async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> list[SubscriptionRow]:
     return [s for s in await list_subscriptions(session, [site_id]) if event_type in s["event_types"]]
 
 
@@ -593,19 +795,19 @@ async def add_notification(session: AsyncSession, **values: Any) -> bool:
 DISPATCHABLE = ("pending", "sending")
 
 
-async def due_notifications(session: AsyncSession, at: datetime, limit: int) -> list[dict[str, Any]]:
+async def due_notifications(session: AsyncSession, at: datetime, limit: int) -> list[NotificationRow]:
     query = (
         select(notifications)
         .where(notifications.c.status.in_(DISPATCHABLE), notifications.c.due_at <= at)
         .order_by(notifications.c.urgent.desc(), notifications.c.due_at)
         .limit(limit)
     )
-    return _rows(await session.execute(query))
+    return _rows(NotificationRow, await session.execute(query))
 
 
 async def claim_notification(
     session: AsyncSession, notification_id: str, at: datetime, lease_until: datetime
-) -> dict[str, Any] | None:
+) -> NotificationRow | None:
     """Take a due message for sending: status `sending` until `lease_until`, so another
     dispatcher (a replica on PostgreSQL: SKIP LOCKED) leaves it alone, and a crash
     mid-send only delays it to the end of the lease. None if it is not due (any more)."""
@@ -616,7 +818,7 @@ async def claim_notification(
     )
     if dialect_name(session) == "postgresql":
         query = query.with_for_update(skip_locked=True)
-    row = await _one(session, query)
+    row = await _one(session, NotificationRow, query)
     if row is not None:
         await mark_notification(session, notification_id, status="sending", due_at=lease_until)
     return row
@@ -643,7 +845,7 @@ async def open_patient_messages(
     booking_id: str | None = None,
     site_id: str | None = None,
     statuses: Iterable[str] = OPEN_STATUSES,
-) -> list[dict[str, Any]]:
+) -> list[NotificationRow]:
     query = select(notifications).where(
         notifications.c.patient_id == patient_id,
         notifications.c.recipient_kind == "patient",
@@ -653,7 +855,7 @@ async def open_patient_messages(
         query = query.where(notifications.c.booking_id == booking_id)
     if site_id is not None:
         query = query.where(notifications.c.site_id == site_id)
-    return _rows(await session.execute(query))
+    return _rows(NotificationRow, await session.execute(query))
 
 
 async def cancel_open(session: AsyncSession, reason: str, **where: str) -> int:
@@ -671,21 +873,21 @@ async def cancel_open(session: AsyncSession, reason: str, **where: str) -> int:
     return rows_changed(result)
 
 
-async def alert_messages(session: AsyncSession, alert_id: str) -> list[dict[str, Any]]:
+async def alert_messages(session: AsyncSession, alert_id: str) -> list[NotificationRow]:
     query = select(notifications).where(notifications.c.alert_id == alert_id).order_by(notifications.c.created_at)
-    return _rows(await session.execute(query))
+    return _rows(NotificationRow, await session.execute(query))
 
 
-async def patient_notifications(session: AsyncSession, patient_id: str) -> list[dict[str, Any]]:
+async def patient_notifications(session: AsyncSession, patient_id: str) -> list[NotificationRow]:
     query = select(notifications).where(notifications.c.patient_id == patient_id).order_by(notifications.c.created_at)
-    return _rows(await session.execute(query))
+    return _rows(NotificationRow, await session.execute(query))
 
 
 async def record_attempt(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(delivery_attempts).values(at=clock.now(), **values))
 
 
-async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[dict[str, Any]]]:
+async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[DeliveryAttemptRow]]:
     if not notification_ids:
         return {}
     query = (
@@ -693,7 +895,7 @@ async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dic
         .where(delivery_attempts.c.notification_id.in_(notification_ids))
         .order_by(delivery_attempts.c.id)
     )
-    grouped: dict[str, list[dict[str, Any]]] = {}
-    for row in _rows(await session.execute(query)):
+    grouped: dict[str, list[DeliveryAttemptRow]] = {}
+    for row in _rows(DeliveryAttemptRow, await session.execute(query)):
         grouped.setdefault(row["notification_id"], []).append(row)
     return grouped

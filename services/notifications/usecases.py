@@ -97,11 +97,12 @@ class SiteRules:
 
 async def site_rules(session: AsyncSession, policy: Policy, site_id: str) -> SiteRules:
     site = await store.get_site(session, site_id)
-    overrides = await store.get_site_settings(session, site_id) or {}
+    overrides = await store.get_site_settings(session, site_id)
     quiet = policy.quiet
-    if overrides.get("quiet_start") and overrides.get("quiet_end"):
-        quiet = domain.Window(domain.parse_hhmm(overrides["quiet_start"]), domain.parse_hhmm(overrides["quiet_end"]))
-    offsets = overrides.get("reminder_offsets")
+    quiet_start, quiet_end = (overrides["quiet_start"], overrides["quiet_end"]) if overrides else (None, None)
+    if quiet_start and quiet_end:
+        quiet = domain.Window(domain.parse_hhmm(quiet_start), domain.parse_hhmm(quiet_end))
+    offsets = overrides["reminder_offsets"] if overrides else None
     return SiteRules(
         timezone=site["timezone"] if site else domain.DEFAULT_TIMEZONE,
         reminder_offsets=tuple(offsets) if offsets is not None else policy.reminder_offsets,
@@ -109,7 +110,7 @@ async def site_rules(session: AsyncSession, policy: Policy, site_id: str) -> Sit
     )
 
 
-def _consents(rows: list[dict[str, Any]]) -> list[domain.Consent]:
+def _consents(rows: list[store.ConsentRow]) -> list[domain.Consent]:
     return [domain.Consent(r["recipient"], r["purpose"], r["expires_on"], bool(r["revoked"])) for r in rows]
 
 
@@ -141,7 +142,7 @@ async def emit(
     return envelope
 
 
-def _chain_of(row: dict[str, Any]) -> Chain:
+def _chain_of(row: store.NotificationRow | store.AlertRow) -> Chain:
     """A message's or an alert's events continue the chain of the event that caused it."""
     return Chain(UUID(row["correlation_id"]), UUID(row["cause_event_id"]))
 
@@ -173,7 +174,7 @@ async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
 async def announce_outcome(
     session: AsyncSession,
     kind: type[NotificationSent] | type[NotificationFailed],
-    row: dict[str, Any],
+    row: store.NotificationRow,
     channel: str,
     attempts: int,
     reason: str | None = None,
@@ -186,7 +187,7 @@ async def announce_outcome(
     extra: dict[str, Any] = {"reason": reason} if reason is not None and "reason" in kind.model_fields else {}
     event = kind(
         notification_id=UUID(row["notification_id"]),
-        recipient_kind=row["recipient_kind"],
+        recipient_kind=cast(domain.RecipientKind, row["recipient_kind"]),
         channel=cast(Channel, channel),
         template=row["template"],
         cause_event_id=UUID(row["cause_event_id"]),
@@ -310,8 +311,8 @@ async def open_enrollment(
     return await plan_welcome(session, policy, str(event.patient_id), now)
 
 
-def _end_of(row: dict[str, Any] | None) -> domain.EpisodeEnd | None:
-    return domain.EpisodeEnd(row["status"], row["ended_on"]) if row else None
+def _end_of(row: store.EpisodeEndRow | None) -> domain.EpisodeEnd | None:
+    return domain.EpisodeEnd(cast(domain.EndStatus, row["status"]), row["ended_on"]) if row else None
 
 
 async def end_enrollment(
@@ -395,7 +396,7 @@ async def booking_withdrawn(session: AsyncSession, cause: Envelope, event: Booki
 async def plan_reminders(
     session: AsyncSession,
     policy: Policy,
-    booking: dict[str, Any],
+    booking: store.BookingRow,
     cause: Envelope,
     now: datetime,
 ) -> int:
@@ -527,8 +528,8 @@ async def raise_alert(
 async def _alert_member(
     session: AsyncSession,
     policy: Policy,
-    alert: dict[str, Any],
-    member: dict[str, Any],
+    alert: store.AlertRow,
+    member: store.CareTeamMemberRow,
     template: str,
     now: datetime,
 ) -> bool:
@@ -592,7 +593,7 @@ async def escalate_alerts(session: AsyncSession, policy: Policy, now: datetime) 
             alert_id=UUID(alert["alert_id"]),
             patient_id=UUID(alert["patient_id"]),
             reason=domain.ESCALATED_REASON,
-            severity=alert["severity"],
+            severity=cast(domain.Severity, alert["severity"]),
             cause_event_id=UUID(alert["cause_event_id"]),
         )
         await emit(session, event, alert["site_id"], chain=_chain_of(alert))
@@ -600,7 +601,7 @@ async def escalate_alerts(session: AsyncSession, policy: Policy, now: datetime) 
     return escalated
 
 
-async def acknowledge(session: AsyncSession, alert: dict[str, Any], by: str, now: datetime) -> dict[str, Any]:
+async def acknowledge(session: AsyncSession, alert: store.AlertRow, by: str, now: datetime) -> store.AlertRow:
     """Stop an alert's escalation. Its messages that have not gone out yet (a retry, an
     escalation) are cancelled: the alert is in someone's hands."""
     if alert["status"] == "acknowledged":
@@ -642,7 +643,7 @@ class Settle:
     due_at: datetime | None = None
 
 
-async def prepare(session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime) -> Ready | Settle:
+async def prepare(session: AsyncSession, policy: Policy, row: store.NotificationRow, now: datetime) -> Ready | Settle:
     """Decide, at send time, whether a due message goes out now, and to where."""
     if row["expires_at"] is not None and row["expires_at"] <= now:
         return Settle("cancelled", "expired")
@@ -653,8 +654,10 @@ async def prepare(session: AsyncSession, policy: Policy, row: dict[str, Any], no
     return await _prepare_webhook(session, policy, row)
 
 
-async def _prepare_patient(session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime) -> Ready | Settle:
-    patient_id = row["patient_id"]
+async def _prepare_patient(
+    session: AsyncSession, policy: Policy, row: store.NotificationRow, now: datetime
+) -> Ready | Settle:
+    patient_id = cast(str, row["patient_id"])  # a patient message always names its patient
     rules = await site_rules(session, policy, row["site_id"])
     contact = await store.get_contact(session, patient_id)
     if contact is None:
@@ -680,10 +683,10 @@ async def _prepare_patient(session: AsyncSession, policy: Policy, row: dict[str,
     return Ready(channel, address, contact["language"], values)
 
 
-async def _patient_values(session: AsyncSession, row: dict[str, Any], timezone: str) -> dict[str, str] | None:
+async def _patient_values(session: AsyncSession, row: store.NotificationRow, timezone: str) -> dict[str, str] | None:
     key = domain.text_key(row["template"])
     if key == "welcome":
-        episodes = await store.patient_enrollments(session, row["patient_id"])
+        episodes = await store.patient_enrollments(session, cast(str, row["patient_id"]))
         cause = next((e for e in episodes if e["enrolled_event_id"] == row["cause_event_id"]), None)
         return {"start_date": cause["start_date"].isoformat()} if cause else None
     if key.startswith("reminder_"):
@@ -693,7 +696,7 @@ async def _patient_values(session: AsyncSession, row: dict[str, Any], timezone: 
 
 
 async def _prepare_care_team(
-    session: AsyncSession, policy: Policy, row: dict[str, Any], now: datetime
+    session: AsyncSession, policy: Policy, row: store.NotificationRow, now: datetime
 ) -> Ready | Settle:
     member_id = row["recipient"].split(":", 1)[1]
     member = await store.get_member(session, row["site_id"], member_id)
@@ -713,7 +716,7 @@ async def _prepare_care_team(
     return Ready(channel, member["address"], member["language"], values, secret=member["secret"])
 
 
-async def _prepare_webhook(session: AsyncSession, policy: Policy, row: dict[str, Any]) -> Ready | Settle:
+async def _prepare_webhook(session: AsyncSession, policy: Policy, row: store.NotificationRow) -> Ready | Settle:
     subscription_id = row["recipient"].split(":", 1)[1]
     subscription = await store.get_subscription(session, subscription_id)
     if subscription is None or not subscription["active"]:
