@@ -200,4 +200,4 @@ async def test_health_and_docs(app) -> None:
         assert (await client.get("/docs")).status_code == 200
         assert "/patients" in (await client.get("/openapi.json")).json()["paths"]
         asyncapi = (await client.get("/asyncapi")).json()
-        assert asyncapi["channels"]["PatientEnrolled"]["address"] == "iop.intake.patient_enrolled.{site_id}"
+        assert asyncapi["channels"]["PatientEnrolled:publish"]["address"] == "iop.intake.patient_enrolled.{site_id}"

@@ -8,8 +8,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -18,6 +17,7 @@ from fastapi import APIRouter, FastAPI
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from services.intake import store as intake_store
 from shared.errors import INTERNAL_MESSAGE, NotFound
 from shared.http import DOCS_ASSETS, create_service_app
 from shared.logging import JsonFormatter
@@ -78,8 +78,19 @@ def _app(tmp_path: Path) -> FastAPI:
     # The lifespan is not run (ASGITransport does not): no database or broker is needed,
     # so a stand-in with what create_service_app reads at build time is enough.
     settings = Settings(jwt_secret=SECRET, data_dir=tmp_path / "data", max_body_bytes=MAX_BYTES)
-    runtime = SimpleNamespace(name="intake", settings=settings, subscriptions=[])
-    return create_service_app(cast(ServiceRuntime, runtime), [_router()], "test service")
+    return create_service_app(_runtime(settings), [_router()], "test service")
+
+
+def _runtime(settings: Settings) -> ServiceRuntime:
+    """Composed, not started: no database or broker is reached."""
+    return ServiceRuntime(
+        "intake",
+        settings,
+        outbox=intake_store.outbox,
+        inbox=intake_store.inbox,
+        migrations_dir=intake_store.MIGRATIONS,
+        subscriptions=[],
+    )
 
 
 @pytest.fixture
@@ -361,8 +372,8 @@ async def test_routes_check_the_configured_issuer_audience_and_lifetime(tmp_path
     async def me(principal: Principal = Depends(require_roles("clinician"))) -> dict[str, str]:
         return {"sub": principal.sub}
 
-    runtime = SimpleNamespace(name="intake", settings=settings, subscriptions=[])
-    app = create_service_app(cast(ServiceRuntime, runtime), [router], "test service")
+    runtime = _runtime(settings)
+    app = create_service_app(runtime, [router], "test service")
 
     def bearer(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
