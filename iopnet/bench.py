@@ -1,159 +1,358 @@
-"""`iopnet bench` / `make bench`: measure the network as a user runs it.
+"""`iopnet bench` / `make bench`: Monday 9:00 at network scale, against the raw bus.
 
-Starts a private network (embedded nats-server, three service processes, SQLite in a
-temp dir, free ports), enrolls N patients through intake's HTTP API concurrently, and
-reports latencies read off the bus, first unloaded (one enrollment at a time), then
-loaded (many clients at once, where queueing shows):
-- http: POST /patients/{id}/enrollments round trip;
-- relay: commit -> PatientEnrolled on the bus (outbox relay, from the event's occurred_at);
-- chain: PatientEnrolled on the bus -> NotificationSent on the bus (consume, deliver, publish).
+Starts its own network (embedded nats-server, the three services as processes, SQLite in
+a temp dir; PostgreSQL when `--postgres` gives a server), then drives, as clinics would:
+- setup: S sites, each with a care-team roster and a program of three weekly groups;
+- an enrollment wave: N patients over the S sites from C concurrent clients, each
+  enrollment fanning out as in real use (bookings, waitlist, reminders, welcome);
+- a check-in wave while the enrollments still drain: one check-in per patient, 5%
+  urgent; the first half offered at a fixed rate (default 200/s), the rest as fast as
+  intake answers;
+- the raw baseline on the same nats-server: nats-py async publish of as many messages of
+  the same size, then a durable pull consumer with explicit acks.
+It reports intake's HTTP throughput and latency, check-in -> CheckInSubmitted, urgent
+check-in -> CareTeamAlerted (during the drain and after), enrollment -> welcome sent,
+each service's consumer rate (and its ratio to the raw consumer), outbox lag, and each
+process's peak RSS and CPU time, the load generator's included. It writes
+bench/results/<timestamp>.json and .png and prints a table. Nothing here asserts a
+timing: the smoke test in `make test` checks that a tiny run completes and reports.
 """
 
 import asyncio
-import json
-import statistics
+import os
+import secrets
 import tempfile
 import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
+import asyncpg
 import httpx
 
-from iopnet.natsd import free_port
+from iopnet.bench_load import BusLog, Sampler, raw_baseline
+from iopnet.bench_report import latency_summary, plot, print_table, write_results
+from iopnet.natsd import free_port, url_with_user
 from iopnet.network import LocalNetwork
-from iopnet.testing import BusRecorder, eventually
+from iopnet.testing import eventually
 from shared.auth import mint_token
-from shared.settings import Settings
+from shared.settings import SERVICES, Settings
+
+RESULTS_DIR = Path("bench/results")
+WEEKDAYS = (1, 3, 5)  # Monday, Wednesday, Friday groups
 
 
-def _summary(samples_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(samples_ms)
+@dataclass
+class BenchConfig:
+    patients: int = 300
+    sites: int = 3
+    concurrency: int = 16
+    check_in_rate: float = 200.0
+    urgent_share: float = 0.05
+    postgres: str | None = None  # an admin URL: three databases are created and dropped
+    results_dir: Path = RESULTS_DIR
+    drain_timeout: float = 240.0
 
-    def pct(p: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(p * len(ordered)))], 1)
 
-    return {"n": len(ordered), "p50": pct(0.5), "p95": pct(0.95), "max": round(ordered[-1], 1),
-            "mean": round(statistics.fmean(ordered), 1)}  # fmt: skip
+@dataclass
+class Timings:
+    """Monotonic times in this process, by id, and HTTP latencies in ms."""
+
+    enroll_http_ms: list[float] = field(default_factory=list)
+    enroll_accepted: dict[str, float] = field(default_factory=dict)  # enrollment_id -> t
+    check_in_http_ms: dict[str, list[float]] = field(default_factory=lambda: {"offered": [], "flat_out": []})
+    check_in_accepted: dict[str, float] = field(default_factory=dict)  # check_in_id -> t
+    urgent: set[str] = field(default_factory=set)
+    during_drain: set[str] = field(default_factory=set)  # check-ins accepted while enrollments drained
+    waves: dict[str, dict[str, float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
 
 
-class _Driver:
-    """Creates and enrolls bench patients through intake's HTTP API."""
+class Clinics:
+    """The clinics' side: HTTP calls a front desk, an admin and patients make."""
 
-    def __init__(self, network: LocalNetwork, http: httpx.AsyncClient) -> None:
-        secret = network.settings.signing_secret
-        self.admin = {"Authorization": f"Bearer {mint_token(secret, sub='bench', role='network_admin')}"}
-        token = mint_token(secret, sub="bench", role="front_desk", sites=["bench-site"])
-        self.desk = {"Authorization": f"Bearer {token}"}
-        self.intake = network.url("intake")
-        self.http = http
-        self.http_ms: list[float] = []
+    def __init__(self, network: LocalNetwork, http: httpx.AsyncClient, config: BenchConfig) -> None:
+        self.network, self.http, self.config = network, http, config
+        self.secret = network.settings.signing_secret
+        self.sites = [f"bench-{i:02d}" for i in range(config.sites)]
+        self.admin = self._bearer(mint_token(self.secret, sub="bench-admin", role="network_admin"))
+        self.desk = self._bearer(mint_token(self.secret, sub="bench-desk", role="front_desk", sites=self.sites))
+        self.programs: dict[str, str] = {}
+        self.timings = Timings()
 
-    async def register_site(self, scheduling: str) -> None:
-        """Register the site at intake and publish a program at scheduling, then wait
-        until each service has learned what it needs from the other's events."""
-        site = {"site_id": "bench-site", "name": "Bench", "timezone": "America/New_York"}
-        (await self.http.post(f"{self.intake}/sites", json=site, headers=self.admin)).raise_for_status()
-        block = {"weekday": 2, "start": "18:00", "minutes": 180, "kind": "group_therapy", "title": "Group"}
-        program = {"site_id": "bench-site", "name": "Bench IOP", "cohort": "adult", "blocks": [block]}
+    @staticmethod
+    def _bearer(token: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {token}"}
+
+    def url(self, service: str, path: str) -> str:
+        return f"{self.network.url(service)}{path}"
+
+    async def set_up(self) -> None:
+        await asyncio.gather(*(self._site(site) for site in self.sites))
+
+    async def _site(self, site: str) -> None:
+        body = {"site_id": site, "name": f"Bench {site}", "timezone": "America/New_York"}
+        (await self.http.post(self.url("intake", "/sites"), json=body, headers=self.admin)).raise_for_status()
+        roster = {"members": [
+            {"name": "On call", "role": "clinician", "channel": "email", "address": f"oncall@{site}.example.org"},
+            {"name": "Backup", "role": "clinician", "channel": "email", "address": f"backup@{site}.example.org"},
+        ]}  # fmt: skip
+        blocks = [
+            {"weekday": day, "start": "09:00", "minutes": 180, "kind": "group_therapy", "title": "Group"}
+            for day in WEEKDAYS
+        ]
+        program = {"site_id": site, "name": "Adult IOP", "cohort": "adult", "blocks": blocks}
+
+        async def roster_set() -> bool:
+            put = await self.http.put(self.url("notifications", f"/sites/{site}/care-team"), json=roster,
+                                      headers=self.admin)  # fmt: skip
+            return put.status_code == 200
 
         async def published() -> httpx.Response | None:
-            response = await self.http.post(f"{scheduling}/programs", json=program, headers=self.admin)
+            response = await self.http.post(self.url("scheduling", "/programs"), json=program, headers=self.admin)
             return response if response.status_code == 201 else None
 
-        response = await eventually(published, timeout=30, what="scheduling to know the site")
+        await eventually(roster_set, timeout=60, what=f"notifications to know {site}")
+        response = await eventually(published, timeout=60, what=f"scheduling to know {site}")
         assert response is not None  # eventually returns only a truthy value
-        self.program_id = response.json()["program_id"]
+        self.programs[site] = str(response.json()["program_id"])
 
         async def known() -> bool:
-            listed = await self.http.get(f"{self.intake}/programs", headers=self.admin)
-            return any(p["program_id"] == self.program_id for p in listed.json())
+            listed = await self.http.get(self.url("intake", "/programs"), headers=self.admin)
+            return any(p["program_id"] == self.programs[site] for p in listed.json())
 
-        await eventually(known, timeout=30, what="intake to know the program")
+        await eventually(known, timeout=60, what="intake to know the program")
 
-    async def enroll(self, index: int) -> str:
+    async def enroll(self, index: int) -> str | None:
+        """A new patient and their enrollment; the patient id, or None if refused."""
+        site = self.sites[index % len(self.sites)]
         patient = {
-            "site_id": "bench-site", "given_name": "Bench", "family_name": f"Patient{index}",
-            "birth_date": "1990-01-01", "email": f"bench{index}@example.org", "preferred_channel": "email",
+            "site_id": site, "given_name": "Bench", "family_name": f"Patient{index}", "birth_date": "1990-01-01",
+            "email": f"bench{index}@example.org", "preferred_channel": "email",
         }  # fmt: skip
-        created = await self.http.post(f"{self.intake}/patients", json=patient, headers=self.desk)
-        created.raise_for_status()
+        created = await self.http.post(self.url("intake", "/patients"), json=patient, headers=self.desk)
+        if created.status_code != 201:
+            self._error(f"patient {created.status_code}")
+            return None
+        patient_id = str(created.json()["patient_id"])
         body = {
-            "program_id": self.program_id, "level_of_care": "2.1", "cohort": "adult",
+            "program_id": self.programs[site], "level_of_care": "2.1", "cohort": "adult",
             "start_date": (date.today() + timedelta(days=1)).isoformat(), "referral_source": "self",
         }  # fmt: skip
-        started = time.perf_counter()
-        response = await self.http.post(
-            f"{self.intake}/patients/{created.json()['patient_id']}/enrollments", json=body, headers=self.desk
-        )
-        self.http_ms.append((time.perf_counter() - started) * 1000)
-        response.raise_for_status()
-        return str(response.json()["enrollment_id"])
+        started = time.monotonic()
+        response = await self.http.post(self.url("intake", f"/patients/{patient_id}/enrollments"), json=body,
+                                        headers=self.desk)  # fmt: skip
+        done = time.monotonic()
+        if response.status_code != 201:
+            self._error(f"enrollment {response.status_code}")
+            return None
+        self.timings.enroll_http_ms.append((done - started) * 1000)
+        self.timings.enroll_accepted[str(response.json()["enrollment_id"])] = done
+        return patient_id
+
+    async def check_in(self, patient_id: str, urgent: bool, lane: str, draining: bool) -> None:
+        token = mint_token(self.secret, sub=f"patient-{patient_id}", role="patient", patient_id=patient_id)
+        headers = {**self._bearer(token), "Idempotency-Key": str(uuid4())}
+        body = {"mood": 2 if urgent else 6, "craving": 3, "used_since_last": False, "safety_concern": urgent,
+                "sleep_hours": 7}  # fmt: skip
+        started = time.monotonic()
+        response = await self.http.post(self.url("intake", f"/patients/{patient_id}/check-ins"), json=body,
+                                        headers=headers)  # fmt: skip
+        done = time.monotonic()
+        if response.status_code != 201:
+            self._error(f"check-in {response.status_code}")
+            return
+        check_in_id = str(response.json()["check_in_id"])
+        self.timings.check_in_http_ms[lane].append((done - started) * 1000)
+        self.timings.check_in_accepted[check_in_id] = done
+        if urgent:
+            self.timings.urgent.add(check_in_id)
+        if draining:
+            self.timings.during_drain.add(check_in_id)
+
+    def _error(self, kind: str) -> None:
+        self.timings.errors[kind] = self.timings.errors.get(kind, 0) + 1
 
 
-def _chain_latencies(bus: BusRecorder) -> tuple[list[float], list[float]]:
-    enrolled = {m.envelope()["event_id"]: m for m in bus.events("PatientEnrolled")}
-    relay_ms, chain_ms = [], []
-    for message in enrolled.values():
-        occurred = datetime.fromisoformat(message.envelope()["occurred_at"])
-        seen_wall = datetime.now(UTC) - timedelta(seconds=time.monotonic() - message.received_at)
-        relay_ms.append(max(0.0, (seen_wall - occurred).total_seconds() * 1000))
-    for sent in bus.events("NotificationSent"):
-        cause = enrolled.get(sent.envelope()["causation_id"])
-        if cause is not None:
-            chain_ms.append((sent.received_at - cause.received_at) * 1000)
-    return relay_ms, chain_ms
+async def _enrollment_wave(clinics: Clinics, config: BenchConfig) -> list[str]:
+    limiter = asyncio.Semaphore(config.concurrency)
+
+    async def one(index: int) -> str | None:
+        async with limiter:
+            return await clinics.enroll(index)
+
+    started = time.monotonic()
+    patients = [p for p in await asyncio.gather(*(one(i) for i in range(config.patients))) if p]
+    elapsed = time.monotonic() - started
+    clinics.timings.waves["enrollment"] = {"requests": len(patients), "seconds": round(elapsed, 2),
+                                           "per_s": round(len(patients) / elapsed, 1)}  # fmt: skip
+    return patients
 
 
-async def _measure(network: LocalNetwork, patients: int, concurrency: int, sequential: int) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    async with httpx.AsyncClient(timeout=30) as http:
-        driver = _Driver(network, http)
-        await driver.register_site(network.url("scheduling"))
+async def _check_in_wave(clinics: Clinics, config: BenchConfig, patients: list[str], drained: asyncio.Event) -> None:
+    """The first half at the offered rate (open loop: each request leaves on schedule,
+    whether or not the earlier ones were answered), the rest flat out."""
+    every = max(1, round(1 / config.urgent_share))
+    urgent = {i for i in range(len(patients)) if i % every == every // 2}
+    half = len(patients) // 2
+    started = time.monotonic()
+    tasks = []
+    for i in range(half):
+        delay = started + i / config.check_in_rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the offered rate's schedule, not a wait on a result
+        tasks.append(asyncio.create_task(clinics.check_in(patients[i], i in urgent, "offered", not drained.is_set())))
+    await asyncio.gather(*tasks)
+    offered = time.monotonic() - started
+    limiter = asyncio.Semaphore(config.concurrency)
 
-        # Unloaded: one enrollment at a time, each followed to its NotificationSent.
-        bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
-        for index in range(sequential):
-            await driver.enroll(index)
-            await bus.wait_for_event("NotificationSent", count=index + 1, timeout=30)
-        await bus.stop()
-        relay_ms, chain_ms = _chain_latencies(bus)
-        results["unloaded"] = {
-            "enrollments": sequential,
-            "http_enroll_ms": _summary(driver.http_ms),
-            "commit_to_bus_ms": _summary(relay_ms),
-            "enrolled_to_notification_sent_ms": _summary(chain_ms),
+    async def flat_out(i: int) -> None:
+        async with limiter:
+            await clinics.check_in(patients[i], i in urgent, "flat_out", not drained.is_set())
+
+    started = time.monotonic()
+    await asyncio.gather(*(flat_out(i) for i in range(half, len(patients))))
+    fast = time.monotonic() - started
+    timings = clinics.timings
+    timings.waves["check_in_offered"] = {"offered_per_s": config.check_in_rate, "requests": half,
+                                         "seconds": round(offered, 2), "per_s": round(half / offered, 1)}  # fmt: skip
+    rest = len(patients) - half
+    timings.waves["check_in_flat_out"] = {"requests": rest, "seconds": round(fast, 2),
+                                          "per_s": round(rest / fast, 1) if fast else 0.0}  # fmt: skip
+
+
+def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
+    submitted = {s.data.get("check_in_id"): s for s in bus.by_type["CheckInSubmitted"]}
+    by_event_id = {s.envelope["event_id"]: s.data.get("check_in_id") for s in submitted.values()}
+    to_bus = [(submitted[c].at - t) * 1000 for c, t in timings.check_in_accepted.items() if c in submitted]
+    alerted: dict[str, list[float]] = {"during_drain": [], "after_drain": []}
+    for seen in bus.by_type["CareTeamAlerted"]:
+        check_in = by_event_id.get(seen.data.get("cause_event_id"))
+        if check_in in timings.urgent and check_in in timings.check_in_accepted:
+            lane = "during_drain" if check_in in timings.during_drain else "after_drain"
+            alerted[lane].append((seen.at - timings.check_in_accepted[check_in]) * 1000)
+    enrolled = {s.envelope["event_id"]: s.data.get("enrollment_id") for s in bus.by_type["PatientEnrolled"]}
+    welcome = []
+    for seen in bus.by_type["NotificationSent"]:
+        enrollment = enrolled.get(seen.data.get("cause_event_id"))
+        if seen.data.get("template") == "welcome" and enrollment in timings.enroll_accepted:
+            welcome.append((seen.at - timings.enroll_accepted[enrollment]) * 1000)
+    lag = []
+    for seen_list in bus.by_type.values():
+        for seen in seen_list:
+            occurred = datetime.fromisoformat(seen.envelope["occurred_at"])
+            seen_wall = datetime.now(UTC) - timedelta(seconds=time.monotonic() - seen.at)
+            lag.append(max(0.0, (seen_wall - occurred).total_seconds() * 1000))
+    return {
+        "enroll_http_ms": timings.enroll_http_ms,
+        "check_in_http_offered_ms": timings.check_in_http_ms["offered"],
+        "check_in_http_flat_out_ms": timings.check_in_http_ms["flat_out"],
+        "check_in_to_bus_ms": to_bus,
+        "urgent_to_care_team_alerted_during_drain_ms": alerted["during_drain"],
+        "urgent_to_care_team_alerted_after_drain_ms": alerted["after_drain"],
+        "enrollment_to_welcome_sent_ms": welcome,
+        "outbox_lag_ms": lag,
+    }
+
+
+async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int]) -> dict[str, Any]:
+    limits = httpx.Limits(max_connections=config.concurrency * 4, max_keepalive_connections=config.concurrency * 2)
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(httpx.AsyncClient(timeout=60, limits=limits))
+        clinics = Clinics(network, http, config)
+        await clinics.set_up()
+        bus = await BusLog(network.nats_url, network.observed_subjects).start()
+        stack.push_async_callback(bus.stop)
+        services: dict[str, str] = {name: network.url(name) for name in SERVICES}
+        sampler = Sampler(http, services, pids).start()
+        stack.push_async_callback(sampler.stop)
+        started = time.monotonic()
+        print(f"enrollment wave: {config.patients} patients over {config.sites} sites ...", flush=True)
+        patients = await _enrollment_wave(clinics, config)
+        drained = asyncio.Event()
+
+        async def drain() -> None:
+            await bus.wait("NotificationSent", len(patients), config.drain_timeout)
+            drained.set()
+
+        watcher = asyncio.create_task(drain())
+        print(f"check-in wave: {len(patients)} check-ins, enrollments still draining ...", flush=True)
+        await _check_in_wave(clinics, config, patients, drained)
+        urgent = len(clinics.timings.urgent)
+        await bus.wait("CheckInSubmitted", len(clinics.timings.check_in_accepted), config.drain_timeout)
+        await bus.wait("CareTeamAlerted", urgent, config.drain_timeout)
+        await watcher
+        wall = time.monotonic() - started
+        await sampler.stop()
+        print("raw baseline on the same nats-server ...", flush=True)
+        sizes = [len(str(s.envelope)) for s in bus.by_type["CheckInSubmitted"][:100]] or [600]
+        events = sum(len(v) for v in bus.by_type.values())
+        assert network.bench_password is not None
+        bench_url = url_with_user(network.nats.url if network.nats else "", "bench", network.bench_password)
+        raw = await raw_baseline(bench_url, max(events, 1000), int(sum(sizes) / len(sizes)))
+        consumers = sampler.consumer_rates()
+        for rates in consumers.values():
+            rates["ratio_mean_to_raw_consume"] = round(rates["mean_per_s_while_backlogged"] / raw["consume_per_s"], 3)
+            rates["ratio_peak_to_raw_consume"] = round(rates["peak_per_s"] / raw["consume_per_s"], 3)
+        samples = _latencies(bus, clinics.timings)
+        return {
+            "config": _config(config),
+            "wall_seconds": round(wall, 1),
+            "waves": clinics.timings.waves,
+            "counts": {
+                "enrollments_accepted": len(clinics.timings.enroll_accepted),
+                "check_ins_accepted": len(clinics.timings.check_in_accepted),
+                "urgent_check_ins": urgent,
+                "events_on_bus": events,
+                "welcomes_sent": len(samples["enrollment_to_welcome_sent_ms"]),
+                "care_team_alerted": sum(1 for _ in bus.by_type["CareTeamAlerted"]),
+                "refused": clinics.timings.errors,
+            },
+            "latency_ms": {name: latency_summary(values) for name, values in samples.items()},
+            "consumers": consumers,
+            "raw_baseline": raw,
+            "processes": {name: stats.__dict__ for name, stats in sampler.processes.items()},
+            "samples_ms": samples,
         }
 
-        # Loaded: `patients` enrollments from `concurrency` clients, as fast as intake answers.
-        driver.http_ms = []
-        bus = await BusRecorder(network.nats_url, network.observed_subjects).start()
-        limiter = asyncio.Semaphore(concurrency)
 
-        async def one(index: int) -> None:
-            async with limiter:
-                await driver.enroll(index)
-
-        wall = time.perf_counter()
-        await asyncio.gather(*(one(sequential + i) for i in range(patients)))
-        await bus.wait_for_event("NotificationSent", count=patients, timeout=300)
-        wall_s = time.perf_counter() - wall
-        await bus.stop()
-        relay_ms, chain_ms = _chain_latencies(bus)
-        results["loaded"] = {
-            "enrollments": patients,
-            "concurrency": concurrency,
-            "wall_seconds": round(wall_s, 2),
-            "enrollments_per_second_end_to_end": round(patients / wall_s, 1),
-            "http_enroll_ms": _summary(driver.http_ms),
-            "commit_to_bus_ms": _summary(relay_ms),
-            "enrolled_to_notification_sent_ms": _summary(chain_ms),
-        }
-    return results
+def _config(config: BenchConfig) -> dict[str, Any]:
+    shown = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if k != "postgres"}
+    return shown | {"database": "postgresql" if config.postgres else "sqlite"}
 
 
-def run_bench(patients: int, concurrency: int, sequential: int = 20) -> dict[str, Any]:
+async def _postgres_databases(admin_url: str) -> tuple[dict[str, str], list[str]]:
+    plain = admin_url.replace("postgresql+asyncpg://", "postgresql://")
+    suffix = secrets.token_hex(4)
+    names = {service: f"iopnet_bench_{service}_{suffix}" for service in SERVICES}
+    connection = await asyncpg.connect(plain)
+    try:
+        for name in names.values():
+            await connection.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await connection.close()
+    base = admin_url.rsplit("/", 1)[0]
+    return {service: f"{base}/{name}" for service, name in names.items()}, list(names.values())
+
+
+async def _drop_databases(admin_url: str, names: list[str]) -> None:
+    connection = await asyncpg.connect(admin_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        for name in names:
+            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+def run_bench(config: BenchConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="iopnet-bench-") as scratch:
+        databases: dict[str, str] = {}
+        created: list[str] = []
+        if config.postgres:
+            databases, created = asyncio.run(_postgres_databases(config.postgres))
         settings = Settings(
             data_dir=Path(scratch) / "data",
             nats_url=None,
@@ -163,14 +362,29 @@ def run_bench(patients: int, concurrency: int, sequential: int = 20) -> dict[str
             scheduling_port=free_port(),
             notifications_port=free_port(),
             log_level="WARNING",
+            intake_database_url=databases.get("intake"),
+            scheduling_database_url=databases.get("scheduling"),
+            notifications_database_url=databases.get("notifications"),
         )
-        network = LocalNetwork(settings, log_dir=Path(scratch))
+        network = LocalNetwork(settings, log_dir=Path(scratch), bench_password=secrets.token_urlsafe(24))
         try:
             network.start()
-            return asyncio.run(_measure(network, patients, concurrency, sequential))
+            pids = {name: process.pid for name, process in network.processes.items()}
+            if network.nats is not None and network.nats.process is not None:
+                pids["nats-server"] = network.nats.process.pid
+            pids["load-generator"] = os.getpid()
+            return asyncio.run(_drive(network, config, pids))
         finally:
             network.stop()
+            if created:
+                asyncio.run(_drop_databases(config.postgres or "", created))
 
 
-def main(patients: int, concurrency: int) -> None:
-    print(json.dumps(run_bench(patients, concurrency), indent=2))
+def main(config: BenchConfig) -> Path:
+    results = run_bench(config)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = write_results(results, config.results_dir, stamp)
+    plot(results, path.with_suffix(".png"))
+    print_table(results)
+    print(f"results: {path} and {path.with_suffix('.png')}")
+    return path

@@ -4,6 +4,7 @@ import asyncio
 import json
 import signal
 import time
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -121,13 +122,20 @@ def seed_demo_command() -> None:
 
 @app.command()
 def bench(
-    patients: Annotated[int, typer.Option(help="enrollments to drive through the network")] = 200,
-    concurrency: Annotated[int, typer.Option(help="concurrent HTTP clients")] = 8,
+    patients: Annotated[int, typer.Option(help="patients enrolled, then checked in once each")] = 300,
+    sites: Annotated[int, typer.Option(help="clinic sites the patients are spread over")] = 3,
+    concurrency: Annotated[int, typer.Option(help="concurrent HTTP clients")] = 16,
+    check_in_rate: Annotated[float, typer.Option(help="check-ins per second offered (first half)")] = 200.0,
+    postgres: Annotated[
+        str | None, typer.Option(help="PostgreSQL admin URL: the services' databases are created there")
+    ] = None,
+    results_dir: Annotated[Path, typer.Option(help="where the JSON and PNG are written")] = Path("bench/results"),
 ) -> None:
-    """Benchmark a private local network: enrollment latency through all three services."""
-    from iopnet.bench import main
+    """Benchmark a private local network at scale against the raw bus (see iopnet/bench.py)."""
+    from iopnet.bench import BenchConfig, main
 
-    main(patients, concurrency)
+    main(BenchConfig(patients=patients, sites=sites, concurrency=concurrency, check_in_rate=check_in_rate,
+                     postgres=postgres, results_dir=results_dir))  # fmt: skip
 
 
 @app.command("bench-consumer")

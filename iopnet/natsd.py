@@ -177,12 +177,17 @@ def _allow(direction: str, subjects: tuple[str, ...]) -> list[str]:
     ]
 
 
-def accounts_block(passwords: Mapping[str, str], *, quote_passwords: bool = True) -> str:
+def accounts_block(
+    passwords: Mapping[str, str], *, quote_passwords: bool = True, bench_password: str | None = None
+) -> str:
     """The `accounts { ... }` block for `passwords` (user -> password).
 
     `quote_passwords=False` writes the values as they are, for `$ENV_VAR` references
-    (deploy/nats.conf)."""
+    (deploy/nats.conf). `bench_password` adds an account of its own for `iopnet bench`'s
+    raw baseline (user `bench`): same server, same disk, nothing shared with IOP."""
     lines = ["accounts {"]
+    if bench_password is not None:
+        lines += [f'  BENCH: {{ jetstream: enabled, users: [ {{ user: "bench", password: "{bench_password}" }} ] }}']
     for account in (MAIN_ACCOUNT, RESTRICTED_ACCOUNT):
         lines += [f"  {account}: {{", "    jetstream: enabled", "    users: ["]
         for user in USERS:
@@ -311,6 +316,8 @@ class NatsServer:
     port: int = 4223
     # user -> password; None: no authorization at all (the tests' own servers).
     users: dict[str, str] | None = field(default=None, repr=False)
+    # `iopnet bench` only: an extra account for its raw baseline (see accounts_block).
+    bench_password: str | None = field(default=None, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
@@ -334,7 +341,7 @@ class NatsServer:
             "}\n"
         )
         if self.users is not None:
-            config += accounts_block(self.users)
+            config += accounts_block(self.users, bench_password=self.bench_password)
         return config
 
     def start(self, timeout: float = 15.0) -> "NatsServer":

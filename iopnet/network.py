@@ -25,9 +25,11 @@ from shared.settings import SERVICES, ServiceName, Settings
 
 
 class LocalNetwork:
-    def __init__(self, settings: Settings, log_dir: Path | None = None) -> None:
+    def __init__(self, settings: Settings, log_dir: Path | None = None, *, bench_password: str | None = None) -> None:
         self.settings = settings
         self.log_dir = log_dir
+        # `iopnet bench`: the embedded server gets an account for the raw baseline.
+        self.bench_password = bench_password
         self.nats: NatsServer | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
@@ -86,6 +88,7 @@ class LocalNetwork:
                 self.settings.embedded_nats_host,
                 self.settings.embedded_nats_port,
                 users=load_or_create_credentials(embedded),
+                bench_password=self.bench_password,
             )
             self.nats.start()
         for name in SERVICES:

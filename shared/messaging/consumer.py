@@ -331,20 +331,13 @@ class Consumer:
         return outcomes
 
     async def decode(self, message: NatsBatchMessage) -> list[Envelope]:
-        """The subscriber's decoder (a FastStream extension point): envelopes whose event
-        is known and valid, or `Undecodable` with a reason that names no content."""
-        envelopes = []
-        for raw in message.raw_message:
-            try:
-                envelope = Envelope.from_bytes(raw.data)
-                envelope.event()
-            except ValidationError as exc:
-                raise Undecodable(f"invalid event: {_summarize(exc)}") from None
-            except UnknownEventType:
-                # Never the type itself: the reason reaches the ops-readable DLQ and the log.
-                raise Undecodable("unknown event type") from None
-            envelopes.append(envelope)
-        return envelopes
+        """The subscriber's decoder (a FastStream extension point): the envelopes, or
+        `Undecodable` with a reason that names no content. Each event's own fields are
+        parsed once, by the handler (`_event`)."""
+        try:
+            return [Envelope.from_bytes(raw.data) for raw in message.raw_message]
+        except ValidationError as exc:
+            raise Undecodable(f"invalid event: {_summarize(exc)}") from None
 
     async def apply(self, envelopes: list[Envelope], message: NatsBatchMessage = Context()) -> list[Outcome]:
         """The subscriber's handler: the batch in one transaction, each event once (its
@@ -358,7 +351,7 @@ class Consumer:
         return outcomes
 
     async def _apply_one(self, session: AsyncSession, envelope: Envelope, headers: Mapping[str, str] | None) -> Outcome:
-        event = envelope.event()
+        event = _event(envelope)
         handler = self.subscription.handler_for(event)
         if handler is None:
             return "not_handled"
@@ -681,6 +674,16 @@ async def _stop_deliveries(subscription: JetStreamContext.PullSubscription) -> l
     with contextlib.suppress(Exception):
         await subscription.unsubscribe()
     return left
+
+
+def _event(envelope: Envelope) -> Event:
+    try:
+        return envelope.event()
+    except ValidationError as exc:
+        raise Undecodable(f"invalid event: {_summarize(exc)}") from None
+    except UnknownEventType:
+        # Never the type itself: the reason reaches the ops-readable DLQ and the log.
+        raise Undecodable("unknown event type") from None
 
 
 def _summarize(exc: ValidationError) -> str:

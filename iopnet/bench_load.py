@@ -1,0 +1,197 @@
+"""What `iopnet bench` measures with: the bus as seen from outside (one record per event,
+parsed once), the services' /metrics and their processes sampled while the load runs,
+and the raw bus baseline on the same nats-server."""
+
+import asyncio
+import itertools
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import nats
+import psutil
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.messaging.connection import connect_once
+
+
+@dataclass
+class Seen:
+    """An event as the bench saw it on the bus (monotonic clock of this process)."""
+
+    at: float
+    envelope: dict[str, Any]
+
+    @property
+    def data(self) -> dict[str, Any]:
+        data: dict[str, Any] = self.envelope.get("data", {})
+        return data
+
+
+@dataclass
+class BusLog:
+    """Every public event, by type; `at` is when it reached this process."""
+
+    url: str
+    subjects: tuple[str, ...]
+    by_type: dict[str, list[Seen]] = field(default_factory=lambda: defaultdict(list))
+    _nc: Client | None = None
+
+    async def start(self) -> "BusLog":
+        # A generous pending limit: the bench reads every event of the run.
+        self._nc = await connect_once(self.url, pending_size=1024 * 1024 * 1024)
+        for subject in self.subjects:
+            await self._nc.subscribe(subject, cb=self._on_message, pending_msgs_limit=10_000_000)
+        await self._nc.flush()
+        return self
+
+    async def _on_message(self, msg: Msg) -> None:
+        now = time.monotonic()
+        try:
+            envelope = json.loads(msg.data)
+        except ValueError:
+            return
+        self.by_type[str(envelope.get("event_type"))].append(Seen(now, envelope))
+
+    def count(self, event_type: str) -> int:
+        return len(self.by_type.get(event_type, ()))
+
+    async def wait(self, event_type: str, count: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count(event_type) < count:
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)  # the bench's own progress poll
+        return True
+
+    async def stop(self) -> None:
+        if self._nc is not None:
+            await self._nc.drain()
+
+
+@dataclass
+class ProcessStats:
+    peak_rss_mb: float = 0.0
+    cpu_seconds: float = 0.0
+
+
+@dataclass
+class Sampler:
+    """Every `interval`: each service's consumer counters (from /metrics) and each
+    process's RSS and CPU time (psutil), the load generator's own included."""
+
+    http: httpx.AsyncClient
+    services: dict[str, str]  # name -> base url
+    pids: dict[str, int]  # process name -> pid
+    interval: float = 0.5
+    applied: dict[str, list[tuple[float, float, float]]] = field(default_factory=lambda: defaultdict(list))
+    processes: dict[str, ProcessStats] = field(default_factory=dict)
+    _task: asyncio.Task[None] | None = None
+
+    def start(self) -> "Sampler":
+        self._handles = {name: psutil.Process(pid) for name, pid in self.pids.items()}
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.gather(*(self._scrape(name, url) for name, url in self.services.items()))
+            self._sample_processes()
+            await asyncio.sleep(self.interval)
+
+    async def _scrape(self, service: str, url: str) -> None:
+        try:
+            text = (await self.http.get(f"{url}/metrics", timeout=2)).text
+        except httpx.HTTPError:
+            return
+        applied = pending = 0.0
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "iopnet_events_consumed_total" and sample.labels.get("outcome") == "applied":
+                    applied += sample.value
+                elif sample.name in ("iopnet_consumer_pending", "iopnet_consumer_ack_pending"):
+                    pending += sample.value
+        self.applied[service].append((time.monotonic(), applied, pending))
+
+    def _sample_processes(self) -> None:
+        for name, handle in self._handles.items():
+            try:
+                memory = handle.memory_info().rss / 1e6
+                times = handle.cpu_times()
+            except psutil.Error:
+                continue
+            stats = self.processes.setdefault(name, ProcessStats())
+            stats.peak_rss_mb = max(stats.peak_rss_mb, memory)
+            stats.cpu_seconds = times.user + times.system
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+            # The last word: every count at the end of the run.
+            await asyncio.gather(*(self._scrape(name, url) for name, url in self.services.items()))
+            self._sample_processes()
+
+    def consumer_rates(self) -> dict[str, dict[str, float]]:
+        """Events applied per second while the service had a backlog: the best window
+        and the mean over all windows with one."""
+        rates: dict[str, dict[str, float]] = {}
+        for service, samples in self.applied.items():
+            busy = [
+                (b_applied - a_applied) / (b_at - a_at)
+                for (a_at, a_applied, a_pending), (b_at, b_applied, _) in itertools.pairwise(samples)
+                if a_pending > 0 and b_at > a_at
+            ]
+            total = samples[-1][1] if samples else 0.0
+            rates[service] = {
+                "applied": total,
+                "peak_per_s": round(max(busy, default=0.0), 1),
+                "mean_per_s_while_backlogged": round(sum(busy) / len(busy), 1) if busy else 0.0,
+            }
+        return rates
+
+
+async def raw_baseline(url: str, count: int, size: int) -> dict[str, float]:
+    """nats-py alone on the same nats-server: JetStream async publish of `count` messages
+    of `size` bytes, then a durable pull consumer (batches of 64, explicit acks)."""
+    nc = await nats.connect(url)
+    js = nc.jetstream()
+    stream = "BENCH_RAW"
+    try:
+        await js.add_stream(StreamConfig(name=stream, subjects=["bench.raw.>"], storage=StorageType.FILE))
+        payload = b"x" * size
+        started = time.perf_counter()
+        acks = [await js.publish_async(f"bench.raw.{i % 50}", payload) for i in range(count)]
+        await asyncio.gather(*acks)
+        published = time.perf_counter() - started
+        config = ConsumerConfig(
+            durable_name="raw", ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL, max_ack_pending=-1
+        )
+        await js.add_consumer(stream, config)
+        subscription = await js.pull_subscribe_bind("raw", stream)
+        started = time.perf_counter()
+        done = 0
+        while done < count:
+            messages = await subscription.fetch(64, timeout=5)
+            for message in messages:
+                await message.ack()
+            done += len(messages)
+        consumed = time.perf_counter() - started
+        return {
+            "messages": count,
+            "message_bytes": size,
+            "publish_per_s": round(count / published, 1),
+            "consume_per_s": round(count / consumed, 1),
+        }
+    finally:
+        try:
+            await js.delete_stream(stream)
+        finally:
+            await nc.close()

@@ -1,0 +1,34 @@
+"""`iopnet bench` with a tiny load completes and reports every figure it promises
+(issue 10). No timing is asserted: timings are the benchmark's output, not a test's."""
+
+import json
+from pathlib import Path
+
+from iopnet.bench import BenchConfig, main
+
+
+def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
+    config = BenchConfig(patients=12, sites=2, concurrency=4, check_in_rate=40, results_dir=tmp_path)
+    path = main(config)
+    results = json.loads(path.read_text())
+    assert path.with_suffix(".png").stat().st_size > 10_000  # the plot was drawn
+
+    counts = results["counts"]
+    assert counts["enrollments_accepted"] == 12 and counts["check_ins_accepted"] == 12
+    assert counts["refused"] == {}
+    assert counts["urgent_check_ins"] >= 1 and counts["care_team_alerted"] >= counts["urgent_check_ins"]
+    assert counts["welcomes_sent"] == 12
+    latency = results["latency_ms"]
+    for name in ("enroll_http_ms", "check_in_to_bus_ms", "enrollment_to_welcome_sent_ms", "outbox_lag_ms"):
+        assert latency[name]["n"] >= 12 and latency[name]["p50"] <= latency[name]["p99"]
+    urgent = (
+        latency["urgent_to_care_team_alerted_during_drain_ms"]["n"]
+        + latency["urgent_to_care_team_alerted_after_drain_ms"]["n"]
+    )
+    assert urgent == counts["urgent_check_ins"]
+    assert set(results["waves"]) == {"enrollment", "check_in_offered", "check_in_flat_out"}
+    assert results["raw_baseline"]["consume_per_s"] > 0 and results["raw_baseline"]["publish_per_s"] > 0
+    assert set(results["consumers"]) == {"intake", "scheduling", "notifications"}
+    assert results["consumers"]["notifications"]["applied"] >= 12 + 12  # enrollments and check-ins at least
+    assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
+    assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
