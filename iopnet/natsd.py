@@ -55,6 +55,16 @@ CONSUMES: dict[str, tuple[str, ...]] = {
     "scheduling": ("IOP_INTAKE",),
     "notifications": ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_RESTRICTED"),
 }
+# Second durables on a stream a service consumes (shared/messaging/consumer.py, Subscription.lane):
+# notifications reads CheckInSubmitted in a safety lane of its own.
+LANES: dict[str, dict[str, tuple[str, ...]]] = {"notifications": {"IOP_INTAKE": ("safety",)}}
+
+
+def durables(service: str, stream: str) -> tuple[str, ...]:
+    base = f"{service}-{stream}"
+    return (base, *(f"{base}-{lane}" for lane in LANES.get(service, {}).get(stream, ())))
+
+
 # The streams each service declares (creates and updates) in the main account; the
 # others may only create IOP_DLQ if it is missing. IOP_RESTRICTED is notifications'
 # (its reader) and intake may only create it (shared/messaging/streams.py). Nobody may
@@ -118,7 +128,7 @@ def _service(service: str) -> Permissions:
             PRODUCER_SUBJECTS[service],
             f"iop.dlq.{service}.>",
             *(api for stream in OWNS[service] for api in _own(stream)),
-            *(api for stream in public for api in _consume(stream, f"{service}-{stream}")),
+            *(api for stream in public for durable in durables(service, stream) for api in _consume(stream, durable)),
             "$JS.API.STREAM.CREATE.IOP_DLQ",
             "$JS.API.STREAM.INFO.IOP_DLQ",
             "$JS.API.STREAM.MSG.GET.IOP_DLQ",

@@ -56,7 +56,6 @@ class Handlers:
                 PatientTransferred: self.on_patient_transferred,
                 ConsentGranted: self.on_consent_granted,
                 ConsentRevoked: self.on_consent_revoked,
-                CheckInSubmitted: self.on_check_in,
             },
             "IOP_SCHEDULING": {
                 SessionScheduled: self.on_session_scheduled,
@@ -68,10 +67,16 @@ class Handlers:
                 WeeklyHoursShortfall: self.on_hours_alert,
             },
         }
-        return [
+        routine = [
             Subscription(stream, {cls: self._wrap(handler) for cls, handler in handlers.items()})
             for stream, handlers in streams.items()
         ]
+        # Check-ins in a lane of their own (durable notifications-IOP_INTAKE-safety): an
+        # urgent one never waits behind a wave of enrollments on IOP_INTAKE. It needs
+        # only the site's roster, not the patient's enrollment, so the lanes' relative
+        # order does not matter.
+        safety = Subscription("IOP_INTAKE", {CheckInSubmitted: self._wrap(self.on_check_in)}, lane="safety")
+        return [*routine, safety]
 
     def _wrap(self, handler: Handler) -> Handler:
         async def handle(session: AsyncSession, envelope: Envelope, event: Event) -> None:

@@ -96,6 +96,14 @@ class Undecodable(Poison):
 class Subscription:
     stream: str
     handlers: Mapping[type[Event], Handler]
+    # A second durable on the same stream for a few event types that must never wait
+    # behind the others (notifications' CheckInSubmitted: an urgent check-in is not
+    # queued behind a wave of enrollments). Its events keep their order among
+    # themselves; the two lanes must not depend on each other's order.
+    lane: str | None = None
+
+    def durable(self, service: str) -> str:
+        return f"{service}-{self.stream}" + (f"-{self.lane}" if self.lane else "")
 
     def handler_for(self, event: Event) -> Handler | None:
         return self.handlers.get(type(event))
@@ -213,7 +221,7 @@ class Consumer:
         # Past a lease's end, before the server's timer has surely put it back in line.
         self.recovery_margin_seconds = recovery_margin_seconds
         self.publish_timeout_seconds = publish_timeout_seconds
-        self.durable = f"{service}-{subscription.stream}"
+        self.durable = subscription.durable(service)
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
         # The stream does not exist yet (its producer has not declared it): nothing to

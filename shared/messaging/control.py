@@ -202,6 +202,19 @@ class ControlPlane:
                 return consumer
         return None
 
+    def _lanes(self, stream: str) -> list[Consumer]:
+        """Every consumer of `stream` (a stream may have a routine and a safety lane)."""
+        return [c for c in self.consumers if c.subscription.stream == stream]
+
+    @staticmethod
+    async def _apply_in_its_lane(lanes: list[Consumer], data: bytes) -> str:
+        """Applied by the lane that handles it; "not_handled" if none does."""
+        for consumer in lanes:
+            outcome = await consumer.apply_stored(data)
+            if outcome != "not_handled":
+                return outcome
+        return "not_handled"
+
     async def retry(self, request: DeadLetterRetry) -> ControlReply:
         try:
             letter = await self.main_js.get_msg(DLQ_STREAM, request.dlq_sequence)
@@ -248,7 +261,7 @@ class ControlPlane:
             if request.subject and not subject_matches(request.subject, message.subject or ""):
                 continue
             try:
-                outcome = await consumer.apply_stored(message.data or b"")
+                outcome = await self._apply_in_its_lane(self._lanes(request.stream), message.data or b"")
             except HandlerError as exc:
                 reply.failed.append(Failure(sequence=sequence, reason=str(exc)))
                 continue
@@ -282,10 +295,11 @@ class ControlPlane:
             envelope, event = _parse(stored.data or b"")
         except HandlerError as exc:
             return self._refuse(str(exc))
-        handler = consumer.subscription.handler_for(event)
-        if handler is None:
-            return self._refuse("this service does not handle that event type", outcome="not_handled")
-        return await self._apply_again(consumer, operations, request, envelope, event, handler)
+        for lane in self._lanes(request.stream):
+            handler = lane.subscription.handler_for(event)
+            if handler is not None:
+                return await self._apply_again(lane, operations, request, envelope, event, handler)
+        return self._refuse("this service does not handle that event type", outcome="not_handled")
 
     async def _apply_again(
         self,

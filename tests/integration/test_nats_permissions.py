@@ -48,6 +48,7 @@ from iopnet.natsd import (
     USERS,
     NatsServer,
     accounts_block,
+    durables,
     free_port,
     load_or_create_credentials,
     nats_server_binary,
@@ -210,6 +211,9 @@ def test_the_permission_tables_match_what_the_services_do() -> None:
     }
     consumed = {service: {s.stream for s in subs} for service, subs in subscriptions.items()}
     assert consumed == {service: set(streams) for service, streams in CONSUMES.items()}
+    for service, subs in subscriptions.items():
+        declared = {durable for stream in CONSUMES[service] for durable in durables(service, stream)}
+        assert {s.durable(service) for s in subs} == declared
     for service in OWNS:
         owned = {s.name for s in STREAMS.values() if s.owner == service and not s.restricted}
         assert owned == set(OWNS[service])
