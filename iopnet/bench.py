@@ -224,28 +224,38 @@ async def _check_in_wave(clinics: Clinics, config: BenchConfig, patients: list[s
                                           "per_s": round(rest / fast, 1) if fast else 0.0}  # fmt: skip
 
 
+def _monotonic(iso: str) -> float:
+    """A wall-clock time from an envelope, on this process's monotonic clock (all on one machine)."""
+    return time.monotonic() - (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+
+
 def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
     submitted = {s.data.get("check_in_id"): s for s in bus.by_type["CheckInSubmitted"]}
     by_event_id = {s.envelope["event_id"]: s.data.get("check_in_id") for s in submitted.values()}
     to_bus = [(submitted[c].at - t) * 1000 for c, t in timings.check_in_accepted.items() if c in submitted]
     alerted: dict[str, list[float]] = {"during_drain": [], "after_drain": []}
+    # Where an urgent check-in's time goes in notifications: on the bus -> alert committed
+    # (consume and apply) -> alert on the bus (notifications' outbox relay).
+    applied, relayed = [], []
     for seen in bus.by_type["CareTeamAlerted"]:
         check_in = by_event_id.get(seen.data.get("cause_event_id"))
         if check_in in timings.urgent and check_in in timings.check_in_accepted:
             lane = "during_drain" if check_in in timings.during_drain else "after_drain"
             alerted[lane].append((seen.at - timings.check_in_accepted[check_in]) * 1000)
+            committed = _monotonic(seen.envelope["occurred_at"])
+            applied.append((committed - submitted[check_in].at) * 1000)
+            relayed.append((seen.at - committed) * 1000)
     enrolled = {s.envelope["event_id"]: s.data.get("enrollment_id") for s in bus.by_type["PatientEnrolled"]}
     welcome = []
     for seen in bus.by_type["NotificationSent"]:
         enrollment = enrolled.get(seen.data.get("cause_event_id"))
         if seen.data.get("template") == "welcome" and enrollment in timings.enroll_accepted:
             welcome.append((seen.at - timings.enroll_accepted[enrollment]) * 1000)
-    lag = []
-    for seen_list in bus.by_type.values():
-        for seen in seen_list:
-            occurred = datetime.fromisoformat(seen.envelope["occurred_at"])
-            seen_wall = datetime.now(UTC) - timedelta(seconds=time.monotonic() - seen.at)
-            lag.append(max(0.0, (seen_wall - occurred).total_seconds() * 1000))
+    lag = [
+        max(0.0, (seen.at - _monotonic(seen.envelope["occurred_at"])) * 1000)
+        for seen_list in bus.by_type.values()
+        for seen in seen_list
+    ]
     return {
         "enroll_http_ms": timings.enroll_http_ms,
         "check_in_http_offered_ms": timings.check_in_http_ms["offered"],
@@ -253,6 +263,8 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
         "check_in_to_bus_ms": to_bus,
         "urgent_to_care_team_alerted_during_drain_ms": alerted["during_drain"],
         "urgent_to_care_team_alerted_after_drain_ms": alerted["after_drain"],
+        "urgent_on_bus_to_alert_committed_ms": applied,
+        "urgent_alert_committed_to_bus_ms": relayed,
         "enrollment_to_welcome_sent_ms": welcome,
         "outbox_lag_ms": lag,
     }
