@@ -27,6 +27,7 @@ from shared.messaging import (
 from shared.messaging import broker as brokers
 from shared.messaging.control import ControlPlane
 from shared.messaging.publishers import declare_publishers
+from shared.priority import PriorityGate
 from shared.settings import ServiceName, Settings
 
 log = logging.getLogger("iopnet.runtime")
@@ -95,6 +96,7 @@ class ServiceRuntime:
         # SQLite: one pooled connection, so a transaction queues behind every session
         # waiting for it. A safety lane's consumer gets a connection of its own and waits
         # only for the transaction holding the write lock. PostgreSQL's pool needs none.
+        self.gate = PriorityGate()
         self.priority_engine: AsyncEngine | None = None
         self.priority_sessions = self.sessions
         if is_sqlite(url):
@@ -135,6 +137,7 @@ class ServiceRuntime:
             nak_delay_seconds=self.settings.nak_delay_seconds,
             batch=self.settings.fetch_batch,
             duplicate_window_seconds=self.settings.duplicate_window_seconds,
+            gate=self.gate,
         )
 
     async def start(self) -> None:
@@ -146,6 +149,7 @@ class ServiceRuntime:
             restricted_broker=lambda: self.restricted_broker if self.streams_ready.is_set() else None,
             batch_size=self.settings.outbox_batch,
             retry_seconds=self.settings.outbox_retry_seconds,
+            gate=self.gate,
         )
         self._spawn(self._messaging(), "messaging")
         self._spawn(self.relay.run(), "outbox-relay")

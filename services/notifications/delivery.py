@@ -40,6 +40,7 @@ from services.notifications.channels import ChannelAdapter, DeliveryError, Outbo
 from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
 from shared.messaging.outbox import CommitSignal
+from shared.priority import PriorityGate
 from shared.runtime import ServiceRuntime
 from shared.settings import Settings
 
@@ -144,6 +145,8 @@ class Dispatcher:
         self._random = random.Random()
         self._stopping = False
         self._deliveries: set[asyncio.Task[None]] = set()
+        # The runtime's: a claim yields to the safety lane (shared/priority.py).
+        self.gate: PriorityGate | None = None
         self._records: GroupCommit | None = None
         self._finished: asyncio.Future[None] | None = None
 
@@ -157,6 +160,7 @@ class Dispatcher:
 
     async def run(self, runtime: ServiceRuntime) -> None:
         self.signal = CommitSignal(runtime.sessions, "deliveries")
+        self.gate = runtime.gate
         try:
             await self._loop(runtime.sessions)
         except asyncio.CancelledError:
@@ -280,6 +284,8 @@ class Dispatcher:
         self, sessions: sessionmaker, row: store.NotificationRow, now: datetime
     ) -> tuple[store.NotificationRow, usecases.Ready, OutboundMessage] | None:
         """Take the message for sending, or settle it if it may not go out now."""
+        if self.gate is not None:
+            await self.gate.routine()
         async with sessions() as session, session.begin():
             lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
             current = await store.claim_notification(session, row["notification_id"], now, lease)

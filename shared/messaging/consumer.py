@@ -70,6 +70,7 @@ from shared.logging import log_context
 from shared.messaging.broker import client, jetstream
 from shared.messaging.inbox import Inbox
 from shared.messaging.streams import DLQ_STREAM, STREAMS, ensure_streams
+from shared.priority import PriorityGate
 from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
@@ -202,6 +203,7 @@ class Consumer:
         backlog_wait_seconds: float = 0.02,
         recovery_margin_seconds: float = 1.0,
         publish_timeout_seconds: float = 5.0,
+        gate: PriorityGate | None = None,
     ) -> None:
         self.service = service
         self.subscription = subscription
@@ -221,6 +223,8 @@ class Consumer:
         # Past a lease's end, before the server's timer has surely put it back in line.
         self.recovery_margin_seconds = recovery_margin_seconds
         self.publish_timeout_seconds = publish_timeout_seconds
+        # The safety lane goes first; the others yield to it between transactions.
+        self.gate = gate
         self.durable = subscription.durable(service)
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
@@ -334,7 +338,14 @@ class Consumer:
 
     async def _through_faststream(self, messages: list[Msg]) -> list[Outcome]:
         """The subscriber's FastStream pipeline: broker middlewares, `decode`, `apply`."""
-        response = await self.subscriber.process_message(messages)
+        if self.gate is None:
+            response = await self.subscriber.process_message(messages)
+        elif self.subscription.lane == "safety":
+            async with self.gate.urgent():
+                response = await self.subscriber.process_message(messages)
+        else:
+            await self.gate.routine()
+            response = await self.subscriber.process_message(messages)
         outcomes: list[Outcome] = response.body
         return outcomes
 

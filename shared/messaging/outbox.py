@@ -28,9 +28,11 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    case,
     event,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -42,6 +44,7 @@ from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime, dialect_name
 from shared.messaging.streams import stream_for_subject
+from shared.priority import PriorityGate
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
 
 log = logging.getLogger("iopnet.outbox")
@@ -170,6 +173,10 @@ class Outbox:
         return (await session.execute(query)).scalar_one()
 
 
+# Published before anything else pending (subject names: iop.<producer>.<name>.<site>).
+SAFETY_EVENTS = ("check_in_submitted", "care_team_alerted")
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -181,8 +188,10 @@ class OutboxRelay:
         batch_size: int = 256,
         retry_seconds: float = 2.0,
         publish_timeout: float = 5.0,
+        gate: PriorityGate | None = None,
     ) -> None:
         self.outbox = outbox
+        self.gate = gate
         self.sessions = sessions
         self._broker = broker
         # Events on iop.restricted.> go to the NATS account that holds IOP_RESTRICTED.
@@ -216,6 +225,8 @@ class OutboxRelay:
         broker, restricted = self._broker(), self._restricted_broker()
         if broker is None or restricted is None:
             return 0
+        if self.gate is not None:
+            await self.gate.routine()
         publisher = _Publisher(broker, restricted)
         async with self.sessions() as session:
             if dialect_name(session) == "postgresql":
@@ -244,10 +255,14 @@ class OutboxRelay:
 
     async def _pending(self, session: AsyncSession, *, lock: bool) -> list[Any]:
         table = self.outbox.table
+        # Safety events first, then the rest in commit order. A check-in may so reach
+        # the bus before an earlier routine event of its stream: its only consumer is
+        # notifications' safety lane, which needs no other event of the patient first.
+        safety = case((or_(*(table.c.subject.like(f"%.{name}.%") for name in SAFETY_EVENTS)), 0), else_=1)
         query = (
             select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload, table.c.trace_context)
             .where(table.c.sent_at.is_(None))
-            .order_by(table.c.seq)
+            .order_by(safety, table.c.seq)
             .limit(self.batch_size)
         )
         if lock:
