@@ -182,8 +182,20 @@ def _incoming_request_id(scope: Scope) -> str | None:
 
 
 async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
-    async with request.app.state.runtime.sessions() as session:
+    runtime = request.app.state.runtime
+    await runtime.gate.routine()  # a safety request in flight goes first (shared/priority.py)
+    async with runtime.sessions() as session:
+        yield session
+
+
+async def safety_session(request: Request) -> AsyncIterator[AsyncSession]:
+    """For the routes that carry safety information (a check-in): the database before
+    any routine request or background work of the service, on a connection of its own
+    on SQLite (ServiceRuntime.priority_sessions)."""
+    runtime = request.app.state.runtime
+    async with runtime.gate.urgent(), runtime.priority_sessions() as session:
         yield session
 
 
 Db = Annotated[AsyncSession, Depends(db_session)]
+SafetyDb = Annotated[AsyncSession, Depends(safety_session)]

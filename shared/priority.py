@@ -3,9 +3,10 @@
 SQLite has one writer at a time. A transaction of the safety lane (an urgent check-in)
 would otherwise wait behind every routine transaction queued for the database (a wave
 of bookings, reminders, relay batches). While a safety transaction waits or runs, the
-routine consumers and the outbox relay start no new transaction; the one in progress
-finishes, then the safety lane has the database. Routine work resumes when no safety
-work is left. On PostgreSQL the gate costs nothing and changes little."""
+routine consumers, the routine HTTP requests and the dispatcher's claims start no new
+transaction (for a bounded time); the one in progress finishes, then the safety work has
+the database. The outbox relay is not held: it carries the safety events out, and
+publishes them before other pending rows. On PostgreSQL the gate changes little."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -13,7 +14,10 @@ from contextlib import asynccontextmanager
 
 
 class PriorityGate:
-    def __init__(self) -> None:
+    def __init__(self, max_wait_seconds: float = 0.25) -> None:
+        # Routine work waits at most this long: under a sustained flood of safety work
+        # it still moves (the dispatcher's claims include the care team's urgent messages).
+        self.max_wait_seconds = max_wait_seconds
         self._urgent = 0
         self._clear = asyncio.Event()
         self._clear.set()
@@ -30,5 +34,12 @@ class PriorityGate:
                 self._clear.set()
 
     async def routine(self) -> None:
-        """Returns at once unless safety work is waiting or running."""
-        await self._clear.wait()
+        """Returns at once unless safety work is waiting or running; then when it is
+        done, or after `max_wait_seconds` at most."""
+        if self._clear.is_set():
+            return
+        try:
+            async with asyncio.timeout(self.max_wait_seconds):
+                await self._clear.wait()
+        except TimeoutError:
+            pass

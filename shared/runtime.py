@@ -149,7 +149,6 @@ class ServiceRuntime:
             restricted_broker=lambda: self.restricted_broker if self.streams_ready.is_set() else None,
             batch_size=self.settings.outbox_batch,
             retry_seconds=self.settings.outbox_retry_seconds,
-            gate=self.gate,
         )
         self._spawn(self._messaging(), "messaging")
         self._spawn(self.relay.run(), "outbox-relay")

@@ -36,7 +36,7 @@ from shared.contracts.events import (
 )
 from shared.db import transaction
 from shared.errors import AccessDenied, Conflict, Invalid, NotFound
-from shared.http import Db
+from shared.http import Db, SafetyDb
 
 router = APIRouter()
 
@@ -631,7 +631,7 @@ async def submit_check_in(
     patient_id: UUID,
     body: CheckInIn,
     principal: StaffOrPatient,
-    session: Db,
+    session: SafetyDb,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> Any:
     """A daily check-in, scored for risk. With an `Idempotency-Key`, a retry of the same

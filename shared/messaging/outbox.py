@@ -44,7 +44,6 @@ from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
 from shared.db import UtcDateTime, dialect_name
 from shared.messaging.streams import stream_for_subject
-from shared.priority import PriorityGate
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
 
 log = logging.getLogger("iopnet.outbox")
@@ -188,10 +187,8 @@ class OutboxRelay:
         batch_size: int = 256,
         retry_seconds: float = 2.0,
         publish_timeout: float = 5.0,
-        gate: PriorityGate | None = None,
     ) -> None:
         self.outbox = outbox
-        self.gate = gate
         self.sessions = sessions
         self._broker = broker
         # Events on iop.restricted.> go to the NATS account that holds IOP_RESTRICTED.
@@ -225,8 +222,6 @@ class OutboxRelay:
         broker, restricted = self._broker(), self._restricted_broker()
         if broker is None or restricted is None:
             return 0
-        if self.gate is not None:
-            await self.gate.routine()
         publisher = _Publisher(broker, restricted)
         async with self.sessions() as session:
             if dialect_name(session) == "postgresql":

@@ -1,0 +1,55 @@
+"""The priority gate (shared/priority.py): routine work waits while safety work waits or
+runs, resumes when it is done, and never waits without bound."""
+
+import asyncio
+
+from shared.priority import PriorityGate
+
+
+async def test_routine_work_passes_when_no_safety_work_is_in_flight() -> None:
+    gate = PriorityGate(max_wait_seconds=60)
+    async with asyncio.timeout(1):
+        await gate.routine()
+
+
+async def test_routine_work_waits_for_safety_work_then_goes_on() -> None:
+    gate = PriorityGate(max_wait_seconds=60)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    async def safety() -> None:
+        async with gate.urgent():
+            order.append("safety started")
+            await release.wait()
+            order.append("safety done")
+
+    safety_task = asyncio.create_task(safety())
+    while not order:
+        await asyncio.sleep(0)  # let the safety task enter the gate
+    routine_task = asyncio.create_task(gate.routine())
+    await asyncio.sleep(0)
+    assert not routine_task.done()  # held while the safety work runs
+    release.set()
+    async with asyncio.timeout(1):
+        await routine_task
+        await safety_task
+    assert order == ["safety started", "safety done"]
+
+
+async def test_nested_safety_work_keeps_the_gate_closed_until_the_last_ends() -> None:
+    gate = PriorityGate(max_wait_seconds=60)
+    async with gate.urgent():
+        async with gate.urgent():
+            pass
+        routine_task = asyncio.create_task(gate.routine())
+        await asyncio.sleep(0)
+        assert not routine_task.done()
+    async with asyncio.timeout(1):
+        await routine_task
+
+
+async def test_routine_work_is_never_starved() -> None:
+    gate = PriorityGate(max_wait_seconds=0.05)
+    async with gate.urgent():  # safety work that does not end while routine work waits
+        async with asyncio.timeout(5):
+            await gate.routine()  # returns after its bounded wait
