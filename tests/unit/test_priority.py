@@ -15,17 +15,17 @@ async def test_routine_work_passes_when_no_safety_work_is_in_flight() -> None:
 async def test_routine_work_waits_for_safety_work_then_goes_on() -> None:
     gate = PriorityGate(max_wait_seconds=60)
     order: list[str] = []
-    release = asyncio.Event()
+    release, started = asyncio.Event(), asyncio.Event()
 
     async def safety() -> None:
         async with gate.urgent():
             order.append("safety started")
+            started.set()
             await release.wait()
             order.append("safety done")
 
     safety_task = asyncio.create_task(safety())
-    while not order:
-        await asyncio.sleep(0)  # let the safety task enter the gate
+    await started.wait()
     routine_task = asyncio.create_task(gate.routine())
     await asyncio.sleep(0)
     assert not routine_task.done()  # held while the safety work runs
