@@ -23,7 +23,8 @@ import os
 import secrets
 import tempfile
 import time
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -32,6 +33,7 @@ from uuid import uuid4
 
 import asyncpg
 import httpx
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from iopnet.bench_load import BusLog, Sampler, raw_baseline
 from iopnet.bench_report import latency_summary, plot, print_table, write_results
@@ -270,6 +272,48 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
     }
 
 
+@asynccontextmanager
+async def _live_progress(
+    clinics: Clinics, bus: BusLog, config: BenchConfig
+) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A live display (rich) of what has been accepted and what has reached the bus;
+    yields the call that ends it."""
+    columns = (TextColumn("{task.description:<34}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    progress = Progress(*columns)
+    total = config.patients
+    urgent = max(1, round(total * config.urgent_share))
+    rows = {
+        "enrollments accepted": (total, lambda: len(clinics.timings.enroll_accepted)),
+        "welcomes sent (the wave drained)": (total, lambda: bus.count("NotificationSent")),
+        "check-ins accepted": (total, lambda: len(clinics.timings.check_in_accepted)),
+        "CheckInSubmitted on the bus": (total, lambda: bus.count("CheckInSubmitted")),
+        "CareTeamAlerted on the bus": (urgent, lambda: bus.count("CareTeamAlerted")),
+    }
+    tasks = {name: progress.add_task(name, total=limit) for name, (limit, _) in rows.items()}
+
+    async def refresh() -> None:
+        while True:
+            for name, (limit, count) in rows.items():
+                progress.update(tasks[name], completed=min(count(), limit))
+            await asyncio.sleep(0.2)  # the display's refresh tick
+
+    progress.start()
+    refresher = asyncio.create_task(refresh())
+
+    async def finish() -> None:
+        refresher.cancel()
+        await asyncio.gather(refresher, return_exceptions=True)
+        for name, (limit, count) in rows.items():
+            progress.update(tasks[name], completed=min(count(), limit))
+        progress.stop()
+
+    try:
+        yield finish
+    finally:
+        if not refresher.done():
+            await finish()
+
+
 async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int]) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=config.concurrency * 4, max_keepalive_connections=config.concurrency * 2)
     async with AsyncExitStack() as stack:
@@ -282,6 +326,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         sampler = Sampler(http, services, pids).start()
         stack.push_async_callback(sampler.stop)
         started = time.monotonic()
+        display = await stack.enter_async_context(_live_progress(clinics, bus, config))
         print(f"enrollment wave: {config.patients} patients over {config.sites} sites ...", flush=True)
         patients = await _enrollment_wave(clinics, config)
         drained = asyncio.Event()
@@ -298,6 +343,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         await bus.wait("CareTeamAlerted", urgent, config.drain_timeout)
         await watcher
         wall = time.monotonic() - started
+        await display()
         await sampler.stop()
         print("raw baseline on the same nats-server ...", flush=True)
         sizes = [len(str(s.envelope)) for s in bus.by_type["CheckInSubmitted"][:100]] or [600]
