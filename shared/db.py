@@ -55,21 +55,10 @@ def create_engine(url: str) -> AsyncEngine:
     # (which costs tens of ms per collision); the service is the file's only user.
     engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-    event.listen(engine.sync_engine, "begin", _begin_immediate)
     return engine
 
 
-def _begin_immediate(connection: Connection) -> None:
-    """Every transaction takes SQLite's write lock when it begins (SQLAlchemy's recipe for
-    aiosqlite). A service may open a second engine on its file (the safety lane's, see
-    ServiceRuntime): with deferred transactions, one that read and then writes after the
-    other engine committed fails at once (SQLITE_BUSY, stale snapshot); an immediate one
-    waits for the lock instead (busy_timeout)."""
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
-
-
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    dbapi_connection.isolation_level = None  # the driver emits no BEGIN of its own: see _begin_immediate
     cursor = dbapi_connection.cursor()
     # WAL lets HTTP reads proceed while the relay or a consumer writes.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -126,13 +115,10 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     await session.execute(select(*table.primary_key.columns).where(*conditions).with_for_update())
 
 
-def session_factory(
-    engine: AsyncEngine, like: async_sessionmaker[AsyncSession] | None = None
-) -> async_sessionmaker[AsyncSession]:
-    """A session class of its own per service, so commit hooks (the outbox wake-up)
-    attach to this service's sessions only; `like` shares another factory's class (a
-    second engine of the same service)."""
-    sync_class = like.kw["sync_session_class"] if like is not None else type("ServiceSession", (Session,), {})
+def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    # A session class of its own per factory, so commit hooks (the outbox wake-up)
+    # attach to this service's sessions only.
+    sync_class = type("ServiceSession", (Session,), {})
     return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=sync_class)
 
 

@@ -189,11 +189,10 @@ async def db_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 async def safety_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """For the routes that carry safety information (a check-in): the database before
-    any routine request or background work of the service, on a connection of its own
-    on SQLite (ServiceRuntime.priority_sessions)."""
+    """For the routes that carry safety information (a check-in): routine requests and
+    background work of the service start no new transaction meanwhile (shared/priority.py)."""
     runtime = request.app.state.runtime
-    async with runtime.gate.urgent(), runtime.priority_sessions() as session:
+    async with runtime.gate.urgent(), runtime.sessions() as session:
         yield session
 
 

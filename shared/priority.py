@@ -4,9 +4,10 @@ SQLite has one writer at a time. A transaction of the safety lane (an urgent che
 would otherwise wait behind every routine transaction queued for the database (a wave
 of bookings, reminders, relay batches). While a safety transaction waits or runs, the
 routine consumers, the routine HTTP requests and the dispatcher's claims start no new
-transaction (for a bounded time); the one in progress finishes, then the safety work has
-the database. The outbox relay is not held: it carries the safety events out, and
-publishes them before other pending rows. On PostgreSQL the gate changes little."""
+transaction (for a bounded time), and a routine consumer's batch in progress commits what
+it has applied at its next event and lets the rest wait (`pressing`); then the safety
+work has the database. The outbox relay is not held: it carries the safety events out,
+and publishes them before other pending rows. On PostgreSQL the gate changes little."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -32,6 +33,11 @@ class PriorityGate:
             self._urgent -= 1
             if self._urgent == 0:
                 self._clear.set()
+
+    @property
+    def pressing(self) -> bool:
+        """Safety work is waiting or running: routine work should yield at its next step."""
+        return not self._clear.is_set()
 
     async def routine(self) -> None:
         """Returns at once unless safety work is waiting or running; then when it is

@@ -93,15 +93,9 @@ class ServiceRuntime:
             url, poolclass=NullPool, connect_args={"timeout": READINESS_DATABASE_TIMEOUT_SECONDS}
         )
         self.sessions: async_sessionmaker[AsyncSession] = session_factory(self.engine)
-        # SQLite: one pooled connection, so a transaction queues behind every session
-        # waiting for it. A safety lane's consumer gets a connection of its own and waits
-        # only for the transaction holding the write lock. PostgreSQL's pool needs none.
+        # Safety work first (shared/priority.py): the safety lane's consumer and the
+        # check-in requests hold routine transactions back while they wait or run.
         self.gate = PriorityGate()
-        self.priority_engine: AsyncEngine | None = None
-        self.priority_sessions = self.sessions
-        if is_sqlite(url):
-            self.priority_engine = create_engine(url)
-            self.priority_sessions = session_factory(self.priority_engine, like=self.sessions)
         # One registry per service: FastStream's Prometheus middleware and ServiceMetrics.
         self.metrics_registry = CollectorRegistry()
         # One FastStream broker per NATS account: the main one, and (intake, notifications)
@@ -128,7 +122,7 @@ class ServiceRuntime:
         return Consumer(
             self.name,
             subscription,
-            self.priority_sessions if subscription.lane == "safety" else self.sessions,
+            self.sessions,
             self.inbox,
             self.restricted_broker if restricted else self.broker,
             dlq_broker=self.broker,
@@ -224,7 +218,7 @@ class ServiceRuntime:
         except Exception as exc:  # the broker may already be gone; the database still closes
             log.warning("nats close failed", extra={"error": type(exc).__name__})
         finally:
-            for engine in (self.probe_engine, self.priority_engine, self.engine):
+            for engine in (self.probe_engine, self.engine):
                 if engine is not None:
                     await engine.dispose()
         log.info("service stopped", extra={"service": self.name})

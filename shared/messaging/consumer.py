@@ -332,9 +332,14 @@ class Consumer:
             # The message the handler was applying failed once already: it counts as a try.
             await self._one_by_one(messages, failed_at=self._position)
             return
-        for message in messages:
+        # A routine batch may stop early to let safety work have the database (`apply`):
+        # what it applied is acked, the rest is still held and goes next, in order.
+        for message in messages[: len(outcomes)]:
             await self._ack(message)
         self._count(outcomes)
+        rest = messages[len(outcomes) :]
+        if rest and not self.stopping:
+            await self.process_batch(rest)
 
     async def _through_faststream(self, messages: list[Msg]) -> list[Outcome]:
         """The subscriber's FastStream pipeline: broker middlewares, `decode`, `apply`."""
@@ -364,10 +369,15 @@ class Consumer:
         outcomes: list[Outcome] = []
         async with self.sessions() as session, session.begin():
             for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
+                if outcomes and self._yield_to_safety():
+                    break  # committed so far; process_batch takes the rest next
                 self._position = position
                 outcomes.append(await self._apply_one(session, envelope, headers))
         self.stats.transactions += 1
         return outcomes
+
+    def _yield_to_safety(self) -> bool:
+        return self.gate is not None and self.subscription.lane != "safety" and self.gate.pressing
 
     async def _apply_one(self, session: AsyncSession, envelope: Envelope, headers: Mapping[str, str] | None) -> Outcome:
         event = _event(envelope)
