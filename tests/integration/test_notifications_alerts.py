@@ -5,6 +5,7 @@ elevated risk and treatment-hours alerts wait for business hours, missed session
 to a "we missed you" and after two in a row to an alert; webhook subscriptions receive
 signed events and are retried; the roster, settings and alert APIs are scoped by site."""
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -19,8 +20,14 @@ from iopnet.testing import BusRecorder, eventually
 from services.notifications import domain, usecases
 from services.notifications.app import create_app
 from shared.contracts import Envelope, new_envelope
-from shared.contracts.events import CheckInSubmitted, HoursAtRisk, SessionScheduled, WeeklyHoursShortfall
-from tests.conftest import HttpPeer, SmtpSink, auth, running
+from shared.contracts.events import (
+    CheckInSubmitted,
+    HoursAtRisk,
+    PatientEnrolled,
+    SessionScheduled,
+    WeeklyHoursShortfall,
+)
+from tests.conftest import HttpPeer, SmtpSink, auth, publish, running
 from tests.integration.test_notifications_delivery import (
     SITE,
     TZ,
@@ -110,6 +117,43 @@ async def test_urgent_check_in_reaches_the_on_call_first_at_once(
         assert (await client.get("/alerts", headers=auth("clinician", ["dayton-north"]))).json() == []
         assert (await client.get("/alerts", headers=auth("front_desk", [SITE]))).status_code == 403
         assert http_peer.posts("/sms") == []  # the backup is not paged yet
+
+
+async def test_an_urgent_check_in_is_alerted_while_a_wave_of_enrollments_still_waits(
+    app, nats_server, bus: BusRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, safety first: check-ins have a lane of their own (and the priority gate
+    makes a routine batch in progress yield), so an urgent one does not wait behind a
+    backlog of enrollments on the same stream."""
+    patient = Patient()
+    wave = [Patient().enrolled for _ in range(60)]
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)
+        [routine] = [c for c in app.state.runtime.consumers if c.durable == "notifications-IOP_INTAKE"]
+        original = routine.subscription.handlers[PatientEnrolled]
+
+        async def slow_enrollment(session, envelope, event) -> None:
+            await asyncio.sleep(0.05)  # the work itself: the wave takes 3 s to apply
+            await original(session, envelope, event)
+
+        monkeypatch.setitem(routine.subscription.handlers, PatientEnrolled, slow_enrollment)
+        applied_before = routine.stats.applied
+        await publish(nats_server.url, *wave)
+
+        async def wave_started() -> bool:
+            return routine.stats.applied > applied_before  # the first alone, the rest in one batch now
+
+        await eventually(wave_started, what="the enrollment wave under way")
+        await publish(nats_server.url, check_in(patient, "urgent"))
+        await bus.wait_for_event("CareTeamAlerted", timeout=30)
+        behind = routine.stats.applied - applied_before
+        assert behind < len(wave), "the alert waited for the whole enrollment wave"
+
+        async def wave_done() -> bool:
+            return routine.stats.applied - applied_before == len(wave)
+
+        await eventually(wave_done, timeout=60, what="the rest of the wave, in order, after the alert")
 
 
 async def test_unacknowledged_alert_escalates_along_the_roster(
