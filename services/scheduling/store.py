@@ -460,6 +460,29 @@ async def clinician_overlaps(session: AsyncSession, clinician_id: str, starts: d
 # --- bookings ------------------------------------------------------------------
 
 
+async def lock_sessions(session: AsyncSession, session_ids: list[str]) -> dict[str, SessionRow]:
+    """Several sessions at once, locked as `get_session(lock=True)` locks one (in id
+    order, so two bookers of overlapping sets never deadlock)."""
+    query = select(sessions).where(sessions.c.session_id.in_(session_ids)).order_by(sessions.c.session_id)
+    rows = _rows(SessionRow, await session.execute(query.with_for_update()))
+    return {row["session_id"]: row for row in rows}
+
+
+async def bookings_of(session: AsyncSession, enrollment_id: str, session_ids: list[str]) -> dict[str, BookingRow]:
+    """An enrollment's booking (any status) in each of these sessions, by session id."""
+    query = select(bookings).where(bookings.c.enrollment_id == enrollment_id, bookings.c.session_id.in_(session_ids))
+    return {row["session_id"]: row for row in _rows(BookingRow, await session.execute(query))}
+
+
+async def booked_counts(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:
+    query = (
+        select(bookings.c.session_id, func.count())
+        .where(bookings.c.session_id.in_(session_ids), bookings.c.status == "booked")
+        .group_by(bookings.c.session_id)
+    )
+    return {str(session_id): int(count) for session_id, count in (await session.execute(query)).all()}
+
+
 async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> BookingRow | None:
     query = select(bookings).where(bookings.c.session_id == session_id, bookings.c.enrollment_id == enrollment_id)
     return await _one(BookingRow, session, query)
