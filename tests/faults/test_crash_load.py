@@ -64,12 +64,15 @@ ACK_WAIT_SECONDS = 10
 SEND_TIMEOUT_SECONDS = 2
 NOTIFICATION_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(?=@iopnet\.invalid>)")
 # The streams each service consumes, and the NATS user it reads them as.
+# (service, stream, durable) -> the NATS user that reads it. notifications reads
+# IOP_INTAKE in two lanes: the routine one and the safety lane (check-ins).
 CONSUMED = {
-    ("scheduling", "IOP_INTAKE"): "scheduling",
-    ("intake", "IOP_SCHEDULING"): "intake",
-    ("notifications", "IOP_INTAKE"): "notifications",
-    ("notifications", "IOP_SCHEDULING"): "notifications",
-    ("notifications", "IOP_RESTRICTED"): RESTRICTED_USERS["notifications"],
+    ("scheduling", "IOP_INTAKE", "scheduling-IOP_INTAKE"): "scheduling",
+    ("intake", "IOP_SCHEDULING", "intake-IOP_SCHEDULING"): "intake",
+    ("notifications", "IOP_INTAKE", "notifications-IOP_INTAKE"): "notifications",
+    ("notifications", "IOP_INTAKE", "notifications-IOP_INTAKE-safety"): "notifications",
+    ("notifications", "IOP_SCHEDULING", "notifications-IOP_SCHEDULING"): "notifications",
+    ("notifications", "IOP_RESTRICTED", "notifications-IOP_RESTRICTED"): RESTRICTED_USERS["notifications"],
 }
 STORES = {"intake": intake_store, "scheduling": scheduling_store, "notifications": notifications_store}
 FAULTS: tuple[tuple[str, str], ...] = (
@@ -462,7 +465,7 @@ class Snapshot:
     streams: dict[str, list[Stored]]
     inboxes: dict[str, dict[str, dict[str, Any]]]  # service -> event_id -> inbox row
     outboxes: dict[str, list[dict[str, Any]]]
-    filters: dict[tuple[str, str], list[str]]
+    filters: dict[tuple[str, str, str], list[str]]
     deliveries: dict[str, int]
     notifications: list[dict[str, Any]]
     notification_enrollments: dict[str, dict[str, Any]]
@@ -478,9 +481,9 @@ async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sn
         "IOP_RESTRICTED": await read_stream(user_url(network, RESTRICTED_USERS["notifications"]), "IOP_RESTRICTED"),
     }
     filters, deliveries = {}, {}
-    for (service, stream), user in CONSUMED.items():
-        durable = f"{service}-{stream}"
-        filters[(service, stream)], deliveries[durable] = await consumer_facts(user_url(network, user), stream, durable)
+    for (service, stream, durable), user in CONSUMED.items():
+        facts = await consumer_facts(user_url(network, user), stream, durable)
+        filters[(service, stream, durable)], deliveries[durable] = facts
     inboxes: dict[str, dict[str, dict[str, Any]]] = {
         name: {r["event_id"]: r for r in await rows(engines[name], STORES[name].inbox.table)} for name in SERVICES
     }
@@ -502,8 +505,8 @@ async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sn
     )
 
 
-def consumed(snap: Snapshot) -> dict[tuple[str, str], list[Stored]]:
-    """Per (service, stream): the stored events that service's durable consumes."""
+def consumed(snap: Snapshot) -> dict[tuple[str, str, str], list[Stored]]:
+    """Per (service, stream, durable): the stored events that durable consumes."""
     return {
         key: [s for s in snap.streams[key[1]] if any(matches(f, s.subject) for f in snap.filters[key])]
         for key in CONSUMED
@@ -516,7 +519,7 @@ async def settled(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sna
     snap = await snapshot(network, engines)
     if any(r["sent_at"] is None for outbox in snap.outboxes.values() for r in outbox):
         return None
-    for (service, _), events in consumed(snap).items():
+    for (service, _, _), events in consumed(snap).items():
         if any(e.event_id not in snap.inboxes[service] for e in events):
             return None
     now = datetime.now(UTC)
@@ -566,8 +569,8 @@ async def verdict(
     out_of_order: dict[str, int] = {}
     late_examples: list[str] = []
     redelivered: dict[str, int] = {}
-    for (service, stream), events in consumed(snap).items():
-        redelivered[f"{service}-{stream}"] = snap.deliveries[f"{service}-{stream}"] - len(events)
+    for (service, stream, durable), events in consumed(snap).items():
+        redelivered[durable] = snap.deliveries[durable] - len(events)
         inbox = snap.inboxes[service]
         missing = [e for e in events if e.event_id not in inbox]
         if missing:
@@ -579,12 +582,12 @@ async def verdict(
                 late += 1
                 if len(late_examples) < 5:
                     late_examples.append(
-                        f"{service}-{stream}: {event_type} #{seq} applied {(at - highest[2]).total_seconds():.1f}s"
+                        f"{durable}: {event_type} #{seq} applied {(at - highest[2]).total_seconds():.1f}s"
                         f" after {highest[1]} #{highest[0]}"
                     )
             else:
                 highest = (seq, event_type, at)
-        out_of_order[f"{service}-{stream}"] = late
+        out_of_order[durable] = late
 
     # 3. Each event once on its stream; each outbox row once on IOP_NOTIFICATIONS.
     for name, stored_events in snap.streams.items():
