@@ -14,6 +14,7 @@ global account, no permissions). deploy/nats.conf carries the same block.
 import contextlib
 import json
 import os
+import random
 import re
 import secrets
 import shutil
@@ -313,10 +314,36 @@ def nats_server_binary() -> str:
     return found
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A port free now, below the kernel's ephemeral range and not handed out before by
+    this process. A port from `bind(0)` is an ephemeral one: between this call and the
+    listener's bind, any outgoing connection (a service's to NATS, say) may take it as its
+    local port, and the listener then fails to start while another process answers there."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(max(1024, low - 12000), low))
+    random.shuffle(candidates)
+    for port in candidates:
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 @dataclass

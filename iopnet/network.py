@@ -147,15 +147,21 @@ class LocalNetwork:
                 for name in sorted(pending):
                     if self.processes[name].poll() is not None:
                         raise RuntimeError(f"{name} exited during start ({self.processes[name].returncode})")
-                    try:
-                        if client.get(f"{self.url(name)}/readyz").status_code == 200:
-                            pending.discard(name)
-                    except httpx.HTTPError:
-                        pass
+                    if self._answers_ready(client, name):
+                        pending.discard(name)
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"not ready after {timeout}s: {', '.join(sorted(pending))}")
                 if pending:
                     time.sleep(0.1)  # readiness poll of child processes
+
+    def _answers_ready(self, client: httpx.Client, name: str) -> bool:
+        """Ready, and it is `name` that answers: another process on its port (one that took
+        the port first) must not pass for it."""
+        try:
+            answer = client.get(f"{self.url(name)}/readyz")
+            return answer.status_code == 200 and answer.json().get("service") == name
+        except (httpx.HTTPError, ValueError):
+            return False
 
     def died(self) -> list[str]:
         return [name for name, process in self.processes.items() if process.poll() is not None]

@@ -76,7 +76,9 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
         # says what counts as bound); answered within a second even under a backlog.
         checks = await runtime.readiness()
         ready = all(checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"service": runtime.name, "ready": ready, "checks": checks}, status_code=200 if ready else 503
+        )
 
     document = asyncapi_document(runtime)  # generated once, from the brokers' declarations
 

@@ -197,6 +197,8 @@ async def test_health_and_docs(app) -> None:
 
         await eventually(is_ready, what="intake ready")
         assert ready.status_code in (200, 503)
+        # It says who answers: a process that took another's port cannot pass for it.
+        assert (await client.get("/readyz")).json()["service"] == "intake"
         assert (await client.get("/docs")).status_code == 200
         assert "/patients" in (await client.get("/openapi.json")).json()["paths"]
         asyncapi = (await client.get("/asyncapi")).json()
