@@ -6,6 +6,7 @@ import secrets
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,6 +21,10 @@ MIN_SECRET_BYTES = 32
 
 class WeakSecretError(ValueError):
     """The JWT signing secret is too short to start with."""
+
+
+class SecretFileError(ValueError):
+    """An IOPNET_*_FILE secret cannot be used (unreadable, empty, or given twice)."""
 
 
 def check_secret(secret: str, origin: str) -> str:
@@ -114,12 +119,51 @@ class Settings(BaseSettings):
     sms_api_key: str | None = None
     sms_sender: str | None = None
 
+    # Secrets from files (compose `secrets:`, Kubernetes Secret volumes): IOPNET_<NAME>_FILE
+    # names a file whose content (without its final newline) is the secret, so it is
+    # never in the environment (`docker inspect`) or in a URL given in one. A password
+    # file completes a URL that names the user only (`nats://intake@nats:4222`,
+    # `postgresql+asyncpg://intake@postgres:5432/intake`). Giving a secret both ways is refused.
+    jwt_secret_file: Path | None = None
+    nats_password_file: Path | None = None
+    nats_restricted_password_file: Path | None = None
+    intake_database_password_file: Path | None = None
+    scheduling_database_password_file: Path | None = None
+    notifications_database_password_file: Path | None = None
+    smtp_password_file: Path | None = None
+    sms_api_key_file: Path | None = None
+
     @field_validator("jwt_secret")
     @classmethod
     def _secret_long_enough(cls, value: str | None) -> str | None:
         # Refused here, when settings are read, so a service never starts with it.
         # Empty means unset (the generated secret), as the signing_secret property reads it.
         return check_secret(value, "IOPNET_JWT_SECRET") if value else None
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> "Settings":
+        if self.jwt_secret_file is not None:
+            _not_both(self.jwt_secret, "IOPNET_JWT_SECRET")
+            self.jwt_secret = check_secret(_read_secret(self.jwt_secret_file), "IOPNET_JWT_SECRET_FILE")
+        for field in ("smtp_password", "sms_api_key"):
+            path = getattr(self, f"{field}_file")
+            if path is not None:
+                _not_both(getattr(self, field), f"IOPNET_{field.upper()}")
+                setattr(self, field, _read_secret(path))
+        for field, encode in (
+            ("nats_url", _nats_userinfo),
+            ("nats_restricted_url", _nats_userinfo),
+            *((f"{service}_database_url", _percent_encoded) for service in SERVICES),
+        ):
+            path = getattr(self, field.replace("_url", "_password_file"))
+            if path is not None:
+                url = getattr(self, field)
+                if not url:
+                    raise SecretFileError(
+                        f"IOPNET_{field.replace('_url', '_password_file').upper()} needs IOPNET_{field.upper()}"
+                    )
+                setattr(self, field, _with_password(url, encode(_read_secret(path)), f"IOPNET_{field.upper()}"))
+        return self
 
     @model_validator(mode="after")
     def _tokens_we_mint_are_accepted(self) -> "Settings":
@@ -151,6 +195,46 @@ class Settings(BaseSettings):
             _publish_private(path, secrets.token_urlsafe(48))
         # A hand-edited or truncated file is refused as an environment secret would be.
         return check_secret(path.read_text().strip(), str(path))
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        content = path.read_text()
+    except OSError as error:
+        raise SecretFileError(f"cannot read the secret file {path}: {error.strerror}") from None
+    # One final newline (echo, most editors) is not part of the secret; other whitespace is.
+    secret = content.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise SecretFileError(f"the secret file {path} is empty")
+    return secret
+
+
+def _not_both(value: str | None, name: str) -> None:
+    if value:
+        raise SecretFileError(f"{name} and {name}_FILE are both set: give the secret one way")
+
+
+def _percent_encoded(password: str) -> str:
+    # SQLAlchemy decodes %XX in the password of a URL.
+    return quote(password, safe="")
+
+
+def _nats_userinfo(password: str) -> str:
+    # nats-py takes the password from the URL as written (no %XX decoding), so it must be
+    # a character set that a URL carries as is: a generated (hex, base64url) password is.
+    if any(c in password for c in "@:/?#[]%") or any(c.isspace() for c in password):
+        raise SecretFileError("a NATS password may not hold @ : / ? # [ ] % or whitespace (it travels in the URL)")
+    return password
+
+
+def _with_password(url: str, password: str, name: str) -> str:
+    parts = urlsplit(url)
+    userinfo, at, hostport = parts.netloc.rpartition("@")
+    if not at or not userinfo:
+        raise SecretFileError(f"{name} names no user: a password file needs one (scheme://user@host)")
+    if ":" in userinfo:
+        raise SecretFileError(f"{name} already holds a password: give it in the URL or in the file, not both")
+    return urlunsplit(parts._replace(netloc=f"{userinfo}:{password}@{hostport}"))
 
 
 def _publish_private(path: Path, content: str) -> None:
