@@ -117,7 +117,12 @@ async def test_an_idle_consumer_stops_at_once_and_leaves_nothing_pending(nats_se
         # The stopped consumer's pull request may still wait on the server; a message
         # published now must not be delivered into it (and lost until ack_wait).
         await publish(nats_server.url, events[1])
-        info = await jetstream(broker).consumer_info("IOP_INTAKE", "probe-IOP_INTAKE")
+
+        async def counted():  # the server counts a stored message for its consumers a moment later
+            info = await jetstream(broker).consumer_info("IOP_INTAKE", "probe-IOP_INTAKE")
+            return info if info.num_pending + info.num_ack_pending >= 1 else None
+
+        info = await eventually(counted, what="the consumer to count the new message")
         assert info.num_ack_pending == 0 and info.num_pending == 1
         again = Consumer("probe", subscription, sessions, inbox, broker, ack_wait_seconds=ACK_WAIT)
         task = asyncio.create_task(again.run())
