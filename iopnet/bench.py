@@ -19,6 +19,7 @@ timing: the smoke test in `make test` checks that a tiny run completes and repor
 """
 
 import asyncio
+import contextlib
 import os
 import secrets
 import tempfile
@@ -33,6 +34,7 @@ from uuid import uuid4
 
 import asyncpg
 import httpx
+import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from iopnet.bench_load import BusLog, Sampler, raw_baseline
@@ -155,14 +157,17 @@ class Clinics:
         self.timings.enroll_accepted[str(response.json()["enrollment_id"])] = done
         return patient_id
 
-    async def check_in(self, patient_id: str, urgent: bool, lane: str, draining: bool) -> None:
+    async def post_check_in(self, patient_id: str, urgent: bool) -> httpx.Response:
         token = mint_token(self.secret, sub=f"patient-{patient_id}", role="patient", patient_id=patient_id)
         headers = {**self._bearer(token), "Idempotency-Key": str(uuid4())}
         body = {"mood": 2 if urgent else 6, "craving": 3, "used_since_last": False, "safety_concern": urgent,
                 "sleep_hours": 7}  # fmt: skip
+        return await self.http.post(self.url("intake", f"/patients/{patient_id}/check-ins"), json=body,
+                                    headers=headers)  # fmt: skip
+
+    async def check_in(self, patient_id: str, urgent: bool, lane: str, draining: bool) -> None:
         started = time.monotonic()
-        response = await self.http.post(self.url("intake", f"/patients/{patient_id}/check-ins"), json=body,
-                                        headers=headers)  # fmt: skip
+        response = await self.post_check_in(patient_id, urgent)
         done = time.monotonic()
         if response.status_code != 201:
             self._error(f"check-in {response.status_code}")
@@ -224,6 +229,47 @@ async def _check_in_wave(clinics: Clinics, config: BenchConfig, patients: list[s
     rest = len(patients) - half
     timings.waves["check_in_flat_out"] = {"requests": rest, "seconds": round(fast, 2),
                                           "per_s": round(rest / fast, 1) if fast else 0.0}  # fmt: skip
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    seconds = {}
+    for name, pid in pids.items():
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            seconds[name] = times.user + times.system
+    return seconds
+
+
+async def _request_cost(
+    clinics: Clinics, patients: list[str], pids: dict[str, int], requests: int
+) -> dict[str, dict[str, Any]]:
+    """On the quiet network, after the waves: CPU milliseconds each process spends per
+    request, for `requests` check-ins flat out and, as the floor of the HTTP stack and of
+    the load generator's client, as many GET /healthz. It tells whether a rate is
+    reachable on this machine's cores at all (docs/performance.md)."""
+    limiter = asyncio.Semaphore(clinics.config.concurrency)
+
+    async def healthz(_: int) -> None:
+        async with limiter:
+            (await clinics.http.get(clinics.url("intake", "/healthz"))).raise_for_status()
+
+    async def check_in(i: int) -> None:
+        async with limiter:
+            (await clinics.post_check_in(patients[i % len(patients)], urgent=False)).raise_for_status()
+
+    cost: dict[str, dict[str, Any]] = {}
+    for kind, one in (("healthz", healthz), ("check_in", check_in)):
+        before, started = _cpu_seconds(pids), time.monotonic()
+        await asyncio.gather(*(one(i) for i in range(requests)))
+        seconds, after = time.monotonic() - started, _cpu_seconds(pids)
+        cost[kind] = {
+            "requests": requests,
+            "per_s": round(requests / seconds, 1),
+            "cpu_ms_per_request": {
+                name: round((after[name] - before[name]) / requests * 1000, 2) for name in after if name in before
+            },
+        }
+    return cost
 
 
 def _monotonic(iso: str) -> float:
@@ -345,6 +391,10 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         wall = time.monotonic() - started
         await display()
         await sampler.stop()
+        print("cost per request on the quiet network ...", flush=True)
+        cost = await _request_cost(clinics, patients, pids, config.patients)
+        accepted = len(clinics.timings.check_in_accepted) + cost["check_in"]["requests"]
+        await bus.wait("CheckInSubmitted", accepted, config.drain_timeout)
         print("raw baseline on the same nats-server ...", flush=True)
         sizes = [len(str(s.envelope)) for s in bus.by_type["CheckInSubmitted"][:100]] or [600]
         events = sum(len(v) for v in bus.by_type.values())
@@ -372,6 +422,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
             "latency_ms": {name: latency_summary(values) for name, values in samples.items()},
             "consumers": consumers,
             "raw_baseline": raw,
+            "request_cost": cost,
             "processes": {name: stats.__dict__ for name, stats in sampler.processes.items()},
             "samples_ms": samples,
         }

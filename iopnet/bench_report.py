@@ -79,6 +79,15 @@ def print_table(results: dict[str, Any]) -> None:
         figures = (rates["peak_per_s"], rates["mean_per_s_while_backlogged"], rates["ratio_mean_to_raw_consume"])
         consumers.add_row(name, str(int(rates["applied"])), *(str(f) for f in figures))
     console.print(consumers)
+    cost = results["request_cost"]
+    names = list(cost["check_in"]["cpu_ms_per_request"])
+    per_request = Table(title="CPU ms per request, each process (quiet network, flat out)")
+    for column in ("request", "per second", *names):
+        per_request.add_column(column)
+    for kind, figures in cost.items():
+        spent = figures["cpu_ms_per_request"]
+        per_request.add_row(kind, str(figures["per_s"]), *(str(spent.get(name, "-")) for name in names))
+    console.print(per_request)
     processes = Table(title="Processes")
     for column in ("process", "peak RSS MB", "CPU s"):
         processes.add_column(column)

@@ -505,6 +505,8 @@ async def record_check_in(
 
 
 async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list[dict[str, Any]]) -> None:
+    if not progress:
+        return  # most check-ins report no goal: no query for them
     goals = {g["goal_id"] for g in await store.plan_goals_of(session, enrollment_id)}
     for index, entry in enumerate(progress):
         if str(entry["goal_id"]) not in goals:

@@ -30,5 +30,13 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     assert results["raw_baseline"]["consume_per_s"] > 0 and results["raw_baseline"]["publish_per_s"] > 0
     assert set(results["consumers"]) == {"intake", "scheduling", "notifications"}
     assert results["consumers"]["notifications"]["applied"] >= 12 + 12  # enrollments and check-ins at least
+    cost = results["request_cost"]
+    assert set(cost) == {"healthz", "check_in"}
+    for figures in cost.values():
+        assert figures["requests"] == 12 and figures["per_s"] > 0
+        assert set(figures["cpu_ms_per_request"]) == {
+            "intake", "scheduling", "notifications", "nats-server", "load-generator"
+        }  # fmt: skip
+        assert figures["cpu_ms_per_request"]["intake"] > 0  # intake answered every one
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
