@@ -18,11 +18,12 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ SERVICE_USERS = ("intake", "scheduling", "notifications")
 RESTRICTED_USERS = {"intake": "intake-restricted", "notifications": "notifications-restricted"}
 USERS = (*SERVICE_USERS, "ops", *RESTRICTED_USERS.values())
 CREDENTIALS_FILE = "credentials.json"
+PID_FILE = "nats-server.pid"
 # deploy/nats.conf and docker-compose.yml take the passwords from these variables.
 PASSWORD_ENV = {user: f"IOPNET_NATS_{user.upper().replace('-', '_')}_PASSWORD" for user in USERS}
 
@@ -178,6 +180,59 @@ PERMISSIONS: dict[str, Permissions] = {
 }
 
 
+# --- outside systems (issue 11) ------------------------------------------------------------
+# An integration reads the public events of its sites (basis `qsoa`) or only its own
+# consent-gated feed (basis `consent`), through durable pull consumers whose names and
+# filter subjects are fixed here: the one-filter form of CONSUMER.CREATE carries the filter
+# in the subject, so the server's allow-list checks it. It publishes nothing else: no
+# event, no stream operation, no other consumer, no core subscription to `iop.`.
+PUBLIC_STREAMS = {"IOP_INTAKE": "intake", "IOP_SCHEDULING": "scheduling", "IOP_NOTIFICATIONS": "notifications"}
+FEED_STREAM = "IOP_FEED"
+INTEGRATION_BASES = ("qsoa", "consent")
+
+
+@dataclass(frozen=True)
+class IntegrationUser:
+    integration_id: str
+    sites: tuple[str, ...]
+    basis: str
+    password_hash: str = field(repr=False)  # bcrypt: nats-server checks it, nobody keeps the password
+
+    @property
+    def user(self) -> str:
+        return integration_user(self.integration_id)
+
+
+def integration_user(integration_id: str) -> str:
+    return f"integration-{integration_id}"
+
+
+def integration_consumers(integration_id: str, sites: tuple[str, ...], basis: str) -> list[tuple[str, str, str]]:
+    """(stream, durable, filter subject) for each durable the integration may use."""
+    if basis == "consent":
+        return [(FEED_STREAM, f"{integration_id}-{FEED_STREAM}", f"iop.feed.{integration_id}.>")]
+    return [
+        (stream, f"{integration_id}-{stream}-{site}", f"iop.{producer}.*.{site}")
+        for stream, producer in PUBLIC_STREAMS.items()
+        for site in sites
+    ]
+
+
+def integration_permissions(integration: IntegrationUser) -> Permissions:
+    publish: list[str] = []
+    for stream, durable, subject in integration_consumers(
+        integration.integration_id, integration.sites, integration.basis
+    ):
+        publish += [
+            f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{subject}",
+            f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
+            f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",  # to start again from a time (replay)
+            f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
+            f"$JS.ACK.{stream}.{durable}.>",
+        ]
+    return Permissions(account=MAIN_ACCOUNT, publish=tuple(publish), subscribe=(f"{inbox(integration.user)}.>",))
+
+
 def _allow(direction: str, subjects: tuple[str, ...]) -> list[str]:
     return [
         f"          {direction}: {{",
@@ -189,7 +244,11 @@ def _allow(direction: str, subjects: tuple[str, ...]) -> list[str]:
 
 
 def accounts_block(
-    passwords: Mapping[str, str], *, quote_passwords: bool = True, bench_password: str | None = None
+    passwords: Mapping[str, str],
+    *,
+    quote_passwords: bool = True,
+    bench_password: str | None = None,
+    integrations: Sequence[IntegrationUser] = (),
 ) -> str:
     """The `accounts { ... }` block for `passwords` (user -> password).
 
@@ -221,9 +280,61 @@ def accounts_block(
             if permissions.allow_responses:
                 lines.append("          allow_responses: true")
             lines += ["        }", "      }"]
+        if account == MAIN_ACCOUNT:
+            lines += [line for integration in integrations for line in _integration_entry(integration)]
         lines += ["    ]", "  }"]
     lines += ["}"]
     return "\n".join(lines) + "\n"
+
+
+def _integration_entry(integration: IntegrationUser) -> list[str]:
+    if not re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", integration.password_hash):
+        raise ValueError(f"integration {integration.integration_id!r}: not a bcrypt hash")
+    permissions = integration_permissions(integration)
+    return [
+        "      {",
+        f'        user: "{integration.user}"',
+        f'        password: "{integration.password_hash}"',
+        "        permissions: {",
+        *_allow("publish", permissions.publish),
+        *_allow("subscribe", permissions.subscribe),
+        "        }",
+        "      }",
+    ]
+
+
+INTEGRATIONS_FILE = "integrations.json"
+
+
+def read_integrations(data_dir: Path) -> list[IntegrationUser]:
+    """The integrations the embedded server admits, as `iopnet integrations sync` last
+    wrote them from intake (`<data_dir>/integrations.json`)."""
+    path = data_dir / INTEGRATIONS_FILE
+    if not path.exists():
+        return []
+    return [
+        IntegrationUser(i["integration_id"], tuple(i["sites"]), i["basis"], i["password_hash"])
+        for i in json.loads(path.read_text())
+    ]
+
+
+def write_integrations(data_dir: Path, integrations: Sequence[IntegrationUser]) -> None:
+    rows = [
+        {"integration_id": i.integration_id, "sites": list(i.sites), "basis": i.basis, "password_hash": i.password_hash}
+        for i in integrations
+    ]
+    _write_private_file(data_dir / INTEGRATIONS_FILE, json.dumps(rows, indent=2))
+
+
+def _write_private_file(path: Path, text: str) -> None:
+    """Owner-only, and replaced whole (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(path.name + ".new")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(scratch, path)
 
 
 def load_or_create_credentials(data_dir: Path) -> dict[str, str]:
@@ -376,19 +487,22 @@ class NatsServer:
             f'  store_dir: "{store}"\n'
             "  sync_interval: always\n"
             "}\n"
+            f'pid_file: "{(self.data_dir / PID_FILE).resolve()}"\n'
         )
         if self.users is not None:
-            config += accounts_block(self.users, bench_password=self.bench_password)
+            integrations = read_integrations(self.data_dir)
+            config += accounts_block(self.users, bench_password=self.bench_password, integrations=integrations)
         return config
+
+    def write_config(self) -> Path:
+        config_path = self.data_dir / "nats.conf"
+        # It may hold passwords: owner-only, like credentials.json.
+        _write_private_file(config_path, self.config())
+        return config_path
 
     def start(self, timeout: float = 15.0) -> "NatsServer":
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        config_path = self.data_dir / "nats.conf"
-        # It may hold passwords: owner-only, like credentials.json.
-        fd = os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(self.config())
+        config_path = self.write_config()
         log = open(self.data_dir / "nats-server.log", "ab")  # noqa: SIM115 - owned by the child
         self.process = subprocess.Popen(
             [nats_server_binary(), "-c", str(config_path)], stdout=log, stderr=subprocess.STDOUT
@@ -410,6 +524,15 @@ class NatsServer:
             except OSError:
                 time.sleep(0.05)  # the process is starting; nothing to wait on but its socket
         raise TimeoutError(f"nats-server not ready on {self.url} after {timeout}s")
+
+    def reload(self) -> None:
+        """Rewrite the config (integrations included) and have the running server reload
+        it: users added, rotated or removed take effect without a restart, and the
+        connections of a removed user are closed. The server may be another process's
+        child (`iopnet run`): it is found by its pid file."""
+        self.write_config()
+        pid = int((self.data_dir / PID_FILE).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
 
     def stop(self, kill: bool = False) -> None:
         if self.process is None or self.process.poll() is not None:
