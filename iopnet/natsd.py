@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.messaging.integrations import integration_consumers, integration_user
+
 # Two NATS accounts. IOP holds the public events and every service's main connection;
 # RESTRICTED holds IOP_RESTRICTED (contact details) and only two users: intake publishes
 # into it, notifications consumes from it. An account is a separate subject and
@@ -180,17 +182,9 @@ PERMISSIONS: dict[str, Permissions] = {
 }
 
 
-# --- outside systems (issue 11) ------------------------------------------------------------
-# An integration reads the public events of its sites (basis `qsoa`) or only its own
-# consent-gated feed (basis `consent`), through durable pull consumers whose names and
-# filter subjects are fixed here: the one-filter form of CONSUMER.CREATE carries the filter
-# in the subject, so the server's allow-list checks it. It publishes nothing else: no
-# event, no stream operation, no other consumer, no core subscription to `iop.`.
-PUBLIC_STREAMS = {"IOP_INTAKE": "intake", "IOP_SCHEDULING": "scheduling", "IOP_NOTIFICATIONS": "notifications"}
-FEED_STREAM = "IOP_FEED"
-INTEGRATION_BASES = ("qsoa", "consent")
-
-
+# --- outside systems (issue 11): shared/messaging/integrations.py names their users and
+# durables. An integration publishes nothing but its own consumers' API calls: no event,
+# no stream operation, no other consumer, no core subscription to `iop.`.
 @dataclass(frozen=True)
 class IntegrationUser:
     integration_id: str
@@ -203,26 +197,10 @@ class IntegrationUser:
         return integration_user(self.integration_id)
 
 
-def integration_user(integration_id: str) -> str:
-    return f"integration-{integration_id}"
-
-
-def integration_consumers(integration_id: str, sites: tuple[str, ...], basis: str) -> list[tuple[str, str, str]]:
-    """(stream, durable, filter subject) for each durable the integration may use."""
-    if basis == "consent":
-        return [(FEED_STREAM, f"{integration_id}-{FEED_STREAM}", f"iop.feed.{integration_id}.>")]
-    return [
-        (stream, f"{integration_id}-{stream}-{site}", f"iop.{producer}.*.{site}")
-        for stream, producer in PUBLIC_STREAMS.items()
-        for site in sites
-    ]
-
-
 def integration_permissions(integration: IntegrationUser) -> Permissions:
     publish: list[str] = []
-    for stream, durable, subject in integration_consumers(
-        integration.integration_id, integration.sites, integration.basis
-    ):
+    for consumer in integration_consumers(integration.integration_id, integration.sites, integration.basis):
+        stream, durable, subject = consumer.stream, consumer.durable, consumer.filter_subject
         publish += [
             f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{subject}",
             f"$JS.API.CONSUMER.INFO.{stream}.{durable}",

@@ -29,8 +29,6 @@ from iopnet.natsd import (
     IntegrationUser,
     NatsServer,
     free_port,
-    integration_consumers,
-    integration_user,
     load_or_create_credentials,
     url_with_user,
     write_integrations,
@@ -39,6 +37,7 @@ from iopnet.testing import eventually
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientEnrolled
 from shared.messaging.connection import connect_once
+from shared.messaging.integrations import IntegrationConsumer, integration_consumers, integration_user
 from shared.messaging.streams import ensure_streams, owned_streams
 
 SITE_A, SITE_B = "site-a", "site-b"
@@ -145,8 +144,11 @@ async def test_an_integration_reads_its_sites_events_and_nothing_else(server: Na
     await add_integrations(server, IntegrationUser("ehr-a", (SITE_A,), "qsoa", hashed("pw-a")))
     await eventually(lambda: admitted(server, "ehr-a", "pw-a"), what="the reloaded server to admit ehr-a")
 
-    [(stream, durable, subject)] = [c for c in integration_consumers("ehr-a", (SITE_A,), "qsoa") if "INTAKE" in c[0]]
-    assert (stream, durable, subject) == ("IOP_INTAKE", "ehr-a-IOP_INTAKE-site-a", "iop.intake.*.site-a")
+    consumers = integration_consumers("ehr-a", (SITE_A,), "qsoa")
+    assert len(consumers) == 3  # one per public stream, for its one site
+    [intake] = [c for c in consumers if c.stream == "IOP_INTAKE"]
+    assert intake == IntegrationConsumer("IOP_INTAKE", "ehr-a-IOP_INTAKE-site-a", "iop.intake.*.site-a")
+    stream, durable, subject = intake.stream, intake.durable, intake.filter_subject
     async with connected(server, "ehr-a", "pw-a") as ehr:
         js = ehr.nc.jetstream()
         await js.add_consumer(stream, durable_config(durable, subject))
@@ -190,8 +192,9 @@ async def test_a_consent_based_integration_reads_only_its_own_feed(server: NatsS
     await publish_enrollments(server)
     await add_integrations(server, IntegrationUser("research-b", (SITE_B,), "consent", hashed("pw-b")))
     await eventually(lambda: admitted(server, "research-b", "pw-b"), what="the reloaded server to admit research-b")
-    [(stream, durable, subject)] = integration_consumers("research-b", (SITE_B,), "consent")
-    assert (stream, subject) == ("IOP_FEED", "iop.feed.research-b.>")
+    [feed] = integration_consumers("research-b", (SITE_B,), "consent")
+    assert (feed.stream, feed.filter_subject) == ("IOP_FEED", "iop.feed.research-b.>")
+    stream, durable, subject = feed.stream, feed.durable, feed.filter_subject
     async with connected(server, "research-b", "pw-b") as research:
         public = "research-b-IOP_INTAKE-site-b"
         await research.denied_request(
