@@ -97,9 +97,7 @@ Name = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(domain
 FreeText = Annotated[str, Field(max_length=2000)]
 # Substances as codes, so a check-in's list can be counted without reading free text.
 Substance = Literal["alcohol", "opioids", "stimulants", "cannabis", "benzodiazepines", "nicotine", "other"]
-ConsentPurpose = Literal[
-    "treatment", "care_coordination", "appointment_reminders", "payment", "court_reporting", "research"
-]
+ConsentPurpose = domain.ConsentPurpose
 
 
 # --- request and response models --------------------------------------------------------

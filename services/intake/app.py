@@ -3,7 +3,7 @@ loop (pending episodes become active on their start date) and routes."""
 
 from fastapi import FastAPI
 
-from services.intake import api, store, usecases
+from services.intake import api, integrations_api, store, usecases
 from services.intake.handlers import SUBSCRIPTIONS
 from shared.http import create_service_app
 from shared.runtime import ServiceRuntime, periodic
@@ -24,6 +24,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     return create_service_app(
         runtime,
-        [api.router],
+        [api.router, integrations_api.router],
         "The front door of every site: patients, episodes, consents, check-ins, plans.",
     )

@@ -4,6 +4,7 @@ import secrets
 import unicodedata
 from datetime import date, datetime
 from enum import StrEnum
+from typing import Literal
 from uuid import NAMESPACE_URL, UUID, uuid5
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
@@ -249,3 +250,19 @@ def check_goal_status_change(current: str, target: str) -> None:
         raise DomainError("invalid", f"unknown goal status {target!r}", field="status")
     if current == target:
         raise IllegalTransition(f"the goal is already {current}")
+
+
+# --- integrations (issue 11) ------------------------------------------------------------------
+
+ConsentPurpose = Literal[
+    "treatment", "care_coordination", "appointment_reminders", "payment", "court_reporting", "research"
+]
+
+
+def check_integration_basis(basis: str, purpose: str | None) -> None:
+    """Under basis `consent` an event is forwarded only under a patient's consent for a
+    purpose: the integration must say which. A QSOA covers the services it names: no purpose."""
+    if basis == "consent" and purpose is None:
+        raise DomainError("invalid", "basis consent needs a purpose", fields={"purpose": "required for basis consent"})
+    if basis == "qsoa" and purpose is not None:
+        raise DomainError("invalid", "basis qsoa takes no purpose", fields={"purpose": "only for basis consent"})

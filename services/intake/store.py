@@ -211,6 +211,23 @@ potential_duplicates = Table(
     UniqueConstraint("patient_id", "match_patient_id", name="uq_potential_duplicates_pair"),
 )
 
+# Outside systems that read iopnet's events (issue 11): who they are, which sites, on what
+# basis. Their broker password is kept as a bcrypt hash only; nats-server checks it.
+integrations = Table(
+    "integrations",
+    metadata,
+    Column("integration_id", String(40), primary_key=True),
+    Column("sites", Text, nullable=False),  # JSON list of site ids
+    Column("basis", String(10), nullable=False),  # qsoa | consent
+    Column("purpose", String(40), nullable=True),  # for basis consent: the consents it may rely on
+    Column("status", String(10), nullable=False),  # active | revoked
+    Column("password_hash", String(80), nullable=False),
+    Column("created_at", UtcDateTime, nullable=False),
+    Column("created_by", String(200), nullable=False),
+    Column("rotated_at", UtcDateTime, nullable=True),
+    Column("revoked_at", UtcDateTime, nullable=True),
+)
+
 
 # --- rows as the queries below return them ------------------------------------------------
 # One TypedDict per kind of row, with the columns of its table above and their Python
@@ -377,6 +394,19 @@ class AuditRow(TypedDict):
 
 
 _Row = TypeVar("_Row")
+
+
+class IntegrationRow(TypedDict):
+    integration_id: str
+    sites: str
+    basis: str
+    purpose: str | None
+    status: str
+    password_hash: str
+    created_at: datetime
+    created_by: str
+    rotated_at: datetime | None
+    revoked_at: datetime | None
 
 
 def _as(kind: type[_Row], row: RowMapping) -> _Row:
@@ -728,3 +758,30 @@ async def resolve_potential_duplicate(session: AsyncSession, duplicate_id: str, 
         .values(status="resolved", resolution=resolution, resolved_at=clock.now(), resolved_by=actor)
     )
     return bool(rows_changed(changed))
+
+
+# --- integrations ----------------------------------------------------------------------------
+
+
+async def add_integration(session: AsyncSession, **values: Any) -> bool:
+    """False if the id is taken (a racing add included)."""
+    return await insert_if_absent(session, integrations, created_at=clock.now(), status="active", **values)
+
+
+async def get_integration(session: AsyncSession, integration_id: str, *, lock: bool = False) -> IntegrationRow | None:
+    query = select(integrations).where(integrations.c.integration_id == integration_id)
+    if lock:
+        query = query.with_for_update()
+    row = (await session.execute(query)).mappings().first()
+    return _as(IntegrationRow, row) if row else None
+
+
+async def list_integrations(session: AsyncSession, *, active_only: bool = False) -> list[IntegrationRow]:
+    query = select(integrations).order_by(integrations.c.integration_id)
+    if active_only:
+        query = query.where(integrations.c.status == "active")
+    return [_as(IntegrationRow, r) for r in (await session.execute(query)).mappings()]
+
+
+async def update_integration(session: AsyncSession, integration_id: str, **values: Any) -> None:
+    await session.execute(update(integrations).where(integrations.c.integration_id == integration_id).values(**values))
