@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from iopnet.integrations import integrations_app
 from shared.auth import ROLES, mint_token
 from shared.settings import SERVICES, ServiceName, Settings
 
@@ -17,6 +18,7 @@ events_app = typer.Typer(help="Look at events on the bus.", no_args_is_help=True
 dlq_app = typer.Typer(help="Dead letters: list and retry.", no_args_is_help=True)
 app.add_typer(events_app, name="events")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(integrations_app, name="integrations")
 
 
 @app.command()

@@ -265,6 +265,14 @@ def accounts_block(
     return "\n".join(lines) + "\n"
 
 
+def deployed_accounts_block(integrations: Sequence[IntegrationUser] = ()) -> str:
+    """The accounts block of a deployed server (deploy/nats.conf, the Kubernetes
+    accounts.conf): passwords from the environment, integrations from intake's records
+    (`iopnet integrations sync --write FILE`)."""
+    references = {user: f"${variable}" for user, variable in PASSWORD_ENV.items()}
+    return accounts_block(references, quote_passwords=False, integrations=integrations)
+
+
 def _integration_entry(integration: IntegrationUser) -> list[str]:
     if not re.fullmatch(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}", integration.password_hash):
         raise ValueError(f"integration {integration.integration_id!r}: not a bcrypt hash")
