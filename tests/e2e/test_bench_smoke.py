@@ -37,6 +37,8 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
         assert set(figures["cpu_ms_per_request"]) == {
             "intake", "scheduling", "notifications", "nats-server", "load-generator"
         }  # fmt: skip
-        assert figures["cpu_ms_per_request"]["intake"] > 0  # intake answered every one
+        assert all(ms >= 0 for ms in figures["cpu_ms_per_request"].values())
+    # CPU time is counted in 10 ms ticks: 12 /healthz may round to 0, 12 check-ins do not.
+    assert cost["check_in"]["cpu_ms_per_request"]["intake"] > 0
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
