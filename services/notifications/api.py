@@ -3,13 +3,13 @@ settings, care-team alerts and their acknowledgement, webhook subscriptions (DES
 
 import re
 from collections.abc import Iterable, Mapping
-from datetime import datetime
-from typing import Annotated, Any, Literal
+from datetime import datetime, timedelta
+from typing import Annotated, Any, Literal, cast
 from uuid import UUID, uuid4
 
 import httpx
 from fastapi import APIRouter, Query, Request
-from pydantic import AnyHttpUrl, BaseModel, Field, field_validator, model_validator
+from pydantic import AnyHttpUrl, AwareDatetime, BaseModel, Field, field_validator, model_validator
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifications import domain, store, usecases
@@ -387,8 +387,22 @@ async def run_escalations(principal: NetworkAdmin, session: Db, request: Request
 class SubscriptionIn(Input):
     site_id: SiteId
     url: AnyHttpUrl
-    events: Annotated[list[str], Field(min_length=1, max_length=len(usecases.WEBHOOK_EVENTS))]
+    events: Annotated[
+        list[str],
+        Field(
+            min_length=1,
+            max_length=len(usecases.WEBHOOK_EVENTS),
+            description="event types: any public type of the event catalog, never a restricted one",
+        ),
+    ]
     secret: Annotated[str, Field(min_length=16, max_length=200, description="HMAC-SHA256 signing secret")]
+    backfill_from: Annotated[
+        AwareDatetime | None,
+        Field(
+            description="deliver the site's past events of these types stored since this time first (in order), "
+            "then the live ones; at most IOPNET_NOTIFY_WEBHOOK_BACKFILL_MAX_DAYS back"
+        ),
+    ] = None
 
     @field_validator("events")
     @classmethod
@@ -405,12 +419,28 @@ class SubscriptionOut(BaseModel):
     url: str
     events: list[str]
     created_at: datetime
+    status: Literal["active", "paused"] = Field(
+        description="paused: nothing is sent (deliveries keep queueing) until POST /subscriptions/{id}/resume"
+    )
+    paused_reason: str | None
+    paused_at: datetime | None
+    consecutive_failures: int
+    backfill_from: datetime | None
+    backfill_status: Literal["none", "pending", "done", "skipped", "too_large"] = Field(
+        description="pending: past events are being read; live deliveries wait behind them"
+    )
+    backfill_events: int | None = Field(description="past events queued by the backfill")
+    backfill_error: str | None
 
 
 def _subscription_out(row: store.SubscriptionRow) -> SubscriptionOut:
     return SubscriptionOut(
         subscription_id=UUID(row["subscription_id"]), site_id=row["site_id"], url=row["url"],
-        events=row["event_types"], created_at=row["created_at"],
+        events=row["event_types"], created_at=row["created_at"], status=cast(Any, row["status"]),
+        paused_reason=row["paused_reason"], paused_at=row["paused_at"],
+        consecutive_failures=row["consecutive_failures"], backfill_from=row["backfill_from"],
+        backfill_status=cast(Any, row["backfill_status"]), backfill_events=row["backfill_events"],
+        backfill_error=row["backfill_error"],
     )  # fmt: skip
 
 
@@ -420,6 +450,14 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
     envelope (JSON), signed with X-Iopnet-Timestamp and X-Iopnet-Signature = hex
     HMAC-SHA256(secret, f"{timestamp}.{body}"). The secret is never returned.
 
+    Delivery is ordered and at least once: one request at a time per subscription, in
+    the order the events were applied (one stream's in stream order); a failed one is
+    retried with backoff before anything behind it. `X-Iopnet-Delivery-Id` is the same on
+    every attempt of one delivery. A 2xx answer delivers; a 4xx other than 408, 425 and
+    429 refuses that delivery (logged as failed, not retried); after
+    IOPNET_NOTIFY_WEBHOOK_PAUSE_AFTER_FAILURES failed attempts in a row (default 10) the
+    subscription is paused until resumed. `backfill_from`: the past events first.
+
     `url` must be https to a public host, without credentials in it (422 otherwise);
     the address it resolves to is checked again at every send, and redirects are not
     followed. IOPNET_NOTIFY_ALLOW_INSECURE_TARGETS (development) also allows plain http
@@ -428,26 +466,167 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
     problem = _target_problem(request, str(body.url))
     if problem is not None:
         raise Invalid("the webhook url is not allowed", {"url": problem})
+    now = clock.now()
+    if body.backfill_from is not None:
+        days = _policy(request).webhooks.backfill_max_days
+        if body.backfill_from > now:
+            raise Invalid("backfill_from is in the future", {"backfill_from": "must be a past time"})
+        if body.backfill_from < now - timedelta(days=days):
+            raise Invalid("backfill_from is too far back", {"backfill_from": f"at most {days} days back"})
     subscription_id = str(uuid4())
     async with session.begin():
         await store.add_subscription(
             session, subscription_id=subscription_id, site_id=body.site_id, url=str(body.url),
             event_types=body.events, secret=body.secret, created_by=principal.sub,
+            backfill_from=body.backfill_from, backfill_status="pending" if body.backfill_from else "none",
         )  # fmt: skip
         row = await store.get_subscription(session, subscription_id)
     assert row is not None
+    if body.backfill_from is not None:
+        request.app.state.notifier.backfiller.wake()
     return _subscription_out(row)
 
 
 @router.get("/subscriptions", response_model=list[SubscriptionOut], tags=["webhooks"])
 async def list_subscriptions(principal: Integrator, session: Db) -> list[SubscriptionOut]:
-    return [_subscription_out(r) for r in await store.list_subscriptions(session, principal.visible_sites())]
+    rows = await store.list_subscriptions(session, principal.visible_sites())
+    return [_subscription_out(r) for r in rows if _owns(principal, r)]
+
+
+def _owns(principal: Principal, row: store.SubscriptionRow) -> bool:
+    """An integration sees and manages the subscriptions it made; the site's admins (and
+    network admins) see and manage all of their sites'."""
+    if not principal.sees_site(row["site_id"]):
+        return False
+    return principal.role != "integration" or row["created_by"] == principal.sub
+
+
+async def _owned_subscription(
+    session: AsyncSession, principal: Principal, subscription_id: UUID, *, lock: bool = False
+) -> store.SubscriptionRow:
+    """The subscription if the caller owns it (_owns), else 404 like an unknown one."""
+    if lock:
+        row = await store.lock_subscription(session, str(subscription_id))
+    else:
+        row = await store.get_subscription(session, str(subscription_id))
+    if row is None or not row["active"] or not _owns(principal, row):
+        raise NotFound("subscription not found")
+    return row
+
+
+@router.get("/subscriptions/{subscription_id}", response_model=SubscriptionOut, tags=["webhooks"])
+async def read_subscription(subscription_id: UUID, principal: Integrator, session: Db) -> SubscriptionOut:
+    async with session.begin():
+        return _subscription_out(await _owned_subscription(session, principal, subscription_id))
+
+
+@router.post("/subscriptions/{subscription_id}/resume", response_model=SubscriptionOut, tags=["webhooks"])
+async def resume_subscription(
+    subscription_id: UUID, principal: Integrator, session: Db, request: Request
+) -> SubscriptionOut:
+    """Resume a paused subscription: delivery goes on from where it stopped (the delivery
+    it stopped at, retried now, then everything queued meanwhile, in order). 409 if it is
+    not paused."""
+    async with session.begin():
+        row = await _owned_subscription(session, principal, subscription_id, lock=True)
+        await usecases.resume_subscription(session, row, clock.now())
+        _wake(request, session)
+        updated = await store.get_subscription(session, row["subscription_id"])
+    assert updated is not None
+    return _subscription_out(updated)
+
+
+class WebhookAttemptOut(BaseModel):
+    attempt: int
+    at: datetime
+    outcome: Literal["sent", "retry", "failed"]
+    status_code: int | None = Field(description="the receiver's HTTP status; none if no answer came")
+    duration_ms: int | None
+    error: str | None = Field(description="a fixed text: a status code, an exception class, a policy refusal")
+
+
+class DeliveryOut(BaseModel):
+    delivery_id: UUID = Field(description="X-Iopnet-Delivery-Id and Idempotency-Key of its requests")
+    event_id: UUID
+    event_type: str | None
+    phase: Literal["backfill", "live"]
+    position: int | None = Field(description="its place in the subscription's queue, within its phase")
+    status: Literal["pending", "sending", "sent", "failed", "cancelled"]
+    status_reason: str | None
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    next_attempt_at: datetime | None = Field(
+        description="when a queued delivery is tried next; none while the subscription is paused"
+    )
+    queued_at: datetime
+    delivered_at: datetime | None
+    log: list[WebhookAttemptOut]
+
+
+class DeliveryPage(BaseModel):
+    subscription_id: UUID
+    status: str
+    items: list[DeliveryOut] = Field(description="the latest in the queue first")
+    next: str | None = Field(description="`before` for the next page; none on the last")
+
+
+_CURSOR = re.compile(r"^([01])\.(-?\d{1,18})$")
+
+
+@router.get("/subscriptions/{subscription_id}/deliveries", response_model=DeliveryPage, tags=["webhooks"])
+async def subscription_deliveries(
+    subscription_id: UUID,
+    principal: Integrator,
+    session: Db,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    before: Annotated[str | None, Query(max_length=40, description="the `next` of the previous page")] = None,
+) -> DeliveryPage:
+    """The subscription's delivery log: every delivery with its attempts, HTTP status
+    codes and timings, and when a queued one is tried next. Ids only: no event body."""
+    cursor = None
+    if before is not None:
+        match = _CURSOR.match(before)
+        if match is None:
+            raise Invalid("before is not a cursor from this list", {"before": "use the `next` of a page"})
+        cursor = (int(match.group(1)), int(match.group(2)))
+    async with session.begin():
+        subscription = await _owned_subscription(session, principal, subscription_id)
+        rows = await store.webhook_deliveries(session, subscription["subscription_id"], limit=limit + 1, before=cursor)
+        log = await store.attempts_of(session, [r["notification_id"] for r in rows[:limit]])
+    page, more = rows[:limit], len(rows) > limit
+    paused = subscription["status"] != "active"
+    items = []
+    for r in page:
+        attempts = log.get(r["notification_id"], [])
+        last = attempts[-1] if attempts else None
+        items.append(
+            DeliveryOut(
+                delivery_id=UUID(r["notification_id"]),
+                event_id=UUID(r["cause_event_id"]),
+                event_type=r["event_type"],
+                phase="backfill" if r["queue_phase"] == 0 else "live",
+                position=r["queue_seq"],
+                status=cast(Any, r["status"]),
+                status_reason=r["status_reason"],
+                attempts=r["attempts"],
+                last_status_code=last["status_code"] if last else None,
+                last_error=r["last_error"],
+                next_attempt_at=r["due_at"] if r["status"] in store.QUEUED and not paused else None,
+                queued_at=r["created_at"],
+                delivered_at=r["sent_at"],
+                log=[WebhookAttemptOut(**_pick(a, WebhookAttemptOut.model_fields)) for a in attempts],
+            )
+        )
+    last_row = page[-1] if page else None
+    following = f"{last_row['queue_phase']}.{last_row['queue_seq']}" if more and last_row else None
+    return DeliveryPage(subscription_id=subscription_id, status=subscription["status"], items=items, next=following)
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204, tags=["webhooks"])
 async def unsubscribe(subscription_id: UUID, principal: Integrator, session: Db) -> None:
+    """Delete the subscription; what it still had queued is cancelled."""
     async with session.begin():
-        row = await store.get_subscription(session, str(subscription_id))
-        if row is None or not row["active"] or not principal.sees_site(row["site_id"]):
-            raise NotFound("subscription not found")
-        await store.deactivate_subscription(session, str(subscription_id))
+        row = await _owned_subscription(session, principal, subscription_id, lock=True)
+        await store.deactivate_subscription(session, row["subscription_id"])
+        await store.cancel_queued_webhooks(session, row["subscription_id"])

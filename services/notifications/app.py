@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 
 from services.notifications import api, store, usecases
+from services.notifications.backfill import Backfiller
 from services.notifications.delivery import Dispatcher
 from services.notifications.handlers import Handlers
 from shared import clock
@@ -26,12 +27,13 @@ class Notifier:
     policy: usecases.Policy
     dispatcher: Dispatcher
     handlers: Handlers
+    backfiller: Backfiller
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Notifier":
-        policy = usecases.Policy.from_settings(settings)
+    def from_settings(cls, settings: Settings, webhooks: usecases.WebhookSettings | None = None) -> "Notifier":
+        policy = usecases.Policy.from_settings(settings, webhooks)
         dispatcher = Dispatcher(settings, policy)
-        return cls(policy, dispatcher, Handlers(policy, dispatcher))
+        return cls(policy, dispatcher, Handlers(policy, dispatcher), Backfiller(policy, dispatcher.wake_after_commit))
 
     async def escalation_loop(self, runtime: ServiceRuntime) -> None:
         """Escalate unacknowledged urgent alerts (usecases.escalate_alerts) every
@@ -46,9 +48,10 @@ class Notifier:
             await asyncio.sleep(runtime.settings.notify_escalation_check_seconds)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, webhooks: usecases.WebhookSettings | None = None) -> FastAPI:
+    """`webhooks`: the webhook rules (default: from the environment, IOPNET_NOTIFY_WEBHOOK_*)."""
     settings = settings or Settings()
-    notifier = Notifier.from_settings(settings)
+    notifier = Notifier.from_settings(settings, webhooks)
 
     async def dispatcher(runtime: ServiceRuntime) -> None:
         await notifier.dispatcher.run(runtime)
@@ -61,6 +64,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def escalations(runtime: ServiceRuntime) -> None:
         await notifier.escalation_loop(runtime)
 
+    async def backfills(runtime: ServiceRuntime) -> None:
+        await notifier.backfiller.run(runtime)
+
     runtime = ServiceRuntime(
         "notifications",
         settings,
@@ -68,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
         subscriptions=notifier.handlers.subscriptions(),
-        jobs=[dispatcher, escalations],
+        jobs=[dispatcher, escalations, backfills],
     )
     app = create_service_app(
         runtime, [api.router], "Messages to patients, care teams and other systems: reminders, follow-ups, alerts."

@@ -71,10 +71,19 @@ class DeliveryError(Exception):
     """The channel refused or failed. `retryable` False: no later attempt can succeed
     (a rejected address, a refused credential), so the message fails at once."""
 
-    def __init__(self, reason: str, *, retryable: bool = True) -> None:
+    def __init__(self, reason: str, *, retryable: bool = True, status_code: int | None = None) -> None:
         super().__init__(reason)
         self.reason = reason[:300]
         self.retryable = retryable
+        self.status_code = status_code  # the receiver's HTTP answer, if one came
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """What a webhook POST came to: the receiver's request id (or ours) and its status."""
+
+    provider_id: str
+    status_code: int
 
 
 class ChannelAdapter(Protocol):
@@ -279,12 +288,12 @@ async def _post(
 
 def _check_status(status: int) -> None:
     if status >= 500 or status in (408, 425, 429):
-        raise DeliveryError(f"HTTP {status}")
+        raise DeliveryError(f"HTTP {status}", status_code=status)
     if status >= 400:
-        raise DeliveryError(f"HTTP {status}", retryable=False)
+        raise DeliveryError(f"HTTP {status}", retryable=False, status_code=status)
     if status >= 300:
         # Not delivered, and never followed: its Location is a target nobody checked.
-        raise DeliveryError(f"HTTP {status} redirect not followed", retryable=False)
+        raise DeliveryError(f"HTTP {status} redirect not followed", retryable=False, status_code=status)
 
 
 class SmsChannel:
@@ -342,6 +351,10 @@ class WebhookChannel:
         return PinnedTransport(inner, self.resolve, allow_local=self.settings.notify_allow_insecure_targets)
 
     async def send(self, message: OutboundMessage) -> str:
+        return (await self.post(message)).provider_id
+
+    async def post(self, message: OutboundMessage) -> Delivered:
+        """Send, and say with which HTTP status the receiver accepted it (the delivery log)."""
         if not message.address or message.secret is None:
             raise DeliveryError("webhook without url or secret", retryable=False)
         # Subscriptions post the event's envelope; a care-team member reached by webhook
@@ -361,7 +374,8 @@ class WebhookChannel:
             raise DeliveryError("webhook url is not valid", retryable=False) from None
         answer = await _post(str(url), body, headers, self.settings, transport=self.transport())
         _check_status(answer.status)
-        return (answer.headers.get("X-Request-Id") or f"webhook-{message.notification_id}")[:120]
+        provider_id = (answer.headers.get("X-Request-Id") or f"webhook-{message.notification_id}")[:120]
+        return Delivered(provider_id, answer.status)
 
 
 def build_channels(settings: Settings) -> dict[str, ChannelAdapter]:

@@ -28,15 +28,22 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.notifications import domain, store, usecases
-from services.notifications.channels import ChannelAdapter, DeliveryError, OutboundMessage, build_channels
+from services.notifications.channels import (
+    ChannelAdapter,
+    DeliveryError,
+    OutboundMessage,
+    WebhookChannel,
+    build_channels,
+)
 from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
 from shared.messaging.outbox import CommitSignal
@@ -66,6 +73,9 @@ class Outcome:
     retryable: bool = True  # failed: False for a refusal no later attempt can fix
     final: bool = False  # failed: no further attempt (the last one, or a refusal)
     retry_at: datetime | None = None
+    # The delivery log's detail (webhooks): the receiver's HTTP status, and the send's time.
+    status_code: int | None = None
+    duration_ms: int | None = None
 
     @property
     def sent(self) -> bool:
@@ -229,7 +239,10 @@ class Dispatcher:
 
         while not self._stopping:
             async with sessions() as session:
-                due = await store.due_notifications(session, clock.now(), BATCH)
+                now = clock.now()
+                due = await store.due_notifications(session, now, BATCH)
+                # Webhooks: the head of each subscription's queue, one at a time (in order).
+                due += [head for head in await store.webhook_heads(session) if head["due_at"] <= now]
             if not due:
                 return handled
             # Tasks of their own, awaited with wait() rather than gather(): cancelling this
@@ -265,15 +278,23 @@ class Dispatcher:
             return
         attempts = current["attempts"] + 1
         adapter = self.channels.get(decision.channel) or self.channels["console"]
+        started = time.monotonic()
+        status_code: int | None = None
         try:
-            provider_id = await adapter.send(message)
+            if isinstance(adapter, WebhookChannel):
+                delivered = await adapter.post(message)
+                provider_id, status_code = delivered.provider_id, delivered.status_code
+            else:
+                provider_id = await adapter.send(message)
         except DeliveryError as exc:
             outcome = self._failure(current, decision.channel, attempts, exc.reason, retryable=exc.retryable)
+            status_code = exc.status_code
         except Exception as exc:  # a bug in an adapter must not kill the dispatcher
             outcome = self._failure(current, decision.channel, attempts, type(exc).__name__)
         else:
             outcome = Outcome(current, decision.channel, attempts, provider_id=provider_id)
-        await self._record(records, outcome)
+        elapsed = int((time.monotonic() - started) * 1000)
+        await self._record(records, replace(outcome, status_code=status_code, duration_ms=elapsed))
 
     def _recorder(self, sessions: sessionmaker) -> GroupCommit:
         if self._records is None or self._records.sessions is not sessions:
@@ -324,7 +345,11 @@ class Dispatcher:
     def _failure(
         self, row: store.NotificationRow, channel: str, attempts: int, error: str, *, retryable: bool = True
     ) -> Outcome:
-        final = attempts >= self.policy.max_attempts or not retryable
+        # A webhook delivery is retried until it goes through or its subscription is paused
+        # (nothing behind it is sent meanwhile, so giving up would lose it); a refusal
+        # (a 4xx, the target policy) is final at once, as for every message.
+        webhook = row["template"] == "webhook"
+        final = not retryable or (not webhook and attempts >= self.policy.max_attempts)
         retry_at = None if final else self.retry_at(clock.now(), attempts)
         return Outcome(row, channel, attempts, error=error, retryable=retryable, final=final, retry_at=retry_at)
 
@@ -343,10 +368,12 @@ class Dispatcher:
             sent_at=clock.now(), channel=channel, last_error=None,
         )  # fmt: skip
         await store.record_attempt(
-            session, notification_id=row["notification_id"], attempt=attempts,
-            channel=channel, outcome="sent", provider_id=outcome.provider_id,
+            session, notification_id=row["notification_id"], attempt=attempts, channel=channel, outcome="sent",
+            provider_id=outcome.provider_id, status_code=outcome.status_code, duration_ms=outcome.duration_ms,
         )  # fmt: skip
         await usecases.announce_outcome(session, NotificationSent, row, channel, attempts)
+        if row["template"] == "webhook":
+            await usecases.webhook_attempted(session, self.policy, row, ok=True)
 
     async def _write_failed(self, session: AsyncSession, outcome: Outcome) -> None:
         row, channel, attempts, error = outcome.row, outcome.channel, outcome.attempts, outcome.error
@@ -358,10 +385,13 @@ class Dispatcher:
         await store.mark_notification(session, row["notification_id"], **values)
         await store.record_attempt(
             session, notification_id=row["notification_id"], attempt=attempts, channel=channel,
-            outcome="failed" if outcome.final else "retry", error=error,
+            outcome="failed" if outcome.final else "retry", error=error, status_code=outcome.status_code,
+            duration_ms=outcome.duration_ms,
         )  # fmt: skip
         if outcome.final:
             await usecases.announce_outcome(session, NotificationFailed, row, channel, attempts, reason=error)
+        if row["template"] == "webhook":
+            await usecases.webhook_attempted(session, self.policy, row, ok=False, error=error)
 
     async def _settle(self, session: AsyncSession, row: store.NotificationRow, decision: usecases.Settle) -> None:
         # `row` is as it was before the claim: a message not sent now keeps its due time

@@ -19,12 +19,12 @@ Where the rules apply (the `live` flag, setting IOPNET_NOTIFY_LIVE_CHANNELS):
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
 from string import Template
-from typing import Literal
+from typing import ClassVar, Literal, Protocol
 from zoneinfo import ZoneInfo
 
 Channel = Literal["console", "email", "sms", "webhook"]
@@ -401,6 +401,32 @@ def backoff_seconds(attempt: int, base: float, cap: float, jitter: float) -> flo
 def webhook_signature(secret: str, timestamp: str, body: bytes) -> str:
     """Hex HMAC-SHA256 over f"{timestamp}.{body}" with the subscription's secret."""
     return hmac.new(secret.encode(), timestamp.encode() + b"." + body, hashlib.sha256).hexdigest()
+
+
+# --- webhook subscriptions -------------------------------------------------------------------
+
+
+class CatalogEntry(Protocol):
+    restricted: ClassVar[bool]
+
+
+def subscribable_event_types(catalog: Mapping[str, type[CatalogEntry]]) -> frozenset[str]:
+    """Every public event type of the catalog; never a restricted one (contact details
+    travel on iop.restricted.> and leave notifications only as a patient's own message)."""
+    return frozenset(name for name, cls in catalog.items() if not cls.restricted)
+
+
+def webhook_wants(site_id: str, event_types: Iterable[str], subscribable: frozenset[str], event_site: str,
+                  event_type: str) -> bool:  # fmt: skip
+    """The subscription asked for this event: its site, one of its types, a public one."""
+    return event_site == site_id and event_type in subscribable and event_type in set(event_types)
+
+
+def pause_reason(consecutive_failures: int, threshold: int, last_error: str | None) -> str | None:
+    """Why a subscription stops after this many failed attempts in a row, or None."""
+    if consecutive_failures < max(1, threshold):
+        return None
+    return f"{consecutive_failures} consecutive failed deliveries; last: {last_error or 'unknown'}"[:200]
 
 
 def next_roster_index(level: int, roster_size: int) -> int | None:

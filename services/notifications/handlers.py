@@ -5,9 +5,16 @@ webhook subscriptions that asked for its type.
 
 - IOP_RESTRICTED: PatientContactChanged (contact details; only this service reads them)
 - IOP_INTAKE: SiteRegistered, PatientEnrolled, PatientDischarged, PatientTransferred, ConsentGranted,
-  ConsentRevoked, CheckInSubmitted
-- IOP_SCHEDULING: SessionScheduled, SessionCancelled, PatientBooked, BookingCancelled,
-  AttendanceRecorded, HoursAtRisk, WeeklyHoursShortfall
+  ConsentRevoked, TreatmentPlanUpdated (webhooks only), CheckInSubmitted (its own lane)
+- IOP_SCHEDULING: ProgramPublished, PatientWaitlisted and SessionCompleted (webhooks only),
+  SessionScheduled, SessionCancelled, PatientBooked, BookingCancelled, AttendanceRecorded,
+  HoursAtRisk, WeeklyHoursShortfall
+
+Every public event type a webhook may subscribe to (usecases.WEBHOOK_EVENTS: the whole
+public catalog) is consumed here or produced by this service; tests check it. A type
+added to a stream's map below only adds a filter subject to that stream's existing
+durable (shared/messaging/consumer.py derives them from the map, and the durable's config
+is updated in place at start): no new durable, no new broker permission.
 """
 
 from typing import Any
@@ -31,9 +38,13 @@ from shared.contracts.events import (
     PatientDischarged,
     PatientEnrolled,
     PatientTransferred,
+    PatientWaitlisted,
+    ProgramPublished,
     SessionCancelled,
+    SessionCompleted,
     SessionScheduled,
     SiteRegistered,
+    TreatmentPlanUpdated,
     WeeklyHoursShortfall,
 )
 from shared.messaging import Subscription
@@ -56,6 +67,7 @@ class Handlers:
                 PatientTransferred: self.on_patient_transferred,
                 ConsentGranted: self.on_consent_granted,
                 ConsentRevoked: self.on_consent_revoked,
+                TreatmentPlanUpdated: self.for_webhooks_only,
             },
             "IOP_SCHEDULING": {
                 SessionScheduled: self.on_session_scheduled,
@@ -65,6 +77,9 @@ class Handlers:
                 AttendanceRecorded: self.on_attendance,
                 HoursAtRisk: self.on_hours_alert,
                 WeeklyHoursShortfall: self.on_hours_alert,
+                ProgramPublished: self.for_webhooks_only,
+                PatientWaitlisted: self.for_webhooks_only,
+                SessionCompleted: self.for_webhooks_only,
             },
         }
         routine = [
@@ -87,6 +102,9 @@ class Handlers:
 
         handle.__name__ = getattr(handler, "__name__", "handle")
         return handle
+
+    async def for_webhooks_only(self, session: AsyncSession, envelope: Envelope, event: Event) -> None:
+        """Nothing of ours depends on it; `_wrap` queues it for the subscriptions that want it."""
 
     # --- intake ---------------------------------------------------------------------------
 

@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     Column,
     Date,
+    Index,
     Integer,
     MetaData,
     String,
@@ -213,9 +215,23 @@ subscriptions = Table(
     Column("url", String(500), nullable=False),
     Column("event_types", Text, nullable=False),  # JSON list
     Column("secret", String(200), nullable=False),
-    Column("active", Boolean, nullable=False, default=True),
+    Column("active", Boolean, nullable=False, default=True),  # False: deleted
     Column("created_by", String(200), nullable=False),
     Column("created_at", UtcDateTime, nullable=False),
+    # active / paused (after too many consecutive failures, or a backfill too large);
+    # paused: its deliveries keep queueing, none is sent until it is resumed.
+    Column("status", String(10), nullable=False, server_default="active"),
+    Column("paused_reason", String(200), nullable=True),
+    Column("paused_at", UtcDateTime, nullable=True),
+    Column("consecutive_failures", Integer, nullable=False, server_default="0"),
+    # The queue position of its next live delivery (taken under the row's lock, so the
+    # order of the queue is the order the events' transactions committed in).
+    Column("next_seq", BigInteger, nullable=False, server_default="1"),
+    # Past events asked for at subscription: none / pending / done / skipped / too_large.
+    Column("backfill_from", UtcDateTime, nullable=True),
+    Column("backfill_status", String(10), nullable=False, server_default="none"),
+    Column("backfill_events", Integer, nullable=True),
+    Column("backfill_error", String(200), nullable=True),
 )
 
 notifications = Table(
@@ -246,8 +262,15 @@ notifications = Table(
     Column("alert_id", String(36), nullable=True, index=True),
     # Webhook deliveries: the event envelope to post (public events only, no PHI).
     Column("payload", Text, nullable=True),
+    # Webhook deliveries: the event's type and the delivery's place in its subscription's
+    # queue, sent one at a time in (queue_phase, queue_seq) order: phase 0 the backfill
+    # (past events, in stream order), phase 1 the live events (in commit order).
+    Column("event_type", String(80), nullable=True),
+    Column("queue_phase", Integer, nullable=True),
+    Column("queue_seq", BigInteger, nullable=True),
     # One message per (cause event, template, recipient), however often the cause arrives.
     UniqueConstraint("cause_event_id", "template", "recipient", name="uq_notification_once"),
+    Index("ix_notifications_webhook_queue", "recipient", "queue_phase", "queue_seq"),
 )
 
 # The delivery log: one row per attempt (outcome, error class, provider id; never the
@@ -263,6 +286,9 @@ delivery_attempts = Table(
     Column("outcome", String(12), nullable=False),  # sent / retry / failed
     Column("error", String(300), nullable=True),
     Column("provider_id", String(120), nullable=True),
+    # Webhooks: the receiver's HTTP status (none if no answer came) and the time it took.
+    Column("status_code", Integer, nullable=True),
+    Column("duration_ms", Integer, nullable=True),
 )
 
 
@@ -410,6 +436,15 @@ class SubscriptionRow(TypedDict):
     active: bool
     created_by: str
     created_at: datetime
+    status: str
+    paused_reason: str | None
+    paused_at: datetime | None
+    consecutive_failures: int
+    next_seq: int
+    backfill_from: datetime | None
+    backfill_status: str
+    backfill_events: int | None
+    backfill_error: str | None
 
 
 class NotificationRow(TypedDict):
@@ -437,6 +472,9 @@ class NotificationRow(TypedDict):
     session_id: str | None
     alert_id: str | None
     payload: str | None
+    event_type: str | None
+    queue_phase: int | None
+    queue_seq: int | None
 
 
 class DeliveryAttemptRow(TypedDict):
@@ -448,6 +486,8 @@ class DeliveryAttemptRow(TypedDict):
     outcome: str
     error: str | None
     provider_id: str | None
+    status_code: int | None
+    duration_ms: int | None
 
 
 RowT = TypeVar("RowT")
@@ -759,6 +799,8 @@ async def list_subscriptions(session: AsyncSession, site_ids: list[str] | None) 
 
 
 async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> list[SubscriptionRow]:
+    """Every subscription of the site that asked for the type, paused ones included (their
+    deliveries queue while they are paused)."""
     return [s for s in await list_subscriptions(session, [site_id]) if event_type in s["event_types"]]
 
 
@@ -766,6 +808,119 @@ async def deactivate_subscription(session: AsyncSession, subscription_id: str) -
     await session.execute(
         update(subscriptions).where(subscriptions.c.subscription_id == subscription_id).values(active=False)
     )
+
+
+async def cancel_queued_webhooks(session: AsyncSession, subscription_id: str) -> int:
+    result = await session.execute(
+        update(notifications)
+        .where(
+            notifications.c.recipient == f"subscription:{subscription_id}",
+            notifications.c.template == "webhook",
+            notifications.c.status.in_(QUEUED),
+        )
+        .values(status="cancelled", status_reason="recipient_removed")
+    )
+    return rows_changed(result)
+
+
+async def update_subscription(session: AsyncSession, subscription_id: str, **values: Any) -> None:
+    await session.execute(
+        update(subscriptions).where(subscriptions.c.subscription_id == subscription_id).values(**values)
+    )
+
+
+async def lock_subscription(session: AsyncSession, subscription_id: str) -> SubscriptionRow | None:
+    """The subscription, locked for the rest of the transaction (PostgreSQL; SQLite has one
+    writer anyway): its queue positions and failure count change under this lock."""
+    query = select(subscriptions).where(subscriptions.c.subscription_id == subscription_id).with_for_update()
+    row = (await session.execute(query)).mappings().first()
+    return _subscription(row) if row else None
+
+
+async def take_queue_seq(session: AsyncSession, subscription_id: str) -> int:
+    """The next live queue position of a subscription. The UPDATE locks its row until
+    the transaction ends, so positions are handed out in commit order."""
+    await session.execute(
+        update(subscriptions)
+        .where(subscriptions.c.subscription_id == subscription_id)
+        .values(next_seq=subscriptions.c.next_seq + 1)
+    )
+    query = select(subscriptions.c.next_seq).where(subscriptions.c.subscription_id == subscription_id)
+    return int((await session.execute(query)).scalar_one()) - 1
+
+
+async def pending_backfills(session: AsyncSession) -> list[SubscriptionRow]:
+    query = (
+        select(subscriptions)
+        .where(subscriptions.c.active.is_(True), subscriptions.c.backfill_status == "pending")
+        .order_by(subscriptions.c.created_at)
+    )
+    return [_subscription(r) for r in (await session.execute(query)).mappings()]
+
+
+def _webhook_queue(recipient: str) -> Any:
+    return (
+        select(notifications)
+        .where(notifications.c.recipient == recipient, notifications.c.template == "webhook")
+        .order_by(notifications.c.queue_phase, notifications.c.queue_seq, notifications.c.created_at)
+    )
+
+
+# A subscription's deliveries that have not been sent or given up on: the queue.
+QUEUED = ("pending", "sending")
+
+
+async def webhook_heads(session: AsyncSession) -> list[NotificationRow]:
+    """The first queued delivery of every subscription that may send now (active, not
+    paused, backfill over). A head that is `sending` is in flight (until its lease ends):
+    nothing behind it goes out meanwhile, so each subscription has one request at a time."""
+    query = select(subscriptions.c.subscription_id).where(
+        subscriptions.c.active.is_(True),
+        subscriptions.c.status == "active",
+        subscriptions.c.backfill_status.in_(("none", "done", "skipped")),
+    )
+    heads = []
+    for subscription_id in (await session.execute(query)).scalars():
+        head = await queued_head(session, f"subscription:{subscription_id}")
+        if head is not None:
+            heads.append(head)
+    return heads
+
+
+async def queued_head(session: AsyncSession, recipient: str) -> NotificationRow | None:
+    """The first queued delivery of a subscription, paused or not."""
+    return await _one(
+        session, NotificationRow, _webhook_queue(recipient).where(notifications.c.status.in_(QUEUED)).limit(1)
+    )
+
+
+async def queued_webhook(session: AsyncSession, recipient: str, event_id: str) -> NotificationRow | None:
+    query = select(notifications).where(
+        notifications.c.recipient == recipient,
+        notifications.c.template == "webhook",
+        notifications.c.cause_event_id == event_id,
+    )
+    return await _one(session, NotificationRow, query)
+
+
+async def webhook_deliveries(
+    session: AsyncSession, subscription_id: str, *, limit: int, before: tuple[int, int] | None = None
+) -> list[NotificationRow]:
+    """A subscription's deliveries, the latest in its queue first; `before`: only those
+    ahead of this (queue_phase, queue_seq) position (the next page)."""
+    query = select(notifications).where(
+        notifications.c.recipient == f"subscription:{subscription_id}", notifications.c.template == "webhook"
+    )
+    if before is not None:
+        phase, seq = before
+        query = query.where(
+            (notifications.c.queue_phase < phase)
+            | ((notifications.c.queue_phase == phase) & (notifications.c.queue_seq < seq))
+        )
+    query = query.order_by(
+        notifications.c.queue_phase.desc(), notifications.c.queue_seq.desc(), notifications.c.created_at.desc()
+    )
+    return _rows(NotificationRow, await session.execute(query.limit(limit)))
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -796,9 +951,15 @@ DISPATCHABLE = ("pending", "sending")
 
 
 async def due_notifications(session: AsyncSession, at: datetime, limit: int) -> list[NotificationRow]:
+    """Due messages to patients and care teams; webhook deliveries go one at a time per
+    subscription (webhook_heads)."""
     query = (
         select(notifications)
-        .where(notifications.c.status.in_(DISPATCHABLE), notifications.c.due_at <= at)
+        .where(
+            notifications.c.status.in_(DISPATCHABLE),
+            notifications.c.due_at <= at,
+            notifications.c.template != "webhook",
+        )
         .order_by(notifications.c.urgent.desc(), notifications.c.due_at)
         .limit(limit)
     )
@@ -825,11 +986,17 @@ async def claim_notification(
 
 
 async def next_due_at(session: AsyncSession) -> datetime | None:
+    """When the next message falls due: a patient or care-team message, or the head of a
+    subscription that may send (a paused one's queue waits for its resume, not a time)."""
     query = (
-        select(notifications.c.due_at).where(notifications.c.status.in_(DISPATCHABLE)).order_by(notifications.c.due_at)
+        select(notifications.c.due_at)
+        .where(notifications.c.status.in_(DISPATCHABLE), notifications.c.template != "webhook")
+        .order_by(notifications.c.due_at)
     )
     found = (await session.execute(query.limit(1))).first()
-    return found.due_at if found else None
+    times = [found.due_at] if found else []
+    times += [head["due_at"] for head in await webhook_heads(session)]
+    return min(times) if times else None
 
 
 async def mark_notification(session: AsyncSession, notification_id: str, **values: Any) -> None:

@@ -11,15 +11,18 @@ so tests can drive escalation and expiry at any instant. A broken rule raises
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.notifications import domain, store
+from shared import clock
 from shared.contracts import Envelope
 from shared.contracts.events import (
     EVENT_TYPES,
@@ -40,17 +43,24 @@ from shared.settings import Settings
 
 log = logging.getLogger("iopnet.notifications")
 
-# Events a webhook subscription may ask for: the public events this service consumes
-# and the ones it produces. Envelopes on public subjects carry no PHI (DESIGN A4).
-WEBHOOK_EVENTS = frozenset(
-    {
-        "SiteRegistered", "PatientEnrolled", "PatientDischarged", "ConsentGranted", "ConsentRevoked",
-        "CheckInSubmitted", "SessionScheduled", "SessionCancelled", "PatientBooked", "BookingCancelled",
-        "AttendanceRecorded", "HoursAtRisk", "WeeklyHoursShortfall",
-        "CareTeamAlerted", "NotificationSent", "NotificationFailed",
-    }
-)  # fmt: skip
-assert all(not EVENT_TYPES[name].restricted for name in WEBHOOK_EVENTS)
+# Events a webhook subscription may ask for: every public event type of the catalog
+# (shared/contracts), never a restricted one. Envelopes on public subjects carry no PHI
+# beyond ids (DESIGN A4). Notifications consumes every one of them (handlers.py).
+WEBHOOK_EVENTS = domain.subscribable_event_types(EVENT_TYPES)
+
+
+class WebhookSettings(BaseSettings):
+    """Webhook rules (environment, prefix IOPNET_NOTIFY_WEBHOOK_). Kept here rather than in
+    shared/settings.py, which the other services share and do not need these from."""
+
+    model_config = SettingsConfigDict(env_prefix="IOPNET_NOTIFY_WEBHOOK_", extra="ignore")
+
+    # A subscription is paused after this many failed attempts in a row (any delivery).
+    pause_after_failures: int = Field(default=10, ge=1, le=1000)
+    # Backfill bounds: how far back `backfill_from` may reach, and how many past events
+    # one backfill may queue (more: the subscription is paused, see resume_subscription).
+    backfill_max_days: int = Field(default=30, ge=1, le=3650)
+    backfill_max_events: int = Field(default=10_000, ge=1, le=1_000_000)
 
 
 @dataclass(frozen=True)
@@ -67,9 +77,10 @@ class Policy:
     max_attempts: int
     retry_base_seconds: float
     retry_max_seconds: float
+    webhooks: WebhookSettings = field(default_factory=WebhookSettings)
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Policy":
+    def from_settings(cls, settings: Settings, webhooks: WebhookSettings | None = None) -> "Policy":
         return cls(
             live=settings.notify_live_channels,
             reminder_offsets=tuple(settings.notify_reminder_offsets_minutes),
@@ -85,6 +96,7 @@ class Policy:
             max_attempts=max(1, settings.notify_max_attempts),
             retry_base_seconds=settings.notify_retry_base_seconds,
             retry_max_seconds=settings.notify_retry_max_seconds,
+            webhooks=webhooks or WebhookSettings(),
         )
 
 
@@ -147,28 +159,130 @@ def _chain_of(row: store.NotificationRow | store.AlertRow) -> Chain:
     return Chain(UUID(row["correlation_id"]), UUID(row["cause_event_id"]))
 
 
+async def may_deliver(session: AsyncSession, subscription: store.SubscriptionRow, envelope: Envelope) -> bool:
+    """Whether this event goes to this subscription: the one place that decides, for live
+    events (queued as they are applied), for the backfill, and again at send time. Today:
+    the subscription exists, is its site's, asked for the type, and the type is public.
+    (A consent rule for events about a patient belongs here, and may read `session`.)"""
+    if not subscription["active"]:
+        return False
+    return domain.webhook_wants(
+        subscription["site_id"], subscription["event_types"], WEBHOOK_EVENTS, envelope.site_id, envelope.event_type
+    )
+
+
 async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
-    """One webhook delivery per subscription of the event's site that asked for its type."""
+    """Queue the event for every subscription of its site that may receive it, at the
+    end of each one's queue (positions taken under the subscription's lock: the queue is
+    in commit order, and one stream's events commit in stream order)."""
     if envelope.event_type not in WEBHOOK_EVENTS:
         return 0
     queued = 0
     for subscription in await store.subscribers(session, envelope.site_id, envelope.event_type):
-        queued += await store.add_notification(
-            session,
-            notification_id=str(uuid4()),
-            site_id=envelope.site_id,
-            patient_id=None,
-            recipient_kind="integration",
-            recipient=domain.recipient_key("subscription", subscription["subscription_id"]),
-            channel="webhook",
-            template="webhook",
-            language=domain.DEFAULT_LANGUAGE,
-            cause_event_id=str(envelope.event_id),
-            correlation_id=str(envelope.correlation_id),
-            status="pending",
-            payload=envelope.model_dump_json(),
-        )
+        if not await may_deliver(session, subscription, envelope):
+            continue
+        recipient = domain.recipient_key("subscription", subscription["subscription_id"])
+        if await store.notification_exists(session, str(envelope.event_id), "webhook", recipient):
+            continue  # queued already (by its backfill, or a re-applied event)
+        seq = await store.take_queue_seq(session, subscription["subscription_id"])
+        queued += await _queue_webhook(session, subscription, envelope, phase=1, seq=seq)
     return queued
+
+
+async def _queue_webhook(
+    session: AsyncSession, subscription: store.SubscriptionRow, envelope: Envelope, *, phase: int, seq: int
+) -> bool:
+    return await store.add_notification(
+        session,
+        notification_id=str(uuid4()),
+        site_id=envelope.site_id,
+        patient_id=None,
+        recipient_kind="integration",
+        recipient=domain.recipient_key("subscription", subscription["subscription_id"]),
+        channel="webhook",
+        template="webhook",
+        language=domain.DEFAULT_LANGUAGE,
+        cause_event_id=str(envelope.event_id),
+        correlation_id=str(envelope.correlation_id),
+        status="pending",
+        payload=envelope.model_dump_json(),
+        event_type=envelope.event_type,
+        queue_phase=phase,
+        queue_seq=seq,
+    )
+
+
+async def queue_backfill(
+    session: AsyncSession, policy: Policy, subscription_id: str, envelopes: list[Envelope] | None
+) -> int | None:
+    """Queue a subscription's past events (in stream order) ahead of every live one, and
+    let it start sending. An event that is queued live already (applied while the
+    backfill read the stream) moves to its place in the backfill: each event goes once,
+    and in order. Too many past events: nothing is queued, the subscription is paused
+    with the reason (resuming it goes on with the live events only); `envelopes` None
+    says the reader found too many already. Returns how many
+    were queued, or None if the subscription is gone or its backfill is not pending."""
+    subscription = await store.lock_subscription(session, subscription_id)
+    if subscription is None or not subscription["active"] or subscription["backfill_status"] != "pending":
+        return None
+    wanted = [e for e in envelopes or [] if await may_deliver(session, subscription, e)]
+    limit = policy.webhooks.backfill_max_events
+    if envelopes is None or len(wanted) > limit:
+        reason = f"backfill too large: more than {limit} events since backfill_from"
+        await store.update_subscription(
+            session, subscription_id, backfill_status="too_large", backfill_error=reason, status="paused",
+            paused_reason=reason, paused_at=clock.now(),
+        )  # fmt: skip
+        return 0
+    recipient = domain.recipient_key("subscription", subscription_id)
+    queued = 0
+    for ordinal, envelope in enumerate(wanted):
+        existing = await store.queued_webhook(session, recipient, str(envelope.event_id))
+        if existing is None:
+            queued += await _queue_webhook(session, subscription, envelope, phase=0, seq=ordinal)
+        elif existing["status"] in store.QUEUED and existing["attempts"] == 0:
+            await store.mark_notification(session, existing["notification_id"], queue_phase=0, queue_seq=ordinal)
+            queued += 1
+    await store.update_subscription(session, subscription_id, backfill_status="done", backfill_events=queued)
+    return queued
+
+
+async def webhook_attempted(
+    session: AsyncSession, policy: Policy, row: store.NotificationRow, *, ok: bool, error: str | None = None
+) -> None:
+    """Count an attempt of a subscription's delivery: a success clears the count of
+    failures in a row; the Nth failure in a row pauses the subscription, with its reason."""
+    subscription_id = row["recipient"].split(":", 1)[1]
+    subscription = await store.lock_subscription(session, subscription_id)
+    if subscription is None:
+        return
+    if ok:
+        if subscription["consecutive_failures"]:
+            await store.update_subscription(session, subscription_id, consecutive_failures=0)
+        return
+    failures = subscription["consecutive_failures"] + 1
+    values: dict[str, Any] = {"consecutive_failures": failures}
+    reason = domain.pause_reason(failures, policy.webhooks.pause_after_failures, error)
+    if reason is not None and subscription["status"] == "active":
+        values.update(status="paused", paused_reason=reason, paused_at=clock.now())
+        log.warning("webhook subscription paused", extra={"subscription_id": subscription_id, "reason": reason})
+    await store.update_subscription(session, subscription_id, **values)
+
+
+async def resume_subscription(session: AsyncSession, subscription: store.SubscriptionRow, now: datetime) -> None:
+    """Delivery goes on from where it stopped: the delivery at the head of the queue
+    (retried at once) and everything queued behind it while paused. A subscription
+    paused because its backfill was too large goes on with the live events only."""
+    if subscription["status"] != "paused":
+        raise DomainError("conflict", "the subscription is not paused")
+    values: dict[str, Any] = {"status": "active", "paused_reason": None, "paused_at": None, "consecutive_failures": 0}
+    if subscription["backfill_status"] == "too_large":
+        values["backfill_status"] = "skipped"
+    await store.update_subscription(session, subscription["subscription_id"], **values)
+    recipient = domain.recipient_key("subscription", subscription["subscription_id"])
+    head = await store.queued_head(session, recipient)
+    if head is not None and head["status"] == "pending" and head["due_at"] > now:
+        await store.mark_notification(session, head["notification_id"], due_at=now)
 
 
 async def announce_outcome(
@@ -721,6 +835,10 @@ async def _prepare_webhook(session: AsyncSession, policy: Policy, row: store.Not
     subscription = await store.get_subscription(session, subscription_id)
     if subscription is None or not subscription["active"]:
         return Settle("cancelled", "recipient_removed")
+    if row["payload"] is not None and not await may_deliver(
+        session, subscription, Envelope.model_validate_json(row["payload"])
+    ):
+        return Settle("cancelled", "not_deliverable")
     channel = "webhook" if policy.live else "console"
     return Ready(
         channel, subscription["url"], domain.DEFAULT_LANGUAGE, {}, secret=subscription["secret"], payload=row["payload"]
