@@ -2,16 +2,22 @@
 
 import asyncio
 import json
+import re
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.console import Console
 
 from iopnet.integrations import integrations_app
 from shared.auth import ROLES, mint_token
 from shared.settings import SERVICES, ServiceName, Settings
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
 
 app = typer.Typer(help="iopnet: the shared backend of a network of IOP clinics.", no_args_is_help=True)
 events_app = typer.Typer(help="Look at events on the bus.", no_args_is_help=True)
@@ -160,6 +166,25 @@ def _ops_nats_url() -> str:
     return settings.nats_url or ops_url(settings.data_dir, settings.effective_nats_url)
 
 
+def _tail_line(msg: "Msg") -> dict[str, object]:
+    """One message as `events tail` prints it: the envelope, and the headers of a dead
+    letter (its reason). A message that is not JSON (a restricted dead letter has an
+    empty payload; a poison message may be anything) is shown by its headers and size."""
+    headers = dict(msg.headers or {})
+    line: dict[str, object] = {"subject": msg.subject}
+    try:
+        line["envelope"] = json.loads(msg.data)
+    except ValueError:
+        line["payload_bytes"] = len(msg.data)
+        if headers.get("Iop-Payload-Withheld"):
+            line["payload_withheld"] = headers["Iop-Payload-Withheld"]
+        elif msg.data:
+            line["payload"] = msg.data.decode(errors="replace")
+    if headers and (msg.subject.startswith("iop.dlq.") or "envelope" not in line):
+        line["headers"] = headers
+    return line
+
+
 @events_app.command("tail")
 def events_tail(
     subject: Annotated[
@@ -184,18 +209,23 @@ def events_tail(
 
         nc = await connect_once(_ops_nats_url(), error_cb=on_error)
         seen = 0
+        subscriptions = []
 
-        async def on_message(msg: object) -> None:
+        async def on_message(msg: "Msg") -> None:
             nonlocal seen
-            typer.echo(json.dumps({"subject": msg.subject, "envelope": json.loads(msg.data)}))  # type: ignore[attr-defined]
+            if count and seen >= count:
+                return  # already in flight when the count was reached: not printed
+            typer.echo(json.dumps(_tail_line(msg)))
             seen += 1
             if count and seen >= count:
                 done.set()
 
         for pattern in subject or OBSERVED_SUBJECTS:
-            await nc.subscribe(pattern, cb=on_message)
+            subscriptions.append(await nc.subscribe(pattern, cb=on_message))
         await done.wait()
-        await nc.drain()
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+        await nc.close()
 
     asyncio.run(tail())
     if denied:
@@ -203,49 +233,99 @@ def events_tail(
         raise typer.Exit(1)
 
 
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`--since`: an ISO 8601 time (without an offset: local time), or a duration back
+    from now: `90s`, `30m`, `2h`, `7d`."""
+    now = now or datetime.now(UTC)
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return now - timedelta(**{unit: int(match.group(1))})
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(f"--since {text!r}: an ISO 8601 time or a duration such as 2h, 30m, 7d") from None
+    return moment if moment.tzinfo is not None else moment.astimezone()
+
+
 @events_app.command("replay")
 def events_replay(
-    stream: Annotated[str, typer.Argument(help="IOP_INTAKE | IOP_SCHEDULING | IOP_NOTIFICATIONS | IOP_RESTRICTED")],
-    from_seq: Annotated[int, typer.Option("--from-seq", help="first stream sequence")] = 1,
-    to_seq: Annotated[int | None, typer.Option("--to-seq", help="last stream sequence (default: the end)")] = None,
-    subject: Annotated[str | None, typer.Option(help="only matching subjects, e.g. 'iop.intake.>'")] = None,
-    service: Annotated[
-        list[str] | None, typer.Option("--service", help="only this consumer, repeatable (default: every service)")
+    consumer: Annotated[
+        str, typer.Option("--consumer", help="the durable to re-drive, e.g. scheduling-IOP_INTAKE", show_default=False)
+    ],
+    since: Annotated[
+        str | None, typer.Option("--since", help="from the first event stored at or after this time (ISO 8601, 2h, 7d)")
     ] = None,
+    from_seq: Annotated[int | None, typer.Option("--from-seq", help="from this stream sequence", min=1)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what it would do; change nothing")] = False,
+    timeout: Annotated[float, typer.Option(help="give up following the progress after this many seconds")] = 3600.0,
 ) -> None:
-    """Have each consuming service re-apply stored events; inboxes skip what was applied."""
-    from iopnet.replay import ReplayFailed, replay_events
-    from shared.messaging.control import ControlReply
+    """Re-drive a durable consumer from a point in its stream. The stream is not
+    rewritten and nothing is re-published: the service that owns the durable resets it
+    and consumes again, and its inbox skips what it already applied (so clearing a
+    projection and re-driving from the start rebuilds it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    unknown = set(service or ()) - set(SERVICES)
-    if unknown:
-        raise typer.BadParameter(f"unknown service {', '.join(sorted(unknown))}; one of {', '.join(SERVICES)}")
+    from iopnet.replay import ReplayFailed, redrive, redrive_instructions, service_of
+    from shared.messaging.control import ControlReply, RedriveRequest
 
-    def progress(reply: ControlReply) -> None:
-        done = min(reply.next_seq or 0, (reply.last_seq or 0) + 1) - 1
-        typer.echo(f"{reply.service}: {stream} up to {done} of {reply.last_seq}", err=True)
+    if (since is None) == (from_seq is None):
+        raise typer.BadParameter("give exactly one of --since and --from-seq")
+    start_time = parse_since(since) if since is not None else None
+    if service_of(consumer) is None:
+        typer.echo(redrive_instructions(consumer, from_seq=from_seq, since=start_time), err=True)
+        raise typer.Exit(2)
+    request = RedriveRequest(durable=consumer, from_seq=from_seq, since=start_time, dry_run=dry_run)
+    bar = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[note]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    )
+    task = None
+
+    def progress(state: ControlReply) -> None:
+        nonlocal task
+        if dry_run:
+            return
+        if task is None:
+            bar.start()
+            task = bar.add_task(f"re-driving {consumer}", total=state.covered or 0, note="")
+            return
+        remaining = (state.num_pending or 0) + (state.num_ack_pending or 0)
+        total = max(bar.tasks[0].total or 0, remaining)
+        bar.update(task, total=total, completed=total - remaining, note=f"{remaining} to go")
 
     try:
-        summaries = asyncio.run(
-            replay_events(
-                _ops_nats_url(),
-                stream,
-                from_seq,
-                to_seq,
-                subject,
-                services=tuple(service or SERVICES),
-                progress=progress,
-            )
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+        answer, final = asyncio.run(redrive(_ops_nats_url(), request, progress=progress, timeout=timeout))
     except ReplayFailed as exc:
+        bar.stop()
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
-    for summary in summaries:
-        typer.echo(json.dumps(summary))
-    if any(summary["failed"] for summary in summaries):
-        raise typer.Exit(1)
+    bar.stop()
+    start = f"sequence {answer.start_seq}"
+    if answer.requested_seq is not None:
+        start += f" (not {answer.requested_seq}: the durable has not acknowledged the events before it yet)"
+    if dry_run:
+        typer.echo(
+            f"dry run: would reset {answer.durable} on {answer.stream} (filter {', '.join(answer.filter_subjects)}) "
+            f"to {start}, re-driving {answer.covered} of the messages stored up to {answer.last_seq}; "
+            f"{answer.service} would apply the ones its inbox does not hold. Nothing was changed.",
+        )
+        return
+    summary = {
+        "durable": answer.durable,
+        "stream": answer.stream,
+        "start_seq": answer.start_seq,
+        "redriven": answer.covered,
+        "applied": final.applied - answer.applied,
+        "duplicates": final.duplicates - answer.duplicates,
+        "dead_lettered": final.dead_lettered - answer.dead_lettered,
+    }
+    typer.echo(json.dumps(summary))
 
 
 @events_app.command("reapply")

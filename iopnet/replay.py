@@ -1,11 +1,17 @@
-"""`iopnet events replay`: a consumer whose database lost recent work gets it back;
+"""`iopnet events replay`: re-drive one durable consumer from a point in its stream;
 `iopnet events reapply`: one stored event applied again on purpose, audited.
 
-For repair after a consumer's database was restored from an older backup (or a bug fix
-that needs events applied again): each service that consumes the stream re-reads the
-stored events by sequence and applies them through its inbox, which skips what it has
-already applied (shared/messaging/control.py). Nothing is published: other subscribers
-see no copies, and the restricted stream is replayed by notifications itself.
+A re-drive never writes to a stream. The durable itself is moved back: the service that
+owns it, asked over the control plane (shared/messaging/control.py, `redrive`), suspends
+its consumer, resets the durable to the start sequence (from `--from-seq`, or the first
+event stored at or after `--since`) and resumes. The events then come again through the
+consumer's ordinary path, in order, and its inbox skips what it has applied: after the
+operator clears a projection, the same re-drive rebuilds it. Nobody else sees anything
+(no copies on the bus, no new Nats-Msg-Ids). `ops` resets nothing itself: it publishes
+no event and holds no consumer permission; the service acts with its own user.
+
+An integration's durable (`<integration>-<STREAM>-<site>`) belongs to the integration:
+its own credentials reset it. `redrive_instructions` says how.
 
 Replay skips what the inbox holds. When an effect was lost although the inbox recorded
 the event (a bug since fixed, a state edited by hand), `reapply` asks one service to
@@ -13,73 +19,143 @@ apply that stored event again anyway: its handlers converge on what the event sa
 the service writes who asked, when, which event and why in its `operations` table.
 """
 
+import asyncio
 import json
+import re
+import time
 from collections.abc import Callable
-from typing import Any
+from datetime import datetime
 
 import nats.errors
+from nats.aio.client import Client
 
 from shared.messaging.connection import connect_once
-from shared.messaging.control import ControlReply, ReapplyRequest, ReplayRequest, control_subject
+from shared.messaging.control import (
+    ConsumerStateRequest,
+    ControlReply,
+    Operation,
+    ReapplyRequest,
+    RedriveRequest,
+    control_subject,
+)
 from shared.settings import SERVICES
 
 REPLAYABLE = ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_NOTIFICATIONS", "IOP_RESTRICTED")
 CONTROL_TIMEOUT = 120.0
+# How often the operator's progress bar asks the service where its durable stands.
+WATCH_INTERVAL_SECONDS = 0.2
 
 
 class ReplayFailed(Exception):
-    pass
+    """The re-drive (or re-apply) was refused or did not happen; the text is safe to print."""
 
 
-async def replay_events(
-    url: str,
-    stream: str,
-    first_seq: int,
-    last_seq: int | None = None,
-    subject: str | None = None,
-    *,
-    services: tuple[str, ...] = SERVICES,
-    chunk: int = 500,
-    progress: Callable[[ControlReply], None] | None = None,
-) -> list[dict[str, Any]]:
-    """One summary per service that consumes `stream`: applied, duplicates (skipped by
-    the inbox), not handled (event types it does not consume) and failures."""
-    if stream not in REPLAYABLE:
-        raise ValueError(f"{stream} cannot be replayed; one of {', '.join(REPLAYABLE)}")
-    nc = await connect_once(url)
-    summaries = []
+def service_of(durable: str) -> str | None:
+    """The service that owns `durable` (`<service>-<STREAM>[-<lane>]`), or None for a
+    durable of someone else's (an integration's)."""
+    service, _, rest = durable.partition("-")
+    return service if service in SERVICES and rest.startswith("IOP_") else None
+
+
+def stream_of(durable: str) -> str | None:
+    """The stream named in a durable's name (`…-IOP_INTAKE-…`), if any."""
+    match = re.search(r"(?:^|-)(IOP_[A-Z_]+?)(?:-|$)", durable)
+    return match.group(1) if match else None
+
+
+def redrive_instructions(durable: str, *, from_seq: int | None, since: datetime | None) -> str:
+    """What an integration does to re-drive its own durable (ops may not touch it)."""
+    stream = stream_of(durable) or "<STREAM>"
+    if from_seq is not None:
+        start = f"sequence {from_seq}"
+        find = ""
+    else:
+        assert since is not None
+        start = f"the first event stored at or after {since.isoformat()}"
+        find = (
+            f"  1. find that sequence: request $JS.API.STREAM.MSG.GET.{stream} with "
+            f'{{"start_time": "{since.isoformat()}"}} and take message.seq;\n'
+        )
+    step = "2." if find else "1."
+    return (
+        f"{durable} is not a durable of an iopnet service: it belongs to an integration, and only\n"
+        f"the integration's own NATS credentials may reset it (ops publishes nothing and may not).\n"
+        f"To re-drive it from {start}, the integration:\n"
+        f"{find}"
+        f"  {step} stops its subscriber (unacknowledged messages are redelivered anyway);\n"
+        f'     request $JS.API.CONSUMER.RESET.{stream}.{durable} with {{"seq": <that sequence>}}\n'
+        f"     (nats-server >= 2.14; or delete the durable and create it again with the same\n"
+        f"     filter subjects and deliver_policy by_start_sequence / by_start_time);\n"
+        f"  {'3.' if find else '2.'} starts its subscriber again and de-duplicates by event_id, as it always must.\n"
+        f"The stream is not touched, and no other subscriber sees anything.\n"
+    )
+
+
+async def _ask(nc: Client, service: str, operation: Operation, body: bytes) -> ControlReply:
     try:
-        for service in services:
-            totals: dict[str, Any] = {"service": service, "applied": 0, "duplicates": 0, "not_handled": 0, "failed": []}
-            seq = first_seq
-            while True:
-                request = ReplayRequest(stream=stream, from_seq=seq, to_seq=last_seq, subject=subject, limit=chunk)
-                try:
-                    response = await nc.request(
-                        control_subject(service, "replay"), request.model_dump_json().encode(), timeout=CONTROL_TIMEOUT
-                    )
-                except nats.errors.NoRespondersError:
-                    raise ReplayFailed(f"the {service} service is not running: start it and replay again") from None
-                reply = ControlReply.model_validate(json.loads(response.data))
-                if not reply.consumed:
-                    break
-                if reply.error and not reply.failed:
-                    raise ReplayFailed(f"{service}: {reply.error}")
-                totals["applied"] += reply.applied
-                totals["duplicates"] += reply.duplicates
-                totals["not_handled"] += reply.not_handled
-                totals["failed"] += [f.model_dump() for f in reply.failed]
-                if progress is not None:
-                    progress(reply)
-                assert reply.next_seq is not None and reply.last_seq is not None
-                if reply.next_seq > reply.last_seq:
-                    break
-                seq = reply.next_seq
-            if reply.consumed:
-                summaries.append(totals)
-        return summaries
+        response = await nc.request(control_subject(service, operation), body, timeout=CONTROL_TIMEOUT)
+    except nats.errors.NoRespondersError:
+        raise ReplayFailed(f"the {service} service is not running: start it and try again") from None
+    except nats.errors.TimeoutError:
+        raise ReplayFailed(f"the {service} service did not answer within {CONTROL_TIMEOUT:.0f}s") from None
+    return ControlReply.model_validate(json.loads(response.data))
+
+
+async def redrive(
+    url: str,
+    request: RedriveRequest,
+    *,
+    progress: Callable[[ControlReply], None] | None = None,
+    timeout: float | None = None,
+) -> tuple[ControlReply, ControlReply]:
+    """Ask the owning service to re-drive `request.durable`; unless a dry run, follow
+    its progress until the durable has caught up. Returns (the service's answer, the
+    last state seen). Raises ReplayFailed with a reason safe to print."""
+    service = service_of(request.durable)
+    if service is None:
+        raise ValueError(f"{request.durable} is not a durable of an iopnet service")
+    nc = await connect_once(url)
+    try:
+        answer = await _ask(nc, service, "redrive", request.model_dump_json().encode())
+        if not answer.ok:
+            raise ReplayFailed(f"{service}: {answer.error}")
+        if progress is not None:
+            progress(answer)
+        if request.dry_run:
+            return answer, answer
+        state = await _follow(nc, service, answer, progress, timeout)
+        return answer, state
     finally:
         await nc.close()
+
+
+def caught_up(state: ControlReply, last_seq: int) -> bool:
+    """Nothing unacknowledged, and nothing pending (or only what came after `last_seq`)."""
+    settled = (state.num_ack_pending or 0) == 0
+    return settled and ((state.num_pending or 0) == 0 or (state.ack_floor_seq or 0) >= last_seq)
+
+
+async def _follow(
+    nc: Client,
+    service: str,
+    answer: ControlReply,
+    progress: Callable[[ControlReply], None] | None,
+    timeout: float | None,
+) -> ControlReply:
+    assert answer.durable is not None and answer.last_seq is not None
+    body = ConsumerStateRequest(durable=answer.durable).model_dump_json().encode()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    state = answer
+    while not caught_up(state, answer.last_seq):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ReplayFailed(f"{answer.durable} had not caught up after {timeout:.0f}s: {state.num_pending} pending")
+        await asyncio.sleep(WATCH_INTERVAL_SECONDS)  # a progress poll: nothing to wait on but the server's count
+        state = await _ask(nc, service, "consumer_state", body)
+        if not state.ok:
+            raise ReplayFailed(f"{service}: {state.error}")
+        if progress is not None:
+            progress(state)
+    return state
 
 
 async def reapply_event(url: str, service: str, request: ReapplyRequest) -> ControlReply:

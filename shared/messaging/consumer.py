@@ -39,7 +39,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -232,6 +232,12 @@ class Consumer:
         # consume, and the durable will start from its first message once it does.
         self.awaiting_stream = False
         self._stopping = asyncio.Event()
+        # `request_stop()` is for good; `suspended()` (a re-drive) lets go of the work the
+        # same way and then parks `run()` until it is resumed.
+        self._stop_requested = False
+        self._resume = asyncio.Event()
+        self._parked = asyncio.Event()
+        self._suspend_lock = asyncio.Lock()
         # Fetched and not yet acked or NAKed, by stream sequence.
         self._held: dict[int, Msg] = {}
         self._reconnects = 0
@@ -260,7 +266,33 @@ class Consumer:
     def request_stop(self) -> None:
         """Take no new message; `run()` returns once the work in hand is done and the
         rest is handed back (see the module docstring)."""
+        self._stop_requested = True
         self._stopping.set()
+        self._resume.set()
+
+    @contextlib.asynccontextmanager
+    async def suspended(self, timeout: float = 30.0) -> AsyncIterator[None]:
+        """While the block runs the consumer holds nothing and fetches nothing: the work
+        in hand is finished, the rest NAKed (as at a stop), and `run()` waits. Then it
+        binds again and goes on from wherever the durable now stands (a re-drive resets
+        it meanwhile: shared/messaging/control.py)."""
+        async with self._suspend_lock:
+            if self._stop_requested:
+                raise HandlerError("the consumer is stopping")
+            self._resume.clear()
+            self._stopping.set()
+            try:
+                try:
+                    async with asyncio.timeout(timeout):
+                        await self._parked.wait()
+                except TimeoutError:
+                    raise HandlerError("the consumer did not let go of its work in time") from None
+                yield
+            finally:
+                self._parked.clear()
+                if not self._stop_requested:
+                    self._stopping.clear()
+                self._resume.set()
 
     @property
     def stopping(self) -> bool:
@@ -271,20 +303,26 @@ class Consumer:
         failed ack) re-binds after a pause instead of ending the loop."""
         await self.subscriber.start()  # FastStream builds the handler's call model
         try:
-            while not self.stopping:
-                try:
-                    subscription = await self._bind()
-                    if subscription is None:
-                        return
-                    self.bound.set()
-                    await self._consume(subscription)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.bound.clear()
-                    failure = {"consumer": self.durable, "error": type(exc).__name__}
-                    log.error("consumer failed; re-binding", extra=failure)
-                    await self._pause(1.0)
+            while not self._stop_requested:
+                while not self.stopping:
+                    try:
+                        subscription = await self._bind()
+                        if subscription is None:
+                            break
+                        self.bound.set()
+                        await self._consume(subscription)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:
+                        self.bound.clear()
+                        failure = {"consumer": self.durable, "error": type(exc).__name__}
+                        log.error("consumer failed; re-binding", extra=failure)
+                        await self._pause(1.0)
+                if self._stop_requested:
+                    break
+                # Suspended (see `suspended`): everything held was handed back.
+                self._parked.set()
+                await self._resume.wait()
         finally:
             self.bound.clear()
             await self.subscriber.stop()

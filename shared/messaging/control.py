@@ -1,5 +1,6 @@
-"""Operators' requests to one service: re-apply a dead letter, replay a stream, and
-re-apply one stored event that the inbox already holds (a repair, audited).
+"""Operators' requests to one service: re-apply a dead letter, re-drive one of its
+durables from a point in its stream, and re-apply one stored event that the inbox
+already holds (a repair, audited).
 
 Why a request to the consuming service rather than a re-publish: the broker lets only a
 producer publish its own subjects (iopnet/natsd.py), so nobody else can put an event on
@@ -8,9 +9,19 @@ as a new message. Here the consumer that dead-lettered (or lost) an event re-rea
 producer's stored original from its stream by sequence and applies it through its
 inbox: exactly the stored message, to that consumer only, at most once.
 
-Subjects: `iop.ctl.<service>.dlq_retry`, `iop.ctl.<service>.replay` and
-`iop.ctl.<service>.reapply` (core NATS request/reply; only `ops` may publish them, and
-each service hears only its own).
+Subjects: `iop.ctl.<service>.<operation>` (core NATS request/reply; only `ops` may
+publish them, and each service hears only its own). Every replica of a service listens
+in one queue group: a request is handled once, by one of them.
+
+`redrive` re-drives a durable from a stream sequence or a time without rewriting the
+stream: the service suspends its consumer on that durable (what it holds is finished or
+NAKed), resets the durable with JetStream's consumer reset (`$JS.API.CONSUMER.RESET`,
+nats-server >= 2.14: the durable then stands as if created with that start sequence,
+same filter subjects and settings; it never moves past a message it has not acked) and
+resumes. The events come again through the consumer's ordinary path, in stream order,
+and its inbox skips what was applied: a projection cleared by the operator is rebuilt,
+the rest is left alone. Other subscribers see nothing. `consumer_state` reports the
+durable's progress (pending, unacked) for the operator's progress bar.
 
 `reapply` is the repair for an effect that was lost although the inbox recorded the
 event (a bug since fixed, a state edited by hand): the stored event is applied again
@@ -20,21 +31,26 @@ state-based (they converge on what the event says), so applying one again change
 what is missing. The reason is kept in the database, never in a log line.
 """
 
+import json
 import logging
+from dataclasses import replace
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from uuid import uuid4
 
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
 from nats.js.errors import NotFoundError
-from pydantic import BaseModel, Field, StringConstraints, ValidationError
+from pydantic import AwareDatetime, BaseModel, Field, StringConstraints, ValidationError, model_validator
 from sqlalchemy import BigInteger, Column, MetaData, String, Table, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import Envelope, Event, UnknownEventType
 from shared.db import UtcDateTime
+from shared.messaging.broker import client
 from shared.messaging.consumer import Consumer, Handler, HandlerError
 from shared.messaging.streams import DLQ_STREAM
 
@@ -42,7 +58,9 @@ log = logging.getLogger("iopnet.control")
 
 CONTROL_ROOT = "iop.ctl"
 OPERATIONS_TABLE = "operations"
-Operation = Literal["dlq_retry", "replay", "reapply"]
+Operation = Literal["dlq_retry", "redrive", "consumer_state", "reapply"]
+# How long the broker gets to answer a consumer reset.
+RESET_TIMEOUT_SECONDS = 10.0
 # Who asked: a login name, never free text. Why: bounded, one line, no control characters
 # (it lands in a database column that an auditor reads, not in a log).
 Operator = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@-]{1,64}$")]
@@ -50,34 +68,35 @@ Reason = Annotated[
     str, StringConstraints(strip_whitespace=True, min_length=3, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
 ]
 StreamName = Annotated[str, StringConstraints(pattern=r"^IOP_[A-Z_]{1,36}$")]
+DurableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,120}$")]
 
 
 def control_subject(service: str, operation: Operation) -> str:
     return f"{CONTROL_ROOT}.{service}.{operation}"
 
 
-def subject_matches(pattern: str, subject: str) -> bool:
-    """NATS wildcard matching: `*` is one token, a final `>` is one or more."""
-    wanted, tokens = pattern.split("."), subject.split(".")
-    for index, token in enumerate(wanted):
-        if token == ">":
-            return len(tokens) > index
-        if index >= len(tokens) or (token != "*" and token != tokens[index]):
-            return False
-    return len(tokens) == len(wanted)
-
-
 class DeadLetterRetry(BaseModel):
     dlq_sequence: int = Field(ge=1)
 
 
-class ReplayRequest(BaseModel):
-    stream: str
-    from_seq: int = Field(ge=1)
-    to_seq: int | None = Field(default=None, ge=1)
-    subject: str | None = None
-    # One reply per chunk, so the operator sees progress and no request runs for long.
-    limit: int = Field(default=500, ge=1, le=5000)
+class RedriveRequest(BaseModel):
+    """Re-drive `durable` from `from_seq` or from the first event stored at or after
+    `since`; `dry_run` only says what it would do."""
+
+    durable: DurableName
+    from_seq: int | None = Field(default=None, ge=1)
+    since: AwareDatetime | None = None
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def one_start_point(self) -> Self:
+        if (self.from_seq is None) == (self.since is None):
+            raise ValueError("give exactly one of from_seq and since")
+        return self
+
+
+class ConsumerStateRequest(BaseModel):
+    durable: DurableName
 
 
 class ReapplyRequest(BaseModel):
@@ -108,6 +127,18 @@ class ControlReply(BaseModel):
     operation_id: str | None = None
     event_id: str | None = None
     event_type: str | None = None
+    # redrive and consumer_state: the durable, where its re-drive starts, how many of the
+    # stream's messages its filter covers from there, and where it stands.
+    durable: str | None = None
+    stream: str | None = None
+    filter_subjects: list[str] = []
+    start_seq: int | None = None
+    requested_seq: int | None = None  # the start asked for, when the durable had not got that far
+    covered: int | None = None
+    num_pending: int | None = None
+    num_ack_pending: int | None = None
+    ack_floor_seq: int | None = None
+    dead_lettered: int = 0
 
 
 class OperationsLog:
@@ -157,6 +188,36 @@ def _parse(data: bytes) -> tuple[Envelope, Event]:
         raise HandlerError("unknown event type") from None
 
 
+async def _first_at_or_after(consumer: Consumer, stream: str, since: datetime, last: int) -> int:
+    """The sequence of the first message stored at or after `since` (past the end if none)."""
+    request = json.dumps({"start_time": since.astimezone(UTC).isoformat().replace("+00:00", "Z")}).encode()
+    subject = f"$JS.API.STREAM.MSG.GET.{stream}"
+    answer = json.loads((await client(consumer.broker).request(subject, request, timeout=RESET_TIMEOUT_SECONDS)).data)
+    if "error" in answer:
+        if answer["error"].get("code") == 404:
+            return last + 1
+        raise HandlerError(f"the broker refused the lookup: {answer['error'].get('description', 'error')}")
+    return int(answer["message"]["seq"])
+
+
+async def _count_from(consumer: Consumer, stream: str, filters: list[str], start: int, last: int) -> int:
+    """How many messages from `start` to `last` the durable's filter subjects match (one
+    read per message: a dry run changes nothing, not even a temporary consumer)."""
+    total = 0
+    for subject in filters or [">"]:
+        seq = start
+        while seq <= last:
+            try:
+                message = await consumer.js.get_msg(stream, seq, subject=subject, next=True)
+            except NotFoundError:
+                break
+            if message.seq is None or message.seq > last:
+                break
+            total += 1
+            seq = message.seq + 1
+    return total
+
+
 def _describe(exc: Exception) -> str:
     # A HandlerError's text is written to be shown; anything else (a driver error quotes
     # its SQL parameters, which may hold PHI) is named by its class only.
@@ -170,21 +231,28 @@ class ControlPlane:
         self.consumers = consumers
 
     async def start(self, nc: Client) -> None:
-        await nc.subscribe(f"{CONTROL_ROOT}.{self.service}.*", cb=self._on_request)
+        # One queue group for the service's replicas: one of them handles each request
+        # (two replicas resetting the same durable, or re-applying the same event, would
+        # each do it).
+        await nc.subscribe(f"{CONTROL_ROOT}.{self.service}.*", queue=f"iopnet-{self.service}", cb=self._on_request)
 
     async def _on_request(self, msg: Msg) -> None:
         operation = msg.subject.rsplit(".", 1)[-1]
         try:
             if operation == "dlq_retry":
                 reply = await self.retry(DeadLetterRetry.model_validate_json(msg.data))
-            elif operation == "replay":
-                reply = await self.replay(ReplayRequest.model_validate_json(msg.data))
+            elif operation == "redrive":
+                reply = await self.redrive(RedriveRequest.model_validate_json(msg.data))
+            elif operation == "consumer_state":
+                reply = await self.consumer_state(ConsumerStateRequest.model_validate_json(msg.data))
             elif operation == "reapply":
                 reply = await self.reapply(ReapplyRequest.model_validate_json(msg.data))
             else:
                 reply = self._refuse("unknown operation")
         except ValidationError:
             reply = self._refuse("invalid request")
+        except HandlerError as exc:  # its text is written to be shown
+            reply = self._refuse(str(exc))
         except Exception as exc:  # the operator gets an answer, never a timeout
             log.error("control request failed", extra={"reason": operation, "error": type(exc).__name__})
             reply = self._refuse(f"failed: {type(exc).__name__}")
@@ -205,15 +273,6 @@ class ControlPlane:
     def _lanes(self, stream: str) -> list[Consumer]:
         """Every consumer of `stream` (a stream may have a routine and a safety lane)."""
         return [c for c in self.consumers if c.subscription.stream == stream]
-
-    @staticmethod
-    async def _apply_in_its_lane(lanes: list[Consumer], data: bytes) -> str:
-        """Applied by the lane that handles it; "not_handled" if none does."""
-        for consumer in lanes:
-            outcome = await consumer.apply_stored(data)
-            if outcome != "not_handled":
-                return outcome
-        return "not_handled"
 
     async def retry(self, request: DeadLetterRetry) -> ControlReply:
         try:
@@ -244,35 +303,92 @@ class ControlPlane:
         log.info("dead letter re-applied", extra={"consumer": consumer.durable, "reason": outcome})
         return ControlReply(service=self.service, ok=True, outcome=outcome)
 
-    async def replay(self, request: ReplayRequest) -> ControlReply:
-        consumer = self._consumer(stream=request.stream)
+    async def redrive(self, request: RedriveRequest) -> ControlReply:
+        consumer = self._consumer(durable=request.durable)
         if consumer is None:
-            return ControlReply(service=self.service, ok=True, consumed=False)
-        state = (await consumer.js.stream_info(request.stream)).state
-        last = min(request.to_seq or state.last_seq, state.last_seq)
-        first = max(request.from_seq, state.first_seq, 1)
-        end = min(last, first + request.limit - 1)
-        reply = ControlReply(service=self.service, ok=True, next_seq=end + 1, last_seq=last)
-        for sequence in range(first, end + 1):
-            try:
-                message = await consumer.js.get_msg(request.stream, sequence)
-            except NotFoundError:
-                continue  # removed by retention
-            if request.subject and not subject_matches(request.subject, message.subject or ""):
-                continue
-            try:
-                outcome = await self._apply_in_its_lane(self._lanes(request.stream), message.data or b"")
-            except HandlerError as exc:
-                reply.failed.append(Failure(sequence=sequence, reason=str(exc)))
-                continue
-            if outcome == "applied":
-                reply.applied += 1
-            elif outcome == "duplicate":
-                reply.duplicates += 1
-            else:
-                reply.not_handled += 1
-        reply.ok = not reply.failed
+            return self._refuse(f"this service has no durable {request.durable}")
+        stream = consumer.subscription.stream
+        state = (await consumer.js.stream_info(stream)).state
+        last = int(state.last_seq)
+        if request.from_seq is not None:
+            if request.from_seq > last + 1:
+                return self._refuse(f"{stream} ends at sequence {last}")
+            start = max(request.from_seq, int(state.first_seq or 1), 1)
+        else:
+            assert request.since is not None
+            start = await _first_at_or_after(consumer, stream, request.since, last)
+        info = await consumer.js.consumer_info(stream, consumer.durable)
+        # Never past a message the durable has not acknowledged yet: a re-drive goes back,
+        # it must not skip work the consumer has still to do.
+        requested = start
+        if info.num_pending or info.num_ack_pending:
+            start = min(start, int(info.ack_floor.stream_seq if info.ack_floor else 0) + 1)
+        reply = ControlReply(
+            service=self.service,
+            ok=True,
+            durable=consumer.durable,
+            stream=stream,
+            filter_subjects=list(info.config.filter_subjects or []),
+            start_seq=start,
+            requested_seq=requested if requested != start else None,
+            last_seq=last,
+        )
+        if request.dry_run:
+            reply.covered = await _count_from(consumer, stream, reply.filter_subjects, start, last)
+            return self._with_state(reply, info, consumer)
+        async with consumer.suspended():
+            reset = await self._reset(consumer, stream, start)
+            # The counters as the re-drive begins: the operator's progress compares with them.
+            counters = replace(consumer.stats)
+        if "error" in reset:
+            return self._refuse(f"the broker refused the reset: {reset['error'].get('description', 'error')}")
+        reply.covered = int(reset.get("num_pending", 0))
+        log.info(
+            "durable re-driven from sequence %d",
+            start,
+            extra={"consumer": consumer.durable, "stream": stream, "count": reply.covered},
+        )
+        reply = self._with_state(reply, await consumer.js.consumer_info(stream, consumer.durable), consumer)
+        reply.applied, reply.duplicates = counters.applied, counters.skipped_duplicates
+        reply.dead_lettered = counters.dead_lettered
         return reply
+
+    async def consumer_state(self, request: ConsumerStateRequest) -> ControlReply:
+        consumer = self._consumer(durable=request.durable)
+        if consumer is None:
+            return self._refuse(f"this service has no durable {request.durable}")
+        stream = consumer.subscription.stream
+        info = await consumer.js.consumer_info(stream, consumer.durable)
+        reply = ControlReply(service=self.service, ok=True, durable=consumer.durable, stream=stream)
+        return self._with_state(reply, info, consumer)
+
+    @staticmethod
+    def _with_state(reply: ControlReply, info: ConsumerInfo, consumer: Consumer) -> ControlReply:
+        reply.num_pending = int(info.num_pending or 0)
+        reply.num_ack_pending = int(info.num_ack_pending or 0)
+        reply.ack_floor_seq = int(info.ack_floor.stream_seq if info.ack_floor else 0)
+        # This process's counters since it started (the operator compares two readings).
+        reply.applied = consumer.stats.applied
+        reply.duplicates = consumer.stats.skipped_duplicates
+        reply.dead_lettered = consumer.stats.dead_lettered
+        return reply
+
+    async def _reset(self, consumer: Consumer, stream: str, start: int) -> dict[str, Any]:
+        """JetStream's consumer reset, on the consumer's own connection (its account, and
+        after the NAKs it just sent). The broker answers nothing to a request it refuses
+        for permissions (or to a server older than 2.14): the timeout says so."""
+        subject = f"$JS.API.CONSUMER.RESET.{stream}.{consumer.durable}"
+        try:
+            answer = await client(consumer.broker).request(
+                subject, json.dumps({"seq": start}).encode(), timeout=RESET_TIMEOUT_SECONDS
+            )
+        except nats.errors.TimeoutError:
+            raise HandlerError(
+                f"no answer to {subject}: this service's NATS user needs permission to publish it "
+                "(and nats-server >= 2.14)"
+            ) from None
+        result: dict[str, Any] = json.loads(answer.data)
+        return result
 
     async def reapply(self, request: ReapplyRequest) -> ControlReply:
         """Apply the stored event at (stream, sequence) again, even though the inbox holds
