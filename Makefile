@@ -45,6 +45,7 @@ bench: setup
 schemas: setup
 	$(BIN)/python -m shared.contracts.schemas
 	$(BIN)/python -m iopnet.asyncapi_docs
+	$(BIN)/python -m iopnet.natsd
 
 # dev.txt is resolved first (runtime + dev extras); runtime.txt and build.txt take the
 # same versions from it (-c), so the image runs exactly what the tests ran. Existing pins

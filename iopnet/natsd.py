@@ -52,22 +52,22 @@ PRODUCER_SUBJECTS = {
 # What `ops` (events tail, the tests' and bench's bus recorders) may subscribe to: every
 # public event and the dead letters.
 OBSERVED_SUBJECTS = (*PRODUCER_SUBJECTS.values(), "iop.dlq.>")
-# The streams each service consumes, one durable `<service>-<stream>` each
-# (shared/messaging/consumer.py); tests/integration/test_nats_permissions.py checks this
-# table against the services' subscriptions.
-CONSUMES: dict[str, tuple[str, ...]] = {
-    "intake": ("IOP_SCHEDULING",),
-    "scheduling": ("IOP_INTAKE",),
-    "notifications": ("IOP_INTAKE", "IOP_SCHEDULING", "IOP_RESTRICTED"),
+# The streams each service consumes, and on each its durables by lane: None is the main
+# one, `<service>-<stream>`; a lane is a second durable `<service>-<stream>-<lane>`
+# (shared/messaging/consumer.py, Subscription.lane). Notifications reads CheckInSubmitted
+# in a safety lane of its own; intake forwards every public stream into the integrations'
+# consent-gated feeds in a feed lane. tests/integration/test_nats_permissions.py checks
+# this table against the services' subscriptions.
+CONSUMES: dict[str, dict[str, tuple[str | None, ...]]] = {
+    "intake": {"IOP_INTAKE": ("feed",), "IOP_SCHEDULING": (None, "feed"), "IOP_NOTIFICATIONS": ("feed",)},
+    "scheduling": {"IOP_INTAKE": (None,)},
+    "notifications": {"IOP_INTAKE": (None, "safety"), "IOP_SCHEDULING": (None,), "IOP_RESTRICTED": (None,)},
 }
-# Second durables on a stream a service consumes (shared/messaging/consumer.py, Subscription.lane):
-# notifications reads CheckInSubmitted in a safety lane of its own.
-LANES: dict[str, dict[str, tuple[str, ...]]] = {"notifications": {"IOP_INTAKE": ("safety",)}}
 
 
 def durables(service: str, stream: str) -> tuple[str, ...]:
     base = f"{service}-{stream}"
-    return (base, *(f"{base}-{lane}" for lane in LANES.get(service, {}).get(stream, ())))
+    return tuple(base if lane is None else f"{base}-{lane}" for lane in CONSUMES[service][stream])
 
 
 # The streams each service declares (creates and updates) in the main account; the
@@ -76,10 +76,12 @@ def durables(service: str, stream: str) -> tuple[str, ...]:
 # purge or delete a stream, or create any other: that is an operator's job, with the
 # server's system account, not a service's.
 OWNS: dict[str, tuple[str, ...]] = {
-    "intake": ("IOP_INTAKE", "IOP_DLQ"),
+    "intake": ("IOP_INTAKE", "IOP_DLQ", "IOP_FEED"),
     "scheduling": ("IOP_SCHEDULING",),
     "notifications": ("IOP_NOTIFICATIONS",),
 }
+# Beyond its own events: intake forwards into the integrations' consent-gated feeds.
+FORWARDS: dict[str, tuple[str, ...]] = {"intake": ("iop.feed.>",)}
 # Operators ask a service to re-apply a dead letter or replay a stream on these subjects
 # (shared/messaging/control.py); only ops may publish them, each service hears its own.
 CONTROL_SUBJECT = "iop.ctl.{service}.*"
@@ -105,7 +107,13 @@ def inbox(user: str) -> str:
 
 
 def _own(stream: str) -> tuple[str, ...]:
-    return (f"$JS.API.STREAM.CREATE.{stream}", f"$JS.API.STREAM.UPDATE.{stream}", f"$JS.API.STREAM.INFO.{stream}")
+    return (
+        f"$JS.API.STREAM.CREATE.{stream}",
+        f"$JS.API.STREAM.UPDATE.{stream}",
+        f"$JS.API.STREAM.INFO.{stream}",
+        # Re-reading its own stored events: a webhook's backfill (notifications).
+        f"$JS.API.STREAM.MSG.GET.{stream}",
+    )
 
 
 def _consume(stream: str, durable: str) -> tuple[str, ...]:
@@ -131,6 +139,7 @@ def _service(service: str) -> Permissions:
         account=MAIN_ACCOUNT,
         publish=_unique(
             PRODUCER_SUBJECTS[service],
+            *FORWARDS.get(service, ()),
             f"iop.dlq.{service}.>",
             *(api for stream in OWNS[service] for api in _own(stream)),
             *(api for stream in public for durable in durables(service, stream) for api in _consume(stream, durable)),
@@ -532,3 +541,28 @@ class NatsServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+# --- the deployed configurations carry the same block ----------------------------------------
+
+DEPLOYED_CONFIGS = (Path("deploy/nats.conf"), Path("deploy/k8s/base/nats.yaml"))
+
+
+def write_deployed_configs(repo: Path) -> None:
+    """Bring the accounts block of deploy/nats.conf (from `accounts {` to the end) and of
+    the Kubernetes ConfigMap's accounts.conf (indented, up to the next key) to
+    `deployed_accounts_block()` (`make schemas`; tests check they agree)."""
+    block = deployed_accounts_block()
+    conf = repo / DEPLOYED_CONFIGS[0]
+    text = conf.read_text()
+    conf.write_text(text[: text.index("\naccounts {\n") + 1] + block)
+    manifest = repo / DEPLOYED_CONFIGS[1]
+    lines = manifest.read_text().splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.rstrip() == "  accounts.conf: |") + 1
+    end = next(i for i in range(start, len(lines)) if not lines[i].startswith("    ") and lines[i].strip())
+    indented = [f"    {line}\n" if line else "\n" for line in block.rstrip("\n").split("\n")]
+    manifest.write_text("".join(lines[:start] + indented + lines[end:]))
+
+
+if __name__ == "__main__":
+    write_deployed_configs(Path(__file__).resolve().parents[1])

@@ -3,7 +3,7 @@ owned streams, the outbox relay and the consumers. app.py composes one of these.
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -76,11 +76,14 @@ class ServiceRuntime:
         migrations_dir: Path,
         subscriptions: list[Subscription],
         jobs: list[BackgroundJob] | None = None,
+        lane_inboxes: Mapping[str, Inbox] | None = None,
     ) -> None:
         self.name = name
         self.settings = settings
         self.outbox = outbox
         self.inbox = inbox
+        # A lane whose events the main consumers apply too keeps an inbox of its own.
+        self.lane_inboxes = dict(lane_inboxes or {})
         self.migrations_dir = migrations_dir
         self.subscriptions = subscriptions
         self.jobs = jobs or []
@@ -123,7 +126,7 @@ class ServiceRuntime:
             self.name,
             subscription,
             self.sessions,
-            self.inbox,
+            self.lane_inboxes.get(subscription.lane or "", self.inbox),
             self.restricted_broker if restricted else self.broker,
             dlq_broker=self.broker,
             max_deliver=self.settings.max_deliver,

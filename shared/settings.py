@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ServiceName = Literal["intake", "scheduling", "notifications"]
@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     # Scheduling's background loops: treatment-hours review and the session horizon.
     hours_review_interval_seconds: float = 900.0
     horizon_interval_seconds: float = 3600.0
+
+    # Intake's accounting of disclosures to outside systems (42 CFR 2.24): kept this long
+    # (6 years by default), then purged by a daily job.
+    disclosure_retention_days: int = Field(default=6 * 366, ge=1)
+    disclosure_purge_interval_seconds: float = 86400.0
 
     # Notifications (services/notifications). Live channels off: every message goes to
     # the console channel (ids only). On: email over SMTP, SMS through the provider's

@@ -35,7 +35,7 @@ from shared.contracts.events import (
     SiteId,
 )
 from shared.db import transaction
-from shared.errors import AccessDenied, Conflict, Invalid, NotFound
+from shared.errors import AccessDenied, Conflict, Forbidden, Invalid, NotFound
 from shared.http import Db, SafetyDb
 
 router = APIRouter()
@@ -593,6 +593,41 @@ async def list_consents(patient_id: UUID, principal: StaffOrPatient, session: Db
         ConsentOut(**_values(c, [k for k in ConsentOut.model_fields if k in c]), state=str(state))
         for c, state in zip(consents, states, strict=True)
     ]
+
+
+class DisclosureOut(BaseModel):
+    disclosed_at: datetime
+    recipient: str
+    purpose: str
+    channel: str
+    event_type: str
+    event_id: UUID
+
+
+class DisclosuresPage(BaseModel):
+    disclosures: list[DisclosureOut]
+    next_offset: int | None = Field(description="pass as `offset` for the next page; null on the last")
+
+
+@router.get("/patients/{patient_id}/disclosures", response_model=DisclosuresPage, tags=["consents"])
+async def list_disclosures(
+    patient_id: UUID,
+    principal: StaffOrPatient,
+    session: Db,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DisclosuresPage:
+    """The accounting of disclosures (42 CFR 2.24): every event about the patient that left
+    iopnet for an outside system under their consent, newest first. For the patient
+    themself and their site's admins."""
+    if principal.role not in ("patient", "site_admin", "network_admin"):
+        raise Forbidden("the accounting of disclosures is for the patient and their site's admins")
+    async with transaction(session):
+        patient = await _visible_patient(session, principal, patient_id, "disclosures.read")
+        rows = await store.patient_disclosures(session, str(patient_id), limit + 1, offset)
+        await store.record_access(session, principal, "disclosures.read", patient["site_id"], patient_id)
+    page = [DisclosureOut(**_values(r, DisclosureOut.model_fields)) for r in rows[:limit]]
+    return DisclosuresPage(disclosures=page, next_offset=offset + limit if len(rows) > limit else None)
 
 
 @router.post("/consents/{consent_id}/revoke", response_model=ConsentOut, tags=["consents"])

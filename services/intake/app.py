@@ -1,6 +1,8 @@
 """Intake service: composition of settings, database, broker, relay, the activation
 loop (pending episodes become active on their start date) and routes."""
 
+from datetime import timedelta
+
 from fastapi import FastAPI
 
 from services.intake import api, integrations_api, store, usecases
@@ -11,15 +13,22 @@ from shared.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
     runtime = ServiceRuntime(
         "intake",
-        settings or Settings(),
+        settings,
         outbox=store.outbox,
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
+        lane_inboxes={"feed": store.feed_inbox},
         jobs=[
-            periodic(lambda s: s.horizon_interval_seconds, usecases.activate_due_enrollments, "enrollment-activation")
+            periodic(lambda s: s.horizon_interval_seconds, usecases.activate_due_enrollments, "enrollment-activation"),
+            periodic(
+                lambda s: s.disclosure_purge_interval_seconds,
+                usecases.disclosure_purge(timedelta(days=settings.disclosure_retention_days)),
+                "disclosure-purge",
+            ),
         ],
     )
     return create_service_app(

@@ -266,3 +266,26 @@ def check_integration_basis(basis: str, purpose: str | None) -> None:
         raise DomainError("invalid", "basis consent needs a purpose", fields={"purpose": "required for basis consent"})
     if basis == "qsoa" and purpose is not None:
         raise DomainError("invalid", "basis qsoa takes no purpose", fields={"purpose": "only for basis consent"})
+
+
+# --- consent-gated feeds and the accounting of disclosures (issue 11) ---------------------------
+
+# Events about no patient that a consent-based integration's feed also carries: the context
+# (sites, programs, sessions) its patients' events refer to. Nothing else without a patient:
+# a NotificationSent names no patient but is about one.
+FEED_CONTEXT_EVENTS = frozenset(
+    {"SiteRegistered", "ProgramPublished", "SessionScheduled", "SessionCancelled", "SessionCompleted"}
+)
+
+
+def feed_subject(integration_id: str, subject: str) -> str:
+    """`iop.intake.patient_enrolled.site-a` -> `iop.feed.<integration>.intake.patient_enrolled.site-a`."""
+    root, _, rest = subject.partition(".")
+    return f"{root}.feed.{integration_id}.{rest}"
+
+
+def consent_covers_event(*, state: ConsentState, recorded_at: datetime, occurred_at: datetime) -> bool:
+    """A consent lets an event about its patient through if it is active now (a
+    revocation stops the feed at once, a backlog included) and was on record when the
+    event happened (nothing from before the patient agreed)."""
+    return state is ConsentState.ACTIVE and recorded_at <= occurred_at

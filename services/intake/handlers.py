@@ -1,16 +1,35 @@
-"""Events intake consumes: scheduling's published programs, the catalogue a patient
-can be enrolled in (DESIGN: a service learns of others only from their events)."""
+"""Events intake consumes:
+- scheduling's published programs, the catalogue a patient can be enrolled in (DESIGN:
+  a service learns of others only from their events);
+- in a lane of its own ("feed", with its own inbox), every public event of the three
+  producers, forwarded into the consent-gated feeds of outside systems
+  (usecases.forward_to_feeds, issue 11)."""
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import usecases
-from shared.contracts import Envelope
+from shared.contracts import EVENT_TYPES, Envelope, Event
 from shared.contracts.events import ProgramPublished
 from shared.messaging import Subscription
+from shared.messaging.integrations import PUBLIC_STREAMS
 
 
 async def on_program_published(session: AsyncSession, envelope: Envelope, event: ProgramPublished) -> None:
     await usecases.project_program(session, event, envelope.site_id, envelope.occurred_at)
 
 
-SUBSCRIPTIONS = [Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published})]
+async def on_public_event(session: AsyncSession, envelope: Envelope, event: Event) -> None:
+    await usecases.forward_to_feeds(session, envelope, event)
+
+
+def _public_events(producer: str) -> list[type[Event]]:
+    return [cls for cls in EVENT_TYPES.values() if cls.producer == producer and not cls.restricted]
+
+
+SUBSCRIPTIONS = [
+    Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published}),
+    *(
+        Subscription(stream, dict.fromkeys(_public_events(producer), on_public_event), lane="feed")
+        for stream, producer in PUBLIC_STREAMS.items()
+    ),
+]

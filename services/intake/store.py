@@ -1,5 +1,6 @@
 """Intake's own database: sites, patients (PHI), enrollments, plus outbox, inbox, audit."""
 
+import json
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -18,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    delete,
     func,
     insert,
     select,
@@ -228,6 +230,27 @@ integrations = Table(
     Column("revoked_at", UtcDateTime, nullable=True),
 )
 
+# The accounting of disclosures (42 CFR 2.24, issue 11): every event about a patient that
+# left iopnet for an outside system, when, to whom, for what purpose. Kept 6 years by
+# default (IOPNET_DISCLOSURE_RETENTION_DAYS), then purged by a daily job.
+disclosures = Table(
+    "disclosures",
+    metadata,
+    Column("disclosure_id", String(36), primary_key=True),
+    Column("patient_id", String(36), nullable=False, index=True),
+    Column("site_id", String(40), nullable=False),
+    Column("recipient", String(80), nullable=False),  # org:<integration id>
+    Column("purpose", String(40), nullable=False),
+    Column("channel", String(20), nullable=False),  # feed
+    Column("event_type", String(80), nullable=False),
+    Column("event_id", String(36), nullable=False),
+    Column("disclosed_at", UtcDateTime, nullable=False, index=True),
+)
+
+# The feed lane applies the same events as intake's own consumers, for another purpose: an
+# inbox of its own (shared/messaging/inbox.py).
+feed_inbox = Inbox(metadata, name="feed_inbox")
+
 
 # --- rows as the queries below return them ------------------------------------------------
 # One TypedDict per kind of row, with the columns of its table above and their Python
@@ -407,6 +430,18 @@ class IntegrationRow(TypedDict):
     created_by: str
     rotated_at: datetime | None
     revoked_at: datetime | None
+
+
+class DisclosureRow(TypedDict):
+    disclosure_id: str
+    patient_id: str
+    site_id: str
+    recipient: str
+    purpose: str
+    channel: str
+    event_type: str
+    event_id: str
+    disclosed_at: datetime
 
 
 def _as(kind: type[_Row], row: RowMapping) -> _Row:
@@ -785,3 +820,43 @@ async def list_integrations(session: AsyncSession, *, active_only: bool = False)
 
 async def update_integration(session: AsyncSession, integration_id: str, **values: Any) -> None:
     await session.execute(update(integrations).where(integrations.c.integration_id == integration_id).values(**values))
+
+
+async def consent_integrations(session: AsyncSession, site_id: str) -> list[IntegrationRow]:
+    """The active integrations with basis consent that cover `site_id`."""
+    query = select(integrations).where(integrations.c.status == "active", integrations.c.basis == "consent")
+    rows = [_as(IntegrationRow, r) for r in (await session.execute(query)).mappings()]
+    return [r for r in rows if site_id in json.loads(r["sites"])]
+
+
+async def consents_to(session: AsyncSession, patient_id: str, recipient: str, purpose: str) -> list[ConsentRow]:
+    query = select(consents).where(
+        consents.c.patient_id == patient_id,
+        consents.c.recipient == recipient,
+        consents.c.purpose == purpose,
+        consents.c.revoked_at.is_(None),
+    )
+    return [_as(ConsentRow, r) for r in (await session.execute(query)).mappings()]
+
+
+# --- disclosures -------------------------------------------------------------------------------
+
+
+async def add_disclosure(session: AsyncSession, **values: Any) -> None:
+    await session.execute(insert(disclosures).values(disclosure_id=str(uuid4()), **values))
+
+
+async def patient_disclosures(session: AsyncSession, patient_id: str, limit: int, offset: int) -> list[DisclosureRow]:
+    query = (
+        select(disclosures)
+        .where(disclosures.c.patient_id == patient_id)
+        .order_by(disclosures.c.disclosed_at.desc(), disclosures.c.disclosure_id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return [_as(DisclosureRow, r) for r in (await session.execute(query)).mappings()]
+
+
+async def purge_disclosures(session: AsyncSession, before: datetime) -> int:
+    """Entries made before `before` (past their retention); how many went."""
+    return rows_changed(await session.execute(delete(disclosures).where(disclosures.c.disclosed_at < before)))

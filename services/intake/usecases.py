@@ -14,18 +14,19 @@ they look anything up, so bad input is answered alike whatever records exist or 
 caller may see."""
 
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, cast
-from uuid import UUID, uuid4
+from uuid import UUID, uuid4, uuid5
 from zoneinfo import ZoneInfo
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import domain, store
 from services.intake.store import ConsentRow, DuplicateRow, EnrollmentRow, GoalRow, PatientRow, SiteRow
+from shared import clock
 from shared.auth import Principal
-from shared.contracts import Envelope
+from shared.contracts import Envelope, Event
 from shared.contracts.events import (
     CheckInSubmitted,
     ConsentGranted,
@@ -594,3 +595,64 @@ async def project_program(session: AsyncSession, event: ProgramPublished, site_i
         level_of_care=event.level_of_care,
         published_at=published_at,
     )
+
+
+# --- consent-gated feeds and the accounting of disclosures (issue 11) ---------------------------
+
+
+async def forward_to_feeds(session: AsyncSession, envelope: Envelope, event: Event) -> int:
+    """Forward a public event into the feed of each consent-based integration of its site
+    that may have it: about no patient, if it is context (domain.FEED_CONTEXT_EVENTS);
+    about a patient, only under that patient's consent naming the integration for its
+    purpose, and then entered in the patient's accounting of disclosures, in the same
+    transaction as the forward. Returns how many feeds it went to."""
+    patient_id = getattr(event, "patient_id", None)
+    if patient_id is None and envelope.event_type not in domain.FEED_CONTEXT_EVENTS:
+        return 0
+    now = clock.now()
+    forwarded = 0
+    for integration in await store.consent_integrations(session, envelope.site_id):
+        recipient, purpose = f"org:{integration['integration_id']}", integration["purpose"]
+        assert purpose is not None  # basis consent always has one (domain.check_integration_basis)
+        if patient_id is not None and not await _consented(session, str(patient_id), recipient, purpose, envelope):
+            continue
+        await store.outbox.forward(
+            session,
+            str(uuid5(envelope.event_id, integration["integration_id"])),
+            domain.feed_subject(integration["integration_id"], envelope.subject),
+            envelope,
+        )
+        forwarded += 1
+        if patient_id is not None:
+            await store.add_disclosure(
+                session,
+                patient_id=str(patient_id),
+                site_id=envelope.site_id,
+                recipient=recipient,
+                purpose=purpose,
+                channel="feed",
+                event_type=envelope.event_type,
+                event_id=str(envelope.event_id),
+                disclosed_at=now,
+            )
+    return forwarded
+
+
+async def _consented(session: AsyncSession, patient_id: str, recipient: str, purpose: str, envelope: Envelope) -> bool:
+    today = clock.today()
+    for consent in await store.consents_to(session, patient_id, recipient, purpose):
+        state = await consent_state(session, consent, today)
+        if domain.consent_covers_event(
+            state=state, recorded_at=consent["created_at"], occurred_at=envelope.occurred_at
+        ):
+            return True
+    return False
+
+
+def disclosure_purge(retention: timedelta) -> Callable[[AsyncSession, datetime], Awaitable[int]]:
+    """The daily job: accounting entries older than `retention` go."""
+
+    async def purge(session: AsyncSession, now: datetime) -> int:
+        return await store.purge_disclosures(session, now - retention)
+
+    return purge

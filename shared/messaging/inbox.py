@@ -15,9 +15,11 @@ from shared.db import UtcDateTime
 
 
 class Inbox:
-    def __init__(self, metadata: MetaData) -> None:
+    def __init__(self, metadata: MetaData, name: str = "inbox") -> None:
+        # A consumer that applies the same events as another for another purpose (intake's
+        # feed lane) keeps its own table, so neither skips what the other applied.
         self.table = Table(
-            "inbox",
+            name,
             metadata,
             Column("event_id", String(36), primary_key=True),
             Column("event_type", String(80), nullable=False),

@@ -28,6 +28,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    and_,
     case,
     event,
     func,
@@ -159,6 +160,22 @@ class Outbox:
         )
         self.signal(session)
 
+    async def forward(self, session: AsyncSession, message_id: str, subject: str, envelope: Envelope) -> None:
+        """Stage another service's event, unchanged, under another subject (an outside
+        system's feed), in the caller's transaction. `message_id` is its Nats-Msg-Id
+        there (one per recipient: the same event may go to several); the envelope keeps
+        its own event_id, by which the recipient de-duplicates."""
+        row = {
+            "event_id": message_id,
+            "subject": subject,
+            "payload": envelope.model_dump_json(),
+            "created_at": clock.now(),
+            "attempts": 0,
+            "trace_context": current_context(),
+        }
+        await session.execute(insert(self.table), [row])
+        self.signal(session)
+
     def signal(self, session: AsyncSession) -> None:
         if self.commit_signal is not None:
             self.commit_signal.mark(session)
@@ -253,7 +270,9 @@ class OutboxRelay:
         # Safety events first, then the rest in commit order. A check-in may so reach
         # the bus before an earlier routine event of its stream: its only consumer is
         # notifications' safety lane, which needs no other event of the patient first.
-        safety = case((or_(*(table.c.subject.like(f"%.{name}.%") for name in SAFETY_EVENTS)), 0), else_=1)
+        # (A copy forwarded into an outside system's feed is not safety work: it waits its turn.)
+        is_safety = or_(*(table.c.subject.like(f"%.{name}.%") for name in SAFETY_EVENTS))
+        safety = case((and_(is_safety, ~table.c.subject.like(f"{ROOT}.feed.%")), 0), else_=1)
         query = (
             select(table.c.seq, table.c.event_id, table.c.subject, table.c.payload, table.c.trace_context)
             .where(table.c.sent_at.is_(None))

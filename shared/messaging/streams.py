@@ -34,6 +34,10 @@ STREAMS: dict[str, StreamSpec] = {
         # Every consumer may dead-letter, so each service creates this stream if it is
         # missing (from this one definition); only intake updates it.
         StreamSpec(DLQ_STREAM, ("iop.dlq.>",), "intake", ("scheduling", "notifications")),
+        # Consent-gated feeds for outside systems, `iop.feed.<integration>.>`: intake
+        # forwards into each an event about a patient only under that patient's consent
+        # (shared/messaging/integrations.py, services/intake/handlers.py).
+        StreamSpec("IOP_FEED", ("iop.feed.>",), "intake"),
     )
 }
 

@@ -101,4 +101,6 @@ def test_documents_describe_the_contract() -> None:
         "PatientContactChanged", "SiteRegistered", "PatientEnrolled", "PatientDischarged", "PatientTransferred",
         "ConsentGranted", "ConsentRevoked", "CheckInSubmitted", "SessionScheduled", "SessionCancelled",
         "PatientBooked", "BookingCancelled", "AttendanceRecorded", "HoursAtRisk", "WeeklyHoursShortfall",
+        # Only for webhooks, which may subscribe to every public type:
+        "ProgramPublished", "TreatmentPlanUpdated", "PatientWaitlisted", "SessionCompleted",
     }  # fmt: skip
