@@ -7,7 +7,7 @@ import signal
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -17,7 +17,12 @@ from shared.auth import ROLES, mint_token
 from shared.settings import SERVICES, ServiceName, Settings
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from nats.aio.msg import Msg
+    from rich.progress import Progress
+
+T = TypeVar("T")
 
 app = typer.Typer(help="iopnet: the shared backend of a network of IOP clinics.", no_args_is_help=True)
 events_app = typer.Typer(help="Look at events on the bus.", no_args_is_help=True)
@@ -227,7 +232,7 @@ def events_tail(
             await subscription.unsubscribe()
         await nc.close()
 
-    asyncio.run(tail())
+    _ops_run(tail())
     if denied:
         typer.echo(f"{denied[0]} (this user may not read it)", err=True)
         raise typer.Exit(1)
@@ -300,7 +305,7 @@ def events_replay(
         bar.update(task, total=total, completed=total - remaining, note=f"{remaining} to go")
 
     try:
-        answer, final = asyncio.run(redrive(_ops_nats_url(), request, progress=progress, timeout=timeout))
+        answer, final = _ops_run(redrive(_ops_nats_url(), request, progress=progress, timeout=timeout))
     except ReplayFailed as exc:
         bar.stop()
         typer.echo(str(exc), err=True)
@@ -360,13 +365,63 @@ def events_reapply(
     typer.echo(f"{reply.service}: {reply.outcome} {reply.event_type} {reply.event_id} (operation {reply.operation_id})")
 
 
+def _ops_run(work: "Coroutine[Any, Any, T]") -> T:
+    """Run one of the operator's commands; a broker that cannot be reached is said in
+    one line (and exit status 1), not a traceback."""
+    import logging
+
+    import nats.errors
+
+    from iopnet.natsd import public_url
+
+    # nats-py logs each failed connection attempt with a traceback; the one line below says it.
+    logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+    try:
+        return asyncio.run(work)
+    except (nats.errors.NoServersError, ConnectionRefusedError) as exc:
+        where = public_url(_ops_nats_url())
+        typer.echo(f"cannot reach NATS at {where}: {type(exc).__name__} (is it running?)", err=True)
+    except TimeoutError:  # nats-py's and asyncio's
+        typer.echo(f"NATS at {public_url(_ops_nats_url())} did not answer in time", err=True)
+    raise typer.Exit(1)
+
+
+def _bar(description: str) -> "Progress":
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), console=Console(stderr=True), transient=True
+    )
+
+
 @dlq_app.command("list")
 def dlq_list(limit: Annotated[int, typer.Option(help="at most this many")] = 50) -> None:
     """List dead letters with their reason (newest last)."""
     from iopnet.dlq import list_dead_letters
 
-    for letter in asyncio.run(list_dead_letters(_ops_nats_url(), limit)):
+    with _bar("reading dead letters") as bar:
+        task = bar.add_task("", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        letters = _ops_run(list_dead_letters(_ops_nats_url(), limit, progress=progress))
+    for letter in letters:
         typer.echo(json.dumps(letter))
+
+
+@dlq_app.command("show")
+def dlq_show(sequence: Annotated[int, typer.Argument(help="the dead letter's sequence in IOP_DLQ")]) -> None:
+    """Show one dead letter: its reason and headers, and the envelope (a restricted one's
+    payload is withheld: the original stays in IOP_RESTRICTED)."""
+    from iopnet.dlq import DeadLetterError, show_dead_letter
+
+    try:
+        letter = _ops_run(show_dead_letter(_ops_nats_url(), sequence))
+    except DeadLetterError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(letter, indent=2))
 
 
 @dlq_app.command("retry")
@@ -375,11 +430,50 @@ def dlq_retry(sequence: Annotated[int, typer.Argument(help="the dead letter's se
     from iopnet.dlq import RetryRefused, retry_dead_letter
 
     try:
-        reply = asyncio.run(retry_dead_letter(_ops_nats_url(), sequence))
+        reply = _ops_run(retry_dead_letter(_ops_nats_url(), sequence))
     except RetryRefused as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(1) from None
     typer.echo(f"{reply.service}: {reply.outcome}")
+
+
+@dlq_app.command("purge")
+def dlq_purge(
+    sequences: Annotated[list[int] | None, typer.Argument(help="dead letters' sequences in IOP_DLQ")] = None,
+    all_: Annotated[bool, typer.Option("--all", help="every dead letter")] = False,
+    service: Annotated[str | None, typer.Option(help="every dead letter of this service")] = None,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+) -> None:
+    """Remove dead letters that have been dealt with. The original events stay in their
+    streams; only the record of the failure goes."""
+    from iopnet.dlq import DeadLetterError, purge_dead_letters
+
+    if sum(map(bool, (sequences, all_, service))) != 1:
+        raise typer.BadParameter("give dead letters' sequences, or --service S, or --all")
+    what = (
+        f"dead letter(s) {', '.join(map(str, sequences))}"
+        if sequences
+        else f"every dead letter of {service}"
+        if service
+        else "every dead letter"
+    )
+    if not yes and not typer.confirm(f"remove {what} from IOP_DLQ?"):
+        raise typer.Exit(1)
+    try:
+        with _bar("removing dead letters") as bar:
+            task = bar.add_task("", total=len(sequences) if sequences else None)
+
+            def progress(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            purge = purge_dead_letters(_ops_nats_url(), sequences=sequences, service=service, progress=progress)
+            removed = _ops_run(purge)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except DeadLetterError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"removed {removed} dead letter(s)")
 
 
 if __name__ == "__main__":
