@@ -90,10 +90,13 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
 
             seed_demo(network.settings)
         typer.echo("iopnet is up; Ctrl-C stops it")
+
+        def log(line: str) -> None:
+            typer.echo(f"{time.strftime('%H:%M:%S')} {line}", err=True)
+
         while not stopping:
-            if network.died():
-                typer.echo(f"service stopped unexpectedly: {', '.join(network.died())}", err=True)
-                raise typer.Exit(1)
+            # A service that exits unexpectedly is restarted with backoff; the rest run on.
+            network.supervise(log)
             time.sleep(0.2)  # supervisor tick: children are checked, not waited on
     finally:
         network.stop()

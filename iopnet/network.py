@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO
 
@@ -23,6 +23,21 @@ from iopnet.natsd import (
 )
 from shared.settings import SERVICES, ServiceName, Settings
 
+# `supervise`: a service that exits unexpectedly is started again after these pauses, one
+# more step for each exit in a row (a service that cannot start does not spin), and back
+# to the first once it has run for STABLE_SECONDS.
+RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
+STABLE_SECONDS = 60.0
+
+
+def describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
 
 class LocalNetwork:
     def __init__(self, settings: Settings, log_dir: Path | None = None, *, bench_password: str | None = None) -> None:
@@ -33,6 +48,12 @@ class LocalNetwork:
         self.nats: NatsServer | None = None
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
+        # supervise(): exits in a row, when each was started, when a pending restart is due,
+        # and which restarted ones have not answered /readyz yet.
+        self.restarts: dict[str, int] = {}
+        self._started_at: dict[str, float] = {}
+        self._restart_at: dict[str, float] = {}
+        self._awaiting_ready: set[str] = set()
 
     @property
     def nats_url(self) -> str:
@@ -104,6 +125,39 @@ class LocalNetwork:
         self.processes[name] = subprocess.Popen(
             [sys.executable, "-m", "iopnet.cli", "serve", name], env=self.child_env(name), stdout=output, stderr=output
         )
+        self._started_at[name] = time.monotonic()
+
+    # --- supervision (`iopnet run`) --------------------------------------------------------------
+
+    def supervise(self, log: Callable[[str], None], now: float | None = None) -> None:
+        """One supervisor tick: a service that exited unexpectedly is started again after
+        a backoff (RESTART_BACKOFF_SECONDS), with a line to `log` for the exit, the restart
+        and its readiness. Never blocks longer than one /readyz probe per restarted service."""
+        now = time.monotonic() if now is None else now
+        for name, process in list(self.processes.items()):
+            code = process.poll()
+            if code is None:
+                if self.restarts.get(name) and now - self._started_at.get(name, now) >= STABLE_SECONDS:
+                    self.restarts[name] = 0  # it has been up a while: the next exit waits 1 s again
+                continue
+            if name not in self._restart_at:
+                attempt = self.restarts.get(name, 0)
+                delay = RESTART_BACKOFF_SECONDS[min(attempt, len(RESTART_BACKOFF_SECONDS) - 1)]
+                self._restart_at[name] = now + delay
+                self._awaiting_ready.discard(name)
+                log(f"{name} exited unexpectedly ({describe_exit(code)}); restarting in {delay:g}s")
+            elif now >= self._restart_at[name]:
+                del self._restart_at[name]
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                self._spawn(name)  # type: ignore[arg-type]
+                self._awaiting_ready.add(name)
+                log(f"{name} restarted (pid {self.processes[name].pid}, restart {self.restarts[name]} in a row)")
+        if self._awaiting_ready:
+            with httpx.Client(timeout=0.5) as client:
+                for name in sorted(self._awaiting_ready):
+                    if self.processes[name].poll() is None and self._answers_ready(client, name):
+                        self._awaiting_ready.discard(name)
+                        log(f"{name} is ready again")
 
     # --- faults: one process at a time, same ports, same data dir (tests/faults) ---------------
 
