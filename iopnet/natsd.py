@@ -59,7 +59,12 @@ OBSERVED_SUBJECTS = (*PRODUCER_SUBJECTS.values(), "iop.dlq.>")
 # consent-gated feeds in a feed lane. tests/integration/test_nats_permissions.py checks
 # this table against the services' subscriptions.
 CONSUMES: dict[str, dict[str, tuple[str | None, ...]]] = {
-    "intake": {"IOP_INTAKE": ("feed",), "IOP_SCHEDULING": (None, "feed"), "IOP_NOTIFICATIONS": ("feed",)},
+    "intake": {
+        "IOP_INTAKE": ("feed",),
+        "IOP_SCHEDULING": (None, "feed"),
+        "IOP_NOTIFICATIONS": ("feed",),
+        "IOP_RESTRICTED": (None,),
+    },
     "scheduling": {"IOP_INTAKE": (None,)},
     "notifications": {"IOP_INTAKE": (None, "safety"), "IOP_SCHEDULING": (None,), "IOP_RESTRICTED": (None,)},
 }
@@ -173,19 +178,31 @@ PERMISSIONS: dict[str, Permissions] = {
         subscribe=(*OBSERVED_SUBJECTS, f"{inbox('ops')}.>"),
     ),
     # Publishes contact changes; creates IOP_RESTRICTED if it is missing, never changes it.
+    # Reads back only notifications' reports of disclosures (its durable's one filter is
+    # checked in the CONSUMER.CREATE subject): never a contact detail.
     RESTRICTED_USERS["intake"]: Permissions(
         account=RESTRICTED_ACCOUNT,
         publish=(
             "iop.restricted.intake.>",
             "$JS.API.STREAM.CREATE.IOP_RESTRICTED",
             "$JS.API.STREAM.INFO.IOP_RESTRICTED",
+            "$JS.API.CONSUMER.CREATE.IOP_RESTRICTED.intake-IOP_RESTRICTED.iop.restricted.notifications.>",
+            "$JS.API.CONSUMER.CREATE.IOP_RESTRICTED.intake-IOP_RESTRICTED.iop.restricted.notifications.*.*",
+            "$JS.API.CONSUMER.INFO.IOP_RESTRICTED.intake-IOP_RESTRICTED",
+            "$JS.API.CONSUMER.MSG.NEXT.IOP_RESTRICTED.intake-IOP_RESTRICTED",
+            "$JS.ACK.IOP_RESTRICTED.intake-IOP_RESTRICTED.>",
         ),
         subscribe=(f"{inbox(RESTRICTED_USERS['intake'])}.>",),
     ),
     # The only reader of contact details, and so the owner of their stream.
+    # Also reports, to intake only, each webhook delivery made under a patient's consent.
     RESTRICTED_USERS["notifications"]: Permissions(
         account=RESTRICTED_ACCOUNT,
-        publish=_unique(*_own("IOP_RESTRICTED"), *_consume("IOP_RESTRICTED", "notifications-IOP_RESTRICTED")),
+        publish=_unique(
+            "iop.restricted.notifications.>",
+            *_own("IOP_RESTRICTED"),
+            *_consume("IOP_RESTRICTED", "notifications-IOP_RESTRICTED"),
+        ),
         subscribe=(f"{inbox(RESTRICTED_USERS['notifications'])}.>",),
     ),
 }

@@ -9,6 +9,7 @@ from uuid import NAMESPACE_URL, UUID, uuid5
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from shared.domain_errors import DomainError
+from shared.messaging.integrations import CONTEXT_EVENTS
 
 MRN_ALPHABET = "ACDEFGHJKLMNPQRTUVWXY3479"  # no look-alikes (0/O, 1/I, 5/S, 8/B)
 
@@ -270,12 +271,7 @@ def check_integration_basis(basis: str, purpose: str | None) -> None:
 
 # --- consent-gated feeds and the accounting of disclosures (issue 11) ---------------------------
 
-# Events about no patient that a consent-based integration's feed also carries: the context
-# (sites, programs, sessions) its patients' events refer to. Nothing else without a patient:
-# a NotificationSent names no patient but is about one.
-FEED_CONTEXT_EVENTS = frozenset(
-    {"SiteRegistered", "ProgramPublished", "SessionScheduled", "SessionCancelled", "SessionCompleted"}
-)
+FEED_CONTEXT_EVENTS = CONTEXT_EVENTS  # shared/messaging/integrations.py
 
 
 def feed_subject(integration_id: str, subject: str) -> str:

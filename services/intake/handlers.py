@@ -3,19 +3,25 @@
   a service learns of others only from their events);
 - in a lane of its own ("feed", with its own inbox), every public event of the three
   producers, forwarded into the consent-gated feeds of outside systems
-  (usecases.forward_to_feeds, issue 11)."""
+  (usecases.forward_to_feeds, issue 11);
+- from the restricted account, notifications' DisclosureRecorded: a webhook delivered an
+  event about a patient under their consent, for the patient's accounting of disclosures."""
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.intake import usecases
 from shared.contracts import EVENT_TYPES, Envelope, Event
-from shared.contracts.events import ProgramPublished
+from shared.contracts.events import DisclosureRecorded, ProgramPublished
 from shared.messaging import Subscription
 from shared.messaging.integrations import PUBLIC_STREAMS
 
 
 async def on_program_published(session: AsyncSession, envelope: Envelope, event: ProgramPublished) -> None:
     await usecases.project_program(session, event, envelope.site_id, envelope.occurred_at)
+
+
+async def on_disclosure_recorded(session: AsyncSession, envelope: Envelope, event: DisclosureRecorded) -> None:
+    await usecases.record_disclosure(session, envelope, event)
 
 
 async def on_public_event(session: AsyncSession, envelope: Envelope, event: Event) -> None:
@@ -28,6 +34,7 @@ def _public_events(producer: str) -> list[type[Event]]:
 
 SUBSCRIPTIONS = [
     Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published}),
+    Subscription("IOP_RESTRICTED", {DisclosureRecorded: on_disclosure_recorded}),
     *(
         Subscription(stream, dict.fromkeys(_public_events(producer), on_public_event), lane="feed")
         for stream, producer in PUBLIC_STREAMS.items()

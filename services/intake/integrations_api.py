@@ -1,6 +1,7 @@
 """Outside systems that read iopnet's events (issue 11), HTTP in: network admins add an
 integration for some sites on a basis (`qsoa` or `consent`), rotate its broker password,
-revoke it. The password is answered once and kept as a bcrypt hash; the broker learns the
+revoke it (IntegrationRegistered / IntegrationRevoked tell notifications, whose webhooks
+follow the same basis). The password is answered once and kept as a bcrypt hash; the broker learns the
 hashes from `GET /integrations/broker-users` (`iopnet integrations sync` writes them into
 nats-server's config and reloads it: docs/events.md)."""
 
@@ -18,7 +19,7 @@ from services.intake.store import IntegrationRow
 from shared import clock
 from shared.api import Input
 from shared.auth import NetworkAdmin, Principal
-from shared.contracts.events import SiteId
+from shared.contracts.events import IntegrationRegistered, IntegrationRevoked, SiteId
 from shared.db import transaction
 from shared.errors import Conflict, Invalid, NotFound
 from shared.http import Db
@@ -118,6 +119,11 @@ async def add_integration(body: IntegrationIn, principal: NetworkAdmin, db: Db) 
         row = await store.get_integration(db, body.integration_id)
         assert row is not None  # added above, in this transaction
         await _audit(db, principal, "integration.add", row)
+        for site_id in sites:  # notifications' webhooks follow the same basis
+            event = IntegrationRegistered(
+                integration_id=body.integration_id, sites=sites, basis=body.basis, purpose=body.purpose
+            )
+            await store.outbox.emit(db, event, site_id)
     return IntegrationCredentials(**_out(row).model_dump(), password=password)
 
 
@@ -171,4 +177,6 @@ async def revoke_integration(integration_id: IntegrationId, principal: NetworkAd
         row = await _active(db, integration_id)
         await store.update_integration(db, integration_id, status="revoked", revoked_at=clock.now())
         await _audit(db, principal, "integration.revoke", row)
+        for site_id in json.loads(row["sites"]):
+            await store.outbox.emit(db, IntegrationRevoked(integration_id=integration_id), site_id)
     return _out({**row, "status": "revoked"})

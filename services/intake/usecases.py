@@ -32,6 +32,7 @@ from shared.contracts.events import (
     ConsentGranted,
     ConsentRevoked,
     DischargeReason,
+    DisclosureRecorded,
     GoalStatus,
     PatientContactChanged,
     PatientDischarged,
@@ -647,6 +648,21 @@ async def _consented(session: AsyncSession, patient_id: str, recipient: str, pur
         ):
             return True
     return False
+
+
+async def record_disclosure(session: AsyncSession, envelope: Envelope, event: DisclosureRecorded) -> None:
+    """A webhook's delivery under consent, reported by notifications (once: the inbox)."""
+    await store.add_disclosure(
+        session,
+        patient_id=str(event.patient_id),
+        site_id=envelope.site_id,
+        recipient=event.recipient,
+        purpose=event.purpose,
+        channel=event.channel,
+        event_type=event.event_type,
+        event_id=str(event.event_id),
+        disclosed_at=event.disclosed_at,
+    )
 
 
 def disclosure_purge(retention: timedelta) -> Callable[[AsyncSession, datetime], Awaitable[int]]:

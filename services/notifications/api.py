@@ -1,6 +1,7 @@
 """Notifications HTTP API: a patient's messages, care-team rosters, site notification
 settings, care-team alerts and their acknowledgement, webhook subscriptions (DESIGN A6)."""
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
@@ -18,7 +19,7 @@ from shared.api import Input
 from shared.auth import Admin, Clinical, Integrator, NetworkAdmin, Principal, Staff, ensure_site
 from shared.contracts.events import SiteId
 from shared.db import transaction
-from shared.errors import AccessDenied, Invalid, NotFound
+from shared.errors import AccessDenied, Forbidden, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -431,6 +432,9 @@ class SubscriptionOut(BaseModel):
     )
     backfill_events: int | None = Field(description="past events queued by the backfill")
     backfill_error: str | None
+    integration_id: str | None = Field(
+        description="the integration that subscribed: its basis (qsoa or consent) decides what it receives"
+    )
 
 
 def _subscription_out(row: store.SubscriptionRow) -> SubscriptionOut:
@@ -440,7 +444,7 @@ def _subscription_out(row: store.SubscriptionRow) -> SubscriptionOut:
         paused_reason=row["paused_reason"], paused_at=row["paused_at"],
         consecutive_failures=row["consecutive_failures"], backfill_from=row["backfill_from"],
         backfill_status=cast(Any, row["backfill_status"]), backfill_events=row["backfill_events"],
-        backfill_error=row["backfill_error"],
+        backfill_error=row["backfill_error"], integration_id=row["integration_id"],
     )  # fmt: skip
 
 
@@ -461,7 +465,12 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
     `url` must be https to a public host, without credentials in it (422 otherwise);
     the address it resolves to is checked again at every send, and redirects are not
     followed. IOPNET_NOTIFY_ALLOW_INSECURE_TARGETS (development) also allows plain http
-    and loopback or private hosts."""
+    and loopback or private hosts.
+
+    An integration subscribes as itself (`iopnet integrations add`; its token's `sub` is
+    its id) for one of its sites, and receives what its basis allows: under `consent`, an
+    event about a patient only while the patient's consent names it for its purpose (each
+    delivery then enters the patient's accounting of disclosures at intake)."""
     ensure_site(principal, body.site_id, "site")
     problem = _target_problem(request, str(body.url))
     if problem is not None:
@@ -475,10 +484,12 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
             raise Invalid("backfill_from is too far back", {"backfill_from": f"at most {days} days back"})
     subscription_id = str(uuid4())
     async with session.begin():
+        integration_id = await _subscribing_integration(session, principal, body.site_id)
         await store.add_subscription(
             session, subscription_id=subscription_id, site_id=body.site_id, url=str(body.url),
             event_types=body.events, secret=body.secret, created_by=principal.sub,
             backfill_from=body.backfill_from, backfill_status="pending" if body.backfill_from else "none",
+            integration_id=integration_id,
         )  # fmt: skip
         row = await store.get_subscription(session, subscription_id)
     assert row is not None
@@ -491,6 +502,20 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
 async def list_subscriptions(principal: Integrator, session: Db) -> list[SubscriptionOut]:
     rows = await store.list_subscriptions(session, principal.visible_sites())
     return [_subscription_out(r) for r in rows if _owns(principal, r)]
+
+
+async def _subscribing_integration(session: AsyncSession, principal: Principal, site_id: str) -> str | None:
+    """An integration subscribes as the integration intake registered (its token's `sub`
+    is its id), for one of its sites, and its subscription follows its basis
+    (usecases.may_deliver). An admin's subscription belongs to no integration."""
+    if principal.role != "integration":
+        return None
+    integration = await store.get_integration(session, principal.sub)
+    if integration is None or not integration["active"]:
+        raise Forbidden("not a registered integration: see `iopnet integrations add`")
+    if site_id not in json.loads(integration["sites"]):
+        raise Forbidden("this integration does not cover that site")
+    return principal.sub
 
 
 def _owns(principal: Principal, row: store.SubscriptionRow) -> bool:

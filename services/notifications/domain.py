@@ -652,3 +652,14 @@ def target_refusal(scheme: str, host: str, *, has_userinfo: bool, allow_insecure
     if literal is not None:
         return address_refusal(literal, allow_local=allow_insecure)
     return _name_refusal(name, allow_local=allow_insecure)
+
+
+def consent_covers_event(
+    *, granted_at: datetime | None, expires_on: date | None, occurred_at: datetime, today: date
+) -> bool:
+    """A (not revoked) consent lets an event about its patient go to the integration it
+    names if it has not expired and was granted before the event happened: nothing from
+    before the patient agreed (intake's feed applies the same rule)."""
+    if expires_on is not None and expires_on < today:
+        return False
+    return granted_at is not None and granted_at <= occurred_at

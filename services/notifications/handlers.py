@@ -33,6 +33,8 @@ from shared.contracts.events import (
     ConsentRevoked,
     Event,
     HoursAtRisk,
+    IntegrationRegistered,
+    IntegrationRevoked,
     PatientBooked,
     PatientContactChanged,
     PatientDischarged,
@@ -68,6 +70,8 @@ class Handlers:
                 ConsentGranted: self.on_consent_granted,
                 ConsentRevoked: self.on_consent_revoked,
                 TreatmentPlanUpdated: self.for_webhooks_only,
+                IntegrationRegistered: self.on_integration_registered,
+                IntegrationRevoked: self.on_integration_revoked,
             },
             "IOP_SCHEDULING": {
                 SessionScheduled: self.on_session_scheduled,
@@ -107,6 +111,16 @@ class Handlers:
         """Nothing of ours depends on it; `_wrap` queues it for the subscriptions that want it."""
 
     # --- intake ---------------------------------------------------------------------------
+
+    async def on_integration_registered(
+        self, session: AsyncSession, envelope: Envelope, event: IntegrationRegistered
+    ) -> None:
+        await usecases.integration_registered(session, event)
+
+    async def on_integration_revoked(
+        self, session: AsyncSession, envelope: Envelope, event: IntegrationRevoked
+    ) -> None:
+        await usecases.integration_revoked(session, event)
 
     async def on_contact_changed(self, session: AsyncSession, envelope: Envelope, event: PatientContactChanged) -> None:
         await store.lock_patient(session, str(event.patient_id))

@@ -207,6 +207,19 @@ alerts = Table(
     Column("acknowledged_by", String(200), nullable=True),
 )
 
+# Outside systems, as intake registered them (IntegrationRegistered / IntegrationRevoked):
+# a webhook subscription of an integration follows its basis (usecases.may_deliver).
+integrations = Table(
+    "integrations",
+    metadata,
+    Column("integration_id", String(40), primary_key=True),
+    Column("sites", Text, nullable=False),  # JSON list
+    Column("basis", String(10), nullable=False),  # qsoa | consent
+    Column("purpose", String(40), nullable=True),
+    Column("active", Boolean, nullable=False),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
 subscriptions = Table(
     "subscriptions",
     metadata,
@@ -232,6 +245,9 @@ subscriptions = Table(
     Column("backfill_status", String(10), nullable=False, server_default="none"),
     Column("backfill_events", Integer, nullable=True),
     Column("backfill_error", String(200), nullable=True),
+    # The integration that subscribed (its basis decides what it may receive); None for
+    # a subscription an admin made, which receives the site's public events.
+    Column("integration_id", String(40), nullable=True, index=True),
 )
 
 notifications = Table(
@@ -445,6 +461,16 @@ class SubscriptionRow(TypedDict):
     backfill_status: str
     backfill_events: int | None
     backfill_error: str | None
+    integration_id: str | None
+
+
+class IntegrationRow(TypedDict):
+    integration_id: str
+    sites: str
+    basis: str
+    purpose: str | None
+    active: bool
+    updated_at: datetime
 
 
 class NotificationRow(TypedDict):
@@ -627,6 +653,41 @@ async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str
     values.update(updated_at=clock.now(), updated_by=updated_by)
     if not await insert_if_absent(session, site_settings, site_id=site_id, **values):
         await session.execute(update(site_settings).where(site_settings.c.site_id == site_id).values(**values))
+
+
+# --- integrations ---------------------------------------------------------------------------
+
+
+async def upsert_integration(session: AsyncSession, integration_id: str, **values: Any) -> None:
+    values["updated_at"] = clock.now()
+    if not await insert_if_absent(session, integrations, integration_id=integration_id, **values):
+        current = await get_integration(session, integration_id)
+        assert current is not None
+        if not current["active"] and values.get("active"):
+            return  # revoked for good: a late or re-published registration never revives it
+        query = update(integrations).where(integrations.c.integration_id == integration_id)
+        await session.execute(query.values(**values))
+
+
+async def deactivate_integration(session: AsyncSession, integration_id: str) -> None:
+    query = update(integrations).where(integrations.c.integration_id == integration_id)
+    await session.execute(query.values(active=False, updated_at=clock.now()))
+
+
+async def get_integration(session: AsyncSession, integration_id: str) -> IntegrationRow | None:
+    return await _one(
+        session, IntegrationRow, select(integrations).where(integrations.c.integration_id == integration_id)
+    )
+
+
+async def consents_to(session: AsyncSession, patient_id: str, recipient: str, purpose: str) -> list[ConsentRow]:
+    query = select(consents).where(
+        consents.c.patient_id == patient_id,
+        consents.c.recipient == recipient,
+        consents.c.purpose == purpose,
+        consents.c.revoked == false(),
+    )
+    return _rows(ConsentRow, await session.execute(query))
 
 
 # --- consents -------------------------------------------------------------------------------

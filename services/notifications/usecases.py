@@ -29,7 +29,10 @@ from shared.contracts.events import (
     BookingCancelled,
     CareTeamAlerted,
     Channel,
+    DisclosureRecorded,
     Event,
+    IntegrationRegistered,
+    IntegrationRevoked,
     NotificationFailed,
     NotificationSent,
     PatientBooked,
@@ -38,6 +41,7 @@ from shared.contracts.events import (
     SessionScheduled,
 )
 from shared.domain_errors import DomainError
+from shared.messaging.integrations import CONTEXT_EVENTS
 from shared.messaging.outbox import Chain
 from shared.settings import Settings
 
@@ -161,14 +165,83 @@ def _chain_of(row: store.NotificationRow | store.AlertRow) -> Chain:
 
 async def may_deliver(session: AsyncSession, subscription: store.SubscriptionRow, envelope: Envelope) -> bool:
     """Whether this event goes to this subscription: the one place that decides, for live
-    events (queued as they are applied), for the backfill, and again at send time. Today:
-    the subscription exists, is its site's, asked for the type, and the type is public.
-    (A consent rule for events about a patient belongs here, and may read `session`.)"""
+    events (queued as they are applied), for the backfill, and again at send time. The
+    subscription exists, is its site's, asked for the type, and the type is public. One
+    an integration made follows its basis, as intake's feed does: while the integration
+    is active; under basis `consent`, an event about a patient only while that patient's
+    consent names it for its purpose and was on record when the event happened, and
+    without a patient only the context (shared/messaging/integrations.py)."""
     if not subscription["active"]:
         return False
-    return domain.webhook_wants(
+    wanted = domain.webhook_wants(
         subscription["site_id"], subscription["event_types"], WEBHOOK_EVENTS, envelope.site_id, envelope.event_type
     )
+    if not wanted or subscription["integration_id"] is None:
+        return wanted
+    integration = await store.get_integration(session, subscription["integration_id"])
+    if integration is None or not integration["active"]:
+        return False
+    if integration["basis"] != "consent":
+        return True
+    patient_id = envelope.data.get("patient_id")
+    if patient_id is None:
+        return envelope.event_type in CONTEXT_EVENTS
+    return await _consented(session, str(patient_id), integration, envelope.occurred_at)
+
+
+async def _consented(
+    session: AsyncSession, patient_id: str, integration: store.IntegrationRow, occurred_at: datetime
+) -> bool:
+    recipient, purpose = f"org:{integration['integration_id']}", integration["purpose"] or ""
+    today = clock.today()
+    return any(
+        domain.consent_covers_event(
+            granted_at=c["granted_at"], expires_on=c["expires_on"], occurred_at=occurred_at, today=today
+        )
+        for c in await store.consents_to(session, patient_id, recipient, purpose)
+    )
+
+
+async def integration_registered(session: AsyncSession, event: IntegrationRegistered) -> None:
+    await store.upsert_integration(
+        session,
+        event.integration_id,
+        sites=json.dumps(event.sites),
+        basis=event.basis,
+        purpose=event.purpose,
+        active=True,
+    )
+
+
+async def integration_revoked(session: AsyncSession, event: IntegrationRevoked) -> None:
+    """Its subscriptions deliver nothing more (may_deliver), queued deliveries included."""
+    current = await store.get_integration(session, event.integration_id)
+    if current is None:  # revoked before we heard of it: remember it, as the strictest basis
+        await store.upsert_integration(session, event.integration_id, sites="[]", basis="consent", active=False)
+    else:
+        await store.deactivate_integration(session, event.integration_id)
+
+
+async def _report_disclosure(session: AsyncSession, subscription: store.SubscriptionRow, payload: str | None) -> None:
+    """A webhook delivered an event about a patient under their consent: an entry for the
+    patient's accounting of disclosures, which intake keeps (restricted account)."""
+    if payload is None or subscription["integration_id"] is None:
+        return
+    integration = await store.get_integration(session, subscription["integration_id"])
+    envelope = Envelope.model_validate_json(payload)
+    patient_id = envelope.data.get("patient_id")
+    if integration is None or integration["basis"] != "consent" or patient_id is None:
+        return
+    report = DisclosureRecorded(
+        patient_id=UUID(str(patient_id)),
+        recipient=f"org:{integration['integration_id']}",
+        purpose=integration["purpose"] or "",
+        channel="webhook",
+        event_type=envelope.event_type,
+        event_id=envelope.event_id,
+        disclosed_at=clock.now(),
+    )
+    await store.outbox.emit(session, report, envelope.site_id, cause=envelope)
 
 
 async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:
@@ -259,6 +332,7 @@ async def webhook_attempted(
     if ok:
         if subscription["consecutive_failures"]:
             await store.update_subscription(session, subscription_id, consecutive_failures=0)
+        await _report_disclosure(session, subscription, row["payload"])
         return
     failures = subscription["consecutive_failures"] + 1
     values: dict[str, Any] = {"consecutive_failures": failures}

@@ -129,6 +129,24 @@ class PatientDischarged(IntakeEvent):
     discharged_on: date
 
 
+class IntegrationRegistered(IntakeEvent):
+    """An outside system was given the events of its sites (one envelope per site):
+    `qsoa` (a qualified service organization agreement) or `consent` (an event about a
+    patient only under that patient's consent naming it, for `purpose`). Its webhooks in
+    notifications follow the same basis."""
+
+    integration_id: str
+    sites: list[SiteId]
+    basis: Literal["qsoa", "consent"]
+    purpose: str | None = None
+
+
+class IntegrationRevoked(IntakeEvent):
+    """Its access ended: no more feed, webhooks stopped (one envelope per site)."""
+
+    integration_id: str
+
+
 # --- scheduling --------------------------------------------------------------
 
 
@@ -255,6 +273,23 @@ class NotificationFailed(NotificationsEvent):
     # Additive: why it failed, as a fixed text (a status code, "target refused: loopback"),
     # never a provider's words or the address.
     reason: str | None = None
+
+
+class DisclosureRecorded(NotificationsEvent):
+    """A webhook delivered an event about a patient to an outside system under the
+    patient's consent: an entry for the patient's accounting of disclosures, which intake
+    keeps. Restricted: who receives a patient's records under their consent is itself
+    sensitive, so it travels in the restricted account, from notifications to intake."""
+
+    restricted: ClassVar[bool] = True
+
+    patient_id: UUID
+    recipient: str
+    purpose: str
+    channel: Literal["webhook"]
+    event_type: str
+    event_id: UUID
+    disclosed_at: datetime
 
 
 class CareTeamAlerted(NotificationsEvent):

@@ -149,7 +149,7 @@ def _register_subscriber(broker: NatsBroker, consumer: "Consumer") -> InOrderPul
         specification_config=NatsSubscriberSpecificationConfig(
             subject="",
             queue=None,
-            filter_subjects=list(config.filter_subjects or ()),
+            filter_subjects=consumer.subscription.filter_subjects(),
             title_=f"{consumer.durable}:consume",
             description_=(
                 f"Durable pull consumer `{consumer.durable}` on stream {consumer.subscription.stream}: "
@@ -250,6 +250,7 @@ class Consumer:
         return jetstream(self.broker)
 
     def consumer_config(self) -> ConsumerConfig:
+        subjects = self.subscription.filter_subjects()
         return ConsumerConfig(
             name=self.durable,
             durable_name=self.durable,
@@ -259,7 +260,11 @@ class Consumer:
             # Headroom past our own limit: if publishing the dead letter fails on the
             # last try, the server still redelivers so the next try can dead-letter it.
             max_deliver=self.max_deliver + 5,
-            filter_subjects=self.subscription.filter_subjects(),
+            # One filter goes in `filter_subject`: nats-py then names it in the CONSUMER.CREATE
+            # subject, where the broker's allow-list can check it (intake's durable on
+            # IOP_RESTRICTED may read notifications' reports, never a contact detail).
+            filter_subject=subjects[0] if len(subjects) == 1 else None,
+            filter_subjects=subjects if len(subjects) > 1 else None,
             max_ack_pending=max(self.batch * 4, 256),
         )
 

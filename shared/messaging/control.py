@@ -328,7 +328,7 @@ class ControlPlane:
             ok=True,
             durable=consumer.durable,
             stream=stream,
-            filter_subjects=list(info.config.filter_subjects or []),
+            filter_subjects=list(info.config.filter_subjects or [info.config.filter_subject or ">"]),
             start_seq=start,
             requested_seq=requested if requested != start else None,
             last_seq=last,

@@ -41,3 +41,12 @@ def integration_consumers(integration_id: str, sites: tuple[str, ...], basis: st
         for stream, producer in PUBLIC_STREAMS.items()
         for site in sites
     ]
+
+
+# What an integration with basis `consent` receives beyond its patients' consented events:
+# the context (sites, programs, sessions) those refer to, which names no patient. Nothing
+# else without a patient: a NotificationSent names none but is about one. Intake's feed and
+# notifications' webhooks apply the same rule.
+CONTEXT_EVENTS = frozenset(
+    {"SiteRegistered", "ProgramPublished", "SessionScheduled", "SessionCancelled", "SessionCompleted"}
+)

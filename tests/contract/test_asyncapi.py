@@ -103,4 +103,6 @@ def test_documents_describe_the_contract() -> None:
         "PatientBooked", "BookingCancelled", "AttendanceRecorded", "HoursAtRisk", "WeeklyHoursShortfall",
         # Only for webhooks, which may subscribe to every public type:
         "ProgramPublished", "TreatmentPlanUpdated", "PatientWaitlisted", "SessionCompleted",
+        # Which integrations exist, and on what basis (their webhooks follow it):
+        "IntegrationRegistered", "IntegrationRevoked",
     }  # fmt: skip

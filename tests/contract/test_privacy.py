@@ -5,7 +5,7 @@ from typing import Any
 
 import pytest
 
-from shared.contracts.events import EVENT_TYPES, PatientContactChanged
+from shared.contracts.events import EVENT_TYPES, DisclosureRecorded, PatientContactChanged
 from shared.contracts.subjects import event_subject
 from shared.messaging.streams import STREAMS, stream_for_subject
 
@@ -49,8 +49,10 @@ def test_phi_check_would_catch_a_leak():
     assert property_names(leaky) & PHI_FIELDS == {"email"}
 
 
-def test_restricted_set_is_exactly_patient_contact_changed():
-    assert {cls for cls in EVENT_TYPES.values() if cls.restricted} == {PatientContactChanged}
+def test_the_restricted_set_is_contact_details_and_disclosure_reports():
+    # Contact details (intake -> notifications), and who received a patient's records
+    # under their consent (notifications -> intake, for the accounting of disclosures).
+    assert {cls for cls in EVENT_TYPES.values() if cls.restricted} == {PatientContactChanged, DisclosureRecorded}
 
 
 def test_restricted_event_is_the_one_that_carries_contact_details():

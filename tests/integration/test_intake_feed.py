@@ -9,6 +9,7 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID, uuid4
 
 import nats
 import pytest
@@ -17,6 +18,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from iopnet.testing import eventually
 from services.intake import store
 from services.intake.app import create_app
+from shared.contracts import new_envelope
+from shared.contracts.events import DisclosureRecorded
 from tests.conftest import auth, make_settings, program_published, publish, running
 from tests.integration.test_intake_care import ADMIN, DESK, OTHER, SITE, enrolled_patient
 
@@ -157,3 +160,28 @@ async def test_the_feed_carries_a_patients_events_only_under_consent_and_account
         assert (await client.get(path, headers=auth("patient", [], never))).status_code == 404
         audit = await client.get("/audit", params={"patient_id": consenting}, headers=auth("site_admin", [SITE]))
         assert [r["action"] for r in audit.json()].count("disclosures.read") >= 3
+
+
+async def test_a_webhook_delivery_reported_by_notifications_enters_the_patients_accounting(app, nats_server) -> None:
+    async with running(app) as client:
+        site = {"site_id": SITE, "name": "Columbus", "timezone": "America/New_York"}
+        assert (await client.post("/sites", json=site, headers=ADMIN)).status_code == 201
+        await publish_programs(app, nats_server.url)
+        patient, _ = await enrolled_patient(client)
+        delivered = uuid4()
+        report = DisclosureRecorded(
+            patient_id=UUID(patient), recipient=f"org:{INTEGRATION}", purpose="research", channel="webhook",
+            event_type="CheckInSubmitted", event_id=delivered, disclosed_at=datetime.now(UTC),
+        )  # fmt: skip
+        envelope = new_envelope(report, site_id=SITE)
+        assert envelope.subject == f"iop.restricted.notifications.disclosure_recorded.{SITE}"
+        await publish(nats_server.url, envelope)
+        await publish(nats_server.url, envelope, msg_id_prefix="again-")  # past JetStream's de-duplication
+
+        async def entered() -> list[dict[str, Any]] | None:
+            page = await client.get(f"/patients/{patient}/disclosures", headers=auth("patient", [], patient))
+            return page.json()["disclosures"] or None
+
+        [entry] = await eventually(entered, what="the reported delivery in the accounting")
+        assert entry["channel"] == "webhook" and entry["event_id"] == str(delivered)
+        assert entry["recipient"] == f"org:{INTEGRATION}" and entry["event_type"] == "CheckInSubmitted"

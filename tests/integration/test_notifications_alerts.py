@@ -35,6 +35,7 @@ from tests.integration.test_notifications_delivery import (
     live_settings,
     onboard,
     publish_and_settle,
+    register_integration,
     register_site,
     rows,
     wait_mail,
@@ -263,6 +264,7 @@ async def test_elevated_and_hours_alerts_wait_for_business_hours_but_urgent_ones
     app = create_app(settings)
     patient = Patient()
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await with_roster(app, nats_server.url, client)
         await onboard(app, nats_server.url, patient)
         week = datetime.now(UTC).strftime("%G-W%V")
@@ -387,6 +389,7 @@ async def test_webhook_subscriptions_receive_signed_events_with_retries(
     patient = Patient()
     integration = auth("integration", [SITE])
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await with_roster(app, nats_server.url, client)
         body = {"site_id": SITE, "url": http_peer.url("/hooks/ehr"), "events": ["CareTeamAlerted"], "secret": secret}
         created = await client.post("/subscriptions", json=body, headers=integration)

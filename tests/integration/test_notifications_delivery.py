@@ -25,6 +25,7 @@ from shared.contracts.events import (
     BookingCancelled,
     ConsentGranted,
     ConsentRevoked,
+    IntegrationRegistered,
     PatientBooked,
     PatientContactChanged,
     PatientDischarged,
@@ -98,6 +99,19 @@ async def register_site(app, nats_url: str, site_id: str = SITE, timezone: str =
     await publish_and_settle(
         app, nats_url, new_envelope(SiteRegistered(name=site_id.title(), timezone=timezone), site_id=site_id)
     )
+
+
+async def register_integration(
+    app,
+    nats_url: str,
+    sites: list[str],
+    integration_id: str = "tester",
+    basis: str = "qsoa",
+    purpose: str | None = None,
+) -> None:
+    """Intake registered this integration (the test tokens' `sub`): its webhooks may subscribe."""
+    event = IntegrationRegistered(integration_id=integration_id, sites=sites, basis=basis, purpose=purpose)
+    await publish_and_settle(app, nats_url, *(new_envelope(event, site_id=site) for site in sites))
 
 
 def consent_event(patient_id: UUID, site_id: str = SITE, **overrides: Any) -> Envelope:

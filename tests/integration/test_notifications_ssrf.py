@@ -44,6 +44,7 @@ from tests.integration.test_notifications_delivery import (
     live_settings,
     onboard,
     publish_and_settle,
+    register_integration,
     register_site,
     wait_rows,
 )
@@ -161,6 +162,7 @@ async def stored_subscriptions(app: Any) -> list[dict[str, Any]]:
 async def test_unsafe_targets_are_refused_at_registration_and_change_nothing(strict_app, nats_server) -> None:
     app = strict_app
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         roster = (await client.put(f"/sites/{SITE}/care-team", json={"members": [EMAIL_MEMBER]}, headers=ADMIN)).json()
         for url in UNSAFE:
@@ -195,6 +197,7 @@ async def test_development_admits_local_receivers_but_never_the_metadata_endpoin
 ) -> None:
     app = dev_app
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         local = await client.post("/subscriptions", json=subscription(http_peer.url("/hook")), headers=INTEGRATION)
         assert local.status_code == 201, local.text
@@ -223,6 +226,7 @@ async def test_a_name_resolving_to_loopback_is_refused_at_send_time_and_nothing_
     use_resolver(app, resolve)
     patient = Patient()
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         hook = subscription(f"https://hooks.iopnet.invalid:{listener.port}/ehr")
         assert (await client.post("/subscriptions", json=hook, headers=INTEGRATION)).status_code == 201
@@ -298,6 +302,7 @@ async def test_development_sends_to_the_address_it_checked(dev_app, nats_server,
     http_peer.secrets["/hooks/ehr"] = SECRET
     patient = Patient()
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         hook = subscription(f"http://hooks.iopnet.invalid:{http_peer.port}/hooks/ehr")
         assert (await client.post("/subscriptions", json=hook, headers=INTEGRATION)).status_code == 201

@@ -19,7 +19,7 @@ from services.notifications.app import create_app as notifications_app
 from services.scheduling import store as scheduling_store
 from services.scheduling.app import create_app as scheduling_app
 from tests.conftest import auth, make_settings, running
-from tests.integration.test_notifications_delivery import register_site
+from tests.integration.test_notifications_delivery import register_integration, register_site
 from tests.integration.test_scheduling_input import SITE, with_site
 
 ADMIN = auth("site_admin", [SITE])
@@ -76,6 +76,7 @@ async def test_a_nul_in_a_notifications_body_is_422_and_changes_nothing(
     app = notifications_app(make_settings(nats_server.url, tmp_path, notifications_database_url=database_url))
     care_team = f"/sites/{SITE}/care-team"
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         before = await row_counts(app, notifications_store.metadata)
         refused = await client.put(care_team, json={"members": [{**MEMBER, "name": "Dr.\x00First"}]}, headers=ADMIN)

@@ -40,7 +40,13 @@ from shared.contracts.events import (
 from shared.messaging.connection import connect_once
 from shared.messaging.streams import STREAMS, ensure_streams
 from tests.conftest import HttpPeer, SmtpSink, auth, program_published, publish, running, token
-from tests.integration.test_notifications_delivery import SITE, live_settings, publish_and_settle, register_site
+from tests.integration.test_notifications_delivery import (
+    SITE,
+    live_settings,
+    publish_and_settle,
+    register_integration,
+    register_site,
+)
 
 OTHER_SITE = "dayton-north"
 SECRET = "whsec-" + "o" * 24
@@ -148,6 +154,7 @@ async def test_every_public_event_type_is_subscribable_and_restricted_ones_are_r
     assert sorted(WEBHOOK_EVENTS) == public
     app = make_app(nats_server, database_url, tmp_path, smtp_sink, peer)
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         everything = await subscribe(client, peer, public)
         assert everything["events"] == public
         for name in ("ProgramPublished", "PatientTransferred", "TreatmentPlanUpdated", "PatientWaitlisted",
@@ -185,6 +192,7 @@ async def test_the_existing_durables_grow_the_filter_subjects_of_the_new_types(
             await js.add_consumer(stream, config)
         app = make_app(nats_server, database_url, tmp_path, smtp_sink, peer)
         async with running(app) as client:
+            await register_integration(app, nats_server.url, [SITE])
             created = await subscribe(client, peer, ["ProgramPublished", "TreatmentPlanUpdated"])
             await publish(nats_server.url, program_published(SITE), plan_updated())
             await eventually(lambda: _async(len(peer.delivered()) == 2), what="both events delivered")
@@ -213,6 +221,7 @@ async def test_deliveries_go_one_at_a_time_in_stream_order_and_a_retry_keeps_its
     app = make_app(nats_server, database_url, tmp_path, smtp_sink, peer)
     events = mixed(12)
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await register_site(app, nats_server.url)
         created = await subscribe(client, peer, ["ProgramPublished", "SessionScheduled", "PatientWaitlisted",
                                                  "SessionCompleted"])  # fmt: skip
@@ -268,6 +277,7 @@ async def test_a_failing_subscription_is_paused_and_resumed_without_losing_anyth
     app = make_app(nats_server, database_url, tmp_path, smtp_sink, peer, pause_after_failures=3)
     first, *later = mixed(4)
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         created = await subscribe(client, peer, ["ProgramPublished", "SessionScheduled", "PatientWaitlisted",
                                                  "SessionCompleted"])  # fmt: skip
         sid = created["subscription_id"]
@@ -319,6 +329,7 @@ async def test_backfill_delivers_the_past_first_in_order_then_the_live_events(
     live = [waitlisted(), plan_updated(), scheduled()]
     events = ["ProgramPublished", "SessionScheduled", "PatientWaitlisted", "TreatmentPlanUpdated"]
     async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
         await publish_and_settle(app, nats_server.url, too_old)
         since = datetime.now(UTC)
         for envelope in past[:3] + noise + past[3:]:  # one at a time: their stored order is this order
@@ -343,6 +354,7 @@ async def test_backfill_delivers_the_past_first_in_order_then_the_live_events(
     # the reason; resumed, it goes on with live events only.
     bounded = create_app(app.state.settings, WebhookSettings(backfill_max_events=2))
     async with running(bounded) as client:
+        await register_integration(bounded, nats_server.url, [SITE])
         created = await subscribe(client, peer, events, backfill_from=since.isoformat())
         sid = created["subscription_id"]
 

@@ -95,6 +95,14 @@ SAMPLES: dict[str, dict[str, Any]] = {
         "alert_id": X, "patient_id": P, "reason": "urgent_check_in", "severity": "urgent",
         "cause_event_id": str(uuid4()),
     },
+    "IntegrationRegistered": {
+        "integration_id": "acme-ehr", "sites": ["columbus-east"], "basis": "consent", "purpose": "research",
+    },
+    "IntegrationRevoked": {"integration_id": "acme-ehr"},
+    "DisclosureRecorded": {
+        "patient_id": P, "recipient": "org:acme-ehr", "purpose": "research", "channel": "webhook",
+        "event_type": "CheckInSubmitted", "event_id": X, "disclosed_at": "2025-03-10T14:00:00Z",
+    },
 }  # fmt: skip
 
 
