@@ -46,6 +46,7 @@ schemas: setup
 	$(BIN)/python -m shared.contracts.schemas
 	$(BIN)/python -m iopnet.asyncapi_docs
 	$(BIN)/python -m iopnet.natsd
+	$(BIN)/python -m iopnet.events_doc
 
 # dev.txt is resolved first (runtime + dev extras); runtime.txt and build.txt take the
 # same versions from it (-c), so the image runs exactly what the tests ran. Existing pins
