@@ -206,11 +206,11 @@ async def test_a_consent_based_integration_reads_only_its_own_feed(server: NatsS
             f"$JS.API.CONSUMER.CREATE.IOP_FEED.{durable}.{other_feed}",
             {"stream_name": "IOP_FEED", "config": {"name": durable, "filter_subject": other_feed}},
         )
-        # Its own feed's durable: allowed by the server (the stream's own answer, not a violation).
+        # Its own feed's durable (IOP_FEED, which intake declares): allowed.
         js = research.nc.jetstream()
         before = len(research.violations)
-        with pytest.raises(nats.js.errors.NotFoundError):
-            await js.add_consumer(stream, durable_config(durable, subject))
+        created = await js.add_consumer(stream, durable_config(durable, subject))
+        assert created.config.filter_subject == "iop.feed.research-b.>"
         assert len(research.violations) == before
 
 
