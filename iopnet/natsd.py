@@ -128,6 +128,8 @@ def _consume(stream: str, durable: str) -> tuple[str, ...]:
         f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
         f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
         f"$JS.ACK.{stream}.{durable}.>",
+        # `iopnet events replay`: the service re-drives its own durable from a point.
+        f"$JS.API.CONSUMER.RESET.{stream}.{durable}",
         # Re-reading a stored message by sequence: dead-letter retry and replay.
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.STREAM.INFO.{stream}",
@@ -173,6 +175,10 @@ PERMISSIONS: dict[str, Permissions] = {
             "$JS.API.CONSUMER.LIST.*",
             "$JS.API.CONSUMER.INFO.*.*",
             "$JS.API.STREAM.MSG.GET.IOP_DLQ",
+            # `iopnet dlq purge`: dead letters only, one by one or by subject; the
+            # originals stay in their streams.
+            "$JS.API.STREAM.MSG.DELETE.IOP_DLQ",
+            "$JS.API.STREAM.PURGE.IOP_DLQ",
             CONTROL_SUBJECT.format(service="*"),
         ),
         subscribe=(*OBSERVED_SUBJECTS, f"{inbox('ops')}.>"),
@@ -231,6 +237,7 @@ def integration_permissions(integration: IntegrationUser) -> Permissions:
             f"$JS.API.CONSUMER.CREATE.{stream}.{durable}.{subject}",
             f"$JS.API.CONSUMER.INFO.{stream}.{durable}",
             f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",  # to start again from a time (replay)
+            f"$JS.API.CONSUMER.RESET.{stream}.{durable}",  # or from a sequence
             f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}",
             f"$JS.ACK.{stream}.{durable}.>",
         ]

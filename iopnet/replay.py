@@ -64,29 +64,28 @@ def stream_of(durable: str) -> str | None:
 
 
 def redrive_instructions(durable: str, *, from_seq: int | None, since: datetime | None) -> str:
-    """What an integration does to re-drive its own durable (ops may not touch it)."""
+    """What an integration does to re-drive its own durable (ops may not touch it). Its
+    allow-list (iopnet/natsd.py integration_permissions) lets it delete, create (with its
+    one filter) and reset its own durables, and read nothing else of the stream."""
     stream = stream_of(durable) or "<STREAM>"
     if from_seq is not None:
-        start = f"sequence {from_seq}"
-        find = ""
+        start, policy = f"sequence {from_seq}", f'"deliver_policy": "by_start_sequence", "opt_start_seq": {from_seq}'
+        reset = f'     (or request $JS.API.CONSUMER.RESET.{stream}.{durable} with {{"seq": {from_seq}}});\n'
     else:
         assert since is not None
         start = f"the first event stored at or after {since.isoformat()}"
-        find = (
-            f"  1. find that sequence: request $JS.API.STREAM.MSG.GET.{stream} with "
-            f'{{"start_time": "{since.isoformat()}"}} and take message.seq;\n'
-        )
-    step = "2." if find else "1."
+        policy = f'"deliver_policy": "by_start_time", "opt_start_time": "{since.isoformat()}"'
+        reset = ""
     return (
         f"{durable} is not a durable of an iopnet service: it belongs to an integration, and only\n"
-        f"the integration's own NATS credentials may reset it (ops publishes nothing and may not).\n"
+        f"the integration's own NATS credentials may change it (ops publishes nothing and may not).\n"
         f"To re-drive it from {start}, the integration:\n"
-        f"{find}"
-        f"  {step} stops its subscriber (unacknowledged messages are redelivered anyway);\n"
-        f'     request $JS.API.CONSUMER.RESET.{stream}.{durable} with {{"seq": <that sequence>}}\n'
-        f"     (nats-server >= 2.14; or delete the durable and create it again with the same\n"
-        f"     filter subjects and deliver_policy by_start_sequence / by_start_time);\n"
-        f"  {'3.' if find else '2.'} starts its subscriber again and de-duplicates by event_id, as it always must.\n"
+        f"  1. stops its subscriber (unacknowledged messages are redelivered anyway);\n"
+        f"  2. deletes the durable ($JS.API.CONSUMER.DELETE.{stream}.{durable}) and creates it again\n"
+        f"     with the same one filter subject and {{{policy}}}\n"
+        f"{reset}"
+        f"  3. starts its subscriber again and de-duplicates by event_id, as it always must\n"
+        f"     (docs/events.md, examples/subscriber.py --since).\n"
         f"The stream is not touched, and no other subscriber sees anything.\n"
     )
 

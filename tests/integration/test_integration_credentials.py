@@ -98,7 +98,7 @@ async def admitted(server: NatsServer, integration_id: str, password: str) -> bo
     try:
         async with connected(server, integration_id, password):
             return True
-    except nats.errors.Error:
+    except (nats.errors.Error, OSError):  # refused: an authorization error, or the socket closed on it
         return False
 
 

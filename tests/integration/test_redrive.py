@@ -201,8 +201,12 @@ def test_an_integrations_durable_gets_instructions_not_a_reset() -> None:
     assert service_of("intake") is None
     assert stream_of("ehr-IOP_SCHEDULING-columbus-east") == "IOP_SCHEDULING"
     text = redrive_instructions("ehr-IOP_INTAKE-columbus-east", from_seq=None, since=datetime(2026, 1, 2, tzinfo=UTC))
-    assert "$JS.API.STREAM.MSG.GET.IOP_INTAKE" in text and '"start_time": "2026-01-02T00:00:00+00:00"' in text
-    assert "$JS.API.CONSUMER.RESET.IOP_INTAKE.ehr-IOP_INTAKE-columbus-east" in text
+    # Only what the integration's allow-list lets it do: delete and create its durable, or reset it.
+    assert "$JS.API.STREAM.MSG.GET" not in text
+    assert "$JS.API.CONSUMER.DELETE.IOP_INTAKE.ehr-IOP_INTAKE-columbus-east" in text
+    assert '"opt_start_time": "2026-01-02T00:00:00+00:00"' in text
+    by_seq = redrive_instructions("ehr-IOP_INTAKE-columbus-east", from_seq=7, since=None)
+    assert '"opt_start_seq": 7' in by_seq and "$JS.API.CONSUMER.RESET.IOP_INTAKE.ehr-IOP_INTAKE-columbus-east" in by_seq
 
 
 async def test_a_redrive_while_events_keep_arriving_loses_none(app, nats_server) -> None:
