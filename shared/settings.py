@@ -78,6 +78,23 @@ class Settings(BaseSettings):
     fetch_batch: int = 64
     # Streams: how long JetStream drops a re-published event_id.
     duplicate_window_seconds: float = 120.0
+    # Streams on a cluster (docs/operations.md, Durability settings): each stream is kept on
+    # this many nodes. 1 for a single server (the embedded one); 3 on a three-node cluster,
+    # set alike on every service (each may create a stream it needs). An existing stream
+    # is brought to it by its owner's next start.
+    stream_replicas: int = Field(default=1, ge=1, le=5)
+    # Retention (JetStream limits, the oldest discarded first): the event streams keep 90
+    # days and 1 GiB each, what a replay (`events replay --since`), a webhook's backfill
+    # or a database restored from a backup can reach back to. Dead letters wait longer
+    # for an operator; the integrations' feeds are read within days. max_bytes is
+    # reserved on each node's JetStream store: 4 event streams + DLQ + FEED by default
+    # 5.25 GiB per node, within a store of 8 GiB (deploy/k8s).
+    stream_max_age_days: float = Field(default=90.0, gt=0)
+    stream_max_bytes: int = Field(default=1024**3, gt=0)
+    dlq_max_age_days: float = Field(default=180.0, gt=0)
+    dlq_max_bytes: int = Field(default=256 * 1024**2, gt=0)
+    feed_max_age_days: float = Field(default=30.0, gt=0)
+    feed_max_bytes: int = Field(default=1024**3, gt=0)
     outbox_batch: int = 256
     # The relay is woken on commit; this is only its retry tick after a failed publish.
     outbox_retry_seconds: float = 2.0

@@ -1,10 +1,19 @@
 """JetStream streams (DESIGN A4). One owner declares each stream; others only bind."""
 
+import asyncio
+import logging
+import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
+
+log = logging.getLogger("iopnet.nats")
 
 
 @dataclass(frozen=True)
@@ -20,6 +29,7 @@ class StreamSpec:
 
 
 DLQ_STREAM = "IOP_DLQ"
+FEED_STREAM = "IOP_FEED"
 
 STREAMS: dict[str, StreamSpec] = {
     spec.name: spec
@@ -54,7 +64,44 @@ def owned_streams(service: str) -> list[StreamSpec]:
     return [s for s in STREAMS.values() if service == s.owner or service in s.creators]
 
 
-def stream_config(spec: StreamSpec, duplicate_window_seconds: float) -> StreamConfig:
+@dataclass(frozen=True)
+class Retention:
+    """How long and how much a stream keeps (JetStream limits; the oldest go first)."""
+
+    max_age_seconds: float
+    max_bytes: int
+
+
+@dataclass(frozen=True)
+class StreamLimits:
+    """Replicas and retention of the streams (settings IOPNET_STREAM_REPLICAS,
+    IOPNET_STREAM_MAX_AGE_DAYS/_MAX_BYTES, IOPNET_DLQ_…, IOPNET_FEED_…). Every service
+    gets the same from the same environment: any of them may create a stream it needs."""
+
+    replicas: int = 1
+    events: Retention = Retention(90 * 86400.0, 1024**3)
+    dlq: Retention = Retention(180 * 86400.0, 256 * 1024**2)
+    feed: Retention = Retention(30 * 86400.0, 1024**3)
+
+    @classmethod
+    def from_settings(cls, settings: "Settings") -> "StreamLimits":
+        day = 86400.0
+        return cls(
+            replicas=settings.stream_replicas,
+            events=Retention(settings.stream_max_age_days * day, settings.stream_max_bytes),
+            dlq=Retention(settings.dlq_max_age_days * day, settings.dlq_max_bytes),
+            feed=Retention(settings.feed_max_age_days * day, settings.feed_max_bytes),
+        )
+
+    def retention(self, stream: str) -> Retention:
+        return {DLQ_STREAM: self.dlq, FEED_STREAM: self.feed}.get(stream, self.events)
+
+
+def stream_config(
+    spec: StreamSpec, duplicate_window_seconds: float, limits: StreamLimits | None = None
+) -> StreamConfig:
+    limits = limits or StreamLimits()
+    retention = limits.retention(spec.name)
     return StreamConfig(
         name=spec.name,
         subjects=list(spec.subjects),
@@ -62,8 +109,15 @@ def stream_config(spec: StreamSpec, duplicate_window_seconds: float) -> StreamCo
         retention=RetentionPolicy.LIMITS,
         discard=DiscardPolicy.OLD,
         duplicate_window=duplicate_window_seconds,
-        num_replicas=1,
+        num_replicas=limits.replicas,
+        max_age=retention.max_age_seconds,
+        max_bytes=retention.max_bytes,
     )
+
+
+# A cluster answers 503 while it elects a stream's (or its meta) leader, after a node
+# was lost: a start that meets one waits for the election rather than failing.
+ELECTION_WAIT_SECONDS = 30.0
 
 
 async def ensure_streams(
@@ -73,16 +127,41 @@ async def ensure_streams(
     *,
     update: bool = True,
     service: str | None = None,
+    limits: StreamLimits | None = None,
 ) -> None:
     """Create each stream if it is missing, and bring an existing one to this config
-    if `update` (and, given `service`, only where `service` owns it)."""
+    if `update` (and, given `service`, only where `service` owns it): its replicas and
+    retention follow the settings, so a change takes effect at the owner's next start.
+
+    `limits` defaults to the settings of this process's environment (IOPNET_STREAM_…),
+    which the service was started with."""
+    if limits is None:
+        from shared.settings import Settings
+
+        limits = StreamLimits.from_settings(Settings())
     for spec in specs:
         owns = update and (service is None or spec.owner == service)
-        config = stream_config(spec, duplicate_window_seconds)
-        try:
-            await js.stream_info(spec.name)
-        except NotFoundError:
-            await js.add_stream(config)
-        else:
-            if owns:
-                await js.update_stream(config)
+        config = stream_config(spec, duplicate_window_seconds, limits)
+        deadline = time.monotonic() + ELECTION_WAIT_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                await _ensure(js, config, owns)
+                break
+            except ServiceUnavailableError:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("jetstream electing a leader; retrying", extra={"stream": spec.name})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+
+async def _ensure(js: JetStreamContext, config: StreamConfig, update: bool) -> None:
+    assert config.name is not None
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+    else:
+        if update:
+            await js.update_stream(config)
