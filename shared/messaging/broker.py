@@ -17,15 +17,16 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 
-from shared.messaging.connection import inbox_prefix, without_credentials
+from shared.messaging.connection import inbox_prefix, servers, without_credentials
 
 log = logging.getLogger("iopnet.nats")
 
 
 def new_broker(url: str, name: str, *, registry: CollectorRegistry | None = None, description: str = "") -> NatsBroker:
-    """A broker for `url` (which may carry this service's NATS user and password); not
-    connected yet. With a registry, FastStream's Prometheus middleware counts what its
-    subscribers receive and process and what it publishes."""
+    """A broker for `url` (which may carry this service's NATS user and password; a
+    cluster's nodes separated by commas, each with them); not connected yet. With a
+    registry, FastStream's Prometheus middleware counts what its subscribers receive and
+    process and what it publishes."""
 
     async def on_error(exc: Exception) -> None:
         log.warning("nats error", extra={"error": type(exc).__name__})
@@ -40,7 +41,7 @@ def new_broker(url: str, name: str, *, registry: CollectorRegistry | None = None
         [NatsPrometheusMiddleware(registry=registry, app_name=name, metrics_prefix="iopnet_bus")] if registry else []
     )
     return NatsBroker(
-        url,
+        servers(url),
         name=name,
         inbox_prefix=inbox_prefix(url),
         connect_timeout=2,
@@ -52,7 +53,7 @@ def new_broker(url: str, name: str, *, registry: CollectorRegistry | None = None
         reconnected_cb=on_reconnect,
         middlewares=middlewares,
         logger=None,
-        specification_url=without_credentials(url),
+        specification_url=without_credentials(url).split(","),
         description=description or None,
     )
 
