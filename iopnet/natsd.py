@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -486,6 +487,14 @@ class NatsServer:
     # `iopnet bench` only: an extra account for its raw baseline (see accounts_block).
     bench_password: str | None = field(default=None, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    server_name: str = "iopnet-embedded"
+    # A node of a cluster (NatsCluster): its route port and the others' routes.
+    cluster_port: int | None = None
+    routes: tuple[str, ...] = ()
+    # The monitoring port (on `host`), for /healthz: NatsCluster waits on it.
+    http_port: int | None = None
+    # Where `iopnet integrations sync` keeps integrations.json (default: data_dir).
+    integrations_dir: Path | None = None
 
     @property
     def url(self) -> str:
@@ -501,15 +510,19 @@ class NatsServer:
         store = (self.data_dir / "jetstream").resolve()
         config = (
             f"listen: {self.host}:{self.port}\n"
-            f"server_name: iopnet-embedded\n"
+            f"server_name: {self.server_name}\n"
             "jetstream {\n"
             f'  store_dir: "{store}"\n'
             "  sync_interval: always\n"
             "}\n"
             f'pid_file: "{(self.data_dir / PID_FILE).resolve()}"\n'
         )
+        if self.http_port is not None:
+            config += f"http: {self.host}:{self.http_port}\n"
+        if self.cluster_port is not None:
+            config += cluster_block(f"{self.host}:{self.cluster_port}", self.routes)
         if self.users is not None:
-            integrations = read_integrations(self.data_dir)
+            integrations = read_integrations(self.integrations_dir or self.data_dir)
             config += accounts_block(self.users, bench_password=self.bench_password, integrations=integrations)
         return config
 
@@ -567,9 +580,166 @@ class NatsServer:
             self.process.wait()
 
 
+CLUSTER_NAME = "iopnet"
+
+
+def cluster_block(listen: str, routes: Sequence[str], indent: str = "") -> str:
+    """The `cluster { ... }` block of one node: its route listener and every node's
+    route (a node ignores its own). `no_advertise`: the nodes do not tell clients of
+    the others' addresses, which a client would dial without its user and password
+    (nats-py keeps them per URL); clients list every node (IOPNET_NATS_URL, commas)."""
+    lines = [
+        "cluster {",
+        f"  name: {CLUSTER_NAME}",
+        f"  listen: {listen}",
+        "  no_advertise: true",
+        "  routes: [",
+        *(f"    {route}" for route in routes),
+        "  ]",
+        "}",
+    ]
+    return "".join(f"{indent}{line}\n" for line in lines)
+
+
+@dataclass
+class NatsCluster:
+    """`size` clustered nats-server processes on free loopback ports, JetStream on each
+    (`sync_interval: always`), the users and allow-lists of `NatsServer` (same accounts
+    block): the three-node deployment of deploy/nats/ on one machine (tests/faults)."""
+
+    data_dir: Path
+    size: int = 3
+    host: str = "127.0.0.1"
+    users: dict[str, str] | None = field(default=None, repr=False)
+    bench_password: str | None = field(default=None, repr=False)
+    nodes: list[NatsServer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.nodes:
+            return
+        ports = [(free_port(self.host), free_port(self.host), free_port(self.host)) for _ in range(self.size)]
+        routes = tuple(f"nats-route://{self.host}:{cluster}" for _, cluster, _ in ports)
+        for index, (client, cluster, http) in enumerate(ports, start=1):
+            self.nodes.append(
+                NatsServer(
+                    self.data_dir / f"node-{index}",
+                    self.host,
+                    client,
+                    users=self.users,
+                    bench_password=self.bench_password,
+                    server_name=f"iopnet-{index}",
+                    cluster_port=cluster,
+                    routes=routes,
+                    http_port=http,
+                    integrations_dir=self.data_dir,
+                )
+            )
+
+    @property
+    def url(self) -> str:
+        """Every node, without credentials, separated by commas."""
+        return ",".join(node.url for node in self.nodes)
+
+    def user_url(self, user: str) -> str:
+        """Every node with `user`'s credentials: a client fails over between them."""
+        return ",".join(node.user_url(user) for node in self.nodes)
+
+    def start(self, timeout: float = 30.0) -> "NatsCluster":
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                node.start(timeout)
+        self.wait_healthy(timeout)
+        return self
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until every running node answers /healthz: JetStream up, a meta leader
+        elected, its streams and consumers current."""
+        deadline = time.monotonic() + timeout
+        for node in self.nodes:
+            if node.process is None or node.process.poll() is not None:
+                continue
+            while not _healthy(node):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"nats cluster not healthy after {timeout}s: {node.server_name}")
+                time.sleep(0.1)  # polling another process's health endpoint
+
+    def stop_node(self, index: int, kill: bool = True) -> None:
+        """kill -9 (or SIGTERM) node `index` (0-based); its data dir and ports are kept."""
+        self.nodes[index].stop(kill=kill)
+
+    def start_node(self, index: int, timeout: float = 30.0) -> None:
+        self.nodes[index].start(timeout)
+        self.wait_healthy(timeout)
+
+    def reload(self) -> None:
+        for node in self.nodes:
+            if node.process is not None and node.process.poll() is None:
+                node.reload()
+
+    def stop(self, kill: bool = False) -> None:
+        for node in self.nodes:
+            node.stop(kill=kill)
+
+
+def _healthy(node: NatsServer) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://{node.host}:{node.http_port}/healthz", timeout=1) as answer:
+            return bool(answer.status == 200)
+    except OSError:
+        return False
+
+
 # --- the deployed configurations carry the same block ----------------------------------------
 
 DEPLOYED_CONFIGS = (Path("deploy/nats.conf"), Path("deploy/k8s/base/nats.yaml"))
+# deploy/nats/: a three-node cluster on hosts nats-1..3 (docs/operations.md).
+CLUSTER_DIR = Path("deploy/nats")
+CLUSTER_NODES = ("nats-1", "nats-2", "nats-3")
+
+
+def deployed_cluster_node(name: str) -> str:
+    """deploy/nats/<name>.conf: one node of the three, the users and allow-lists from
+    accounts.conf beside it (the block of deploy/nats.conf)."""
+    routes = [f"nats-route://{node}:6222" for node in CLUSTER_NODES]
+    return (
+        f"# One node of iopnet's three-node NATS cluster ({name}), generated by iopnet/natsd.py\n"
+        "# (`make schemas`); docs/operations.md says how to run it. Passwords come from the\n"
+        "# environment, as for deploy/nats.conf (accounts.conf). Port 6222 (routes) must be\n"
+        "# reachable from the other nodes only; 8222 (monitoring) stays on loopback.\n"
+        f"server_name: {name}\n"
+        "listen: 0.0.0.0:4222\n"
+        "http: 127.0.0.1:8222\n"
+        "pid_file: /data/nats.pid\n"
+        "# SIGTERM drains clients over 30 s: a rolling restart moves them without errors.\n"
+        "lame_duck_duration: 30s\n"
+        "lame_duck_grace_period: 10s\n"
+        "\n"
+        "jetstream {\n"
+        "  store_dir: /data\n"
+        "  # fsync every write: the default 2-minute interval can lose acknowledged publishes\n"
+        "  # in an OS crash, on every node at once (Jepsen, NATS 2.12.1; DESIGN B7).\n"
+        "  sync_interval: always\n"
+        "  # The streams' max_bytes are reserved here (IOPNET_STREAM_MAX_BYTES and the like).\n"
+        "  max_file_store: 8G\n"
+        "}\n"
+        "\n"
+        "# Streams are kept on all three nodes when the services run with\n"
+        "# IOPNET_STREAM_REPLICAS=3: a write is acknowledged once two of them have it.\n"
+        + cluster_block("0.0.0.0:6222", routes)
+        + "\n"
+        "include ./accounts.conf\n"
+    )
+
+
+def write_cluster_configs(repo: Path) -> None:
+    directory = repo / CLUSTER_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "accounts.conf").write_text(
+        "# Accounts, users and allow-lists: iopnet.natsd.deployed_accounts_block, the block of\n"
+        "# deploy/nats.conf (generated by `make schemas`; tests/deploy compares them).\n" + deployed_accounts_block()
+    )
+    for name in CLUSTER_NODES:
+        (directory / f"{name}.conf").write_text(deployed_cluster_node(name))
 
 
 def write_deployed_configs(repo: Path) -> None:
@@ -590,3 +760,4 @@ def write_deployed_configs(repo: Path) -> None:
 
 if __name__ == "__main__":
     write_deployed_configs(Path(__file__).resolve().parents[1])
+    write_cluster_configs(Path(__file__).resolve().parents[1])
