@@ -1,8 +1,15 @@
 """The whole network as local processes: an embedded nats-server (unless a NATS URL is
 given) and `iopnet serve` for each service. Used by `iopnet run`, `iopnet bench` and the
-end-to-end tests, so all three start the network the same way."""
+end-to-end tests, so all three start the network the same way.
+
+Scaled out (tests/faults/test_cluster.py): `nats_nodes=3` runs an embedded three-node
+cluster instead of the one server (the services get every node's URL and fail over), and
+`replicas=N` runs N processes of each service, each on a port of its own, sharing the
+service's database, durable consumers and outbox (PostgreSQL only: SQLite takes one).
+Replica 1 of a service is named as the service (`intake`), the others `intake-2` and on."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,8 +23,10 @@ import httpx
 from iopnet.natsd import (
     OBSERVED_SUBJECTS,
     RESTRICTED_USERS,
+    NatsCluster,
     NatsServer,
     embedded_data_dir,
+    free_port,
     load_or_create_credentials,
     public_url,
 )
@@ -39,13 +48,37 @@ def describe_exit(code: int) -> str:
     return f"exit status {code}"
 
 
+def _without_password(url: str) -> str:
+    """`scheme://user:password@host` as `scheme://user@host` (a password file completes it)."""
+    return re.sub(r"^([a-z+]+://[^:@/]+):[^@/]*@", r"\1@", url)
+
+
 class LocalNetwork:
-    def __init__(self, settings: Settings, log_dir: Path | None = None, *, bench_password: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        log_dir: Path | None = None,
+        *,
+        bench_password: str | None = None,
+        nats_nodes: int = 1,
+        replicas: int = 1,
+    ) -> None:
         self.settings = settings
         self.log_dir = log_dir
         # `iopnet bench`: the embedded server gets an account for the raw baseline.
         self.bench_password = bench_password
+        if replicas > 1 and any(settings.database_url(n).startswith("sqlite") for n in SERVICES):
+            raise ValueError("several replicas of a service need PostgreSQL: SQLite takes one process")
+        self.nats_nodes = nats_nodes
         self.nats: NatsServer | None = None
+        # nats_nodes > 1: the embedded cluster (self.nats stays None).
+        self.nats_cluster: NatsCluster | None = None
+        # Instance name -> (service, HTTP port): replica 1 has the service's own name and port.
+        self.instances: dict[str, tuple[ServiceName, int]] = {}
+        for name in SERVICES:
+            for replica in range(1, replicas + 1):
+                instance = name if replica == 1 else f"{name}-{replica}"
+                self.instances[instance] = (name, settings.port(name) if replica == 1 else free_port())
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         # supervise(): exits in a row, when each was started, when a pending restart is due,
@@ -56,15 +89,27 @@ class LocalNetwork:
         self._awaiting_ready: set[str] = set()
 
     @property
+    def embedded(self) -> NatsServer | NatsCluster | None:
+        """The nats-server (or cluster) this network started, if any."""
+        return self.nats_cluster if self.nats_cluster is not None else self.nats
+
+    def user_url(self, user: str) -> str:
+        """`user` on the embedded server or on every node of the embedded cluster."""
+        embedded = self.embedded
+        if embedded is None:
+            raise RuntimeError("no embedded nats-server: IOPNET_NATS_URL names an external one")
+        return embedded.user_url(user)
+
+    @property
     def nats_url(self) -> str:
         """For observers (the CLI, tests, bench): on the embedded server, the `ops` user,
         which sees every public subject but nothing on `iop.restricted.>`."""
-        return self.nats.user_url("ops") if self.nats is not None else self.settings.effective_nats_url
+        return self.user_url("ops") if self.embedded is not None else self.settings.effective_nats_url
 
     @property
     def observed_subjects(self) -> tuple[str, ...]:
         """What `nats_url` may subscribe to (for a BusRecorder)."""
-        return OBSERVED_SUBJECTS if self.nats is not None else ("iop.>",)
+        return OBSERVED_SUBJECTS if self.embedded is not None else ("iop.>",)
 
     @property
     def public_nats_url(self) -> str:
@@ -72,13 +117,20 @@ class LocalNetwork:
         return public_url(self.nats_url)
 
     def service_nats_url(self, service: ServiceName) -> str:
-        """Each service connects to the embedded server as its own user."""
-        return self.nats.user_url(service) if self.nats is not None else self.settings.effective_nats_url
+        """Each service connects to the embedded server (every node of the embedded
+        cluster) as its own user."""
+        return self.user_url(service) if self.embedded is not None else self.settings.effective_nats_url
 
-    def url(self, service: str) -> str:
-        return self.settings.base_url(service)  # type: ignore[arg-type]
+    def url(self, instance: str) -> str:
+        """An instance's base URL: `intake` is replica 1 of intake, `intake-2` replica 2."""
+        _, port = self.instances[instance]
+        return f"http://{self.settings.http_host}:{port}"
 
-    def child_env(self, service: ServiceName) -> dict[str, str]:
+    def replicas(self, service: ServiceName) -> list[str]:
+        """The instance names of `service`, replica 1 first."""
+        return [instance for instance, (name, _) in self.instances.items() if name == service]
+
+    def child_env(self, service: ServiceName, port: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -90,42 +142,87 @@ class LocalNetwork:
                 **{f"IOPNET_{name.upper()}_PORT": str(self.settings.port(name)) for name in SERVICES},
             }
         )
-        if self.settings.jwt_secret:
-            env["IOPNET_JWT_SECRET"] = self.settings.jwt_secret
-        if self.nats is not None and service in RESTRICTED_USERS:
+        if port is not None:
+            env[f"IOPNET_{service.upper()}_PORT"] = str(port)
+        if self.nats_cluster is not None:
+            env["IOPNET_STREAM_REPLICAS"] = str(min(3, self.nats_nodes))
+        if self.embedded is not None and service in RESTRICTED_USERS:
             # Contact details live in a NATS account of their own (iopnet/natsd.py).
-            env["IOPNET_NATS_RESTRICTED_URL"] = self.nats.user_url(RESTRICTED_USERS[service])
+            env["IOPNET_NATS_RESTRICTED_URL"] = self.user_url(RESTRICTED_USERS[service])
         elif self.settings.nats_restricted_url:
             env["IOPNET_NATS_RESTRICTED_URL"] = self.settings.nats_restricted_url
+        self._pass_secrets(env)
         return env
+
+    def _pass_secrets(self, env: dict[str, str]) -> None:
+        """A secret that came from a file (IOPNET_*_FILE) reaches the children as that
+        file, never as its value in their environment; the other form is removed, as a
+        child refuses a secret given both ways."""
+        settings = self.settings
+        env.pop("IOPNET_JWT_SECRET", None)
+        env.pop("IOPNET_JWT_SECRET_FILE", None)
+        if settings.jwt_secret_file is not None:
+            env["IOPNET_JWT_SECRET_FILE"] = str(settings.jwt_secret_file)
+        elif settings.jwt_secret:
+            env["IOPNET_JWT_SECRET"] = settings.jwt_secret
+        urls = {
+            "nats": "IOPNET_NATS_URL",
+            "nats_restricted": "IOPNET_NATS_RESTRICTED_URL",
+            **{f"{n}_database": f"IOPNET_{n.upper()}_DATABASE_URL" for n in SERVICES},
+        }
+        for field, variable in urls.items():
+            file_variable = f"IOPNET_{field.upper()}_PASSWORD_FILE"
+            path = getattr(settings, f"{field}_password_file")
+            env.pop(file_variable, None)
+            if path is not None and variable in env and self.embedded is None:
+                env[variable] = _without_password(env[variable])
+                env[file_variable] = str(path)
 
     def start(self, timeout: float = 60) -> "LocalNetwork":
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         _ = self.settings.signing_secret  # created once here, before the services race for it
         if self.settings.nats_url is None:
             embedded = embedded_data_dir(self.settings.data_dir)
-            self.nats = NatsServer(
-                embedded,
-                self.settings.embedded_nats_host,
-                self.settings.embedded_nats_port,
-                users=load_or_create_credentials(embedded),
-                bench_password=self.bench_password,
-            )
-            self.nats.start()
-        for name in SERVICES:
-            self._spawn(name)
+            users = load_or_create_credentials(embedded)
+            if self.nats_nodes > 1:
+                self.nats_cluster = NatsCluster(
+                    embedded, self.nats_nodes, self.settings.embedded_nats_host, users, self.bench_password
+                )
+                self.nats_cluster.start()
+            else:
+                self.nats = NatsServer(
+                    embedded,
+                    self.settings.embedded_nats_host,
+                    self.settings.embedded_nats_port,
+                    users=users,
+                    bench_password=self.bench_password,
+                )
+                self.nats.start()
+        # Replica 1 first: it migrates the database; the others start on the migrated one
+        # (two Alembic upgrades at once on a fresh database would race).
+        first: list[str] = [instance for instance in self.instances if instance in SERVICES]
+        for instance in first:
+            self._spawn(instance)
+        self.wait_ready(timeout, first)
+        for instance in self.instances:
+            if instance not in first:
+                self._spawn(instance)
         self.wait_ready(timeout)
         return self
 
-    def _spawn(self, name: ServiceName) -> None:
+    def _spawn(self, instance: str) -> None:
+        service, port = self.instances[instance]
         output: IO[bytes] | None = None
         if self.log_dir is not None:
-            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            output = open(self.log_dir / f"{instance}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
-        self.processes[name] = subprocess.Popen(
-            [sys.executable, "-m", "iopnet.cli", "serve", name], env=self.child_env(name), stdout=output, stderr=output
+        self.processes[instance] = subprocess.Popen(
+            [sys.executable, "-m", "iopnet.cli", "serve", service],
+            env=self.child_env(service, port),
+            stdout=output,
+            stderr=output,
         )
-        self._started_at[name] = time.monotonic()
+        self._started_at[instance] = time.monotonic()
 
     # --- supervision (`iopnet run`) --------------------------------------------------------------
 
@@ -149,7 +246,7 @@ class LocalNetwork:
             elif now >= self._restart_at[name]:
                 del self._restart_at[name]
                 self.restarts[name] = self.restarts.get(name, 0) + 1
-                self._spawn(name)  # type: ignore[arg-type]
+                self._spawn(name)
                 self._awaiting_ready.add(name)
                 log(f"{name} restarted (pid {self.processes[name].pid}, restart {self.restarts[name]} in a row)")
         if self._awaiting_ready:
@@ -161,7 +258,7 @@ class LocalNetwork:
 
     # --- faults: one process at a time, same ports, same data dir (tests/faults) ---------------
 
-    def signal_service(self, name: ServiceName, sig: int = signal.SIGKILL, timeout: float = 30) -> int:
+    def signal_service(self, name: str, sig: int = signal.SIGKILL, timeout: float = 30) -> int:
         """Send `sig` (kill -9 by default, or SIGTERM for a graceful stop) to one service
         and wait for it to exit; returns its exit status."""
         process = self.processes[name]
@@ -174,21 +271,35 @@ class LocalNetwork:
             process.wait()
             raise RuntimeError(f"{name} did not exit within {timeout}s of signal {sig}") from None
 
-    def restart_service(self, name: ServiceName, timeout: float = 60) -> None:
+    def restart_service(self, name: str, timeout: float = 60) -> None:
         """Start a stopped service again, as `start` did, and wait until it is ready."""
         if self.processes[name].poll() is None:
             raise RuntimeError(f"{name} is still running")
         self._spawn(name)
         self.wait_ready(timeout, [name])
 
-    def stop_nats(self, kill: bool = True) -> None:
-        """kill -9 (or SIGTERM) the embedded nats-server; its data dir and port are kept."""
+    def stop_nats(self, kill: bool = True, node: int | None = None) -> None:
+        """kill -9 (or SIGTERM) the embedded nats-server, or node `node` (0-based) of the
+        embedded cluster; its data dir and ports are kept."""
+        if self.nats_cluster is not None:
+            if node is None:
+                self.nats_cluster.stop(kill=kill)
+            else:
+                self.nats_cluster.stop_node(node, kill=kill)
+            return
         if self.nats is None:
             raise RuntimeError("no embedded nats-server: IOPNET_NATS_URL names an external one")
         self.nats.stop(kill=kill)
 
-    def start_nats(self) -> None:
-        """Start the embedded nats-server again on the same port, data dir and users."""
+    def start_nats(self, node: int | None = None) -> None:
+        """Start the embedded nats-server (or a cluster's node, or every stopped node)
+        again on the same ports, data dir and users."""
+        if self.nats_cluster is not None:
+            if node is None:
+                self.nats_cluster.start()
+            else:
+                self.nats_cluster.start_node(node)
+            return
         if self.nats is None:
             raise RuntimeError("no embedded nats-server: IOPNET_NATS_URL names an external one")
         self.nats.start()
@@ -213,7 +324,7 @@ class LocalNetwork:
         the port first) must not pass for it."""
         try:
             answer = client.get(f"{self.url(name)}/readyz")
-            return answer.status_code == 200 and answer.json().get("service") == name
+            return answer.status_code == 200 and answer.json().get("service") == self.instances[name][0]
         except (httpx.HTTPError, ValueError):
             return False
 
@@ -234,6 +345,8 @@ class LocalNetwork:
                 codes[name] = process.wait()
         if self.nats is not None:
             self.nats.stop()
+        if self.nats_cluster is not None:
+            self.nats_cluster.stop()
         for log in self._logs:
             log.close()
         return codes
