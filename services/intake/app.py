@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from services.intake import api, integrations_api, store, usecases
 from services.intake.handlers import SUBSCRIPTIONS
 from shared.http import create_service_app
+from shared.messaging.inbox import IdempotentEffects
 from shared.runtime import ServiceRuntime, periodic
 from shared.settings import Settings
 
@@ -21,7 +22,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         inbox=store.inbox,
         migrations_dir=store.MIGRATIONS,
         subscriptions=SUBSCRIPTIONS,
-        lane_inboxes={"feed": store.feed_inbox},
+        # The feed lane reads every public event; its effects are keyed inserts (no inbox rows).
+        lane_inboxes={"feed": IdempotentEffects()},
         jobs=[
             periodic(lambda s: s.horizon_interval_seconds, usecases.activate_due_enrollments, "enrollment-activation"),
             periodic(

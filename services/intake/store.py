@@ -4,7 +4,7 @@ import json
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
-from uuid import uuid4
+from uuid import UUID, uuid4, uuid5
 
 from sqlalchemy import (
     Boolean,
@@ -246,10 +246,6 @@ disclosures = Table(
     Column("event_id", String(36), nullable=False),
     Column("disclosed_at", UtcDateTime, nullable=False, index=True),
 )
-
-# The feed lane applies the same events as intake's own consumers, for another purpose: an
-# inbox of its own (shared/messaging/inbox.py).
-feed_inbox = Inbox(metadata, name="feed_inbox")
 
 
 # --- rows as the queries below return them ------------------------------------------------
@@ -823,10 +819,19 @@ async def update_integration(session: AsyncSession, integration_id: str, **value
 
 
 async def consent_integrations(session: AsyncSession, site_id: str) -> list[IntegrationRow]:
-    """The active integrations with basis consent that cover `site_id`."""
-    query = select(integrations).where(integrations.c.status == "active", integrations.c.basis == "consent")
-    rows = [_as(IntegrationRow, r) for r in (await session.execute(query)).mappings()]
-    return [r for r in rows if site_id in json.loads(r["sites"])]
+    """The active integrations with basis consent that cover `site_id`. Read once per
+    transaction: the feed lane asks for every event of a batch, and mostly the answer is
+    none (the list is as the batch's transaction sees it)."""
+    key = (_CONSENT_INTEGRATIONS, id(session.sync_session.get_transaction()))
+    cached: list[IntegrationRow] | None = session.info.get(key)
+    if cached is None:
+        query = select(integrations).where(integrations.c.status == "active", integrations.c.basis == "consent")
+        cached = [_as(IntegrationRow, r) for r in (await session.execute(query)).mappings()]
+        session.info[key] = cached
+    return [r for r in cached if site_id in json.loads(r["sites"])]
+
+
+_CONSENT_INTEGRATIONS = "iopnet.consent_integrations"
 
 
 async def consents_to(session: AsyncSession, patient_id: str, recipient: str, purpose: str) -> list[ConsentRow]:
@@ -842,8 +847,11 @@ async def consents_to(session: AsyncSession, patient_id: str, recipient: str, pu
 # --- disclosures -------------------------------------------------------------------------------
 
 
-async def add_disclosure(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(disclosures).values(disclosure_id=str(uuid4()), **values))
+async def add_disclosure(session: AsyncSession, **values: Any) -> bool:
+    """One entry per event, recipient and channel: entering it again does nothing."""
+    key = f"{values['recipient']}/{values['channel']}"
+    disclosure_id = str(uuid5(UUID(values["event_id"]), key))
+    return await insert_if_absent(session, disclosures, disclosure_id=disclosure_id, **values)
 
 
 async def patient_disclosures(session: AsyncSession, patient_id: str, limit: int, offset: int) -> list[DisclosureRow]:

@@ -617,14 +617,14 @@ async def forward_to_feeds(session: AsyncSession, envelope: Envelope, event: Eve
         assert purpose is not None  # basis consent always has one (domain.check_integration_basis)
         if patient_id is not None and not await _consented(session, str(patient_id), recipient, purpose, envelope):
             continue
-        await store.outbox.forward(
+        staged = await store.outbox.forward(
             session,
             str(uuid5(envelope.event_id, integration["integration_id"])),
             domain.feed_subject(integration["integration_id"], envelope.subject),
             envelope,
         )
-        forwarded += 1
-        if patient_id is not None:
+        forwarded += staged
+        if staged and patient_id is not None:
             await store.add_disclosure(
                 session,
                 patient_id=str(patient_id),

@@ -37,13 +37,14 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
-from shared.db import UtcDateTime, dialect_name
+from shared.db import UtcDateTime, dialect_name, rows_changed
 from shared.messaging.broker import jetstream
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
 
@@ -160,11 +161,12 @@ class Outbox:
         )
         self.signal(session)
 
-    async def forward(self, session: AsyncSession, message_id: str, subject: str, envelope: Envelope) -> None:
+    async def forward(self, session: AsyncSession, message_id: str, subject: str, envelope: Envelope) -> bool:
         """Stage another service's event, unchanged, under another subject (an outside
         system's feed), in the caller's transaction. `message_id` is its Nats-Msg-Id
         there (one per recipient: the same event may go to several); the envelope keeps
-        its own event_id, by which the recipient de-duplicates."""
+        its own event_id, by which the recipient de-duplicates. Staging the same
+        `message_id` again does nothing (False): a redelivered event is forwarded once."""
         row = {
             "event_id": message_id,
             "subject": subject,
@@ -173,8 +175,12 @@ class Outbox:
             "attempts": 0,
             "trace_context": current_context(),
         }
-        await session.execute(insert(self.table), [row])
+        dialect = postgresql if dialect_name(session) == "postgresql" else sqlite
+        statement = dialect.insert(self.table).values(**row).on_conflict_do_nothing(index_elements=["event_id"])
+        if not rows_changed(await session.execute(statement)):
+            return False
         self.signal(session)
+        return True
 
     def signal(self, session: AsyncSession) -> None:
         if self.commit_signal is not None:

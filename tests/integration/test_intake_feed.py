@@ -16,9 +16,9 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from iopnet.testing import eventually
-from services.intake import store
+from services.intake import store, usecases
 from services.intake.app import create_app
-from shared.contracts import new_envelope
+from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import DisclosureRecorded
 from tests.conftest import auth, make_settings, program_published, publish, running
 from tests.integration.test_intake_care import ADMIN, DESK, OTHER, SITE, enrolled_patient
@@ -185,3 +185,26 @@ async def test_a_webhook_delivery_reported_by_notifications_enters_the_patients_
         [entry] = await eventually(entered, what="the reported delivery in the accounting")
         assert entry["channel"] == "webhook" and entry["event_id"] == str(delivered)
         assert entry["recipient"] == f"org:{INTEGRATION}" and entry["event_type"] == "CheckInSubmitted"
+
+
+async def test_an_event_redelivered_to_the_feed_lane_is_forwarded_and_accounted_once(app, nats_server) -> None:
+    """The feed lane keeps no inbox rows (it reads every event of the network): its effects
+    are keyed, so applying an event again changes nothing."""
+    async with running(app) as client:
+        site = {"site_id": SITE, "name": "Columbus", "timezone": "America/New_York"}
+        assert (await client.post("/sites", json=site, headers=ADMIN)).status_code == 201
+        body = {"integration_id": INTEGRATION, "sites": [SITE], "basis": "consent", "purpose": "research"}
+        assert (await client.post("/integrations", json=body, headers=ADMIN)).status_code == 201
+        await publish_programs(app, nats_server.url)
+        patient, _ = await enrolled_patient(client)
+        assert (await client.post(f"/patients/{patient}/consents", json=consent(), headers=DESK)).is_success
+        await check_in(client, patient)
+        await eventually(lambda: in_feed(nats_server.url, "CheckInSubmitted", patient), what="the check-in fed")
+        [fed] = [e for e in await feed_contents(nats_server.url) if e["event_type"] == "CheckInSubmitted"]
+        envelope = Envelope.model_validate({k: v for k, v in fed.items() if k != "_subject"})
+        for _ in range(2):  # as a redelivery would
+            async with app.state.runtime.sessions() as session, session.begin():
+                assert await usecases.forward_to_feeds(session, envelope, envelope.event()) == 0
+        page = await client.get(f"/patients/{patient}/disclosures", headers=auth("patient", [], patient))
+        assert [e["event_type"] for e in page.json()["disclosures"]].count("CheckInSubmitted") == 1
+        assert [e["event_type"] for e in await feed_contents(nats_server.url)].count("CheckInSubmitted") == 1

@@ -1,4 +1,4 @@
-"""disclosures (the accounting of disclosures) and feed_inbox (the feed lane's own inbox)
+"""disclosures: the accounting of disclosures to outside systems
 
 Revision ID: f2a0c0ffee04
 Revises: f1a0c0ffee03
@@ -33,18 +33,9 @@ def upgrade() -> None:
     with op.batch_alter_table("disclosures", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_disclosures_patient_id"), ["patient_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_disclosures_disclosed_at"), ["disclosed_at"], unique=False)
-    op.create_table(
-        "feed_inbox",
-        sa.Column("event_id", sa.String(length=36), nullable=False),
-        sa.Column("event_type", sa.String(length=80), nullable=False),
-        sa.Column("consumer", sa.String(length=120), nullable=False),
-        sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
-        sa.PrimaryKeyConstraint("event_id"),
-    )
 
 
 def downgrade() -> None:
-    op.drop_table("feed_inbox")
     with op.batch_alter_table("disclosures", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_disclosures_disclosed_at"))
         batch_op.drop_index(batch_op.f("ix_disclosures_patient_id"))
