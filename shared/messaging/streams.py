@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import nats.errors
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError, ServiceUnavailableError
@@ -116,8 +117,9 @@ def stream_config(
 
 
 # A cluster answers 503 while it elects a stream's (or its meta) leader, after a node
-# was lost: a start that meets one waits for the election rather than failing.
-ELECTION_WAIT_SECONDS = 30.0
+# was lost, and a request may time out while a fresh cluster places its first streams
+# (5 s passed here, on two busy cores): a start that meets either asks again, for this long.
+ELECTION_WAIT_SECONDS = 60.0
 
 
 async def ensure_streams(
@@ -148,10 +150,12 @@ async def ensure_streams(
             try:
                 await _ensure(js, config, owns)
                 break
-            except ServiceUnavailableError:
+            except (ServiceUnavailableError, nats.errors.TimeoutError) as error:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.info("jetstream electing a leader; retrying", extra={"stream": spec.name})
+                log.info(
+                    "jetstream not answering yet; retrying", extra={"stream": spec.name, "error": type(error).__name__}
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)
 
