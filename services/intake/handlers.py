@@ -1,9 +1,9 @@
 """Events intake consumes:
 - scheduling's published programs, the catalogue a patient can be enrolled in (DESIGN:
   a service learns of others only from their events);
-- in a lane of its own ("feed", with its own inbox), every public event of the three
-  producers, forwarded into the consent-gated feeds of outside systems
-  (usecases.forward_to_feeds, issue 11);
+- in a lane of its own ("feed"), the public events of the three producers a feed may
+  carry (about a patient, or context), forwarded into the consent-gated feeds of outside
+  systems (usecases.forward_to_feeds, issue 11);
 - from the restricted account, notifications' DisclosureRecorded: a webhook delivered an
   event about a patient under their consent, for the patient's accounting of disclosures."""
 
@@ -13,7 +13,7 @@ from services.intake import usecases
 from shared.contracts import EVENT_TYPES, Envelope, Event
 from shared.contracts.events import DisclosureRecorded, ProgramPublished
 from shared.messaging import Subscription
-from shared.messaging.integrations import PUBLIC_STREAMS
+from shared.messaging.integrations import CONTEXT_EVENTS, PUBLIC_STREAMS
 
 
 async def on_program_published(session: AsyncSession, envelope: Envelope, event: ProgramPublished) -> None:
@@ -28,15 +28,23 @@ async def on_public_event(session: AsyncSession, envelope: Envelope, event: Even
     await usecases.forward_to_feeds(session, envelope, event)
 
 
-def _public_events(producer: str) -> list[type[Event]]:
-    return [cls for cls in EVENT_TYPES.values() if cls.producer == producer and not cls.restricted]
+def _forwardable(producer: str) -> list[type[Event]]:
+    """The public events of `producer` a feed may carry: about a patient, or context.
+    The rest (NotificationSent, the most frequent of all) the lane does not even read."""
+    return [
+        cls
+        for cls in EVENT_TYPES.values()
+        if cls.producer == producer
+        and not cls.restricted
+        and ("patient_id" in cls.model_fields or cls.__name__ in CONTEXT_EVENTS)
+    ]
 
 
 SUBSCRIPTIONS = [
     Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published}),
     Subscription("IOP_RESTRICTED", {DisclosureRecorded: on_disclosure_recorded}),
     *(
-        Subscription(stream, dict.fromkeys(_public_events(producer), on_public_event), lane="feed")
+        Subscription(stream, dict.fromkeys(_forwardable(producer), on_public_event), lane="feed")
         for stream, producer in PUBLIC_STREAMS.items()
     ),
 ]
