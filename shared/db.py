@@ -1,5 +1,6 @@
 """Async engines for SQLite and PostgreSQL, sessions, and Alembic migrations on start."""
 
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -9,7 +10,7 @@ from typing import Any, Literal, cast
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
-from sqlalchemy import DateTime, MetaData, Table, event, select
+from sqlalchemy import DateTime, MetaData, Table, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, CursorResult, Result, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -132,6 +133,12 @@ async def migrate(engine: AsyncEngine, migrations_dir: Path) -> None:
         command.upgrade(config, "head")
 
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas of a service start together on one database: one migrates, the
+            # others wait for it and then find nothing to do (the lock ends with the
+            # transaction). Keyed by the migrations' directory: one lock per service.
+            key = zlib.crc32(migrations_dir.name.encode() + str(migrations_dir.parent.name).encode())
+            await connection.execute(select(func.pg_advisory_xact_lock(key)))
         await connection.run_sync(upgrade)
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from faststream.nats import NatsBroker
+from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -27,6 +28,7 @@ from shared.messaging import (
 from shared.messaging import broker as brokers
 from shared.messaging.control import ControlPlane
 from shared.messaging.publishers import declare_publishers
+from shared.messaging.streams import StreamLimits
 from shared.priority import PriorityGate
 from shared.settings import ServiceName, Settings
 
@@ -166,15 +168,33 @@ class ServiceRuntime:
             await brokers.connect(broker)
         self.connected = True
         main, restricted = brokers.jetstream(self.broker), brokers.jetstream(self.restricted_broker)
-        window = self.settings.duplicate_window_seconds
-        owned = owned_streams(self.name)
-        await ensure_streams(main, [s for s in owned if not s.restricted], window, service=self.name)
-        await ensure_streams(restricted, [s for s in owned if s.restricted], window, service=self.name)
+        await self._declare_streams(main, restricted)
         self.streams_ready.set()
         self.relay.wake()
         for consumer in self.consumers:
             self._consumer_tasks.append(self._spawn(consumer.run(), consumer.durable))
         await ControlPlane(self.name, main, self.consumers).start(brokers.client(self.broker))
+
+    async def _declare_streams(self, main: JetStreamContext, restricted: JetStreamContext) -> None:
+        """The streams this service owns, with the replicas and retention of its settings.
+        Retried until it succeeds (a cluster still placing streams, a broker restarting):
+        meanwhile the service is not ready, and says why."""
+        window, limits = self.settings.duplicate_window_seconds, StreamLimits.from_settings(self.settings)
+        owned = owned_streams(self.name)
+        delay = 1.0
+        while True:
+            try:
+                await ensure_streams(
+                    main, [s for s in owned if not s.restricted], window, service=self.name, limits=limits
+                )
+                await ensure_streams(
+                    restricted, [s for s in owned if s.restricted], window, service=self.name, limits=limits
+                )
+                return
+            except Exception as exc:
+                log.warning("streams not declared; retrying", extra={"service": self.name, "error": type(exc).__name__})
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)

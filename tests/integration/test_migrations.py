@@ -1,6 +1,7 @@
 """Each service's Alembic migrations build exactly the schema its store declares, on
 SQLite and PostgreSQL, and applying them twice is harmless (they run on every start)."""
 
+import asyncio
 import importlib
 
 import pytest
@@ -8,6 +9,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from shared.db import create_engine, migrate
+from tests.conftest import fresh_postgres_database
 
 
 @pytest.mark.parametrize("service", ["intake", "scheduling", "notifications"])
@@ -24,3 +26,27 @@ async def test_migrations_match_models(service: str, database_url: str) -> None:
     finally:
         await engine.dispose()
     assert diff == [], f"{service}: models and migrations differ: {diff}"
+
+
+@pytest.mark.postgres
+async def test_replicas_starting_together_on_postgresql_migrate_once() -> None:
+    """Two replicas of a service start at once on a fresh database: one migrates, the
+    other waits for it (an advisory lock) and finds nothing to do; neither fails on a
+    table the other just created. (Only PostgreSQL: a service on SQLite runs one replica.)"""
+    async with fresh_postgres_database() as url:
+        await _migrate_together(url)
+
+
+async def _migrate_together(database_url: str) -> None:
+    store = importlib.import_module("services.intake.store")
+    engines = [create_engine(database_url), create_engine(database_url)]
+    try:
+        await asyncio.gather(*(migrate(engine, store.MIGRATIONS) for engine in engines))
+        async with engines[0].connect() as connection:
+            diff = await connection.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), store.metadata)
+            )
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    assert diff == []
