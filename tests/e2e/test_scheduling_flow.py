@@ -52,6 +52,12 @@ async def test_program_enrollment_booking_attendance_completion(network) -> None
             assert program.status_code == 201, program.text
             program_id = program.json()["program_id"]
 
+            async def program_known() -> bool:  # intake learns it from ProgramPublished
+                listed = (await http.get(f"{intake}/programs", headers=desk)).json()
+                return any(p["program_id"] == program_id for p in listed)
+
+            await eventually(program_known, what="intake learned the program")
+
             patient = {"site_id": site_id, "given_name": "Robin", "family_name": "Okafor", "birth_date": "1984-02-29",
                        "email": "robin@example.org", "preferred_channel": "email"}  # fmt: skip
             patient_id = (await http.post(f"{intake}/patients", json=patient, headers=desk)).json()["patient_id"]

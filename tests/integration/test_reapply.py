@@ -7,7 +7,7 @@ with a row in its `operations` table (who, when, stream, sequence, event id, rea
 adds no inbox row, and its state-based handlers change only what is missing."""
 
 import asyncio
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 from zoneinfo import ZoneInfo
@@ -250,6 +250,12 @@ async def test_notifications_handlers_converge_when_reapplied(notifications, nat
         await publish_and_settle(app, nats_server.url, patient.contact, patient.enrolled, patient.consent, urgent)
         messages, alerts = len(await rows(app)), await count(app, notifications_store.alerts)
         assert messages >= 1 and alerts == 1
+
+        async def due_ones_settled() -> bool:  # each sent message's NotificationSent is staged by then
+            now = datetime.now(UTC)
+            return all(r["status"] not in ("pending", "sending") or r["due_at"] > now for r in await rows(app))
+
+        await eventually(due_ones_settled, what="the messages due now sent or settled")
         staged = await count(app, notifications_store.outbox.table)
         for stream, envelope in [
             ("IOP_RESTRICTED", patient.contact), ("IOP_INTAKE", patient.enrolled), ("IOP_INTAKE", urgent),
