@@ -425,3 +425,18 @@ def http_peer() -> Iterator[HttpPeer]:
         yield peer
     finally:
         peer.stop()
+
+
+def network_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """A whole network's settings (tests/e2e, tests/faults): embedded NATS and the three
+    services on free ports, data under the test's tmp dir."""
+    values: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "nats_url": None,
+        "jwt_secret": TEST_SECRET,
+        "embedded_nats_port": free_port(),
+        "intake_port": free_port(),
+        "scheduling_port": free_port(),
+        "notifications_port": free_port(),
+    }
+    return Settings(**(values | overrides))

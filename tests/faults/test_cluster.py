@@ -39,7 +39,7 @@ from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iopnet.bench import _drop_databases, _postgres_databases
-from iopnet.natsd import RESTRICTED_USERS, free_port
+from iopnet.natsd import RESTRICTED_USERS
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
 from services.intake import store as intake_store
@@ -47,8 +47,8 @@ from services.notifications import store as notifications_store
 from services.scheduling import store as scheduling_store
 from shared.db import create_engine
 from shared.messaging.connection import connect_once
-from shared.settings import SERVICES, ServiceName, Settings
-from tests.conftest import TEST_SECRET, _postgres_admin_url, auth
+from shared.settings import SERVICES, ServiceName
+from tests.conftest import _postgres_admin_url, auth, network_settings
 from tests.faults.test_crash_load import Stored, matches, read_stream, rows, set_up_site
 
 pytestmark = pytest.mark.postgres
@@ -115,13 +115,8 @@ async def databases() -> AsyncIterator[dict[str, str]]:
 def network(tmp_path: Path, databases: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Iterator[LocalNetwork]:
     monkeypatch.setenv("IOPNET_ACK_WAIT_SECONDS", str(ACK_WAIT_SECONDS))
     monkeypatch.setenv("IOPNET_NOTIFY_ESCALATION_MINUTES", "600")
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        nats_url=None,
-        jwt_secret=TEST_SECRET,
-        intake_port=free_port(),
-        scheduling_port=free_port(),
-        notifications_port=free_port(),
+    settings = network_settings(
+        tmp_path,
         log_level="WARNING",
         intake_database_url=databases["intake"],
         scheduling_database_url=databases["scheduling"],

@@ -43,7 +43,7 @@ import pytest
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iopnet.natsd import RESTRICTED_USERS, free_port
+from iopnet.natsd import RESTRICTED_USERS
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
 from services.intake import store as intake_store
@@ -51,8 +51,8 @@ from services.notifications import store as notifications_store
 from services.scheduling import store as scheduling_store
 from shared.db import create_engine
 from shared.messaging.connection import connect_once
-from shared.settings import SERVICES, ServiceName, Settings
-from tests.conftest import TEST_SECRET, SmtpSink, auth
+from shared.settings import SERVICES, ServiceName
+from tests.conftest import SmtpSink, auth, network_settings
 
 SITES = ("crash-north", "crash-south")
 PATIENTS = 64
@@ -114,16 +114,7 @@ def live_notifications(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink) -> 
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        nats_url=None,
-        jwt_secret=TEST_SECRET,
-        embedded_nats_port=free_port(),
-        intake_port=free_port(),
-        scheduling_port=free_port(),
-        notifications_port=free_port(),
-        log_level="WARNING",
-    )
+    settings = network_settings(tmp_path, log_level="WARNING")
     network = LocalNetwork(settings, log_dir=tmp_path)
     try:
         network.start()

@@ -16,21 +16,12 @@ import pytest
 from iopnet.natsd import free_port
 from iopnet.network import LocalNetwork
 from iopnet.testing import LineReader, eventually
-from shared.settings import Settings
-from tests.conftest import TEST_SECRET
+from tests.conftest import network_settings
 
 
 @pytest.fixture
 def network(tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = Settings(
-        data_dir=tmp_path / "data",
-        nats_url=None,
-        jwt_secret=TEST_SECRET,
-        embedded_nats_port=free_port(),
-        intake_port=free_port(),
-        scheduling_port=free_port(),
-        notifications_port=free_port(),
-    )
+    settings = network_settings(tmp_path)
     network = LocalNetwork(settings, log_dir=tmp_path)
     try:
         network.start()
