@@ -441,7 +441,10 @@ the release notes, so you move when you are ready; filter on `schema_version` an
   active consent with recipient `org:<your id>` for your purpose that was on record when
   the event happened; a revocation stops it at once (a backlog included), and nothing from
   before the consent comes through. Events that name no patient and are not context
-  (e.g. `NotificationSent`) are never forwarded. Each forwarded event about a patient is
+  (e.g. `NotificationSent`) are never forwarded. Your feed starts when your integration
+  is registered: intake reads a site's events for feeds only while a consent-based
+  integration covers that site, so nothing from before your registration is forwarded
+  (short of a minute's margin for clocks). Each forwarded event about a patient is
   entered in that patient's **accounting of disclosures**: when, to whom
   (`org:<your id>`), purpose, channel (`feed`), event type and event_id. The patient and
   their site's admins read it at intake: `GET /patients/{{id}}/disclosures?limit=&offset=`
@@ -461,7 +464,10 @@ Each delivery is a POST of the envelope, with `X-Iopnet-Timestamp` (unix seconds
 the raw bytes and refuse an old timestamp (a replay): see
 [examples/webhook_receiver.py](../examples/webhook_receiver.py). `Idempotency-Key` (=
 `X-Iopnet-Delivery-Id`) is the same on every attempt of one delivery; de-duplicate by it
-or by the envelope's `event_id`. The delivery log: `GET /subscriptions/{{id}}/deliveries`;
+or by the envelope's `event_id`. A subscription receives the events applied from its
+creation on, and the past ones from `backfill_from` if given (notifications reads a type it
+needs only for webhooks at a site only while a subscription asks for it there). The
+delivery log: `GET /subscriptions/{{id}}/deliveries`;
 a subscription paused after repeated failures resumes with `POST /subscriptions/{{id}}/resume`.
 
 ## 10. The events

@@ -131,6 +131,8 @@ def _consume(stream: str, durable: str) -> tuple[str, ...]:
         f"$JS.ACK.{stream}.{durable}.>",
         # `iopnet events replay`: the service re-drives its own durable from a point.
         f"$JS.API.CONSUMER.RESET.{stream}.{durable}",
+        # A durable nobody outside needs any more lies dormant: deleted, created again later.
+        f"$JS.API.CONSUMER.DELETE.{stream}.{durable}",
         # Re-reading a stored message by sequence: dead-letter retry and replay.
         f"$JS.API.STREAM.MSG.GET.{stream}",
         f"$JS.API.STREAM.INFO.{stream}",

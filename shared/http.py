@@ -4,10 +4,10 @@ the access log, security headers, health, AsyncAPI, offline docs."""
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from uuid import uuid4
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -198,5 +198,12 @@ async def safety_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
+def interest_refresher(request: Request) -> Callable[[], Awaitable[None]]:
+    """For the routes that change who outside asks for what (integrations, webhook
+    subscriptions): called after their commit, the consumers read for them follow."""
+    return cast("Callable[[], Awaitable[None]]", request.app.state.runtime.refresh_interests)
+
+
 Db = Annotated[AsyncSession, Depends(db_session)]
 SafetyDb = Annotated[AsyncSession, Depends(safety_session)]
+RefreshInterests = Annotated[Callable[[], Awaitable[None]], Depends(interest_refresher)]

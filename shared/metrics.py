@@ -54,6 +54,12 @@ class ServiceMetrics:
         self.consumer_redelivered = Gauge(
             "iopnet_consumer_redelivered", "Messages JetStream has redelivered", ["consumer"], registry=self.registry
         )
+        self.consumer_dormant = Gauge(
+            "iopnet_consumer_dormant",
+            "1 while a durable read only for outside systems has nobody asking (no durable, nothing read)",
+            ["consumer"],
+            registry=self.registry,
+        )
         self.scrape_errors = Counter(
             "iopnet_scrape_errors", "Scrape-time reads that failed or timed out", ["source"], registry=self.registry
         )
@@ -77,6 +83,11 @@ class ServiceMetrics:
         self.outbox_oldest_age.set((datetime.now(UTC) - oldest).total_seconds() if oldest else 0)
 
     async def _refresh_consumer(self, consumer: Any) -> None:
+        self.consumer_dormant.labels(consumer.durable).set(1 if consumer.dormant else 0)
+        if consumer.dormant:  # no durable while nobody asks for its events: nothing pending
+            for gauge in (self.consumer_pending, self.consumer_ack_pending, self.consumer_redelivered):
+                gauge.labels(consumer.durable).set(0)
+            return
         try:
             info = await consumer.js.consumer_info(
                 consumer.subscription.stream, consumer.durable, timeout=SCRAPE_WAIT_SECONDS

@@ -173,7 +173,25 @@ class ServiceRuntime:
         self.relay.wake()
         for consumer in self.consumers:
             self._consumer_tasks.append(self._spawn(consumer.run(), consumer.durable))
+        if any(c.subscription.interest is not None for c in self.consumers):
+            self._spawn(self._follow_interests(), "interest-refresh")
         await ControlPlane(self.name, main, self.consumers).start(brokers.client(self.broker))
+
+    async def refresh_interests(self) -> None:
+        """After a change to who outside asks for what (an integration, a webhook
+        subscription), committed: the consumers read only for them re-bind now."""
+        scoped = [c for c in self.consumers if c.subscription.interest is not None]
+        outcomes = await asyncio.gather(*(c.refresh_interest() for c in scoped), return_exceptions=True)
+        for consumer, outcome in zip(scoped, outcomes, strict=True):
+            if isinstance(outcome, Exception):  # the periodic round tries again
+                failure = {"consumer": consumer.durable, "error": type(outcome).__name__}
+                log.warning("interest refresh failed", extra=failure)
+
+    async def _follow_interests(self) -> None:
+        """What another replica was asked reaches this one's consumers within a round."""
+        while True:
+            await asyncio.sleep(self.settings.interest_refresh_seconds)
+            await self.refresh_interests()
 
     async def _declare_streams(self, main: JetStreamContext, restricted: JetStreamContext) -> None:
         """The streams this service owns, with the replicas and retention of its settings.

@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     feed_max_age_days: float = Field(default=30.0, gt=0)
     feed_max_bytes: int = Field(default=1024**3, gt=0)
     outbox_batch: int = 256
+    # A consumer read only for outside systems (intake's feed lane, notifications'
+    # webhook-only types) follows who asks at once in the process that was asked; the
+    # others (replicas) see the change within this long.
+    interest_refresh_seconds: float = Field(default=30.0, gt=0)
     # The relay is woken on commit; this is only its retry tick after a failed publish.
     outbox_retry_seconds: float = 2.0
 

@@ -3,7 +3,8 @@
   a service learns of others only from their events);
 - in a lane of its own ("feed"), the public events of the three producers a feed may
   carry (about a patient, or context), forwarded into the consent-gated feeds of outside
-  systems (usecases.forward_to_feeds, issue 11);
+  systems (usecases.forward_to_feeds, issue 11); read only at the sites of consent-based
+  integrations, and not at all without one (usecases.feed_interest);
 - from the restricted account, notifications' DisclosureRecorded: a webhook delivered an
   event about a patient under their consent, for the patient's accounting of disclosures."""
 
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.intake import usecases
 from shared.contracts import EVENT_TYPES, Envelope, Event
 from shared.contracts.events import DisclosureRecorded, ProgramPublished
-from shared.messaging import Subscription
+from shared.messaging import Interest, Subscription
 from shared.messaging.integrations import CONTEXT_EVENTS, PUBLIC_STREAMS
 
 
@@ -40,11 +41,25 @@ def _forwardable(producer: str) -> list[type[Event]]:
     ]
 
 
+def _feed_lane(stream: str, producer: str) -> Subscription:
+    """Read only at the sites of consent-based integrations; dormant without one."""
+    forwardable = _forwardable(producer)
+    names = [cls.__name__ for cls in forwardable]
+
+    async def interest(session: AsyncSession) -> Interest:
+        return await usecases.feed_interest(session, names)
+
+    return Subscription(
+        stream,
+        dict.fromkeys(forwardable, on_public_event),
+        lane="feed",
+        optional=frozenset(forwardable),
+        interest=interest,
+    )
+
+
 SUBSCRIPTIONS = [
     Subscription("IOP_SCHEDULING", {ProgramPublished: on_program_published}),
     Subscription("IOP_RESTRICTED", {DisclosureRecorded: on_disclosure_recorded}),
-    *(
-        Subscription(stream, dict.fromkeys(_forwardable(producer), on_public_event), lane="feed")
-        for stream, producer in PUBLIC_STREAMS.items()
-    ),
+    *(_feed_lane(stream, producer) for stream, producer in PUBLIC_STREAMS.items()),
 ]

@@ -22,7 +22,7 @@ from shared.auth import NetworkAdmin, Principal
 from shared.contracts.events import IntegrationRegistered, IntegrationRevoked, SiteId
 from shared.db import transaction
 from shared.errors import Conflict, Invalid, NotFound
-from shared.http import Db
+from shared.http import Db, RefreshInterests
 from shared.messaging.integrations import integration_consumers, integration_inbox, integration_user
 
 router = APIRouter(tags=["integrations"])
@@ -97,7 +97,9 @@ async def _audit(db: Db, principal: Principal, action: str, row: IntegrationRow)
 
 
 @router.post("/integrations", status_code=201, response_model=IntegrationCredentials)
-async def add_integration(body: IntegrationIn, principal: NetworkAdmin, db: Db) -> IntegrationCredentials:
+async def add_integration(
+    body: IntegrationIn, principal: NetworkAdmin, db: Db, refresh_interests: RefreshInterests
+) -> IntegrationCredentials:
     domain.check_integration_basis(body.basis, body.purpose)
     sites = sorted(set(body.sites))
     password, hashed = await _new_password()
@@ -124,6 +126,7 @@ async def add_integration(body: IntegrationIn, principal: NetworkAdmin, db: Db) 
                 integration_id=body.integration_id, sites=sites, basis=body.basis, purpose=body.purpose
             )
             await store.outbox.emit(db, event, site_id)
+    await refresh_interests()  # a consent-based one wakes the feed lane for its sites
     return IntegrationCredentials(**_out(row).model_dump(), password=password)
 
 
@@ -170,7 +173,9 @@ async def rotate_integration(integration_id: IntegrationId, principal: NetworkAd
 
 
 @router.post("/integrations/{integration_id}/revoke", response_model=IntegrationOut)
-async def revoke_integration(integration_id: IntegrationId, principal: NetworkAdmin, db: Db) -> IntegrationOut:
+async def revoke_integration(
+    integration_id: IntegrationId, principal: NetworkAdmin, db: Db, refresh_interests: RefreshInterests
+) -> IntegrationOut:
     """Revoked for good (add a new one to start again); the broker closes its connections
     at its next reload."""
     async with transaction(db):
@@ -179,4 +184,5 @@ async def revoke_integration(integration_id: IntegrationId, principal: NetworkAd
         await _audit(db, principal, "integration.revoke", row)
         for site_id in json.loads(row["sites"]):
             await store.outbox.emit(db, IntegrationRevoked(integration_id=integration_id), site_id)
+    await refresh_interests()
     return _out({**row, "status": "revoked"})

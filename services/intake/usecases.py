@@ -44,6 +44,7 @@ from shared.contracts.events import (
     TreatmentPlanUpdated,
 )
 from shared.domain_errors import DomainError
+from shared.messaging import Interest
 from shared.messaging.outbox import Chain
 
 OPEN = frozenset(str(s) for s in domain.OPEN_STATUSES)
@@ -599,6 +600,24 @@ async def project_program(session: AsyncSession, event: ProgramPublished, site_i
 
 
 # --- consent-gated feeds and the accounting of disclosures (issue 11) ---------------------------
+
+
+# A new feed-lane durable starts this long before the oldest consent integration was
+# registered: a clock here ahead of the broker's loses none of the events after it.
+FEED_START_MARGIN = timedelta(minutes=1)
+
+
+async def feed_interest(session: AsyncSession, event_types: list[str]) -> Interest:
+    """What the feed lane reads: the public events of the sites some active consent-based
+    integration covers, none at all without one (the lane then lies dormant). Its durable,
+    created when the first such integration is registered, starts just before that."""
+    active = [r for r in await store.list_integrations(session, active_only=True) if r["basis"] == "consent"]
+    sites = {site for r in active for site in json.loads(r["sites"])}
+    since = min((r["created_at"] for r in active), default=None)
+    return Interest(
+        wanted=frozenset((name, site) for name in event_types for site in sites),
+        since=min(since, clock.now()) - FEED_START_MARGIN if since else None,
+    )
 
 
 async def forward_to_feeds(session: AsyncSession, envelope: Envelope, event: Event) -> int:

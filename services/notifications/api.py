@@ -20,7 +20,7 @@ from shared.auth import Admin, Clinical, Integrator, NetworkAdmin, Principal, St
 from shared.contracts.events import SiteId
 from shared.db import transaction
 from shared.errors import AccessDenied, Forbidden, Invalid, NotFound
-from shared.http import Db
+from shared.http import Db, RefreshInterests
 
 router = APIRouter()
 
@@ -449,7 +449,9 @@ def _subscription_out(row: store.SubscriptionRow) -> SubscriptionOut:
 
 
 @router.post("/subscriptions", status_code=201, response_model=SubscriptionOut, tags=["webhooks"])
-async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, request: Request) -> SubscriptionOut:
+async def subscribe(
+    body: SubscriptionIn, principal: Integrator, session: Db, request: Request, refresh_interests: RefreshInterests
+) -> SubscriptionOut:
     """Register a webhook: every listed event of the site is POSTed to `url` as its
     envelope (JSON), signed with X-Iopnet-Timestamp and X-Iopnet-Signature = hex
     HMAC-SHA256(secret, f"{timestamp}.{body}"). The secret is never returned.
@@ -493,6 +495,7 @@ async def subscribe(body: SubscriptionIn, principal: Integrator, session: Db, re
         )  # fmt: skip
         row = await store.get_subscription(session, subscription_id)
     assert row is not None
+    await refresh_interests()  # a type read for webhooks only starts being read at its site
     if body.backfill_from is not None:
         request.app.state.notifier.backfiller.wake()
     return _subscription_out(row)
@@ -649,9 +652,12 @@ async def subscription_deliveries(
 
 
 @router.delete("/subscriptions/{subscription_id}", status_code=204, tags=["webhooks"])
-async def unsubscribe(subscription_id: UUID, principal: Integrator, session: Db) -> None:
+async def unsubscribe(
+    subscription_id: UUID, principal: Integrator, session: Db, refresh_interests: RefreshInterests
+) -> None:
     """Delete the subscription; what it still had queued is cancelled."""
     async with session.begin():
         row = await _owned_subscription(session, principal, subscription_id, lock=True)
         await store.deactivate_subscription(session, row["subscription_id"])
         await store.cancel_queued_webhooks(session, row["subscription_id"])
+    await refresh_interests()

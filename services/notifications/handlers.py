@@ -14,7 +14,9 @@ Every public event type a webhook may subscribe to (usecases.WEBHOOK_EVENTS: the
 public catalog) is consumed here or produced by this service; tests check it. A type
 added to a stream's map below only adds a filter subject to that stream's existing
 durable (shared/messaging/consumer.py derives them from the map, and the durable's config
-is updated in place at start): no new durable, no new broker permission.
+is updated in place at start): no new durable, no new broker permission. A type read
+for webhooks only is in the filter only for the sites whose subscriptions ask for it
+(the subscription routes re-bind the durable after their commit).
 """
 
 from typing import Any
@@ -86,8 +88,15 @@ class Handlers:
                 SessionCompleted: self.for_webhooks_only,
             },
         }
+        # Types read for webhooks only, and only at the sites where a subscription asked
+        # for them (usecases.webhook_interest): nobody subscribing, they cost nothing.
         routine = [
-            Subscription(stream, {cls: self._wrap(handler) for cls, handler in handlers.items()})
+            Subscription(
+                stream,
+                {cls: self._wrap(handler) for cls, handler in handlers.items()},
+                optional=frozenset(cls for cls, handler in handlers.items() if handler == self.for_webhooks_only),
+                interest=usecases.webhook_interest,
+            )
             for stream, handlers in streams.items()
         ]
         # Check-ins in a lane of their own (durable notifications-IOP_INTAKE-safety): an

@@ -41,6 +41,7 @@ from shared.contracts.events import (
     SessionScheduled,
 )
 from shared.domain_errors import DomainError
+from shared.messaging import Interest
 from shared.messaging.integrations import CONTEXT_EVENTS
 from shared.messaging.outbox import Chain
 from shared.settings import Settings
@@ -242,6 +243,13 @@ async def _report_disclosure(session: AsyncSession, subscription: store.Subscrip
         disclosed_at=clock.now(),
     )
     await store.outbox.emit(session, report, envelope.site_id, cause=envelope)
+
+
+async def webhook_interest(session: AsyncSession) -> Interest:
+    """The (event type, site) pairs some webhook subscription asks for, paused ones
+    included (their deliveries queue while they are paused)."""
+    subscriptions = await store.list_subscriptions(session, None)
+    return Interest(wanted=frozenset((t, s["site_id"]) for s in subscriptions for t in s["event_types"]))
 
 
 async def fan_out_event(session: AsyncSession, envelope: Envelope) -> int:

@@ -1,6 +1,6 @@
 """Streams, the transactional outbox, idempotent consumers and the dead-letter path."""
 
-from shared.messaging.consumer import Consumer, Handler, HandlerError, Poison, Subscription
+from shared.messaging.consumer import Consumer, Handler, HandlerError, Interest, Poison, Subscription
 from shared.messaging.inbox import Inbox
 from shared.messaging.outbox import Outbox, OutboxRelay
 from shared.messaging.streams import STREAMS, ensure_streams, owned_streams
@@ -11,6 +11,7 @@ __all__ = [
     "Handler",
     "HandlerError",
     "Inbox",
+    "Interest",
     "Outbox",
     "OutboxRelay",
     "Poison",

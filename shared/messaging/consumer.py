@@ -102,6 +102,12 @@ class Subscription:
     # queued behind a wave of enrollments). Its events keep their order among
     # themselves; the two lanes must not depend on each other's order.
     lane: str | None = None
+    # Event types read only for someone outside who asked for them (a consent feed, a
+    # webhook), and only at the sites they asked for: `interest` says which, from the
+    # service's database. Nobody asking costs nothing; a durable left with nothing to
+    # read is deleted (dormant) and created again, from `Interest.since`, when someone asks.
+    optional: frozenset[type[Event]] = frozenset()
+    interest: "InterestQuery | None" = None
 
     def durable(self, service: str) -> str:
         return f"{service}-{self.stream}" + (f"-{self.lane}" if self.lane else "")
@@ -112,12 +118,35 @@ class Subscription:
     def event_types(self) -> list[str]:
         return sorted(cls.__name__ for cls in self.handlers)
 
-    def filter_subjects(self) -> list[str]:
+    def filter_subjects(self, interest: "Interest | None" = None) -> list[str]:
+        """One subject per event type (all sites), or, for an optional type, one per site
+        the interest names. Without an interest: everything it could read (the AsyncAPI
+        document describes that)."""
         subjects = []
         for cls in sorted(self.handlers, key=lambda c: c.__name__):
             prefix = [ROOT, RESTRICTED] if cls.restricted else [ROOT]
-            subjects.append(".".join([*prefix, cls.producer, event_name(cls.__name__), "*"]))
+            for site in self._sites(cls, interest):
+                subjects.append(".".join([*prefix, cls.producer, event_name(cls.__name__), site]))
         return subjects
+
+    def _sites(self, cls: type[Event], interest: "Interest | None") -> list[str]:
+        if cls not in self.optional or interest is None:
+            return ["*"]
+        sites = {site for name, site in interest.wanted if name == cls.__name__}
+        return ["*"] if "*" in sites else sorted(sites)
+
+
+@dataclass(frozen=True)
+class Interest:
+    """What outside systems ask of a subscription's optional event types right now:
+    (event type, site) pairs, site "*" for every site, and where its durable starts if it
+    has to be created now (None: the stream's first message)."""
+
+    wanted: frozenset[tuple[str, str]] = frozenset()
+    since: datetime | None = None
+
+
+InterestQuery = Callable[[AsyncSession], Awaitable[Interest]]
 
 
 class InOrderPullSubscriber(BatchPullStreamSubscriber):
@@ -243,14 +272,20 @@ class Consumer:
         self._reconnects = 0
         # Which message of a batch the handler is applying (a failure there counts as its try).
         self._position = 0
+        # The filter subjects the durable was last bound with ([] while dormant: nobody
+        # outside asks for anything it reads), and a signal for each bind.
+        self._bound_subjects: list[str] | None = None
+        self.dormant = False
+        self._interest_changed = asyncio.Event()
+        self._rebound = asyncio.Event()
         self.subscriber = _register_subscriber(broker, self)
 
     @property
     def js(self) -> JetStreamContext:
         return jetstream(self.broker)
 
-    def consumer_config(self) -> ConsumerConfig:
-        subjects = self.subscription.filter_subjects()
+    def consumer_config(self, subjects: list[str] | None = None) -> ConsumerConfig:
+        subjects = subjects if subjects is not None else self.subscription.filter_subjects()
         return ConsumerConfig(
             name=self.durable,
             durable_name=self.durable,
@@ -572,21 +607,29 @@ class Consumer:
         return True
 
     async def _bind(self) -> JetStreamContext.PullSubscription | None:
-        """The durable and a pull subscription on it; None if a stop came first."""
-        config = self.consumer_config()
+        """The durable and a pull subscription on it; None if a stop came first. A durable
+        with nothing wanted lies dormant here until someone asks (`refresh_interest`)."""
         delay = 0.2
         while not self.stopping:
             try:
+                self._interest_changed.clear()  # before reading it: a change after this wakes us
+                subjects, since = await self._wanted()
+                if not subjects:
+                    await self._lie_dormant()
+                    continue
                 # The consumer needs somewhere to put dead letters before it takes a message.
                 dlq = [STREAMS[DLQ_STREAM]]
                 await ensure_streams(jetstream(self.dlq_broker), dlq, self.duplicate_window_seconds, update=False)
-                await self.js.add_consumer(self.subscription.stream, config)
+                await self.js.add_consumer(self.subscription.stream, await self._config_for(subjects, since))
                 subscription = await self.js.pull_subscribe_bind(durable=self.durable, stream=self.subscription.stream)
                 self.awaiting_stream = False
+                self._bound(subjects)
                 return subscription
             except (NotFoundError, nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
                 # The owner has not declared the stream yet; keep trying, never give up.
                 self.awaiting_stream = isinstance(exc, NotFoundError)
+                if self.awaiting_stream:
+                    self._rebound.set()  # nothing to bind to yet; it binds with the interest once there is
                 log.info(
                     "waiting for stream",
                     extra={"stream": self.subscription.stream, "error": type(exc).__name__},
@@ -594,6 +637,86 @@ class Consumer:
                 await self._pause(delay)
                 delay = min(delay * 2, 5.0)
         return None
+
+    async def _wanted(self) -> tuple[list[str], datetime | None]:
+        """The filter subjects to bind with now, and where a new durable would start."""
+        if self.subscription.interest is None:
+            return self.subscription.filter_subjects(), None
+        async with self.sessions() as session:
+            interest = await self.subscription.interest(session)
+        return self.subscription.filter_subjects(interest), interest.since
+
+    async def _config_for(self, subjects: list[str], since: datetime | None) -> ConsumerConfig:
+        """An existing durable keeps where it started (JetStream refuses to change that);
+        only its filter subjects change. A new one starts at `since` if given."""
+        config = self.consumer_config(subjects)
+        if self.subscription.interest is None:
+            return config
+        try:
+            existing = (await self.js.consumer_info(self.subscription.stream, self.durable)).config
+        except NotFoundError:
+            if since is not None:
+                config.deliver_policy, config.opt_start_time = DeliverPolicy.BY_START_TIME, since
+            return config
+        config.deliver_policy = existing.deliver_policy
+        config.opt_start_time, config.opt_start_seq = existing.opt_start_time, existing.opt_start_seq
+        return config
+
+    async def _lie_dormant(self) -> None:
+        """Nothing wanted: no durable (so it neither reads nor piles up pending messages),
+        and wait until the interest changes or a stop."""
+        if not self.dormant:
+            with contextlib.suppress(NotFoundError):
+                await self.js.delete_consumer(self.subscription.stream, self.durable)
+            log.info("consumer dormant: nobody asks for its events", extra={"consumer": self.durable})
+        self.dormant = True
+        self.awaiting_stream = False
+        self._bound([])
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        changed = asyncio.ensure_future(self._interest_changed.wait())
+        try:
+            await asyncio.wait({stopping, changed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            changed.cancel()
+
+    @property
+    def bound_subjects(self) -> list[str]:
+        """The filter subjects the durable reads now ([] while dormant or not yet bound)."""
+        return list(self._bound_subjects or [])
+
+    def _bound(self, subjects: list[str]) -> None:
+        self._bound_subjects = subjects
+        self.dormant = not subjects
+        self.bound.set()
+        self._rebound.set()
+
+    async def refresh_interest(self, timeout: float = 10.0) -> bool:
+        """Someone outside asked for more or for less: bind again with the filter subjects
+        the database now gives, and wait (bounded) until bound. True if it changed.
+
+        The durable keeps its place in the stream; events of a newly wanted type or site
+        come from there on (a new durable starts at `Interest.since`)."""
+        if self.subscription.interest is None or self._stop_requested:
+            return False
+        subjects, _ = await self._wanted()
+        if subjects == self._bound_subjects or self._bound_subjects is None:
+            return False  # unchanged, or not bound yet (its first bind reads the interest)
+        self._rebound.clear()
+        if self.dormant:
+            self._interest_changed.set()
+        else:
+            try:
+                async with self.suspended():
+                    pass  # run() binds again on resume, reading the interest afresh
+            except HandlerError:
+                return False  # stopping
+        try:
+            async with asyncio.timeout(timeout):
+                await self._rebound.wait()
+        except TimeoutError:
+            log.warning("consumer not bound again in time", extra={"consumer": self.durable})
+        return True
 
     async def process(self, message: Msg, tried: int = 0) -> None:
         """Apply one message; `tried` counts failed tries made before (in a batch)."""

@@ -118,6 +118,9 @@ def network(tmp_path: Path, databases: dict[str, str], monkeypatch: pytest.Monke
     settings = network_settings(
         tmp_path,
         log_level="WARNING",
+        # Intake's feed lane follows a new consent-based integration in the replica that
+        # registered it at once, in the other within this long.
+        interest_refresh_seconds=1.0,
         intake_database_url=databases["intake"],
         scheduling_database_url=databases["scheduling"],
         notifications_database_url=databases["notifications"],
@@ -211,6 +214,14 @@ async def drive(balancer: Balancer, program: dict[str, str], patient: Patient) -
         }
         attempt += 1
         instance, response = await balancer.call("intake", "POST", "/patients", desk, body)
+        if response.status_code == 409:
+            # The balancer re-sent this body after a replica died with it: the first try
+            # was committed, and the duplicate check names it.
+            instance, response = await balancer.call(
+                "intake", "GET", f"/patients/{response.json()['error']['fields']['patient_id']}", desk
+            )
+            patient.patient_id = str(balancer.accepted(instance, response, 200)["patient_id"])
+            continue
         patient.patient_id = str(balancer.accepted(instance, response, 201)["patient_id"])
     enrollment = {"program_id": program[patient.site_id], "level_of_care": "2.1", "cohort": "adult",
                   "start_date": str(date.today()), "referral_source": "self"}  # fmt: skip
@@ -274,6 +285,7 @@ class Snapshot:
     filters: dict[tuple[str, str, str], list[str]]
     deliveries: dict[str, int]
     unfinished: dict[str, int]  # durable -> messages not yet delivered or not yet acknowledged
+    feed: list[Stored]  # IOP_FEED: intake's forwards into the integrations' feeds
 
 
 def live_url(network: LocalNetwork, user: str) -> str:
@@ -302,7 +314,8 @@ async def snapshot(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sn
         name: {str(r["event_id"]) for r in await rows(engines[name], table)} for name, table in INBOXES.items()
     }
     outboxes: dict[str, list[dict[str, Any]]] = {n: await rows(engines[n], STORES[n].outbox.table) for n in SERVICES}
-    return Snapshot(streams, inboxes, outboxes, filters, deliveries, unfinished)
+    feed = await read_stream(live_url(network, "intake"), "IOP_FEED")
+    return Snapshot(streams, inboxes, outboxes, filters, deliveries, unfinished, feed)
 
 
 def consumed(snap: Snapshot) -> dict[tuple[str, str, str], list[Stored]]:
@@ -341,6 +354,21 @@ async def stream_leader(network: LocalNetwork, stream: str) -> str:
 # --- the test ---------------------------------------------------------------------------------
 
 
+async def feed_everything(http: httpx.AsyncClient, network: LocalNetwork) -> None:
+    body = {"integration_id": "research-all", "sites": list(SITES), "basis": "consent", "purpose": "research"}
+    added = await http.post(f"{network.url('intake')}/integrations", json=body, headers=auth("network_admin"))
+    assert added.status_code == 201, added.text
+
+    async def both_replicas_read() -> bool:
+        for instance in network.replicas("intake"):
+            metrics = (await http.get(f"{network.url(instance)}/metrics")).text
+            if 'iopnet_consumer_dormant{consumer="intake-IOP_INTAKE-feed"} 0.0' not in metrics:
+                return False
+        return True
+
+    await eventually(both_replicas_read, timeout=30, what="both intake replicas reading the feed lane")
+
+
 async def test_cluster_and_replicas_lose_nothing_and_duplicate_nothing_under_kill_9(network: LocalNetwork) -> None:
     started = time.monotonic()
     ledger = Ledger()
@@ -354,6 +382,9 @@ async def test_cluster_and_replicas_lose_nothing_and_duplicate_nothing_under_kil
                 # set_up_site keeps only the program: it writes through replica 1.
                 holder: Any = type("L", (), {"sites": [], "programs": program})()
                 await set_up_site(http, network, holder, site_id)
+            # A consent-based integration of every site: intake's feed lane reads (and both
+            # replicas share it) only when one exists.
+            await feed_everything(http, network)
             balancer = Balancer(network, http, ledger)
             queue: asyncio.Queue[Patient] = asyncio.Queue()
             for index in range(PATIENTS):
@@ -478,10 +509,18 @@ async def verdict(
         if found := once_on_bus("CheckInSubmitted", "check_in_id", p.check_in_id):
             check_ins[str(p.check_in_id)] = found
 
-    # 2. The relays: each outbox row once on the streams, nothing else there.
+    # 2. The relays: each outbox row once on the streams, nothing else there. A forward
+    # into a feed keeps the event's own id: it is matched by (feed subject, event id).
     stored_ids = Counter(s.event_id for events in snap.streams.values() for s in events)
     duplicates["event_id twice on the streams"] += sum(c - 1 for c in stored_ids.values() if c > 1)
-    rows_ids = {str(r["event_id"]) for outbox in snap.outboxes.values() for r in outbox}
+    staged = [r for outbox in snap.outboxes.values() for r in outbox]
+    to_feeds = [r for r in staged if r["subject"].startswith("iop.feed.")]
+    rows_ids = {str(r["event_id"]) for r in staged if r not in to_feeds}
+    forwards = {(r["subject"], json.loads(r["payload"])["event_id"]) for r in to_feeds}
+    fed = Counter((s.subject, s.event_id) for s in snap.feed)
+    lost["forward not in the feed"] += len(forwards - set(fed))
+    duplicates["forward twice in the feed"] += sum(c - 1 for c in fed.values() if c > 1)
+    duplicates["in the feed from no outbox row"] += len(set(fed) - forwards)
     lost["outbox row not on a stream"] += len(rows_ids - set(stored_ids))
     duplicates["stored event from no outbox row"] += len(set(stored_ids) - rows_ids)
     lost["outbox row never marked sent"] += sum(r["sent_at"] is None for o in snap.outboxes.values() for r in o)

@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
 
 from iopnet.testing import eventually
 from services.intake import store, usecases
@@ -208,3 +209,67 @@ async def test_an_event_redelivered_to_the_feed_lane_is_forwarded_and_accounted_
         page = await client.get(f"/patients/{patient}/disclosures", headers=auth("patient", [], patient))
         assert [e["event_type"] for e in page.json()["disclosures"]].count("CheckInSubmitted") == 1
         assert [e["event_type"] for e in await feed_contents(nats_server.url)].count("CheckInSubmitted") == 1
+
+
+async def feed_filters(nats_url: str, stream: str = "IOP_INTAKE") -> list[str] | None:
+    """The filter subjects of intake's feed-lane durable on `stream`; None if it has none."""
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().consumer_info(stream, f"intake-{stream}-feed")
+    except NotFoundError:
+        return None
+    finally:
+        await nc.close()
+    return info.config.filter_subjects or [info.config.filter_subject or ""]
+
+
+async def test_the_feed_lane_reads_only_the_sites_of_consent_integrations_and_lies_dormant_without_one(
+    app, nats_server
+) -> None:
+    """Issue 10: outside systems cost nothing where nobody asked. No durable (and nothing
+    read) until a consent-based integration exists; then only its sites; gone again when
+    the last one is revoked. A `qsoa` integration reads the streams itself: no feed."""
+    async with running(app) as client:
+        for site_id in (SITE, OTHER):
+            site = {"site_id": site_id, "name": site_id.title(), "timezone": "America/New_York"}
+            assert (await client.post("/sites", json=site, headers=ADMIN)).status_code == 201
+        lane = next(c for c in app.state.runtime.consumers if c.durable == "intake-IOP_INTAKE-feed")
+        await eventually(lambda: _now(lane.dormant), what="the feed lane dormant")
+        assert await feed_filters(nats_server.url) is None
+        direct = {"integration_id": "warehouse", "sites": [SITE, OTHER], "basis": "qsoa"}
+        assert (await client.post("/integrations", json=direct, headers=ADMIN)).status_code == 201
+        assert lane.dormant and await feed_filters(nats_server.url) is None
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200, ready.text  # dormant is not unready
+
+        body = {"integration_id": INTEGRATION, "sites": [SITE], "basis": "consent", "purpose": "research"}
+        assert (await client.post("/integrations", json=body, headers=ADMIN)).status_code == 201
+        filters = await feed_filters(nats_server.url)
+        assert not lane.dormant and filters, "the lane is bound once the route answers"
+        assert all(f.endswith(f".{SITE}") for f in filters)
+        assert "iop.intake.check_in_submitted.columbus-east" in filters
+        # Its durable starts just before the integration was added (not at the stream's start).
+        nc = await nats.connect(nats_server.url)
+        try:
+            info = await nc.jetstream().consumer_info("IOP_INTAKE", "intake-IOP_INTAKE-feed")
+        finally:
+            await nc.close()
+        assert info.config.deliver_policy == DeliverPolicy.BY_START_TIME
+        assert info.config.opt_start_time is not None
+
+        # The other site only once an integration covers it; the durable keeps its place.
+        second = {"integration_id": "research-y", "sites": [OTHER], "basis": "consent", "purpose": "research"}
+        assert (await client.post("/integrations", json=second, headers=ADMIN)).status_code == 201
+        filters = await feed_filters(nats_server.url)
+        assert filters and {f.rsplit(".", 1)[1] for f in filters} == {SITE, OTHER}
+
+        for integration_id in (INTEGRATION, "research-y"):
+            assert (await client.post(f"/integrations/{integration_id}/revoke", headers=ADMIN)).status_code == 200
+        assert lane.dormant and await feed_filters(nats_server.url) is None
+        metrics = (await client.get("/metrics")).text
+        assert 'iopnet_consumer_pending{consumer="intake-IOP_INTAKE-feed"} 0.0' in metrics
+        assert 'iopnet_consumer_dormant{consumer="intake-IOP_INTAKE-feed"} 1.0' in metrics
+
+
+async def _now(value: bool) -> bool:
+    return value

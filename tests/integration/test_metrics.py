@@ -71,7 +71,10 @@ async def test_metrics_count_requests_events_and_backlog(app, nats_server) -> No
         if (labels := dict(pairs))
     }
     received = ("iopnet_bus_received_messages_total", "iop.scheduling.program_published.columbus-east", "iopnet-intake")
-    assert bus[received] == 2  # by intake's durable for programs and by its feed lane
+    # By intake's durable for programs only: its feed lane lies dormant without a
+    # consent-based integration, and reads nothing.
+    assert bus[received] == 1
+    assert values[("iopnet_consumer_pending", (("consumer", "intake-IOP_SCHEDULING-feed"),))] == 0
 
 
 async def test_a_scrape_does_not_wait_on_an_absent_broker(app, nats_server) -> None:

@@ -173,10 +173,12 @@ async def test_every_public_event_type_is_subscribable_and_restricted_ones_are_r
         assert [s["subscription_id"] for s in listed] == [everything["subscription_id"]]
 
 
-async def test_the_existing_durables_grow_the_filter_subjects_of_the_new_types(
+async def test_the_durables_read_a_webhook_only_type_only_where_a_subscription_asks_for_it(
     nats_server, database_url: str, tmp_path: Path, smtp_sink: SmtpSink, peer: SlowPeer
 ) -> None:
-    """A deployment upgraded in place: the durables exist with the filters of before."""
+    """A deployment upgraded in place (the durables exist with the filters of before):
+    a type read for webhooks only is added for the subscription's site when it
+    subscribes, and removed when it unsubscribes; nothing else of the durable changes."""
     old = {
         "IOP_INTAKE": ["iop.intake.patient_enrolled.*", "iop.intake.site_registered.*"],
         "IOP_SCHEDULING": ["iop.scheduling.session_scheduled.*", "iop.scheduling.patient_booked.*"],
@@ -199,11 +201,24 @@ async def test_the_existing_durables_grow_the_filter_subjects_of_the_new_types(
             for stream, filters in old.items():
                 info = await js.consumer_info(stream, f"notifications-{stream}")
                 assert set(filters) < set(info.config.filter_subjects or [])
-            scheduling = await js.consumer_info("IOP_SCHEDULING", "notifications-IOP_SCHEDULING")
-            assert "iop.scheduling.program_published.*" in (scheduling.config.filter_subjects or [])
-            intake = await js.consumer_info("IOP_INTAKE", "notifications-IOP_INTAKE")
-            assert "iop.intake.treatment_plan_updated.*" in (intake.config.filter_subjects or [])
+            asked = {
+                "IOP_SCHEDULING": f"iop.scheduling.program_published.{SITE}",
+                "IOP_INTAKE": f"iop.intake.treatment_plan_updated.{SITE}",
+            }
+            for stream, subject in asked.items():
+                filters = (await js.consumer_info(stream, f"notifications-{stream}")).config.filter_subjects or []
+                assert subject in filters
+                # Only that site; the types nobody subscribed to are not read at all.
+                assert not any(f.startswith("iop.scheduling.session_completed") for f in filters)
+                assert not any(f.endswith(f"{OTHER_SITE}") for f in filters)
             assert (await deliveries(client, created["subscription_id"]))["items"][0]["status"] == "sent"
+
+            sid = created["subscription_id"]
+            assert (await client.delete(f"/subscriptions/{sid}", headers=OWNER)).status_code == 204
+            for stream, subject in asked.items():
+                info = await js.consumer_info(stream, f"notifications-{stream}")
+                assert subject not in (info.config.filter_subjects or [])
+                assert set(old[stream]) < set(info.config.filter_subjects or [])
     finally:
         await nc.close()
 

@@ -5,8 +5,9 @@ from services.notifications import domain
 from services.notifications.backfill import subjects_for
 from services.notifications.handlers import SUBSCRIPTIONS
 from services.notifications.usecases import WEBHOOK_EVENTS
-from shared.contracts.events import EVENT_TYPES
+from shared.contracts.events import EVENT_TYPES, SessionCompleted, SessionScheduled
 from shared.contracts.subjects import event_name
+from shared.messaging import Interest
 
 
 def test_subscribable_types_are_the_public_catalog() -> None:
@@ -54,3 +55,20 @@ def test_backfill_reads_each_stream_of_the_subscribed_types_for_the_site_only() 
         "IOP_INTAKE": "iop.intake.patient_enrolled.a-site",
         "IOP_NOTIFICATIONS": "iop.notifications.care_team_alerted.a-site",
     }  # fmt: skip
+
+
+def test_a_webhook_only_type_is_read_only_at_the_sites_a_subscription_asks_for() -> None:
+    """Issue 10: what only outside systems need costs nothing where nobody asked."""
+    scheduling = next(s for s in SUBSCRIPTIONS if s.durable("notifications") == "notifications-IOP_SCHEDULING")
+    assert SessionCompleted in scheduling.optional and SessionScheduled not in scheduling.optional
+    nobody = scheduling.filter_subjects(Interest())
+    assert "iop.scheduling.session_scheduled.*" in nobody  # what notifications itself needs: every site
+    assert not any("session_completed" in s or "program_published" in s for s in nobody)
+    asked = Interest(wanted=frozenset({("SessionCompleted", "a-site"), ("SessionCompleted", "b-site")}))
+    subjects = scheduling.filter_subjects(asked)
+    assert {"iop.scheduling.session_completed.a-site", "iop.scheduling.session_completed.b-site"} <= set(subjects)
+    assert set(nobody) < set(subjects) and len(subjects) == len(nobody) + 2
+    everywhere = Interest(wanted=frozenset({("SessionCompleted", "*"), ("SessionCompleted", "a-site")}))
+    assert "iop.scheduling.session_completed.*" in scheduling.filter_subjects(everywhere)
+    # Without an interest (the AsyncAPI document): everything it could read.
+    assert "iop.scheduling.session_completed.*" in scheduling.filter_subjects()
