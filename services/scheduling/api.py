@@ -22,7 +22,7 @@ from shared.api import Input
 from shared.auth import Admin, Clinical, NetworkAdmin, Principal, Staff, StaffOrPatient, ensure_site
 from shared.contracts.events import AttendanceStatus, Cohort, LevelOfCare, SessionKind, SiteId
 from shared.db import transaction
-from shared.errors import AccessDenied, Conflict, Invalid, NotFound
+from shared.errors import AccessDenied, Invalid, NotFound
 from shared.http import Db
 
 router = APIRouter()
@@ -401,10 +401,8 @@ async def open_slot(clinician_id: ClinicianId, body: SlotIn, principal: Clinical
         site = await _site(session, principal, body.site_id)
         starts = domain.local_instant(body.starts_local.date(), body.starts_local.time(), _zone(site))
         ends = starts + timedelta(minutes=body.minutes)
-        if starts <= clock.now():
-            raise Invalid("a slot must be in the future", {"starts_local": "in the past"})
         times: usecases.SlotTimes = {"local_date": body.starts_local.date(), "starts_at": starts, "ends_at": ends}
-        row = await usecases.open_slot(session, site, clinician_id, times)
+        row = await usecases.open_slot(session, site, clinician_id, times, clock.now())
     return SessionOut.model_validate(row)  # the row's other columns are ignored
 
 
@@ -413,12 +411,7 @@ async def book_session(session_id: UUID, body: SlotBookingIn, principal: Staff, 
     async with transaction(session):
         row = await _session(session, principal, session_id, "booking.create", lock=True)
         enrollment = await _enrollment(session, principal, body.enrollment_id, "booking.create")
-        if enrollment["site_id"] != row["site_id"] or enrollment["status"] != "active":
-            raise Invalid("the enrollment is not active at this session's site", {"enrollment_id": "wrong site"})
-        if row["starts_at"] <= clock.now():
-            raise Invalid("the session has started", {"session_id": "in the past"})
-        individual = row["kind"] == "individual_therapy"
-        status = await usecases.book(session, str(session_id), enrollment, None, waitlist=not individual)
+        status = await usecases.book_by_staff(session, row, enrollment, clock.now())
         await store.record_access(session, principal, "booking.create", row["site_id"], enrollment["patient_id"])
     return {"session_id": session_id, "enrollment_id": body.enrollment_id, "status": status}
 
@@ -464,8 +457,6 @@ async def read_enrollment(enrollment_id: UUID, principal: Staff, session: Db) ->
 async def switch_track(enrollment_id: UUID, body: TrackIn, principal: Staff, session: Db) -> dict[str, Any]:
     async with transaction(session):
         enrollment = await _enrollment(session, principal, enrollment_id, "enrollment.switch_track")
-        if enrollment["status"] != "active":
-            raise Conflict("only an active enrollment can switch track")
         program = await store.get_program(session, body.program_id)
         if program is None or not principal.sees_site(program["site_id"]):
             raise Invalid("unknown program", {"program_id": "no such program"})

@@ -150,9 +150,13 @@ class SlotTimes(TypedDict):
     ends_at: datetime
 
 
-async def open_slot(session: AsyncSession, site: SiteRow, clinician_id: str, times: SlotTimes) -> NewSession:
+async def open_slot(
+    session: AsyncSession, site: SiteRow, clinician_id: str, times: SlotTimes, now: datetime
+) -> NewSession:
     """Open a one-to-one session (`times`: local_date, starts_at, ends_at) in a
     clinician's calendar, unless it overlaps another of theirs. Returns the session."""
+    if times["starts_at"] <= now:
+        raise DomainError("invalid", "a slot must be in the future", fields={"starts_local": "in the past"})
     await store.lock_clinician(session, clinician_id)
     if await store.clinician_overlaps(session, clinician_id, times["starts_at"], times["ends_at"]):
         raise DomainError("conflict", "the clinician already has a session at that time")
@@ -274,6 +278,19 @@ async def converge_bookings(
 
 
 # --- bookings ------------------------------------------------------------------------
+
+
+async def book_by_staff(session: AsyncSession, target: SessionRow, enrollment: EnrollmentRow, now: datetime) -> str:
+    """Staff book an enrollment into a session of its site that has not started: a
+    group session waitlists when full, an individual one refuses. Returns the status."""
+    if enrollment["site_id"] != target["site_id"] or enrollment["status"] != "active":
+        raise DomainError(
+            "invalid", "the enrollment is not active at this session's site", fields={"enrollment_id": "wrong site"}
+        )
+    if target["starts_at"] <= now:
+        raise DomainError("invalid", "the session has started", fields={"session_id": "in the past"})
+    individual = target["kind"] == "individual_therapy"
+    return await book(session, str(target["session_id"]), enrollment, None, waitlist=not individual)
 
 
 async def book(
@@ -436,6 +453,8 @@ async def close_site_day(session: AsyncSession, site: SiteRow, local_date: date,
 async def switch_track(session: AsyncSession, enrollment: EnrollmentRow, program: ProgramRow, now: datetime) -> int:
     """Move an enrollment to another track of its site: future bookings move, past
     attendance (and so the week's hours) stays with the enrollment."""
+    if enrollment["status"] != "active":
+        raise DomainError("conflict", "only an active enrollment can switch track")
     if program["site_id"] != enrollment["site_id"]:
         raise DomainError("invalid", "a track switch stays within the site; use a transfer", "program_id")
     if program["cohort"] != enrollment["cohort"]:

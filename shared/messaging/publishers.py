@@ -1,9 +1,11 @@
 """Every event type a service produces, declared as a FastStream publisher with its
 message model: FastStream's AsyncAPI document lists them (channel, operation, payload).
 
-The outbox relay publishes through the same broker (`broker.publish` with the stream,
-so each publish waits for JetStream's ack); these declarations are the specification
-of what it publishes, one per event type, as the catalog in shared/contracts defines it.
+The outbox relay publishes on the same broker's connection, pipelined (every row of a
+batch written, then every JetStream ack awaited before a row is marked sent: see
+`OutboxRelay._publish` for why not one awaited `broker.publish` per row); dead letters
+go through `broker.publish`. These declarations are the specification of what it
+publishes, one per event type, as the catalog in shared/contracts defines it.
 """
 
 from functools import cache
