@@ -31,7 +31,7 @@ import re
 import signal
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -43,6 +43,7 @@ import pytest
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from iopnet.bench import _drop_databases, _postgres_databases
 from iopnet.natsd import RESTRICTED_USERS
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
@@ -52,7 +53,7 @@ from services.scheduling import store as scheduling_store
 from shared.db import create_engine
 from shared.messaging.connection import connect_once
 from shared.settings import SERVICES, ServiceName
-from tests.conftest import SmtpSink, auth, network_settings
+from tests.conftest import SmtpSink, _postgres_admin_url, auth, network_settings
 
 SITES = ("crash-north", "crash-south")
 PATIENTS = 64
@@ -112,9 +113,26 @@ def live_notifications(monkeypatch: pytest.MonkeyPatch, smtp_sink: SmtpSink) -> 
         monkeypatch.setenv(key, value)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def service_databases(request: pytest.FixtureRequest) -> AsyncIterator[dict[str, str]]:
+    """The three services' database URLs as settings: their SQLite files in the data dir,
+    or three fresh databases on the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield {}
+        return
+    admin = _postgres_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
+    urls, names = await _postgres_databases(admin)
+    try:
+        yield {f"{service}_database_url": url for service, url in urls.items()}
+    finally:
+        await _drop_databases(admin, names)
+
+
 @pytest.fixture
-def network(tmp_path: Path) -> Iterator[LocalNetwork]:
-    settings = network_settings(tmp_path, log_level="WARNING")
+def network(tmp_path: Path, service_databases: dict[str, str]) -> Iterator[LocalNetwork]:
+    settings = network_settings(tmp_path, log_level="WARNING", **service_databases)
     network = LocalNetwork(settings, log_dir=tmp_path)
     try:
         network.start()

@@ -164,15 +164,18 @@ async def test_a_service_stopped_mid_backlog_hands_it_back_in_order(
     async def held_until_the_stop(session: AsyncSession, envelope: Envelope, event: Event) -> None:
         assert isinstance(event, SiteRegistered)
         if event.name == "Site 010":
+            in_hand.set()
             await first.stopping.wait()  # the SIGTERM comes while this batch is at work
 
+    in_hand = asyncio.Event()
     first = service(held_until_the_stop)
     await first.start()
     try:
 
         async def at_work() -> bool:
-            return len(first._tasks) > 1 and bool(first.consumers) and first.consumers[0].stats.transactions > 0
+            return in_hand.is_set()
 
+        # A batch at work (the one that holds Site 010), not just the first message.
         await eventually(at_work, what="the consumer to start on the backlog")
     finally:
         await first.stop()

@@ -3,6 +3,7 @@ bus and notifications' handler to the CareTeamAlerted it causes (shared/tracing.
 intake and notifications running in this process on a real nats-server and SQLite. The
 spans go to an in-memory exporter; their parent links are what is checked."""
 
+from collections.abc import AsyncIterator
 from datetime import date
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from iopnet.testing import eventually
 from services.intake.app import create_app as intake_app
 from services.notifications.app import create_app as notifications_app
 from shared.tracing import install
-from tests.conftest import auth, make_settings, program_published, publish, running
+from tests.conftest import auth, fresh_postgres_database, make_settings, program_published, publish, running
 
 SITE = "columbus-east"
 ADMIN = auth("network_admin")
@@ -45,16 +46,24 @@ def one(spans: list[ReadableSpan], kind: SpanKind, name_part: str) -> ReadableSp
     return matching[0]
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def databases(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[tuple[str, str]]:
+    """Intake's and notifications' databases, on each backend."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'i.db'}", f"sqlite+aiosqlite:///{tmp_path / 'n.db'}"
+        return
+    async with fresh_postgres_database() as intake, fresh_postgres_database() as notifications:
+        yield intake, notifications
+
+
 async def test_a_check_in_is_one_trace_from_the_request_to_the_care_team_alert(
-    spans: InMemorySpanExporter, nats_server, tmp_path: Path
+    spans: InMemorySpanExporter, nats_server, tmp_path: Path, databases: tuple[str, str]
 ) -> None:
-    intake = intake_app(
-        make_settings(nats_server.url, tmp_path / "i", intake_database_url=f"sqlite+aiosqlite:///{tmp_path / 'i.db'}")
-    )
+    spans.clear()
+    intake_url, notifications_url = databases
+    intake = intake_app(make_settings(nats_server.url, tmp_path / "i", intake_database_url=intake_url))
     notifications = notifications_app(
-        make_settings(
-            nats_server.url, tmp_path / "n", notifications_database_url=f"sqlite+aiosqlite:///{tmp_path / 'n.db'}"
-        )
+        make_settings(nats_server.url, tmp_path / "n", notifications_database_url=notifications_url)
     )
     async with running(intake) as desk, running(notifications) as notify:
         site = {"site_id": SITE, "name": "Columbus East", "timezone": "America/New_York"}
@@ -94,13 +103,14 @@ async def test_a_check_in_is_one_trace_from_the_request_to_the_care_team_alert(
     finished = list(spans.get_finished_spans())
     request = one(finished, SpanKind.SERVER, "POST /patients/{patient_id}/check-ins")
     submitted = one(finished, SpanKind.PRODUCER, "iop.intake.check_in_submitted")
-    # Applied twice: by notifications' safety lane, which alerts, and by intake's feed lane.
+    # Applied once: by notifications' safety lane, which alerts (intake's feed lane lies
+    # dormant: no consent-based integration).
     consumed = {
         str((s.attributes or {}).get("messaging.consumer.group.name")): s
         for s in finished
         if s.kind == SpanKind.CONSUMER and s.name == "CheckInSubmitted process"
     }
-    assert set(consumed) == {"notifications-IOP_INTAKE-safety", "intake-IOP_INTAKE-feed"}
+    assert set(consumed) == {"notifications-IOP_INTAKE-safety"}
     handled = consumed["notifications-IOP_INTAKE-safety"]
     alerted = one(finished, SpanKind.PRODUCER, "iop.notifications.care_team_alerted")
     # Request -> (outbox row) -> publish -> (message headers) -> handler -> (outbox row) -> publish.
