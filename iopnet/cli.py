@@ -33,12 +33,18 @@ app.add_typer(integrations_app, name="integrations")
 
 
 @app.command()
-def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | notifications")]) -> None:
-    """Run one service (HTTP API, its consumers and its outbox relay)."""
+def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | notifications | console")]) -> None:
+    """Run one service (HTTP API, its consumers and its outbox relay), or the console."""
     import uvicorn
 
     from shared.logging import configure_logging
 
+    if service == "console":
+        from services.console.app import create_app as console_app
+
+        settings = Settings()
+        uvicorn.run(console_app(settings), host=settings.http_host, port=settings.console_port, log_config=None)
+        return
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     name: ServiceName = service  # type: ignore[assignment]

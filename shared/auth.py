@@ -119,6 +119,10 @@ async def current_principal(
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing or invalid bearer token")
     settings = request.app.state.settings
+    provider = getattr(request.app.state, "oidc", None)
+    if provider is not None and provider.issued(credentials.credentials):
+        principal: Principal = await provider.principal(credentials.credentials)
+        return principal
     return decode_token(
         settings.signing_secret,
         credentials.credentials,

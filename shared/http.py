@@ -24,6 +24,7 @@ from shared.files import secure_data_dir, secure_file
 from shared.logging import log_context
 from shared.messaging.asyncapi import asyncapi_document
 from shared.metrics import install_metrics
+from shared.oidc import oidc_verifier
 from shared.runtime import ServiceRuntime
 from shared.tracing import TELEMETRY, configure_tracing
 
@@ -60,6 +61,7 @@ def create_service_app(runtime: ServiceRuntime, routers: list[APIRouter], descri
     )
     app.state.runtime = runtime
     app.state.settings = runtime.settings
+    app.state.oidc = oidc_verifier(runtime.settings)
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=runtime.settings.max_body_bytes)
     install_metrics(app, runtime)

@@ -66,6 +66,32 @@ class Settings(BaseSettings):
     # A token whose exp - iat exceeds this is refused, whoever signed it.
     jwt_max_ttl_seconds: int = 12 * 3600
 
+    # Staff and patients sign in through an OpenID Connect provider (issue 13; off when
+    # no issuer is set). The services accept its tokens (RS256/ES256 from its JWKS) for
+    # this audience, mapping these claims to iopnet's role, sites and patient id; tokens
+    # of the shared secret above keep working (make run, the tests, `iopnet token`).
+    oidc_issuer: str | None = None
+    oidc_audience: str = "iopnet-console"
+    oidc_role_claim: str = "iopnet_role"
+    oidc_sites_claim: str = "iopnet_sites"
+    oidc_patient_claim: str = "iopnet_patient_id"
+    # The console signs people in as this client (Authorization Code with PKCE; the
+    # secret only if the provider holds the console as a confidential client).
+    oidc_client_id: str = "iopnet-console"
+    oidc_client_secret: str | None = None
+
+    # The console (services/console): the clinics' screens; it owns no patient data.
+    console_port: int = 8000
+    # Where browsers reach it (the sign-in's redirect URI); default http://<host>:<port>.
+    console_public_url: str | None = None
+    # Signs the session cookie. Absent: derived from the JWT secret (one secret for
+    # `make run`); a deployment sets its own.
+    console_session_secret: str | None = None
+    console_idle_minutes: int = Field(default=15, ge=1, le=12 * 60)
+    # The development sign-in (pick a demo user, get a shared-secret token): `iopnet run`
+    # turns it on; never in production (the production compose and manifests do not).
+    console_dev_signin: bool = False
+
     log_level: str = "INFO"
     max_body_bytes: int = 64 * 1024
 
