@@ -58,7 +58,7 @@ CRISIS_LINES = {
     "en": [
         ("988", "Call or text 988, the Suicide & Crisis Lifeline (US), any time."),
         ("911", "In immediate danger, call 911."),
-        ("clinic", "Your care team has been told and will contact you."),
+        ("clinic", "Your care team is told the moment you send this check-in."),
     ],
     "es": [
         (
@@ -66,7 +66,7 @@ CRISIS_LINES = {
             "Llame o envíe un mensaje de texto al 988, la Línea de Prevención del Suicidio y Crisis, a cualquier hora.",
         ),
         ("911", "Si está en peligro inmediato, llame al 911."),
-        ("clinic", "Su equipo de atención ha sido avisado y se comunicará con usted."),
+        ("clinic", "Su equipo de atención recibe un aviso en cuanto envíe este registro."),
     ],
 }
 
