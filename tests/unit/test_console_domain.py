@@ -1,0 +1,48 @@
+"""The console's pure rules: language choice, idle sign-out, where a person lands, and
+that every text exists in both languages."""
+
+from datetime import UTC, datetime, timedelta
+
+from services.console.domain import (
+    CRISIS_LINES,
+    LANGUAGES,
+    TEXTS,
+    Person,
+    home_for,
+    idle_expired,
+    language_from,
+    token_expired,
+)
+
+
+def person(role: str) -> Person:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    return Person("someone", role, ("a-site",), None, "token", later, "oidc")
+
+
+def test_the_chosen_language_wins_then_the_browsers_then_english() -> None:
+    assert language_from("es-MX,es;q=0.9,en;q=0.8", None) == "es"
+    assert language_from("es-MX,es;q=0.9", "en") == "en"
+    assert language_from("fr-FR,de;q=0.8", None) == "en"
+    assert language_from(None, "xx") == "en"
+
+
+def test_a_session_ends_after_the_idle_time_or_with_its_token() -> None:
+    now = datetime.now(UTC)
+    assert not idle_expired(now - timedelta(minutes=14), now, timedelta(minutes=15))
+    assert idle_expired(now - timedelta(minutes=16), now, timedelta(minutes=15))
+    assert not token_expired(person("clinician"), now)
+    assert token_expired(person("clinician"), now + timedelta(hours=2))
+
+
+def test_each_role_lands_on_its_screen() -> None:
+    assert home_for(person("clinician")) == "/alerts"
+    assert home_for(person("site_admin")) == "/alerts"
+    assert home_for(person("front_desk")) == "/patients"
+    assert home_for(person("patient")) == "/me"
+
+
+def test_every_text_and_the_crisis_lines_exist_in_english_and_spanish() -> None:
+    assert all(set(texts) == set(LANGUAGES) and all(texts.values()) for texts in TEXTS.values())
+    assert set(CRISIS_LINES) == set(LANGUAGES)
+    assert all(any(code == "988" for code, _ in lines) for lines in CRISIS_LINES.values())
