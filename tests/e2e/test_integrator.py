@@ -31,6 +31,7 @@ import pytest
 
 from iopnet.network import LocalNetwork
 from iopnet.testing import BusRecorder, eventually
+from shared.messaging.connection import connect_once
 from tests.conftest import auth, token
 from tests.e2e.test_integrations import iopnet
 
@@ -96,6 +97,16 @@ def subscriber(
     )
     examples.append(example)
     return example
+
+
+async def feed_lane_done(network: LocalNetwork) -> bool:
+    """Intake's feed lane on IOP_INTAKE has nothing left to read or to acknowledge."""
+    nc = await connect_once(network.nats_url)  # as `ops`, replies on its own inbox prefix
+    try:
+        info = await nc.jetstream().consumer_info("IOP_INTAKE", "intake-IOP_INTAKE-feed")
+    finally:
+        await nc.close()
+    return not info.num_pending and not info.num_ack_pending
 
 
 def stored(tmp_path: Path) -> list[dict[str, Any]]:
@@ -310,11 +321,18 @@ async def test_a_consent_integration_gets_a_patients_events_only_from_their_cons
         assert granted.status_code == 201, granted.text
         after = await check_in(http, network, "site-a", patient)
 
-        async def fed_after() -> bool:
-            return any(e["data"].get("check_in_id") == after for e in stored(tmp_path))
+        async def fed_and_decided() -> bool:
+            # Both of the patient's events in the feed, and intake's feed lane done with every
+            # IOP_INTAKE event (so the check-in before the consent was decided too). Not by
+            # their order: intake's relay publishes check-ins first (safety), so the later
+            # check-in may be on the bus, and in the feed, before the ConsentGranted.
+            events = stored(tmp_path)
+            fed = any(e["data"].get("check_in_id") == after for e in events) and any(
+                e["event_type"] == "ConsentGranted" and e["data"].get("patient_id") == patient for e in events
+            )
+            return fed and await feed_lane_done(network)
 
-        # IOP_INTAKE's order: once the later check-in is here, every earlier intake event was decided.
-        await eventually(fed_after, timeout=60, what="the check-in after the consent in the feed")
+        await eventually(fed_and_decided, timeout=60, what="the patient's events in the feed, every event decided")
         events = stored(tmp_path)
         about = [e for e in events if e["data"].get("patient_id") == patient]
         assert sorted(e["event_type"] for e in about) == ["CheckInSubmitted", "ConsentGranted"]
