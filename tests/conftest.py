@@ -123,6 +123,22 @@ async def fresh_postgres_database() -> AsyncIterator[str]:
             await connection.close()
 
 
+@asynccontextmanager
+async def fresh_service_databases() -> AsyncIterator[dict[str, str]]:
+    """Three fresh databases on the test PostgreSQL, one per service, as
+    `<service>_database_url` settings; dropped afterwards."""
+    from iopnet.bench import _drop_databases, _postgres_databases
+
+    admin = _postgres_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
+    urls, names = await _postgres_databases(admin)
+    try:
+        yield {f"{service}_database_url": url for service, url in urls.items()}
+    finally:
+        await _drop_databases(admin, names)
+
+
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     """One fresh database per test, on each backend."""

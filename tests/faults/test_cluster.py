@@ -38,7 +38,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Table
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iopnet.bench import _drop_databases, _postgres_databases
 from iopnet.natsd import RESTRICTED_USERS
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
@@ -48,7 +47,7 @@ from services.scheduling import store as scheduling_store
 from shared.db import create_engine
 from shared.messaging.connection import connect_once
 from shared.settings import SERVICES, ServiceName
-from tests.conftest import _postgres_admin_url, auth, network_settings
+from tests.conftest import auth, fresh_service_databases, network_settings
 from tests.faults.test_crash_load import Stored, matches, read_stream, rows, set_up_site
 
 pytestmark = pytest.mark.postgres
@@ -101,14 +100,8 @@ STREAMS_READ = {
 
 @pytest.fixture
 async def databases() -> AsyncIterator[dict[str, str]]:
-    admin = _postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
-    urls, names = await _postgres_databases(admin)
-    try:
+    async with fresh_service_databases() as urls:
         yield urls
-    finally:
-        await _drop_databases(admin, names)
 
 
 @pytest.fixture
@@ -121,9 +114,7 @@ def network(tmp_path: Path, databases: dict[str, str], monkeypatch: pytest.Monke
         # Intake's feed lane follows a new consent-based integration in the replica that
         # registered it at once, in the other within this long.
         interest_refresh_seconds=1.0,
-        intake_database_url=databases["intake"],
-        scheduling_database_url=databases["scheduling"],
-        notifications_database_url=databases["notifications"],
+        **databases,
     )
     network = LocalNetwork(settings, log_dir=tmp_path, nats_nodes=3, replicas=2)
     try:

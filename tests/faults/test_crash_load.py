@@ -43,7 +43,6 @@ import pytest
 from sqlalchemy import Table, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from iopnet.bench import _drop_databases, _postgres_databases
 from iopnet.natsd import RESTRICTED_USERS
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
@@ -53,7 +52,7 @@ from services.scheduling import store as scheduling_store
 from shared.db import create_engine
 from shared.messaging.connection import connect_once
 from shared.settings import SERVICES, ServiceName
-from tests.conftest import SmtpSink, _postgres_admin_url, auth, network_settings
+from tests.conftest import SmtpSink, auth, fresh_service_databases, network_settings
 
 SITES = ("crash-north", "crash-south")
 PATIENTS = 64
@@ -120,14 +119,8 @@ async def service_databases(request: pytest.FixtureRequest) -> AsyncIterator[dic
     if request.param == "sqlite":
         yield {}
         return
-    admin = _postgres_admin_url()
-    if admin is None:
-        pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
-    urls, names = await _postgres_databases(admin)
-    try:
-        yield {f"{service}_database_url": url for service, url in urls.items()}
-    finally:
-        await _drop_databases(admin, names)
+    async with fresh_service_databases() as urls:
+        yield urls
 
 
 @pytest.fixture
