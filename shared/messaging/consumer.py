@@ -443,27 +443,38 @@ class Consumer:
 
     async def apply(self, envelopes: list[Envelope], message: NatsBatchMessage = Context()) -> list[Outcome]:
         """The subscriber's handler: the batch in one transaction, each event once (its
-        inbox row), by its event class's handler. The consumer acks after the commit."""
+        inbox row), by its event class's handler. The consumer acks after the commit.
+        The inbox is asked once for the batch and its rows written in one statement."""
         outcomes: list[Outcome] = []
         async with self.sessions() as session, session.begin():
+            seen = await self.inbox.seen(session, envelopes)
+            applied: list[dict[str, object]] = []
             for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
                 if outcomes and self._yield_to_safety():
                     break  # committed so far; process_batch takes the rest next
                 self._position = position
-                outcomes.append(await self._apply_one(session, envelope, headers))
+                outcome = await self._apply_one(session, envelope, headers, seen)
+                if outcome == "applied":
+                    applied.append(self.inbox.row(envelope, self.durable))
+                outcomes.append(outcome)
+            await self.inbox.record(session, applied)
         self.stats.transactions += 1
         return outcomes
 
     def _yield_to_safety(self) -> bool:
         return self.gate is not None and self.subscription.lane != "safety" and self.gate.pressing
 
-    async def _apply_one(self, session: AsyncSession, envelope: Envelope, headers: Mapping[str, str] | None) -> Outcome:
+    async def _apply_one(
+        self, session: AsyncSession, envelope: Envelope, headers: Mapping[str, str] | None, seen: set[str]
+    ) -> Outcome:
+        """One event through its handler unless `seen` holds its id (which it then does)."""
         event = _event(envelope)
         handler = self.subscription.handler_for(event)
         if handler is None:
             return "not_handled"
-        if not await self.inbox.claim(session, envelope, self.durable):
+        if str(envelope.event_id) in seen:
             return "duplicate"
+        seen.add(str(envelope.event_id))
         with self._handling(envelope, headers):
             await handler(session, envelope, event)
         return "applied"
@@ -774,7 +785,9 @@ class Consumer:
             raise HandlerError("unknown event type") from None
         try:
             async with self.sessions() as session, session.begin():
-                outcome = await self._apply_one(session, envelope, None)
+                outcome = await self._apply_one(session, envelope, None, await self.inbox.seen(session, [envelope]))
+                if outcome == "applied":
+                    await self.inbox.record(session, [self.inbox.row(envelope, self.durable)])
         except Exception as exc:
             raise HandlerError(f"{envelope.event_type} failed: {_describe(exc)}") from None
         if outcome == "not_handled":

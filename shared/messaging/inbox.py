@@ -5,6 +5,7 @@ redelivered after a crash, a lost ack or a re-publish past the duplicate window 
 applied exactly once.
 """
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from sqlalchemy import Column, MetaData, String, Table, insert, select
@@ -31,19 +32,33 @@ class Inbox:
         Two replicas racing on one event both see "new"; the primary key makes the
         second commit fail, so that delivery is retried and then skipped.
         """
-        event_id = str(envelope.event_id)
-        seen = await session.execute(select(self.table.c.event_id).where(self.table.c.event_id == event_id))
-        if seen.first() is not None:
+        if await self.seen(session, [envelope]):
             return False
-        await session.execute(
-            insert(self.table).values(
-                event_id=event_id,
-                event_type=envelope.event_type,
-                consumer=consumer,
-                received_at=datetime.now(UTC),
-            )
-        )
+        await self.record(session, [self.row(envelope, consumer)])
         return True
+
+    async def seen(self, session: AsyncSession, envelopes: Sequence[Envelope]) -> set[str]:
+        """The ids among these events that were applied before: a batch asks once, not
+        once per event (each statement is a round trip to the database's thread)."""
+        ids = {str(envelope.event_id) for envelope in envelopes}
+        result = await session.execute(select(self.table.c.event_id).where(self.table.c.event_id.in_(ids)))
+        return set(result.scalars())
+
+    def row(self, envelope: Envelope, consumer: str) -> dict[str, object]:
+        """The inbox row of an event applied now (its time is taken now, not at commit)."""
+        return {
+            "event_id": str(envelope.event_id),
+            "event_type": envelope.event_type,
+            "consumer": consumer,
+            "received_at": datetime.now(UTC),
+        }
+
+    async def record(self, session: AsyncSession, rows: Sequence[dict[str, object]]) -> None:
+        """The rows of the events applied in this transaction, in one statement. The
+        primary key still refuses an event another replica applied meanwhile: the
+        transaction fails and the batch goes one by one, where it is skipped."""
+        if rows:
+            await session.execute(insert(self.table), list(rows))
 
 
 class IdempotentEffects(Inbox):
@@ -56,5 +71,8 @@ class IdempotentEffects(Inbox):
     def __init__(self) -> None:  # no table
         pass
 
-    async def claim(self, session: AsyncSession, envelope: Envelope, consumer: str) -> bool:
-        return True
+    async def seen(self, session: AsyncSession, envelopes: Sequence[Envelope]) -> set[str]:
+        return set()
+
+    async def record(self, session: AsyncSession, rows: Sequence[dict[str, object]]) -> None:
+        pass

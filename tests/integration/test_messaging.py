@@ -9,13 +9,15 @@ from datetime import date
 from pathlib import Path
 from uuid import uuid4
 
+from sqlalchemy import event as sqlalchemy_event
+
 from iopnet.testing import eventually
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientContactChanged, PatientEnrolled
 from shared.messaging import Consumer, HandlerError, Subscription
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import connected_broker, dead_letters, publish, publish_raw
+from tests.conftest import applied_in_order, connected_broker, dead_letters, publish, publish_raw
 
 
 def enrolled(program_id: str):
@@ -199,6 +201,47 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
         await close(broker)
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
+
+
+async def test_a_batch_asks_the_inbox_once_and_applies_an_event_twice_in_it_once(nats_server, inbox_db) -> None:
+    """The inbox costs two statements per batch, not two per event (each is a round trip
+    to the database), and an event re-published past the duplicate window that lands in
+    the same batch as its first copy is still applied once."""
+    inbox, sessions = inbox_db
+    seen: list[str] = []
+    inbox_statements: list[str] = []
+
+    def count_inbox(conn, cursor, statement: str, *args) -> None:
+        if "inbox" in statement:
+            inbox_statements.append(statement)
+
+    async def handler(session, envelope, event) -> None:
+        seen.append(event.program_id)
+
+    engine = sessions.kw["bind"].sync_engine
+    sqlalchemy_event.listen(engine, "before_cursor_execute", count_inbox)
+    backlog = [enrolled(f"p{index:02d}") for index in range(20)]
+    await publish(nats_server.url, *backlog)
+    await publish(nats_server.url, backlog[5], msg_id_prefix="again-")  # a second copy on the bus
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("once", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_taken() -> bool:
+            return consumer.stats.applied + consumer.stats.skipped_duplicates == 21
+
+        await eventually(all_taken, what="twenty-one messages taken")
+    finally:
+        task.cancel()
+        await close(broker)
+        sqlalchemy_event.remove(engine, "before_cursor_execute", count_inbox)
+    assert seen == [f"p{index:02d}" for index in range(20)]
+    assert consumer.stats.applied == 20 and consumer.stats.skipped_duplicates == 1
+    assert consumer.stats.transactions <= 3
+    assert len(inbox_statements) <= 2 * consumer.stats.transactions  # a SELECT and an INSERT each
+    assert len(await applied_in_order(sessions, inbox)) == 20
 
 
 async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(nats_server, inbox_db, caplog) -> None:
