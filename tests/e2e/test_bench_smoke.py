@@ -1,10 +1,12 @@
 """`iopnet bench` with a tiny load completes and reports every figure it promises
-(issue 10). No timing is asserted: timings are the benchmark's output, not a test's."""
+(issue 10), and so does `iopnet bench-consumer` (issue 9). No timing is asserted:
+timings are the benchmark's output, not a test's."""
 
 import json
 from pathlib import Path
 
 from iopnet.bench import BenchConfig, main
+from iopnet.bench_consumer import run
 
 
 def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
@@ -42,3 +44,12 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     assert cost["check_in"]["cpu_ms_per_request"]["intake"] > 0
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
+
+
+async def test_a_tiny_consumer_bench_drains_every_message_with_each_consumer() -> None:
+    """`iopnet bench-consumer`: each of the three consumers drains the same events; no
+    timing asserted, only that every rate and ratio is reported from a full drain."""
+    results = await run(messages=40, rounds=1)
+    for name in ("raw_msgs_per_s", "raw_batched_inbox_msgs_per_s", "iopnet_msgs_per_s"):
+        assert len(results[name]) == 1 and results[name][0] > 0
+    assert results["ratio_iopnet_to_raw"] > 0 and results["ratio_iopnet_to_raw_batched_inbox"] > 0
