@@ -9,6 +9,9 @@ and applies the allow-lists below (DESIGN A4: `iop.restricted.>` / IOP_RESTRICTE
 in an account of its own, readable by the notifications service only). `iopnet run`
 always passes users; the tests' own `nats_server` fixture starts without them (one
 global account, no permissions). deploy/nats.conf carries the same block.
+
+The console (services/console) has a user of its own that hears CareTeamAlerted and
+nothing else: no other subject, no JetStream API, no publish at all.
 """
 
 import contextlib
@@ -28,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.contracts.subjects import event_name
 from shared.messaging.integrations import integration_consumers, integration_user
 
 # Two NATS accounts. IOP holds the public events and every service's main connection;
@@ -39,7 +43,9 @@ MAIN_ACCOUNT = "IOP"
 RESTRICTED_ACCOUNT = "RESTRICTED"
 SERVICE_USERS = ("intake", "scheduling", "notifications")
 RESTRICTED_USERS = {"intake": "intake-restricted", "notifications": "notifications-restricted"}
-USERS = (*SERVICE_USERS, "ops", *RESTRICTED_USERS.values())
+# The console's user: a core subscription to the care-team alerts (services/console/live.py).
+CONSOLE_USER = "console"
+USERS = (*SERVICE_USERS, "ops", CONSOLE_USER, *RESTRICTED_USERS.values())
 CREDENTIALS_FILE = "credentials.json"
 PID_FILE = "nats-server.pid"
 # deploy/nats.conf and docker-compose.yml take the passwords from these variables.
@@ -50,6 +56,8 @@ PRODUCER_SUBJECTS = {
     "scheduling": "iop.scheduling.>",
     "notifications": "iop.notifications.>",
 }
+# What the console listens to: the site is the last token; the payload has ids only (DESIGN A4).
+CONSOLE_SUBJECTS = (f"iop.notifications.{event_name('CareTeamAlerted')}.*",)
 # What `ops` (events tail, the tests' and bench's bus recorders) may subscribe to: every
 # public event and the dead letters.
 OBSERVED_SUBJECTS = (*PRODUCER_SUBJECTS.values(), "iop.dlq.>")
@@ -97,7 +105,8 @@ CONTROL_SUBJECT = "iop.ctl.{service}.*"
 class Permissions:
     """nats-server allow-lists: a user may publish and subscribe to these subjects only.
     The JetStream API is subjects too (`$JS.API.…`), so every stream and consumer
-    operation a user may make is listed here by name."""
+    operation a user may make is listed here by name. An empty list allows nothing
+    (written as `deny: [">"]`: nats-server reads an empty allow-list as no limit)."""
 
     account: str
     publish: tuple[str, ...]
@@ -186,6 +195,14 @@ PERMISSIONS: dict[str, Permissions] = {
         ),
         subscribe=(*OBSERVED_SUBJECTS, f"{inbox('ops')}.>"),
     ),
+    # The console: hears CareTeamAlerted (which site has a new alert) and tells that site's
+    # browsers; they then ask notifications with their own token. It publishes nothing (no
+    # event, no JetStream API, no request), reads no stream, and its inbox is its own.
+    CONSOLE_USER: Permissions(
+        account=MAIN_ACCOUNT,
+        publish=(),
+        subscribe=(*CONSOLE_SUBJECTS, f"{inbox(CONSOLE_USER)}.>"),
+    ),
     # Publishes contact changes; creates IOP_RESTRICTED if it is missing, never changes it.
     # Reads back only notifications' reports of disclosures (its durable's one filter is
     # checked in the CONSUMER.CREATE subject): never a contact detail.
@@ -248,10 +265,13 @@ def integration_permissions(integration: IntegrationUser) -> Permissions:
 
 
 def _allow(direction: str, subjects: tuple[str, ...]) -> list[str]:
+    # nats-server takes an empty allow-list as none at all (everything allowed): nothing
+    # allowed is written as everything denied.
+    rule, listed = ("allow", subjects) if subjects else ("deny", (">",))
     return [
         f"          {direction}: {{",
-        "            allow: [",
-        *(f'              "{s}"' for s in subjects),
+        f"            {rule}: [",
+        *(f'              "{s}"' for s in listed),
         "            ]",
         "          }",
     ]

@@ -12,6 +12,7 @@ chmod 0700 "$dir"
 random() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 for name in jwt_secret \
     nats_intake_password nats_scheduling_password nats_notifications_password nats_ops_password \
+    nats_console_password \
     nats_intake_restricted_password nats_notifications_restricted_password \
     postgres_superuser_password postgres_intake_password postgres_scheduling_password \
     postgres_notifications_password; do

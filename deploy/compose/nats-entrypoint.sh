@@ -8,7 +8,7 @@ set -eu
 # Overridable for tests/deploy/test_compose.py, which runs this script with `-t`.
 secrets="${NATS_SECRETS_DIR:-/run/secrets}"
 config="${NATS_CONFIG:-/etc/nats/nats.conf}"
-for user in intake scheduling notifications ops intake_restricted notifications_restricted; do
+for user in intake scheduling notifications ops console intake_restricted notifications_restricted; do
     file="$secrets/nats_${user}_password"
     value=$(cat "$file")
     case "$value" in

@@ -12,6 +12,8 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from shared.messaging.connection import inbox_prefix, servers
+
 log = logging.getLogger("iopnet.console.live")
 
 ALERT_SUBJECT = "iop.notifications.care_team_alerted.*"
@@ -32,8 +34,14 @@ class AlertFeed:
         return self._client is not None and self._client.is_connected
 
     async def start(self) -> None:
+        # As NATS user `console` (iopnet/natsd.py): this subject and its own inbox prefix
+        # are all it may subscribe to. Every node of a cluster (a URL per node, commas).
         self._client = await nats.connect(
-            self.nats_url, name="iopnet-console", max_reconnect_attempts=-1, connect_timeout=5
+            servers(self.nats_url),
+            inbox_prefix=inbox_prefix(self.nats_url),
+            name="iopnet-console",
+            max_reconnect_attempts=-1,
+            connect_timeout=5,
         )
         await self._client.subscribe(ALERT_SUBJECT, cb=self._on_alert)
 

@@ -32,6 +32,7 @@ import nats
 import nats.errors
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -55,13 +56,14 @@ from iopnet.natsd import (
     ops_url,
 )
 from iopnet.testing import eventually
+from services.console.live import ALERT_SUBJECT, AlertFeed
 from services.intake.handlers import SUBSCRIPTIONS as INTAKE_SUBSCRIPTIONS
 from services.notifications.handlers import SUBSCRIPTIONS as NOTIFICATIONS_SUBSCRIPTIONS
 from services.scheduling import store as scheduling_store
 from services.scheduling.app import create_app as create_scheduling
 from services.scheduling.handlers import SUBSCRIPTIONS as SCHEDULING_SUBSCRIPTIONS
 from shared.contracts import dlq_subject, new_envelope
-from shared.contracts.events import PatientContactChanged, PatientEnrolled, SiteRegistered
+from shared.contracts.events import CareTeamAlerted, PatientContactChanged, PatientEnrolled, SiteRegistered
 from shared.messaging.connection import connect_once
 from shared.messaging.control import control_subject
 from shared.messaging.streams import STREAMS, ensure_streams, owned_streams, stream_for_subject
@@ -383,6 +385,9 @@ PUBLISH_RULES = [
     (INTAKE_R, "iop.restricted.intake.patient_contact_changed.site-a", True),
     (INTAKE_R, "iop.intake.patient_enrolled.site-a", False),
     (NOTIFICATIONS_R, "iop.restricted.intake.patient_contact_changed.site-a", False),
+    # The console publishes nothing, not even the alert it listens to.
+    ("console", "iop.notifications.care_team_alerted.site-a", False),
+    ("console", "iop.intake.check_in_submitted.site-a", False),
 ]
 
 
@@ -407,6 +412,87 @@ async def test_each_user_publishes_only_its_own_subjects(server: NatsServer) -> 
         stored["IOP_RESTRICTED"] = (await notifications.js.stream_info("IOP_RESTRICTED")).state.messages
     expected = Counter(stream_for_subject(subject) for _, subject, allowed in PUBLISH_RULES if allowed)
     assert stored == {name: expected[name] for name in STREAMS}
+
+
+def care_team_alerted() -> Any:
+    event = CareTeamAlerted(
+        alert_id=uuid4(), patient_id=uuid4(), reason="urgent_check_in", severity="urgent", cause_event_id=uuid4()
+    )
+    return new_envelope(event, site_id=SITE)
+
+
+async def test_the_console_hears_care_team_alerts_and_nothing_else(server: NatsServer) -> None:
+    """The console's user (iopnet run, compose, Kubernetes): a core subscription to
+    CareTeamAlerted, as notifications' relay publishes it into IOP_NOTIFICATIONS; every
+    other subject, the JetStream API and every publish refused."""
+    assert PERMISSIONS["console"].subscribe == (ALERT_SUBJECT, "_INBOX.console.>")
+    assert PERMISSIONS["console"].publish == () and not PERMISSIONS["console"].allow_responses
+    await declare_streams(server)
+    await publish_as_intake(server, enrolled(), contact_changed())
+    async with connected(server, "console") as console, connected(server, "notifications") as notifications:
+        heard: asyncio.Queue[Msg] = asyncio.Queue()
+        await console.nc.subscribe(ALERT_SUBJECT, cb=heard.put)
+        await console.nc.flush()  # the server has the subscription before the alert
+        alert = care_team_alerted()
+        ack = await notifications.js.publish(
+            alert.subject, alert.to_bytes(), headers={"Nats-Msg-Id": str(alert.event_id)}
+        )
+        assert ack.stream == "IOP_NOTIFICATIONS"
+        message = await asyncio.wait_for(heard.get(), timeout=5)
+        assert message.subject == alert.subject == f"iop.notifications.care_team_alerted.{SITE}"
+        assert json.loads(message.data)["event_id"] == str(alert.event_id)
+
+        # Any other subject: the other producers', contact details, dead letters, the
+        # JetStream API and its acks, anyone's inbox, everything.
+        refused = (
+            "iop.intake.>", "iop.scheduling.>", "iop.notifications.>", "iop.notifications.notification_sent.*",
+            "iop.restricted.>", "iop.dlq.>", "iop.ctl.>", "$JS.API.>", "$JS.ACK.>", "_INBOX.>", ">",
+        )  # fmt: skip
+        for pattern in refused:
+            await console.nc.subscribe(pattern)
+            await console.reported("subscription", pattern)
+        # No event, no JetStream call: not even reading a stream's state or a stored message.
+        event = enrolled()
+        await console.denied(console.js.publish(event.subject, event.to_bytes(), timeout=DENIED_TIMEOUT), event.subject)
+        await console.nc.publish(alert.subject, alert.to_bytes())
+        await console.reported("publish", alert.subject)
+        js = console.nc.jetstream(timeout=DENIED_TIMEOUT)
+        await console.denied(js.stream_info("IOP_INTAKE"), "$JS.API.STREAM.INFO.IOP_INTAKE")
+        await console.denied(js.get_msg("IOP_NOTIFICATIONS", 1), "$JS.API.STREAM.MSG.GET.IOP_NOTIFICATIONS")
+        await console.denied(console.api("$JS.API.INFO"), "$JS.API.INFO")
+        consumer = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT)
+        await console.denied(
+            js.add_consumer("IOP_NOTIFICATIONS", consumer), "$JS.API.CONSUMER.CREATE.IOP_NOTIFICATIONS"
+        )
+        assert heard.empty(), "only the one alert, never its own publish"
+    async with connected(server, "ops") as ops:
+        assert (await ops.js.stream_info("IOP_NOTIFICATIONS")).state.messages == 1
+        assert (await ops.js.stream_info("IOP_INTAKE")).state.messages == 1
+
+
+async def test_the_console_alert_feed_connects_as_its_user(server: NatsServer) -> None:
+    """services/console/live.py on the console's credentials: ready, and a new alert at a
+    site reaches the browsers listening for it. The alert is published until one is heard:
+    the feed's subscription reaches the server a moment after it starts."""
+    feed = AlertFeed(server.user_url("console"))
+    await feed.start()
+    try:
+        assert feed.connected
+        await declare_streams(server)
+        listener = feed.listen(frozenset({SITE}))
+        first = asyncio.ensure_future(anext(listener))
+        async with connected(server, "notifications") as notifications:
+
+            async def heard() -> bool:
+                alert = care_team_alerted()
+                await notifications.js.publish(alert.subject, alert.to_bytes())
+                return first.done()
+
+            await eventually(heard, what="the console heard a CareTeamAlerted")
+        assert first.result() == SITE
+        await listener.aclose()
+    finally:
+        await feed.stop()
 
 
 async def dead_letter_as(server: NatsServer, consumer: str, original: Any, sequence: int, **overrides: Any) -> None:
@@ -496,11 +582,12 @@ async def test_a_dead_letter_retry_applies_the_stored_original_in_its_own_consum
 def test_credentials_persist_across_restarts_and_gain_new_users(tmp_path: Path) -> None:
     nats_dir = tmp_path / "nats"
     nats_dir.mkdir()
-    # A file from before the restricted account: its four passwords are kept.
+    # A file from before the restricted account and the console: its four passwords are
+    # kept, the new users get one each.
     old = {user: f"old-{user}-password" for user in ("intake", "scheduling", "notifications", "ops")}
     (nats_dir / CREDENTIALS_FILE).write_text(json.dumps(old))
     first = load_or_create_credentials(nats_dir)
-    assert set(first) == set(USERS)
+    assert set(first) == set(USERS) and "console" in first
     assert {user: first[user] for user in old} == old
     assert len(set(first.values())) == len(USERS)
     path = nats_dir / CREDENTIALS_FILE
