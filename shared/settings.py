@@ -85,7 +85,8 @@ class Settings(BaseSettings):
     # Where browsers reach it (the sign-in's redirect URI); default http://<host>:<port>.
     console_public_url: str | None = None
     # Signs the session cookie. Absent: derived from the JWT secret (one secret for
-    # `make run`); a deployment sets its own.
+    # `make run`); a deployment sets its own (IOPNET_CONSOLE_SESSION_SECRET_FILE), at
+    # least MIN_SECRET_BYTES long: a cookie would let a short one be guessed offline.
     console_session_secret: str | None = None
     console_idle_minutes: int = Field(default=15, ge=1, le=12 * 60)
     # The development sign-in (pick a demo user, get a shared-secret token): `iopnet run`
@@ -184,6 +185,8 @@ class Settings(BaseSettings):
     notifications_database_password_file: Path | None = None
     smtp_password_file: Path | None = None
     sms_api_key_file: Path | None = None
+    oidc_client_secret_file: Path | None = None
+    console_session_secret_file: Path | None = None
 
     @field_validator("jwt_secret")
     @classmethod
@@ -197,7 +200,7 @@ class Settings(BaseSettings):
         if self.jwt_secret_file is not None:
             _not_both(self.jwt_secret, "IOPNET_JWT_SECRET")
             self.jwt_secret = check_secret(_read_secret(self.jwt_secret_file), "IOPNET_JWT_SECRET_FILE")
-        for field in ("smtp_password", "sms_api_key"):
+        for field in ("smtp_password", "sms_api_key", "oidc_client_secret", "console_session_secret"):
             path = getattr(self, f"{field}_file")
             if path is not None:
                 _not_both(getattr(self, field), f"IOPNET_{field.upper()}")
@@ -215,6 +218,17 @@ class Settings(BaseSettings):
                         f"IOPNET_{field.replace('_url', '_password_file').upper()} needs IOPNET_{field.upper()}"
                     )
                 setattr(self, field, _with_password(url, encode(_read_secret(path)), f"IOPNET_{field.upper()}"))
+        return self
+
+    @model_validator(mode="after")
+    def _session_secret_long_enough(self) -> "Settings":
+        secret = self.console_session_secret
+        if secret and len(secret.encode()) < MIN_SECRET_BYTES:
+            raise WeakSecretError(
+                f"the console's session secret has {len(secret.encode())} bytes; at least {MIN_SECRET_BYTES} "
+                "are needed: set a longer IOPNET_CONSOLE_SESSION_SECRET(_FILE), or unset it (derived from the JWT "
+                "secret)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -115,3 +115,25 @@ def test_smtp_password_and_sms_key_from_files(tmp_path: Path) -> None:
         sms_api_key_file=_file(tmp_path, "sms", "sms-key"),
     )
     assert (settings.smtp_password, settings.sms_api_key) == ("smtp-secret", "sms-key")
+
+
+def test_the_consoles_session_secret_and_oidc_client_secret_from_files(tmp_path: Path) -> None:
+    session = "k" * 48
+    settings = Settings(
+        jwt_secret=SECRET,
+        console_session_secret_file=_file(tmp_path, "session", session + "\n"),
+        oidc_client_secret_file=_file(tmp_path, "oidc", "client-secret"),
+    )
+    assert (settings.console_session_secret, settings.oidc_client_secret) == (session, "client-secret")
+    with pytest.raises(ValidationError, match="both set"):
+        Settings(console_session_secret=session, console_session_secret_file=_file(tmp_path, "s2", session))
+
+
+def test_a_short_console_session_secret_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    for given in (
+        {"console_session_secret": "short-session"},
+        {"console_session_secret_file": _file(tmp_path, "s", "short-session")},
+    ):
+        with pytest.raises(ValidationError, match="at least 32") as refused:
+            Settings(jwt_secret=SECRET, **given)
+        assert "short-session" not in str(refused.value)
