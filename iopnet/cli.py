@@ -43,7 +43,17 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
         from services.console.app import create_app as console_app
 
         settings = Settings()
-        uvicorn.run(console_app(settings), host=settings.http_host, port=settings.console_port, log_config=None)
+        configure_logging(settings.log_level, "console")
+        # An open live-alert stream (server-sent events) never ends by itself: a stop waits
+        # this long for them, then closes them.
+        uvicorn.run(
+            console_app(settings),
+            host=settings.http_host,
+            port=settings.console_port,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=10,
+        )
         return
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
@@ -63,7 +73,8 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
 
 @app.command()
 def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo network")] = False) -> None:
-    """Run the whole network locally: embedded NATS (unless IOPNET_NATS_URL) and the three services."""
+    """Run the whole network locally: embedded NATS (unless IOPNET_NATS_URL), the three services
+    and the console (development sign-in: there is no identity provider here)."""
     from iopnet.natsd import CREDENTIALS_FILE
     from iopnet.network import LocalNetwork
 
@@ -81,7 +92,7 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
     # Before anything is written: the umask (0o077) is inherited by nats-server and the
     # services, and modes left open by an older version are closed.
     secure_data_dir(settings.data_dir)
-    network = LocalNetwork(settings)
+    network = LocalNetwork(settings, console=True)
     try:
         network.start()
         embedded = ""
@@ -91,6 +102,7 @@ def run(demo: Annotated[bool, typer.Option("--demo", help="also seed a demo netw
         typer.echo(f"{'nats':<15}{network.public_nats_url}{embedded}")
         for name in SERVICES:
             typer.echo(f"{name:<15}{network.url(name)}  (docs: {network.url(name)}/docs)")
+        typer.echo(f"{'console':<15}{network.url('console')}  (sign in: {network.url('console')}/signin)")
         if demo:
             from iopnet.demo import seed_demo
 

@@ -6,7 +6,11 @@ Scaled out (tests/faults/test_cluster.py): `nats_nodes=3` runs an embedded three
 cluster instead of the one server (the services get every node's URL and fail over), and
 `replicas=N` runs N processes of each service, each on a port of its own, sharing the
 service's database, durable consumers and outbox (PostgreSQL only: SQLite takes one).
-Replica 1 of a service is named as the service (`intake`), the others `intake-2` and on."""
+Replica 1 of a service is named as the service (`intake`), the others `intake-2` and on.
+
+`console=True` (`iopnet run`) also runs the web console (`iopnet serve console`) on
+`console_port`, as NATS user `console`, with the development sign-in on: a local network
+has no identity provider. Its session key is derived from the network's JWT secret."""
 
 import os
 import re
@@ -16,11 +20,12 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Literal
 
 import httpx
 
 from iopnet.natsd import (
+    CONSOLE_USER,
     OBSERVED_SUBJECTS,
     RESTRICTED_USERS,
     NatsCluster,
@@ -37,6 +42,20 @@ from shared.settings import SERVICES, ServiceName, Settings
 # to the first once it has run for STABLE_SECONDS.
 RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_SECONDS = 60.0
+# What LocalNetwork runs: the three services and, with console=True, the console.
+CONSOLE: Literal["console"] = "console"
+Deployable = ServiceName | Literal["console"]
+# The console owns no data and reads no contact detail: none of the services' database
+# URLs, restricted NATS account, mail or SMS credentials reach it.
+_NOT_FOR_THE_CONSOLE = (
+    "IOPNET_NATS_RESTRICTED_URL",
+    "IOPNET_NATS_RESTRICTED_PASSWORD_FILE",
+    *(f"IOPNET_{n.upper()}_DATABASE_{suffix}" for n in SERVICES for suffix in ("URL", "PASSWORD_FILE")),
+    "IOPNET_SMTP_PASSWORD",
+    "IOPNET_SMTP_PASSWORD_FILE",
+    "IOPNET_SMS_API_KEY",
+    "IOPNET_SMS_API_KEY_FILE",
+)
 
 
 def describe_exit(code: int) -> str:
@@ -62,6 +81,7 @@ class LocalNetwork:
         bench_password: str | None = None,
         nats_nodes: int = 1,
         replicas: int = 1,
+        console: bool = False,
     ) -> None:
         self.settings = settings
         self.log_dir = log_dir
@@ -74,11 +94,13 @@ class LocalNetwork:
         # nats_nodes > 1: the embedded cluster (self.nats stays None).
         self.nats_cluster: NatsCluster | None = None
         # Instance name -> (service, HTTP port): replica 1 has the service's own name and port.
-        self.instances: dict[str, tuple[ServiceName, int]] = {}
+        self.instances: dict[str, tuple[Deployable, int]] = {}
         for name in SERVICES:
             for replica in range(1, replicas + 1):
                 instance = name if replica == 1 else f"{name}-{replica}"
                 self.instances[instance] = (name, settings.port(name) if replica == 1 else free_port())
+        if console:
+            self.instances[CONSOLE] = (CONSOLE, settings.console_port)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: list[IO[bytes]] = []
         # supervise(): exits in a row, when each was started, when a pending restart is due,
@@ -116,10 +138,12 @@ class LocalNetwork:
         """`nats_url` without credentials, for printing."""
         return public_url(self.nats_url)
 
-    def service_nats_url(self, service: ServiceName) -> str:
-        """Each service connects to the embedded server (every node of the embedded
-        cluster) as its own user."""
-        return self.user_url(service) if self.embedded is not None else self.settings.effective_nats_url
+    def service_nats_url(self, service: Deployable) -> str:
+        """Each service (and the console) connects to the embedded server (every node of
+        the embedded cluster) as its own user."""
+        if self.embedded is None:
+            return self.settings.effective_nats_url
+        return self.user_url(CONSOLE_USER if service == CONSOLE else service)
 
     def url(self, instance: str) -> str:
         """An instance's base URL: `intake` is replica 1 of intake, `intake-2` replica 2."""
@@ -130,7 +154,7 @@ class LocalNetwork:
         """The instance names of `service`, replica 1 first."""
         return [instance for instance, (name, _) in self.instances.items() if name == service]
 
-    def child_env(self, service: ServiceName, port: int | None = None) -> dict[str, str]:
+    def child_env(self, service: Deployable, port: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
@@ -152,6 +176,12 @@ class LocalNetwork:
         elif self.settings.nats_restricted_url:
             env["IOPNET_NATS_RESTRICTED_URL"] = self.settings.nats_restricted_url
         self._pass_secrets(env)
+        if service == CONSOLE:
+            env["IOPNET_CONSOLE_PORT"] = str(port if port is not None else self.settings.console_port)
+            # No identity provider here: the demo users' sign-in (an explicit value wins).
+            env.setdefault("IOPNET_CONSOLE_DEV_SIGNIN", "true")
+            for variable in _NOT_FOR_THE_CONSOLE:
+                env.pop(variable, None)
         return env
 
     def _pass_secrets(self, env: dict[str, str]) -> None:
@@ -199,8 +229,9 @@ class LocalNetwork:
                 )
                 self.nats.start()
         # Replica 1 first: it migrates the database; the others start on the migrated one
-        # (two Alembic upgrades at once on a fresh database would race).
-        first: list[str] = [instance for instance in self.instances if instance in SERVICES]
+        # (two Alembic upgrades at once on a fresh database would race). The console, which
+        # has no database, starts with them.
+        first: list[str] = [instance for instance in self.instances if instance in (*SERVICES, CONSOLE)]
         for instance in first:
             self._spawn(instance)
         self.wait_ready(timeout, first)

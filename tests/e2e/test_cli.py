@@ -1,7 +1,10 @@
 """The CLI as a user runs it: `iopnet run --demo` brings the network up on its embedded
-nats-server, and Ctrl-C (SIGINT) stops every process; `iopnet token` is accepted."""
+nats-server, the console beside the services with the development sign-in (its demo
+users are the demo data's staff), and Ctrl-C (SIGINT) stops every process; `iopnet token`
+is accepted."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,12 +12,14 @@ from pathlib import Path
 
 import httpx
 
+from iopnet.demo import DEMO_SITES
 from iopnet.natsd import free_port
 from iopnet.testing import LineReader
+from services.console.signin import DEMO_STAFF
 
 
 def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "EMBEDDED_NATS")}
+    ports = {name: free_port() for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "CONSOLE", "EMBEDDED_NATS")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOPNET_")}
     env.update({f"IOPNET_{name}_PORT": str(port) for name, port in ports.items()})
     env["IOPNET_DATA_DIR"] = str(tmp_path / ".data")
@@ -41,15 +46,40 @@ def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
         with httpx.Client(timeout=5) as http:
             sites = http.get(f"http://127.0.0.1:{ports['INTAKE']}/sites", headers={"Authorization": f"Bearer {token}"})
         assert [s["site_id"] for s in sites.json()] == ["columbus-east"]
+
+        assert f"http://127.0.0.1:{ports['CONSOLE']}  (sign in: " in printed
+        check_the_console(f"http://127.0.0.1:{ports['CONSOLE']}")
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=30)
     assert code == 0, output.text()
     assert "iopnet stopped" in output.text()
     with httpx.Client(timeout=1) as http:
-        for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS"):
+        for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "CONSOLE"):
             try:
                 http.get(f"http://127.0.0.1:{ports[name]}/healthz")
             except httpx.ConnectError:
                 continue
             raise AssertionError(f"{name} still answering after Ctrl-C")
+
+
+def check_the_console(console: str) -> None:
+    """Up and ready (its NATS user hears the bus), the development sign-in offered with
+    the demo staff, whose sites are the demo data's; a demo clinician signs in and the
+    alert inbox loads from notifications with the token the console minted."""
+    with httpx.Client(base_url=console, timeout=10) as browser:
+        assert browser.get("/healthz").status_code == 200
+        ready = browser.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["service"] == "console", ready.text
+        page = browser.get("/signin")
+        assert page.status_code == 200 and 'action="/signin/dev"' in page.text
+        for sub, _, _ in DEMO_STAFF:
+            assert f'value="{sub}"' in page.text
+        staff_sites = {site for _, _, sites in DEMO_STAFF for site in sites}
+        assert staff_sites == {site["site_id"] for site in DEMO_SITES}, "demo users for the demo sites"
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        signed_in = browser.post("/signin/dev", data={"csrf": csrf.group(1), "sub": "demo-clinician"})
+        assert signed_in.status_code == 303, signed_in.text
+        inbox = browser.get("/alerts")
+        assert inbox.status_code == 200 and 'action="/signout"' in inbox.text, inbox.text

@@ -63,7 +63,7 @@ async def test_a_killed_service_comes_back_with_backoff(network: LocalNetwork) -
 
 
 def start_run(tmp_path: Path) -> tuple[subprocess.Popen[bytes], dict[str, int]]:
-    ports = {name: free_port() for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "EMBEDDED_NATS")}
+    ports = {name: free_port() for name in ("INTAKE", "SCHEDULING", "NOTIFICATIONS", "CONSOLE", "EMBEDDED_NATS")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOPNET_")}
     env.update({f"IOPNET_{name}_PORT": str(port) for name, port in ports.items()})
     env["IOPNET_DATA_DIR"] = str(tmp_path / ".data")

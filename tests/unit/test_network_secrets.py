@@ -3,6 +3,8 @@ its value in their environment (docker inspect, /proc/<pid>/environ)."""
 
 from pathlib import Path
 
+import pytest
+
 from iopnet.network import LocalNetwork
 from shared.settings import Settings
 
@@ -27,3 +29,38 @@ def test_a_jwt_secret_given_as_a_value_stays_a_value(tmp_path: Path, monkeypatch
     env = network.child_env("scheduling")
     assert env["IOPNET_JWT_SECRET"] == SECRET
     assert "IOPNET_JWT_SECRET_FILE" not in env
+
+
+def test_the_console_gets_its_port_the_development_sign_in_and_no_service_secret(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`iopnet run` runs the console beside the services: on console_port, the demo users'
+    sign-in on (no identity provider here), the JWT secret (it mints their tokens and
+    derives its session key) but none of the services' databases, contact details account,
+    mail or SMS credentials."""
+    monkeypatch.delenv("IOPNET_CONSOLE_DEV_SIGNIN", raising=False)
+    monkeypatch.setenv("IOPNET_SMTP_PASSWORD", "smtp-pw")
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        nats_url="nats://127.0.0.1:4999",
+        nats_restricted_url="nats://restricted:pw@127.0.0.1:4999",
+        intake_database_url="postgresql+asyncpg://intake:db-pw@127.0.0.1/intake",
+        jwt_secret=SECRET,
+        console_port=8123,
+    )
+    network = LocalNetwork(settings, console=True)
+    assert network.url("console") == "http://127.0.0.1:8123"
+    env = network.child_env("console")
+    assert env["IOPNET_CONSOLE_PORT"] == "8123" and env["IOPNET_CONSOLE_DEV_SIGNIN"] == "true"
+    assert env["IOPNET_NATS_URL"] == "nats://127.0.0.1:4999" and env["IOPNET_JWT_SECRET"] == SECRET
+    assert not [k for k in env if "DATABASE" in k or "RESTRICTED" in k or k.startswith(("IOPNET_SMTP_P", "IOPNET_SMS"))]
+    assert "db-pw" not in "".join(env.values()) and "smtp-pw" not in "".join(env.values())
+    assert env.get("IOPNET_SMTP_PASSWORD") is None
+    assert network.child_env("intake")["IOPNET_NATS_RESTRICTED_URL"].startswith("nats://restricted:")
+    assert "console" not in LocalNetwork(settings).instances, "only `iopnet run` asks for it"
+
+
+def test_an_explicit_development_sign_in_setting_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOPNET_CONSOLE_DEV_SIGNIN", "false")
+    settings = Settings(data_dir=tmp_path / "data", nats_url="nats://127.0.0.1:4999", jwt_secret=SECRET)
+    assert LocalNetwork(settings, console=True).child_env("console")["IOPNET_CONSOLE_DEV_SIGNIN"] == "false"
