@@ -4,7 +4,8 @@ services with their token, and listens to the bus for CareTeamAlerted to update 
 clinicians' alert inbox live.
 
 It has no database and publishes no event, so of DESIGN B1's shape it keeps what applies:
-`domain.py` (pure rules and texts), `pages.py` (HTTP in), `live.py` (events in),
+`domain.py` (pure rules and texts), `pages.py`, `clinic.py` and `admin.py` (HTTP in:
+sign-in, alerts and the patient's page; the clinic's day and patients; a site's setup), `live.py` (events in),
 `backend.py` (the services), `signin.py` (sessions) and this composition root."""
 
 import logging
@@ -19,7 +20,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.middleware.sessions import SessionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from services.console import pages, signin
+from services.console import admin, clinic, pages, signin
 from services.console.backend import Backend, BackendError
 from services.console.live import AlertFeed
 from shared.errors import ApiError
@@ -86,6 +87,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.oauth = signin.oauth_client(settings)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.include_router(pages.router)
+    app.include_router(clinic.router)
+    app.include_router(admin.router)
     _errors(app)
     app.add_middleware(
         SessionMiddleware,

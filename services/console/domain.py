@@ -41,7 +41,49 @@ def home_for(person: Person) -> str:
         return "/me"
     if person.is_clinical:
         return "/alerts"
-    return "/patients"
+    return "/today"
+
+
+ADMIN_ROLES = ("network_admin", "site_admin")
+ATTENDANCE = ("present", "late", "absent", "excused")
+# A late arrival is counted as attending all but the first quarter hour (the clinician
+# can correct the minutes through the API); absent and excused count none.
+LATE_MINUTES_MISSED = 15
+
+
+def attended_minutes(status: str, session_minutes: int) -> int:
+    """The minutes one tap records for a patient: what the hours report then counts."""
+    if status == "present":
+        return session_minutes
+    if status == "late":
+        return max(session_minutes - LATE_MINUTES_MISSED, 0)
+    return 0
+
+
+@dataclass(frozen=True)
+class Trend:
+    """Mood and craving over the check-ins, as two polylines for an inline SVG chart
+    (drawn on the server: no chart script, no data in the browser beyond the page)."""
+
+    width: int
+    height: int
+    mood: str
+    craving: str
+    count: int
+
+
+def trend(points: list[tuple[int, int]], width: int = 480, height: int = 160, pad: int = 12) -> Trend:
+    """`points`: (mood 1-10, craving 0-10) oldest first; both on one 0-10 scale."""
+    if not points:
+        return Trend(width, height, "", "", 0)
+    step = (width - 2 * pad) / max(len(points) - 1, 1)
+
+    def line(values: list[int]) -> str:
+        return " ".join(
+            f"{pad + i * step:.1f},{height - pad - (height - 2 * pad) * v / 10:.1f}" for i, v in enumerate(values)
+        )
+
+    return Trend(width, height, line([m for m, _ in points]), line([c for _, c in points]), len(points))
 
 
 def idle_expired(last_seen: datetime, now: datetime, idle: timedelta) -> bool:
@@ -121,6 +163,137 @@ TEXTS: dict[str, dict[Language, str]] = {
     "error": {"en": "Something went wrong.", "es": "Algo salió mal."},
     "forbidden": {"en": "This screen is not for your role.", "es": "Esta pantalla no es para su función."},
     "skip": {"en": "Skip to content", "es": "Saltar al contenido"},
+    "today": {"en": "Today", "es": "Hoy"},
+    "today_at": {"en": "Today's sessions", "es": "Sesiones de hoy"},
+    "site": {"en": "Site", "es": "Sede"},
+    "show": {"en": "Show", "es": "Mostrar"},
+    "no_sessions_today": {"en": "No sessions today.", "es": "No hay sesiones hoy."},
+    "roster": {"en": "Roster", "es": "Lista"},
+    "waitlist": {"en": "Waitlist", "es": "Lista de espera"},
+    "empty_roster": {"en": "Nobody booked yet.", "es": "Nadie reservado todavía."},
+    "attendance": {"en": "Attendance", "es": "Asistencia"},
+    "present": {"en": "Present", "es": "Presente"},
+    "late": {"en": "Late", "es": "Tarde"},
+    "absent": {"en": "Absent", "es": "Ausente"},
+    "excused": {"en": "Excused", "es": "Justificado"},
+    "not_recorded": {"en": "not recorded", "es": "sin registrar"},
+    "register_patient": {"en": "Register a patient", "es": "Registrar a un paciente"},
+    "given_name": {"en": "Given name", "es": "Nombre"},
+    "family_name": {"en": "Family name", "es": "Apellido"},
+    "phone": {"en": "Mobile phone (+1…)", "es": "Teléfono móvil (+1…)"},
+    "email": {"en": "Email", "es": "Correo electrónico"},
+    "preferred_channel": {"en": "Reminders by", "es": "Recordatorios por"},
+    "none": {"en": "None", "es": "Ninguno"},
+    "patient_language": {"en": "Patient's language", "es": "Idioma del paciente"},
+    "possible_duplicate": {
+        "en": "This may be a patient who is already registered:",
+        "es": "Puede que este paciente ya esté registrado:",
+    },
+    "confirm_not_duplicate": {"en": "I checked: this is a different person", "es": "Lo comprobé: es otra persona"},
+    "register": {"en": "Register", "es": "Registrar"},
+    "open_record": {"en": "Open the record", "es": "Abrir el expediente"},
+    "mrn": {"en": "Record number", "es": "Número de expediente"},
+    "enrollments": {"en": "Episodes and level of care", "es": "Episodios y nivel de atención"},
+    "no_enrollments": {"en": "Not enrolled.", "es": "Sin inscripción."},
+    "enroll": {"en": "Enroll", "es": "Inscribir"},
+    "program": {"en": "Program", "es": "Programa"},
+    "level_of_care": {"en": "Level of care", "es": "Nivel de atención"},
+    "cohort": {"en": "Cohort", "es": "Grupo"},
+    "start_date": {"en": "Start date", "es": "Fecha de inicio"},
+    "referral_source": {"en": "Referred by", "es": "Derivado por"},
+    "history": {"en": "History", "es": "Historial"},
+    "plan_goals": {"en": "Recovery plan goals", "es": "Metas del plan de recuperación"},
+    "no_goals": {"en": "No goals yet.", "es": "Todavía no hay metas."},
+    "check_ins": {"en": "Check-ins", "es": "Registros"},
+    "trend": {
+        "en": "Mood (blue) and craving (red), oldest to newest",
+        "es": "Ánimo (azul) y deseo de consumir (rojo), del más antiguo al más reciente",
+    },
+    "no_check_ins": {"en": "No check-ins yet.", "es": "Todavía no hay registros."},
+    "bookings": {"en": "Bookings", "es": "Reservas"},
+    "no_bookings": {"en": "No bookings.", "es": "No hay reservas."},
+    "consents": {"en": "Consents", "es": "Consentimientos"},
+    "no_consents": {"en": "No consents.", "es": "No hay consentimientos."},
+    "grant_consent": {"en": "Record a signed consent", "es": "Registrar un consentimiento firmado"},
+    "recipient": {
+        "en": "Recipient (class:…, org:… or person:<id>)",
+        "es": "Destinatario (class:…, org:… o person:<id>)",
+    },
+    "purpose": {"en": "Purpose", "es": "Finalidad"},
+    "information": {"en": "Information to disclose", "es": "Información que se divulga"},
+    "expires_on": {"en": "Expires on", "es": "Vence el"},
+    "grant": {"en": "Record consent", "es": "Registrar consentimiento"},
+    "revoke": {"en": "Revoke", "es": "Revocar"},
+    "messages": {"en": "Messages sent", "es": "Mensajes enviados"},
+    "no_messages": {"en": "No messages.", "es": "No hay mensajes."},
+    "audit": {"en": "Audit trail", "es": "Registro de auditoría"},
+    "disclosures": {"en": "Accounting of disclosures", "es": "Registro de divulgaciones"},
+    "no_disclosures": {"en": "No disclosures.", "es": "No hay divulgaciones."},
+    "status": {"en": "Status", "es": "Estado"},
+    "when": {"en": "When", "es": "Cuándo"},
+    "who": {"en": "Who", "es": "Quién"},
+    "what": {"en": "What", "es": "Qué"},
+    "channel": {"en": "Channel", "es": "Canal"},
+    "session": {"en": "Session", "es": "Sesión"},
+    "programs": {"en": "Programs", "es": "Programas"},
+    "calendar_week": {"en": "This week", "es": "Esta semana"},
+    "program_name": {"en": "Program name", "es": "Nombre del programa"},
+    "weekly_hours": {"en": "Weekly hours target", "es": "Horas semanales previstas"},
+    "weekly_template": {"en": "Weekly template", "es": "Plantilla semanal"},
+    "weekday": {"en": "Day", "es": "Día"},
+    "start": {"en": "Starts (HH:MM)", "es": "Empieza (HH:MM)"},
+    "minutes": {"en": "Minutes", "es": "Minutos"},
+    "kind": {"en": "Kind", "es": "Tipo"},
+    "title": {"en": "Title", "es": "Título"},
+    "publish_program": {"en": "Publish program", "es": "Publicar programa"},
+    "closures": {"en": "Closures", "es": "Cierres"},
+    "closure_date": {"en": "Closed on", "es": "Cerrado el"},
+    "add_closure": {"en": "Close the site that day", "es": "Cerrar la sede ese día"},
+    "hours_report": {"en": "Hours report", "es": "Informe de horas"},
+    "at_risk": {
+        "en": "Enrollments at risk of missing their hours",
+        "es": "Inscripciones en riesgo de no cumplir sus horas",
+    },
+    "none_at_risk": {"en": "None at risk this week.", "es": "Ninguna en riesgo esta semana."},
+    "care_team": {"en": "Care team", "es": "Equipo de atención"},
+    "care_team_hint": {
+        "en": "In on-call order: the first is alerted first.",
+        "es": "En orden de guardia: se avisa primero al primero.",
+    },
+    "member_name": {"en": "Name", "es": "Nombre"},
+    "role": {"en": "Role", "es": "Función"},
+    "address": {"en": "Address (email or +1 phone)", "es": "Dirección (correo o teléfono +1)"},
+    "add_member": {"en": "Add to the care team", "es": "Añadir al equipo"},
+    "remove": {"en": "Remove", "es": "Quitar"},
+    "notification_settings": {"en": "Notification settings", "es": "Ajustes de avisos"},
+    "reminder_offsets": {
+        "en": "Reminders, minutes before a session (comma-separated)",
+        "es": "Recordatorios, minutos antes de una sesión (separados por comas)",
+    },
+    "quiet_start": {"en": "Quiet hours start (HH:MM)", "es": "Inicio de horas de silencio (HH:MM)"},
+    "quiet_end": {"en": "Quiet hours end (HH:MM)", "es": "Fin de horas de silencio (HH:MM)"},
+    "save": {"en": "Save", "es": "Guardar"},
+    "saved": {"en": "Saved.", "es": "Guardado."},
+    "network": {"en": "Network", "es": "Red"},
+    "sites": {"en": "Sites", "es": "Sedes"},
+    "add_site": {"en": "Add a site", "es": "Añadir una sede"},
+    "site_id": {
+        "en": "Site id (lowercase, e.g. dayton-north)",
+        "es": "Id de la sede (minúsculas, p. ej. dayton-north)",
+    },
+    "site_name": {"en": "Site name", "es": "Nombre de la sede"},
+    "timezone": {"en": "Time zone (e.g. America/New_York)", "es": "Zona horaria (p. ej. America/New_York)"},
+    "integrations": {"en": "Integrations", "es": "Integraciones"},
+    "no_integrations": {"en": "No integrations.", "es": "No hay integraciones."},
+    "integration_id": {"en": "Integration id", "es": "Id de la integración"},
+    "integration_sites": {"en": "Sites (comma-separated)", "es": "Sedes (separadas por comas)"},
+    "basis": {"en": "Basis", "es": "Base legal"},
+    "register_integration": {"en": "Register the integration", "es": "Registrar la integración"},
+    "password_once": {
+        "en": "The integration's NATS password, shown once:",
+        "es": "La contraseña NATS de la integración, se muestra una vez:",
+    },
+    "settings": {"en": "Settings", "es": "Ajustes"},
 }
 
 

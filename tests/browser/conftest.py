@@ -1,3 +1,3 @@
-"""The browser tests run on the console's test network (tests/integration/test_console.py)."""
+"""The browser tests run on the console's test network (tests/console.py)."""
 
-from tests.integration.test_console import issuer, network  # noqa: F401  (fixtures, by name)
+from tests.console import issuer, network  # noqa: F401  (fixtures, by name)

@@ -20,7 +20,7 @@ from axe_playwright_python.async_playwright import Axe
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from tests.conftest import auth
-from tests.integration.test_console import CONSOLE, a_patient_with_an_enrollment
+from tests.console import CONSOLE, a_patient_with_an_enrollment
 from tests.oidc import add_user
 
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"

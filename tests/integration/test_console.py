@@ -9,137 +9,19 @@ clinician of another site who sees nothing."""
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterator
-from datetime import date
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from iopnet.natsd import free_port
-from iopnet.testing import eventually
-from services.console.app import create_app as console_app
-from services.intake.app import create_app as intake_app
-from services.notifications.app import create_app as notifications_app
-from tests.conftest import auth, make_settings, program_published, publish, running
-from tests.oidc import add_user, oidc_provider
-
-SITE, OTHER = "columbus-east", "dayton-north"
-# Served by uvicorn on loopback (server-sent events need a real server: httpx's ASGI
-# transport buffers whole answers). localhost: plain-http cookies (elsewhere Secure).
-CONSOLE_PORT = free_port()
-CONSOLE = f"http://localhost:{CONSOLE_PORT}"
-ROSTER = {
-    "members": [{"name": "Dr. On Call", "role": "clinician", "channel": "email", "address": "oncall@clinic.test"}]
-}
-
-
-class ServiceRouter(httpx.AsyncBaseTransport):
-    """The console's calls to the services, delivered to the in-process apps by port."""
-
-    def __init__(self, apps: dict[int, FastAPI]) -> None:
-        self.transports = {port: httpx.ASGITransport(app=app) for port, app in apps.items()}
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        transport = self.transports.get(request.url.port or 80)
-        if transport is None:  # a service this test does not run (scheduling)
-            raise httpx.ConnectError("connection refused", request=request)
-        return await transport.handle_async_request(request)
-
-
-@pytest.fixture
-def issuer() -> Iterator[str]:
-    with oidc_provider() as url:
-        yield url
-
-
-@pytest.fixture
-async def network(nats_server, issuer: str, tmp_path: Path) -> AsyncIterator[dict[str, Any]]:
-    ports = {"intake_port": free_port(), "notifications_port": free_port(), "scheduling_port": free_port()}
-    common = {"oidc_issuer": issuer, **ports}
-    intake = intake_app(make_settings(nats_server.url, tmp_path / "i", **common))
-    notifications = notifications_app(make_settings(nats_server.url, tmp_path / "n", **common))
-    console = console_app(
-        # The mock provider authenticates every client with a secret (any will do).
-        make_settings(
-            nats_server.url, tmp_path / "c", console_public_url=CONSOLE, oidc_client_secret="any-secret", **common
-        )
-    )
-    console.state.backend.http = httpx.AsyncClient(
-        transport=ServiceRouter({ports["intake_port"]: intake, ports["notifications_port"]: notifications})
-    )
-    server = uvicorn.Server(uvicorn.Config(console, host="127.0.0.1", port=CONSOLE_PORT, log_level="warning"))
-    async with running(intake) as desk, running(notifications) as notify:
-        serving = asyncio.create_task(server.serve())
-        try:
-            await eventually(lambda: _now(server.started), what="the console serving")
-            yield {"desk": desk, "notify": notify, "console": console, "nats": nats_server.url}
-        finally:
-            server.should_exit = True
-            await serving
-
-
-async def _now(value: bool) -> bool:
-    return value
-
-
-def browser(console: FastAPI) -> httpx.AsyncClient:
-    """A browser: its own cookies, following redirects between the console and the provider."""
-    return httpx.AsyncClient(base_url=CONSOLE, follow_redirects=True, timeout=10)
-
-
-async def sign_in(client: httpx.AsyncClient, sub: str) -> httpx.Response:
-    """Through the provider: its form posted as the user would, then back to the console."""
-    form = await client.get("/signin/provider")
-    assert form.status_code == 200 and "localhost" in str(form.url), form.url
-    landed = await client.post(str(form.url), data={"sub": sub})
-    assert str(landed.url).startswith(CONSOLE), landed.url
-    return landed
+from tests.conftest import auth
+from tests.console import OTHER, SITE, a_patient_with_an_enrollment, browser, csrf, sign_in
+from tests.oidc import add_user
 
 
 def crisis_tag(page: httpx.Response) -> str:
     found = re.search(r'<section id="crisis"[^>]*>', page.text)
     assert found, page.text
     return found.group(0)
-
-
-def csrf(page: httpx.Response) -> str:
-    found = re.search(r'name="csrf" value="([^"]+)"', page.text) or re.search(r'"X-CSRF-Token": "([^"]+)"', page.text)
-    assert found, page.text
-    return found.group(1)
-
-
-async def a_patient_with_an_enrollment(net: dict[str, Any]) -> str:
-    desk, notify = net["desk"], net["notify"]
-    for site_id in (SITE, OTHER):
-        site = {"site_id": site_id, "name": site_id.title(), "timezone": "America/New_York"}
-        assert (await desk.post("/sites", json=site, headers=auth("network_admin"))).status_code == 201
-    await publish(net["nats"], program_published(SITE, f"{SITE}-adult"))
-
-    async def roster_set() -> bool:
-        answer = await notify.put(f"/sites/{SITE}/care-team", json=ROSTER, headers=auth("site_admin", [SITE]))
-        return answer.status_code == 200
-
-    await eventually(roster_set, what="notifications to know the site")
-    person = {"site_id": SITE, "given_name": "Ada", "family_name": "Okafor", "birth_date": "1990-02-02",
-              "email": "ada@example.org", "preferred_channel": "email"}  # fmt: skip
-    patient_id = str(
-        (await desk.post("/patients", json=person, headers=auth("front_desk", [SITE]))).json()["patient_id"]
-    )
-    enrollment = {"program_id": f"{SITE}-adult", "level_of_care": "2.1", "cohort": "adult",
-                  "start_date": str(date.today()), "referral_source": "self"}  # fmt: skip
-
-    async def enrolled() -> bool:
-        answer = await desk.post(
-            f"/patients/{patient_id}/enrollments", json=enrollment, headers=auth("front_desk", [SITE])
-        )
-        return answer.status_code == 201
-
-    await eventually(enrolled, what="intake to know the program")
-    return patient_id
 
 
 async def first_alert_event(client: httpx.AsyncClient, seen: asyncio.Event, at: list[float]) -> None:

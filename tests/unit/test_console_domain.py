@@ -8,10 +8,12 @@ from services.console.domain import (
     LANGUAGES,
     TEXTS,
     Person,
+    attended_minutes,
     home_for,
     idle_expired,
     language_from,
     token_expired,
+    trend,
 )
 
 
@@ -38,7 +40,7 @@ def test_a_session_ends_after_the_idle_time_or_with_its_token() -> None:
 def test_each_role_lands_on_its_screen() -> None:
     assert home_for(person("clinician")) == "/alerts"
     assert home_for(person("site_admin")) == "/alerts"
-    assert home_for(person("front_desk")) == "/patients"
+    assert home_for(person("front_desk")) == "/today"
     assert home_for(person("patient")) == "/me"
 
 
@@ -46,3 +48,19 @@ def test_every_text_and_the_crisis_lines_exist_in_english_and_spanish() -> None:
     assert all(set(texts) == set(LANGUAGES) and all(texts.values()) for texts in TEXTS.values())
     assert set(CRISIS_LINES) == set(LANGUAGES)
     assert all(any(code == "988" for code, _ in lines) for lines in CRISIS_LINES.values())
+
+
+def test_one_tap_records_the_minutes_the_hours_report_counts() -> None:
+    assert attended_minutes("present", 90) == 90
+    assert attended_minutes("late", 90) == 75
+    assert attended_minutes("late", 10) == 0
+    assert attended_minutes("absent", 90) == 0 and attended_minutes("excused", 90) == 0
+
+
+def test_the_trend_chart_puts_mood_and_craving_on_one_scale_oldest_first() -> None:
+    chart = trend([(10, 0), (1, 10)], width=112, height=120, pad=6)
+    assert chart.count == 2
+    assert chart.mood == "6.0,6.0 106.0,103.2"  # 10 at the top, then 1 near the bottom
+    assert chart.craving == "6.0,114.0 106.0,6.0"  # 0 at the bottom, then 10 at the top
+    assert trend([]).mood == "" and trend([]).count == 0
+    assert trend([(5, 5)]).mood.count(",") == 1  # one check-in: one point
