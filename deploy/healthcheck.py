@@ -1,8 +1,9 @@
-"""The image's HEALTHCHECK: GET /readyz of the iopnet service this container runs.
+"""The image's HEALTHCHECK: GET /readyz of the iopnet service (or console) this container runs.
 
 Standard library only (the image has no curl). The service is IOPNET_SERVICE if set,
 else the word after `serve` in the container's command (`iopnet serve scheduling`, read
-from /proc/1/cmdline); its port is IOPNET_<SERVICE>_PORT or the default (8001-8003).
+from /proc/1/cmdline); its port is IOPNET_<SERVICE>_PORT or the default (8001-8003, the
+console 8000).
 Exit 0 when /readyz answers 200 within the timeout, 1 otherwise (a line on stderr says why).
 """
 
@@ -12,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-DEFAULT_PORTS = {"intake": 8001, "scheduling": 8002, "notifications": 8003}
+DEFAULT_PORTS = {"intake": 8001, "scheduling": 8002, "notifications": 8003, "console": 8000}
 TIMEOUT_SECONDS = 3.0
 
 

@@ -178,6 +178,7 @@ class LocalNetwork:
         self._pass_secrets(env)
         if service == CONSOLE:
             env["IOPNET_CONSOLE_PORT"] = str(port if port is not None else self.settings.console_port)
+            env.update({f"IOPNET_{name.upper()}_URL": self.url(name) for name in SERVICES})
             # No identity provider here: the demo users' sign-in (an explicit value wins).
             env.setdefault("IOPNET_CONSOLE_DEV_SIGNIN", "true")
             for variable in _NOT_FOR_THE_CONSOLE:

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
     intake_port: int = DEFAULT_PORTS["intake"]
     scheduling_port: int = DEFAULT_PORTS["scheduling"]
     notifications_port: int = DEFAULT_PORTS["notifications"]
+    # Where the console and the CLI reach each service (IOPNET_<SERVICE>_URL, e.g.
+    # http://intake:8001 on a compose network). Unset: http://<http_host>:<port>, the
+    # local network's; set it wherever http_host is a bind address such as 0.0.0.0.
+    intake_url: str | None = None
+    scheduling_url: str | None = None
+    notifications_url: str | None = None
 
     intake_database_url: str | None = None
     scheduling_database_url: str | None = None
@@ -249,7 +255,8 @@ class Settings(BaseSettings):
         return int(getattr(self, f"{service}_port"))
 
     def base_url(self, service: ServiceName) -> str:
-        return f"http://{self.http_host}:{self.port(service)}"
+        given = getattr(self, f"{service}_url")
+        return str(given).rstrip("/") if given else f"http://{self.http_host}:{self.port(service)}"
 
     @cached_property
     def signing_secret(self) -> str:

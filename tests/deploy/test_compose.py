@@ -1,7 +1,8 @@
 """docker-compose.yml: valid against the compose-spec schema and production-shaped
 (healthchecks and service_healthy, no secret in the environment or a URL, images
 pinned, only loopback ports by default, limits, restart policies, one nats-server
-version). Its NATS entrypoint is run here against deploy/nats.conf with `nats-server -t`."""
+version); the console beside the services with only what it needs. Its NATS entrypoint
+is run here against deploy/nats.conf with `nats-server -t`."""
 
 import os
 import re
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from iopnet.natsd import PASSWORD_ENV, RESTRICTED_USERS, SERVICE_USERS, nats_server_binary
+from iopnet.natsd import CONSOLE_USER, PASSWORD_ENV, RESTRICTED_USERS, SERVICE_USERS, nats_server_binary
 from tests.deploy.conftest import REPO
 from tests.deploy.lockfiles import pins
 
@@ -21,6 +22,9 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 BUILT = {"intake", "scheduling", "notifications"}
+CONSOLE = "console"
+# Every container of the iopnet image.
+IOPNET = BUILT | {CONSOLE, "ops"}
 SECRET_WORDS = re.compile(r"password|secret|token|key|credential", re.I)
 
 
@@ -37,7 +41,7 @@ def test_valid_against_the_compose_spec_schema() -> None:
 
 def test_the_default_stack_and_the_profiles() -> None:
     started_by_up = {name for name, service in SERVICES.items() if not service.get("profiles")}
-    assert started_by_up == {"nats", "postgres", "intake", "scheduling", "notifications"}
+    assert started_by_up == {"nats", "postgres", "intake", "scheduling", "notifications", "console"}
     assert SERVICES["caddy"]["profiles"] == ["tls"]
     assert SERVICES["ops"]["profiles"] == ["ops"]
 
@@ -59,10 +63,14 @@ def test_dependencies_wait_until_healthy(name: str) -> None:
         assert condition["condition"] == "service_healthy", f"{name} -> {dependency}"
     if name in BUILT:
         assert set(SERVICES[name]["depends_on"]) == {"nats", "postgres"}
+    if name == CONSOLE:  # no database; the services it calls
+        assert set(SERVICES[name]["depends_on"]) == {"nats"} | BUILT
+    if name == "caddy":
+        assert set(SERVICES[name]["depends_on"]) == BUILT | {CONSOLE}
 
 
 def test_the_services_use_the_image_healthcheck_on_readyz() -> None:
-    for name in BUILT:
+    for name in BUILT | {CONSOLE}:
         assert SERVICES[name]["healthcheck"]["test"] == ["CMD", "python", "/opt/iopnet/healthcheck.py"]
         assert SERVICES[name]["command"] == ["iopnet", "serve", name]
     assert "/readyz" in (REPO / "deploy" / "healthcheck.py").read_text()
@@ -71,7 +79,7 @@ def test_the_services_use_the_image_healthcheck_on_readyz() -> None:
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_images_are_pinned(name: str) -> None:
     image = SERVICES[name]["image"]
-    if name in BUILT | {"ops"}:
+    if name in IOPNET:
         assert image == "iopnet:local" and SERVICES[name]["build"]["dockerfile"] == "deploy/Dockerfile"
     elif name == "nats":
         # The exact release the tests run (no digest documented for it yet: see the comment).
@@ -122,6 +130,9 @@ def test_services_get_only_their_own_secrets() -> None:
         assert mine == {s for s in COMPOSE["secrets"] if s.startswith(("nats_", "postgres_")) and f"_{name}_" in s}
     assert "postgres_superuser_password" not in {s for n in BUILT for s in SERVICES[n]["secrets"]}
     assert SERVICES["ops"]["secrets"] == ["nats_ops_password"]
+    # The console: its NATS user and its cookies' key. No JWT secret (it could mint any
+    # token), no database, no contact details account.
+    assert sorted(SERVICES[CONSOLE]["secrets"]) == ["console_session_secret", "nats_console_password"]
     assert "secrets" not in SERVICES["caddy"]
 
 
@@ -156,6 +167,27 @@ def test_each_service_connects_to_nats_as_its_own_user() -> None:
             secret = f"/run/secrets/nats_{restricted.replace('-', '_')}_password"
             assert environment["IOPNET_NATS_RESTRICTED_PASSWORD_FILE"] == secret
     assert set(SERVICE_USERS) == BUILT
+    console = _environment(SERVICES[CONSOLE])
+    assert console["IOPNET_NATS_URL"] == f"nats://{CONSOLE_USER}@nats:4222"
+    assert console["IOPNET_NATS_PASSWORD_FILE"] == f"/run/secrets/nats_{CONSOLE_USER}_password"
+    assert not [key for key in console if "RESTRICTED" in key or "DATABASE" in key]
+
+
+def test_the_console_reaches_the_services_and_signs_in_through_a_provider_only() -> None:
+    console = _environment(SERVICES[CONSOLE])
+    for name, port in (("intake", 8001), ("scheduling", 8002), ("notifications", 8003)):
+        assert console[f"IOPNET_{name.upper()}_URL"] == f"http://{name}:{port}"
+        assert SERVICES[name]["ports"] == [f"127.0.0.1:{port}:{port}"]
+    assert console["IOPNET_CONSOLE_SESSION_SECRET_FILE"] == "/run/secrets/console_session_secret"
+    assert console["IOPNET_CONSOLE_PUBLIC_URL"] == "https://console.${IOPNET_DOMAIN:-localhost}"
+    assert "IOPNET_CONSOLE_DEV_SIGNIN" not in console, "the demo users' sign-in is for `iopnet run` only"
+    assert SERVICES[CONSOLE]["ports"] == ["127.0.0.1:8000:8000"]
+    # It needs NATS and the services (backend) and is published (edge).
+    assert SERVICES[CONSOLE]["networks"] == ["backend", "edge"]
+    # The provider's settings are the operator's to fill in: there, commented.
+    console_block = COMPOSE_FILE.read_text().split("\n  console:\n", 1)[1].split("\n  caddy:\n", 1)[0]
+    for setting in ("IOPNET_OIDC_ISSUER", "IOPNET_OIDC_CLIENT_ID", "IOPNET_OIDC_CLIENT_SECRET_FILE"):
+        assert re.search(rf"^      # {setting}: ", console_block, re.M), setting
 
 
 def test_ports_are_loopback_only_except_the_tls_front() -> None:
@@ -172,7 +204,7 @@ def test_ports_are_loopback_only_except_the_tls_front() -> None:
 
 
 def test_the_iopnet_containers_are_locked_down() -> None:
-    for name in BUILT | {"ops"}:
+    for name in IOPNET:
         service = SERVICES[name]
         assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
         assert "no-new-privileges:true" in service["security_opt"]
@@ -216,3 +248,10 @@ def test_the_tls_front_proxies_each_service_and_hides_metrics() -> None:
         )
     assert "@internal path /metrics /metrics/* /healthz /readyz" in caddyfile
     assert "respond @internal 404" in caddyfile
+    # The console: the same front, without compression (it would hold back the live
+    # alerts' server-sent events).
+    console = re.search(r"console\.{\$IOPNET_DOMAIN} {([^}]*)}", caddyfile)
+    assert console is not None
+    assert console.group(1).split() == ["import", "front", "reverse_proxy", "console:8000"]
+    snippet = re.search(r"\(iopnet\) {([^}]*)}", caddyfile)
+    assert snippet is not None and snippet.group(1).split() == ["import", "front", "encode", "gzip"]

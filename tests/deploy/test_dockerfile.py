@@ -148,6 +148,9 @@ def test_healthcheck_finds_the_service_in_the_container_command(healthcheck: Mod
         healthcheck.service_name({}, b"python\0-m\0http.server\0")
     assert healthcheck.readyz_url("scheduling", {}) == "http://127.0.0.1:8002/readyz"
     assert healthcheck.readyz_url("intake", {"IOPNET_INTAKE_PORT": "9001"}) == "http://127.0.0.1:9001/readyz"
+    assert healthcheck.service_name({}, b"/sbin/docker-init\0--\0iopnet\0serve\0console\0") == "console"
+    assert healthcheck.readyz_url("console", {}) == "http://127.0.0.1:8000/readyz"
+    assert healthcheck.readyz_url("console", {"IOPNET_CONSOLE_PORT": "9000"}) == "http://127.0.0.1:9000/readyz"
     with pytest.raises(LookupError):
         healthcheck.readyz_url("billing", {})
 

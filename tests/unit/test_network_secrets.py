@@ -53,9 +53,9 @@ def test_the_console_gets_its_port_the_development_sign_in_and_no_service_secret
     env = network.child_env("console")
     assert env["IOPNET_CONSOLE_PORT"] == "8123" and env["IOPNET_CONSOLE_DEV_SIGNIN"] == "true"
     assert env["IOPNET_NATS_URL"] == "nats://127.0.0.1:4999" and env["IOPNET_JWT_SECRET"] == SECRET
+    assert env["IOPNET_SCHEDULING_URL"] == network.url("scheduling") == settings.base_url("scheduling")
     assert not [k for k in env if "DATABASE" in k or "RESTRICTED" in k or k.startswith(("IOPNET_SMTP_P", "IOPNET_SMS"))]
     assert "db-pw" not in "".join(env.values()) and "smtp-pw" not in "".join(env.values())
-    assert env.get("IOPNET_SMTP_PASSWORD") is None
     assert network.child_env("intake")["IOPNET_NATS_RESTRICTED_URL"].startswith("nats://restricted:")
     assert "console" not in LocalNetwork(settings).instances, "only `iopnet run` asks for it"
 
@@ -64,3 +64,9 @@ def test_an_explicit_development_sign_in_setting_wins(tmp_path: Path, monkeypatc
     monkeypatch.setenv("IOPNET_CONSOLE_DEV_SIGNIN", "false")
     settings = Settings(data_dir=tmp_path / "data", nats_url="nats://127.0.0.1:4999", jwt_secret=SECRET)
     assert LocalNetwork(settings, console=True).child_env("console")["IOPNET_CONSOLE_DEV_SIGNIN"] == "false"
+
+
+def test_a_service_url_given_for_a_network_of_containers() -> None:
+    settings = Settings(http_host="0.0.0.0", intake_url="http://intake:8001/", jwt_secret=SECRET)
+    assert settings.base_url("intake") == "http://intake:8001"
+    assert settings.base_url("scheduling") == "http://0.0.0.0:8002", "unset: the local network's"
