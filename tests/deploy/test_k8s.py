@@ -19,6 +19,7 @@ from tests.deploy.kustomize import render
 K8S = REPO / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"
 SERVICES = {"intake": 8001, "scheduling": 8002, "notifications": 8003}
+CONSOLE_PORT = 8000
 RENDERED = {name: render(K8S / path) for name, path in (("base", "base"), ("production", "overlays/production"))}
 SECRET_WORDS = re.compile(r"password|secret|token|key|credential", re.I)
 
@@ -106,14 +107,15 @@ def test_each_service_deployment(variant: str, service: str) -> None:
 @pytest.mark.parametrize("variant", sorted(RENDERED))
 def test_secrets_are_templates_without_values(variant: str) -> None:
     secrets = [d for d in RENDERED[variant] if d["kind"] == "Secret"]
-    assert {s["metadata"]["name"] for s in secrets} == {f"iopnet-{s}" for s in SERVICES} | {"nats-passwords"}
+    expected = {f"iopnet-{s}" for s in SERVICES} | {"iopnet-console", "nats-passwords"}
+    assert {s["metadata"]["name"] for s in secrets} == expected
     for secret in secrets:
         assert "data" not in secret
         assert secret["stringData"] and all(value == "" for value in secret["stringData"].values())
 
 
 def test_the_production_overlay_sets_the_image_and_scales() -> None:
-    for service in SERVICES:
+    for service in [*SERVICES, "console"]:
         (container,) = _one(RENDERED["production"], "Deployment", service)["spec"]["template"]["spec"]["containers"]
         assert container["image"] == "registry.example.org/iopnet:0.1.0"
         (base,) = _one(RENDERED["base"], "Deployment", service)["spec"]["template"]["spec"]["containers"]
@@ -186,6 +188,89 @@ def test_nats_config_jetstream_fsync_routes_and_the_same_users(tmp_path: Path) -
     )
     assert result.returncode == 0, result.stderr
     assert "is valid" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("variant", sorted(RENDERED))
+def test_the_console_deployment(variant: str) -> None:
+    """Shaped like the services (probes, limits, non-root, read-only, rolling, secrets as
+    files), with what the console needs only: its NATS user, its session key, the three
+    services' URLs; no JWT secret, no database, no development sign-in."""
+    docs = RENDERED[variant]
+    deployment = _one(docs, "Deployment", "console")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["iopnet", "serve", "console"]
+    assert container["ports"] == [{"name": "http", "containerPort": CONSOLE_PORT}]
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert container["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    assert set(container["resources"]["requests"]) == set(container["resources"]["limits"]) == {"cpu", "memory"}
+    intake = _one(docs, "Deployment", "intake")["spec"]["template"]["spec"]
+    assert pod["securityContext"] == intake["securityContext"]
+    assert pod["automountServiceAccountToken"] is False
+    assert container["securityContext"] == intake["containers"][0]["securityContext"]
+    assert (
+        deployment["spec"]["replicas"] >= 2 and deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    )
+    assert deployment["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/part-of"] == "iopnet"
+
+    assert container["envFrom"] == [{"configMapRef": {"name": "iopnet-console"}}]
+    config = _one(docs, "ConfigMap", "iopnet-console")["data"]
+    assert config["IOPNET_NATS_URL"] == "nats://console@nats:4222"
+    assert config["IOPNET_HTTP_HOST"] == "0.0.0.0"
+    for service, port in SERVICES.items():
+        assert config[f"IOPNET_{service.upper()}_URL"] == f"http://{service}:{port}"
+        assert _one(docs, "Service", service)["spec"]["ports"][0]["port"] == port
+    assert config["IOPNET_CONSOLE_PUBLIC_URL"].startswith("https://")
+    assert not [key for key in config if "DATABASE" in key or "RESTRICTED" in key or "DEV_SIGNIN" in key]
+    for key, value in config.items():
+        assert not SECRET_WORDS.search(key) and not re.search(r"://[^/@\s]*:[^/@\s]*@", value), key
+    files = {e["name"]: e["value"] for e in container["env"]}
+    assert files == {
+        "IOPNET_NATS_PASSWORD_FILE": "/run/secrets/iopnet/nats_password",
+        "IOPNET_CONSOLE_SESSION_SECRET_FILE": "/run/secrets/iopnet/session_secret",
+    }
+    secret = _one(docs, "Secret", "iopnet-console")
+    assert set(secret["stringData"]) == {"nats_password", "session_secret"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["secrets"]["secret"]["secretName"] == "iopnet-console"
+    mounts = {m["name"]: m for m in container["volumeMounts"]}
+    assert mounts["secrets"] == {"name": "secrets", "mountPath": "/run/secrets/iopnet", "readOnly": True}
+    assert "nats_console_password" in _one(docs, "Secret", "nats-passwords")["stringData"]
+
+    service = _one(docs, "Service", "console")["spec"]
+    assert service["selector"] == deployment["spec"]["selector"]["matchLabels"]
+    assert service["ports"] == [{"name": "http", "port": CONSOLE_PORT, "targetPort": "http"}]
+    pdb = _one(docs, "PodDisruptionBudget", "console")["spec"]
+    hpa = _one(docs, "HorizontalPodAutoscaler", "console")["spec"]
+    assert pdb["selector"] == deployment["spec"]["selector"] and pdb["minAvailable"] < hpa["minReplicas"]
+    assert hpa["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "console"}
+
+
+def test_network_policy_lets_the_console_reach_nats_and_the_services_only() -> None:
+    policy = _one(RENDERED["base"], "NetworkPolicy", "console")["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"app.kubernetes.io/name": "console"}}
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["ingress"] == [{"ports": [{"port": CONSOLE_PORT}]}], "browsers, through the ingress controller"
+    pods = {
+        rule["to"][0]["podSelector"]["matchLabels"].get("app.kubernetes.io/name"): [p["port"] for p in rule["ports"]]
+        for rule in policy["egress"]
+        if "podSelector" in rule["to"][0] and "namespaceSelector" not in rule["to"][0]
+    }
+    assert pods == {"nats": [4222], **{service: [port] for service, port in SERVICES.items()}}
+    others = [rule for rule in policy["egress"] if "namespaceSelector" in rule["to"][0] or "ipBlock" in rule["to"][0]]
+    dns, provider = others
+    assert dns["to"][0]["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"}
+    assert {p["port"] for p in dns["ports"]} == {53}
+    assert provider["ports"] == [{"port": 443}], "the OpenID Connect provider, over HTTPS only"
+    # NATS admits the console among iopnet's pods (client port only).
+    console_labels = _one(RENDERED["base"], "Deployment", "console")["spec"]["template"]["metadata"]["labels"]
+    nats = _one(RENDERED["base"], "NetworkPolicy", "nats")["spec"]["ingress"]
+    assert any(
+        rule["from"][0]["podSelector"]["matchLabels"].items() <= console_labels.items()
+        and rule["ports"] == [{"port": 4222}]
+        for rule in nats
+    )
 
 
 def test_network_policy_admits_only_iopnet_to_nats() -> None:
