@@ -74,7 +74,8 @@ async def programs_page(request: Request, person: Clinician, services: Services,
             at_risk = await _at_risk(services, person, report["site"]["at_risk"])
     return render(request, "programs.html", person, sites=sites, site=current_site, programs=programs, week=week,
                   report=report, at_risk=at_risk, weekdays=WEEKDAYS, kinds=KINDS, rows=range(TEMPLATE_ROWS),
-                  admin=person.role in ADMIN_ROLES)  # fmt: skip
+                  admin=person.role in ADMIN_ROLES,
+                  program_names={p["program_id"]: p["name"] for p in programs})  # fmt: skip
 
 
 def _blocks(form: Any) -> list[dict[str, Any]]:

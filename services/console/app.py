@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.console import admin, clinic, pages, signin
 from services.console.backend import Backend, BackendError
+from services.console.domain import local_time
 from services.console.live import AlertFeed
 from shared.errors import ApiError
 from shared.settings import Settings
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="iopnet console", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.settings = settings
     app.state.templates = Jinja2Templates(directory=HERE / "templates")
+    app.state.templates.env.filters["local"] = local_time
     app.state.backend = Backend(settings)
     app.state.alerts = AlertFeed(settings.effective_nats_url)
     app.state.oauth = signin.oauth_client(settings)

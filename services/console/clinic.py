@@ -88,7 +88,7 @@ async def today_page(request: Request, person: StaffMember, services: Services, 
         sessions = list(await asyncio.gather(*rosters))
     names = await _named(services, person, sessions)
     return render(request, "today.html", person, sites=sites, site=current, day=day, sessions=sessions, names=names,
-                  statuses=ATTENDANCE)  # fmt: skip
+                  statuses=ATTENDANCE, tz=current["timezone"] if current else None)  # fmt: skip
 
 
 @router.post("/today/sessions/{session_id}/attendance")
@@ -111,8 +111,9 @@ async def record_attendance(
     if not request.headers.get("hx-request"):
         return RedirectResponse(f"/today?site={detail['site_id']}", status_code=303)
     detail = await _session_with_roster(services, person, session_id)
+    zones = {site["site_id"]: site["timezone"] for site in await visible_sites(services, person)}
     return render(request, "session_card.html", person, s=detail, names=await _named(services, person, [detail]),
-                  statuses=ATTENDANCE)  # fmt: skip
+                  statuses=ATTENDANCE, tz=zones.get(detail["site_id"]))  # fmt: skip
 
 
 # --- registering and enrolling -------------------------------------------------------------------
@@ -230,13 +231,14 @@ async def patient_page(request: Request, patient_id: str, person: StaffMember, s
     record = await services.call("intake", "GET", f"/patients/{patient_id}", person.token)
     admin = person.role in ADMIN_ROLES
     token = person.token
-    episodes, check_ins, bookings, consents, messages, programs, audit, disclosures = await asyncio.gather(
+    episodes, check_ins, bookings, consents, messages, programs, sites, audit, disclosures = await asyncio.gather(
         asyncio.gather(*(_episode(services, person, e["enrollment_id"]) for e in record["enrollments"])),
         optional(services.call("intake", "GET", f"/patients/{patient_id}/check-ins", token)),
         optional(services.call("scheduling", "GET", f"/patients/{patient_id}/bookings", token)),
         optional(services.call("intake", "GET", f"/patients/{patient_id}/consents", token)),
         optional(services.call("notifications", "GET", f"/patients/{patient_id}/notifications", token)),
         optional(services.call("intake", "GET", "/programs", token, params={"site_id": record["site_id"]})),
+        visible_sites(services, person),
         optional(services.call("intake", "GET", "/audit", token, params={"patient_id": patient_id}))
         if admin else _nothing(),
         optional(services.call("intake", "GET", f"/patients/{patient_id}/disclosures", token))
@@ -247,6 +249,8 @@ async def patient_page(request: Request, patient_id: str, person: StaffMember, s
         request, "patient.html", person, patient=record, episodes=episodes, check_ins=list(reversed(recent)),
         chart=trend([(c["mood"], c["craving"]) for c in recent]), bookings=bookings, consents=consents,
         messages=messages, programs=programs or [], audit=audit, disclosures=disclosures, today=date.today(),
+        program_names={p["program_id"]: p["name"] for p in programs or []},
+        tz=next((s["timezone"] for s in sites or [] if s["site_id"] == record["site_id"]), None),
     )  # fmt: skip
 
 

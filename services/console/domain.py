@@ -7,6 +7,7 @@ three services with it, so every answer is scoped and audited there."""
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 Language = Literal["en", "es"]
 LANGUAGES: tuple[Language, ...] = ("en", "es")
@@ -294,6 +295,9 @@ TEXTS: dict[str, dict[Language, str]] = {
         "es": "La contraseña NATS de la integración, se muestra una vez:",
     },
     "settings": {"en": "Settings", "es": "Ajustes"},
+    "enrolled_count": {"en": "Enrolled", "es": "Inscritos"},
+    "hours_attended": {"en": "Hours attended / target", "es": "Horas asistidas / previstas"},
+    "attendance_rate": {"en": "Attendance rate", "es": "Tasa de asistencia"},
 }
 
 
@@ -310,3 +314,13 @@ def language_from(header: str | None, chosen: str | None) -> Language:
         if code in LANGUAGES:
             return code  # type: ignore[return-value]
     return "en"
+
+
+def local_time(instant: str | datetime, zone: str | None, with_date: bool = True) -> str:
+    """An instant as the clinic's wall clock shows it (the services answer in UTC)."""
+    when = datetime.fromisoformat(instant) if isinstance(instant, str) else instant
+    try:
+        local = when.astimezone(ZoneInfo(zone or "UTC"))
+    except ZoneInfoNotFoundError:
+        local = when.astimezone(UTC)
+    return local.strftime("%Y-%m-%d %H:%M" if with_date else "%H:%M")

@@ -1,6 +1,7 @@
 """The console's screens: thin handlers that ask the services with the person's token and
 render what comes back. No patient data is kept here, in the session or in the browser."""
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
@@ -128,10 +129,11 @@ async def signout(request: Request, csrf: Annotated[str, Form()]) -> Response:
 
 
 @router.get("/language/{code}")
-async def choose_language(request: Request, code: str) -> Response:
+async def choose_language(request: Request, code: str, next: str = "/") -> Response:
+    """Back to the page the person was on (the browser sends no Referer: our policy)."""
     request.session["lang"] = language_from(None, code)
-    back = request.headers.get("referer", "/")
-    return RedirectResponse(back if back.startswith(signin.public_url(request.app.state.settings)) else "/", 303)
+    local = next.startswith("/") and not next.startswith("//") and "\\" not in next
+    return RedirectResponse(next if local else "/", status_code=303)
 
 
 # --- alerts (clinicians) --------------------------------------------------------------------
@@ -154,14 +156,25 @@ async def _open_alerts(services: Backend, person: Person) -> list[dict[str, Any]
     return alerts
 
 
+async def _zones(services: Backend, person: Person) -> dict[str, str]:
+    """Each visible site's time zone: times are shown on the clinic's wall clock."""
+    sites: list[dict[str, Any]] = await services.call("scheduling", "GET", "/sites", person.token)
+    return {site["site_id"]: site["timezone"] for site in sites}
+
+
+async def _alert_list(request: Request, template: str, person: Person, services: Backend) -> HTMLResponse:
+    alerts, zones = await asyncio.gather(_open_alerts(services, person), _zones(services, person))
+    return render(request, template, person, alerts=alerts, zones=zones)
+
+
 @router.get("/alerts")
 async def alerts_page(request: Request, person: Clinician, services: Services) -> HTMLResponse:
-    return render(request, "alerts.html", person, alerts=await _open_alerts(services, person))
+    return await _alert_list(request, "alerts.html", person, services)
 
 
 @router.get("/alerts/list")
 async def alert_list(request: Request, person: Clinician, services: Services) -> HTMLResponse:
-    return render(request, "alert_list.html", person, alerts=await _open_alerts(services, person))
+    return await _alert_list(request, "alert_list.html", person, services)
 
 
 @router.post("/alerts/{alert_id}/acknowledge")
@@ -171,7 +184,7 @@ async def acknowledge(
     signin.check_csrf(request, csrf)
     await services.call("notifications", "POST", f"/alerts/{alert_id}/acknowledge", person.token)
     if request.headers.get("hx-request"):
-        return render(request, "alert_list.html", person, alerts=await _open_alerts(services, person))
+        return await _alert_list(request, "alert_list.html", person, services)
     return RedirectResponse("/alerts", status_code=303)
 
 
@@ -218,8 +231,9 @@ async def _bookings(services: Backend, person: Person) -> list[dict[str, Any]]:
 
 @router.get("/me")
 async def my_page(request: Request, person: PatientPerson, services: Services) -> HTMLResponse:
+    bookings = await _bookings(services, person)
     return render(request, "me.html", person, crisis=CRISIS_LINES[_language(request)], show_crisis=False,
-                  outcome=None, bookings=await _bookings(services, person))  # fmt: skip
+                  outcome=None, bookings=bookings)  # fmt: skip
 
 
 @router.post("/me/check-ins")

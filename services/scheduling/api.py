@@ -118,6 +118,7 @@ class BookingOut(BaseModel):
     title: str
     site_id: str
     session_status: str
+    timezone: str = Field(description="the site's time zone: its wall clock for starts_at and ends_at")
 
 
 class AttendanceRecordIn(Input):
@@ -436,8 +437,10 @@ async def patient_schedule(patient_id: UUID, principal: StaffOrPatient, session:
         for site_id in sorted(readable):
             await store.record_access(session, principal, "schedule.read", site_id, patient_id)
         rows = await store.patient_bookings(session, str(patient_id))
+        sites = {site_id: await store.get_site(session, site_id) for site_id in readable}
+    zones = {site_id: site["timezone"] if site else "UTC" for site_id, site in sites.items()}
     return [
-        BookingOut.model_validate(r)  # the row's other columns are ignored
+        BookingOut.model_validate({**r, "timezone": zones[r["site_id"]]})  # the row's other columns are ignored
         for r in rows
         if r["site_id"] in readable and r["status"] != "cancelled"
     ]

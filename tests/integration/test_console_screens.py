@@ -203,3 +203,16 @@ async def test_a_network_admin_adds_a_site_and_registers_an_integration(network:
         assert password.group(1) not in again.text and "county-ehr" in again.text  # shown once
         revoked = await admin.post("/network/integrations/county-ehr/revoke", data={"csrf": csrf(again)})
         assert revoked.status_code == 200 and "revoked" in revoked.text
+
+
+async def test_choosing_a_language_returns_to_the_same_screen_and_never_off_site(
+    network: dict[str, Any], issuer: str
+) -> None:
+    add_user(issuer, "net.ops", iopnet_role="network_admin")
+    async with browser(network["console"]) as admin:
+        await sign_in(admin, "net.ops")
+        spanish = await admin.get("/language/es", params={"next": "/network"})
+        assert spanish.url.path == "/network" and "Sedes" in spanish.text and '<html lang="es">' in spanish.text
+        for elsewhere in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
+            answer = await admin.get("/language/en", params={"next": elsewhere}, follow_redirects=False)
+            assert answer.headers["location"] == "/"

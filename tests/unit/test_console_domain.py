@@ -12,6 +12,7 @@ from services.console.domain import (
     home_for,
     idle_expired,
     language_from,
+    local_time,
     token_expired,
     trend,
 )
@@ -64,3 +65,10 @@ def test_the_trend_chart_puts_mood_and_craving_on_one_scale_oldest_first() -> No
     assert chart.craving == "6.0,114.0 106.0,6.0"  # 0 at the bottom, then 10 at the top
     assert trend([]).mood == "" and trend([]).count == 0
     assert trend([(5, 5)]).mood.count(",") == 1  # one check-in: one point
+
+
+def test_times_show_on_the_clinics_wall_clock() -> None:
+    assert local_time("2026-11-28T01:30:00+00:00", "America/New_York") == "2026-11-27 20:30"
+    assert local_time("2026-11-28T01:30:00+00:00", "America/New_York", with_date=False) == "20:30"
+    assert local_time("2026-11-28T01:30:00+00:00", None) == "2026-11-28 01:30"
+    assert local_time("2026-11-28T01:30:00+00:00", "Not/AZone") == "2026-11-28 01:30"
