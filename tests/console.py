@@ -78,6 +78,7 @@ async def network(nats_server, issuer: str, tmp_path: Path) -> AsyncIterator[dic
         serving = asyncio.create_task(server.serve())
         try:
             await eventually(lambda: _now(server.started), what="the console serving")
+            await eventually(lambda: _now(console.state.alerts.connected), what="the console's alert feed")
             yield {"desk": desk, "calendar": calendar, "notify": notify, "console": console, "nats": nats_server.url}
         finally:
             server.should_exit = True

@@ -8,6 +8,7 @@ It has no database and publishes no event, so of DESIGN B1's shape it keeps what
 sign-in, alerts and the patient's page; the clinic's day and patients; a site's setup), `live.py` (events in),
 `backend.py` (the services), `signin.py` (sessions) and this composition root."""
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -70,13 +71,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        try:
-            await app.state.alerts.start()
-        except Exception as exc:  # the inbox still works by reload; /readyz says the bus is down
-            log.warning("alert feed not connected", extra={"error": type(exc).__name__})
+        # Connected in the background: nats-py retries a first connect for ever, and the
+        # screens must serve meanwhile (the inbox works by reload; /readyz says 503).
+        connecting = asyncio.create_task(_connect(app.state.alerts), name="console-alert-feed")
         try:
             yield
         finally:
+            connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
             await app.state.alerts.stop()
             await app.state.backend.close()
 
@@ -113,6 +115,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"service": "console", "ready": ready, "checks": checks}, status_code=200 if ready else 503)
 
     return app
+
+
+async def _connect(alerts: AlertFeed) -> None:
+    try:
+        await alerts.start()
+    except Exception as exc:
+        log.warning("alert feed not connected", extra={"error": type(exc).__name__})
 
 
 def _errors(app: FastAPI) -> None:

@@ -13,7 +13,9 @@ from typing import Any
 
 import httpx
 
-from tests.conftest import auth
+from iopnet.natsd import free_port
+from services.console.app import create_app as console_app
+from tests.conftest import auth, make_settings, running
 from tests.console import OTHER, SITE, a_patient_with_an_enrollment, browser, csrf, sign_in
 from tests.oidc import add_user
 
@@ -92,3 +94,12 @@ async def test_the_development_sign_in_is_off_unless_turned_on(network: dict[str
         answer = await client.post("/signin/dev", data={"csrf": csrf(page), "sub": "demo-network-admin"})
         assert answer.status_code == 403
         assert (await client.get("/alerts")).url.path == "/signin"
+
+
+async def test_the_console_serves_its_screens_while_the_bus_is_down(tmp_path) -> None:
+    """No NATS at all: the screens answer at once; only /readyz says the feed is missing."""
+    settings = make_settings(f"nats://127.0.0.1:{free_port()}", tmp_path, console_dev_signin=True)
+    async with running(console_app(settings)) as console:
+        assert (await console.get("/signin")).status_code == 200
+        ready = await console.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"] == {"nats": False}
