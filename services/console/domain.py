@@ -295,6 +295,8 @@ TEXTS: dict[str, dict[Language, str]] = {
         "es": "La contraseña NATS de la integración, se muestra una vez:",
     },
     "settings": {"en": "Settings", "es": "Ajustes"},
+    "my_consents": {"en": "My consents", "es": "Mis consentimientos"},
+    "consent_revoked": {"en": "The consent is revoked.", "es": "El consentimiento quedó revocado."},
     "enrolled_count": {"en": "Enrolled", "es": "Inscritos"},
     "hours_attended": {"en": "Hours attended / target", "es": "Horas asistidas / previstas"},
     "attendance_rate": {"en": "Attendance rate", "es": "Tasa de asistencia"},

@@ -229,11 +229,35 @@ async def _bookings(services: Backend, person: Person) -> list[dict[str, Any]]:
     return sorted((b for b in bookings if str(b.get("starts_at", "")) >= now[:19]), key=lambda b: b["starts_at"])[:10]
 
 
+async def _my_consents(services: Backend, person: Person) -> list[dict[str, Any]]:
+    try:
+        consents: list[dict[str, Any]] = await services.call(
+            "intake", "GET", f"/patients/{person.patient_id}/consents", person.token
+        )
+    except BackendError:
+        return []
+    return consents
+
+
+async def _my_page(request: Request, person: Person, services: Backend, **values: Any) -> HTMLResponse:
+    bookings, consents = await asyncio.gather(_bookings(services, person), _my_consents(services, person))
+    return render(request, "me.html", person, crisis=CRISIS_LINES[_language(request)], bookings=bookings,
+                  consents=consents, **{"show_crisis": False, "outcome": None, **values})  # fmt: skip
+
+
 @router.get("/me")
 async def my_page(request: Request, person: PatientPerson, services: Services) -> HTMLResponse:
-    bookings = await _bookings(services, person)
-    return render(request, "me.html", person, crisis=CRISIS_LINES[_language(request)], show_crisis=False,
-                  outcome=None, bookings=bookings)  # fmt: skip
+    return await _my_page(request, person, services)
+
+
+@router.post("/me/consents/{consent_id}/revoke")
+async def revoke_my_consent(
+    request: Request, consent_id: str, person: PatientPerson, services: Services, csrf: Annotated[str, Form()]
+) -> HTMLResponse:
+    """A patient may revoke a consent at any time (42 CFR 2.31); intake records when."""
+    signin.check_csrf(request, csrf)
+    await services.call("intake", "POST", f"/consents/{consent_id}/revoke", person.token, json={})
+    return await _my_page(request, person, services, outcome="revoked")
 
 
 @router.post("/me/check-ins")
@@ -263,5 +287,4 @@ async def submit_check_in(
     except BackendError:
         outcome = "failed"
     # The crisis resources show whatever happened to the request.
-    return render(request, "me.html", person, crisis=CRISIS_LINES[_language(request)], show_crisis=safety_concern,
-                  outcome=outcome, bookings=await _bookings(services, person))  # fmt: skip
+    return await _my_page(request, person, services, show_crisis=safety_concern, outcome=outcome)

@@ -9,7 +9,7 @@ adds a site and registers an integration. Each role is kept to its screens, and 
 clinician of another site sees nothing of this one."""
 
 import re
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -216,3 +216,29 @@ async def test_choosing_a_language_returns_to_the_same_screen_and_never_off_site
         for elsewhere in ("//evil.example/x", "https://evil.example/", "/\\evil.example"):
             answer = await admin.get("/language/en", params={"next": elsewhere}, follow_redirects=False)
             assert answer.headers["location"] == "/"
+
+
+async def test_a_patient_sees_their_schedule_and_consents_and_revokes_one(network: dict[str, Any], issuer: str) -> None:
+    patient_id = await a_patient_with_an_enrollment(network)
+    consent = {"recipient": "org:county-court", "purpose": "court_reporting", "information": "attendance only",
+               "signed_at": datetime.now(UTC).isoformat(), "expires_event": "end_of_treatment"}  # fmt: skip
+    granted = await network["desk"].post(
+        f"/patients/{patient_id}/consents", json=consent, headers=auth("front_desk", [SITE])
+    )
+    assert granted.status_code == 201
+    add_user(issuer, "ada", iopnet_role="patient", iopnet_patient_id=patient_id)
+    async with browser(network["console"]) as patient:
+        page = await sign_in(patient, "ada")
+        assert page.url.path == "/me" and "My consents" in page.text and "org:county-court" in page.text
+
+        async def scheduled() -> bool:
+            return "Evening group" in (await patient.get("/me")).text
+
+        await eventually(scheduled, what="the patient's schedule")
+        page = await patient.get("/me")
+        revoked = await patient.post(f"/me/consents/{granted.json()['consent_id']}/revoke", data={"csrf": csrf(page)})
+        assert revoked.status_code == 200 and "The consent is revoked." in revoked.text
+        assert "revoked" in revoked.text and 'action="/me/consents/' not in revoked.text
+        # A patient is kept to their own page.
+        assert (await patient.get("/today")).status_code == 403
+        assert (await patient.get(f"/patients/{patient_id}")).status_code == 403
