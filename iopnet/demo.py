@@ -63,7 +63,7 @@ def seed_demo(settings: Settings) -> None:
             for site in DEMO_SITES
             for cohort in ("adult", "adolescent")
         }
-        created = 0
+        created, first_patient = 0, ""
         for index, (site_id, given, family, born, channel, cohort) in enumerate(DEMO_PATIENTS):
             token = mint_token(secret, sub="demo-front-desk", role="front_desk", sites=[site_id])
             desk = {"Authorization": f"Bearer {token}"}
@@ -90,7 +90,10 @@ def seed_demo(settings: Settings) -> None:
             url = f"{intake}/patients/{patient_id}/enrollments"
             when_known(lambda u=url, e=enrollment, d=desk: http.post(u, json=e, headers=d)).raise_for_status()
             created += 1
+            first_patient = first_patient or patient_id
     typer.echo(f"demo: {len(DEMO_SITES)} sites, {created} patients enrolled")
+    # The console's development sign-in asks a patient for their id (made-up people only).
+    typer.echo(f"demo: sign in to the console as a patient with patient id {first_patient}")
 
 
 def _program(

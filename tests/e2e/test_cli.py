@@ -48,7 +48,9 @@ def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
         assert [s["site_id"] for s in sites.json()] == ["columbus-east"]
 
         assert f"http://127.0.0.1:{ports['CONSOLE']}  (sign in: " in printed
-        check_the_console(f"http://127.0.0.1:{ports['CONSOLE']}")
+        demo_patient = re.search(r"as a patient with patient id ([0-9a-f-]{36})", printed)
+        assert demo_patient, printed
+        check_the_console(f"http://127.0.0.1:{ports['CONSOLE']}", demo_patient.group(1))
     finally:
         process.send_signal(signal.SIGINT)
         code = process.wait(timeout=30)
@@ -63,7 +65,7 @@ def test_run_demo_then_ctrl_c(tmp_path: Path) -> None:
             raise AssertionError(f"{name} still answering after Ctrl-C")
 
 
-def check_the_console(console: str) -> None:
+def check_the_console(console: str, patient_id: str) -> None:
     """Up and ready (its NATS user hears the bus), the development sign-in offered with
     the demo staff, whose sites are the demo data's; a demo clinician signs in and the
     alert inbox loads from notifications with the token the console minted."""
@@ -83,3 +85,11 @@ def check_the_console(console: str) -> None:
         assert signed_in.status_code == 303, signed_in.text
         inbox = browser.get("/alerts")
         assert inbox.status_code == 200 and 'action="/signout"' in inbox.text, inbox.text
+        browser.cookies.clear()
+        page = browser.get("/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        as_patient = {"csrf": csrf.group(1), "sub": "demo-patient", "patient_id": patient_id}
+        assert browser.post("/signin/dev", data=as_patient).headers["location"] == "/me"
+        mine = browser.get("/me")
+        assert mine.status_code == 200 and "My schedule" in mine.text and "My consents" in mine.text
