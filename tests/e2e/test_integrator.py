@@ -220,10 +220,16 @@ async def test_a_qsoa_integration_gets_its_sites_events_once_across_a_restart_an
         assert {e["event_type"] for e in events} >= {
             "ProgramPublished", "SessionScheduled", "PatientEnrolled", "CheckInSubmitted", "CareTeamAlerted",
         }  # fmt: skip
-        # Processed once each, across both runs: a redelivered event is a "duplicate".
+        # Processed once each, across both runs: a redelivered event is a "duplicate". The
+        # kill -9 may land between the subscriber's commit and its "processed" line: that one
+        # event is stored without the line, and the second run reports it as a duplicate.
         processed = [line.split()[1] for run in (first, second) for line in run.lines() if line.startswith("processed")]
-        assert sorted(processed) == sorted(e["event_id"] for e in events)
-        assert len(processed) == len(set(processed))
+        redelivered = {line.split()[1] for line in second.lines() if line.startswith("duplicate")}
+        assert len(processed) == len(set(processed))  # never processed twice
+        stored_ids = {e["event_id"] for e in events}
+        assert len(stored_ids) == len(events) and set(processed) <= stored_ids
+        unprinted = stored_ids - set(processed)
+        assert len(unprinted) <= 1 and unprinted <= redelivered, (unprinted, redelivered)
         assert all(e["_subject"] == f"iop.{e['producer']}.{_snake(e['event_type'])}.site-a" for e in events)
 
         await webhooks_are_verified(http, network, examples, tmp_path, patients["site-a"], bus)
