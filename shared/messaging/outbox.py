@@ -14,7 +14,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -124,6 +124,7 @@ class Outbox:
             Column("trace_context", String(512), nullable=True),
         )
         self.commit_signal: CommitSignal | None = None
+        self.express_lane: ExpressLane | None = None
 
     async def emit(
         self,
@@ -145,20 +146,14 @@ class Outbox:
         if not envelopes:
             return
         trace_context = current_context()
+        staged = [Express(str(env.event_id), env.subject, env.model_dump_json(), trace_context) for env in envelopes]
+        now = clock.now()
         await session.execute(
             insert(self.table),
-            [
-                {
-                    "event_id": str(env.event_id),
-                    "subject": env.subject,
-                    "payload": env.model_dump_json(),
-                    "created_at": clock.now(),
-                    "attempts": 0,
-                    "trace_context": trace_context,
-                }
-                for env in envelopes
-            ],
+            [{**asdict(item), "created_at": now, "attempts": 0} for item in staged],
         )
+        if self.express_lane is not None:
+            self.express_lane.hold(session, staged)
         self.signal(session)
 
     async def forward(self, session: AsyncSession, message_id: str, subject: str, envelope: Envelope) -> bool:
@@ -199,6 +194,85 @@ class Outbox:
 SAFETY_EVENTS = ("check_in_submitted", "care_team_alerted")
 
 
+def is_safety_subject(subject: str) -> bool:
+    """A safety event of a service's own stream (a copy in an outside system's feed is not)."""
+    parts = subject.split(".")
+    return len(parts) >= 4 and parts[1] != "feed" and parts[-2] in SAFETY_EVENTS
+
+
+@dataclass(frozen=True)
+class Express:
+    """A staged safety event, as its outbox row holds it."""
+
+    event_id: str
+    subject: str
+    payload: str
+    trace_context: str | None
+
+
+class ExpressLane:
+    """Safety events leave the moment their transaction commits, without waiting for the
+    relay's next read of the outbox (issue 10: under load that read queues behind every
+    request for the database, and an urgent check-in waited 100+ ms there, twice on its
+    way to the care team). Their rows stay the record: the relay still marks them sent,
+    and publishes any the lane could not; a copy of one published both ways is dropped by
+    JetStream's duplicate window (same Nats-Msg-Id)."""
+
+    _KEY = "iopnet.express"
+    REMEMBERED = 10_000  # ids published early and not yet seen by the relay
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._ready: collections.deque[Express] = collections.deque()
+        self._event = asyncio.Event()
+        self.published: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.in_flight: set[str] = set()
+        sync_session = sessions.kw["sync_session_class"]
+        event.listen(sync_session, "after_commit", self._after_commit)
+        event.listen(sync_session, "after_soft_rollback", self._after_rollback)
+
+    def hold(self, session: AsyncSession, staged: list[Express]) -> None:
+        safety = [e for e in staged if is_safety_subject(e.subject)]
+        if safety:
+            session.info.setdefault(self._KEY, []).extend(safety)
+
+    def _after_commit(self, session: Session) -> None:
+        held = session.info.pop(self._KEY, None)
+        if held:
+            # In flight from now: the relay, woken by the same commit, leaves their rows.
+            self.in_flight.update(item.event_id for item in held)
+            self._ready.extend(held)
+            self._event.set()
+
+    def _after_rollback(self, session: Session, previous_transaction: object) -> None:
+        # Any rollback, a savepoint's too: what was held goes by the relay instead (it
+        # publishes only committed rows), never by the lane.
+        session.info.pop(self._KEY, None)
+
+    async def take(self) -> list[Express]:
+        """The committed safety events not yet taken (in flight until `done`)."""
+        await self._event.wait()
+        self._event.clear()
+        taken = list(self._ready)
+        self._ready.clear()
+        return taken
+
+    def done(self, taken: list[Express], acked: int) -> None:
+        """The first `acked` are on the bus; the rest are the relay's again."""
+        for item in taken:
+            self.in_flight.discard(item.event_id)
+        for item in taken[:acked]:
+            self.published[item.event_id] = None
+        while len(self.published) > self.REMEMBERED:
+            self.published.popitem(last=False)
+
+    def status(self, event_id: str) -> str:
+        """What the relay does with this event's row: mark it sent ("published", then
+        forgotten here), leave it for its next pass ("in_flight"), or publish it ("pending")."""
+        if self.published.pop(event_id, False) is None:
+            return "published"
+        return "in_flight" if event_id in self.in_flight else "pending"
+
+
 class OutboxRelay:
     def __init__(
         self,
@@ -220,25 +294,50 @@ class OutboxRelay:
         self.retry_seconds = retry_seconds
         self.publish_timeout = publish_timeout
         self.published = 0
+        self.express_published = 0  # safety events published by the express lane
         # By event name (the subject's third token), for /metrics.
         self.published_by_event: collections.Counter[str] = collections.Counter()
         self._signal = CommitSignal(sessions, "outbox")
         outbox.commit_signal = self._signal
+        self.express = ExpressLane(sessions)
+        outbox.express_lane = self.express
 
     def wake(self) -> None:
         self._signal.set()
 
     async def run(self) -> None:
+        express = asyncio.create_task(self._run_express(), name="outbox-express")
+        try:
+            while True:
+                # Woken on commit; the timeout is only the retry tick after a failed publish.
+                await self._signal.wait(self.retry_seconds)
+                try:
+                    while await self.relay_batch() == self.batch_size:
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("outbox relay paused", extra={"error": type(exc).__name__})
+        finally:
+            express.cancel()
+            await asyncio.gather(express, return_exceptions=True)
+
+    async def _run_express(self) -> None:
+        """Publish committed safety events at once (see ExpressLane); what fails here is
+        left to the relay, which publishes every row not known to be on the bus."""
         while True:
-            # Woken on commit; the timeout is only the retry tick after a failed publish.
-            await self._signal.wait(self.retry_seconds)
+            staged = await self.express.take()
+            broker, restricted = self._broker(), self._restricted_broker()
+            if broker is None or restricted is None:
+                self.express.done(staged, 0)
+                continue  # not connected yet: the relay has them
+            acked = 0
             try:
-                while await self.relay_batch() == self.batch_size:
-                    pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("outbox relay paused", extra={"error": type(exc).__name__})
+                acked, _ = await self._publish(_Publisher(broker, restricted), staged)
+            finally:
+                self.express.done(staged, acked)
+                self.express_published += acked
+                self.wake()  # the relay marks their rows sent, or publishes what failed
 
     async def relay_batch(self) -> int:
         """Publish one batch of pending rows; returns how many were sent."""
@@ -253,7 +352,7 @@ class OutboxRelay:
                     # others) while this relay publishes them. PostgreSQL has a pool, so
                     # the open transaction blocks nobody else.
                     rows = await self._pending(session, lock=True)
-                    sent, error = await self._publish(publisher, rows) if rows else ([], None)
+                    sent, error = await self._publish_pending(publisher, rows)
                     await self._record(session, rows, sent, error)
             else:
                 # SQLite: one relay per file and one pooled connection. Publish with no
@@ -261,7 +360,7 @@ class OutboxRelay:
                 # service's requests behind the relay.
                 async with session.begin():
                     rows = await self._pending(session, lock=False)
-                sent, error = await self._publish(publisher, rows) if rows else ([], None)
+                sent, error = await self._publish_pending(publisher, rows)
                 async with session.begin():
                     await self._record(session, rows, sent, error)
         self.published += len(sent)
@@ -303,13 +402,23 @@ class OutboxRelay:
                 .values(attempts=table.c.attempts + 1, last_error=error[:500])
             )
 
-    async def _publish(self, publisher: "_Publisher", rows: list) -> tuple[list[int], str | None]:
+    async def _publish_pending(self, publisher: "_Publisher", rows: list[Any]) -> tuple[list[int], str | None]:
+        """The rows' seqs now on the bus: those the express lane published already, and
+        the rest published here, in order."""
+        status = {row.seq: self.express.status(row.event_id) for row in rows}
+        early = [row.seq for row in rows if status[row.seq] == "published"]
+        rest = [row for row in rows if status[row.seq] == "pending"]
+        count, error = await self._publish(publisher, rest) if rest else (0, None)
+        return early + [row.seq for row in rest[:count]], error
+
+    async def _publish(self, publisher: "_Publisher", rows: list[Any]) -> tuple[int, str | None]:
         """On the service's broker connection, pipelined: every row is written in order,
         then every ack awaited (Nats-Msg-Id = event_id); rows are marked sent only once
         JetStream acknowledged them. FastStream's `publish` awaits each ack before the
         next write: under load each await costs a turn of a busy event loop, so a batch
         of 256 took over a second (issue 10's profile). Rows after a failure stay pending
-        and are retried in order; JetStream de-duplicates any that were in fact stored."""
+        and are retried in order; JetStream de-duplicates any that were in fact stored.
+        Returns how many, from the first, JetStream acknowledged."""
         futures = []
         try:
             for row in rows:
@@ -328,18 +437,18 @@ class OutboxRelay:
             error: str | None = f"{type(exc).__name__}: {exc}"
         else:
             error = None
-        sent: list[int] = []
-        for row, future in zip(rows, futures, strict=False):
+        acked = 0
+        for future in futures:
             try:
                 async with asyncio.timeout(self.publish_timeout):
                     await future
             except Exception as exc:
                 error = error or f"{type(exc).__name__}: {exc}"
                 break
-            sent.append(row.seq)
-        for future in futures[len(sent) :]:
+            acked += 1
+        for future in futures[acked:]:
             future.cancel()  # frees its slot in nats-py's pending-publish limit
-        return sent, error
+        return acked, error
 
 
 class _PublishFailed(Exception):

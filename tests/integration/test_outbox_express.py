@@ -1,0 +1,108 @@
+"""The outbox's express lane (issue 10): a committed safety event reaches the bus at once,
+even while the relay is held up (under load, its read of the outbox queues behind every
+request for the database); routine events still wait for the relay; a safety event of a
+rolled-back transaction never leaves; the relay then marks the early one sent without
+publishing it again. Real nats-server, SQLite and PostgreSQL."""
+
+import asyncio
+from datetime import UTC, date, datetime
+from typing import Any
+from uuid import uuid4
+
+import pytest
+from sqlalchemy import MetaData, func, select
+
+from iopnet.testing import eventually
+from shared.contracts import Envelope
+from shared.contracts.events import CheckInSubmitted, PatientEnrolled
+from shared.db import create_engine, session_factory
+from shared.messaging import Outbox, OutboxRelay
+from shared.messaging.broker import close, jetstream
+from shared.messaging.streams import STREAMS, ensure_streams
+from tests.conftest import connected_broker, stream_count
+
+SITE = "columbus-east"
+
+
+def enrolled() -> PatientEnrolled:
+    return PatientEnrolled(
+        patient_id=uuid4(), enrollment_id=uuid4(), program_id="adult-iop-am", level_of_care="2.1", cohort="adult",
+        start_date=date(2026, 12, 1), referral_source="self",
+    )  # fmt: skip
+
+
+def urgent() -> CheckInSubmitted:
+    return CheckInSubmitted(
+        check_in_id=uuid4(), patient_id=uuid4(), enrollment_id=uuid4(), submitted_at=datetime.now(UTC), mood=2,
+        craving=9, used_since_last=True, safety_concern=True, risk="urgent",
+    )  # fmt: skip
+
+
+class Rollback(Exception):
+    pass
+
+
+async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_server, database_url: str) -> None:
+    metadata = MetaData()
+    outbox = Outbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    sessions = session_factory(engine)
+    broker = await connected_broker(nats_server.url)
+    await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
+    relay = OutboxRelay(outbox, sessions, lambda: broker)
+
+    held = asyncio.Event()
+    relayed: list[str] = []  # event ids the relay itself published
+    read_and_publish, publish = relay.relay_batch, relay._publish
+
+    async def held_relay_batch() -> int:
+        await held.wait()
+        return await read_and_publish()
+
+    async def recording_publish(publisher: Any, rows: list[Any]) -> tuple[int, str | None]:
+        if rows and hasattr(rows[0], "seq"):  # outbox rows: the relay (the lane passes Express items)
+            relayed.extend(row.event_id for row in rows)
+        return await publish(publisher, rows)
+
+    relay.relay_batch, relay._publish = held_relay_batch, recording_publish  # type: ignore[method-assign]
+    running = asyncio.create_task(relay.run())
+    try:
+        async with sessions() as session, session.begin():
+            routine: Envelope = await outbox.emit(session, enrolled(), SITE)
+            safety: Envelope = await outbox.emit(session, urgent(), SITE)
+
+        async def staged_then_rolled_back() -> None:
+            async with sessions() as session, session.begin():
+                await outbox.emit(session, urgent(), SITE)
+                raise Rollback
+
+        with pytest.raises(Rollback):
+            await staged_then_rolled_back()
+
+        async def on_the_bus() -> bool:
+            return await stream_count(nats_server.url, "IOP_INTAKE") == 1
+
+        await eventually(on_the_bus, what="the urgent check-in on the bus while the relay is held")
+        assert relay.express_published == 1 and relay.published == 0  # not the routine one, not the rolled back one
+
+        held.set()
+
+        async def all_sent() -> bool:
+            async with sessions() as session:
+                unsent = select(func.count()).where(outbox.table.c.sent_at.is_(None))
+                return (await session.execute(unsent)).scalar_one() == 0
+
+        await eventually(all_sent, what="the relay to mark both rows sent")
+        assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
+        assert relayed == [str(routine.event_id)]  # the early one marked sent, not published twice
+        assert str(safety.event_id) not in relayed and relay.published == 2
+        async with sessions() as session:
+            rows = (await session.execute(select(outbox.table.c.event_id))).scalars().all()
+        assert len(rows) == 2  # the rolled-back one was never staged for good
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await close(broker)
+        await engine.dispose()
