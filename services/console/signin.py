@@ -15,17 +15,27 @@
 import hashlib
 import hmac
 import secrets
+import warnings
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
-from authlib.integrations.starlette_client import OAuth  # type: ignore[import-untyped]  # no stubs shipped
 from fastapi import Request
 
 from services.console.domain import Person, idle_expired, token_expired
 from shared.auth import Role, mint_token
 from shared.errors import Forbidden
 from shared.settings import Settings
+
+# authlib warns on import that its httpx integration moves to a package "httpx2"; its
+# Starlette client imports that integration. Nothing for us to do, and the warning would
+# greet every `make run` on the terminal. (authlib.deprecate turns its own warnings on
+# when imported, so the filter goes in after it.)
+with warnings.catch_warnings():
+    import authlib.deprecate  # type: ignore[import-untyped]  # noqa: F401  (its import sets its filter)
+
+    warnings.filterwarnings("ignore", message="The httpx module is deprecated")
+    from authlib.integrations.starlette_client import OAuth  # type: ignore[import-untyped]  # no stubs shipped
 
 SESSION_COOKIE = "iopnet_console"
 # The cookie's own limit; idle and token expiry end a session sooner.
