@@ -483,6 +483,16 @@ async def booked_counts(session: AsyncSession, session_ids: list[str]) -> dict[s
     return {str(session_id): int(count) for session_id, count in (await session.execute(query)).all()}
 
 
+async def last_in_line(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:
+    """The last waitlist position taken in each of these sessions that has a waitlist."""
+    query = (
+        select(bookings.c.session_id, func.max(bookings.c.position))
+        .where(bookings.c.session_id.in_(session_ids), bookings.c.status == "waitlisted")
+        .group_by(bookings.c.session_id)
+    )
+    return {str(session_id): int(last) for session_id, last in (await session.execute(query)).all() if last is not None}
+
+
 async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> BookingRow | None:
     query = select(bookings).where(bookings.c.session_id == session_id, bookings.c.enrollment_id == enrollment_id)
     return await _one(BookingRow, session, query)
@@ -502,9 +512,12 @@ async def count_booked(session: AsyncSession, session_id: str) -> int:
     return int((await session.execute(query)).scalar_one())
 
 
-async def add_booking(session: AsyncSession, **values: Any) -> None:
+async def add_bookings(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    """New bookings in one multi-row INSERT."""
+    if not rows:
+        return
     stamp = clock.now()
-    await session.execute(insert(bookings).values(created_at=stamp, updated_at=stamp, **values))
+    await session.execute(insert(bookings), [{**row, "created_at": stamp, "updated_at": stamp} for row in rows])
 
 
 async def update_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:

@@ -10,7 +10,7 @@ rule raises `DomainError`; shared.errors maps its kind to the API's answer.
 
 import json
 from datetime import date, datetime, timedelta
-from typing import Any, TypedDict, cast
+from typing import Any, NamedTuple, TypedDict, cast
 from uuid import UUID, uuid4
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -303,66 +303,54 @@ async def book(
     return await _book_locked(session, target, existing, booked, enrollment, cause, waitlist=waitlist)
 
 
-async def _book_locked(
-    session: AsyncSession,
-    target: SessionRow | None,
-    existing: BookingRow | None,
-    booked: int,
-    enrollment: EnrollmentRow,
-    cause: Envelope | None,
-    *,
-    waitlist: bool = True,
-) -> str:
-    """`book` once the session is locked and its booked seats and this enrollment's
-    booking there are known."""
+class _Placement(NamedTuple):
+    """What booking an enrollment into a locked session does: the status it holds, its
+    waitlist position, and whether that is a change (False: it already held a place)."""
+
+    status: str
+    position: int | None
+    changed: bool
+
+
+def _placement(
+    target: SessionRow | None, existing: BookingRow | None, booked: int, last_in_line: int | None, *, waitlist: bool
+) -> _Placement:
     if target is None or target["status"] != "scheduled":
         raise DomainError("conflict", "the session is not open for booking")
-    session_id = target["session_id"]
     if existing is not None and existing["status"] != "cancelled":
-        return str(existing["status"])
+        return _Placement(str(existing["status"]), existing["position"], changed=False)
     status = domain.booking_decision(booked, target["capacity"])
     if status == "waitlisted" and not waitlist:
         raise DomainError("conflict", "the session is full")
-    position = None
-    if status == "waitlisted":
-        waiting = await store.session_bookings(session, session_id, "waitlisted")
-        # A waitlisted booking has its position: `book` sets it, only booking or cancelling clears it.
-        position = domain.waitlist_position(cast(int, b["position"]) for b in waiting)
-    booking_id = existing["booking_id"] if existing else str(uuid4())
-    if existing:
-        await store.update_booking(session, booking_id, status=status, position=position, cancel_reason=None)
-    else:
-        await store.add_booking(
-            session,
-            booking_id=booking_id,
-            session_id=session_id,
-            enrollment_id=enrollment["enrollment_id"],
-            patient_id=enrollment["patient_id"],
-            status=status,
-            position=position,
-        )
+    # A waitlisted booking has its position: booking sets it, only booking or cancelling clears it.
+    position = (
+        domain.waitlist_position([] if last_in_line is None else [last_in_line]) if status == "waitlisted" else None
+    )
+    return _Placement(status, position, changed=True)
+
+
+def _placement_event(placement: _Placement, booking_id: str, target: SessionRow, enrollment: EnrollmentRow) -> Event:
     patient_id = UUID(enrollment["patient_id"])
-    if status == "booked":
-        event: Event = PatientBooked(
+    if placement.status == "booked":
+        return PatientBooked(
             booking_id=UUID(booking_id),
-            session_id=UUID(session_id),
+            session_id=UUID(target["session_id"]),
             patient_id=patient_id,
             starts_at=target["starts_at"],
             reason=None,
         )
-    else:
-        assert position is not None
-        event = PatientWaitlisted(session_id=UUID(session_id), patient_id=patient_id, position=position)
-    await store.outbox.emit(session, event, target["site_id"], cause=cause)
-    return status
+    assert placement.position is not None
+    return PatientWaitlisted(session_id=UUID(target["session_id"]), patient_id=patient_id, position=placement.position)
 
 
 async def book_enrollment(
     session: AsyncSession, enrollment: EnrollmentRow, cause: Envelope | None, now: datetime
 ) -> int:
-    """Book an enrollment into every future group session of its program. The sessions
-    are locked, and their seats and this enrollment's bookings read, in three queries for
-    all of them, not three per session (issue 10: the enrollment wave's fan-out)."""
+    """Book an enrollment into every future group session of its program. Set-based
+    (issue 10: the enrollment wave's fan-out): the sessions are locked, and their seats,
+    waitlists and this enrollment's bookings read, in four queries for all of them; the
+    new bookings and their events are written in one multi-row INSERT each. Reading each
+    full session's waitlist per enrollment made a wave quadratic."""
     site = await store.get_site(session, enrollment["site_id"])
     if site is None:
         return 0
@@ -378,10 +366,63 @@ async def book_enrollment(
     locked = await store.lock_sessions(session, candidates)
     existing = await store.bookings_of(session, enrollment["enrollment_id"], candidates)
     booked = await store.booked_counts(session, candidates)
+    last_in_line = await store.last_in_line(session, candidates)
+    new_bookings: list[dict[str, Any]] = []
+    events: list[Event] = []
     for session_id in candidates:
-        target = locked.get(session_id)
-        await _book_locked(session, target, existing.get(session_id), booked.get(session_id, 0), enrollment, cause)
+        target, held = locked.get(session_id), existing.get(session_id)
+        placement = _placement(target, held, booked.get(session_id, 0), last_in_line.get(session_id), waitlist=True)
+        if not placement.changed:
+            continue
+        assert target is not None  # _placement refuses a session that is gone
+        booking_id = held["booking_id"] if held else str(uuid4())
+        if held:
+            await store.update_booking(
+                session, booking_id, status=placement.status, position=placement.position, cancel_reason=None
+            )
+        else:
+            new_bookings.append({
+                "booking_id": booking_id, "session_id": session_id, "enrollment_id": enrollment["enrollment_id"],
+                "patient_id": enrollment["patient_id"], "status": placement.status, "position": placement.position,
+            })  # fmt: skip
+        events.append(_placement_event(placement, booking_id, target, enrollment))
+    await store.add_bookings(session, new_bookings)
+    await store.outbox.emit_all(session, events, site["site_id"], cause=cause)
     return len(candidates)
+
+
+async def _book_locked(
+    session: AsyncSession,
+    target: SessionRow | None,
+    existing: BookingRow | None,
+    booked: int,
+    enrollment: EnrollmentRow,
+    cause: Envelope | None,
+    *,
+    waitlist: bool = True,
+) -> str:
+    """`book` once the session is locked and its booked seats and this enrollment's
+    booking there are known."""
+    last_in_line = None
+    if target is not None and booked >= target["capacity"]:
+        last_in_line = (await store.last_in_line(session, [target["session_id"]])).get(target["session_id"])
+    placement = _placement(target, existing, booked, last_in_line, waitlist=waitlist)
+    if not placement.changed:
+        return placement.status
+    assert target is not None
+    booking_id = existing["booking_id"] if existing else str(uuid4())
+    if existing:
+        await store.update_booking(
+            session, booking_id, status=placement.status, position=placement.position, cancel_reason=None
+        )
+    else:
+        await store.add_bookings(session, [{
+            "booking_id": booking_id, "session_id": target["session_id"], "enrollment_id": enrollment["enrollment_id"],
+            "patient_id": enrollment["patient_id"], "status": placement.status, "position": placement.position,
+        }])  # fmt: skip
+    event = _placement_event(placement, booking_id, target, enrollment)
+    await store.outbox.emit(session, event, target["site_id"], cause=cause)
+    return placement.status
 
 
 async def cancel_booking(

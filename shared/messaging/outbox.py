@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -140,6 +140,14 @@ class Outbox:
         envelope = envelope_for(event, site_id, cause=cause, chain=chain)
         await self.stage(session, envelope)
         return envelope
+
+    async def emit_all(
+        self, session: AsyncSession, events: Iterable[Event], site_id: str, *, cause: Envelope | None = None
+    ) -> list[Envelope]:
+        """`emit` for several events of one site at once: one multi-row INSERT."""
+        envelopes = [envelope_for(event, site_id, cause=cause) for event in events]
+        await self.stage(session, *envelopes)
+        return envelopes
 
     async def stage(self, session: AsyncSession, *envelopes: Envelope) -> None:
         """Add events to the caller's transaction; they leave only if it commits."""

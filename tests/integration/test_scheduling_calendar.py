@@ -10,6 +10,7 @@ from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 
 from iopnet.testing import BusRecorder, eventually
@@ -198,6 +199,49 @@ async def test_capacity_holds_under_concurrent_bookings(app, nats_server) -> Non
         roster = (await client.get(f"/sessions/{target['session_id']}", headers=CLINICIAN)).json()
         assert roster["booked"] == 3
         assert sorted(e["position"] for e in roster["roster"] if e["status"] == "waitlisted") == list(range(1, 8))
+
+
+async def test_an_enrollment_wave_books_and_waitlists_in_a_fixed_number_of_statements(app, nats_server, bus) -> None:
+    """Booking an enrollment into every session of its program reads and writes set-based:
+    its statements do not grow with the sessions or the waitlists (issue 10: a wave was
+    quadratic, each enrollment reading every full session's waitlist); seats go first come,
+    first served, and each later enrollment takes the next waitlist place."""
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    async with running(app):
+        site = await with_site(app, nats_server.url)
+        engine = app.state.runtime.engine.sync_engine
+        async with app.state.runtime.sessions() as session, session.begin():
+            block = {"start": "10:00", "minutes": 60, "kind": "group_therapy", "title": "Group", "capacity": 2}
+            spec = program_spec("Pair", blocks=[{**block, "weekday": d} for d in range(1, 8)])
+            program = await usecases.publish_program(session, site, spec, date.today() + timedelta(days=1))
+            enrollments = [await add_enrollment(session, program, date.today()) for _ in range(5)]
+        per_enrollment = []
+        for enrollment in enrollments:
+            sqlalchemy_event.listen(engine, "before_cursor_execute", count)
+            try:
+                async with app.state.runtime.sessions() as session, session.begin():
+                    booked = await usecases.book_enrollment(session, enrollment, None, datetime.now(UTC))
+            finally:
+                sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+            per_enrollment.append(len(statements))
+            statements.clear()
+        async with app.state.runtime.sessions() as session:
+            rows = await store.sessions_between(session, program_id=program["program_id"])
+            places = [await store.session_bookings(session, r["session_id"]) for r in rows]
+        waitlisted = await bus.wait_for_event("PatientWaitlisted", count=3 * len(rows))
+        booked_events = await bus.wait_for_event("PatientBooked", count=2 * len(rows))
+    assert booked == len(rows) >= 7
+    assert max(per_enrollment) <= 10, per_enrollment  # 7+ sessions each, with waitlists growing
+    expected = [("booked", None), ("booked", None), ("waitlisted", 1), ("waitlisted", 2), ("waitlisted", 3)]
+    for roster in places:
+        held = {b["enrollment_id"]: (b["status"], b["position"]) for b in roster}
+        assert [held[e["enrollment_id"]] for e in enrollments] == expected
+    assert sorted(m.envelope()["data"]["position"] for m in waitlisted) == sorted([1, 2, 3] * len(rows))
+    assert {m.envelope()["data"]["session_id"] for m in booked_events} == {r["session_id"] for r in rows}
 
 
 async def test_cancellation_backfills_from_the_waitlist_in_order(app, nats_server, bus: BusRecorder) -> None:
