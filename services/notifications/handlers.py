@@ -55,6 +55,14 @@ from shared.messaging import Subscription
 from shared.messaging.consumer import Handler
 from shared.settings import Settings
 
+# The check-ins that alert the care team, and why.
+ALERTS = {"urgent": "urgent_check_in", "elevated": "elevated_check_in"}
+
+
+def _alerting(envelope: Envelope) -> bool:
+    """A check-in the care team is alerted to: the safety lane's work that goes first."""
+    return envelope.data.get("risk") in ALERTS
+
 
 class Handlers:
     def __init__(self, policy: usecases.Policy, dispatcher: Dispatcher | None = None) -> None:
@@ -103,7 +111,9 @@ class Handlers:
         # urgent one never waits behind a wave of enrollments on IOP_INTAKE. It needs
         # only the site's roster, not the patient's enrollment, so the lanes' relative
         # order does not matter.
-        safety = Subscription("IOP_INTAKE", {CheckInSubmitted: self._wrap(self.on_check_in)}, lane="safety")
+        safety = Subscription(
+            "IOP_INTAKE", {CheckInSubmitted: self._wrap(self.on_check_in)}, lane="safety", presses=_alerting
+        )
         return [*routine, safety]
 
     def _wrap(self, handler: Handler) -> Handler:
@@ -215,7 +225,7 @@ class Handlers:
         await usecases.consent_withdrawn(session, self.policy, patient_id, envelope.site_id, clock.now())
 
     async def on_check_in(self, session: AsyncSession, envelope: Envelope, event: CheckInSubmitted) -> None:
-        reason = {"urgent": "urgent_check_in", "elevated": "elevated_check_in"}.get(event.risk)
+        reason = ALERTS.get(event.risk)
         if reason is None:
             return
         await usecases.raise_alert(

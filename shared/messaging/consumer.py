@@ -102,6 +102,11 @@ class Subscription:
     # queued behind a wave of enrollments). Its events keep their order among
     # themselves; the two lanes must not depend on each other's order.
     lane: str | None = None
+    # Which of the safety lane's events are safety work that routine work yields to
+    # (shared/priority.py); None: every one. A routine check-in rides the safety lane so
+    # that an urgent one is never queued behind a wave, but it holds nobody back: with
+    # every check-in pressing, a check-in wave cut each routine batch to one event.
+    presses: Callable[[Envelope], bool] | None = None
     # Event types read only for someone outside who asked for them (a consent feed, a
     # webhook), and only at the sites they asked for: `interest` says which, from the
     # service's database. Nobody asking costs nothing; a durable left with nothing to
@@ -421,14 +426,9 @@ class Consumer:
 
     async def _through_faststream(self, messages: list[Msg]) -> list[Outcome]:
         """The subscriber's FastStream pipeline: broker middlewares, `decode`, `apply`."""
-        if self.gate is None:
-            response = await self.subscriber.process_message(messages)
-        elif self.subscription.lane == "safety":
-            async with self.gate.urgent():
-                response = await self.subscriber.process_message(messages)
-        else:
+        if self.gate is not None and self.subscription.lane != "safety":
             await self.gate.routine()
-            response = await self.subscriber.process_message(messages)
+        response = await self.subscriber.process_message(messages)
         outcomes: list[Outcome] = response.body
         return outcomes
 
@@ -446,7 +446,7 @@ class Consumer:
         inbox row), by its event class's handler. The consumer acks after the commit.
         The inbox is asked once for the batch and its rows written in one statement."""
         outcomes: list[Outcome] = []
-        async with self.sessions() as session, session.begin():
+        async with self._priority(envelopes), self.sessions() as session, session.begin():
             seen = await self.inbox.seen(session, envelopes)
             applied: list[dict[str, object]] = []
             for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
@@ -460,6 +460,16 @@ class Consumer:
             await self.inbox.record(session, applied)
         self.stats.transactions += 1
         return outcomes
+
+    def _priority(self, envelopes: list[Envelope]) -> contextlib.AbstractAsyncContextManager[None]:
+        """The safety lane's batch holds routine work back while it waits for the
+        database and runs, if it carries safety work (`Subscription.presses`)."""
+        if self.gate is None or self.subscription.lane != "safety":
+            return contextlib.nullcontext()
+        presses = self.subscription.presses
+        if presses is None or any(presses(envelope) for envelope in envelopes):
+            return self.gate.urgent()
+        return contextlib.nullcontext()
 
     def _yield_to_safety(self) -> bool:
         return self.gate is not None and self.subscription.lane != "safety" and self.gate.pressing

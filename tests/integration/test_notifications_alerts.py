@@ -160,6 +160,53 @@ async def test_an_urgent_check_in_is_alerted_while_a_wave_of_enrollments_still_w
         await eventually(wave_done, timeout=60, what="the rest of the wave, in order, after the alert")
 
 
+async def test_routine_check_ins_do_not_hold_the_enrollment_wave_back(
+    app, nats_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a check-in that alerts is safety work: a stream of low-risk check-ins rides
+    the safety lane without pressing the priority gate, so the routine lane keeps its
+    batches (with every check-in pressing, each routine batch stopped after one event)."""
+    patient = Patient()
+    wave = [Patient().enrolled for _ in range(40)]
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)
+        consumers = {c.durable: c for c in app.state.runtime.consumers}
+        routine, safety = consumers["notifications-IOP_INTAKE"], consumers["notifications-IOP_INTAKE-safety"]
+        for lane, event_type in ((routine, PatientEnrolled), (safety, CheckInSubmitted)):
+            original = lane.subscription.handlers[event_type]
+
+            async def slow(session, envelope, event, original=original) -> None:
+                await asyncio.sleep(0.05)  # the work itself: each lane is busy for 2 s
+                await original(session, envelope, event)
+
+            monkeypatch.setitem(lane.subscription.handlers, event_type, slow)
+        applied, transactions = routine.stats.applied, routine.stats.transactions
+        pressed = []
+        original_urgent = app.state.runtime.gate.urgent
+
+        def urgent():
+            pressed.append(True)
+            return original_urgent()
+
+        monkeypatch.setattr(app.state.runtime.gate, "urgent", urgent)
+        await publish(nats_server.url, *[check_in(patient, "low") for _ in range(40)], *wave)
+
+        async def wave_done() -> bool:
+            return routine.stats.applied - applied == len(wave)
+
+        await eventually(wave_done, timeout=60, what="the enrollment wave")
+        assert pressed == [], "a low-risk check-in pressed the priority gate"
+        # The first alone, the rest in few batches: not one transaction per enrollment.
+        assert routine.stats.transactions - transactions <= 10
+        await publish(nats_server.url, check_in(patient, "urgent"))
+
+        async def alerted() -> bool:
+            return bool(pressed)
+
+        await eventually(alerted, what="the urgent check-in pressing the gate")
+
+
 async def test_unacknowledged_alert_escalates_along_the_roster(
     app, nats_server, bus: BusRecorder, smtp_sink: SmtpSink, http_peer: HttpPeer
 ) -> None:
