@@ -39,6 +39,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -238,6 +239,7 @@ class Consumer:
         recovery_margin_seconds: float = 1.0,
         publish_timeout_seconds: float = 5.0,
         gate: PriorityGate | None = None,
+        transaction_budget_seconds: float = 0.1,
     ) -> None:
         self.service = service
         self.subscription = subscription
@@ -259,6 +261,10 @@ class Consumer:
         self.publish_timeout_seconds = publish_timeout_seconds
         # The safety lane goes first; the others yield to it between transactions.
         self.gate = gate
+        # A routine batch commits once it has run this long and goes on in a new
+        # transaction: on SQLite (one writer) a low-risk check-in, or the dispatcher's
+        # claim of a welcome, waits for one bounded transaction, not a batch of 64 events.
+        self.transaction_budget_seconds = transaction_budget_seconds
         self.durable = subscription.durable(service)
         self.stats = ConsumerStats()
         self.bound = asyncio.Event()
@@ -446,11 +452,12 @@ class Consumer:
         inbox row), by its event class's handler. The consumer acks after the commit.
         The inbox is asked once for the batch and its rows written in one statement."""
         outcomes: list[Outcome] = []
+        started = time.monotonic()
         async with self._priority(envelopes), self.sessions() as session, session.begin():
             seen = await self.inbox.seen(session, envelopes)
             applied: list[dict[str, object]] = []
             for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
-                if outcomes and self._yield_to_safety():
+                if outcomes and (self._yield_to_safety() or self._over_budget(started)):
                     break  # committed so far; process_batch takes the rest next
                 self._position = position
                 outcome = await self._apply_one(session, envelope, headers, seen)
@@ -470,6 +477,10 @@ class Consumer:
         if presses is None or any(presses(envelope) for envelope in envelopes):
             return self.gate.urgent()
         return contextlib.nullcontext()
+
+    def _over_budget(self, started: float) -> bool:
+        lane_is_routine = self.subscription.lane != "safety"
+        return lane_is_routine and time.monotonic() - started > self.transaction_budget_seconds
 
     def _yield_to_safety(self) -> bool:
         return self.gate is not None and self.subscription.lane != "safety" and self.gate.pressing

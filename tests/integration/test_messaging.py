@@ -203,6 +203,37 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
 
 
+async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_server, inbox_db) -> None:
+    """A routine batch commits once it has run its time budget and goes on in a new
+    transaction: on SQLite (one writer) whoever waits for the database (a low-risk
+    check-in, the dispatcher) waits for one bounded transaction, not 64 events' worth."""
+    inbox, sessions = inbox_db
+    seen: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        await asyncio.sleep(0.03)  # the event's own work
+        seen.append(event.program_id)
+
+    backlog = [enrolled(f"p{index:02d}") for index in range(12)]
+    await publish(nats_server.url, *backlog)
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("budget", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64, transaction_budget_seconds=0.05)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == 12
+
+        await eventually(all_applied, what="twelve events applied")
+    finally:
+        task.cancel()
+        await close(broker)
+    assert seen == [f"p{index:02d}" for index in range(12)]
+    # 0.03 s each against a 0.05 s budget: at most two events per transaction.
+    assert consumer.stats.transactions >= 6
+
+
 async def test_a_batch_asks_the_inbox_once_and_applies_an_event_twice_in_it_once(nats_server, inbox_db) -> None:
     """The inbox costs two statements per batch, not two per event (each is a round trip
     to the database), and an event re-published past the duplicate window that lands in
