@@ -1,7 +1,7 @@
 """Async engines for SQLite and PostgreSQL, sessions, and Alembic migrations on start."""
 
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,11 +94,14 @@ def rows_changed(result: Result[Any]) -> int:
     return int(cast(CursorResult[Any], result).rowcount or 0)
 
 
-async def insert_if_absent(session: AsyncSession, table: Table, **values: Any) -> bool:
-    """INSERT ... ON CONFLICT DO NOTHING on the primary key; True if this call inserted.
-    Safe under concurrency: a racing insert waits for the other and then does nothing."""
+async def insert_if_absent(
+    session: AsyncSession, table: Table, *, conflict: Sequence[str] | None = None, **values: Any
+) -> bool:
+    """INSERT ... ON CONFLICT DO NOTHING on the primary key (or the unique columns
+    `conflict`); True if this call inserted. Safe under concurrency: a racing insert
+    waits for the other and then does nothing."""
     insert = postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert
-    keys = [column.name for column in table.primary_key.columns]
+    keys = list(conflict) if conflict is not None else [column.name for column in table.primary_key.columns]
     result = await session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
     return bool(rows_changed(result))
 
@@ -112,6 +115,8 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     insert makes the transaction a writer at once, which serializes it the same way.
     """
     await insert_if_absent(session, table, **key)
+    if dialect_name(session) == "sqlite":
+        return  # the insert made this transaction the writer; SQLite has no row locks
     conditions = [table.c[name] == value for name, value in key.items()]
     await session.execute(select(*table.primary_key.columns).where(*conditions).with_for_update())
 

@@ -250,6 +250,8 @@ subscriptions = Table(
     Column("integration_id", String(40), nullable=True, index=True),
 )
 
+# A message is queued once per cause, template and recipient.
+ONCE_PER_CAUSE = ("cause_event_id", "template", "recipient")
 notifications = Table(
     "notifications",
     metadata,
@@ -285,7 +287,7 @@ notifications = Table(
     Column("queue_phase", Integer, nullable=True),
     Column("queue_seq", BigInteger, nullable=True),
     # One message per (cause event, template, recipient), however often the cause arrives.
-    UniqueConstraint("cause_event_id", "template", "recipient", name="uq_notification_once"),
+    UniqueConstraint(*ONCE_PER_CAUSE, name="uq_notification_once"),
     Index("ix_notifications_webhook_queue", "recipient", "queue_phase", "queue_seq"),
 )
 
@@ -997,13 +999,13 @@ async def notification_exists(session: AsyncSession, cause_event_id: str, templa
 
 
 async def add_notification(session: AsyncSession, **values: Any) -> bool:
-    """Insert a message unless one for (cause, template, recipient) exists; True if new."""
-    if await notification_exists(session, values["cause_event_id"], values["template"], values["recipient"]):
-        return False
+    """Insert a message unless one for (cause, template, recipient) exists; True if new.
+    One statement: the unique constraint decides, also against a racing replica."""
     stamp = clock.now()
     values.setdefault("due_at", stamp)
-    await session.execute(insert(notifications).values(created_at=stamp, attempts=0, **values))
-    return True
+    return await insert_if_absent(
+        session, notifications, conflict=ONCE_PER_CAUSE, created_at=stamp, attempts=0, **values
+    )
 
 
 # Due for the dispatcher: pending messages whose time has come, and messages whose

@@ -396,6 +396,35 @@ async def announce_outcome(
 # --- patient messages -------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PatientRecipient:
+    """What planning a patient's messages at a site reads, once for all of them (a
+    booking's reminders): the site's rules, the contact, its channel, the consents."""
+
+    patient_id: str
+    site_id: str
+    rules: SiteRules
+    contact: store.ContactRow | None
+    channel: str | None
+    verdict: domain.ConsentVerdict
+
+
+async def patient_recipient(
+    session: AsyncSession,
+    policy: Policy,
+    patient_id: str,
+    site_id: str,
+    now: datetime,
+    contact: store.ContactRow | None = None,
+) -> PatientRecipient:
+    """`contact`: the patient's, if the caller has read it already."""
+    rules = await site_rules(session, policy, site_id)
+    contact = contact or await store.get_contact(session, patient_id)
+    channel = domain.patient_channel(contact["preferred_channel"], policy.live) if contact else None
+    verdict = await consent_verdict(session, policy, patient_id, rules.timezone, now)
+    return PatientRecipient(patient_id, site_id, rules, contact, channel, verdict)
+
+
 async def plan_patient_message(
     session: AsyncSession,
     policy: Policy,
@@ -410,17 +439,18 @@ async def plan_patient_message(
     expires_at: datetime | None = None,
     booking_id: str | None = None,
     session_id: str | None = None,
+    recipient: PatientRecipient | None = None,
 ) -> bool:
     """Queue one patient message (once per cause, template and patient).
 
     Its channel and address are settled when it is sent (the contact may change in
     between); here: suppressed if the patient wants no messages, cancelled if they
     refused consent, held while no consent covers it, else pending until `due_at`.
+    `recipient`: read already for this patient and site (`patient_recipient`).
     """
-    rules = await site_rules(session, policy, site_id)
-    contact = await store.get_contact(session, patient_id)
-    channel = domain.patient_channel(contact["preferred_channel"], policy.live) if contact else None
-    verdict = await consent_verdict(session, policy, patient_id, rules.timezone, now)
+    if recipient is None:
+        recipient = await patient_recipient(session, policy, patient_id, site_id, now)
+    rules, contact, channel, verdict = recipient.rules, recipient.contact, recipient.channel, recipient.verdict
     due = due_at or now
     if policy.live:
         due = domain.after_quiet_hours(due, rules.timezone, rules.quiet)
@@ -458,7 +488,8 @@ async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, n
     The two arrive on different streams in either order; whichever comes second
     queues the message, and the unique (cause, template, recipient) keeps it to one.
     """
-    if await store.get_contact(session, patient_id) is None:
+    contact = await store.get_contact(session, patient_id)
+    if contact is None:
         return 0
     queued = 0
     for episode in await store.patient_enrollments(session, patient_id):
@@ -474,6 +505,7 @@ async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, n
             correlation_id=episode["correlation_id"],
             now=now,
             expires_at=now + domain.WELCOME_VALID,
+            recipient=await patient_recipient(session, policy, patient_id, episode["site_id"], now, contact),
         )
     return queued
 
@@ -596,8 +628,10 @@ async def plan_reminders(
     cause: Envelope,
     now: datetime,
 ) -> int:
-    """The reminders of one booking, at the site's offsets before the session."""
-    rules = await site_rules(session, policy, booking["site_id"])
+    """The reminders of one booking, at the site's offsets before the session; what they
+    need to know of the patient and the site is read once for all of them."""
+    recipient = await patient_recipient(session, policy, booking["patient_id"], booking["site_id"], now)
+    rules = recipient.rules
     planned = domain.plan_reminders(
         booking["starts_at"], rules.reminder_offsets, rules.timezone, rules.quiet, now, honour_quiet_hours=policy.live
     )
@@ -616,6 +650,7 @@ async def plan_reminders(
             expires_at=message.expires_at,
             booking_id=booking["booking_id"],
             session_id=booking["session_id"],
+            recipient=recipient,
         )
     return queued
 

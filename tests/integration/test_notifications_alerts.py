@@ -181,6 +181,8 @@ async def test_routine_check_ins_do_not_hold_the_enrollment_wave_back(
                 await original(session, envelope, event)
 
             monkeypatch.setitem(lane.subscription.handlers, event_type, slow)
+        # Batches bounded by work alone, not by time, so that only a yield cuts them short.
+        monkeypatch.setattr(routine, "transaction_budget_seconds", 60.0)
         applied, transactions = routine.stats.applied, routine.stats.transactions
         pressed = []
         original_urgent = app.state.runtime.gate.urgent

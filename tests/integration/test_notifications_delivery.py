@@ -14,6 +14,7 @@ from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy import select
 
 from iopnet.testing import BusRecorder, eventually
@@ -434,6 +435,42 @@ async def test_reminders_never_go_out_after_the_session_started(app, nats_server
         )  # fmt: skip
         assert {r["status_reason"] for r in stale} == {"expired"}
         assert len(smtp_sink.mails) == 1
+
+
+async def test_a_bookings_reminders_read_the_patient_once_and_are_planned_once(app, nats_server) -> None:
+    """Issue 10: the reminders of a booking read the site's rules, the contact and the
+    consents once for all of them, and each is one INSERT (the unique constraint keeps
+    it to one): six statements for two reminders, fourteen before. Planned again, the
+    same booking adds nothing."""
+    patient = Patient()
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await onboard(app, nats_server.url, patient)
+        now = datetime.now(UTC)
+        booking = {
+            "booking_id": str(uuid4()), "session_id": str(uuid4()), "patient_id": patient.id, "site_id": SITE,
+            "starts_at": now + timedelta(days=3),
+        }  # fmt: skip
+        cause = patient.booked(booking["starts_at"])
+        policy = app.state.notifier.policy
+        planned = []
+        for _ in range(2):
+            async with app.state.runtime.sessions() as session, session.begin():
+                ours = (await session.connection()).sync_connection  # not the dispatcher's
+                sqlalchemy_event.listen(ours, "before_cursor_execute", count)
+                try:
+                    planned.append(await usecases.plan_reminders(session, policy, booking, cause, now))
+                finally:
+                    sqlalchemy_event.remove(ours, "before_cursor_execute", count)
+        reminders = await rows(app, booking_id=booking["booking_id"])
+    assert planned == [2, 0]
+    assert sorted(r["template"] for r in reminders) == ["reminder_24h", "reminder_2h"]
+    assert len(statements) <= 2 * 6, "\n".join(s.split("\n")[0][:90] for s in statements)
 
 
 # --- once per cause ----------------------------------------------------------------------------------
