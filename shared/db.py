@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
+from shared import sqlite_driver
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """Aware UTC in and out on every backend (SQLite would hand back naive values)."""
@@ -54,7 +56,9 @@ def create_engine(url: str) -> AsyncEngine:
     # SQLite has one writer at a time. One pooled connection makes the process's
     # transactions queue on an asyncio wait instead of SQLite's sleeping busy handler
     # (which costs tens of ms per collision); the service is the file's only user.
-    engine = create_async_engine(url, connect_args={"timeout": 30}, pool_size=1, max_overflow=0)
+    # One trip to aiosqlite's thread per statement, not four (shared/sqlite_driver.py).
+    connect = sqlite_driver.connector(url, timeout=30)
+    engine = create_async_engine(url, async_creator=connect, pool_size=1, max_overflow=0)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
 

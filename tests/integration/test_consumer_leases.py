@@ -43,8 +43,9 @@ async def test_a_batch_longer_than_ack_wait_is_not_redelivered(nats_server, inbo
     await publish(nats_server.url, *events)
     nc = await nats.connect(nats_server.url)
     broker = await connected_broker(nats_server.url)
+    # No time budget: the batch is meant to run past ack_wait, with its leases renewed.
     consumer = Consumer("leaser", Subscription("IOP_INTAKE", {PatientEnrolled: slow}), sessions, inbox,
-                        broker, ack_wait_seconds=ACK_WAIT)  # fmt: skip
+                        broker, ack_wait_seconds=ACK_WAIT, transaction_budget_seconds=60)  # fmt: skip
     task = asyncio.create_task(consumer.run())
     try:
 
