@@ -14,6 +14,10 @@ through `create_async_engine(async_creator=...)`, the documented way to hand the
 aiosqlite dialect its own driver connection; the connection is aiosqlite's own class
 with `cursor()` replaced, so transactions, commit, rollback and close are aiosqlite's.
 Server-side cursors are not used here (no `stream_results`): every result is read whole.
+It leans on two of aiosqlite's internals, `Connection._execute` (queue a call for the
+worker thread) and `Connection._conn` (the sqlite3 connection there), as SQLAlchemy's own
+adapter does; aiosqlite is pinned in requirements/dev.txt, and
+tests/integration/test_sqlite_driver.py fails if either changes.
 """
 
 import sqlite3
