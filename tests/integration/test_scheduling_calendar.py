@@ -213,7 +213,6 @@ async def test_an_enrollment_wave_books_and_waitlists_in_a_fixed_number_of_state
 
     async with running(app):
         site = await with_site(app, nats_server.url)
-        engine = app.state.runtime.engine.sync_engine
         async with app.state.runtime.sessions() as session, session.begin():
             block = {"start": "10:00", "minutes": 60, "kind": "group_therapy", "title": "Group", "capacity": 2}
             spec = program_spec("Pair", blocks=[{**block, "weekday": d} for d in range(1, 8)])
@@ -221,12 +220,13 @@ async def test_an_enrollment_wave_books_and_waitlists_in_a_fixed_number_of_state
             enrollments = [await add_enrollment(session, program, date.today()) for _ in range(5)]
         per_enrollment = []
         for enrollment in enrollments:
-            sqlalchemy_event.listen(engine, "before_cursor_execute", count)
-            try:
-                async with app.state.runtime.sessions() as session, session.begin():
+            async with app.state.runtime.sessions() as session, session.begin():
+                ours = (await session.connection()).sync_connection  # not the outbox relay's
+                sqlalchemy_event.listen(ours, "before_cursor_execute", count)
+                try:
                     booked = await usecases.book_enrollment(session, enrollment, None, datetime.now(UTC))
-            finally:
-                sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+                finally:
+                    sqlalchemy_event.remove(ours, "before_cursor_execute", count)
             per_enrollment.append(len(statements))
             statements.clear()
         async with app.state.runtime.sessions() as session:
