@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
 from shared import sqlite_driver
+from shared.priority import SafetyFirstPool
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -49,16 +50,17 @@ def create_engine(url: str) -> AsyncEngine:
         # bench's profile). A connection the server dropped fails its next use once;
         # SQLAlchemy then invalidates the pool, and the caller's retry (a consumer's, the
         # relay's, a client's with its Idempotency-Key) gets a fresh one.
-        return create_async_engine(url, pool_size=10, max_overflow=10, pool_recycle=1800)
+        return create_async_engine(url, poolclass=SafetyFirstPool, pool_size=10, max_overflow=10, pool_recycle=1800)
     database = make_url(url).database
     if database and database != ":memory:":
         Path(database).parent.mkdir(parents=True, exist_ok=True)
     # SQLite has one writer at a time. One pooled connection makes the process's
     # transactions queue on an asyncio wait instead of SQLite's sleeping busy handler
     # (which costs tens of ms per collision); the service is the file's only user.
-    # One trip to aiosqlite's thread per statement, not four (shared/sqlite_driver.py).
+    # Safety work waiting for it goes first (shared/priority.py). One trip to aiosqlite's
+    # thread per statement, not four (shared/sqlite_driver.py).
     connect = sqlite_driver.connector(url, timeout=30)
-    engine = create_async_engine(url, async_creator=connect, pool_size=1, max_overflow=0)
+    engine = create_async_engine(url, async_creator=connect, poolclass=SafetyFirstPool, pool_size=1, max_overflow=0)
     event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
     return engine
 

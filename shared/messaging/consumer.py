@@ -71,7 +71,7 @@ from shared.logging import log_context
 from shared.messaging.broker import client, jetstream
 from shared.messaging.inbox import Inbox
 from shared.messaging.streams import DLQ_STREAM, STREAMS, ensure_streams
-from shared.priority import PriorityGate
+from shared.priority import PriorityGate, first_in_line
 from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
@@ -468,15 +468,19 @@ class Consumer:
         self.stats.transactions += 1
         return outcomes
 
-    def _priority(self, envelopes: list[Envelope]) -> contextlib.AbstractAsyncContextManager[None]:
-        """The safety lane's batch holds routine work back while it waits for the
-        database and runs, if it carries safety work (`Subscription.presses`)."""
-        if self.gate is None or self.subscription.lane != "safety":
-            return contextlib.nullcontext()
+    @contextlib.asynccontextmanager
+    async def _priority(self, envelopes: list[Envelope]) -> AsyncIterator[None]:
+        """The safety lane's transaction is first in line for the database connection;
+        if it carries safety work (`Subscription.presses`) it also holds routine work
+        back while it waits and runs (shared/priority.py)."""
+        if self.subscription.lane != "safety":
+            yield
+            return
         presses = self.subscription.presses
-        if presses is None or any(presses(envelope) for envelope in envelopes):
-            return self.gate.urgent()
-        return contextlib.nullcontext()
+        pressing = self.gate is not None and (presses is None or any(presses(envelope) for envelope in envelopes))
+        with first_in_line():
+            async with self.gate.urgent() if self.gate is not None and pressing else contextlib.nullcontext():
+                yield
 
     def _over_budget(self, started: float) -> bool:
         lane_is_routine = self.subscription.lane != "safety"

@@ -15,6 +15,7 @@ from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
+from sqlalchemy import event, text
 
 from iopnet.testing import BusRecorder, eventually
 from services.notifications import domain, usecases
@@ -207,6 +208,59 @@ async def test_routine_check_ins_do_not_hold_the_enrollment_wave_back(
             return bool(pressed)
 
         await eventually(alerted, what="the urgent check-in pressing the gate")
+
+
+async def test_the_safety_lane_is_first_in_line_for_the_database(
+    nats_server, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    """On SQLite a service has one connection. A check-in, even a low-risk one that holds
+    nothing back, takes it before the routine transactions already waiting for it (the
+    pool's line, shared/priority.py); before, it waited behind all of them, and an urgent
+    check-in fetched after it waited too."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'notifications.db'}"
+    app = create_app(live_settings(nats_server.url, tmp_path, database, smtp_sink, http_peer))
+    patient = Patient()
+    async with running(app) as client:
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)
+        runtime = app.state.runtime
+        pool = runtime.engine.sync_engine.pool
+        [safety] = [c for c in runtime.consumers if c.durable == "notifications-IOP_INTAKE-safety"]
+        applied = safety.stats.applied
+        checkouts: list[str] = []
+
+        async def routine_transaction() -> None:
+            async with runtime.sessions() as session, session.begin():
+                await session.execute(text("SELECT 1"))
+
+        def checked_out(*_: object) -> None:
+            task = asyncio.current_task()
+            checkouts.append(task.get_name() if task else "?")
+
+        async with runtime.sessions() as holder, holder.begin():
+            await holder.execute(text("SELECT 1"))  # the one connection is taken
+            routine = [asyncio.create_task(routine_transaction(), name=f"routine {n}") for n in range(3)]
+
+            async def all_waiting() -> bool:
+                return pool._pool.waiting(safety_work=False) >= len(routine)
+
+            await eventually(all_waiting, what="routine transactions waiting for the connection")
+            await publish(nats_server.url, check_in(patient, "low"))
+
+            async def check_in_waiting() -> bool:
+                return pool._pool.waiting(safety_work=True) == 1
+
+            await eventually(check_in_waiting, what="the check-in waiting for the connection")
+            event.listen(pool, "checkout", checked_out)
+        async with asyncio.timeout(10):
+            await asyncio.gather(*routine)
+
+        async def check_in_applied() -> bool:
+            return safety.stats.applied > applied
+
+        await eventually(check_in_applied, what="the check-in applied")
+        event.remove(pool, "checkout", checked_out)
+        assert checkouts[0] == safety.durable, checkouts
 
 
 async def test_unacknowledged_alert_escalates_along_the_roster(
