@@ -25,7 +25,6 @@ from shared.logging import log_context
 from shared.messaging.asyncapi import asyncapi_document
 from shared.metrics import install_metrics
 from shared.oidc import oidc_verifier
-from shared.priority import first_in_line
 from shared.runtime import ServiceRuntime
 from shared.tracing import TELEMETRY, configure_tracing
 
@@ -197,9 +196,8 @@ async def safety_session(request: Request) -> AsyncIterator[AsyncSession]:
     """For the routes that carry safety information (a check-in): routine requests and
     background work of the service start no new transaction meanwhile (shared/priority.py)."""
     runtime = request.app.state.runtime
-    with first_in_line():
-        async with runtime.gate.urgent(), runtime.sessions() as session:
-            yield session
+    async with runtime.gate.urgent(), runtime.sessions() as session:
+        yield session
 
 
 def interest_refresher(request: Request) -> Callable[[], Awaitable[None]]:
