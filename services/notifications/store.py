@@ -786,13 +786,13 @@ async def get_member(session: AsyncSession, site_id: str, member_id: str) -> Car
 # --- alerts -----------------------------------------------------------------------------------
 
 
-async def add_alert(session: AsyncSession, **values: Any) -> bool:
-    """False if an alert with this dedupe_key exists already."""
-    query = select(alerts.c.alert_id).where(alerts.c.dedupe_key == values["dedupe_key"])
-    if (await session.execute(query)).first() is not None:
-        return False
-    await session.execute(insert(alerts).values(created_at=clock.now(), **values))
-    return True
+async def add_alert(session: AsyncSession, **values: Any) -> AlertRow | None:
+    """The alert as written, or None if one with this dedupe_key exists already: one
+    INSERT … ON CONFLICT DO NOTHING (an urgent check-in's alert is on the safety path)."""
+    row = {"created_at": clock.now(), "acknowledged_at": None, "acknowledged_by": None, **values}
+    if not await insert_if_absent(session, alerts, conflict=["dedupe_key"], **row):
+        return None
+    return cast(AlertRow, row)
 
 
 async def get_alert(session: AsyncSession, alert_id: str, *, lock: bool = False) -> AlertRow | None:

@@ -715,36 +715,33 @@ async def raise_alert(
     CareTeamAlerted. Urgent alerts go out at once, whatever the hour, and escalate
     along the roster until acknowledged; the others wait for business hours.
     Returns the alert id, or None if this cause already raised its alert."""
-    severity, _ = domain.ALERT_KINDS[reason]
-    alert_id = str(uuid4())
+    severity, template = domain.ALERT_KINDS[reason]
     urgent = severity == "urgent"
-    added = await store.add_alert(
+    # Read the roster first, so the alert is written once with its level and timer (this
+    # is the safety path: each statement more is a wait for the database under load).
+    roster = await store.get_care_team(session, site_id)
+    alert = await store.add_alert(
         session,
-        alert_id=alert_id,
+        alert_id=str(uuid4()),
         site_id=site_id,
         patient_id=patient_id,
         reason=reason,
         severity=severity,
         status="open",
-        level=-1,
-        escalate_at=None,
+        level=0 if roster else -1,
+        escalate_at=now + policy.escalate_after if urgent else None,
         cause_event_id=str(cause.event_id),
         correlation_id=str(cause.correlation_id),
         dedupe_key=dedupe_key,
         details=json.dumps(details or {}),
     )
-    if not added:
+    if alert is None:
         return None
-    alert = await store.get_alert(session, alert_id)
-    assert alert is not None
-    roster = await store.get_care_team(session, site_id)
+    alert_id = alert["alert_id"]
     if roster:
-        await _alert_member(session, policy, alert, roster[0], domain.ALERT_KINDS[reason][1], now)
-        await store.update_alert(session, alert_id, level=0)
+        await _alert_member(session, policy, alert, roster[0], template, now)
     else:
         log.warning("care-team alert with no roster", extra={"site_id": site_id, "alert_id": alert_id})
-    if urgent:
-        await store.update_alert(session, alert_id, escalate_at=now + policy.escalate_after)
     event = CareTeamAlerted(
         alert_id=UUID(alert_id),
         patient_id=UUID(patient_id),

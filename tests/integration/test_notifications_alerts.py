@@ -15,10 +15,10 @@ from uuid import uuid4
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import event, text
+from sqlalchemy import event, select, text
 
 from iopnet.testing import BusRecorder, eventually
-from services.notifications import domain, usecases
+from services.notifications import domain, store, usecases
 from services.notifications.app import create_app
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import (
@@ -261,6 +261,53 @@ async def test_the_safety_lane_is_first_in_line_for_the_database(
         await eventually(check_in_applied, what="the check-in applied")
         event.remove(pool, "checkout", checked_out)
         assert checkouts[0] == safety.durable, checkouts
+
+
+async def raise_urgent(app, session, patient: Patient, cause: Envelope, now: datetime) -> str | None:
+    policy, key = app.state.notifier.policy, f"check_in:{cause.event_id}"
+    return await usecases.raise_alert(
+        session, policy, reason="urgent_check_in", site_id=SITE, patient_id=patient.id, cause=cause, dedupe_key=key,
+        now=now,
+    )  # fmt: skip
+
+
+async def test_an_urgent_alert_is_raised_in_five_statements_and_once(app, nats_server) -> None:
+    """Issue 10, the safety path: the roster is read first, so the alert is written once
+    with its level and escalation timer (one INSERT … ON CONFLICT on its dedupe key), then
+    the on-call's message, the event and its webhook fan-out: five statements, nine before.
+    Raised again for the same cause, it adds nothing."""
+    patient = Patient()
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    async with running(app) as client:
+        members = await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)
+        cause = check_in(patient, "urgent")
+        now = datetime.now(UTC)
+        raised = []
+        for _ in range(2):
+            async with app.state.runtime.sessions() as session, session.begin():
+                ours = (await session.connection()).sync_connection  # not the dispatcher's
+                event.listen(ours, "before_cursor_execute", count)
+                try:
+                    raised.append(await raise_urgent(app, session, patient, cause, now))
+                finally:
+                    event.remove(ours, "before_cursor_execute", count)
+            if raised[0] and len(raised) == 1:
+                assert len(statements) <= 5, "\n".join(s.split("\n")[0][:90] for s in statements)
+        async with app.state.runtime.sessions() as session:
+            query = select(store.alerts).where(store.alerts.c.alert_id == raised[0])
+            [alert] = (await session.execute(query)).mappings().all()
+        messages = await rows(app, alert_id=raised[0])
+    assert raised[0] is not None and raised[1] is None
+    assert (alert["level"], alert["status"]) == (0, "open")
+    assert alert["escalate_at"] is not None
+    assert [(m["recipient"], m["urgent"]) for m in messages] == [
+        (domain.recipient_key("staff", members[0]["member_id"]), True)
+    ]
 
 
 async def test_unacknowledged_alert_escalates_along_the_roster(
