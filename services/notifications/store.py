@@ -863,8 +863,29 @@ async def list_subscriptions(session: AsyncSession, site_ids: list[str] | None) 
 
 async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> list[SubscriptionRow]:
     """Every subscription of the site that asked for the type, paused ones included (their
-    deliveries queue while they are paused)."""
-    return [s for s in await list_subscriptions(session, [site_id]) if event_type in s["event_types"]]
+    deliveries queue while they are paused).
+
+    Every event a consumer applies asks this, and most sites have no subscription: that
+    answer is kept for the rest of the transaction (a consumer's batch), one query per
+    site instead of one per event. A subscription that commits meanwhile starts after
+    this batch, as if it had committed after it; sites with subscriptions are read each
+    time (a deactivation must stop their deliveries at once)."""
+    unsubscribed = _for_this_transaction(session, "iopnet.unsubscribed_sites")
+    if site_id in unsubscribed:
+        return []
+    found = await list_subscriptions(session, [site_id])
+    if not found:
+        unsubscribed.add(site_id)
+    return [s for s in found if event_type in s["event_types"]]
+
+
+def _for_this_transaction(session: AsyncSession, key: str) -> set[str]:
+    """A set kept in the session as long as its current transaction lasts."""
+    transaction = session.get_transaction()
+    kept = session.info.get(key)
+    if kept is None or kept[0] is not transaction:
+        kept = session.info[key] = (transaction, set())
+    return cast(set[str], kept[1])
 
 
 async def deactivate_subscription(session: AsyncSession, subscription_id: str) -> None:

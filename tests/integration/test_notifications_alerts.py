@@ -605,6 +605,43 @@ async def test_webhook_subscriptions_receive_signed_events_with_retries(
 # --- rosters and site settings -----------------------------------------------------------------------------
 
 
+async def test_a_batch_asks_once_whether_a_site_has_webhook_subscriptions(
+    app, nats_server, http_peer: HttpPeer
+) -> None:
+    """Issue 10: every event applied is offered to the site's webhook subscriptions. A
+    site with none is asked once per transaction (a consumer's batch), not once per event;
+    a site with subscriptions is read for each event, and a subscription committed since
+    gets the next transaction's events."""
+    patient = Patient()
+    integration = auth("integration", [SITE])
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        if "subscriptions.event_types" in statement:  # the site's subscriptions read
+            statements.append(statement)
+
+    async def offer(events: list[Envelope]) -> int:
+        async with app.state.runtime.sessions() as session, session.begin():
+            ours = (await session.connection()).sync_connection  # not the dispatcher's
+            event.listen(ours, "before_cursor_execute", count)
+            try:
+                return sum([await usecases.fan_out_event(session, envelope) for envelope in events])
+            finally:
+                event.remove(ours, "before_cursor_execute", count)
+
+    async with running(app) as client:
+        await register_integration(app, nats_server.url, [SITE])
+        await with_roster(app, nats_server.url, client)
+        await onboard(app, nats_server.url, patient, consent=False)
+        assert await offer([check_in(patient, "low") for _ in range(5)]) == 0
+        assert len(statements) == 1
+        body = {"site_id": SITE, "url": http_peer.url("/hooks/ehr"), "events": ["CheckInSubmitted"], "secret": "s" * 30}
+        assert (await client.post("/subscriptions", json=body, headers=integration)).status_code == 201
+        statements.clear()
+        assert await offer([check_in(patient, "low") for _ in range(3)]) == 3
+        assert len(statements) == 3
+
+
 async def test_care_team_roster_is_validated_and_scoped(app, nats_server) -> None:
     async with running(app) as client:
         members = await with_roster(app, nats_server.url, client)
