@@ -32,7 +32,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -57,6 +57,8 @@ CONCURRENCY = 8
 # uvicorn's graceful shutdown (iopnet serve) and ServiceRuntime.stop() each allow 10 s;
 # the sends under way get half of that to finish and be recorded.
 STOP_GRACE_SECONDS = 5.0
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 sessionmaker = async_sessionmaker[AsyncSession]
 
@@ -82,22 +84,25 @@ class Outcome:
         return self.error is None
 
 
-class GroupCommit:
-    """Writes outcomes in as few transactions as the database allows: whoever gets the
-    turn writes every outcome queued meanwhile. `idle()` returns once none is waiting."""
+class GroupCommit(Generic[Item, Result]):
+    """Writes items in as few transactions as the database allows: whoever gets the turn
+    writes every item queued meanwhile, each with `write`. `idle()` returns once none is
+    waiting. Used for the outcomes of sends, and for claims (up to CONCURRENCY deliveries
+    ask at once; on SQLite each transaction is a turn on the one connection and an fsync)."""
 
-    def __init__(self, sessions: sessionmaker, write: Callable[[AsyncSession, Outcome], Awaitable[None]]) -> None:
+    def __init__(self, sessions: sessionmaker, write: Callable[[AsyncSession, Item], Awaitable[Result]]) -> None:
         self.sessions = sessions
         self.write = write
-        self.queue: list[tuple[Outcome, asyncio.Future[None]]] = []
+        self.queue: list[tuple[Item, asyncio.Future[Result]]] = []
         self.turn = asyncio.Lock()
         self.drained = asyncio.Event()
         self.drained.set()
+        self.transactions = 0  # committed
 
-    async def record(self, outcome: Outcome) -> None:
-        """Return once `outcome` is committed; raise if it could not be."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.queue.append((outcome, done))
+    async def record(self, item: Item) -> Result:
+        """Return what `write` returned once `item` is committed; raise if it could not be."""
+        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
+        self.queue.append((item, done))
         self.drained.clear()
         async with self.turn:
             try:
@@ -107,20 +112,20 @@ class GroupCommit:
             finally:
                 if not self.queue:
                     self.drained.set()
-        await done
+        return await done
 
     async def idle(self) -> None:
         await self.drained.wait()
 
-    async def _commit(self, batch: list[tuple[Outcome, asyncio.Future[None]]]) -> None:
+    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
             async with self.sessions() as session, session.begin():
-                for outcome, _ in batch:
-                    await self.write(session, outcome)
+                results = [await self.write(session, item) for item, _ in batch]
+            self.transactions += 1
         except Exception as exc:
-            if len(batch) > 1:  # one bad outcome must not cost the others their record
-                for item in batch:
-                    await self._commit([item])
+            if len(batch) > 1:  # one bad item must not cost the others theirs
+                for one in batch:
+                    await self._commit([one])
                 return
             _settle_futures(batch, exc)
             return
@@ -128,17 +133,24 @@ class GroupCommit:
             for _, done in batch:
                 done.cancel()
             raise
-        _settle_futures(batch, None)
+        for (_, done), result in zip(batch, results, strict=True):
+            if not done.done():
+                done.set_result(result)
 
 
-def _settle_futures(batch: list[tuple[Outcome, asyncio.Future[None]]], error: BaseException | None) -> None:
+def _settle_futures(batch: list[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
     for _, done in batch:
-        if done.done():
-            continue
-        if error is None:
-            done.set_result(None)
-        else:
+        if not done.done():
             done.set_exception(error)
+
+
+class Claim(NamedTuple):
+    row: store.NotificationRow
+    now: datetime
+
+
+# A claimed message: the row as it was, where it goes, and the message itself.
+Claimed: TypeAlias = tuple[store.NotificationRow, usecases.Ready, OutboundMessage]
 
 
 class Dispatcher:
@@ -157,7 +169,8 @@ class Dispatcher:
         self._deliveries: set[asyncio.Task[None]] = set()
         # The runtime's: a claim yields to the safety lane (shared/priority.py).
         self.gate: PriorityGate | None = None
-        self._records: GroupCommit | None = None
+        self._records: GroupCommit[Outcome, None] | None = None
+        self._claims: GroupCommit[Claim, Claimed | None] | None = None
         self._finished: asyncio.Future[None] | None = None
 
     @property
@@ -296,26 +309,33 @@ class Dispatcher:
         elapsed = int((time.monotonic() - started) * 1000)
         await self._record(records, replace(outcome, status_code=status_code, duration_ms=elapsed))
 
-    def _recorder(self, sessions: sessionmaker) -> GroupCommit:
+    def _recorder(self, sessions: sessionmaker) -> GroupCommit[Outcome, None]:
         if self._records is None or self._records.sessions is not sessions:
             self._records = GroupCommit(sessions, self._write)
         return self._records
 
-    async def _claim(
-        self, sessions: sessionmaker, row: store.NotificationRow, now: datetime
-    ) -> tuple[store.NotificationRow, usecases.Ready, OutboundMessage] | None:
-        """Take the message for sending, or settle it if it may not go out now."""
+    def _claimer(self, sessions: sessionmaker) -> GroupCommit[Claim, Claimed | None]:
+        if self._claims is None or self._claims.sessions is not sessions:
+            self._claims = GroupCommit(sessions, self._take)
+        return self._claims
+
+    async def _claim(self, sessions: sessionmaker, row: store.NotificationRow, now: datetime) -> Claimed | None:
+        """Take the message for sending, or settle it if it may not go out now (together
+        with the other deliveries claiming meanwhile, in one transaction)."""
         if self.gate is not None:
             await self.gate.routine()
-        async with sessions() as session, session.begin():
-            lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
-            current = await store.claim_notification(session, row["notification_id"], now, lease)
-            if current is None:
-                return None  # cancelled, held, rescheduled or taken since it was picked up
-            decision = await usecases.prepare(session, self.policy, current, now)
-            if isinstance(decision, usecases.Settle):
-                await self._settle(session, current, decision)
-                return None
+        return await self._claimer(sessions).record(Claim(row, now))
+
+    async def _take(self, session: AsyncSession, claim: Claim) -> Claimed | None:
+        row, now = claim
+        lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
+        current = await store.claim_notification(session, row["notification_id"], now, lease)
+        if current is None:
+            return None  # cancelled, held, rescheduled or taken since it was picked up
+        decision = await usecases.prepare(session, self.policy, current, now)
+        if isinstance(decision, usecases.Settle):
+            await self._settle(session, current, decision)
+            return None
         return current, decision, compose(current, decision)
 
     async def _release(self, sessions: sessionmaker, row: store.NotificationRow) -> None:
@@ -324,7 +344,7 @@ class Dispatcher:
             async with sessions() as session, session.begin():
                 await store.mark_notification(session, row["notification_id"], status="pending", due_at=row["due_at"])
 
-    async def _record(self, records: GroupCommit, outcome: Outcome) -> None:
+    async def _record(self, records: GroupCommit[Outcome, None], outcome: Outcome) -> None:
         await records.record(outcome)
         if outcome.sent:
             self.sent += 1

@@ -20,6 +20,7 @@ from sqlalchemy import select
 from iopnet.testing import BusRecorder, eventually
 from services.notifications import domain, store, usecases
 from services.notifications.app import create_app
+from services.notifications.delivery import Dispatcher
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import (
     AttendanceRecorded,
@@ -471,6 +472,27 @@ async def test_a_bookings_reminders_read_the_patient_once_and_are_planned_once(a
     assert planned == [2, 0]
     assert sorted(r["template"] for r in reminders) == ["reminder_24h", "reminder_2h"]
     assert len(statements) <= 2 * 6, "\n".join(s.split("\n")[0][:90] for s in statements)
+
+
+async def test_deliveries_due_together_are_claimed_together(app, nats_server, smtp_sink: SmtpSink) -> None:
+    """Issue 10: the deliveries under way claim their messages in shared transactions
+    (a claim is a transaction, and on SQLite a turn on the one connection and an fsync):
+    ten welcomes due at once take far fewer than ten claims, and each goes out once."""
+    patients = [Patient() for _ in range(10)]
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await app.state.notifier.dispatcher.stop()  # the welcomes stay pending, all due
+        await publish_and_settle(
+            app, nats_server.url, *[e for p in patients for e in (p.contact, p.enrolled, p.consent)]
+        )
+        pending = await rows(app, template="welcome", status="pending")
+        assert len(pending) == len(patients)
+        dispatcher = Dispatcher(app.state.runtime.settings, app.state.notifier.policy)
+        assert await dispatcher.dispatch_due(app.state.runtime.sessions) == len(patients)
+        sent = await rows(app, template="welcome", status="sent")
+    assert len(sent) == len(patients)
+    assert sorted(m["to"] for m in smtp_sink.mails) == sorted([p.email] for p in patients)
+    assert dispatcher._claims is not None and dispatcher._claims.transactions <= 5, dispatcher._claims.transactions
 
 
 # --- once per cause ----------------------------------------------------------------------------------
