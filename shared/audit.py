@@ -43,13 +43,20 @@ class AuditTrail:
         site_id: str,
         patient_id: UUID | str | None,
     ) -> None:
-        await session.execute(
-            insert(self.table).values(
-                at=clock.now(),
-                actor=principal.sub,
-                role=principal.role,
-                site_id=site_id,
-                action=action,
-                patient_id=str(patient_id) if patient_id is not None else None,
-            )
-        )
+        await session.execute(insert(self.table).values(self.row(principal, action, site_id, patient_id)))
+
+    async def many(self, session: AsyncSession, rows: list[dict[str, object]]) -> None:
+        """Several rows (built with `row`) in one multi-row INSERT."""
+        if rows:
+            await session.execute(insert(self.table), rows)
+
+    @staticmethod
+    def row(principal: Principal, action: str, site_id: str, patient_id: UUID | str | None) -> dict[str, object]:
+        return {
+            "at": clock.now(),
+            "actor": principal.sub,
+            "role": principal.role,
+            "site_id": site_id,
+            "action": action,
+            "patient_id": str(patient_id) if patient_id is not None else None,
+        }

@@ -6,15 +6,17 @@ and shape the answer. Every read or change of a patient record writes an audit r
 the same transaction; a refused read is audited too (`transaction` keeps that row when
 it answers 404)."""
 
+import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple, cast
 from uuid import UUID
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, model_validator
 from pydantic import AwareDatetime as PydanticAwareDatetime
@@ -36,9 +38,15 @@ from shared.contracts.events import (
 )
 from shared.db import transaction
 from shared.errors import AccessDenied, Conflict, Forbidden, Invalid, NotFound
-from shared.http import Db, SafetyDb
+from shared.group_commit import GroupCommit
+from shared.http import Db
+from shared.runtime import ServiceRuntime
+from shared.tracing import current_context
 
 router = APIRouter()
+# Check-ins written in one transaction at most (more wait for the next): a group's
+# transaction, and so the wait of the requests behind it, stays short.
+CHECK_INS_PER_GROUP = 64
 
 # --- boundary types: what a request may hold, checked before any handler runs ----------------
 # pydantic's lax mode reads "0" or 0.5 as seconds since 1970 and accepts a date-time
@@ -356,11 +364,7 @@ async def _visible_patient(session: AsyncSession, principal: Principal, patient_
     patient = await store.get_patient(session, str(patient_id))
     if patient is None:
         raise NotFound("patient not found")
-    if principal.role == "patient":
-        allowed = principal.patient_id == patient_id
-    else:
-        allowed = principal.sees_site(patient["site_id"])
-    if not allowed:
+    if not _may_see(principal, patient):
         await store.record_access(session, principal, f"{action}.denied", patient["site_id"], patient_id)
         raise AccessDenied("patient not found")
     return patient
@@ -653,10 +657,61 @@ async def revoke_consent(consent_id: UUID, body: RevokeIn, principal: StaffOrPat
 # --- daily check-ins ------------------------------------------------------------------------
 
 
-class _Replay(Exception):
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
-        self.status = status
-        self.body = body
+@dataclass(frozen=True)
+class CheckInRequest:
+    """A check-in request as it waits for its group's transaction (`write_check_ins`)."""
+
+    principal: Principal
+    patient_id: str
+    answers: dict[str, Any]
+    request_hash: str
+    scope: str  # of its Idempotency-Key: a key belongs to one caller and one patient
+    idempotency_key: str | None
+    trace_context: str | None
+
+    @property
+    def key(self) -> tuple[str, str] | None:
+        return (self.scope, self.idempotency_key) if self.idempotency_key else None
+
+
+class Replayed(NamedTuple):
+    """What the first request with the same Idempotency-Key was answered."""
+
+    status: int
+    body: dict[str, Any]
+
+
+CheckInAnswer = CheckInOut | Replayed
+
+
+class IdempotencyRace(Exception):
+    """Two requests with one Idempotency-Key in flight at once: the group is written
+    again one request at a time (GroupCommit), and the one that lost is answered with
+    what the winner was (`winner`, read after the winner committed)."""
+
+    def __init__(self, winner: IdempotencyRow | None = None) -> None:
+        super().__init__("an Idempotency-Key used twice at once")
+        self.winner = winner
+
+
+def check_in_group(runtime: ServiceRuntime) -> GroupCommit[CheckInRequest, CheckInAnswer]:
+    """Check-ins that arrive together share one transaction and multi-row statements
+    (`write_check_ins`); each is answered once the commit holding its row is durable.
+    The transaction is safety work: routine work starts nothing while it waits and runs."""
+
+    @contextlib.asynccontextmanager
+    async def safety_sessions() -> AsyncIterator[AsyncSession]:
+        async with runtime.gate.urgent(), runtime.sessions() as session:
+            yield session
+
+    return GroupCommit.set_based(safety_sessions, write_check_ins, max_group=CHECK_INS_PER_GROUP)
+
+
+def _check_ins(request: Request) -> GroupCommit[CheckInRequest, CheckInAnswer]:
+    return cast("GroupCommit[CheckInRequest, CheckInAnswer]", request.app.state.check_ins)
+
+
+CheckIns = Annotated[GroupCommit[CheckInRequest, CheckInAnswer], Depends(_check_ins)]
 
 
 @router.post("/patients/{patient_id}/check-ins", status_code=201, response_model=CheckInOut, tags=["check-ins"])
@@ -664,7 +719,7 @@ async def submit_check_in(
     patient_id: UUID,
     body: CheckInIn,
     principal: StaffOrPatient,
-    session: SafetyDb,
+    check_ins: CheckIns,
     idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)] = None,
 ) -> Any:
     """A daily check-in, scored for risk. With an `Idempotency-Key`, a retry of the same
@@ -673,50 +728,112 @@ async def submit_check_in(
     if principal.role not in ("patient", "clinician", "front_desk", "site_admin", "network_admin"):
         raise NotFound("patient not found")
     request_hash = hashlib.sha256(body.model_dump_json().encode()).hexdigest()
-    # A key belongs to one caller and one patient: nobody replays someone else's answer.
     caller = hashlib.sha256(principal.sub.encode()).hexdigest()[:16]
-    scope = f"check-in:{patient_id}:{caller}"
-    replay: tuple[int, dict[str, Any]] | None = None
+    submitted = CheckInRequest(
+        principal=principal,
+        patient_id=str(patient_id),
+        answers=body.model_dump(),
+        request_hash=request_hash,
+        scope=f"check-in:{patient_id}:{caller}",
+        idempotency_key=idempotency_key,
+        trace_context=current_context(),
+    )
     try:
-        async with transaction(session):
-            patient = await _visible_patient(session, principal, patient_id, "check_in.submit")
-            earlier = await store.get_idempotent(session, scope, idempotency_key) if idempotency_key else None
-            if earlier is not None:
-                replay = _replayed(earlier, request_hash)
-                await store.record_access(session, principal, "check_in.replay", patient["site_id"], patient_id)
-            else:
-                answer = await _record_check_in(session, principal, patient, body)
-                if idempotency_key and not await store.remember_idempotent(
-                    session,
-                    scope=scope,
-                    key=idempotency_key,
-                    request_hash=request_hash,
-                    status_code=201,
-                    response=answer.model_dump_json(),
-                ):
-                    # A concurrent retry won the race: roll back ours and answer with its result.
-                    winner = await store.get_idempotent(session, scope, idempotency_key)
-                    assert winner is not None
-                    raise _Replay(*_replayed(winner, request_hash))
-    except _Replay as raced:
-        return JSONResponse(raced.body, status_code=raced.status)
-    if replay is not None:
-        return JSONResponse(replay[1], status_code=replay[0])
+        answer = await check_ins.record(submitted)
+    except IdempotencyRace as race:  # alone in its transaction, and lost: the winner's answer
+        if race.winner is None:
+            raise
+        answer = Replayed(*_replayed(race.winner, request_hash))
+    if isinstance(answer, Replayed):
+        return JSONResponse(answer.body, status_code=answer.status)
     return answer
+
+
+async def write_check_ins(session: AsyncSession, requests: list[CheckInRequest]) -> list[CheckInAnswer | Exception]:
+    """A group of check-in requests in one transaction, set-based (usecases.record_check_ins):
+    the patients and the Idempotency-Keys read in one query each, then the check-ins,
+    their audit rows and their keys written in one multi-row INSERT each. Each request is
+    answered as it would be alone: 404 (a refusal audited), a replay of its key's first
+    answer, a refusal of the use case, or its new check-in."""
+    patients = await store.get_patients(session, [r.patient_id for r in requests])
+    earlier = await store.get_idempotent_many(session, [r.key for r in requests if r.key])
+    answers: list[CheckInAnswer | Exception | None] = [None] * len(requests)
+    audit: list[dict[str, object]] = []
+    fresh: list[int] = []
+    for index, request in enumerate(requests):
+        patient = patients.get(request.patient_id)
+        if patient is None:
+            answers[index] = NotFound("patient not found")
+        elif not _may_see(request.principal, patient):
+            audit.append(
+                store.record_access.row(
+                    request.principal, "check_in.submit.denied", patient["site_id"], request.patient_id
+                )
+            )
+            answers[index] = AccessDenied("patient not found")
+        elif request.key in earlier:
+            try:
+                answers[index] = Replayed(*_replayed(earlier[request.key], request.request_hash))
+            except Conflict as conflict:
+                answers[index] = conflict
+                continue
+            audit.append(
+                store.record_access.row(request.principal, "check_in.replay", patient["site_id"], request.patient_id)
+            )
+        else:
+            fresh.append(index)
+    keys = [requests[i].key for i in fresh if requests[i].key]
+    if len(keys) != len(set(keys)):
+        raise IdempotencyRace()  # the same key twice in this group: one at a time decides
+    submissions = [
+        usecases.Submission(
+            requests[i].principal, patients[requests[i].patient_id], requests[i].answers, requests[i].trace_context
+        )
+        for i in fresh
+    ]
+    remember: list[dict[str, Any]] = []
+    for index, recorded in zip(fresh, await usecases.record_check_ins(session, submissions, clock.now), strict=True):
+        request = requests[index]
+        if isinstance(recorded, Exception):
+            answers[index] = recorded
+            continue
+        answer = CheckInOut(**{k: recorded[k] for k in CheckInOut.model_fields})
+        answers[index] = answer
+        audit.append(
+            store.record_access.row(request.principal, "check_in.submit", recorded["site_id"], request.patient_id)
+        )
+        if request.key:
+            remember.append(_idempotency_row(request, answer))
+    await store.record_access.many(session, audit)
+    inserted = await store.remember_idempotent_many(session, remember)
+    lost = [(row["scope"], row["key"]) for row in remember if (row["scope"], row["key"]) not in inserted]
+    if lost:
+        # A concurrent request with the same key committed first: roll back, answer its result.
+        raise IdempotencyRace((await store.get_idempotent_many(session, lost[:1]))[lost[0]])
+    assert all(answer is not None for answer in answers)
+    return cast("list[CheckInAnswer | Exception]", answers)
+
+
+def _idempotency_row(request: CheckInRequest, answer: CheckInOut) -> dict[str, Any]:
+    return {
+        "scope": request.scope,
+        "key": request.idempotency_key,
+        "request_hash": request.request_hash,
+        "status_code": 201,
+        "response": answer.model_dump_json(),
+    }
+
+
+def _may_see(principal: Principal, patient: PatientRow) -> bool:
+    if principal.role == "patient":
+        return principal.patient_id == UUID(patient["patient_id"])
+    return principal.sees_site(patient["site_id"])
 
 
 def _replayed(earlier: IdempotencyRow, request_hash: str) -> tuple[int, dict[str, Any]]:
     if earlier["request_hash"] != request_hash:
         raise Conflict("this Idempotency-Key was used for a different check-in")
     return int(earlier["status_code"]), json.loads(earlier["response"])
-
-
-async def _record_check_in(
-    session: AsyncSession, principal: Principal, patient: PatientRow, body: CheckInIn
-) -> CheckInOut:
-    recorded = await usecases.record_check_in(session, principal, patient, body.model_dump(), clock.now())
-    await store.record_access(session, principal, "check_in.submit", recorded["site_id"], patient["patient_id"])
-    return CheckInOut(**{k: recorded[k] for k in CheckInOut.model_fields})
 
 
 @router.get("/patients/{patient_id}/check-ins", response_model=list[CheckInRecord], tags=["check-ins"])

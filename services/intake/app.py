@@ -33,8 +33,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
         ],
     )
-    return create_service_app(
+    app = create_service_app(
         runtime,
         [api.router, integrations_api.router],
         "The front door of every site: patients, episodes, consents, check-ins, plans.",
     )
+    app.state.check_ins = api.check_in_group(runtime)
+    return app

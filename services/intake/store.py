@@ -23,8 +23,10 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    tuple_,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import RowMapping
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql import Select
@@ -469,6 +471,12 @@ async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = Fa
     return _as(PatientRow, row) if row else None
 
 
+async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[str, PatientRow]:
+    """Several patients in one query, by id (the missing ones absent)."""
+    query = select(patients).where(patients.c.patient_id.in_(sorted(set(patient_ids))))
+    return {r["patient_id"]: _as(PatientRow, r) for r in (await session.execute(query)).mappings()}
+
+
 async def mrn_taken(session: AsyncSession, mrn: str) -> bool:
     return (await session.execute(select(patients.c.mrn).where(patients.c.mrn == mrn))).first() is not None
 
@@ -582,10 +590,17 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: boo
     return _as(EnrollmentRow, row) if row else None
 
 
-async def open_enrollment(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> EnrollmentRow | None:
-    query = select(enrollments).where(enrollments.c.patient_id == patient_id, enrollments.c.status.in_(open_statuses))
-    row = (await session.execute(query)).mappings().first()
-    return _as(EnrollmentRow, row) if row else None
+async def open_enrollments(
+    session: AsyncSession, patient_ids: list[str], open_statuses: list[str]
+) -> dict[str, EnrollmentRow]:
+    """The open episode of each of several patients, in one query."""
+    query = select(enrollments).where(
+        enrollments.c.patient_id.in_(sorted(set(patient_ids))), enrollments.c.status.in_(open_statuses)
+    )
+    found: dict[str, EnrollmentRow] = {}
+    for row in (await session.execute(query)).mappings():
+        found.setdefault(row["patient_id"], _as(EnrollmentRow, row))
+    return found
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
@@ -661,19 +676,28 @@ async def revoke_consent(session: AsyncSession, consent_id: str, revoked_at: dat
 # --- check-ins ------------------------------------------------------------------------
 
 
-async def add_check_in(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(check_ins).values(**values))
+async def add_check_ins(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        await session.execute(insert(check_ins), rows)
 
 
-async def recent_cravings(session: AsyncSession, enrollment_id: str, limit: int = 2) -> list[int]:
-    """The episode's last check-ins' cravings, oldest first."""
-    query = (
-        select(check_ins.c.craving)
-        .where(check_ins.c.enrollment_id == enrollment_id)
-        .order_by(check_ins.c.submitted_at.desc())
-        .limit(limit)
+async def recent_cravings_of(session: AsyncSession, enrollment_ids: list[str], limit: int = 2) -> dict[str, list[int]]:
+    """The last check-ins' cravings of several episodes, oldest first, in one query (a window per episode)."""
+    order = func.row_number().over(partition_by=check_ins.c.enrollment_id, order_by=check_ins.c.submitted_at.desc())
+    ranked = (
+        select(check_ins.c.enrollment_id, check_ins.c.craving, order.label("recency"))
+        .where(check_ins.c.enrollment_id.in_(sorted(set(enrollment_ids))))
+        .subquery()
     )
-    return [r.craving for r in await session.execute(query)][::-1]
+    query = (
+        select(ranked.c.enrollment_id, ranked.c.craving)
+        .where(ranked.c.recency <= limit)
+        .order_by(ranked.c.enrollment_id, ranked.c.recency.desc())
+    )
+    cravings: dict[str, list[int]] = {enrollment_id: [] for enrollment_id in enrollment_ids}
+    for row in await session.execute(query):
+        cravings[row.enrollment_id].append(row.craving)
+    return cravings
 
 
 async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int = 60) -> list[CheckInRow]:
@@ -686,14 +710,32 @@ async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int =
     return [_as(CheckInRow, r) for r in (await session.execute(query)).mappings()]
 
 
-async def get_idempotent(session: AsyncSession, scope: str, key: str) -> IdempotencyRow | None:
-    query = select(idempotency_keys).where(idempotency_keys.c.scope == scope, idempotency_keys.c.key == key)
-    row = (await session.execute(query)).mappings().first()
-    return _as(IdempotencyRow, row) if row else None
+async def get_idempotent_many(
+    session: AsyncSession, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], IdempotencyRow]:
+    """The Idempotency-Keys on record among several (scope, key) pairs, in one query."""
+    if not keys:
+        return {}
+    query = select(idempotency_keys).where(
+        tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(sorted(set(keys)))
+    )
+    return {(r["scope"], r["key"]): _as(IdempotencyRow, r) for r in (await session.execute(query)).mappings()}
 
 
-async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
-    return await insert_if_absent(session, idempotency_keys, created_at=clock.now(), **values)
+async def remember_idempotent_many(session: AsyncSession, rows: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    """Several Idempotency-Keys remembered at once: the (scope, key) pairs this call inserted
+    (a pair a concurrent transaction holds already is not among them)."""
+    if not rows:
+        return set()
+    dialect = postgresql if dialect_name(session) == "postgresql" else sqlite
+    now = clock.now()
+    statement = (
+        dialect.insert(idempotency_keys)
+        .values([{**row, "created_at": now} for row in rows])
+        .on_conflict_do_nothing(index_elements=["scope", "key"])
+        .returning(idempotency_keys.c.scope, idempotency_keys.c.key)
+    )
+    return {(r.scope, r.key) for r in await session.execute(statement)}
 
 
 # --- recovery plan ---------------------------------------------------------------------
@@ -702,6 +744,17 @@ async def remember_idempotent(session: AsyncSession, **values: Any) -> bool:
 async def plan_goals_of(session: AsyncSession, enrollment_id: str) -> list[GoalRow]:
     query = select(plan_goals).where(plan_goals.c.enrollment_id == enrollment_id).order_by(plan_goals.c.created_at)
     return [_as(GoalRow, r) for r in (await session.execute(query)).mappings()]
+
+
+async def goal_ids_of(session: AsyncSession, enrollment_ids: list[str]) -> dict[str, set[str]]:
+    """The ids of several episodes' plan goals, in one query."""
+    query = select(plan_goals.c.enrollment_id, plan_goals.c.goal_id).where(
+        plan_goals.c.enrollment_id.in_(sorted(set(enrollment_ids)))
+    )
+    goals: dict[str, set[str]] = {enrollment_id: set() for enrollment_id in enrollment_ids}
+    for row in await session.execute(query):
+        goals[row.enrollment_id].add(row.goal_id)
+    return goals
 
 
 async def get_goal(session: AsyncSession, goal_id: str) -> GoalRow | None:
@@ -722,6 +775,12 @@ async def update_goal(session: AsyncSession, goal_id: str, **values: Any) -> Non
 
 async def add_progress(session: AsyncSession, **values: Any) -> None:
     await session.execute(insert(goal_progress).values(at=clock.now(), **values))
+
+
+async def add_progress_many(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        now = clock.now()
+        await session.execute(insert(goal_progress), [{"at": now, **row} for row in rows])
 
 
 async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[ProgressRow]:

@@ -15,6 +15,7 @@ caller may see."""
 
 import json
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any, Literal, cast
 from uuid import UUID, uuid4, uuid5
@@ -45,7 +46,7 @@ from shared.contracts.events import (
 )
 from shared.domain_errors import DomainError
 from shared.messaging import Interest
-from shared.messaging.outbox import Chain
+from shared.messaging.outbox import Chain, envelope_for
 
 OPEN = frozenset(str(s) for s in domain.OPEN_STATUSES)
 GoalState = Literal["active", "met", "dropped"]  # a goal's status on the bus (GoalStatus.status)
@@ -446,78 +447,135 @@ async def revoke_consent(
 # --- daily check-ins ------------------------------------------------------------------------
 
 
-async def record_check_in(
-    session: AsyncSession, principal: Principal, patient: PatientRow, answers: dict[str, Any], now: datetime
-) -> dict[str, Any]:
-    """Score a check-in for risk against the episode's recent cravings, record it with the
-    plan goals it reports progress on, and publish it (without its free text)."""
-    enrollment = await store.open_enrollment(session, patient["patient_id"], list(OPEN))
-    if enrollment is None:
-        raise DomainError("conflict", "check-ins need an open enrollment")
-    await _check_goals(session, enrollment["enrollment_id"], answers["goal_progress"])
-    risk, reasons = domain.score_risk(
-        mood=answers["mood"],
-        craving=answers["craving"],
-        used_since_last=answers["used_since_last"],
-        safety_concern=answers["safety_concern"],
-        previous_cravings=await store.recent_cravings(session, enrollment["enrollment_id"]),
-    )
-    check_in_id = uuid4()
-    await store.add_check_in(
-        session,
-        check_in_id=str(check_in_id),
-        patient_id=patient["patient_id"],
-        enrollment_id=enrollment["enrollment_id"],
-        site_id=enrollment["site_id"],
-        submitted_at=now,
-        submitted_by=principal.sub,
-        submitted_role=principal.role,
-        **{k: answers[k] for k in ("mood", "craving", "used_since_last", "sleep_hours", "safety_concern")},
-        substances=json.dumps(answers["substances"]),
-        goals=answers["goals"],
-        challenges=answers["challenges"],
-        risk=str(risk),
-        risk_reasons=json.dumps(reasons),
-    )
-    for progress in answers["goal_progress"]:
-        await store.add_progress(
-            session,
-            goal_id=str(progress["goal_id"]),
-            check_in_id=str(check_in_id),
-            note=progress["note"],
-            actor=principal.sub,
+@dataclass(frozen=True)
+class Submission:
+    """One check-in of a group: the patient its caller may see (api.py checked), the
+    answers, and the request's trace context (its event continues the request's trace)."""
+
+    principal: Principal
+    patient: PatientRow
+    answers: dict[str, Any]
+    trace_context: str | None = None
+
+
+async def record_check_ins(
+    session: AsyncSession, submissions: list[Submission], now: Callable[[], datetime]
+) -> list[dict[str, Any] | DomainError]:
+    """Score each check-in for risk against its episode's recent cravings, record it with
+    the plan goals it reports progress on, and publish it (without its free text).
+
+    Set-based, for a group of submissions sharing one transaction (api.py's group commit):
+    the episodes, goals and cravings are read in one query each and the rows written in
+    one multi-row INSERT per table, so the statements are paid per group, not per
+    check-in. Each is scored with the earlier ones of the same group counted. A refused
+    one (no open enrollment, a goal not in the plan) is answered with its DomainError and
+    writes nothing; the others are not affected."""
+    patient_ids = [s.patient["patient_id"] for s in submissions]
+    episodes = await store.open_enrollments(session, patient_ids, list(OPEN))
+    reporting = [
+        episodes[s.patient["patient_id"]]["enrollment_id"]
+        for s in submissions
+        if s.answers["goal_progress"] and s.patient["patient_id"] in episodes
+    ]
+    goals = await store.goal_ids_of(session, reporting) if reporting else {}
+    cravings = await store.recent_cravings_of(session, [e["enrollment_id"] for e in episodes.values()])
+    outcomes: list[dict[str, Any] | DomainError] = []
+    check_ins: list[dict[str, Any]] = []
+    progress: list[dict[str, Any]] = []
+    staged: list[tuple[Envelope, str | None]] = []
+    for submission in submissions:
+        enrollment = episodes.get(submission.patient["patient_id"])
+        if enrollment is None:
+            outcomes.append(DomainError("conflict", "check-ins need an open enrollment"))
+            continue
+        answers, enrollment_id = submission.answers, enrollment["enrollment_id"]
+        refusal = _unknown_goal(goals.get(enrollment_id, set()), answers["goal_progress"])
+        if refusal is not None:
+            outcomes.append(refusal)
+            continue
+        recent = cravings[enrollment_id]
+        risk, reasons = domain.score_risk(
+            mood=answers["mood"],
+            craving=answers["craving"],
+            used_since_last=answers["used_since_last"],
+            safety_concern=answers["safety_concern"],
+            previous_cravings=recent[-2:],
         )
-    event = CheckInSubmitted(
-        check_in_id=check_in_id,
-        patient_id=UUID(patient["patient_id"]),
-        enrollment_id=UUID(enrollment["enrollment_id"]),
-        submitted_at=now,
-        **{k: answers[k] for k in ("mood", "craving", "used_since_last", "safety_concern")},
-        risk=cast(Risk, str(risk)),
-    )
-    await store.outbox.emit(session, event, enrollment["site_id"], chain=_episode(enrollment))
+        recent.append(answers["craving"])
+        check_in_id, submitted_at = uuid4(), now()
+        check_ins.append(_check_in_row(submission, enrollment, check_in_id, submitted_at, str(risk), reasons))
+        progress.extend(
+            {
+                "goal_id": str(p["goal_id"]),
+                "check_in_id": str(check_in_id),
+                "note": p["note"],
+                "actor": submission.principal.sub,
+            }
+            for p in answers["goal_progress"]
+        )
+        event = CheckInSubmitted(
+            check_in_id=check_in_id,
+            patient_id=UUID(enrollment["patient_id"]),
+            enrollment_id=UUID(enrollment_id),
+            submitted_at=submitted_at,
+            **{k: answers[k] for k in ("mood", "craving", "used_since_last", "safety_concern")},
+            risk=cast(Risk, str(risk)),
+        )
+        staged.append(
+            (envelope_for(event, enrollment["site_id"], chain=_episode(enrollment)), submission.trace_context)
+        )
+        outcomes.append(
+            {
+                "check_in_id": check_in_id,
+                "patient_id": enrollment["patient_id"],
+                "enrollment_id": enrollment_id,
+                "site_id": enrollment["site_id"],
+                "submitted_at": submitted_at,
+                "risk": str(risk),
+                "risk_reasons": reasons,
+            }
+        )
+    await store.add_check_ins(session, check_ins)
+    await store.add_progress_many(session, progress)
+    await store.outbox.stage(session, *(e for e, _ in staged), trace_contexts=[c for _, c in staged])
+    return outcomes
+
+
+def _check_in_row(
+    submission: Submission,
+    enrollment: EnrollmentRow,
+    check_in_id: UUID,
+    submitted_at: datetime,
+    risk: str,
+    reasons: list[str],
+) -> dict[str, Any]:
+    answers = submission.answers
     return {
-        "check_in_id": check_in_id,
-        "patient_id": patient["patient_id"],
+        "check_in_id": str(check_in_id),
+        "patient_id": enrollment["patient_id"],
         "enrollment_id": enrollment["enrollment_id"],
         "site_id": enrollment["site_id"],
-        "submitted_at": now,
-        "risk": str(risk),
-        "risk_reasons": reasons,
+        "submitted_at": submitted_at,
+        "submitted_by": submission.principal.sub,
+        "submitted_role": submission.principal.role,
+        **{k: answers[k] for k in ("mood", "craving", "used_since_last", "sleep_hours", "safety_concern")},
+        "substances": json.dumps(answers["substances"]),
+        "goals": answers["goals"],
+        "challenges": answers["challenges"],
+        "risk": risk,
+        "risk_reasons": json.dumps(reasons),
     }
 
 
-async def _check_goals(session: AsyncSession, enrollment_id: str, progress: list[dict[str, Any]]) -> None:
-    if not progress:
-        return  # most check-ins report no goal: no query for them
-    goals = {g["goal_id"] for g in await store.plan_goals_of(session, enrollment_id)}
+def _unknown_goal(goals: set[str], progress: list[dict[str, Any]]) -> DomainError | None:
     for index, entry in enumerate(progress):
         if str(entry["goal_id"]) not in goals:
-            raise DomainError(
+            return DomainError(
                 "invalid",
                 "not a goal of this episode's plan",
                 fields={f"goal_progress.{index}.goal_id": "unknown goal"},
             )
+    return None
 
 
 # --- recovery plan ------------------------------------------------------------------------

@@ -29,10 +29,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Generic, NamedTuple, TypeAlias, TypeVar
+from typing import Any, NamedTuple, TypeAlias
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -46,6 +45,7 @@ from services.notifications.channels import (
 )
 from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
+from shared.group_commit import GroupCommit
 from shared.messaging.outbox import CommitSignal
 from shared.priority import PriorityGate
 from shared.runtime import ServiceRuntime
@@ -57,8 +57,6 @@ CONCURRENCY = 8
 # uvicorn's graceful shutdown (iopnet serve) and ServiceRuntime.stop() each allow 10 s;
 # the sends under way get half of that to finish and be recorded.
 STOP_GRACE_SECONDS = 5.0
-Item = TypeVar("Item")
-Result = TypeVar("Result")
 
 sessionmaker = async_sessionmaker[AsyncSession]
 
@@ -82,66 +80,6 @@ class Outcome:
     @property
     def sent(self) -> bool:
         return self.error is None
-
-
-class GroupCommit(Generic[Item, Result]):
-    """Writes items in as few transactions as the database allows: whoever gets the turn
-    writes every item queued meanwhile, each with `write`. `idle()` returns once none is
-    waiting. Used for the outcomes of sends, and for claims (up to CONCURRENCY deliveries
-    ask at once; on SQLite each transaction is a turn on the one connection and an fsync)."""
-
-    def __init__(self, sessions: sessionmaker, write: Callable[[AsyncSession, Item], Awaitable[Result]]) -> None:
-        self.sessions = sessions
-        self.write = write
-        self.queue: list[tuple[Item, asyncio.Future[Result]]] = []
-        self.turn = asyncio.Lock()
-        self.drained = asyncio.Event()
-        self.drained.set()
-        self.transactions = 0  # committed
-
-    async def record(self, item: Item) -> Result:
-        """Return what `write` returned once `item` is committed; raise if it could not be."""
-        done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        self.queue.append((item, done))
-        self.drained.clear()
-        async with self.turn:
-            try:
-                if not done.done():
-                    batch, self.queue = self.queue, []
-                    await self._commit(batch)
-            finally:
-                if not self.queue:
-                    self.drained.set()
-        return await done
-
-    async def idle(self) -> None:
-        await self.drained.wait()
-
-    async def _commit(self, batch: list[tuple[Item, asyncio.Future[Result]]]) -> None:
-        try:
-            async with self.sessions() as session, session.begin():
-                results = [await self.write(session, item) for item, _ in batch]
-            self.transactions += 1
-        except Exception as exc:
-            if len(batch) > 1:  # one bad item must not cost the others theirs
-                for one in batch:
-                    await self._commit([one])
-                return
-            _settle_futures(batch, exc)
-            return
-        except BaseException:  # cancelled mid-write: the waiters learn it, never hang
-            for _, done in batch:
-                done.cancel()
-            raise
-        for (_, done), result in zip(batch, results, strict=True):
-            if not done.done():
-                done.set_result(result)
-
-
-def _settle_futures(batch: list[tuple[Any, asyncio.Future[Any]]], error: BaseException) -> None:
-    for _, done in batch:
-        if not done.done():
-            done.set_exception(error)
 
 
 class Claim(NamedTuple):

@@ -13,7 +13,7 @@ import asyncio
 import collections
 import contextlib
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
@@ -149,12 +149,20 @@ class Outbox:
         await self.stage(session, *envelopes)
         return envelopes
 
-    async def stage(self, session: AsyncSession, *envelopes: Envelope) -> None:
-        """Add events to the caller's transaction; they leave only if it commits."""
+    async def stage(
+        self, session: AsyncSession, *envelopes: Envelope, trace_contexts: Sequence[str | None] | None = None
+    ) -> None:
+        """Add events to the caller's transaction; they leave only if it commits.
+        `trace_contexts`: one per envelope (`current_context()` of the request each came
+        from) when one transaction stages the events of several requests (a group
+        commit); by default the current one for all."""
         if not envelopes:
             return
-        trace_context = current_context()
-        staged = [Express(str(env.event_id), env.subject, env.model_dump_json(), trace_context) for env in envelopes]
+        contexts = trace_contexts if trace_contexts is not None else [current_context()] * len(envelopes)
+        staged = [
+            Express(str(env.event_id), env.subject, env.model_dump_json(), context)
+            for env, context in zip(envelopes, contexts, strict=True)
+        ]
         now = clock.now()
         await session.execute(
             insert(self.table),

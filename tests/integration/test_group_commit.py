@@ -1,6 +1,7 @@
-"""The dispatcher's group commit (services/notifications/delivery.py), on a real SQLite
-database: deliveries that claim (or record) together share one transaction, each gets
-its own answer, and one that fails costs the others nothing."""
+"""Group commit (shared/group_commit.py), on a real SQLite database: callers that write
+together share one transaction, each gets its own answer, and one that fails costs the
+others nothing. Used by notifications' dispatcher (claims, records) and, set-based, by
+intake's check-ins."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -10,8 +11,8 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.notifications.delivery import GroupCommit
 from shared.db import create_engine, session_factory
+from shared.group_commit import GroupCommit
 
 metadata = MetaData()
 claims = Table("claims", metadata, Column("item", Integer, primary_key=True), Column("by", String(20)))
@@ -52,4 +53,32 @@ async def test_one_that_fails_costs_the_others_nothing(sessions) -> None:
     assert isinstance(answers[1], ValueError)
     async with sessions() as session:
         assert (await session.execute(select(claims.c.item).order_by(claims.c.item))).scalars().all() == [1, 2, 3]
+    await group.idle()
+
+
+async def claim_all(session: AsyncSession, items: list[int]) -> list[str | Exception]:
+    """Set-based: one multi-row INSERT for the group; 13 is refused, not failed."""
+    accepted = [item for item in items if item != 13]
+    await session.execute(insert(claims), [{"item": item, "by": "group"} for item in accepted])
+    return [ValueError("refused") if item == 13 else f"claimed {item}" for item in items]
+
+
+async def test_set_based_a_refusal_is_answered_and_the_group_commits(sessions) -> None:
+    group: GroupCommit[int, str] = GroupCommit.set_based(sessions, claim_all)
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*(group.record(item) for item in (1, 2, 13, 3)), return_exceptions=True)
+    assert answers[:2] == ["claimed 1", "claimed 2"] and answers[3] == "claimed 3"
+    assert isinstance(answers[2], ValueError)
+    assert group.transactions == 2  # the refusal rolled nothing back: no transaction per item
+    async with sessions() as session:
+        assert (await session.execute(select(claims.c.item).order_by(claims.c.item))).scalars().all() == [1, 2, 3]
+
+
+async def test_a_group_is_bounded_and_the_rest_go_next(sessions) -> None:
+    group: GroupCommit[int, str] = GroupCommit.set_based(sessions, claim_all, max_group=3)
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*(group.record(item) for item in range(10)))
+    assert answers == [f"claimed {item}" for item in range(10)]
+    assert group.largest_group == 3
+    assert group.transactions == 4  # 1 alone, then the nine that queued meanwhile, three at a time
     await group.idle()

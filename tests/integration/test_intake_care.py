@@ -7,10 +7,14 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
 
 from iopnet.testing import BusRecorder, eventually
-from services.intake import store, usecases
+from services.intake import api, store, usecases
 from services.intake.app import create_app
+from shared import clock
+from shared.auth import Principal
+from shared.group_commit import GroupCommit
 from tests.conftest import auth, make_settings, program_published, publish, running
 
 SITE, OTHER = "columbus-east", "dayton-north"
@@ -18,6 +22,7 @@ ADMIN = auth("network_admin")
 DESK = auth("front_desk", [SITE])
 CLINICIAN = auth("clinician", [SITE])
 TOMORROW = date.today() + timedelta(days=1)
+CALM = {"mood": 7, "craving": 2, "used_since_last": False, "safety_concern": False}
 
 
 @pytest.fixture
@@ -337,6 +342,93 @@ async def test_idempotency_key_gives_one_check_in_under_concurrent_retries(app, 
             f"/patients/{patient_id}/check-ins", json=body, headers={**me, "Idempotency-Key": "phone-7f3a-0002"}
         )
         assert fresh.json()["check_in_id"] != answers[0].json()["check_in_id"]
+
+
+async def test_check_ins_arriving_together_share_one_transaction_and_each_is_answered_as_alone(
+    app, nats_server, bus: BusRecorder
+) -> None:
+    """Issue 10: check-ins that arrive together are written in one transaction with
+    multi-row statements (api.write_check_ins); each is answered as it would be alone,
+    and one refused costs the others nothing."""
+    inserts: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.startswith("INSERT INTO check_ins"):
+            inserts.append(statement)
+
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        names = ("Ana", "Bea", "Cruz", "Dora", "Eli", "Fen")
+        enrolled = [
+            await enrolled_patient(client, given=n, family="Ortiz", born=f"199{i}-01-0{i + 1}")
+            for i, n in enumerate(names)
+        ]
+        rising_id, rising_episode = enrolled[0]
+        for craving in (3, 4):  # then 5 in the group: rising over three check-ins
+            await client.post(f"/patients/{rising_id}/check-ins", json={**CALM, "craving": craving}, headers=CLINICIAN)
+        replayed_id = enrolled[1][0]
+        key = {"Idempotency-Key": "tablet-0001"}
+        first = await client.post(f"/patients/{replayed_id}/check-ins", json=CALM, headers={**CLINICIAN, **key})
+        unenrolled = (
+            await client.post("/patients", json=patient_body("Gil", "Ortiz", "1980-02-02"), headers=DESK)
+        ).json()
+        others = (
+            await client.post(
+                "/patients", json={**patient_body("Hal", "Ortiz", "1981-03-03"), "site_id": OTHER}, headers=ADMIN
+            )
+        ).json()
+        engine = app.state.runtime.engine.sync_engine
+        sqlalchemy_event.listen(engine, "before_cursor_execute", count)
+        group: GroupCommit = app.state.check_ins
+        transactions_before = group.transactions
+        try:
+            calls = [
+                (rising_id, {**CALM, "craving": 5}, CLINICIAN),
+                (replayed_id, CALM, {**CLINICIAN, **key}),  # a retry: the first answer again
+                (unenrolled["patient_id"], CALM, CLINICIAN),  # 409: no open enrollment
+                (others["patient_id"], CALM, CLINICIAN),  # 404: a site the caller does not serve
+                *((patient_id, {**CALM, "safety_concern": True}, CLINICIAN) for patient_id, _ in enrolled[2:]),
+            ]
+            answers = await asyncio.gather(
+                *(client.post(f"/patients/{pid}/check-ins", json=body, headers=headers) for pid, body, headers in calls)
+            )
+        finally:
+            sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+        transactions = group.transactions - transactions_before
+        assert [a.status_code for a in answers] == [201, 201, 409, 404, 201, 201, 201, 201]
+        assert answers[0].json()["risk"] == "elevated" and answers[0].json()["risk_reasons"] == ["craving_rising"]
+        assert answers[0].json()["enrollment_id"] == rising_episode
+        assert answers[1].json() == first.json()
+        assert {a.json()["risk"] for a in answers[4:]} == {"urgent"}
+        # Eight requests, at most a first alone and the seven that queued behind it.
+        assert transactions <= 2 < len(calls) and group.largest_group > 1
+        assert len(inserts) == transactions  # one multi-row INSERT per group, not one per check-in
+        submitted = await bus.wait_for_event("CheckInSubmitted", count=3 + 5)
+        fresh = {str(a.json()["check_in_id"]) for a in answers if a.status_code == 201} - {first.json()["check_in_id"]}
+        assert fresh <= {m.envelope()["data"]["check_in_id"] for m in submitted}
+        async with app.state.runtime.sessions() as session:
+            assert len(await store.patient_check_ins(session, replayed_id)) == 1
+            audit = await store.audit_rows(session, None, patient_id=others["patient_id"])
+        assert "check_in.submit.denied" in {row["action"] for row in audit}
+
+
+async def test_a_group_scores_each_check_in_with_the_earlier_ones_of_the_group(app, nats_server) -> None:
+    """The same episode twice in one group: the second is scored with the first counted."""
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        patient_id, _ = await enrolled_patient(client)
+        await client.post(f"/patients/{patient_id}/check-ins", json={**CALM, "craving": 3}, headers=CLINICIAN)
+        principal = Principal(sub="clinician-1", role="clinician", sites=[SITE])
+        async with app.state.runtime.sessions() as session, session.begin():
+            patient = await store.get_patient(session, patient_id)
+            assert patient is not None
+            group = [
+                usecases.Submission(principal, patient, api.CheckInIn(**{**CALM, "craving": c}).model_dump())
+                for c in (4, 5)
+            ]
+            recorded = await usecases.record_check_ins(session, group, clock.now)
+    assert [r["risk"] for r in recorded] == ["low", "elevated"]
+    assert recorded[1]["risk_reasons"] == ["craving_rising"]
 
 
 async def test_recovery_plan_keeps_goal_text_in_intake(app, nats_server, bus: BusRecorder) -> None:
