@@ -33,10 +33,10 @@ from typing import Any
 from uuid import uuid4
 
 import asyncpg
-import httpx
 import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from iopnet.bench_http import Answer, LoadClient
 from iopnet.bench_load import BusLog, Sampler, raw_baseline
 from iopnet.bench_report import latency_summary, plot, print_table, write_results
 from iopnet.natsd import free_port, url_with_user
@@ -78,7 +78,7 @@ class Timings:
 class Clinics:
     """The clinics' side: HTTP calls a front desk, an admin and patients make."""
 
-    def __init__(self, network: LocalNetwork, http: httpx.AsyncClient, config: BenchConfig) -> None:
+    def __init__(self, network: LocalNetwork, http: LoadClient, config: BenchConfig) -> None:
         self.network, self.http, self.config = network, http, config
         self.secret = network.settings.signing_secret
         self.sites = [f"bench-{i:02d}" for i in range(config.sites)]
@@ -115,7 +115,7 @@ class Clinics:
                                       headers=self.admin)  # fmt: skip
             return put.status_code == 200
 
-        async def published() -> httpx.Response | None:
+        async def published() -> Answer | None:
             response = await self.http.post(self.url("scheduling", "/programs"), json=program, headers=self.admin)
             return response if response.status_code == 201 else None
 
@@ -157,7 +157,7 @@ class Clinics:
         self.timings.enroll_accepted[str(response.json()["enrollment_id"])] = done
         return patient_id
 
-    async def post_check_in(self, patient_id: str, urgent: bool) -> httpx.Response:
+    async def post_check_in(self, patient_id: str, urgent: bool) -> Answer:
         token = mint_token(self.secret, sub=f"patient-{patient_id}", role="patient", patient_id=patient_id)
         headers = {**self._bearer(token), "Idempotency-Key": str(uuid4())}
         body = {"mood": 2 if urgent else 6, "craving": 3, "used_since_last": False, "safety_concern": urgent,
@@ -361,9 +361,8 @@ async def _live_progress(
 
 
 async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int]) -> dict[str, Any]:
-    limits = httpx.Limits(max_connections=config.concurrency * 4, max_keepalive_connections=config.concurrency * 2)
     async with AsyncExitStack() as stack:
-        http = await stack.enter_async_context(httpx.AsyncClient(timeout=60, limits=limits))
+        http = await stack.enter_async_context(LoadClient(connections=config.concurrency * 4))
         clinics = Clinics(network, http, config)
         await clinics.set_up()
         bus = await BusLog(network.nats_url, network.observed_subjects).start()

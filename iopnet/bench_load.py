@@ -10,7 +10,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+import aiohttp
 import nats
 import psutil
 from nats.aio.client import Client
@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from prometheus_client.parser import text_string_to_metric_families
 
+from iopnet.bench_http import LoadClient
 from shared.messaging.connection import connect_once
 
 
@@ -86,7 +87,7 @@ class Sampler:
     """Every `interval`: each service's consumer counters (from /metrics) and each
     process's RSS and CPU time (psutil), the load generator's own included."""
 
-    http: httpx.AsyncClient
+    http: LoadClient
     services: dict[str, str]  # name -> base url
     pids: dict[str, int]  # process name -> pid
     interval: float = 0.5
@@ -108,7 +109,7 @@ class Sampler:
     async def _scrape(self, service: str, url: str) -> None:
         try:
             text = (await self.http.get(f"{url}/metrics", timeout=2)).text
-        except httpx.HTTPError:
+        except (aiohttp.ClientError, TimeoutError):
             return
         applied = pending = 0.0
         for family in text_string_to_metric_families(text):
