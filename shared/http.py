@@ -200,7 +200,7 @@ async def safety_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def interest_refresher(request: Request) -> Callable[[], Awaitable[None]]:
+async def interest_refresher(request: Request) -> Callable[[], Awaitable[None]]:
     """For the routes that change who outside asks for what (integrations, webhook
     subscriptions): called after their commit, the consumers read for them follow."""
     return cast("Callable[[], Awaitable[None]]", request.app.state.runtime.refresh_interests)

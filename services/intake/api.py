@@ -707,7 +707,8 @@ def check_in_group(runtime: ServiceRuntime) -> GroupCommit[CheckInRequest, Check
     return GroupCommit.set_based(safety_sessions, write_check_ins, max_group=CHECK_INS_PER_GROUP)
 
 
-def _check_ins(request: Request) -> GroupCommit[CheckInRequest, CheckInAnswer]:
+async def _check_ins(request: Request) -> GroupCommit[CheckInRequest, CheckInAnswer]:
+    # async: FastAPI runs a plain `def` dependency in a worker thread (a hop per request)
     return cast("GroupCommit[CheckInRequest, CheckInAnswer]", request.app.state.check_ins)
 
 

@@ -731,11 +731,13 @@ async def remember_idempotent_many(session: AsyncSession, rows: list[dict[str, A
     now = clock.now()
     statement = (
         dialect.insert(idempotency_keys)
-        .values([{**row, "created_at": now} for row in rows])
         .on_conflict_do_nothing(index_elements=["scope", "key"])
         .returning(idempotency_keys.c.scope, idempotency_keys.c.key)
     )
-    return {(r.scope, r.key) for r in await session.execute(statement)}
+    # Rows as parameters (SQLAlchemy's "insertmanyvalues"), not .values(rows): the
+    # statement compiles once and is cached, whatever the number of rows.
+    inserted = await session.execute(statement, [{**row, "created_at": now} for row in rows])
+    return {(r.scope, r.key) for r in inserted}
 
 
 # --- recovery plan ---------------------------------------------------------------------

@@ -412,6 +412,32 @@ async def test_check_ins_arriving_together_share_one_transaction_and_each_is_ans
         assert "check_in.submit.denied" in {row["action"] for row in audit}
 
 
+async def test_a_key_raced_by_another_replica_answers_with_the_winners_check_in(app, nats_server, monkeypatch) -> None:
+    """Another intake replica commits the same Idempotency-Key between our read of the
+    keys and our INSERT (simulated: our first read misses it): ours rolls back and
+    answers what the winner did."""
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        patient_id, _ = await enrolled_patient(client)
+        headers = {**CLINICIAN, "Idempotency-Key": "kiosk-0042"}
+        path = f"/patients/{patient_id}/check-ins"
+        winner = await client.post(path, json=CALM, headers=headers)
+        reads = 0
+        real = store.get_idempotent_many
+
+        async def read_before_the_winner_committed(session, keys):
+            nonlocal reads
+            reads += 1
+            return {} if reads == 1 else await real(session, keys)
+
+        monkeypatch.setattr(store, "get_idempotent_many", read_before_the_winner_committed)
+        loser = await client.post(path, json=CALM, headers=headers)
+        assert reads == 2
+        assert loser.status_code == 201 and loser.json() == winner.json()
+        async with app.state.runtime.sessions() as session:
+            assert len(await store.patient_check_ins(session, patient_id)) == 1
+
+
 async def test_a_group_scores_each_check_in_with_the_earlier_ones_of_the_group(app, nats_server) -> None:
     """The same episode twice in one group: the second is scored with the first counted."""
     async with running(app) as client:
