@@ -1,5 +1,6 @@
 """Async engines for SQLite and PostgreSQL, sessions, and Alembic migrations on start."""
 
+import functools
 import zlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -106,10 +107,17 @@ async def insert_if_absent(
     """INSERT ... ON CONFLICT DO NOTHING on the primary key (or the unique columns
     `conflict`); True if this call inserted. Safe under concurrency: a racing insert
     waits for the other and then does nothing."""
-    insert = postgresql.insert if dialect_name(session) == "postgresql" else sqlite.insert
+    statement = _insert_if_absent(dialect_name(session), table, tuple(conflict) if conflict is not None else None)
+    # The values as parameters, not .values(...): the statement is built once per table and
+    # its compiled form cached, instead of building and hashing a new one on every call.
+    return bool(rows_changed(await session.execute(statement, values)))
+
+
+@functools.cache
+def _insert_if_absent(dialect: str, table: Table, conflict: tuple[str, ...] | None) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     keys = list(conflict) if conflict is not None else [column.name for column in table.primary_key.columns]
-    result = await session.execute(insert(table).values(**values).on_conflict_do_nothing(index_elements=keys))
-    return bool(rows_changed(result))
+    return insert(table).on_conflict_do_nothing(index_elements=keys)
 
 
 async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:

@@ -5,7 +5,7 @@ message log with its delivery attempts, plus outbox, inbox, audit and the operat
 repairs."""
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -539,7 +539,11 @@ async def _one(session: AsyncSession, kind: type[RowT], query: Any) -> RowT | No
 
 
 async def lock_patient(session: AsyncSession, patient_id: str) -> None:
-    await lock_row(session, patients, patient_id=patient_id)
+    """The patient's row lock, held until the transaction ends: taken once per transaction."""
+    locked = _for_this_transaction(session, "iopnet.locked_patients")
+    if patient_id not in locked:
+        await lock_row(session, patients, patient_id=patient_id)
+        locked.add(patient_id)
 
 
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
@@ -632,24 +636,36 @@ async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
 # --- sites and their settings ---------------------------------------------------------------
 
 
-upsert_site = site_directory.upsert
+async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
+    _forget(session, "iopnet.sites", site_id)
+    await site_directory.upsert(session, site_id, name, timezone)
 
 
 async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
-    row = await site_directory.get(session, site_id)
-    return _as(SiteRow, row) if row is not None else None
+    known = _read_once(session, "iopnet.sites")
+    if site_id not in known:
+        row = await site_directory.get(session, site_id)
+        known[site_id] = _as(SiteRow, row) if row is not None else None
+    found = known[site_id]
+    return cast(SiteRow, dict(found)) if found is not None else None
 
 
 async def get_site_settings(session: AsyncSession, site_id: str) -> SiteSettingsRow | None:
-    query = select(site_settings).where(site_settings.c.site_id == site_id)
-    row = (await session.execute(query)).mappings().first()
-    if row is None:
-        return None
-    offsets = row["reminder_offsets"]
-    return _as(SiteSettingsRow, {**row, "reminder_offsets": json.loads(offsets) if offsets is not None else None})
+    known = _read_once(session, "iopnet.site_settings")
+    if site_id not in known:
+        query = select(site_settings).where(site_settings.c.site_id == site_id)
+        row = (await session.execute(query)).mappings().first()
+        known[site_id] = None
+        if row is not None:
+            offsets = row["reminder_offsets"]
+            parsed = {**row, "reminder_offsets": json.loads(offsets) if offsets is not None else None}
+            known[site_id] = _as(SiteSettingsRow, parsed)
+    found = known[site_id]
+    return cast(SiteSettingsRow, dict(found)) if found is not None else None
 
 
 async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str, **values: Any) -> None:
+    _forget(session, "iopnet.site_settings", site_id)
     if values.get("reminder_offsets") is not None:
         values["reminder_offsets"] = json.dumps(values["reminder_offsets"])
     values.update(updated_at=clock.now(), updated_by=updated_by)
@@ -733,10 +749,12 @@ async def get_session(session: AsyncSession, session_id: str) -> SessionRow | No
     return await _one(session, SessionRow, select(sessions).where(sessions.c.session_id == session_id))
 
 
-async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
+async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> BookingRow:
+    """The booking as written (every column is set): the caller need not read it back."""
     values["updated_at"] = clock.now()
     if not await insert_if_absent(session, bookings, booking_id=booking_id, **values):
         await session.execute(update(bookings).where(bookings.c.booking_id == booking_id).values(**values))
+    return cast(BookingRow, {"booking_id": booking_id, **values})
 
 
 async def get_booking(session: AsyncSession, booking_id: str) -> BookingRow | None:
@@ -881,11 +899,25 @@ async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> l
 
 def _for_this_transaction(session: AsyncSession, key: str) -> set[str]:
     """A set kept in the session as long as its current transaction lasts."""
+    return cast(set[str], _kept(session, key, set))
+
+
+def _read_once(session: AsyncSession, key: str) -> dict[str, Any]:
+    """Rows read in this transaction, by id: a batch of events reads a site's rows once.
+    Whoever writes such a row in the transaction drops it from here (`_forget`)."""
+    return cast(dict[str, Any], _kept(session, key, dict))
+
+
+def _forget(session: AsyncSession, key: str, row_id: str) -> None:
+    _read_once(session, key).pop(row_id, None)
+
+
+def _kept(session: AsyncSession, key: str, new: Callable[[], object]) -> object:
     transaction = session.get_transaction()
     kept = session.info.get(key)
     if kept is None or kept[0] is not transaction:
-        kept = session.info[key] = (transaction, set())
-    return cast(set[str], kept[1])
+        kept = session.info[key] = (transaction, new())
+    return kept[1]
 
 
 async def deactivate_subscription(session: AsyncSession, subscription_id: str) -> None:

@@ -579,18 +579,17 @@ async def record_session(
 
 async def record_booking(
     session: AsyncSession, cause: Envelope, event: PatientBooked | BookingCancelled, status: str
-) -> bool:
+) -> store.BookingRow | None:
     """Project a booking event unless a later one of the same booking applied first;
-    True if it applied."""
+    the booking as it now is if it applied."""
     current = await store.get_booking(session, str(event.booking_id))
     stored_at, stored_status = (current["event_at"], current["status"]) if current else (None, None)
     if not domain.booking_event_applies(stored_at, stored_status, cause.occurred_at, status):
-        return False
-    await store.upsert_booking(
+        return None
+    return await store.upsert_booking(
         session, str(event.booking_id), session_id=str(event.session_id), patient_id=str(event.patient_id),
         site_id=cause.site_id, starts_at=event.starts_at, status=status, event_at=cause.occurred_at,
     )  # fmt: skip
-    return True
 
 
 async def booking_announced(
@@ -599,7 +598,8 @@ async def booking_announced(
     """PatientBooked: plan the booking's reminders, unless its cancellation (or its
     session's) applied first, every episode at the site has ended, or they are planned."""
     patient_id, booking_id = str(event.patient_id), str(event.booking_id)
-    if not await record_booking(session, cause, event, "booked"):
+    booking = await record_booking(session, cause, event, "booked")
+    if booking is None:
         return 0
     target = await store.get_session(session, str(event.session_id))
     if target is not None and target["status"] == "cancelled":
@@ -608,15 +608,13 @@ async def booking_announced(
         return 0  # discharged: a late booking event plans nothing
     if await store.open_patient_messages(session, patient_id, booking_id=booking_id):
         return 0  # the same booking announced again: its reminders are planned
-    booking = await store.get_booking(session, booking_id)
-    assert booking is not None
     return await plan_reminders(session, policy, booking, cause, now)
 
 
 async def booking_withdrawn(session: AsyncSession, cause: Envelope, event: BookingCancelled) -> int:
     """BookingCancelled: cancel the booking's open reminders, unless a later re-booking
     of it applied first."""
-    if not await record_booking(session, cause, event, "cancelled"):
+    if await record_booking(session, cause, event, "cancelled") is None:
         return 0
     return await store.cancel_open(session, "booking_cancelled", booking_id=str(event.booking_id))
 

@@ -474,6 +474,45 @@ async def test_a_bookings_reminders_read_the_patient_once_and_are_planned_once(a
     assert len(statements) <= 2 * 6, "\n".join(s.split("\n")[0][:90] for s in statements)
 
 
+async def test_a_batch_of_bookings_locks_the_patient_and_reads_the_site_once(app, nats_server) -> None:
+    """Issue 10: the bookings of one patient applied in one transaction (a consumer's
+    batch) take the patient's lock once and read the site and its settings once; the
+    booking just written is not read back."""
+    patient = Patient()
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(" ".join(statement.split()))
+
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await onboard(app, nats_server.url, patient)
+        now = datetime.now(UTC)
+        booked = [patient.booked(now + timedelta(days=days)) for days in (2, 4, 6)]
+        policy = app.state.notifier.policy
+        async with app.state.runtime.sessions() as session, session.begin():
+            ours = (await session.connection()).sync_connection  # not the dispatcher's
+            sqlalchemy_event.listen(ours, "before_cursor_execute", count)
+            try:
+                planned = []
+                for envelope in booked:  # as Handlers.on_patient_booked does
+                    await store.lock_patient(session, patient.id)
+                    planned.append(await usecases.booking_announced(session, policy, envelope, envelope.event(), now))
+            finally:
+                sqlalchemy_event.remove(ours, "before_cursor_execute", count)
+        reminders = await rows(app, patient_id=patient.id, template="reminder_24h")
+    assert planned == [2, 2, 2] and len(reminders) == 3
+
+    def times(prefix: str) -> int:
+        return sum(s.startswith(prefix) for s in statements)
+
+    assert times("INSERT INTO patients") == 1
+    assert times("SELECT sites.") == 1 and times("SELECT site_settings.") == 1
+    assert times("SELECT bookings.") == 3  # whether each booking is known already; never read back
+    listing = "\n".join(s[:90] for s in statements)
+    assert len(statements) <= 34, listing  # 42 on SQLite, 45 on PostgreSQL before (33 and 34 now)
+
+
 async def test_deliveries_due_together_are_claimed_together(app, nats_server, smtp_sink: SmtpSink) -> None:
     """Issue 10: the deliveries under way claim their messages in shared transactions
     (a claim is a transaction, and on SQLite a turn on the one connection and an fsync):
