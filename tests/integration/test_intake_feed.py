@@ -75,7 +75,7 @@ async def feed_contents(nats_url: str) -> list[dict[str, Any]]:
         while True:
             try:
                 batch = await sub.fetch(100, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own, or asyncio's when time ran out mid-fetch
                 return envelopes
             envelopes += [json.loads(m.data) | {"_subject": m.subject} for m in batch]
     finally:

@@ -156,7 +156,7 @@ async def test_an_integration_reads_its_sites_events_and_nothing_else(server: Na
         [message] = await pull.fetch(1, timeout=5)
         assert json.loads(message.data)["site_id"] == SITE_A
         await message.ack()
-        with pytest.raises(nats.errors.TimeoutError):
+        with pytest.raises(TimeoutError):  # nats-py's own, or asyncio's when time ran out mid-fetch
             await pull.fetch(1, timeout=0.5)  # site B's enrollment is not in its filter
         assert not ehr.violations
 
