@@ -169,7 +169,7 @@ class Outbox:
             [{**asdict(item), "created_at": now, "attempts": 0} for item in staged],
         )
         if self.express_lane is not None:
-            self.express_lane.hold(session, staged)
+            self.express_lane.hold(session, staged, [_patient_of(env) for env in envelopes])
         self.signal(session)
 
     async def forward(self, session: AsyncSession, message_id: str, subject: str, envelope: Envelope) -> bool:
@@ -210,6 +210,11 @@ class Outbox:
 SAFETY_EVENTS = ("check_in_submitted", "care_team_alerted")
 
 
+def _patient_of(envelope: Envelope) -> str | None:
+    patient = envelope.data.get("patient_id")
+    return str(patient) if patient is not None else None
+
+
 def is_safety_subject(subject: str) -> bool:
     """A safety event of a service's own stream (a copy in an outside system's feed is not)."""
     parts = subject.split(".")
@@ -232,9 +237,17 @@ class ExpressLane:
     request for the database, and an urgent check-in waited 100+ ms there, twice on its
     way to the care team). Their rows stay the record: the relay still marks them sent,
     and publishes any the lane could not; a copy of one published both ways is dropped by
-    JetStream's duplicate window (same Nats-Msg-Id)."""
+    JetStream's duplicate window (same Nats-Msg-Id).
+
+    They overtake routine events of *other* patients only: a safety event whose patient
+    has a routine event committed and not yet on the bus (a consent granted a moment
+    before the check-in) is left to the relay, which publishes it after that one. An
+    outside system's feed, read in stream order, so never sees a patient's check-in before
+    the consent that lets it through. (Kept per process: replicas sharing a PostgreSQL
+    outbox do not see each other's rows here.)"""
 
     _KEY = "iopnet.express"
+    _ROUTINE = "iopnet.express.routine"
     REMEMBERED = 10_000  # ids published early and not yet seen by the relay
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -242,27 +255,88 @@ class ExpressLane:
         self._event = asyncio.Event()
         self.published: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.in_flight: set[str] = set()
+        # Routine events with a patient, committed and not yet on the bus: event id -> patient,
+        # and by patient; the safety events left to the relay, with those they wait for.
+        self._routine: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._by_patient: dict[str, set[str]] = {}
+        self.waiting: dict[str, set[str]] = {}
         sync_session = sessions.kw["sync_session_class"]
         event.listen(sync_session, "after_commit", self._after_commit)
         event.listen(sync_session, "after_soft_rollback", self._after_rollback)
 
-    def hold(self, session: AsyncSession, staged: list[Express]) -> None:
-        safety = [e for e in staged if is_safety_subject(e.subject)]
-        if safety:
-            session.info.setdefault(self._KEY, []).extend(safety)
+    def hold(self, session: AsyncSession, staged: list[Express], patients: list[str | None]) -> None:
+        for item, patient in zip(staged, patients, strict=True):
+            if is_safety_subject(item.subject):
+                session.info.setdefault(self._KEY, []).append((item, patient))
+            elif patient is not None:
+                session.info.setdefault(self._ROUTINE, []).append((item.event_id, patient))
 
     def _after_commit(self, session: Session) -> None:
+        for event_id, patient in session.info.pop(self._ROUTINE, None) or []:
+            self._routine[event_id] = patient
+            self._by_patient.setdefault(patient, set()).add(event_id)
+        while len(self._routine) > self.REMEMBERED:  # published by another replica, say
+            self._on_the_bus(next(iter(self._routine)))
         held = session.info.pop(self._KEY, None)
-        if held:
+        if not held:
+            return
+        ready = []
+        for item, patient in held:
+            earlier = self._by_patient.get(patient or "")
+            if earlier:
+                self.waiting[item.event_id] = set(earlier)  # the relay publishes it after them
+            else:
+                ready.append(item)
+        if ready:
             # In flight from now: the relay, woken by the same commit, leaves their rows.
-            self.in_flight.update(item.event_id for item in held)
-            self._ready.extend(held)
+            self.in_flight.update(item.event_id for item in ready)
+            self._ready.extend(ready)
             self._event.set()
 
     def _after_rollback(self, session: Session, previous_transaction: object) -> None:
         # Any rollback, a savepoint's too: what was held goes by the relay instead (it
         # publishes only committed rows), never by the lane.
         session.info.pop(self._KEY, None)
+        session.info.pop(self._ROUTINE, None)
+
+    def routine_pending(self) -> frozenset[str]:
+        """The routine events known to wait for the relay, as the relay starts a read."""
+        return frozenset(self._routine)
+
+    def in_patient_order(self, rows: list[Any], *, known_gone: frozenset[str] = frozenset()) -> list[Any]:
+        """The relay's rows (safety first, then in commit order) as it may publish them now:
+        a safety event left to it goes after the routine events of its patient that were
+        committed before it, and waits for a later batch while any of them is not in this one.
+        `known_gone`: routine events that were pending before the read and are not among
+        the rows although the read took every pending row: on the bus already (another
+        replica published them)."""
+        for event_id in known_gone:
+            self._on_the_bus(event_id)
+        if not self.waiting:
+            return rows
+        ordered: list[Any] = []
+        before: set[str] = set()  # published ahead of the row at hand, in this batch
+        for row in sorted(rows, key=lambda r: (r.event_id in self.waiting or not is_safety_subject(r.subject), r.seq)):
+            waits_for = self.waiting.get(row.event_id, ())
+            if any(e in self._routine and e not in before for e in waits_for):
+                continue  # its patient's earlier event is not in this batch: next time
+            ordered.append(row)
+            before.add(row.event_id)
+        return ordered
+
+    def on_the_bus(self, event_ids: Iterable[str]) -> None:
+        """The relay's rows now on the bus."""
+        for event_id in event_ids:
+            self._on_the_bus(event_id)
+
+    def _on_the_bus(self, event_id: str) -> None:
+        self.waiting.pop(event_id, None)
+        patient = self._routine.pop(event_id, None)
+        if patient is not None:
+            others = self._by_patient.get(patient, set())
+            others.discard(event_id)
+            if not others:
+                self._by_patient.pop(patient, None)
 
     async def take(self) -> list[Express]:
         """The committed safety events not yet taken (in flight until `done`)."""
@@ -362,13 +436,14 @@ class OutboxRelay:
             return 0
         publisher = _Publisher(broker, restricted)
         async with self.sessions() as session:
+            known = self.express.routine_pending()  # before the read: see ExpressLane.in_patient_order
             if dialect_name(session) == "postgresql":
                 async with session.begin():
                     # Replicas share the outbox: the rows stay locked (SKIP LOCKED for the
                     # others) while this relay publishes them. PostgreSQL has a pool, so
                     # the open transaction blocks nobody else.
                     rows = await self._pending(session, lock=True)
-                    sent, error = await self._publish_pending(publisher, rows)
+                    sent, error = await self._publish_pending(publisher, rows, known)
                     await self._record(session, rows, sent, error)
             else:
                 # SQLite: one relay per file and one pooled connection. Publish with no
@@ -376,7 +451,7 @@ class OutboxRelay:
                 # service's requests behind the relay.
                 async with session.begin():
                     rows = await self._pending(session, lock=False)
-                sent, error = await self._publish_pending(publisher, rows)
+                sent, error = await self._publish_pending(publisher, rows, known)
                 async with session.begin():
                     await self._record(session, rows, sent, error)
         self.published += len(sent)
@@ -389,8 +464,8 @@ class OutboxRelay:
     async def _pending(self, session: AsyncSession, *, lock: bool) -> list[Any]:
         table = self.outbox.table
         # Safety events first, then the rest in commit order. A check-in may so reach
-        # the bus before an earlier routine event of its stream: its only consumer is
-        # notifications' safety lane, which needs no other event of the patient first.
+        # the bus before an earlier routine event of its stream, another patient's (one
+        # behind its own patient's earlier event goes after it: ExpressLane.in_patient_order).
         # (A copy forwarded into an outside system's feed is not safety work: it waits its turn.)
         is_safety = or_(*(table.c.subject.like(f"%.{name}.%") for name in SAFETY_EVENTS))
         safety = case((and_(is_safety, ~table.c.subject.like(f"{ROOT}.feed.%")), 0), else_=1)
@@ -418,13 +493,20 @@ class OutboxRelay:
                 .values(attempts=table.c.attempts + 1, last_error=error[:500])
             )
 
-    async def _publish_pending(self, publisher: "_Publisher", rows: list[Any]) -> tuple[list[int], str | None]:
+    async def _publish_pending(
+        self, publisher: "_Publisher", rows: list[Any], known: frozenset[str] = frozenset()
+    ) -> tuple[list[int], str | None]:
         """The rows' seqs now on the bus: those the express lane published already, and
-        the rest published here, in order."""
+        the rest published here, in order (a patient's own events in commit order)."""
         status = {row.seq: self.express.status(row.event_id) for row in rows}
         early = [row.seq for row in rows if status[row.seq] == "published"]
-        rest = [row for row in rows if status[row.seq] == "pending"]
+        pending = [row for row in rows if status[row.seq] == "pending"]
+        gone = known - {row.event_id for row in rows} if len(rows) < self.batch_size else frozenset()
+        rest = self.express.in_patient_order(pending, known_gone=gone)
         count, error = await self._publish(publisher, rest) if rest else (0, None)
+        self.express.on_the_bus(row.event_id for row in rest[:count])
+        if len(early) + len(rest) < len(rows) - sum(s == "in_flight" for s in status.values()):
+            self.wake()  # a safety event held back for its patient's earlier one: next batch
         return early + [row.seq for row in rest[:count]], error
 
     async def _publish(self, publisher: "_Publisher", rows: list[Any]) -> tuple[int, str | None]:

@@ -7,7 +7,7 @@ publishing it again. Real nats-server, SQLite and PostgreSQL."""
 import asyncio
 from datetime import UTC, date, datetime
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 from sqlalchemy import MetaData, func, select
@@ -24,17 +24,17 @@ from tests.conftest import connected_broker, stream_count
 SITE = "columbus-east"
 
 
-def enrolled() -> PatientEnrolled:
+def enrolled(patient_id: UUID | None = None) -> PatientEnrolled:
     return PatientEnrolled(
-        patient_id=uuid4(), enrollment_id=uuid4(), program_id="adult-iop-am", level_of_care="2.1", cohort="adult",
-        start_date=date(2026, 12, 1), referral_source="self",
+        patient_id=patient_id or uuid4(), enrollment_id=uuid4(), program_id="adult-iop-am", level_of_care="2.1",
+        cohort="adult", start_date=date(2026, 12, 1), referral_source="self",
     )  # fmt: skip
 
 
-def urgent() -> CheckInSubmitted:
+def urgent(patient_id: UUID | None = None) -> CheckInSubmitted:
     return CheckInSubmitted(
-        check_in_id=uuid4(), patient_id=uuid4(), enrollment_id=uuid4(), submitted_at=datetime.now(UTC), mood=2,
-        craving=9, used_since_last=True, safety_concern=True, risk="urgent",
+        check_in_id=uuid4(), patient_id=patient_id or uuid4(), enrollment_id=uuid4(), submitted_at=datetime.now(UTC),
+        mood=2, craving=9, used_since_last=True, safety_concern=True, risk="urgent",
     )  # fmt: skip
 
 
@@ -101,6 +101,59 @@ async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_serv
         async with sessions() as session:
             rows = (await session.execute(select(outbox.table.c.event_id))).scalars().all()
         assert len(rows) == 2  # the rolled-back one was never staged for good
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await close(broker)
+        await engine.dispose()
+
+
+async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(nats_server, database_url: str) -> None:
+    """The lane overtakes other patients' routine events only: a check-in committed right
+    after its patient's routine event (held by the relay) goes after that one, while
+    another patient's check-in leaves at once. An outside system's feed, read in stream
+    order, so never sees a patient's check-in before the consent that lets it through."""
+    metadata = MetaData()
+    outbox = Outbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    sessions = session_factory(engine)
+    broker = await connected_broker(nats_server.url)
+    await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
+    relay = OutboxRelay(outbox, sessions, lambda: broker)
+    held = asyncio.Event()
+    read_and_publish = relay.relay_batch
+
+    async def held_relay_batch() -> int:
+        await held.wait()
+        return await read_and_publish()
+
+    relay.relay_batch = held_relay_batch  # type: ignore[method-assign]
+    running = asyncio.create_task(relay.run())
+    patient = uuid4()
+    try:
+        async with sessions() as session, session.begin():
+            routine = await outbox.emit(session, enrolled(patient), SITE)
+        async with sessions() as session, session.begin():
+            behind = await outbox.emit(session, urgent(patient), SITE)
+        async with sessions() as session, session.begin():
+            other = await outbox.emit(session, urgent(), SITE)
+
+        async def on_the_bus() -> bool:
+            return await stream_count(nats_server.url, "IOP_INTAKE") == 1
+
+        await eventually(on_the_bus, what="the other patient's check-in on the bus while the relay is held")
+        held.set()
+
+        async def all_three() -> bool:
+            return await stream_count(nats_server.url, "IOP_INTAKE") == 3
+
+        await eventually(all_three, what="the relay to publish the rest")
+        js = jetstream(broker)
+        order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
+        assert order == [other.event_id, routine.event_id, behind.event_id]
+        assert not relay.express.waiting  # nothing left behind
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
