@@ -5,12 +5,16 @@ rolled-back transaction never leaves; the relay then marks the early one sent wi
 publishing it again. Real nats-server, SQLite and PostgreSQL."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
+from faststream.nats import NatsBroker
 from sqlalchemy import MetaData, func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iopnet.testing import eventually
 from shared.contracts import Envelope
@@ -42,77 +46,20 @@ class Rollback(Exception):
     pass
 
 
-async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_server, database_url: str) -> None:
-    metadata = MetaData()
-    outbox = Outbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
-    broker = await connected_broker(nats_server.url)
-    await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
-    relay = OutboxRelay(outbox, sessions, lambda: broker)
+@dataclass
+class HeldRelay:
+    """An outbox and its relay on a real database and nats-server; the relay's reads of
+    the outbox wait for `held` (the express lane does not)."""
 
-    held = asyncio.Event()
-    relayed: list[str] = []  # event ids the relay itself published
-    read_and_publish, publish = relay.relay_batch, relay._publish
-
-    async def held_relay_batch() -> int:
-        await held.wait()
-        return await read_and_publish()
-
-    async def recording_publish(publisher: Any, rows: list[Any]) -> tuple[int, str | None]:
-        if rows and hasattr(rows[0], "seq"):  # outbox rows: the relay (the lane passes Express items)
-            relayed.extend(row.event_id for row in rows)
-        return await publish(publisher, rows)
-
-    relay.relay_batch, relay._publish = held_relay_batch, recording_publish  # type: ignore[method-assign]
-    running = asyncio.create_task(relay.run())
-    try:
-        async with sessions() as session, session.begin():
-            routine: Envelope = await outbox.emit(session, enrolled(), SITE)
-            safety: Envelope = await outbox.emit(session, urgent(), SITE)
-
-        async def staged_then_rolled_back() -> None:
-            async with sessions() as session, session.begin():
-                await outbox.emit(session, urgent(), SITE)
-                raise Rollback
-
-        with pytest.raises(Rollback):
-            await staged_then_rolled_back()
-
-        async def on_the_bus() -> bool:
-            return await stream_count(nats_server.url, "IOP_INTAKE") == 1
-
-        await eventually(on_the_bus, what="the urgent check-in on the bus while the relay is held")
-        assert relay.express_published == 1 and relay.published == 0  # not the routine one, not the rolled back one
-
-        held.set()
-
-        async def all_sent() -> bool:
-            async with sessions() as session:
-                unsent = select(func.count()).where(outbox.table.c.sent_at.is_(None))
-                return (await session.execute(unsent)).scalar_one() == 0
-
-        await eventually(all_sent, what="the relay to mark both rows sent")
-        assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
-        assert relayed == [str(routine.event_id)]  # the early one marked sent, not published twice
-        assert str(safety.event_id) not in relayed and relay.published == 2
-        async with sessions() as session:
-            rows = (await session.execute(select(outbox.table.c.event_id))).scalars().all()
-        assert len(rows) == 2  # the rolled-back one was never staged for good
-    finally:
-        running.cancel()
-        await asyncio.gather(running, return_exceptions=True)
-        await close(broker)
-        await engine.dispose()
+    outbox: Outbox
+    sessions: async_sessionmaker[AsyncSession]
+    broker: NatsBroker
+    relay: OutboxRelay
+    held: asyncio.Event
 
 
-async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(nats_server, database_url: str) -> None:
-    """The lane overtakes other patients' routine events only: a check-in committed right
-    after its patient's routine event (held by the relay) goes after that one, while
-    another patient's check-in leaves at once. An outside system's feed, read in stream
-    order, so never sees a patient's check-in before the consent that lets it through."""
+@pytest.fixture
+async def held_relay(nats_server, database_url: str) -> AsyncIterator[HeldRelay]:
     metadata = MetaData()
     outbox = Outbox(metadata)
     engine = create_engine(database_url)
@@ -131,31 +78,87 @@ async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(
 
     relay.relay_batch = held_relay_batch  # type: ignore[method-assign]
     running = asyncio.create_task(relay.run())
-    patient = uuid4()
     try:
-        async with sessions() as session, session.begin():
-            routine = await outbox.emit(session, enrolled(patient), SITE)
-        async with sessions() as session, session.begin():
-            behind = await outbox.emit(session, urgent(patient), SITE)
-        async with sessions() as session, session.begin():
-            other = await outbox.emit(session, urgent(), SITE)
-
-        async def on_the_bus() -> bool:
-            return await stream_count(nats_server.url, "IOP_INTAKE") == 1
-
-        await eventually(on_the_bus, what="the other patient's check-in on the bus while the relay is held")
-        held.set()
-
-        async def all_three() -> bool:
-            return await stream_count(nats_server.url, "IOP_INTAKE") == 3
-
-        await eventually(all_three, what="the relay to publish the rest")
-        js = jetstream(broker)
-        order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
-        assert order == [other.event_id, routine.event_id, behind.event_id]
-        assert not relay.express.waiting  # nothing left behind
+        yield HeldRelay(outbox, sessions, broker, relay, held)
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await close(broker)
         await engine.dispose()
+
+
+async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_server, held_relay: HeldRelay) -> None:
+    outbox, sessions, relay, held = held_relay.outbox, held_relay.sessions, held_relay.relay, held_relay.held
+    relayed: list[str] = []  # event ids the relay itself published
+    publish = relay._publish
+
+    async def recording_publish(publisher: Any, rows: list[Any]) -> tuple[int, str | None]:
+        if rows and hasattr(rows[0], "seq"):  # outbox rows: the relay (the lane passes Express items)
+            relayed.extend(row.event_id for row in rows)
+        return await publish(publisher, rows)
+
+    relay._publish = recording_publish  # type: ignore[method-assign]
+    async with sessions() as session, session.begin():
+        routine: Envelope = await outbox.emit(session, enrolled(), SITE)
+        safety: Envelope = await outbox.emit(session, urgent(), SITE)
+
+    async def staged_then_rolled_back() -> None:
+        async with sessions() as session, session.begin():
+            await outbox.emit(session, urgent(), SITE)
+            raise Rollback
+
+    with pytest.raises(Rollback):
+        await staged_then_rolled_back()
+
+    async def on_the_bus() -> bool:
+        return await stream_count(nats_server.url, "IOP_INTAKE") == 1
+
+    await eventually(on_the_bus, what="the urgent check-in on the bus while the relay is held")
+    assert relay.express_published == 1 and relay.published == 0  # not the routine one, not the rolled back one
+
+    held.set()
+
+    async def all_sent() -> bool:
+        async with sessions() as session:
+            unsent = select(func.count()).where(outbox.table.c.sent_at.is_(None))
+            return (await session.execute(unsent)).scalar_one() == 0
+
+    await eventually(all_sent, what="the relay to mark both rows sent")
+    assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
+    assert relayed == [str(routine.event_id)]  # the early one marked sent, not published twice
+    assert str(safety.event_id) not in relayed and relay.published == 2
+    async with sessions() as session:
+        rows = (await session.execute(select(outbox.table.c.event_id))).scalars().all()
+    assert len(rows) == 2  # the rolled-back one was never staged for good
+
+
+async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(
+    nats_server, held_relay: HeldRelay
+) -> None:
+    """The lane overtakes other patients' routine events only: a check-in committed right
+    after its patient's routine event (held by the relay) goes after that one, while
+    another patient's check-in leaves at once. An outside system's feed, read in stream
+    order, so never sees a patient's check-in before the consent that lets it through."""
+    outbox, sessions, relay = held_relay.outbox, held_relay.sessions, held_relay.relay
+    patient = uuid4()
+    async with sessions() as session, session.begin():
+        routine = await outbox.emit(session, enrolled(patient), SITE)
+    async with sessions() as session, session.begin():
+        behind = await outbox.emit(session, urgent(patient), SITE)
+    async with sessions() as session, session.begin():
+        other = await outbox.emit(session, urgent(), SITE)
+
+    async def on_the_bus() -> bool:
+        return await stream_count(nats_server.url, "IOP_INTAKE") == 1
+
+    await eventually(on_the_bus, what="the other patient's check-in on the bus while the relay is held")
+    held_relay.held.set()
+
+    async def all_three() -> bool:
+        return await stream_count(nats_server.url, "IOP_INTAKE") == 3
+
+    await eventually(all_three, what="the relay to publish the rest")
+    js = jetstream(held_relay.broker)
+    order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
+    assert order == [other.event_id, routine.event_id, behind.event_id]
+    assert not relay.express.waiting  # nothing left behind
