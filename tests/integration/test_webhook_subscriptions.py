@@ -211,7 +211,11 @@ async def test_the_durables_read_a_webhook_only_type_only_where_a_subscription_a
                 # Only that site; the types nobody subscribed to are not read at all.
                 assert not any(f.startswith("iop.scheduling.session_completed") for f in filters)
                 assert not any(f.endswith(f"{OTHER_SITE}") for f in filters)
-            assert (await deliveries(client, created["subscription_id"]))["items"][0]["status"] == "sent"
+
+            async def recorded_sent() -> bool:  # the record follows the send: wait for it
+                return (await deliveries(client, created["subscription_id"]))["items"][0]["status"] == "sent"
+
+            await eventually(recorded_sent, what="the delivery recorded as sent")
 
             sid = created["subscription_id"]
             assert (await client.delete(f"/subscriptions/{sid}", headers=OWNER)).status_code == 204
