@@ -38,6 +38,16 @@ async def eventually(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
+async def cancelled(task: "asyncio.Task[Any]", *, timeout: float = 10.0) -> None:
+    """Cancel `task` and wait until it has wound down (its transaction rolled back, its
+    connection returned), so what the test tears down next is no longer in use; fail
+    if it ignores the cancellation."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        raise AssertionError(f"{task.get_name()} still running {timeout}s after it was cancelled")
+
+
 @dataclass
 class BusMessage:
     subject: str

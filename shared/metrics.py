@@ -122,7 +122,9 @@ class _RuntimeCounters(Collector):
                 consumed.add_metric([consumer.durable, outcome], value)
             dead.add_metric([consumer.durable], stats.dead_lettered)
         published = CounterMetricFamily(
-            "iopnet_events_published", "Events the outbox relay published, by type", labels=["event"]
+            "iopnet_events_published",
+            "Events this process published from its outbox (relay and express lane), by type",
+            labels=["event"],
         )
         relay = getattr(self.runtime, "relay", None)
         for event, value in sorted((relay.published_by_event if relay else {}).items()):

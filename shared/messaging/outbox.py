@@ -215,6 +215,10 @@ def _patient_of(envelope: Envelope) -> str | None:
     return str(patient) if patient is not None else None
 
 
+def _event_name(subject: str) -> str:
+    return subject.split(".")[-2]
+
+
 def is_safety_subject(subject: str) -> bool:
     """A safety event of a service's own stream (a copy in an outside system's feed is not)."""
     parts = subject.split(".")
@@ -385,7 +389,9 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.published = 0
         self.express_published = 0  # safety events published by the express lane
-        # By event name (the subject's third token), for /metrics.
+        # Events this process put on the bus, by name (the subject's third token), for
+        # /metrics: the lane's when JetStream acks them, the relay's own publishes; a row
+        # the lane published is marked sent by the relay, not counted twice.
         self.published_by_event: collections.Counter[str] = collections.Counter()
         self._signal = CommitSignal(sessions, "outbox")
         outbox.commit_signal = self._signal
@@ -427,6 +433,7 @@ class OutboxRelay:
             finally:
                 self.express.done(staged, acked)
                 self.express_published += acked
+                self.published_by_event.update(_event_name(item.subject) for item in staged[:acked])
                 self.wake()  # the relay marks their rows sent, or publishes what failed
 
     async def relay_batch(self) -> int:
@@ -455,8 +462,6 @@ class OutboxRelay:
                 async with session.begin():
                     await self._record(session, rows, sent, error)
         self.published += len(sent)
-        done = set(sent)
-        self.published_by_event.update(row.subject.split(".")[-2] for row in rows if row.seq in done)
         if error is not None:
             raise _PublishFailed(f"{len(rows) - len(sent)} pending: {error}")
         return len(sent)
@@ -505,6 +510,7 @@ class OutboxRelay:
         rest = self.express.in_patient_order(pending, known_gone=gone)
         count, error = await self._publish(publisher, rest) if rest else (0, None)
         self.express.on_the_bus(row.event_id for row in rest[:count])
+        self.published_by_event.update(_event_name(row.subject) for row in rest[:count])
         if len(early) + len(rest) < len(rows) - sum(s == "in_flight" for s in status.values()):
             self.wake()  # a safety event held back for its patient's earlier one: next batch
         return early + [row.seq for row in rest[:count]], error

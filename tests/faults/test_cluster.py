@@ -16,7 +16,7 @@ Then, with the figures printed (run with -s):
   stream holds exactly its producers' outbox rows;
 - the replicas shared the work: both replicas of each service applied events from the
   one durable they share (their /metrics, the killed one's read just before the kill),
-  and both intake relays published.
+  and both intake replicas accepted writes (which relay published what is printed).
 """
 
 import asyncio
@@ -471,8 +471,11 @@ async def test_cluster_and_replicas_lose_nothing_and_duplicate_nothing_under_kil
     for service, durable in SHARED.items():
         for instance in network.replicas(service):
             assert work[instance].applied.get(durable, 0) > 0, (instance, durable, figures["replicas"])
+    # Which relay publishes a row is a race (whichever reads it first locks it): a replica
+    # may lose every one, so the split is printed, not asserted; that each relay skips the
+    # rows another is publishing is test_outbox_replicas.py's.
     for instance in network.replicas("intake"):
-        assert ledger.served_by[instance] > 0 and work[instance].published > 0, figures["replicas"]
+        assert ledger.served_by[instance] > 0, figures["replicas"]
 
 
 async def verdict(

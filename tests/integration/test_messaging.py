@@ -11,7 +11,7 @@ from uuid import uuid4
 
 from sqlalchemy import event as sqlalchemy_event
 
-from iopnet.testing import eventually
+from iopnet.testing import cancelled, eventually
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientContactChanged, PatientEnrolled
 from shared.messaging import Consumer, HandlerError, Subscription
@@ -66,7 +66,7 @@ async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_
 
         await eventually(settled, what="retries and a dead letter")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
 
     assert attempts["fails-twice"] == 3  # retried after errors, not terminated
@@ -111,7 +111,7 @@ async def test_consumer_outlives_idle_periods(nats_server, inbox_db) -> None:
 
         await eventually(both, what="event after idling applied")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
 
 
@@ -136,7 +136,7 @@ async def test_restricted_dead_letters_withhold_the_payload(nats_server, inbox_d
 
         await eventually(dead_lettered, what="the poison contact change dead-lettered")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
     [(subject, headers, payload)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.probe.patient_contact_changed.columbus-east"
@@ -169,7 +169,7 @@ async def test_dead_letter_reasons_are_fixed_texts_never_input(nats_server, inbo
 
         await eventually(dead_lettered, what="both dead-lettered")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
     reasons = [headers["Iop-Dlq-Reason"] for _, headers, _ in await dead_letters(nats_server.url)]
     assert reasons[0] == "unknown event type"
@@ -197,7 +197,7 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
 
         await eventually(all_applied, what="twenty events applied")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
@@ -227,7 +227,7 @@ async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_
 
         await eventually(all_applied, what="twelve events applied")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
     assert seen == [f"p{index:02d}" for index in range(12)]
     # 0.03 s each against a 0.05 s budget: at most two events per transaction.
@@ -265,7 +265,7 @@ async def test_a_batch_asks_the_inbox_once_and_applies_an_event_twice_in_it_once
 
         await eventually(all_taken, what="twenty-one messages taken")
     finally:
-        task.cancel()
+        await cancelled(task)
         await close(broker)
         sqlalchemy_event.remove(engine, "before_cursor_execute", count_inbox)
     assert seen == [f"p{index:02d}" for index in range(20)]
@@ -321,8 +321,7 @@ async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(
 
         await eventually(both_done, what="the dead letter stored, then the event behind it")
     finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await cancelled(task)
         await close(broker)
     [(subject, _, _)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.dlq-down.patient_enrolled.columbus-east"

@@ -115,6 +115,8 @@ async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_serv
 
     await eventually(on_the_bus, what="the urgent check-in on the bus while the relay is held")
     assert relay.express_published == 1 and relay.published == 0  # not the routine one, not the rolled back one
+    # /metrics counts what this process put on the bus, the lane's publishes too.
+    assert relay.published_by_event == {"check_in_submitted": 1}
 
     held.set()
 
@@ -127,6 +129,7 @@ async def test_a_safety_event_leaves_on_commit_while_the_relay_is_held(nats_serv
     assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
     assert relayed == [str(routine.event_id)]  # the early one marked sent, not published twice
     assert str(safety.event_id) not in relayed and relay.published == 2
+    assert relay.published_by_event == {"check_in_submitted": 1, "patient_enrolled": 1}  # each once
     async with sessions() as session:
         rows = (await session.execute(select(outbox.table.c.event_id))).scalars().all()
     assert len(rows) == 2  # the rolled-back one was never staged for good
