@@ -401,8 +401,16 @@ class OutboxRelay:
     def wake(self) -> None:
         self._signal.set()
 
+    def backoff(self, failures: int) -> float:
+        """The pause after the `failures`-th failed pass in a row, before the next one even
+        if commits wake the relay: while the bus cannot take events (a stream's leader being
+        elected, say) every commit's wake-up would fail at once: 100 tries and log lines in
+        2 s on one replica of the cluster test. Short at first, so a blip costs little."""
+        return min(self.retry_seconds, 0.05 * 2 ** min(failures - 1, 16))
+
     async def run(self) -> None:
         express = asyncio.create_task(self._run_express(), name="outbox-express")
+        failures = 0  # in a row
         try:
             while True:
                 # Woken on commit; the timeout is only the retry tick after a failed publish.
@@ -413,7 +421,14 @@ class OutboxRelay:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
-                    log.warning("outbox relay paused", extra={"error": type(exc).__name__})
+                    failures += 1
+                    if failures == 1:
+                        log.warning("outbox relay paused", extra={"error": type(exc).__name__})
+                    await asyncio.sleep(self.backoff(failures))
+                else:
+                    if failures:
+                        log.warning("outbox relay resumed", extra={"count": failures})
+                    failures = 0
         finally:
             express.cancel()
             await asyncio.gather(express, return_exceptions=True)
