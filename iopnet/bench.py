@@ -8,6 +8,8 @@ a temp dir; PostgreSQL when `--postgres` gives a server), then drives, as clinic
 - a check-in wave while the enrollments still drain: one check-in per patient, 5%
   urgent; the first half offered at a fixed rate (default 200/s), the rest as fast as
   intake answers;
+- on PostgreSQL, notifications' safety lane runs in a process of its own
+  (`--no-safety-process`: in the one process, as on SQLite);
 - the raw baseline on the same nats-server: nats-py async publish of as many messages of
   the same size, then a durable pull consumer with explicit acks.
 It reports intake's HTTP throughput and latency, check-in -> CheckInSubmitted, urgent
@@ -57,6 +59,9 @@ class BenchConfig:
     check_in_rate: float = 200.0
     urgent_share: float = 0.05
     postgres: str | None = None  # an admin URL: three databases are created and dropped
+    # Notifications' safety lane in a process of its own (PostgreSQL only); None: on
+    # PostgreSQL, off on SQLite.
+    safety_process: bool | None = None
     results_dir: Path = RESULTS_DIR
     drain_timeout: float = 240.0
 
@@ -367,7 +372,8 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         await clinics.set_up()
         bus = await BusLog(network.nats_url, network.observed_subjects).start()
         stack.push_async_callback(bus.stop)
-        services: dict[str, str] = {name: network.url(name) for name in SERVICES}
+        # Every service process (notifications-safety too, when the safety lane has its own).
+        services = {i: network.url(i) for i, (name, _) in network.instances.items() if name in SERVICES}
         sampler = Sampler(http, services, pids).start()
         stack.push_async_callback(sampler.stop)
         started = time.monotonic()
@@ -429,7 +435,12 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
 
 def _config(config: BenchConfig) -> dict[str, Any]:
     shown = {k: str(v) if isinstance(v, Path) else v for k, v in config.__dict__.items() if k != "postgres"}
-    return shown | {"database": "postgresql" if config.postgres else "sqlite"}
+    database = "postgresql" if config.postgres else "sqlite"
+    return shown | {"database": database, "safety_process": _safety_process(config)}
+
+
+def _safety_process(config: BenchConfig) -> bool:
+    return config.postgres is not None if config.safety_process is None else config.safety_process
 
 
 async def _postgres_databases(admin_url: str) -> tuple[dict[str, str], list[str]]:
@@ -474,7 +485,12 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             scheduling_database_url=databases.get("scheduling"),
             notifications_database_url=databases.get("notifications"),
         )
-        network = LocalNetwork(settings, log_dir=Path(scratch), bench_password=secrets.token_urlsafe(24))
+        network = LocalNetwork(
+            settings,
+            log_dir=Path(scratch),
+            bench_password=secrets.token_urlsafe(24),
+            safety_lane_process=_safety_process(config),
+        )
         try:
             network.start()
             pids = {name: process.pid for name, process in network.processes.items()}

@@ -164,12 +164,23 @@ def bench(
         str | None, typer.Option(help="PostgreSQL admin URL: the services' databases are created there")
     ] = None,
     results_dir: Annotated[Path, typer.Option(help="where the JSON and PNG are written")] = Path("bench/results"),
+    safety_process: Annotated[
+        bool | None,
+        typer.Option(
+            "--safety-process/--no-safety-process",
+            help="notifications' safety lane in a process of its own (PostgreSQL only; default: with --postgres)",
+        ),
+    ] = None,
 ) -> None:
     """Benchmark a private local network at scale against the raw bus (see iopnet/bench.py)."""
     from iopnet.bench import BenchConfig, main
 
+    if safety_process and postgres is None:
+        raise typer.BadParameter(
+            "needs --postgres: on SQLite one process reads every lane", param_hint="--safety-process"
+        )
     main(BenchConfig(patients=patients, sites=sites, concurrency=concurrency, check_in_rate=check_in_rate,
-                     postgres=postgres, results_dir=results_dir))  # fmt: skip
+                     postgres=postgres, results_dir=results_dir, safety_process=safety_process))  # fmt: skip
 
 
 @app.command("bench-consumer")

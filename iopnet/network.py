@@ -7,6 +7,9 @@ cluster instead of the one server (the services get every node's URL and fail ov
 `replicas=N` runs N processes of each service, each on a port of its own, sharing the
 service's database, durable consumers and outbox (PostgreSQL only: SQLite takes one).
 Replica 1 of a service is named as the service (`intake`), the others `intake-2` and on.
+`safety_lane_process=True` (PostgreSQL) runs notifications' safety lane in a process of
+its own, `notifications-safety` (`IOPNET_LANES=safety`), and every other lane in the
+others (`IOPNET_LANES=routine`).
 
 `console=True` (`iopnet run`) also runs the web console (`iopnet serve console`) on
 `console_port`, as NATS user `console`, with the development sign-in on: a local network
@@ -44,6 +47,7 @@ RESTART_BACKOFF_SECONDS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 STABLE_SECONDS = 60.0
 # What LocalNetwork runs: the three services and, with console=True, the console.
 CONSOLE: Literal["console"] = "console"
+SAFETY_LANE_INSTANCE = "notifications-safety"
 Deployable = ServiceName | Literal["console"]
 # The console owns no data and reads no contact detail: none of the services' database
 # URLs, restricted NATS account, mail or SMS credentials reach it.
@@ -82,6 +86,7 @@ class LocalNetwork:
         nats_nodes: int = 1,
         replicas: int = 1,
         console: bool = False,
+        safety_lane_process: bool = False,
     ) -> None:
         self.settings = settings
         self.log_dir = log_dir
@@ -89,6 +94,8 @@ class LocalNetwork:
         self.bench_password = bench_password
         if replicas > 1 and any(settings.database_url(n).startswith("sqlite") for n in SERVICES):
             raise ValueError("several replicas of a service need PostgreSQL: SQLite takes one process")
+        if safety_lane_process and settings.database_url("notifications").startswith("sqlite"):
+            raise ValueError("the safety lane in a process of its own needs PostgreSQL: SQLite takes one process")
         self.nats_nodes = nats_nodes
         self.nats: NatsServer | None = None
         # nats_nodes > 1: the embedded cluster (self.nats stays None).
@@ -99,6 +106,11 @@ class LocalNetwork:
             for replica in range(1, replicas + 1):
                 instance = name if replica == 1 else f"{name}-{replica}"
                 self.instances[instance] = (name, settings.port(name) if replica == 1 else free_port())
+        # Instance -> IOPNET_LANES, for the processes that read a part of their service's lanes.
+        self.lanes: dict[str, str] = {}
+        if safety_lane_process:
+            self.instances[SAFETY_LANE_INSTANCE] = ("notifications", free_port())
+            self.lanes = {i: "routine" for i in self.replicas("notifications")} | {SAFETY_LANE_INSTANCE: "safety"}
         if console:
             self.instances[CONSOLE] = (CONSOLE, settings.console_port)
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -248,9 +260,12 @@ class LocalNetwork:
         if self.log_dir is not None:
             output = open(self.log_dir / f"{instance}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
+        env = self.child_env(service, port)
+        if instance in self.lanes:
+            env["IOPNET_LANES"] = self.lanes[instance]
         self.processes[instance] = subprocess.Popen(
             [sys.executable, "-m", "iopnet.cli", "serve", service],
-            env=self.child_env(service, port),
+            env=env,
             stdout=output,
             stderr=output,
         )

@@ -67,6 +67,20 @@ def periodic(
     return loop
 
 
+def lanes_of_this_process(
+    name: ServiceName, subscriptions: list[Subscription], lanes: str, database_url: str
+) -> list[Subscription]:
+    """The subscriptions this process consumes (`Settings.lanes`). A part of them only on
+    PostgreSQL: the rest is another process's, on the same database, and SQLite takes one."""
+    if lanes == "all":
+        return subscriptions
+    if database_url.startswith("sqlite"):
+        raise ValueError(f"IOPNET_LANES={lanes} needs PostgreSQL: on SQLite one process reads every lane")
+    if not any(s.lane == "safety" for s in subscriptions):
+        raise ValueError(f"IOPNET_LANES={lanes}: {name} has no safety lane (only notifications has one)")
+    return [s for s in subscriptions if (s.lane == "safety") == (lanes == "safety")]
+
+
 class ServiceRuntime:
     def __init__(
         self,
@@ -87,9 +101,12 @@ class ServiceRuntime:
         # A lane whose events the main consumers apply too keeps an inbox of its own.
         self.lane_inboxes = dict(lane_inboxes or {})
         self.migrations_dir = migrations_dir
-        self.subscriptions = subscriptions
-        self.jobs = jobs or []
         url = settings.database_url(name)
+        self.subscriptions = lanes_of_this_process(name, subscriptions, settings.lanes, url)
+        # Read by another process of the service (its lanes split): the control plane
+        # leaves requests for them to that one.
+        self.elsewhere = [s for s in subscriptions if s not in self.subscriptions]
+        self.jobs = jobs or []
         self.engine: AsyncEngine = create_engine(url)
         # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
         # probe never queues behind the service's own work. No pool: each probe opens and
@@ -113,7 +130,7 @@ class ServiceRuntime:
                 settings.nats_restricted_url, f"iopnet-{name}-restricted", registry=self.metrics_registry
             )
         declare_publishers(name, self.broker, self.restricted_broker)
-        self.consumers = [self._consumer(subscription) for subscription in subscriptions]
+        self.consumers = [self._consumer(subscription) for subscription in self.subscriptions]
         self.relay: OutboxRelay
         self.streams_ready = asyncio.Event()
         self.connected = False
@@ -175,7 +192,8 @@ class ServiceRuntime:
             self._consumer_tasks.append(self._spawn(consumer.run(), consumer.durable))
         if any(c.subscription.interest is not None for c in self.consumers):
             self._spawn(self._follow_interests(), "interest-refresh")
-        await ControlPlane(self.name, main, self.consumers).start(brokers.client(self.broker))
+        control = ControlPlane(self.name, main, self.consumers, lanes=self.settings.lanes, elsewhere=self.elsewhere)
+        await control.start(brokers.client(self.broker))
 
     async def refresh_interests(self) -> None:
         """After a change to who outside asks for what (an integration, a webhook

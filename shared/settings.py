@@ -109,6 +109,13 @@ class Settings(BaseSettings):
     ack_wait_seconds: float = 10.0
     nak_delay_seconds: float = 1.0
     fetch_batch: int = 64
+    # Which of the service's consumer lanes this process reads. "all" by default; on
+    # PostgreSQL, notifications' safety lane (check-ins, the care-team alerts) may get a
+    # process of its own ("safety") beside the others ("routine"): it then never waits
+    # for a turn of an event loop busy with a wave of bookings and reminders (issue 10:
+    # an urgent check-in's alert, p99 250-480 ms on PostgreSQL under the benchmark's
+    # load in one process, 160-180 ms with the lane in its own).
+    lanes: Literal["all", "safety", "routine"] = "all"
     # Streams: how long JetStream drops a re-published event_id.
     duplicate_window_seconds: float = 120.0
     # Streams on a cluster (docs/operations.md, Durability settings): each stream is kept on

@@ -33,6 +33,7 @@ what is missing. The reason is kept in the database, never in a log line.
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self
@@ -51,7 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from shared.contracts import Envelope, Event, UnknownEventType
 from shared.db import UtcDateTime
 from shared.messaging.broker import client
-from shared.messaging.consumer import Consumer, Handler, HandlerError
+from shared.messaging.consumer import Consumer, Handler, HandlerError, Subscription
 from shared.messaging.streams import DLQ_STREAM
 
 log = logging.getLogger("iopnet.control")
@@ -224,19 +225,53 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}" if isinstance(exc, HandlerError) else type(exc).__name__
 
 
+class ElsewhereError(Exception):
+    """The request is for a lane another process of this service reads (`Settings.lanes`):
+    this one stays silent and that one answers."""
+
+
 class ControlPlane:
-    def __init__(self, service: str, main_js: JetStreamContext, consumers: list[Consumer]) -> None:
+    def __init__(
+        self,
+        service: str,
+        main_js: JetStreamContext,
+        consumers: list[Consumer],
+        *,
+        lanes: str = "all",
+        elsewhere: Sequence[Subscription] = (),
+    ) -> None:
         self.service = service
         self.main_js = main_js
         self.consumers = consumers
+        self.lanes = lanes
+        # The subscriptions another process of the service consumes (its lanes split).
+        self.elsewhere = list(elsewhere)
 
     async def start(self, nc: Client) -> None:
         # One queue group for the service's replicas: one of them handles each request
         # (two replicas resetting the same durable, or re-applying the same event, would
-        # each do it).
-        await nc.subscribe(f"{CONTROL_ROOT}.{self.service}.*", queue=f"iopnet-{self.service}", cb=self._on_request)
+        # each do it). Processes that split the lanes are a group each: a request reaches
+        # one of each, and the one that reads the lane answers.
+        queue = f"iopnet-{self.service}" + ("" if self.lanes == "all" else f"-{self.lanes}")
+        await nc.subscribe(f"{CONTROL_ROOT}.{self.service}.*", queue=queue, cb=self._on_request)
+
+    def _not_here(self, *, durable: str | None = None, stream: str | None = None, event: Event | None = None) -> None:
+        """Raise ElsewhereError if another process's lane is the one asked for."""
+        for subscription in self.elsewhere:
+            if durable is not None and subscription.durable(self.service) == durable:
+                raise ElsewhereError
+            if stream == subscription.stream and (event is None or subscription.handler_for(event) is not None):
+                raise ElsewhereError
 
     async def _on_request(self, msg: Msg) -> None:
+        try:
+            reply = await self._answer(msg)
+        except ElsewhereError:
+            return
+        if msg.reply:
+            await msg.respond(reply.model_dump_json().encode())
+
+    async def _answer(self, msg: Msg) -> ControlReply:
         operation = msg.subject.rsplit(".", 1)[-1]
         try:
             if operation == "dlq_retry":
@@ -253,11 +288,12 @@ class ControlPlane:
             reply = self._refuse("invalid request")
         except HandlerError as exc:  # its text is written to be shown
             reply = self._refuse(str(exc))
+        except ElsewhereError:
+            raise
         except Exception as exc:  # the operator gets an answer, never a timeout
             log.error("control request failed", extra={"reason": operation, "error": type(exc).__name__})
             reply = self._refuse(f"failed: {type(exc).__name__}")
-        if msg.reply:
-            await msg.respond(reply.model_dump_json().encode())
+        return reply
 
     def _refuse(self, error: str, **fields: Any) -> ControlReply:
         return ControlReply(service=self.service, ok=False, error=error, **fields)
@@ -285,6 +321,7 @@ class ControlPlane:
         if not (letter.subject or "").startswith(f"iop.dlq.{self.service}."):
             return self._refuse("not a dead letter of this service")
         headers = letter.headers or {}
+        self._not_here(durable=headers.get("Iop-Consumer"))
         consumer = self._consumer(durable=headers.get("Iop-Consumer"))
         stream = headers.get("Iop-Original-Stream")
         sequence = headers.get("Iop-Original-Sequence", "")
@@ -304,6 +341,7 @@ class ControlPlane:
         return ControlReply(service=self.service, ok=True, outcome=outcome)
 
     async def redrive(self, request: RedriveRequest) -> ControlReply:
+        self._not_here(durable=request.durable)
         consumer = self._consumer(durable=request.durable)
         if consumer is None:
             return self._refuse(f"this service has no durable {request.durable}")
@@ -354,6 +392,7 @@ class ControlPlane:
         return reply
 
     async def consumer_state(self, request: ConsumerStateRequest) -> ControlReply:
+        self._not_here(durable=request.durable)
         consumer = self._consumer(durable=request.durable)
         if consumer is None:
             return self._refuse(f"this service has no durable {request.durable}")
@@ -397,6 +436,7 @@ class ControlPlane:
         either way, never twice by accident."""
         consumer = self._consumer(stream=request.stream)
         if consumer is None:
+            self._not_here(stream=request.stream)
             return self._refuse("this service does not consume that stream", consumed=False)
         # The log lives in the service's database next to the inbox, so it is declared in
         # the same metadata: found there, the runtime needs no new wiring for it.
@@ -415,6 +455,7 @@ class ControlPlane:
             handler = lane.subscription.handler_for(event)
             if handler is not None:
                 return await self._apply_again(lane, operations, request, envelope, event, handler)
+        self._not_here(stream=request.stream, event=event)
         return self._refuse("this service does not handle that event type", outcome="not_handled")
 
     async def _apply_again(

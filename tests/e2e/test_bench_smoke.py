@@ -5,8 +5,11 @@ timings are the benchmark's output, not a test's."""
 import json
 from pathlib import Path
 
+import pytest
+
 from iopnet.bench import BenchConfig, main
 from iopnet.bench_consumer import run
+from tests.conftest import _postgres_admin_url
 
 
 def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
@@ -44,6 +47,26 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     assert cost["check_in"]["cpu_ms_per_request"]["intake"] > 0
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
+
+
+@pytest.mark.postgres
+def test_on_postgresql_the_safety_lane_runs_in_a_process_of_its_own(tmp_path: Path) -> None:
+    """`iopnet bench --postgres`: notifications' safety lane in `notifications-safety`
+    (IOPNET_LANES=safety), the rest in `notifications`; every check-in read there, the
+    alerts raised, the welcomes sent by the other."""
+    admin = _postgres_admin_url()
+    if admin is None:
+        pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
+    config = BenchConfig(patients=12, sites=2, concurrency=4, check_in_rate=40, results_dir=tmp_path, postgres=admin)
+    results = json.loads(main(config).read_text())
+    assert results["config"]["database"] == "postgresql" and results["config"]["safety_process"] is True
+    counts = results["counts"]
+    assert counts["check_ins_accepted"] == 12 and counts["welcomes_sent"] == 12
+    assert counts["care_team_alerted"] >= counts["urgent_check_ins"] >= 1
+    consumers = results["consumers"]
+    assert consumers["notifications-safety"]["applied"] >= 12  # the check-ins (and the cost probe's)
+    assert consumers["notifications"]["applied"] >= 12  # the enrollments
+    assert "notifications-safety" in results["processes"]
 
 
 async def test_a_tiny_consumer_bench_drains_every_message_with_each_consumer() -> None:

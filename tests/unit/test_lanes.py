@@ -1,0 +1,42 @@
+"""`IOPNET_LANES`: which subscriptions a process consumes, and the configurations refused."""
+
+import pytest
+
+from services.intake.handlers import SUBSCRIPTIONS as INTAKE
+from services.notifications import usecases
+from services.notifications.handlers import Handlers
+from shared.runtime import lanes_of_this_process
+from shared.settings import Settings
+
+POSTGRES = "postgresql+asyncpg://db/notifications"
+
+
+def notifications() -> list:
+    return Handlers(usecases.Policy.from_settings(Settings())).subscriptions()
+
+
+def test_the_safety_process_reads_the_safety_lane_and_the_routine_one_the_rest() -> None:
+    every = notifications()
+    safety = lanes_of_this_process("notifications", every, "safety", POSTGRES)
+    routine = lanes_of_this_process("notifications", every, "routine", POSTGRES)
+    assert [s.durable("notifications") for s in safety] == ["notifications-IOP_INTAKE-safety"]
+    assert sorted(s.durable("notifications") for s in safety + routine) == sorted(
+        s.durable("notifications") for s in every
+    )
+    assert lanes_of_this_process("notifications", every, "all", "sqlite+aiosqlite:///x.db") == every
+
+
+def test_sqlite_takes_one_process_for_every_lane() -> None:
+    with pytest.raises(ValueError, match="IOPNET_LANES=routine needs PostgreSQL"):
+        lanes_of_this_process("notifications", notifications(), "routine", "sqlite+aiosqlite:///x.db")
+
+
+def test_a_service_without_a_safety_lane_is_not_split() -> None:
+    with pytest.raises(ValueError, match="intake has no safety lane"):
+        lanes_of_this_process("intake", INTAKE, "safety", POSTGRES)
+
+
+def test_lanes_setting_is_validated() -> None:
+    assert Settings(lanes="safety").lanes == "safety"
+    with pytest.raises(ValueError, match="lanes"):
+        Settings(lanes="urgent")
