@@ -23,8 +23,9 @@ COMPOSE: dict[str, Any] = yaml.safe_load(COMPOSE_FILE.read_text())
 SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
 BUILT = {"intake", "scheduling", "notifications"}
 CONSOLE = "console"
+SAFETY = "notifications-safety"  # notifications' safety lane, in a process of its own
 # Every container of the iopnet image.
-IOPNET = BUILT | {CONSOLE, "ops"}
+IOPNET = BUILT | {CONSOLE, "ops", SAFETY}
 SECRET_WORDS = re.compile(r"password|secret|token|key|credential", re.I)
 
 
@@ -41,7 +42,7 @@ def test_valid_against_the_compose_spec_schema() -> None:
 
 def test_the_default_stack_and_the_profiles() -> None:
     started_by_up = {name for name, service in SERVICES.items() if not service.get("profiles")}
-    assert started_by_up == {"nats", "postgres", "intake", "scheduling", "notifications", "console"}
+    assert started_by_up == {"nats", "postgres", "intake", "scheduling", "notifications", SAFETY, "console"}
     assert SERVICES["caddy"]["profiles"] == ["tls"]
     assert SERVICES["ops"]["profiles"] == ["ops"]
 
@@ -134,6 +135,18 @@ def test_services_get_only_their_own_secrets() -> None:
     # token), no database, no contact details account.
     assert sorted(SERVICES[CONSOLE]["secrets"]) == ["console_session_secret", "nats_console_password"]
     assert "secrets" not in SERVICES["caddy"]
+
+
+def test_notifications_safety_lane_runs_in_a_container_of_its_own() -> None:
+    """The same service, user, secrets and database as notifications; only IOPNET_LANES
+    differs (safety there, routine here) and nothing of it is published."""
+    safety, routine = SERVICES[SAFETY], SERVICES["notifications"]
+    assert safety["command"] == routine["command"] == ["iopnet", "serve", "notifications"]
+    assert _environment(safety) == _environment(routine) | {"IOPNET_LANES": "safety"}
+    assert _environment(routine)["IOPNET_LANES"] == "routine"
+    assert safety["secrets"] == routine["secrets"]
+    assert "ports" not in safety and safety["networks"] == routine["networks"]  # SMTP, SMS: the edge
+    assert set(safety["depends_on"]) == {"nats", "postgres"}
 
 
 def test_each_service_logs_into_postgres_as_its_own_role() -> None:

@@ -105,6 +105,27 @@ def test_each_service_deployment(variant: str, service: str) -> None:
 
 
 @pytest.mark.parametrize("variant", sorted(RENDERED))
+def test_notifications_safety_lane_has_pods_of_its_own(variant: str) -> None:
+    """notifications-safety: the notifications pod spec (image, command, ConfigMap, Secret,
+    probes, lockdown) with IOPNET_LANES=safety over the ConfigMap's routine, its own
+    labels (the notifications Service, budget and autoscaler do not count it), a budget."""
+    docs = RENDERED[variant]
+    routine, safety = _one(docs, "Deployment", "notifications"), _one(docs, "Deployment", "notifications-safety")
+    assert _one(docs, "ConfigMap", "iopnet-notifications")["data"]["IOPNET_LANES"] == "routine"
+    (container,) = safety["spec"]["template"]["spec"]["containers"]
+    (routine_container,) = routine["spec"]["template"]["spec"]["containers"]
+    env = container["env"]
+    assert env[0] == {"name": "IOPNET_LANES", "value": "safety"} and env[1:] == routine_container["env"]
+    assert container | {"env": None} == routine_container | {"env": None}
+    pod, routine_pod = safety["spec"]["template"]["spec"], routine["spec"]["template"]["spec"]
+    assert pod["volumes"] == routine_pod["volumes"] and pod["securityContext"] == routine_pod["securityContext"]
+    labels = {"app.kubernetes.io/name": "notifications-safety"}
+    assert safety["spec"]["selector"]["matchLabels"] == labels and safety["spec"]["replicas"] >= 2
+    assert _one(docs, "Service", "notifications")["spec"]["selector"] == {"app.kubernetes.io/name": "notifications"}
+    assert _one(docs, "PodDisruptionBudget", "notifications-safety")["spec"]["selector"]["matchLabels"] == labels
+
+
+@pytest.mark.parametrize("variant", sorted(RENDERED))
 def test_secrets_are_templates_without_values(variant: str) -> None:
     secrets = [d for d in RENDERED[variant] if d["kind"] == "Secret"]
     expected = {f"iopnet-{s}" for s in SERVICES} | {"iopnet-console", "nats-passwords"}
