@@ -17,8 +17,7 @@ Then every effect is checked, all at once, with the figures printed (run with -s
   booking is left; notifications holds the episode ended, nothing pending for it, and no
   welcome or reminder planned after the discharge was applied;
 - applied out of order 0: each durable applied its stream's events in stream order
-  (the inbox times against the stream sequences) — the cause of the last point; the
-  safety lane each patient's check-ins (an alerting one goes ahead of other patients').
+  (the inbox times against the stream sequences) — the cause of the last point.
 The figures also give the redeliveries (per durable) and the slowest /readyz answer.
 
 Every wait is a condition with a deadline; the load is paced by the fault schedule (a
@@ -535,23 +534,6 @@ async def settled(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sna
 # --- the verdict -----------------------------------------------------------------------------
 
 
-def _applied_late(durable: str, events: list[Stored], inbox: dict[str, Any], examples: list[str]) -> int:
-    """How many of `events` were applied after a later one of them (by stream sequence)."""
-    applied = sorted((inbox[e.event_id]["received_at"], e.seq, e.event_type) for e in events)
-    late, highest = 0, (0, "", datetime.min.replace(tzinfo=UTC))
-    for at, seq, event_type in applied:
-        if seq < highest[0]:
-            late += 1
-            if len(examples) < 5:
-                examples.append(
-                    f"{durable}: {event_type} #{seq} applied {(at - highest[2]).total_seconds():.1f}s"
-                    f" after {highest[1]} #{highest[0]}"
-                )
-        else:
-            highest = (seq, event_type, at)
-    return late
-
-
 async def verdict(
     http: httpx.AsyncClient, network: LocalNetwork, ledger: Ledger, snap: Snapshot, sink: SmtpSink
 ) -> dict[str, Any]:
@@ -585,8 +567,7 @@ async def verdict(
         if p.check_in_id and (found := on_bus("CheckInSubmitted", "check_in_id", p.check_in_id)):
             check_ins[p.check_in_id] = found
 
-    # 2. Events -> every consumer's inbox, in stream order (a safety lane: each patient's
-    # in stream order, an alerting check-in going ahead of other patients' fetched with it).
+    # 2. Events -> every consumer's inbox, in stream order.
     out_of_order: dict[str, int] = {}
     late_examples: list[str] = []
     redelivered: dict[str, int] = {}
@@ -596,11 +577,19 @@ async def verdict(
         missing = [e for e in events if e.event_id not in inbox]
         if missing:
             lost[f"{service} never applied {stream}"] += len(missing)
-        in_order: dict[str | None, list[Stored]] = defaultdict(list)
-        for e in events:
-            if e.event_id in inbox:
-                in_order[str(e.data.get("patient_id")) if durable.endswith("-safety") else None].append(e)
-        out_of_order[durable] = sum(_applied_late(durable, group, inbox, late_examples) for group in in_order.values())
+        applied = sorted((inbox[e.event_id]["received_at"], e.seq, e.event_type) for e in events if e.event_id in inbox)
+        late, highest = 0, (0, "", datetime.min.replace(tzinfo=UTC))
+        for at, seq, event_type in applied:
+            if seq < highest[0]:
+                late += 1
+                if len(late_examples) < 5:
+                    late_examples.append(
+                        f"{durable}: {event_type} #{seq} applied {(at - highest[2]).total_seconds():.1f}s"
+                        f" after {highest[1]} #{highest[0]}"
+                    )
+            else:
+                highest = (seq, event_type, at)
+        out_of_order[durable] = late
 
     # 3. Each event once on its stream; each outbox row once on IOP_NOTIFICATIONS.
     for name, stored_events in snap.streams.items():
