@@ -100,9 +100,8 @@ class Subscription:
     handlers: Mapping[type[Event], Handler]
     # A second durable on the same stream for a few event types that must never wait
     # behind the others (notifications' CheckInSubmitted: an urgent check-in is not
-    # queued behind a wave of enrollments). Its events keep each patient's order among
-    # themselves (those that press go ahead of other patients' fetched with them); the
-    # two lanes must not depend on each other's order.
+    # queued behind a wave of enrollments). Its events keep their order among
+    # themselves; the two lanes must not depend on each other's order.
     lane: str | None = None
     # Which of the safety lane's events are safety work that routine work yields to
     # (shared/priority.py); None: every one. A routine check-in rides the safety lane so
@@ -412,12 +411,6 @@ class Consumer:
         if len(messages) == 1:
             await self.process(messages[0])
             return
-        first, rest = self._pressing_first(messages)
-        if first and rest:
-            await self.process_batch(first)
-            if not self.stopping:
-                await self.process_batch(rest)
-            return
         self._position = 0
         try:
             outcomes = await self._through_faststream(messages)
@@ -436,30 +429,6 @@ class Consumer:
         rest = messages[len(outcomes) :]
         if rest and not self.stopping:
             await self.process_batch(rest)
-
-    def _pressing_first(self, messages: list[Msg]) -> tuple[list[Msg], list[Msg]]:
-        """The safety lane's batch split in two transactions, the first committed first:
-        the events that press (an urgent check-in) with their patients' earlier ones (a
-        patient's own events keep their order), then the rest. An urgent check-in fetched
-        with 40 routine ones no longer waits for their transaction (on PostgreSQL under
-        load, 40-100 ms). ([], messages): nothing presses, or one does not decode (the
-        batch path deals with it)."""
-        presses = self.subscription.presses
-        if presses is None or self.subscription.lane != "safety":
-            return [], messages
-        try:
-            envelopes = [Envelope.from_bytes(message.data) for message in messages]
-        except ValidationError:
-            return [], messages
-        pressing = [i for i, envelope in enumerate(envelopes) if presses(envelope)]
-        if not pressing:
-            return [], messages
-        patients = {_patient(envelopes[i]) for i in pressing} - {None}
-        goes_first = set(pressing) | {i for i in range(pressing[-1]) if _patient(envelopes[i]) in patients}
-        return (
-            [m for i, m in enumerate(messages) if i in goes_first],
-            [m for i, m in enumerate(messages) if i not in goes_first],
-        )
 
     async def _through_faststream(self, messages: list[Msg]) -> list[Outcome]:
         """The subscriber's FastStream pipeline: broker middlewares, `decode`, `apply`."""
@@ -911,11 +880,6 @@ class Consumer:
             "deliveries": deliveries,
             "reason": reason,
         }
-
-
-def _patient(envelope: Envelope) -> str | None:
-    patient = envelope.data.get("patient_id")
-    return str(patient) if patient is not None else None
 
 
 def _sequence(message: Msg) -> int:

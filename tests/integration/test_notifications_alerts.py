@@ -210,61 +210,6 @@ async def test_routine_check_ins_do_not_hold_the_enrollment_wave_back(
         await eventually(alerted, what="the urgent check-in pressing the gate")
 
 
-async def test_an_urgent_check_in_goes_ahead_of_the_check_ins_fetched_with_it(
-    app, nats_server, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Issue 10: the safety lane fetches a backlog of check-ins in one batch; the urgent
-    one (with its patient's earlier check-in, which keeps its place before it) is applied
-    and committed in a transaction of its own before the others fetched with it, so the
-    alert does not wait for their transaction. Its patient's later check-in still follows."""
-    patient = Patient()
-    others = [Patient() for _ in range(20)]
-    async with running(app) as client:
-        await with_roster(app, nats_server.url, client)
-        await onboard(app, nats_server.url, patient, consent=False)
-        [safety] = [c for c in app.state.runtime.consumers if c.durable == "notifications-IOP_INTAKE-safety"]
-        original = safety.subscription.handlers[CheckInSubmitted]
-        released = asyncio.Event()
-        applied: list[tuple[str, str]] = []  # (patient, risk) in the order the lane applies them
-        ends: list[int] = []  # how many were applied when each transaction committed
-        blocker = check_in(Patient(), "low")
-
-        async def recorded(session, envelope, event) -> None:
-            if envelope.event_id == blocker.event_id:
-                await released.wait()  # the lane is busy while the backlog builds
-            applied.append((str(event.patient_id), event.risk))
-            session.sync_session.info.setdefault("ends", ends)
-            await original(session, envelope, event)
-
-        @event.listens_for(app.state.runtime.sessions.kw["sync_session_class"], "after_commit")
-        def committed(session) -> None:
-            if session.info.pop("ends", None) is not None:
-                ends.append(len(applied))
-
-        monkeypatch.setitem(safety.subscription.handlers, CheckInSubmitted, recorded)
-        await publish(nats_server.url, blocker)
-
-        async def blocked() -> bool:
-            return safety.stats.applied == 0 and len(safety._held) == 1
-
-        await eventually(blocked, what="the lane holding the first check-in")
-        earlier, urgent, later = check_in(patient, "low"), check_in(patient, "urgent"), check_in(patient, "low")
-        backlog = [check_in(p, "low") for p in others[:10]] + [earlier]
-        backlog += [check_in(p, "low") for p in others[10:]] + [urgent, later]
-        await publish(nats_server.url, *backlog)
-        released.set()
-
-        async def all_applied() -> bool:
-            return len(applied) == 1 + len(backlog)
-
-        await eventually(all_applied, what="the backlog applied")
-        event.remove(app.state.runtime.sessions.kw["sync_session_class"], "after_commit", committed)
-    mine = [i for i, (patient_id, _) in enumerate(applied) if patient_id == patient.id]
-    assert [applied[i][1] for i in mine] == ["low", "urgent", "low"]  # the patient's own order
-    assert mine[:2] == [1, 2], applied  # right after the blocker, ahead of the 20 fetched before it
-    assert ends[:2] == [1, 3], ends  # and committed by itself, before the others' transaction
-
-
 async def test_the_safety_lane_is_first_in_line_for_the_database(
     nats_server, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer
 ) -> None:
