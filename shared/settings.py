@@ -113,8 +113,8 @@ class Settings(BaseSettings):
     # PostgreSQL, notifications' safety lane (check-ins, the care-team alerts) may get a
     # process of its own ("safety") beside the others ("routine"): it then never waits
     # for a turn of an event loop busy with a wave of bookings and reminders (issue 10:
-    # an urgent check-in's alert, p99 250-480 ms on PostgreSQL under the benchmark's
-    # load in one process, 160-180 ms with the lane in its own).
+    # an urgent check-in's alert, p99 284-328 ms on PostgreSQL under the benchmark's
+    # load in one process, 152-228 ms with the lane in its own; docs/performance.md).
     lanes: Literal["all", "safety", "routine"] = "all"
     # Streams: how long JetStream drops a re-published event_id.
     duplicate_window_seconds: float = 120.0
