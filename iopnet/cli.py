@@ -61,8 +61,13 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
     settings = Settings()
     configure_logging(settings.log_level, name)
     module = __import__(f"services.{name}.app", fromlist=["create_app"])
+    try:
+        service_app = module.create_app(settings)
+    except ValueError as exc:  # a configuration this service refuses (e.g. IOPNET_LANES on SQLite)
+        typer.echo(f"iopnet serve {name}: {exc}", err=True)
+        raise typer.Exit(2) from None
     uvicorn.run(
-        module.create_app(settings),
+        service_app,
         host=settings.http_host,
         port=settings.port(name),
         log_config=None,

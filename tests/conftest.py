@@ -18,14 +18,14 @@ from fastapi import FastAPI
 from faststream.nats import NatsBroker
 from sqlalchemy import MetaData, select
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iopnet.natsd import NatsServer, free_port
 from iopnet.testing import BusRecorder
 from shared.auth import Role, mint_token
 from shared.contracts import Envelope
 from shared.db import create_engine, session_factory
-from shared.messaging import Inbox
+from shared.messaging import Inbox, Outbox
 from shared.messaging.broker import new_broker
 from shared.messaging.connection import connect_once
 from shared.messaging.streams import STREAMS, ensure_streams
@@ -159,6 +159,16 @@ async def inbox_db(database_url: str):
         await connection.run_sync(metadata.create_all)
     yield inbox, session_factory(engine)
     await engine.dispose()
+
+
+async def outbox_alone(database_url: str) -> tuple[Outbox, AsyncEngine, async_sessionmaker[AsyncSession]]:
+    """An outbox table alone on a new engine (dispose it): for tests of the relay."""
+    metadata = MetaData()
+    outbox = Outbox(metadata)
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    return outbox, engine, session_factory(engine)
 
 
 async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: Inbox) -> list[str]:

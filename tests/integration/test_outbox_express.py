@@ -13,17 +13,16 @@ from uuid import UUID, uuid4
 
 import pytest
 from faststream.nats import NatsBroker
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from iopnet.testing import eventually
 from shared.contracts import Envelope
 from shared.contracts.events import CheckInSubmitted, PatientEnrolled
-from shared.db import create_engine, session_factory
 from shared.messaging import Outbox, OutboxRelay
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import connected_broker, stream_count
+from tests.conftest import connected_broker, outbox_alone, stream_count
 
 SITE = "columbus-east"
 
@@ -60,12 +59,7 @@ class HeldRelay:
 
 @pytest.fixture
 async def held_relay(nats_server, database_url: str) -> AsyncIterator[HeldRelay]:
-    metadata = MetaData()
-    outbox = Outbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
+    outbox, engine, sessions = await outbox_alone(database_url)
     broker = await connected_broker(nats_server.url)
     await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
     relay = OutboxRelay(outbox, sessions, lambda: broker)

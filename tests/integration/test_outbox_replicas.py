@@ -11,16 +11,15 @@ from typing import Any
 
 import pytest
 from faststream.nats import NatsBroker
-from sqlalchemy import MetaData, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from iopnet.testing import cancelled, eventually
 from shared.contracts import Envelope
-from shared.db import create_engine, session_factory
 from shared.messaging import Outbox, OutboxRelay
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import connected_broker, fresh_postgres_database, stream_count
+from tests.conftest import connected_broker, fresh_postgres_database, outbox_alone, stream_count
 from tests.integration.test_outbox_express import SITE, enrolled
 
 pytestmark = pytest.mark.postgres
@@ -41,12 +40,7 @@ async def two_replicas(nats_server) -> AsyncIterator[tuple[Replica, Replica]]:
     async with fresh_postgres_database() as url:
         replicas = []
         for _ in range(2):
-            metadata = MetaData()
-            outbox = Outbox(metadata)
-            engine = create_engine(url)
-            async with engine.begin() as connection:
-                await connection.run_sync(metadata.create_all)
-            sessions = session_factory(engine)
+            outbox, engine, sessions = await outbox_alone(url)
             replicas.append(Replica(outbox, engine, sessions, OutboxRelay(outbox, sessions, lambda: broker)))
         try:
             yield replicas[0], replicas[1]

@@ -7,14 +7,13 @@ import asyncio
 import logging
 
 import pytest
-from sqlalchemy import MetaData, func, select
+from sqlalchemy import func, select
 
 from iopnet.testing import cancelled, eventually
-from shared.db import create_engine, session_factory
-from shared.messaging import Outbox, OutboxRelay
+from shared.messaging import OutboxRelay
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import connected_broker, stream_count
+from tests.conftest import connected_broker, outbox_alone, stream_count
 from tests.integration.test_outbox_express import SITE, enrolled
 
 COMMITS = 60
@@ -23,12 +22,7 @@ COMMITS = 60
 async def test_the_relay_backs_off_while_no_stream_takes_its_events(
     nats_server, database_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    metadata = MetaData()
-    outbox = Outbox(metadata)
-    engine = create_engine(database_url)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    sessions = session_factory(engine)
+    outbox, engine, sessions = await outbox_alone(database_url)
     broker = await connected_broker(nats_server.url)  # no stream yet: every publish fails
     relay = OutboxRelay(outbox, sessions, lambda: broker)
     passes = 0

@@ -1,5 +1,9 @@
 """`IOPNET_LANES`: which subscriptions a process consumes, and the configurations refused."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from services.intake.handlers import SUBSCRIPTIONS as INTAKE
@@ -40,3 +44,16 @@ def test_lanes_setting_is_validated() -> None:
     assert Settings(lanes="safety").lanes == "safety"
     with pytest.raises(ValueError, match="lanes"):
         Settings(lanes="urgent")
+
+
+def test_iopnet_serve_refuses_a_split_on_sqlite_with_a_clear_message(tmp_path) -> None:
+    env = {**os.environ, "IOPNET_LANES": "safety", "IOPNET_DATA_DIR": str(tmp_path)}
+    env.pop("IOPNET_NOTIFICATIONS_DATABASE_URL", None)  # the default: SQLite in the data dir
+    result = subprocess.run(
+        [sys.executable, "-m", "iopnet.cli", "serve", "notifications"], env=env, capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "iopnet serve notifications: IOPNET_LANES=safety needs PostgreSQL: on SQLite one process reads every lane"
+    )
