@@ -426,9 +426,10 @@ class OutboxRelay:
                         log.warning("outbox relay paused", extra={"error": type(exc).__name__})
                     await asyncio.sleep(self.backoff(failures))
                 else:
-                    if failures:
+                    # A pass with no broker publishes nothing and fails nothing: not resumed yet.
+                    if failures and self._broker() is not None:
                         log.warning("outbox relay resumed", extra={"count": failures})
-                    failures = 0
+                        failures = 0
         finally:
             express.cancel()
             await asyncio.gather(express, return_exceptions=True)
