@@ -53,6 +53,10 @@ from shared.settings import Settings
 
 log = logging.getLogger("iopnet.notifications.delivery")
 BATCH = 50
+# Sends under way at once (each an SMTP session, an SMS or webhook request). Only the
+# sends are bounded: a batch's claims and records are each written together, so that a
+# batch costs a few turns of the database, not two per message (on SQLite the one
+# connection is shared with the consumers; a turn there is the costly part).
 CONCURRENCY = 8
 # uvicorn's graceful shutdown (iopnet serve) and ServiceRuntime.stop() each allow 10 s;
 # the sends under way get half of that to finish and be recorded.
@@ -181,12 +185,11 @@ class Dispatcher:
     async def dispatch_due(self, sessions: sessionmaker) -> int:
         """Send everything due now, in batches; returns how many messages were handled."""
         handled = 0
-        limit = asyncio.Semaphore(CONCURRENCY)
+        sends = asyncio.Semaphore(CONCURRENCY)
 
         async def one(row: store.NotificationRow) -> None:
-            async with limit:
-                if not self._stopping:
-                    await self.deliver(sessions, row)
+            if not self._stopping:
+                await self.deliver(sessions, row, sends)
 
         while not self._stopping:
             async with sessions() as session:
@@ -212,7 +215,11 @@ class Dispatcher:
                 return handled
         return handled
 
-    async def deliver(self, sessions: sessionmaker, row: store.NotificationRow) -> None:
+    async def deliver(
+        self, sessions: sessionmaker, row: store.NotificationRow, sends: asyncio.Semaphore | None = None
+    ) -> None:
+        """Claim, send and record one message. `sends` bounds the sends under way; the
+        claims and records of messages delivered together share transactions."""
         records = self._recorder(sessions)
         await records.idle()  # outcomes waiting to be recorded go first
         now = clock.now()
@@ -223,10 +230,24 @@ class Dispatcher:
             return
         if claimed is None:
             return
-        current, decision, message = claimed
-        if self._stopping:
-            await self._release(sessions, current)  # claimed, not sent: back to pending at once
+        # Only the send itself holds a slot: the outcome is recorded after letting go of
+        # it, so the next sends go on while this one's record waits for its group.
+        async with sends or contextlib.nullcontext():
+            if self._stopping:
+                outcome: Outcome | None = None
+            elif self._lease_outlasts_a_send(claimed_at=now):
+                outcome = await self._send(claimed)
+            else:
+                # Its lease ran out while it waited for a slot (slow sends ahead of it): it
+                # is due again as it stands, and another dispatcher may have claimed it since.
+                return
+        if outcome is None:
+            await self._release(sessions, claimed[0])  # claimed, not sent: back to pending at once
             return
+        await self._record(records, outcome)
+
+    async def _send(self, claimed: Claimed) -> Outcome:
+        current, decision, message = claimed
         attempts = current["attempts"] + 1
         adapter = self.channels.get(decision.channel) or self.channels["console"]
         started = time.monotonic()
@@ -245,7 +266,16 @@ class Dispatcher:
         else:
             outcome = Outcome(current, decision.channel, attempts, provider_id=provider_id)
         elapsed = int((time.monotonic() - started) * 1000)
-        await self._record(records, replace(outcome, status_code=status_code, duration_ms=elapsed))
+        return replace(outcome, status_code=status_code, duration_ms=elapsed)
+
+    def _lease_until(self, claimed_at: datetime) -> datetime:
+        return claimed_at + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
+
+    def _lease_outlasts_a_send(self, claimed_at: datetime) -> bool:
+        """A send started now ends (or times out) before the claim's lease does, so no
+        other dispatcher can take the message while it is going out."""
+        timeout = timedelta(seconds=self.settings.notify_send_timeout_seconds)
+        return clock.now() + timeout < self._lease_until(claimed_at)
 
     def _recorder(self, sessions: sessionmaker) -> GroupCommit[Outcome, None]:
         if self._records is None or self._records.sessions is not sessions:
@@ -266,7 +296,7 @@ class Dispatcher:
 
     async def _take(self, session: AsyncSession, claim: Claim) -> Claimed | None:
         row, now = claim
-        lease = now + timedelta(seconds=3 * self.settings.notify_send_timeout_seconds + 5)
+        lease = self._lease_until(now)
         current = await store.claim_notification(session, row["notification_id"], now, lease)
         if current is None:
             return None  # cancelled, held, rescheduled or taken since it was picked up

@@ -9,12 +9,14 @@ from datetime import date
 from pathlib import Path
 from uuid import uuid4
 
+from sqlalchemy import MetaData
 from sqlalchemy import event as sqlalchemy_event
 
 from iopnet.testing import cancelled, eventually
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientContactChanged, PatientEnrolled
-from shared.messaging import Consumer, HandlerError, Subscription
+from shared.db import create_engine, session_factory
+from shared.messaging import Consumer, HandlerError, Inbox, Subscription
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
 from tests.conftest import applied_in_order, connected_broker, dead_letters, publish, publish_raw
@@ -232,6 +234,55 @@ async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_
     assert seen == [f"p{index:02d}" for index in range(12)]
     # 0.03 s each against a 0.05 s budget: at most two events per transaction.
     assert consumer.stats.transactions >= 6
+
+
+async def test_a_batch_kept_waiting_for_the_database_still_gets_its_budget(nats_server, tmp_path: Path) -> None:
+    """The routine budget counts a transaction's own work, not its wait for the
+    connection. On SQLite (one pooled connection) another writer's turns keep each batch
+    waiting longer than the budget; counting that wait ended every batch after its first
+    event, so a backlog went one event per transaction (issue 10: notifications' lanes
+    under the enrollment wave)."""
+    metadata = MetaData()
+    inbox = Inbox(metadata)
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'one-connection.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    sessions = session_factory(engine)
+    seen: list[str] = []
+
+    async def handler(session, envelope, event) -> None:
+        seen.append(event.program_id)
+
+    applied = asyncio.Event()
+
+    async def other_writer() -> None:
+        # Another lane on the same connection: turn after turn, each longer than the budget.
+        while not applied.is_set():
+            async with sessions() as session, session.begin():
+                await session.connection()
+                await asyncio.sleep(0.2)  # its own work, holding the connection
+
+    await publish(nats_server.url, *[enrolled(f"p{index:02d}") for index in range(20)])
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("waited", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64, transaction_budget_seconds=0.05)  # fmt: skip
+    writer = asyncio.create_task(other_writer())
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == 20
+
+        await eventually(all_applied, what="twenty events applied", timeout=30)
+    finally:
+        applied.set()
+        await cancelled(task)
+        await cancelled(writer)
+        await close(broker)
+        await engine.dispose()
+    assert seen == [f"p{index:02d}" for index in range(20)]
+    # The first event alone, then the backlog in one or two (before: about one per event).
+    assert consumer.stats.transactions <= 3, consumer.stats.transactions
 
 
 async def test_a_batch_asks_the_inbox_once_and_applies_an_event_twice_in_it_once(nats_server, inbox_db) -> None:

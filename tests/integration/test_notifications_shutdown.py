@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -20,9 +20,10 @@ import pytest
 from sqlalchemy import select
 
 from iopnet.testing import BusRecorder, eventually
-from services.notifications import store, usecases
+from services.notifications import delivery, store, usecases
 from services.notifications.app import create_app
 from services.notifications.channels import OutboundMessage
+from shared import clock
 from shared.db import create_engine, session_factory
 from tests.conftest import make_settings, running
 from tests.integration.test_notifications_delivery import SITE, Patient, publish_and_settle, register_site
@@ -179,3 +180,50 @@ async def test_a_send_past_the_grace_period_is_cut_short(settings, database_url:
     # again with the same idempotency key (at least once).
     [row] = await stored(database_url, store.notifications, patient_id=patient.id)
     assert (row["status"], row["attempts"]) == ("sending", 0)
+
+
+async def test_a_claim_whose_lease_ran_out_waiting_for_a_send_slot_is_not_sent(
+    settings, database_url: str, nats_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the sends are bounded (delivery.CONCURRENCY), not a round's claims: a message
+    holds its claim while it waits for a slot. If slow sends ahead of it outlast its
+    lease, another dispatcher may have claimed it since: it is not sent, and it is left
+    due as it stands (no write that could undo another dispatcher's claim)."""
+    monkeypatch.setattr(delivery, "CONCURRENCY", 1)
+    app, channel = held_app(settings)
+    async with started(app):
+        await app.state.notifier.dispatcher.stop()  # the test drives a dispatcher of its own
+        patients = [Patient(), Patient()]
+        await register_site(app, nats_server.url)
+        await publish_and_settle(
+            app, nats_server.url, *[e for p in patients for e in (p.contact, p.enrolled, p.consent)]
+        )
+        dispatcher = delivery.Dispatcher(app.state.runtime.settings, app.state.notifier.policy)
+        dispatcher.channels["console"] = channel
+        sessions = app.state.runtime.sessions
+        first_round = asyncio.ensure_future(dispatcher.dispatch_due(sessions))
+
+        async def sending() -> bool:
+            return channel.started.is_set()
+
+        await eventually(sending, what="the first welcome handed to the channel")
+        # The provider takes longer than the lease before it answers the first send.
+        lease = timedelta(seconds=3 * settings.notify_send_timeout_seconds + 5)
+        later = datetime.now(UTC) + lease
+        monkeypatch.setattr(clock, "now", lambda: later)
+        channel.release.set()
+        assert await first_round == 2
+        [sent_first] = channel.delivered
+        rows = {r["notification_id"]: r for r in await welcomes(sessions)}
+        [waited] = [r for r in rows.values() if r["notification_id"] != sent_first]
+        assert (rows[sent_first]["status"], waited["status"], waited["attempts"]) == ("sent", "sending", 0)
+        assert waited["due_at"] <= later  # its lease has ended: due again, for any dispatcher
+        assert await dispatcher.dispatch_due(sessions) == 1
+        assert channel.delivered == [sent_first, waited["notification_id"]]
+        assert {r["status"] for r in await welcomes(sessions)} == {"sent"}
+
+
+async def welcomes(sessions) -> list[dict[str, Any]]:
+    async with sessions() as session:
+        query = select(store.notifications).where(store.notifications.c.template == "welcome")
+        return [dict(r) for r in (await session.execute(query)).mappings()]
