@@ -13,7 +13,8 @@ a temp dir; PostgreSQL when `--postgres` gives a server), then drives, as clinic
 - the raw baseline on the same nats-server: nats-py async publish of as many messages of
   the same size, then a durable pull consumer with explicit acks.
 It reports intake's HTTP throughput and latency, check-in -> CheckInSubmitted, urgent
-check-in -> CareTeamAlerted (during the drain and after), enrollment -> welcome sent,
+check-in -> CareTeamAlerted (during the drain and after) and -> the on-call's message
+sent (during the drain), enrollment -> welcome sent,
 each service's consumer rate (and its ratio to the raw consumer), outbox lag, and each
 process's peak RSS and CPU time, the load generator's included. It writes
 bench/results/<timestamp>.json and .png and prints a table. Nothing here asserts a
@@ -282,6 +283,14 @@ def _monotonic(iso: str) -> float:
     return time.monotonic() - (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
 
 
+def _welcome(data: dict[str, Any]) -> bool:
+    return data.get("template") == "welcome"
+
+
+def _urgent_message(data: dict[str, Any]) -> bool:
+    return data.get("template") == "care_urgent_check_in"
+
+
 def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
     submitted = {s.data.get("check_in_id"): s for s in bus.by_type["CheckInSubmitted"]}
     by_event_id = {s.envelope["event_id"]: s.data.get("check_in_id") for s in submitted.values()}
@@ -299,11 +308,16 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
             applied.append((committed - submitted[check_in].at) * 1000)
             relayed.append((seen.at - committed) * 1000)
     enrolled = {s.envelope["event_id"]: s.data.get("enrollment_id") for s in bus.by_type["PatientEnrolled"]}
-    welcome = []
+    welcome, messaged = [], []
+    watched = timings.during_drain & timings.urgent & timings.check_in_accepted.keys()
     for seen in bus.by_type["NotificationSent"]:
         enrollment = enrolled.get(seen.data.get("cause_event_id"))
-        if seen.data.get("template") == "welcome" and enrollment in timings.enroll_accepted:
+        if _welcome(seen.data) and enrollment in timings.enroll_accepted:
             welcome.append((seen.at - timings.enroll_accepted[enrollment]) * 1000)
+        # The last stage of an urgent check-in: the on-call's message has gone out.
+        check_in = by_event_id.get(seen.data.get("cause_event_id"))
+        if _urgent_message(seen.data) and check_in in watched:
+            messaged.append((seen.at - timings.check_in_accepted[check_in]) * 1000)
     lag = [
         max(0.0, (seen.at - _monotonic(seen.envelope["occurred_at"])) * 1000)
         for seen_list in bus.by_type.values()
@@ -318,6 +332,7 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
         "urgent_to_care_team_alerted_after_drain_ms": alerted["after_drain"],
         "urgent_on_bus_to_alert_committed_ms": applied,
         "urgent_alert_committed_to_bus_ms": relayed,
+        "urgent_to_care_team_messaged_during_drain_ms": messaged,
         "enrollment_to_welcome_sent_ms": welcome,
         "outbox_lag_ms": lag,
     }
@@ -335,10 +350,11 @@ async def _live_progress(
     urgent = max(1, round(total * config.urgent_share))
     rows = {
         "enrollments accepted": (total, lambda: len(clinics.timings.enroll_accepted)),
-        "welcomes sent (the wave drained)": (total, lambda: bus.count("NotificationSent")),
+        "welcomes sent (the wave drained)": (total, lambda: bus.count("NotificationSent", _welcome)),
         "check-ins accepted": (total, lambda: len(clinics.timings.check_in_accepted)),
         "CheckInSubmitted on the bus": (total, lambda: bus.count("CheckInSubmitted")),
         "CareTeamAlerted on the bus": (urgent, lambda: bus.count("CareTeamAlerted")),
+        "on-call messaged (urgent)": (urgent, lambda: bus.count("NotificationSent", _urgent_message)),
     }
     tasks = {name: progress.add_task(name, total=limit) for name, (limit, _) in rows.items()}
 
@@ -383,7 +399,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         drained = asyncio.Event()
 
         async def drain() -> None:
-            await bus.wait("NotificationSent", len(patients), config.drain_timeout)
+            await bus.wait("NotificationSent", len(patients), config.drain_timeout, _welcome)
             drained.set()
 
         watcher = asyncio.create_task(drain())
@@ -392,6 +408,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         urgent = len(clinics.timings.urgent)
         await bus.wait("CheckInSubmitted", len(clinics.timings.check_in_accepted), config.drain_timeout)
         await bus.wait("CareTeamAlerted", urgent, config.drain_timeout)
+        await bus.wait("NotificationSent", urgent, config.drain_timeout, _urgent_message)
         await watcher
         wall = time.monotonic() - started
         await display()
@@ -422,6 +439,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
                 "events_on_bus": events,
                 "welcomes_sent": len(samples["enrollment_to_welcome_sent_ms"]),
                 "care_team_alerted": sum(1 for _ in bus.by_type["CareTeamAlerted"]),
+                "on_call_messaged": bus.count("NotificationSent", _urgent_message),
                 "refused": clinics.timings.errors,
             },
             "latency_ms": {name: latency_summary(values) for name, values in samples.items()},

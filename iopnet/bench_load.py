@@ -7,6 +7,7 @@ import itertools
 import json
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,12 +61,16 @@ class BusLog:
             return
         self.by_type[str(envelope.get("event_type"))].append(Seen(now, envelope))
 
-    def count(self, event_type: str) -> int:
-        return len(self.by_type.get(event_type, ()))
+    def count(self, event_type: str, where: Callable[[dict[str, Any]], bool] | None = None) -> int:
+        """How many events of the type have been seen (those whose data `where` accepts)."""
+        seen = self.by_type.get(event_type, ())
+        return len(seen) if where is None else sum(1 for s in seen if where(s.data))
 
-    async def wait(self, event_type: str, count: int, timeout: float) -> bool:
+    async def wait(
+        self, event_type: str, count: int, timeout: float, where: Callable[[dict[str, Any]], bool] | None = None
+    ) -> bool:
         deadline = time.monotonic() + timeout
-        while self.count(event_type) < count:
+        while self.count(event_type, where) < count:
             if time.monotonic() > deadline:
                 return False
             await asyncio.sleep(0.05)  # the bench's own progress poll

@@ -9,6 +9,12 @@ jitter, or after the last attempt NotificationFailed. A claimed message is `send
 until its lease ends, so dispatchers of replicas sharing a PostgreSQL database (SKIP
 LOCKED) never send the same message at once.
 
+Urgent messages (a care team told of an urgent check-in, an escalation) go in a lane of
+their own: woken by the commit that planned them, with their own claims, records and
+send slots, first in line for the database (shared/priority.py) and not held back by
+the safety gate. They never wait for a round of routine messages (under a wave of
+welcomes, a round of 50 took a second or more on SQLite while the consumers drained).
+
 The window between a send and its record is what can send a message twice, so it is
 kept short and closed on shutdown:
 - Records are written together (group commit: whoever gets the database writes every
@@ -29,6 +35,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeAlias
@@ -47,7 +54,7 @@ from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
 from shared.group_commit import GroupCommit
 from shared.messaging.outbox import CommitSignal
-from shared.priority import PriorityGate
+from shared.priority import PriorityGate, first_in_line
 from shared.runtime import ServiceRuntime
 from shared.settings import Settings
 
@@ -104,6 +111,7 @@ class Dispatcher:
         self.stop_grace_seconds = stop_grace_seconds
         self.channels: dict[str, ChannelAdapter] = build_channels(settings)
         self.signal: CommitSignal | None = None
+        self.urgent_signal: CommitSignal | None = None
         self.sent = 0
         self.failed = 0
         self._random = random.Random()
@@ -111,8 +119,9 @@ class Dispatcher:
         self._deliveries: set[asyncio.Task[None]] = set()
         # The runtime's: a claim yields to the safety lane (shared/priority.py).
         self.gate: PriorityGate | None = None
-        self._records: GroupCommit[Outcome, None] | None = None
-        self._claims: GroupCommit[Claim, Claimed | None] | None = None
+        # By lane (urgent or not): each lane's claims and records are grouped apart.
+        self._records: dict[bool, GroupCommit[Outcome, None]] = {}
+        self._claims: dict[bool, GroupCommit[Claim, Claimed | None]] = {}
         self._finished: asyncio.Future[None] | None = None
 
     @property
@@ -122,12 +131,15 @@ class Dispatcher:
     def wake_after_commit(self, session: AsyncSession) -> None:
         if self.signal is not None:
             self.signal.mark(session)
+        if self.urgent_signal is not None and usecases.urgent_planned(session):
+            self.urgent_signal.mark(session)
 
     async def run(self, runtime: ServiceRuntime) -> None:
         self.signal = CommitSignal(runtime.sessions, "deliveries")
+        self.urgent_signal = CommitSignal(runtime.sessions, "urgent deliveries")
         self.gate = runtime.gate
         try:
-            await self._loop(runtime.sessions)
+            await asyncio.gather(self._loop(runtime.sessions, urgent=False), self._loop(runtime.sessions, urgent=True))
         except asyncio.CancelledError:
             # Cancelled without stop() first (ServiceRuntime.stop cancels its tasks):
             # finish the same way before going.
@@ -139,26 +151,29 @@ class Dispatcher:
         """Stop taking messages; let the sends under way finish and be recorded (at most
         stop_grace_seconds). For the service's shutdown, before its tasks are cancelled."""
         self._stopping = True
-        if self.signal is not None:
-            self.signal.set()
+        for signal in (self.signal, self.urgent_signal):
+            if signal is not None:
+                signal.set()
         await self._finish()
 
-    async def _loop(self, sessions: sessionmaker) -> None:
+    async def _loop(self, sessions: sessionmaker, *, urgent: bool) -> None:
         tick = self.settings.notify_dispatch_tick_seconds
         wait = 0.0
-        assert self.signal is not None
+        signal = self.urgent_signal if urgent else self.signal
+        assert signal is not None
         while not self._stopping:
             # Woken on commit, or when the next message falls due (a reminder, a retry),
             # or by the tick at the latest.
-            await self.signal.wait(tick=wait)
+            await signal.wait(tick=wait)
             if self._stopping:
                 return
             try:
-                await self.dispatch_due(sessions)
-                async with sessions() as session:
-                    upcoming = await store.next_due_at(session)
+                await self.dispatch_due(sessions, urgent=urgent)
+                with _lane(urgent):
+                    async with sessions() as session:
+                        upcoming = await store.next_due_at(session, urgent=urgent)
             except Exception as exc:  # a failed round is retried next tick, never fatal
-                log.warning("dispatch round failed", extra={"error": type(exc).__name__})
+                log.warning("dispatch round failed", extra={"error": type(exc).__name__, "urgent": urgent})
                 upcoming = None
             wait = tick
             if upcoming is not None:
@@ -182,21 +197,27 @@ class Dispatcher:
             await asyncio.wait(late, timeout=1.0)
             log.warning("sends cut short by shutdown", extra={"count": len(late)})
 
-    async def dispatch_due(self, sessions: sessionmaker) -> int:
-        """Send everything due now, in batches; returns how many messages were handled."""
+    async def dispatch_due(self, sessions: sessionmaker, *, urgent: bool = False) -> int:
+        """Send everything due now in the lane (urgent messages, or the others), in
+        batches; returns how many messages were handled."""
+        with _lane(urgent):  # the delivery tasks below inherit it
+            return await self._dispatch_due(sessions, urgent)
+
+    async def _dispatch_due(self, sessions: sessionmaker, urgent: bool) -> int:
         handled = 0
         sends = asyncio.Semaphore(CONCURRENCY)
 
         async def one(row: store.NotificationRow) -> None:
             if not self._stopping:
-                await self.deliver(sessions, row, sends)
+                await self.deliver(sessions, row, sends, urgent=urgent)
 
         while not self._stopping:
             async with sessions() as session:
                 now = clock.now()
-                due = await store.due_notifications(session, now, BATCH)
-                # Webhooks: the head of each subscription's queue, one at a time (in order).
-                due += [head for head in await store.webhook_heads(session) if head["due_at"] <= now]
+                due = await store.due_notifications(session, now, BATCH, urgent=urgent)
+                if not urgent:
+                    # Webhooks: the head of each subscription's queue, one at a time (in order).
+                    due += [head for head in await store.webhook_heads(session) if head["due_at"] <= now]
             if not due:
                 return handled
             # Tasks of their own, awaited with wait() rather than gather(): cancelling this
@@ -216,15 +237,20 @@ class Dispatcher:
         return handled
 
     async def deliver(
-        self, sessions: sessionmaker, row: store.NotificationRow, sends: asyncio.Semaphore | None = None
+        self,
+        sessions: sessionmaker,
+        row: store.NotificationRow,
+        sends: asyncio.Semaphore | None = None,
+        *,
+        urgent: bool = False,
     ) -> None:
         """Claim, send and record one message. `sends` bounds the sends under way; the
-        claims and records of messages delivered together share transactions."""
-        records = self._recorder(sessions)
+        claims and records of messages delivered together (in one lane) share transactions."""
+        records = self._recorder(sessions, urgent)
         await records.idle()  # outcomes waiting to be recorded go first
         now = clock.now()
         try:
-            claimed = await self._claim(sessions, row, now)
+            claimed = await self._claim(sessions, row, now, urgent)
         except Exception as exc:  # counted as an attempt: a broken row backs off, never spins
             await self._record(records, self._failure(row, row["channel"], row["attempts"] + 1, type(exc).__name__))
             return
@@ -277,22 +303,26 @@ class Dispatcher:
         timeout = timedelta(seconds=self.settings.notify_send_timeout_seconds)
         return clock.now() + timeout < self._lease_until(claimed_at)
 
-    def _recorder(self, sessions: sessionmaker) -> GroupCommit[Outcome, None]:
-        if self._records is None or self._records.sessions is not sessions:
-            self._records = GroupCommit(sessions, self._write)
-        return self._records
+    def _recorder(self, sessions: sessionmaker, urgent: bool = False) -> GroupCommit[Outcome, None]:
+        group = self._records.get(urgent)
+        if group is None or group.sessions is not sessions:
+            group = self._records[urgent] = GroupCommit(sessions, self._write)
+        return group
 
-    def _claimer(self, sessions: sessionmaker) -> GroupCommit[Claim, Claimed | None]:
-        if self._claims is None or self._claims.sessions is not sessions:
-            self._claims = GroupCommit(sessions, self._take)
-        return self._claims
+    def _claimer(self, sessions: sessionmaker, urgent: bool = False) -> GroupCommit[Claim, Claimed | None]:
+        group = self._claims.get(urgent)
+        if group is None or group.sessions is not sessions:
+            group = self._claims[urgent] = GroupCommit(sessions, self._take)
+        return group
 
-    async def _claim(self, sessions: sessionmaker, row: store.NotificationRow, now: datetime) -> Claimed | None:
+    async def _claim(
+        self, sessions: sessionmaker, row: store.NotificationRow, now: datetime, urgent: bool = False
+    ) -> Claimed | None:
         """Take the message for sending, or settle it if it may not go out now (together
-        with the other deliveries claiming meanwhile, in one transaction)."""
-        if self.gate is not None:
+        with the other deliveries of its lane claiming meanwhile, in one transaction)."""
+        if self.gate is not None and not urgent:
             await self.gate.routine()
-        return await self._claimer(sessions).record(Claim(row, now))
+        return await self._claimer(sessions, urgent).record(Claim(row, now))
 
     async def _take(self, session: AsyncSession, claim: Claim) -> Claimed | None:
         row, now = claim
@@ -400,6 +430,13 @@ class Dispatcher:
             attempts, self.policy.retry_base_seconds, self.policy.retry_max_seconds, self._random.random()
         )
         return now + timedelta(seconds=delay)
+
+
+@contextlib.contextmanager
+def _lane(urgent: bool) -> Iterator[None]:
+    """The urgent lane's waits for a database connection go before routine ones."""
+    with first_in_line() if urgent else contextlib.nullcontext():
+        yield
 
 
 def compose(row: store.NotificationRow, ready: usecases.Ready) -> OutboundMessage:

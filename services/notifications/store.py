@@ -1066,15 +1066,18 @@ async def add_notification(session: AsyncSession, **values: Any) -> bool:
 DISPATCHABLE = ("pending", "sending")
 
 
-async def due_notifications(session: AsyncSession, at: datetime, limit: int) -> list[NotificationRow]:
-    """Due messages to patients and care teams; webhook deliveries go one at a time per
-    subscription (webhook_heads)."""
+async def due_notifications(
+    session: AsyncSession, at: datetime, limit: int, *, urgent: bool | None = None
+) -> list[NotificationRow]:
+    """Due messages to patients and care teams (only the urgent ones, or only the others,
+    if `urgent` says); webhook deliveries go one at a time per subscription (webhook_heads)."""
     query = (
         select(notifications)
         .where(
             notifications.c.status.in_(DISPATCHABLE),
             notifications.c.due_at <= at,
             notifications.c.template != "webhook",
+            *([] if urgent is None else [notifications.c.urgent == urgent]),
         )
         .order_by(notifications.c.urgent.desc(), notifications.c.due_at)
         .limit(limit)
@@ -1101,17 +1104,23 @@ async def claim_notification(
     return row
 
 
-async def next_due_at(session: AsyncSession) -> datetime | None:
-    """When the next message falls due: a patient or care-team message, or the head of a
-    subscription that may send (a paused one's queue waits for its resume, not a time)."""
+async def next_due_at(session: AsyncSession, *, urgent: bool | None = None) -> datetime | None:
+    """When the next message falls due: a patient or care-team message (only urgent ones,
+    or only the others, if `urgent` says), or, unless only urgent ones are asked for, the
+    head of a subscription that may send (a paused one's queue waits for its resume)."""
     query = (
         select(notifications.c.due_at)
-        .where(notifications.c.status.in_(DISPATCHABLE), notifications.c.template != "webhook")
+        .where(
+            notifications.c.status.in_(DISPATCHABLE),
+            notifications.c.template != "webhook",
+            *([] if urgent is None else [notifications.c.urgent == urgent]),
+        )
         .order_by(notifications.c.due_at)
     )
     found = (await session.execute(query.limit(1))).first()
     times = [found.due_at] if found else []
-    times += [head["due_at"] for head in await webhook_heads(session)]
+    if not urgent:
+        times += [head["due_at"] for head in await webhook_heads(session)]
     return min(times) if times else None
 
 

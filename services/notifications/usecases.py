@@ -751,6 +751,15 @@ async def raise_alert(
     return alert_id
 
 
+# Set on a session that planned an urgent message: its commit wakes the dispatcher's
+# urgent lane (delivery.py), not only the routine one.
+URGENT_PLANNED = "iopnet.notifications.urgent_planned"
+
+
+def urgent_planned(session: AsyncSession) -> bool:
+    return bool(session.info.get(URGENT_PLANNED))
+
+
 async def _alert_member(
     session: AsyncSession,
     policy: Policy,
@@ -765,6 +774,8 @@ async def _alert_member(
         rules = await site_rules(session, policy, alert["site_id"])
         due = domain.next_business_time(now, rules.timezone, policy.business, policy.business_days)
     values: dict[str, Any] = {"due_at": due} if due is not None else {}
+    if urgent:
+        session.info[URGENT_PLANNED] = True  # the dispatcher's urgent lane is woken on commit
     return await store.add_notification(
         session,
         notification_id=str(uuid4()),

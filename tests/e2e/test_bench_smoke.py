@@ -31,6 +31,9 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
         + latency["urgent_to_care_team_alerted_after_drain_ms"]["n"]
     )
     assert urgent == counts["urgent_check_ins"]
+    # The last stage too: every urgent check-in's on-call message went out.
+    assert counts["on_call_messaged"] == counts["urgent_check_ins"]
+    assert latency["urgent_to_care_team_messaged_during_drain_ms"]["n"] <= counts["urgent_check_ins"]
     assert set(results["waves"]) == {"enrollment", "check_in_offered", "check_in_flat_out"}
     assert results["raw_baseline"]["consume_per_s"] > 0 and results["raw_baseline"]["publish_per_s"] > 0
     assert set(results["consumers"]) == {"intake", "scheduling", "notifications"}
