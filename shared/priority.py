@@ -35,6 +35,7 @@ class PriorityGate:
         # it still moves (the dispatcher's claims include the care team's urgent messages).
         self.max_wait_seconds = max_wait_seconds
         self._urgent = 0
+        self._safety_work = 0
         self._clear = asyncio.Event()
         self._clear.set()
 
@@ -48,6 +49,22 @@ class PriorityGate:
             self._urgent -= 1
             if self._urgent == 0:
                 self._clear.set()
+
+    @contextmanager
+    def safety_work(self) -> Iterator[None]:
+        """Any work of the safety lane waiting or running, a low-risk check-in too. It holds
+        nothing back (`urgent` does), but routine transactions keep short meanwhile
+        (shared/messaging/consumer.py): a low-risk check-in waiting behind a long routine
+        transaction delays the urgent one fetched after it."""
+        self._safety_work += 1
+        try:
+            yield
+        finally:
+            self._safety_work -= 1
+
+    @property
+    def safety_work_under_way(self) -> bool:
+        return self._safety_work > 0
 
     @property
     def pressing(self) -> bool:

@@ -19,6 +19,7 @@ from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, HandlerError, Inbox, Subscription
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
+from shared.priority import PriorityGate
 from tests.conftest import applied_in_order, connected_broker, dead_letters, publish, publish_raw
 
 
@@ -234,6 +235,36 @@ async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_
     assert seen == [f"p{index:02d}" for index in range(12)]
     # 0.03 s each against a 0.05 s budget: at most two events per transaction.
     assert consumer.stats.transactions >= 6
+
+
+async def test_a_routine_batch_keeps_short_while_safety_work_waits(nats_server, inbox_db) -> None:
+    """While the safety lane has work waiting or running (a low-risk check-in too, which
+    holds nothing back), a routine batch commits after a fifth of its budget: on SQLite
+    that check-in, and an urgent one fetched after it, wait for a short transaction."""
+    inbox, sessions = inbox_db
+    gate = PriorityGate()
+
+    async def handler(session, envelope, event) -> None:
+        await asyncio.sleep(0.03)  # the event's own work
+
+    await publish(nats_server.url, *[enrolled(f"p{index:02d}") for index in range(12)])
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("short", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64, transaction_budget_seconds=0.5, gate=gate)  # fmt: skip
+    with gate.safety_work():  # as the safety lane's transaction waiting for the connection
+        task = asyncio.create_task(consumer.run())
+        try:
+
+            async def all_applied() -> bool:
+                return consumer.stats.applied == 12
+
+            await eventually(all_applied, what="twelve events applied")
+        finally:
+            await cancelled(task)
+            await close(broker)
+    # 0.5 s would hold the other eleven in one; 0.1 s holds at most four (0.03 s each).
+    assert consumer.stats.transactions >= 4, consumer.stats.transactions
+    assert not gate.pressing  # nothing was held back
 
 
 async def test_a_batch_kept_waiting_for_the_database_still_gets_its_budget(nats_server, tmp_path: Path) -> None:
