@@ -60,6 +60,11 @@ async def test_the_safety_lane_in_a_process_of_its_own(
         await bus.wait_for_event("CareTeamAlerted", timeout=30)
         await wait_mail(smtp_sink, ON_CALL)  # the alert's message, sent
         await wait_mail(smtp_sink, patient.email)  # the welcome, planned by the other process
+        # The safety process sends urgent messages only (at most the alert's; the routine
+        # process's urgent lane may have taken it first on its tick); the welcome is not its.
+        dispatchers = routine_app.state.notifier.dispatcher, safety_app.state.notifier.dispatcher
+        assert [d.lanes for d in dispatchers] == [("urgent", "routine"), ("urgent",)]
+        assert dispatchers[1].sent <= 1 and dispatchers[0].sent >= 1
         [lane] = safety.consumers
         assert lane.stats.applied == 1  # the check-in, read by the safety process only
         # Control requests reach one process of each kind; only the one that reads the
