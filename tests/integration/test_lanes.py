@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from iopnet.testing import BusRecorder
+from iopnet.testing import BusRecorder, eventually
 from services.notifications.app import create_app
 from shared.messaging.connection import connect_once
 from shared.messaging.control import ConsumerStateRequest, ControlReply, control_subject
@@ -64,6 +64,11 @@ async def test_the_safety_lane_in_a_process_of_its_own(
         # process's urgent lane may have taken it first on its tick); the welcome is not its.
         dispatchers = routine_app.state.notifier.dispatcher, safety_app.state.notifier.dispatcher
         assert [d.lanes for d in dispatchers] == [("urgent", "routine"), ("urgent",)]
+
+        async def both_recorded() -> bool:  # a mail is out a moment before it is recorded
+            return sum(d.sent for d in dispatchers) == 2
+
+        await eventually(both_recorded, what="the welcome and the alert's message recorded as sent")
         assert dispatchers[1].sent <= 1 and dispatchers[0].sent >= 1
         [lane] = safety.consumers
         assert lane.stats.applied == 1  # the check-in, read by the safety process only
