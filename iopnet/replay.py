@@ -144,16 +144,24 @@ async def _follow(
     assert answer.durable is not None and answer.last_seq is not None
     body = ConsumerStateRequest(durable=answer.durable).model_dump_json().encode()
     deadline = None if timeout is None else time.monotonic() + timeout
-    state = answer
-    while not caught_up(state, answer.last_seq):
-        if deadline is not None and time.monotonic() > deadline:
-            raise ReplayFailed(f"{answer.durable} had not caught up after {timeout:.0f}s: {state.num_pending} pending")
-        await asyncio.sleep(WATCH_INTERVAL_SECONDS)  # a progress poll: nothing to wait on but the server's count
+
+    async def read() -> ControlReply:
         state = await _ask(nc, service, "consumer_state", body)
         if not state.ok:
             raise ReplayFailed(f"{service}: {state.error}")
         if progress is not None:
             progress(state)
+        return state
+
+    # The answer's counters are those of the moment the durable was reset, its position
+    # a moment later: the consumer may have gone through everything in between. So the
+    # answer is never the last state; the service is asked at least once.
+    state = await read()
+    while not caught_up(state, answer.last_seq):
+        if deadline is not None and time.monotonic() > deadline:
+            raise ReplayFailed(f"{answer.durable} had not caught up after {timeout:.0f}s: {state.num_pending} pending")
+        await asyncio.sleep(WATCH_INTERVAL_SECONDS)  # a progress poll: nothing to wait on but the server's count
+        state = await read()
     return state
 
 

@@ -428,9 +428,11 @@ class Consumer:
             return
         # A routine batch may stop early to let safety work have the database (`apply`):
         # what it applied is acked, the rest is still held and goes next, in order.
+        # Counted before the acks: whoever reads the durable's ack floor (a re-drive's
+        # progress) then finds the counters already saying what was applied.
+        self._count(outcomes)
         for message in messages[: len(outcomes)]:
             await self._ack(message)
-        self._count(outcomes)
         rest = messages[len(outcomes) :]
         if rest and not self.stopping:
             await self.process_batch(rest)
@@ -796,8 +798,8 @@ class Consumer:
                 if await self._pause(self.nak_delay_seconds * 2 ** (attempt - 1)):
                     return  # stopping: still held, so _release hands it back in order
                 attempt += 1
-        await self._ack(message)
         self._count(outcomes)
+        await self._ack(message)
 
     @contextmanager
     def _handling(self, envelope: Envelope, headers: Mapping[str, str] | None) -> Iterator[None]:

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import delete, func, select
 
 from iopnet.natsd import PERMISSIONS, NatsServer, free_port, load_or_create_credentials
-from iopnet.replay import ReplayFailed, caught_up, redrive, redrive_instructions, service_of, stream_of
+from iopnet.replay import ReplayFailed, _follow, caught_up, redrive, redrive_instructions, service_of, stream_of
 from iopnet.testing import BusRecorder, eventually
 from services.scheduling import store
 from services.scheduling.app import create_app
@@ -126,6 +126,27 @@ async def test_a_redrive_applies_nothing_twice_and_rebuilds_a_cleared_projection
             assert [m.subject for m in bus.messages[seen_on_bus:] if m.subject.startswith("iop.intake.")] == []
     finally:
         await bus.stop()
+
+
+async def test_a_redrive_done_before_its_answer_was_read_still_reports_what_it_applied(app, nats_server) -> None:
+    """The service's answer holds its counters as of the reset and the durable's position
+    a moment later; a quick consumer has gone through everything in between, so the
+    answer already looks caught up. Following it must still ask where things stand: a CI
+    run read (0 applied, 0 duplicates) for a re-drive that skipped 4."""
+    async with running(app):
+        await publish(nats_server.url, site(), enrolled())
+        await projected(app, 1)
+        consumer = next(c for c in app.state.runtime.consumers if c.durable == DURABLE)
+        as_of_the_reset = ControlReply(service="scheduling", ok=True, durable=DURABLE, stream="IOP_INTAKE",
+                                       last_seq=2, num_pending=0, num_ack_pending=0, ack_floor_seq=2)  # fmt: skip
+        nc = await connect_once(nats_server.url)
+        try:
+            seen: list[ControlReply] = []
+            final = await _follow(nc, "scheduling", as_of_the_reset, seen.append, timeout=10)
+        finally:
+            await nc.close()
+        assert final is not as_of_the_reset and seen == [final]
+        assert (final.applied, final.duplicates) == (consumer.stats.applied, 0) == (2, 0)
 
 
 async def test_a_redrive_since_a_time_restores_only_what_was_lost(app, nats_server) -> None:
