@@ -264,7 +264,13 @@ async def test_the_safety_lane_is_first_in_line_for_the_database(
     pool's line, shared/priority.py); before, it waited behind all of them, and an urgent
     check-in fetched after it waited too."""
     database = f"sqlite+aiosqlite:///{tmp_path / 'notifications.db'}"
-    app = create_app(live_settings(nats_server.url, tmp_path, database, smtp_sink, http_peer))
+    # The dispatcher's urgent lane, safety work too, looks for due messages at every tick:
+    # with the suite's 0.2 s tick it queued for the connection beside the check-in in 1
+    # run of 8, and the test could not tell which was waiting. Here it runs only when a
+    # commit wakes it (nothing urgent is planned).
+    app = create_app(
+        live_settings(nats_server.url, tmp_path, database, smtp_sink, http_peer, notify_dispatch_tick_seconds=3600.0)
+    )
     patient = Patient()
     async with running(app) as client:
         await with_roster(app, nats_server.url, client)
