@@ -12,9 +12,18 @@ and publishes them before other pending rows. On PostgreSQL the gate changes lit
 The gate only stops routine work from *starting*. Transactions already waiting for the
 connection would still go first, one after another, so the pool's queue of waiters is
 ordered too: a connection given back goes to the longest-waiting safety work before
-anything routine (`SafetyFirstPool`). Safety work marks itself with `first_in_line()`."""
+anything routine (`SafetyFirstPool`). Safety work marks itself with `first_in_line()`.
+
+Between the two, work that finishes what is already under way (the dispatcher sending
+routine messages that are due: a welcome, a reminder) marks itself with
+`finishing_work()`: it goes after safety work and before routine work that starts
+something new (a consumer's batch, whose events fan out into more). Routine work is
+finite (each round sends what the consumers planned), so it cannot keep the consumers
+from the database; without it, each of a round's turns waited behind every consumer's
+transaction queued meanwhile (`docs/performance.md`, the welcome's path)."""
 
 import asyncio
+import enum
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -24,9 +33,18 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
 from sqlalchemy.util.concurrency import await_
 from sqlalchemy.util.queue import Empty, Full, QueueCommon
 
-# Set for the duration of safety work in the task doing it; the pool's queue reads it
-# when that task has to wait for a connection.
-_first_in_line: ContextVar[bool] = ContextVar("iopnet_first_in_line", default=False)
+
+class Line(enum.IntEnum):
+    """Where a task waiting for a database connection stands: lower goes first."""
+
+    SAFETY = 0
+    FINISHING = 1
+    ROUTINE = 2
+
+
+# Set for the duration of safety (or finishing) work in the task doing it; the pool's
+# queue reads it when that task has to wait for a connection.
+_line: ContextVar[Line] = ContextVar("iopnet_line", default=Line.ROUTINE)
 
 
 class PriorityGate:
@@ -85,12 +103,26 @@ class PriorityGate:
 
 @contextmanager
 def first_in_line() -> Iterator[None]:
-    """Safety work: this task's waits for a database connection go before routine ones."""
-    token = _first_in_line.set(True)
+    """Safety work: this task's waits for a database connection go before all others."""
+    with _in_line(Line.SAFETY):
+        yield
+
+
+@contextmanager
+def finishing_work() -> Iterator[None]:
+    """Work that finishes what is under way: its waits go after safety work and before
+    routine work that starts something new. Safety work inside it stays first."""
+    with _in_line(min(_line.get(), Line.FINISHING)):
+        yield
+
+
+@contextmanager
+def _in_line(line: Line) -> Iterator[None]:
+    token = _line.set(line)
     try:
         yield
     finally:
-        _first_in_line.reset(token)
+        _line.reset(token)
 
 
 class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
@@ -107,8 +139,8 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
         self.maxsize = maxsize
         self.use_lifo = use_lifo  # read when the pool is recreated; idle ones go out in order
         self._idle: deque[ConnectionPoolEntry] = deque()
-        self._safety: deque[asyncio.Future[ConnectionPoolEntry]] = deque()
-        self._routine: deque[asyncio.Future[ConnectionPoolEntry]] = deque()
+        # One line of waiters per `Line`, served in that order, each first come first served.
+        self._lines: tuple[deque[asyncio.Future[ConnectionPoolEntry]], ...] = tuple(deque() for _ in Line)
 
     def empty(self) -> bool:
         return not self._idle
@@ -120,15 +152,15 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
         return len(self._idle)
 
     def waiting(self, *, safety_work: bool | None = None) -> int:
-        """Callers waiting for a connection now (those doing safety work, or routine work)."""
-        lines = {True: [self._safety], False: [self._routine], None: [self._safety, self._routine]}[safety_work]
-        return sum(not waiter.done() for waiters in lines for waiter in waiters)
+        """Callers waiting for a connection now (those doing safety work, or the others)."""
+        lines = [line for line in Line if safety_work is None or (line is Line.SAFETY) == safety_work]
+        return sum(not waiter.done() for line in lines for waiter in self._lines[line])
 
     def put(self, item: ConnectionPoolEntry, block: bool = True, timeout: float | None = None) -> None:
         self.put_nowait(item)  # never blocks: a waiter takes it, or it goes idle
 
     def put_nowait(self, item: ConnectionPoolEntry) -> None:
-        for waiters in (self._safety, self._routine):
+        for waiters in self._lines:
             while waiters:
                 waiter = waiters.popleft()
                 if not waiter.done():  # a waiter that gave up (timeout, cancel) is skipped
@@ -150,7 +182,7 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
 
     async def _wait(self, timeout: float | None) -> ConnectionPoolEntry:
         waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
-        (self._safety if _first_in_line.get() else self._routine).append(waiter)
+        self._lines[_line.get()].append(waiter)
         try:
             async with asyncio.timeout(timeout):
                 return await waiter

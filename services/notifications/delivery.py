@@ -54,7 +54,7 @@ from shared import clock
 from shared.contracts.events import NotificationFailed, NotificationSent
 from shared.group_commit import GroupCommit
 from shared.messaging.outbox import CommitSignal
-from shared.priority import PriorityGate, first_in_line
+from shared.priority import PriorityGate, finishing_work, first_in_line
 from shared.runtime import ServiceRuntime
 from shared.settings import Settings
 
@@ -458,8 +458,10 @@ class Dispatcher:
 
 @contextlib.contextmanager
 def _lane(urgent: bool) -> Iterator[None]:
-    """The urgent lane's waits for a database connection go before routine ones."""
-    with first_in_line() if urgent else contextlib.nullcontext():
+    """The urgent lane's waits for a database connection go before all others; the
+    routine lane's before the consumers' (it finishes work they planned: a welcome waited
+    behind each consumer's batch at every turn of its round, shared/priority.py)."""
+    with first_in_line() if urgent else finishing_work():
         yield
 
 

@@ -7,6 +7,7 @@ per cause however often it is delivered.
 Clock-dependent rules run with the site's quiet hours set around the current local time,
 or through the use cases with an explicit `now`."""
 
+import asyncio
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import event as sqlalchemy_event
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 from iopnet.testing import BusRecorder, eventually
 from services.notifications import domain, store, usecases
@@ -542,6 +543,53 @@ async def test_deliveries_due_together_are_claimed_and_recorded_together(app, na
     # Before: 11 claims and 13 records; now 2 and 5-6 (the sends end at different times).
     assert transactions["claims"] <= 3, transactions
     assert transactions["records"] <= 8, transactions
+
+
+async def test_a_round_of_due_messages_goes_before_the_consumers_waiting_for_the_database(
+    nats_server, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    """On SQLite a service has one connection. The dispatcher's round finishes work the
+    consumers planned (a welcome that is due): it takes the connection before routine
+    transactions that were waiting already (shared/priority.py, finishing work), instead
+    of each of its turns waiting behind all of them."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'notifications.db'}"  # PostgreSQL has a pool: no line
+    app = create_app(live_settings(nats_server.url, tmp_path, database, smtp_sink, http_peer))
+    patient = Patient()
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await app.state.notifier.dispatcher.stop()  # the welcome stays pending, due
+        await onboard(app, nats_server.url, patient)
+        runtime = app.state.runtime
+        pool = runtime.engine.sync_engine.pool
+        dispatcher = Dispatcher(runtime.settings, app.state.notifier.policy)
+        checkouts: list[str] = []
+
+        async def routine_transaction() -> None:
+            async with runtime.sessions() as session, session.begin():
+                await session.execute(text("SELECT 1"))
+
+        def checked_out(*_: object) -> None:
+            task = asyncio.current_task()
+            checkouts.append(task.get_name() if task else "?")
+
+        async with runtime.sessions() as holder, holder.begin():
+            await holder.execute(text("SELECT 1"))  # the one connection is taken
+            routine = [asyncio.create_task(routine_transaction(), name=f"routine {n}") for n in range(3)]
+
+            async def waiting(count: int) -> bool:
+                return pool._pool.waiting() >= count  # the service's own loops may wait too
+
+            await eventually(lambda: waiting(len(routine)), what="routine transactions waiting for the connection")
+            before = pool._pool.waiting()
+            round_ = asyncio.create_task(dispatcher.dispatch_due(runtime.sessions), name="round")
+            await eventually(lambda: waiting(before + 1), what="the round waiting for the connection")
+            sqlalchemy_event.listen(pool, "checkout", checked_out)
+        async with asyncio.timeout(10):
+            assert await round_ == 1
+            await asyncio.gather(*routine)
+        sqlalchemy_event.remove(pool, "checkout", checked_out)
+    assert checkouts[0] == "round", checkouts
+    assert dispatcher.sent == 1
 
 
 # --- once per cause ----------------------------------------------------------------------------------

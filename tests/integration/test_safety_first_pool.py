@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from iopnet.testing import eventually
 from shared.db import create_engine
-from shared.priority import SafetyFirstPool, SafetyFirstQueue, first_in_line
+from shared.priority import SafetyFirstPool, SafetyFirstQueue, finishing_work, first_in_line
 
 
 @pytest.fixture
@@ -60,6 +60,38 @@ async def test_a_connection_given_back_goes_to_safety_work_first_then_in_order_o
     async with asyncio.timeout(10):
         await asyncio.gather(*tasks)
     assert order == ["safety", "routine 1", "routine 2", "routine 3"]
+
+
+async def test_work_that_finishes_what_is_under_way_goes_after_safety_and_before_routine(engine) -> None:
+    """The dispatcher's routine rounds (finishing work: a welcome that is due) go before
+    the consumers' batches that start new work, and after safety work; safety work inside
+    finishing work stays first."""
+    order: list[str] = []
+
+    async def finishing(name: str) -> None:
+        with finishing_work():
+            await transaction(engine, name, order)
+
+    async def safety_within_finishing() -> None:
+        with finishing_work(), first_in_line(), finishing_work():
+            await transaction(engine, "safety", order)
+
+    async with engine.connect() as holder:
+        await holder.execute(text("SELECT 1"))
+        tasks = []
+        for work in (
+            transaction(engine, "routine 1", order),
+            finishing("finishing 1"),
+            transaction(engine, "routine 2", order),
+            safety_within_finishing(),
+            finishing("finishing 2"),
+        ):
+            tasks.append(asyncio.create_task(work))
+            await queued(engine, len(tasks))
+        assert line(engine).waiting(safety_work=True) == 1
+    async with asyncio.timeout(10):
+        await asyncio.gather(*tasks)
+    assert order == ["safety", "finishing 1", "finishing 2", "routine 1", "routine 2"]
 
 
 async def test_a_caller_that_comes_by_as_the_connection_is_given_back_waits_its_turn(engine) -> None:
