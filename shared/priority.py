@@ -15,8 +15,8 @@ ordered too: a connection given back goes to the longest-waiting safety work bef
 anything routine (`SafetyFirstPool`). Safety work marks itself with `first_in_line()`.
 
 Between the two, work that finishes what is already under way (the dispatcher sending
-routine messages that are due: a welcome, a reminder) marks itself with
-`finishing_work()`: it goes after safety work and before routine work that starts
+routine messages that are due: a welcome, a reminder; on SQLite the outbox relay putting
+committed events on the bus) marks itself with `finishing_work()`: it goes after safety work and before routine work that starts
 something new (a consumer's batch, whose events fan out into more). Routine work is
 finite (each round sends what the consumers planned), so it cannot keep the consumers
 from the database; without it, each of a round's turns waited behind every consumer's

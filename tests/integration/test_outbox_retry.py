@@ -7,7 +7,7 @@ import asyncio
 import logging
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 
 from iopnet.testing import cancelled, eventually
 from shared.messaging import OutboxRelay
@@ -59,3 +59,59 @@ async def test_the_relay_backs_off_while_no_stream_takes_its_events(
     messages = [record.getMessage() for record in caplog.records if record.name == "iopnet.outbox"]
     assert messages.count("outbox relay paused") == 1
     assert messages.count("outbox relay resumed") == 1
+
+
+async def test_on_sqlite_the_relays_turns_go_before_routine_work_waiting_for_the_database(
+    nats_server, tmp_path
+) -> None:
+    """Putting committed events on the bus finishes work: on SQLite's one connection the
+    relay's turns go before routine transactions that were waiting already
+    (shared/priority.py), instead of every event's lag growing with the queue."""
+    outbox, engine, sessions = await outbox_alone(f"sqlite+aiosqlite:///{tmp_path / 'outbox.db'}")
+    broker = await connected_broker(nats_server.url)
+    await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
+    relay = OutboxRelay(outbox, sessions, lambda: broker)
+    queue = engine.sync_engine.pool._pool  # type: ignore[attr-defined]
+    checkouts: list[str] = []
+
+    def checked_out(*_: object) -> None:
+        task = asyncio.current_task()
+        checkouts.append(task.get_name() if task else "?")
+
+    async def routine_transaction() -> None:
+        async with sessions() as session, session.begin():
+            await session.execute(select(1))
+
+    async def waiting(count: int) -> bool:
+        return queue.waiting() == count
+
+    async def on_the_bus(count: int) -> bool:
+        async with sessions() as session:
+            sent = select(func.count()).where(outbox.table.c.sent_at.is_not(None))
+            return (await session.execute(sent)).scalar_one() == count  # published and recorded
+
+    running = asyncio.create_task(relay.run(), name="relay")
+    listening = False
+    try:
+        async with sessions() as session, session.begin():
+            await outbox.emit(session, enrolled(), SITE)
+        await eventually(lambda: on_the_bus(1), what="a first event sent: the relay is idle")
+        async with sessions() as holder, holder.begin():
+            await outbox.emit(holder, enrolled(), SITE)  # the one connection is taken
+            routine = [asyncio.create_task(routine_transaction(), name=f"routine {n}") for n in range(3)]
+            await eventually(lambda: waiting(len(routine)), what="routine transactions waiting")
+            relay.wake()
+            await eventually(lambda: waiting(len(routine) + 1), what="the relay waiting")
+            event.listen(engine.sync_engine.pool, "checkout", checked_out)
+            listening = True
+        async with asyncio.timeout(10):
+            await asyncio.gather(*routine)
+        await eventually(lambda: on_the_bus(2), what="the second event sent")
+    finally:
+        if listening:
+            event.remove(engine.sync_engine.pool, "checkout", checked_out)
+        await cancelled(running)
+        await close(broker)
+        await engine.dispose()
+    assert checkouts[0] == "relay", checkouts
+    assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
