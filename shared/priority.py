@@ -16,9 +16,10 @@ anything routine (`SafetyFirstPool`). Safety work marks itself with `first_in_li
 
 Between the two, work that finishes what is already under way (the dispatcher sending
 routine messages that are due: a welcome, a reminder; on SQLite the outbox relay putting
-committed events on the bus) marks itself with `finishing_work()`: it goes after safety work and before routine work that starts
-something new (a consumer's batch, whose events fan out into more). Routine work is
-finite (each round sends what the consumers planned), so it cannot keep the consumers
+committed events on the bus) marks itself with `finishing_work()`: it goes after safety
+work and before routine work that starts something new (a consumer's batch, whose events
+fan out into more). Finishing work is finite (each round sends what the consumers
+planned, the relay publishes what they committed), so it cannot keep the consumers
 from the database; without it, each of a round's turns waited behind every consumer's
 transaction queued meanwhile (`docs/performance.md`, the welcome's path)."""
 
