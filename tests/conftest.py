@@ -1,6 +1,7 @@
 """Fixtures: a real nats-server per test (free port, temp dir, killable), real SQLite and
 PostgreSQL databases, services running in-process over real HTTP transports."""
 
+import asyncio
 import os
 import shutil
 from collections.abc import AsyncIterator, Iterator
@@ -16,9 +17,10 @@ import nats.js.errors
 import pytest
 from fastapi import FastAPI
 from faststream.nats import NatsBroker
-from sqlalchemy import MetaData, select
+from sqlalchemy import MetaData, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.pool import Pool
 
 from iopnet.natsd import NatsServer, free_port
 from iopnet.testing import BusRecorder
@@ -176,6 +178,35 @@ async def applied_in_order(sessions: async_sessionmaker[AsyncSession], inbox: In
     async with sessions() as session:
         query = select(inbox.table.c.event_id).order_by(inbox.table.c.received_at)
         return [str(r) for r in (await session.execute(query)).scalars()]
+
+
+async def routine_transaction(sessions: async_sessionmaker[AsyncSession]) -> None:
+    """A transaction of routine work: on SQLite it waits for the one connection in the
+    pool's line (shared/priority.py) behind safety and finishing work."""
+    async with sessions() as session, session.begin():
+        await session.execute(select(1))
+
+
+class Checkouts:
+    """The names of the tasks that take a connection from `pool`, in order, once started."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self.names: list[str] = []
+        self._listening = False
+
+    def start(self) -> None:
+        event.listen(self.pool, "checkout", self._checked_out)
+        self._listening = True
+
+    def stop(self) -> None:
+        if self._listening:
+            event.remove(self.pool, "checkout", self._checked_out)
+            self._listening = False
+
+    def _checked_out(self, *_: object) -> None:
+        task = asyncio.current_task()
+        self.names.append(task.get_name() if task else "?")
 
 
 def make_settings(nats_url: str, tmp_path: Path, **overrides: Any) -> Settings:

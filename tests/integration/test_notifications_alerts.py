@@ -28,7 +28,7 @@ from shared.contracts.events import (
     SessionScheduled,
     WeeklyHoursShortfall,
 )
-from tests.conftest import HttpPeer, SmtpSink, auth, publish, running
+from tests.conftest import Checkouts, HttpPeer, SmtpSink, auth, publish, routine_transaction, running
 from tests.integration.test_notifications_delivery import (
     SITE,
     TZ,
@@ -279,19 +279,12 @@ async def test_the_safety_lane_is_first_in_line_for_the_database(
         pool = runtime.engine.sync_engine.pool
         [safety] = [c for c in runtime.consumers if c.durable == "notifications-IOP_INTAKE-safety"]
         applied = safety.stats.applied
-        checkouts: list[str] = []
-
-        async def routine_transaction() -> None:
-            async with runtime.sessions() as session, session.begin():
-                await session.execute(text("SELECT 1"))
-
-        def checked_out(*_: object) -> None:
-            task = asyncio.current_task()
-            checkouts.append(task.get_name() if task else "?")
-
+        checkouts = Checkouts(pool)
         async with runtime.sessions() as holder, holder.begin():
             await holder.execute(text("SELECT 1"))  # the one connection is taken
-            routine = [asyncio.create_task(routine_transaction(), name=f"routine {n}") for n in range(3)]
+            routine = [
+                asyncio.create_task(routine_transaction(runtime.sessions), name=f"routine {n}") for n in range(3)
+            ]
 
             async def all_waiting() -> bool:
                 return pool._pool.waiting(safety_work=False) >= len(routine)
@@ -303,7 +296,7 @@ async def test_the_safety_lane_is_first_in_line_for_the_database(
                 return pool._pool.waiting(safety_work=True) == 1
 
             await eventually(check_in_waiting, what="the check-in waiting for the connection")
-            event.listen(pool, "checkout", checked_out)
+            checkouts.start()
         async with asyncio.timeout(10):
             await asyncio.gather(*routine)
 
@@ -311,11 +304,11 @@ async def test_the_safety_lane_is_first_in_line_for_the_database(
             return safety.stats.applied > applied
 
         await eventually(check_in_applied, what="the check-in applied")
-        event.remove(pool, "checkout", checked_out)
+        checkouts.stop()
         # Before every routine transaction that was waiting (the dispatcher's urgent lane,
         # safety work too, may take its turn among the first as well).
-        routine_turns = [checkouts.index(task.get_name()) for task in routine]
-        assert checkouts.index(safety.durable) < min(routine_turns), checkouts
+        routine_turns = [checkouts.names.index(task.get_name()) for task in routine]
+        assert checkouts.names.index(safety.durable) < min(routine_turns), checkouts.names
 
 
 async def raise_urgent(app, session, patient: Patient, cause: Envelope, now: datetime) -> str | None:

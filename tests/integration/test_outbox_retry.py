@@ -7,13 +7,13 @@ import asyncio
 import logging
 
 import pytest
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 
 from iopnet.testing import cancelled, eventually
 from shared.messaging import OutboxRelay
 from shared.messaging.broker import close, jetstream
 from shared.messaging.streams import STREAMS, ensure_streams
-from tests.conftest import connected_broker, outbox_alone, stream_count
+from tests.conftest import Checkouts, connected_broker, outbox_alone, routine_transaction, stream_count
 from tests.integration.test_outbox_express import SITE, enrolled
 
 COMMITS = 60
@@ -72,15 +72,7 @@ async def test_on_sqlite_the_relays_turns_go_before_routine_work_waiting_for_the
     await ensure_streams(jetstream(broker), [STREAMS["IOP_INTAKE"]], 120)
     relay = OutboxRelay(outbox, sessions, lambda: broker)
     queue = engine.sync_engine.pool._pool  # type: ignore[attr-defined]
-    checkouts: list[str] = []
-
-    def checked_out(*_: object) -> None:
-        task = asyncio.current_task()
-        checkouts.append(task.get_name() if task else "?")
-
-    async def routine_transaction() -> None:
-        async with sessions() as session, session.begin():
-            await session.execute(select(1))
+    checkouts = Checkouts(engine.sync_engine.pool)
 
     async def waiting(count: int) -> bool:
         return queue.waiting() == count
@@ -91,27 +83,24 @@ async def test_on_sqlite_the_relays_turns_go_before_routine_work_waiting_for_the
             return (await session.execute(sent)).scalar_one() == count  # published and recorded
 
     running = asyncio.create_task(relay.run(), name="relay")
-    listening = False
     try:
         async with sessions() as session, session.begin():
             await outbox.emit(session, enrolled(), SITE)
         await eventually(lambda: on_the_bus(1), what="a first event sent: the relay is idle")
         async with sessions() as holder, holder.begin():
             await outbox.emit(holder, enrolled(), SITE)  # the one connection is taken
-            routine = [asyncio.create_task(routine_transaction(), name=f"routine {n}") for n in range(3)]
+            routine = [asyncio.create_task(routine_transaction(sessions), name=f"routine {n}") for n in range(3)]
             await eventually(lambda: waiting(len(routine)), what="routine transactions waiting")
             relay.wake()
             await eventually(lambda: waiting(len(routine) + 1), what="the relay waiting")
-            event.listen(engine.sync_engine.pool, "checkout", checked_out)
-            listening = True
+            checkouts.start()
         async with asyncio.timeout(10):
             await asyncio.gather(*routine)
         await eventually(lambda: on_the_bus(2), what="the second event sent")
     finally:
-        if listening:
-            event.remove(engine.sync_engine.pool, "checkout", checked_out)
+        checkouts.stop()
         await cancelled(running)
         await close(broker)
         await engine.dispose()
-    assert checkouts[0] == "relay", checkouts
+    assert checkouts.names[0] == "relay", checkouts.names
     assert await stream_count(nats_server.url, "IOP_INTAKE") == 2
