@@ -731,15 +731,17 @@ async def test_a_message_claimed_by_a_dispatcher_that_died_is_sent_when_its_leas
         await onboard(app, nats_server.url, patient)
         await wait_mail(smtp_sink, patient.email)
         # A missed-you claimed for sending by a process that then died: its lease has run out.
+        # Planned and claimed in one transaction: planned alone, this dispatcher could send
+        # it before the test marked it claimed (a CI run: sent twice, attempts 2).
         async with app.state.runtime.sessions() as session, session.begin():
             await usecases.plan_patient_message(
                 session, app.state.notifier.policy, patient_id=patient.id, site_id=SITE, template="missed_you",
                 cause_event_id=str(uuid4()), correlation_id=str(uuid4()), now=datetime.now(UTC),
             )  # fmt: skip
-        [row] = await rows(app, template="missed_you")
-        async with app.state.runtime.sessions() as session, session.begin():
+            query = select(store.notifications.c.notification_id).where(store.notifications.c.template == "missed_you")
+            notification_id = (await session.execute(query)).scalar_one()
             await store.mark_notification(
-                session, row["notification_id"], status="sending", due_at=datetime.now(UTC) - timedelta(seconds=1)
+                session, notification_id, status="sending", due_at=datetime.now(UTC) - timedelta(seconds=1)
             )
             app.state.notifier.dispatcher.wake_after_commit(session)
         await wait_mail(smtp_sink, patient.email, count=2)
