@@ -80,7 +80,10 @@ async def test_a_consent_based_integrations_webhook_gets_a_patients_events_only_
         await publish_and_settle(app, nats_server.url, consent, wrong_purpose)
         consented = check_in(consenting)
         context = program_published(SITE, program_id="adult-pm")
-        await publish_and_settle(app, nats_server.url, consented, check_in(other_purpose), check_in(never), context)
+        await publish_and_settle(app, nats_server.url, consented, check_in(other_purpose), check_in(never))
+        # Settled apart: the check-in and the program are read by different consumers, and a
+        # subscription's queue is in the order its events were taken, not published.
+        await publish_and_settle(app, nats_server.url, context)
 
         expected = [str(consent.event_id), str(consented.event_id), str(context.event_id)]
 
