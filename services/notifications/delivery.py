@@ -188,12 +188,16 @@ class Dispatcher:
         while not self._stopping:
             # Woken on commit, or when the next message falls due (a reminder, a retry),
             # or by the tick at the latest.
-            await signal.wait(tick=wait)
+            signalled = await signal.wait(tick=wait)
             if self._stopping:
                 return
+            # A bare tick (nothing committed, nothing known to fall due) looks in finishing
+            # work's place: the urgent lane's look every tick went first in line for the
+            # connection, beside the safety consumers, mostly to find nothing.
+            polled = urgent and not signalled and wait >= tick
             try:
-                await self.dispatch_due(sessions, urgent=urgent)
-                with _lane(urgent):
+                handled = await self.dispatch_due(sessions, urgent=urgent, polled=polled)
+                with finishing_work() if polled and not handled else _lane(urgent):
                     async with sessions() as session:
                         upcoming = await store.next_due_at(session, urgent=urgent)
             except Exception as exc:  # a failed round is retried next tick, never fatal
@@ -221,13 +225,11 @@ class Dispatcher:
             await asyncio.wait(late, timeout=1.0)
             log.warning("sends cut short by shutdown", extra={"count": len(late)})
 
-    async def dispatch_due(self, sessions: sessionmaker, *, urgent: bool = False) -> int:
+    async def dispatch_due(self, sessions: sessionmaker, *, urgent: bool = False, polled: bool = False) -> int:
         """Send everything due now in the lane (urgent messages, or the others), in
-        batches; returns how many messages were handled."""
-        with _lane(urgent):  # the delivery tasks below inherit it
-            return await self._dispatch_due(sessions, urgent)
-
-    async def _dispatch_due(self, sessions: sessionmaker, urgent: bool) -> int:
+        batches; returns how many messages were handled. `polled`: only the tick woke
+        the lane, so its first look waits in finishing work's place; what it finds is
+        sent in the lane's."""
         handled = 0
         sends = asyncio.Semaphore(CONCURRENCY)
 
@@ -236,17 +238,21 @@ class Dispatcher:
                 await self.deliver(sessions, row, sends, urgent=urgent)
 
         while not self._stopping:
-            async with sessions() as session:
-                now = clock.now()
-                due = await store.due_notifications(session, now, BATCH, urgent=urgent)
-                if not urgent:
-                    # Webhooks: the head of each subscription's queue, one at a time (in order).
-                    due += [head for head in await store.webhook_heads(session) if head["due_at"] <= now]
+            with finishing_work() if polled else _lane(urgent):
+                async with sessions() as session:
+                    now = clock.now()
+                    due = await store.due_notifications(session, now, BATCH, urgent=urgent)
+                    if not urgent:
+                        # Webhooks: the head of each subscription's queue, one at a time (in order).
+                        due += [head for head in await store.webhook_heads(session) if head["due_at"] <= now]
+            polled = False
             if not due:
                 return handled
             # Tasks of their own, awaited with wait() rather than gather(): cancelling this
-            # round (shutdown) must not cancel a send under way or its record.
-            tasks = {asyncio.ensure_future(one(row)) for row in due}
+            # round (shutdown) must not cancel a send under way or its record. They take
+            # the lane's place in the line with them (a task copies its context).
+            with _lane(urgent):
+                tasks = {asyncio.ensure_future(one(row)) for row in due}
             self._deliveries |= tasks
             try:
                 await asyncio.wait(tasks)

@@ -75,14 +75,17 @@ class CommitSignal:
     def set(self) -> None:
         self._event.set()
 
-    async def wait(self, tick: float) -> None:
-        """Return when signalled or after `tick` seconds (a retry tick), whichever is first."""
+    async def wait(self, tick: float) -> bool:
+        """Return when signalled or after `tick` seconds (a retry tick), whichever is
+        first; True if signalled."""
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
         # that lands as the event fires, and the worker would outlive its service.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(tick):
                 await self._event.wait()
+        signalled = self._event.is_set()
         self._event.clear()
+        return signalled
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from shared.contracts.events import (
     SiteRegistered,
 )
 from shared.messaging import Interest
+from shared.priority import finishing_work
 from tests.conftest import (
     Checkouts,
     HttpPeer,
@@ -595,6 +596,56 @@ async def test_a_round_of_due_messages_goes_before_the_consumers_waiting_for_the
     routine_turns = [checkouts.names.index(task.get_name()) for task in routine]
     assert checkouts.names.index("round") < min(routine_turns), checkouts.names
     assert dispatcher.sent == 1
+
+
+async def test_a_look_only_the_tick_woke_waits_in_finishing_works_place_not_first_in_line(
+    nats_server, tmp_path: Path, smtp_sink: SmtpSink, http_peer: HttpPeer
+) -> None:
+    """The urgent lane also looks for due messages at every tick. A look that only the
+    tick woke (nothing committed, nothing known to fall due) takes finishing work's place
+    in the connection's line, not the safety consumers' place at its head, where it went
+    at every tick to find nothing in almost all of them."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'notifications.db'}"  # PostgreSQL has a pool: no line
+    # The relay's retry tick off: the only waiters for the connection are the test's own.
+    app = create_app(
+        live_settings(nats_server.url, tmp_path, database, smtp_sink, http_peer, outbox_retry_seconds=3600)
+    )
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await app.state.notifier.dispatcher.stop()
+        runtime = app.state.runtime
+        pool = runtime.engine.sync_engine.pool
+        queue = pool._pool
+        dispatcher = Dispatcher(runtime.settings, app.state.notifier.policy)
+        checkouts = Checkouts(pool)
+        async with runtime.sessions() as holder, holder.begin():
+            await holder.execute(text("SELECT 1"))  # the one connection is taken
+
+            async def finishing() -> None:
+                with finishing_work():
+                    await routine_transaction(runtime.sessions)
+
+            async def queued(count: int) -> bool:
+                return queue.waiting() >= count
+
+            work = {
+                "finishing": finishing,
+                "look": lambda: dispatcher.dispatch_due(runtime.sessions, urgent=True, polled=True),
+                "routine": lambda: routine_transaction(runtime.sessions),
+            }
+            tasks = []
+            for name, start in work.items():  # in this order
+                tasks.append(asyncio.create_task(start(), name=name))
+                await eventually(lambda: queued(len(tasks)), what=f"{name} waiting for the connection")
+            assert queue.waiting(safety_work=True) == 0  # the look is not at the head of the line
+            checkouts.start()
+        async with asyncio.timeout(10):
+            finished = await asyncio.gather(*tasks)
+        checkouts.stop()
+    assert finished[1] == 0  # nothing was due
+    # In line after the finishing work that was waiting before it, before the routine work.
+    turns = [name for name in checkouts.names if name in ("finishing", "look", "routine")]
+    assert turns[:3] == ["finishing", "look", "routine"], checkouts.names
 
 
 # --- once per cause ----------------------------------------------------------------------------------
