@@ -15,7 +15,9 @@ Two ways to write a group:
   refusal that must not cost the others theirs (its audit row commits with the group).
 
 If the group's transaction fails, every item is tried again in a transaction of its own,
-so one bad item never fails the others.
+so one bad item never fails the others. Alone, an item's refusal marked `keeps_audit`
+commits its audit row as it would outside a group (`shared.db.transaction`); in a group
+it cannot (the others' writes would commit with it and then be written again alone).
 """
 
 import asyncio
@@ -24,6 +26,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from shared.db import transaction
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
@@ -81,7 +85,7 @@ class GroupCommit(Generic[Item, Result]):
 
     async def _commit(self, group: list[tuple[Item, asyncio.Future[Result]]]) -> None:
         try:
-            async with self.sessions() as session, session.begin():
+            async with self.sessions() as session, transaction(session) if len(group) == 1 else session.begin():
                 outcomes = await self.write_all(session, [item for item, _ in group])
             self.transactions += 1
             self.largest_group = max(self.largest_group, len(group))

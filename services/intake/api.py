@@ -39,7 +39,7 @@ from shared.contracts.events import (
 from shared.db import transaction
 from shared.errors import AccessDenied, Conflict, Forbidden, Invalid, NotFound
 from shared.group_commit import GroupCommit
-from shared.http import Db
+from shared.http import Db, Writes
 from shared.runtime import ServiceRuntime
 from shared.tracing import current_context
 
@@ -444,13 +444,17 @@ async def list_programs(
 
 
 @router.post("/patients", status_code=201, response_model=PatientOut, tags=["patients"])
-async def create_patient(body: PatientIn, principal: Staff, session: Db) -> PatientOut:
+async def create_patient(body: PatientIn, principal: Staff, writes: Writes) -> PatientOut:
     ensure_site(principal, body.site_id, "site")
     spec = body.model_dump(exclude={"confirmed_not_duplicate"})
-    async with transaction(session):
-        patient = await usecases.register_patient(session, principal, spec, body.confirmed_not_duplicate, clock.today())
+    today = clock.today()
+
+    async def register(session: AsyncSession) -> dict[str, Any]:
+        patient = await usecases.register_patient(session, principal, spec, body.confirmed_not_duplicate, today)
         await store.record_access(session, principal, "patient.create", body.site_id, patient["patient_id"])
-    return PatientOut(**patient)
+        return patient
+
+    return PatientOut(**await writes.run(register))
 
 
 @router.get("/patients", response_model=list[PatientSummary], tags=["patients"])
@@ -506,13 +510,17 @@ def _patient_out(patient: PatientRow, episodes: list[EnrollmentRow]) -> PatientO
 
 
 @router.post("/patients/{patient_id}/enrollments", status_code=201, response_model=EnrollmentOut, tags=["enrollments"])
-async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff, session: Db) -> EnrollmentOut:
+async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff, writes: Writes) -> EnrollmentOut:
     today = clock.today()
     usecases.check_enrollment(body.start_date, today)
-    async with transaction(session):
+
+    async def open_episode(session: AsyncSession) -> EnrollmentRow:
         patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
         enrollment = await usecases.enroll(session, principal.sub, patient, body.model_dump(), today)
         await store.record_access(session, principal, "enrollment.create", patient["site_id"], patient_id)
+        return enrollment
+
+    enrollment = await writes.run(open_episode)
     return EnrollmentOut(**_values(enrollment, EnrollmentOut.model_fields))
 
 

@@ -412,6 +412,60 @@ async def test_check_ins_arriving_together_share_one_transaction_and_each_is_ans
         assert "check_in.submit.denied" in {row["action"] for row in audit}
 
 
+async def test_registrations_and_enrollments_arriving_together_share_a_transaction_and_a_refusal_keeps_its_audit(
+    app, nats_server
+) -> None:
+    """Issue 10: on SQLite, routine requests that arrive together are written in one
+    transaction (shared.http.RoutineWrites), each answered once it has committed; one
+    refused among them is answered as alone, its audit row kept, and costs the others
+    nothing. On PostgreSQL each has a transaction of its own, with the same answers."""
+    writes = app.state.writes
+    sqlite = writes.group is not None
+
+    def transactions() -> int:
+        return writes.group.transactions if sqlite else 0
+
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        names = ("Ana", "Bea", "Cruz", "Dora", "Eli")
+        bodies = [patient_body(n, "Ortiz", f"199{i}-01-0{i + 1}") for i, n in enumerate(names)]
+        before = transactions()
+        registered = await asyncio.gather(*(client.post("/patients", json=b, headers=DESK) for b in bodies))
+        assert [a.status_code for a in registered] == [201] * len(bodies)
+        if sqlite:  # five requests: at most a first alone and the four that queued behind it
+            assert transactions() - before <= 2 and writes.group.largest_group > 1
+        patient_ids = [a.json()["patient_id"] for a in registered]
+
+        elsewhere = {**patient_body("Hal", "Ortiz", "1981-03-03"), "site_id": OTHER}
+        outsider = (await client.post("/patients", json=elsewhere, headers=ADMIN)).json()["patient_id"]
+        episode = {
+            "program_id": f"{SITE}-adult",
+            "level_of_care": "2.1",
+            "cohort": "adult",
+            "start_date": str(date.today()),
+            "referral_source": "physician",
+        }
+        # Five enrollments and, among them, one for a patient at a site the desk does not serve.
+        targets = [*patient_ids[:2], outsider, *patient_ids[2:]]
+        enrolled = await asyncio.gather(
+            *(client.post(f"/patients/{pid}/enrollments", json=episode, headers=DESK) for pid in targets)
+        )
+        assert [a.status_code for a in enrolled] == [201, 201, 404, 201, 201, 201]
+        assert enrolled[2].json()["error"]["code"] == "not_found"
+        # A duplicate among new registrations: 409 naming the match, the others registered.
+        crowd = [patient_body("Fen", "Ortiz", "1985-05-05"), bodies[0], patient_body("Gus", "Ortiz", "1986-06-06")]
+        answers = await asyncio.gather(*(client.post("/patients", json=b, headers=DESK) for b in crowd))
+        assert [a.status_code for a in answers] == [201, 409, 201]
+        async with app.state.runtime.sessions() as session:
+            for patient_id in patient_ids:
+                assert len(await store.patient_enrollments(session, patient_id)) == 1
+            assert await store.patient_enrollments(session, outsider) == []
+            denied = await store.audit_rows(session, None, patient_id=outsider)
+            matched = await store.audit_rows(session, None, patient_id=patient_ids[0])
+        assert "enrollment.create.denied" in {row["action"] for row in denied}
+        assert "patient.duplicate_match" in {row["action"] for row in matched}
+
+
 async def test_a_key_raced_by_another_replica_answers_with_the_winners_check_in(app, nats_server, monkeypatch) -> None:
     """Another intake replica commits the same Idempotency-Key between our read of the
     keys and our INSERT (simulated: our first read misses it): ours rolls back and
