@@ -307,13 +307,22 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
             committed = _monotonic(seen.envelope["occurred_at"])
             applied.append((committed - submitted[check_in].at) * 1000)
             relayed.append((seen.at - committed) * 1000)
-    enrolled = {s.envelope["event_id"]: s.data.get("enrollment_id") for s in bus.by_type["PatientEnrolled"]}
+    enrollments = {s.envelope["event_id"]: s for s in bus.by_type["PatientEnrolled"]}
     welcome, messaged = [], []
+    # Where a welcome's time goes: accepted -> PatientEnrolled on the bus (intake's outbox),
+    # -> the welcome sent and recorded (notifications: consume, plan, dispatch), -> its
+    # NotificationSent on the bus (notifications' outbox).
+    welcome_stages: dict[str, list[float]] = {"enrolled_to_bus": [], "on_bus_to_sent": [], "sent_to_bus": []}
     watched = timings.during_drain & timings.urgent & timings.check_in_accepted.keys()
     for seen in bus.by_type["NotificationSent"]:
-        enrollment = enrolled.get(seen.data.get("cause_event_id"))
-        if _welcome(seen.data) and enrollment in timings.enroll_accepted:
-            welcome.append((seen.at - timings.enroll_accepted[enrollment]) * 1000)
+        cause = enrollments.get(seen.data.get("cause_event_id"))
+        enrollment = cause.data.get("enrollment_id") if cause else None
+        if cause and _welcome(seen.data) and enrollment in timings.enroll_accepted:
+            accepted, recorded = timings.enroll_accepted[enrollment], _monotonic(seen.envelope["occurred_at"])
+            welcome.append((seen.at - accepted) * 1000)
+            welcome_stages["enrolled_to_bus"].append((cause.at - accepted) * 1000)
+            welcome_stages["on_bus_to_sent"].append((recorded - cause.at) * 1000)
+            welcome_stages["sent_to_bus"].append((seen.at - recorded) * 1000)
         # The last stage of an urgent check-in: the on-call's message has gone out.
         check_in = by_event_id.get(seen.data.get("cause_event_id"))
         if _urgent_message(seen.data) and check_in in watched:
@@ -334,6 +343,9 @@ def _latencies(bus: BusLog, timings: Timings) -> dict[str, Any]:
         "urgent_alert_committed_to_bus_ms": relayed,
         "urgent_to_care_team_messaged_during_drain_ms": messaged,
         "enrollment_to_welcome_sent_ms": welcome,
+        "welcome_enrollment_to_bus_ms": welcome_stages["enrolled_to_bus"],
+        "welcome_on_bus_to_sent_ms": welcome_stages["on_bus_to_sent"],
+        "welcome_sent_to_bus_ms": welcome_stages["sent_to_bus"],
         "outbox_lag_ms": lag,
     }
 

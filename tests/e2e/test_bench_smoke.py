@@ -26,6 +26,9 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     latency = results["latency_ms"]
     for name in ("enroll_http_ms", "check_in_to_bus_ms", "enrollment_to_welcome_sent_ms", "outbox_lag_ms"):
         assert latency[name]["n"] >= 12 and latency[name]["p50"] <= latency[name]["p99"]
+    # Each welcome's time is also given stage by stage (intake's outbox, notifications, its outbox).
+    stages = ("welcome_enrollment_to_bus_ms", "welcome_on_bus_to_sent_ms", "welcome_sent_to_bus_ms")
+    assert [latency[name]["n"] for name in stages] == [counts["welcomes_sent"]] * 3
     urgent = (
         latency["urgent_to_care_team_alerted_during_drain_ms"]["n"]
         + latency["urgent_to_care_team_alerted_after_drain_ms"]["n"]
