@@ -57,16 +57,20 @@ def patient_body(given: str = "Lucía", family: str = "Ñúñez", born: str = "1
     }
 
 
-async def enrolled_patient(client, **extra) -> tuple[str, str]:
-    patient_id = (await client.post("/patients", json=patient_body(**extra), headers=DESK)).json()["patient_id"]
-    body = {
+def episode_body() -> dict:
+    """An adult episode at SITE starting today."""
+    return {
         "program_id": f"{SITE}-adult",
         "level_of_care": "2.1",
         "cohort": "adult",
         "start_date": str(date.today()),
         "referral_source": "physician",
     }
-    response = await client.post(f"/patients/{patient_id}/enrollments", json=body, headers=DESK)
+
+
+async def enrolled_patient(client, **extra) -> tuple[str, str]:
+    patient_id = (await client.post("/patients", json=patient_body(**extra), headers=DESK)).json()["patient_id"]
+    response = await client.post(f"/patients/{patient_id}/enrollments", json=episode_body(), headers=DESK)
     assert response.status_code == 201, response.text
     return patient_id, response.json()["enrollment_id"]
 
@@ -438,13 +442,7 @@ async def test_registrations_and_enrollments_arriving_together_share_a_transacti
 
         elsewhere = {**patient_body("Hal", "Ortiz", "1981-03-03"), "site_id": OTHER}
         outsider = (await client.post("/patients", json=elsewhere, headers=ADMIN)).json()["patient_id"]
-        episode = {
-            "program_id": f"{SITE}-adult",
-            "level_of_care": "2.1",
-            "cohort": "adult",
-            "start_date": str(date.today()),
-            "referral_source": "physician",
-        }
+        episode = episode_body()
         # Five enrollments and, among them, one for a patient at a site the desk does not serve.
         targets = [*patient_ids[:2], outsider, *patient_ids[2:]]
         enrolled = await asyncio.gather(
