@@ -220,8 +220,10 @@ class RoutineWrites:
     held 85-90% of the time, and enrollments went no faster with more clients. Here the
     requests that arrive together share one transaction, each answered once it has
     committed (GroupCommit); a refusal runs again alone, so its audit row is kept and the
-    others are not held back. On PostgreSQL each request has its own transaction, on a
-    connection of its own: a group would take one at a time."""
+    others are not held back. On PostgreSQL each request keeps a transaction of its own:
+    intake runs in replicas there, and a group would hold every request's row locks until
+    the whole group commits, so one lock waited on would stall them all (measured and
+    left for a run with replicas: docs/performance.md)."""
 
     def __init__(self, runtime: ServiceRuntime) -> None:
         self.runtime = runtime
