@@ -249,7 +249,8 @@ class ExpressLane:
 
     They overtake routine events of *other* patients only: a safety event whose patient
     has a routine event committed and not yet on the bus (a consent granted a moment
-    before the check-in) is left to the relay, which publishes it after that one. An
+    before the check-in) is left to the relay, which publishes it after that one; so is
+    each later safety event of that patient while the first still waits. An
     outside system's feed, read in stream order, so never sees a patient's check-in before
     the consent that lets it through. (Kept per process: replicas sharing a PostgreSQL
     outbox do not see each other's rows here.)"""
@@ -263,9 +264,10 @@ class ExpressLane:
         self._event = asyncio.Event()
         self.published: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.in_flight: set[str] = set()
-        # Routine events with a patient, committed and not yet on the bus: event id -> patient,
-        # and by patient; the safety events left to the relay, with those they wait for.
-        self._routine: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Events with a patient, committed and left to the relay (routine ones, and safety
+        # ones that wait for those), not yet on the bus: event id -> patient, and by
+        # patient; the safety events left to the relay, with those they wait for.
+        self._for_relay: collections.OrderedDict[str, str] = collections.OrderedDict()
         self._by_patient: dict[str, set[str]] = {}
         self.waiting: dict[str, set[str]] = {}
         sync_session = sessions.kw["sync_session_class"]
@@ -281,10 +283,10 @@ class ExpressLane:
 
     def _after_commit(self, session: Session) -> None:
         for event_id, patient in session.info.pop(self._ROUTINE, None) or []:
-            self._routine[event_id] = patient
+            self._for_relay[event_id] = patient
             self._by_patient.setdefault(patient, set()).add(event_id)
-        while len(self._routine) > self.REMEMBERED:  # published by another replica, say
-            self._on_the_bus(next(iter(self._routine)))
+        while len(self._for_relay) > self.REMEMBERED:  # published by another replica, say
+            self._on_the_bus(next(iter(self._for_relay)))
         held = session.info.pop(self._KEY, None)
         if not held:
             return
@@ -293,6 +295,10 @@ class ExpressLane:
             earlier = self._by_patient.get(patient or "")
             if earlier:
                 self.waiting[item.event_id] = set(earlier)  # the relay publishes it after them
+                # and the patient's later safety events after it: were it not counted here,
+                # the next check-in could leave by the lane while this one still waits.
+                self._for_relay[item.event_id] = patient or ""
+                earlier.add(item.event_id)
             else:
                 ready.append(item)
         if ready:
@@ -307,9 +313,9 @@ class ExpressLane:
         session.info.pop(self._KEY, None)
         session.info.pop(self._ROUTINE, None)
 
-    def routine_pending(self) -> frozenset[str]:
-        """The routine events known to wait for the relay, as the relay starts a read."""
-        return frozenset(self._routine)
+    def relay_pending(self) -> frozenset[str]:
+        """The events with a patient known to wait for the relay, as the relay starts a read."""
+        return frozenset(self._for_relay)
 
     def in_patient_order(self, rows: list[Any], *, known_gone: frozenset[str] = frozenset()) -> list[Any]:
         """The relay's rows (safety first, then in commit order) as it may publish them now:
@@ -326,7 +332,7 @@ class ExpressLane:
         before: set[str] = set()  # published ahead of the row at hand, in this batch
         for row in sorted(rows, key=lambda r: (r.event_id in self.waiting or not is_safety_subject(r.subject), r.seq)):
             waits_for = self.waiting.get(row.event_id, ())
-            if any(e in self._routine and e not in before for e in waits_for):
+            if any(e in self._for_relay and e not in before for e in waits_for):
                 continue  # its patient's earlier event is not in this batch: next time
             ordered.append(row)
             before.add(row.event_id)
@@ -339,7 +345,7 @@ class ExpressLane:
 
     def _on_the_bus(self, event_id: str) -> None:
         self.waiting.pop(event_id, None)
-        patient = self._routine.pop(event_id, None)
+        patient = self._for_relay.pop(event_id, None)
         if patient is not None:
             others = self._by_patient.get(patient, set())
             others.discard(event_id)
@@ -463,7 +469,7 @@ class OutboxRelay:
             return 0
         publisher = _Publisher(broker, restricted)
         async with self.sessions() as session:
-            known = self.express.routine_pending()  # before the read: see ExpressLane.in_patient_order
+            known = self.express.relay_pending()  # before the read: see ExpressLane.in_patient_order
             if dialect_name(session) == "postgresql":
                 async with session.begin():
                     # Replicas share the outbox: the rows stay locked (SKIP LOCKED for the

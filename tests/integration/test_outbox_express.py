@@ -159,3 +159,32 @@ async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(
     order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
     assert order == [other.event_id, routine.event_id, behind.event_id]
     assert not relay.express.waiting  # nothing left behind
+
+
+async def test_a_patients_next_safety_event_waits_behind_one_still_left_to_the_relay(
+    nats_server, held_relay: HeldRelay
+) -> None:
+    """A check-in left to the relay behind its patient's routine event is itself an
+    earlier event of that patient: when the routine one is on the bus and the check-in
+    not yet (the relay's batch was read before the check-in committed), the patient's
+    next check-in must not leave by the lane ahead of it."""
+    outbox, sessions, relay = held_relay.outbox, held_relay.sessions, held_relay.relay
+    patient = uuid4()
+    async with sessions() as session, session.begin():
+        routine = await outbox.emit(session, enrolled(patient), SITE)
+    async with sessions() as session, session.begin():
+        first = await outbox.emit(session, urgent(patient), SITE)
+    relay.express.on_the_bus([str(routine.event_id)])  # as the relay reports a batch without `first`
+    async with sessions() as session, session.begin():
+        second = await outbox.emit(session, urgent(patient), SITE)
+    assert str(second.event_id) in relay.express.waiting  # not on its way by the lane
+    held_relay.held.set()
+
+    async def all_three() -> bool:
+        return await stream_count(nats_server.url, "IOP_INTAKE") == 3
+
+    await eventually(all_three, what="the relay to publish the three")
+    js = jetstream(held_relay.broker)
+    order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
+    assert order == [routine.event_id, first.event_id, second.event_id]
+    assert not relay.express.waiting
