@@ -2,12 +2,16 @@
 thread per statement, with everything SQLAlchemy reads from a cursor intact, against a
 real SQLite file."""
 
+import asyncio
+import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 
+from iopnet.testing import eventually
+from shared import sqlite_driver
 from shared.db import create_engine, session_factory
 from shared.sqlite_driver import OneTripConnection
 
@@ -29,25 +33,101 @@ async def engine(tmp_path: Path):
     await engine.dispose()
 
 
-async def test_a_statement_costs_one_trip_to_the_worker_thread(engine, monkeypatch) -> None:
-    trips: list[str] = []
+@pytest.fixture
+def trips(monkeypatch) -> list[str]:
+    """What went to aiosqlite's worker thread, in order."""
+    seen: list[str] = []
     original = OneTripConnection._execute
 
     async def counted(self, fn, *args, **kwargs):
-        trips.append(getattr(fn, "__name__", repr(fn)))
+        work = args[0] if args else fn
+        seen.append(getattr(getattr(work, "func", work), "__name__", repr(work)))
         return await original(self, fn, *args, **kwargs)
 
     monkeypatch.setattr(OneTripConnection, "_execute", counted)
+    return seen
+
+
+async def test_reads_and_inserts_run_in_the_event_loops_thread_and_the_rest_take_one_trip(engine, trips) -> None:
     sessions = session_factory(engine)
     async with sessions() as session, session.begin():
-        await session.execute(insert(items).values(name="warm-up"))  # BEGIN and the first statement
+        await session.execute(insert(items).values(name="first"))
+        await session.execute(insert(items), [{"name": f"n{i}"} for i in range(3)])
+        rows = (await session.execute(select(items.c.name).order_by(items.c.seq))).scalars().all()
+        assert trips == []  # aiosqlite's own cursor: four trips for each (open, execute, fetch, close)
+        await session.execute(update(items).where(items.c.name == "n0").values(name="renamed"))
+        assert trips == ["_run"]  # its work depends on the rows it finds
+        await session.execute(insert(items), [{"name": f"m{i}"} for i in range(sqlite_driver.INLINE_MAX_ROWS + 1)])
+        assert trips == ["_run", "_run"]  # more rows than an inline insert may carry
         trips.clear()
-        rows = (await session.execute(select(items.c.name))).scalars().all()
-        assert trips == ["_run"]  # aiosqlite's own cursor: four (open, execute, fetch, close)
+    assert trips == ["commit"]  # the commit waits for the disk: never in the loop's thread
+    assert rows == ["first", "n0", "n1", "n2"]
+
+
+async def test_a_read_over_its_budget_runs_again_in_the_worker_thread_and_its_transaction_is_intact(
+    engine, trips, monkeypatch
+) -> None:
+    sessions = session_factory(engine)
+    async with sessions() as session, session.begin():
+        await session.execute(insert(items), [{"name": f"n{i}"} for i in range(40)])
+    monkeypatch.setattr(sqlite_driver, "INLINE_BUDGET_SECONDS", 0.0)
+    a, b, c = items.alias("a"), items.alias("b"), items.alias("c")
+    heavy = select(func.count()).select_from(a.join(b, a.c.seq != b.c.seq).join(c, b.c.seq != c.c.seq))
+    async with sessions() as session, session.begin():
+        await session.execute(insert(items).values(name="kept"))
         trips.clear()
-        await session.execute(update(items).values(name="renamed"))
-        assert trips == ["_run"]
-    assert rows == ["warm-up"]
+        counted = (await session.execute(heavy)).scalar_one()
+        assert trips == ["_run"]  # tried here, interrupted at the budget, run again there
+        assert counted == 41 * 40 * 40
+        assert (await session.execute(heavy)).scalar_one() == counted
+        assert trips == ["_run", "_run"]
+        connection = (await (await session.connection()).get_raw_connection()).driver_connection
+        assert connection.inline_statements == 2  # the insert and the warm-up's: not the heavy read
+    async with sessions() as session:
+        names = (await session.execute(select(items.c.name))).scalars().all()
+    assert "kept" in names  # the interruption did not roll back the insert before it
+
+
+async def test_a_statement_that_finds_the_file_locked_waits_in_the_worker_thread_not_the_event_loop(
+    engine, tmp_path: Path, trips
+) -> None:
+    other = sqlite3.connect(tmp_path / "driver.db", isolation_level=None)  # another process's writer
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO items (name) VALUES ('other')")
+    sessions = session_factory(engine)
+    heartbeats = 0
+
+    async def heartbeat() -> None:
+        nonlocal heartbeats
+        while True:
+            heartbeats += 1
+            await asyncio.sleep(0.005)  # a probe of the loop's liveness, not a wait for the insert
+
+    async def write() -> None:
+        async with sessions() as session, session.begin():
+            await session.execute(insert(items).values(name="mine"))
+
+    beating = asyncio.create_task(heartbeat())
+    writing = asyncio.create_task(write())
+
+    async def gone_to_the_thread() -> bool:
+        return "_run" in trips
+
+    await eventually(gone_to_the_thread, timeout=5, what="the insert to give up the loop's thread")
+    before = heartbeats
+
+    async def loop_went_on() -> bool:
+        return heartbeats >= before + 10
+
+    await eventually(loop_went_on, timeout=5, what="the event loop to go on while the insert waits")
+    assert not writing.done()  # still waiting for the lock, in the worker thread
+    other.execute("COMMIT")
+    await asyncio.wait_for(writing, timeout=10)
+    beating.cancel()
+    other.close()
+    async with sessions() as session:
+        names = (await session.execute(select(items.c.name).order_by(items.c.seq))).scalars().all()
+    assert names == ["other", "mine"]
 
 
 async def test_rows_counts_ids_and_errors_reach_sqlalchemy(engine) -> None:
@@ -73,3 +153,56 @@ async def test_rows_counts_ids_and_errors_reach_sqlalchemy(engine) -> None:
     async with sessions() as session:
         names = (await session.execute(select(items.c.name).order_by(items.c.seq))).scalars().all()
     assert names == ["a?", "b", "c!", "d!"]  # "e" went with the rollback
+
+
+async def test_a_transaction_cancelled_while_it_waits_in_the_worker_thread_is_rolled_back_before_the_next_runs(
+    engine, tmp_path: Path, trips
+) -> None:
+    other = sqlite3.connect(tmp_path / "driver.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO items (name) VALUES ('other')")
+    sessions = session_factory(engine)
+
+    async def write(name: str) -> None:
+        async with sessions() as session, session.begin():
+            await session.execute(select(items.c.seq))  # a read first: in the loop's thread
+            await session.execute(insert(items).values(name=name))
+
+    cancelled = asyncio.create_task(write("cancelled"))
+
+    async def waiting_for_the_lock() -> bool:
+        return "_run" in trips
+
+    await eventually(waiting_for_the_lock, timeout=5, what="the insert to wait in the worker thread")
+    cancelled.cancel()  # its rollback queues behind its insert, in the worker thread
+    following = asyncio.create_task(write("following"))
+    other.execute("COMMIT")
+    await asyncio.wait_for(asyncio.gather(following, cancelled, return_exceptions=True), timeout=10)
+    assert cancelled.cancelled()
+    other.close()
+    async with sessions() as session:
+        names = (await session.execute(select(items.c.name).order_by(items.c.seq))).scalars().all()
+    assert names == ["other", "following"]  # the cancelled insert was rolled back, not committed
+
+
+async def test_nothing_runs_in_the_loops_thread_while_the_worker_thread_has_work_of_the_connection(
+    engine, tmp_path: Path
+) -> None:
+    other = sqlite3.connect(tmp_path / "driver.db", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    connection = await sqlite_driver.connector(f"sqlite+aiosqlite:///{tmp_path / 'driver.db'}", timeout=30)()
+    waiting = asyncio.create_task(connection.run_in_thread("INSERT INTO items (name) VALUES ('mine')", None, False))
+
+    async def busy() -> bool:
+        return connection.busy_in_thread
+
+    await eventually(busy, timeout=5, what="the insert to wait for the lock in the worker thread")
+    assert connection.run_inline("SELECT name FROM items", None, False) is None  # it queues behind
+    other.execute("COMMIT")
+    await asyncio.wait_for(waiting, timeout=10)
+    assert not connection.busy_in_thread
+    _, _, _, rows = connection.run_inline("SELECT name FROM items", None, False) or (None, 0, None, [])
+    assert rows == [("mine",)]
+    await connection.rollback()
+    await connection.close()
+    other.close()
