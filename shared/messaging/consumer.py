@@ -468,6 +468,12 @@ class Consumer:
             started = time.monotonic()
             applied: list[dict[str, object]] = []
             for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
+                if outcomes and self.subscription.lane != "safety":
+                    # A turn of the event loop between two events: on SQLite a handler's reads
+                    # and inserts run in the loop's own thread (shared/sqlite_driver.py), so a
+                    # batch may otherwise never give one, and safety work that arrived since
+                    # could not make itself known (the checks below) until the budget ran out.
+                    await asyncio.sleep(0)
                 if outcomes and (self._yield_to_safety() or self._over_budget(started)):
                     break  # committed so far; process_batch takes the rest next
                 self._position = position

@@ -267,6 +267,58 @@ async def test_a_routine_batch_keeps_short_while_safety_work_waits(nats_server, 
     assert not gate.pressing  # nothing was held back
 
 
+async def test_a_routine_batch_gives_the_loop_a_turn_between_events_so_safety_work_can_press(
+    nats_server, inbox_db
+) -> None:
+    """Handlers whose work never suspends (on SQLite, reads and inserts run in the event
+    loop's thread): safety work that arrives during a batch still gets a turn of the loop
+    to make itself known, and the batch commits at its next step rather than when its
+    budget runs out."""
+    inbox, sessions = inbox_db
+    gate = PriorityGate()
+    release = asyncio.Event()
+
+    async def safety_lane() -> None:  # as the safety consumer entering its transaction
+        async with gate.urgent():
+            await release.wait()
+
+    transactions: list[int] = []  # each event's session, in order
+    arrived_at: list[int] = []  # the event during which the safety work arrived
+
+    async def handler(session, envelope, event) -> None:
+        transactions.append(id(session))  # and nothing that suspends
+        if not arrived_at and len(set(transactions)) == 2:  # the first fetch may bring one event
+            arrived_at.append(len(transactions) - 1)
+            asyncio.create_task(safety_lane())  # noqa: RUF006 - ended by `release`
+
+    await publish(nats_server.url, *[enrolled(f"p{index:02d}") for index in range(12)])
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("turns", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64, transaction_budget_seconds=30.0, gate=gate)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def pressed() -> bool:
+            return gate.pressing
+
+        await eventually(pressed, what="the safety work to arrive")
+        release.set()
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == 12
+
+        await eventually(all_applied, what="twelve events applied")
+    finally:
+        release.set()
+        await cancelled(task)
+        await close(broker)
+    [at] = arrived_at
+    # Its transaction ended with that event: the rest went in later ones (a 30 s budget,
+    # with no turn of the loop for the safety work, would have taken them all).
+    assert transactions[at + 1 :]
+    assert transactions[at] not in transactions[at + 1 :], transactions
+
+
 async def test_a_batch_kept_waiting_for_the_database_still_gets_its_budget(nats_server, tmp_path: Path) -> None:
     """The routine budget counts a transaction's own work, not its wait for the
     connection. On SQLite (one pooled connection) another writer's turns keep each batch
