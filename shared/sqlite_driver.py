@@ -32,6 +32,10 @@ runs in the event loop's own thread, and only what can wait takes the trip:
   runs there too: its work is bounded by its rows;
 - UPDATE, DELETE and everything else, whose work depends on the rows it finds, and
   COMMIT, which waits for the disk (`synchronous=FULL`), take the trip.
+A transaction that now never suspends could hold the event loop for its whole length,
+and the safety lane's message would wait unread on its socket meanwhile: a statement
+gives the loop a turn first when this connection has not given one for
+`LOOP_TURN_EVERY_SECONDS`.
 Nothing run in the loop's thread ever waits for a lock: the connection's busy timeout
 is 0 there, and a statement that finds the file locked (another process holds it)
 runs again in the worker thread, which waits up to the engine's timeout. The
@@ -41,6 +45,7 @@ awaiting task was cancelled) every statement queues behind that work: the two th
 never use it at once, and statements run in the order they were asked.
 """
 
+import asyncio
 import re
 import sqlite3
 import threading
@@ -57,6 +62,7 @@ _Outcome = tuple[Any, int, int | None, list[Any]]
 
 INLINE_BUDGET_SECONDS = 0.002
 INLINE_MAX_ROWS = 64
+LOOP_TURN_EVERY_SECONDS = 0.002
 _PROGRESS_STEP = 1_000  # SQLite VM instructions between two looks at the budget
 _SELECT = re.compile(r"\s*SELECT\b", re.IGNORECASE)
 _INSERT_VALUES = re.compile(r"\s*INSERT\b(?!.*\bSELECT\b)", re.IGNORECASE | re.DOTALL)
@@ -105,9 +111,14 @@ class OneTripCursor:
         return await self._trip(operation, parameters, many=True)
 
     async def _trip(self, operation: str, parameters: Any, *, many: bool) -> "OneTripCursor":
-        outcome = self._connection.run_inline(operation, parameters, many)
+        connection = self._connection
+        if time.perf_counter() - connection.resumed_at > LOOP_TURN_EVERY_SECONDS:
+            await asyncio.sleep(0)
+            connection.resumed_at = time.perf_counter()
+        outcome = connection.run_inline(operation, parameters, many)
         if outcome is None:
-            outcome = await self._connection.run_in_thread(operation, parameters, many)
+            outcome = await connection.run_in_thread(operation, parameters, many)
+            connection.resumed_at = time.perf_counter()
         self.description, self.rowcount, self.lastrowid, self._rows = outcome
         return self
 
@@ -136,6 +147,7 @@ class OneTripConnection(aiosqlite.Connection):
         self._thread_work_lock = threading.Lock()
         self.inline_statements = 0
         self.thread_statements = 0
+        self.resumed_at = 0.0  # when a statement of this connection last gave the loop a turn
 
     @property
     def busy_in_thread(self) -> bool:

@@ -206,3 +206,29 @@ async def test_nothing_runs_in_the_loops_thread_while_the_worker_thread_has_work
     await connection.rollback()
     await connection.close()
     other.close()
+
+
+@pytest.mark.parametrize("every", [0.0, 60.0])
+async def test_a_long_run_of_inline_statements_gives_the_event_loop_turns(engine, monkeypatch, every: float) -> None:
+    monkeypatch.setattr(sqlite_driver, "LOOP_TURN_EVERY_SECONDS", every)
+    beats = 0
+
+    async def heartbeat() -> None:
+        nonlocal beats
+        while True:
+            beats += 1
+            await asyncio.sleep(0)
+
+    sessions = session_factory(engine)
+    async with sessions() as session, session.begin():
+        await session.execute(insert(items).values(name="one"))
+        beating = asyncio.create_task(heartbeat())
+        seen = []
+        for _ in range(20):
+            await session.execute(select(items.c.name))
+            seen.append(beats)
+        beating.cancel()
+    if every == 0.0:
+        assert seen[-1] >= 10  # a turn before each statement: the heartbeat went on between them
+    else:
+        assert seen[-1] == 0  # (and without the turns, the run held the loop throughout)
