@@ -41,6 +41,19 @@ def urgent(patient_id: UUID | None = None) -> CheckInSubmitted:
     )  # fmt: skip
 
 
+async def intake_stream_order(url: str, broker: NatsBroker, count: int) -> list[UUID]:
+    """The event ids on IOP_INTAKE in stream order, once `count` are there."""
+
+    async def all_there() -> bool:
+        return await stream_count(url, "IOP_INTAKE") == count
+
+    await eventually(all_there, what=f"{count} events on IOP_INTAKE")
+    js = jetstream(broker)
+    return [
+        Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in range(1, count + 1)
+    ]
+
+
 class Rollback(Exception):
     pass
 
@@ -151,12 +164,7 @@ async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(
     await eventually(on_the_bus, what="the other patient's check-in on the bus while the relay is held")
     held_relay.held.set()
 
-    async def all_three() -> bool:
-        return await stream_count(nats_server.url, "IOP_INTAKE") == 3
-
-    await eventually(all_three, what="the relay to publish the rest")
-    js = jetstream(held_relay.broker)
-    order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
+    order = await intake_stream_order(nats_server.url, held_relay.broker, 3)
     assert order == [other.event_id, routine.event_id, behind.event_id]
     assert not relay.express.waiting  # nothing left behind
 
@@ -180,11 +188,6 @@ async def test_a_patients_next_safety_event_waits_behind_one_still_left_to_the_r
     assert str(second.event_id) in relay.express.waiting  # not on its way by the lane
     held_relay.held.set()
 
-    async def all_three() -> bool:
-        return await stream_count(nats_server.url, "IOP_INTAKE") == 3
-
-    await eventually(all_three, what="the relay to publish the three")
-    js = jetstream(held_relay.broker)
-    order = [Envelope.model_validate_json((await js.get_msg("IOP_INTAKE", seq)).data).event_id for seq in (1, 2, 3)]
+    order = await intake_stream_order(nats_server.url, held_relay.broker, 3)
     assert order == [routine.event_id, first.event_id, second.event_id]
     assert not relay.express.waiting
