@@ -69,6 +69,11 @@ class HeldRelay:
     relay: OutboxRelay
     held: asyncio.Event
 
+    async def committed(self, event: Any) -> Envelope:
+        """`event` staged in a transaction of its own, committed."""
+        async with self.sessions() as session, session.begin():
+            return await self.outbox.emit(session, event, SITE)
+
 
 @pytest.fixture
 async def held_relay(nats_server, database_url: str) -> AsyncIterator[HeldRelay]:
@@ -149,14 +154,11 @@ async def test_a_safety_event_does_not_overtake_an_earlier_event_of_its_patient(
     after its patient's routine event (held by the relay) goes after that one, while
     another patient's check-in leaves at once. An outside system's feed, read in stream
     order, so never sees a patient's check-in before the consent that lets it through."""
-    outbox, sessions, relay = held_relay.outbox, held_relay.sessions, held_relay.relay
+    relay = held_relay.relay
     patient = uuid4()
-    async with sessions() as session, session.begin():
-        routine = await outbox.emit(session, enrolled(patient), SITE)
-    async with sessions() as session, session.begin():
-        behind = await outbox.emit(session, urgent(patient), SITE)
-    async with sessions() as session, session.begin():
-        other = await outbox.emit(session, urgent(), SITE)
+    routine = await held_relay.committed(enrolled(patient))
+    behind = await held_relay.committed(urgent(patient))
+    other = await held_relay.committed(urgent())
 
     async def on_the_bus() -> bool:
         return await stream_count(nats_server.url, "IOP_INTAKE") == 1
@@ -176,15 +178,12 @@ async def test_a_patients_next_safety_event_waits_behind_one_still_left_to_the_r
     earlier event of that patient: when the routine one is on the bus and the check-in
     not yet (the relay's batch was read before the check-in committed), the patient's
     next check-in must not leave by the lane ahead of it."""
-    outbox, sessions, relay = held_relay.outbox, held_relay.sessions, held_relay.relay
+    relay = held_relay.relay
     patient = uuid4()
-    async with sessions() as session, session.begin():
-        routine = await outbox.emit(session, enrolled(patient), SITE)
-    async with sessions() as session, session.begin():
-        first = await outbox.emit(session, urgent(patient), SITE)
+    routine = await held_relay.committed(enrolled(patient))
+    first = await held_relay.committed(urgent(patient))
     relay.express.on_the_bus([str(routine.event_id)])  # as the relay reports a batch without `first`
-    async with sessions() as session, session.begin():
-        second = await outbox.emit(session, urgent(patient), SITE)
+    second = await held_relay.committed(urgent(patient))
     assert str(second.event_id) in relay.express.waiting  # not on its way by the lane
     held_relay.held.set()
 
