@@ -146,7 +146,6 @@ class OneTripConnection(aiosqlite.Connection):
         self._thread_work = 0  # calls queued for or running in the worker thread
         self._thread_work_lock = threading.Lock()
         self.inline_statements = 0
-        self.thread_statements = 0
         self.resumed_at = 0.0  # when a statement of this connection last gave the loop a turn
 
     @property
@@ -184,7 +183,6 @@ class OneTripConnection(aiosqlite.Connection):
         return outcome
 
     async def run_in_thread(self, operation: str, parameters: Any, many: bool) -> _Outcome:
-        self.thread_statements += 1
         return await self._execute(self._patiently, partial(_run, self, operation, parameters, many))
 
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
