@@ -6,12 +6,12 @@ way to write a row are shared: a service's store binds an `AuditTrail` to its ta
 
 from uuid import UUID
 
-from sqlalchemy import Column, Integer, MetaData, String, Table, insert
+from sqlalchemy import Column, Integer, MetaData, String, Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.auth import Principal
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, insert_row, insert_rows
 
 
 def audit_table(metadata: MetaData) -> Table:
@@ -43,12 +43,11 @@ class AuditTrail:
         site_id: str,
         patient_id: UUID | str | None,
     ) -> None:
-        await session.execute(insert(self.table).values(self.row(principal, action, site_id, patient_id)))
+        await insert_row(session, self.table, **self.row(principal, action, site_id, patient_id))
 
     async def many(self, session: AsyncSession, rows: list[dict[str, object]]) -> None:
         """Several rows (built with `row`) in one multi-row INSERT."""
-        if rows:
-            await session.execute(insert(self.table), rows)
+        await insert_rows(session, self.table, rows)
 
     @staticmethod
     def row(principal: Principal, action: str, site_id: str, patient_id: UUID | str | None) -> dict[str, object]:

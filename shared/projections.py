@@ -7,10 +7,10 @@ SiteRegistered (session times, quiet hours and hours-weeks are all in site time)
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Column, MetaData, String, Table, insert, select, update
+from sqlalchemy import Column, MetaData, String, Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import UtcDateTime, rows_changed
+from shared.db import UtcDateTime, insert_row, select_by, update_by
 
 
 class SiteDirectory:
@@ -27,12 +27,11 @@ class SiteDirectory:
     async def upsert(self, session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
         """Apply SiteRegistered: registration and every later change of name or timezone."""
         values = {"name": name, "timezone": timezone, "updated_at": datetime.now(UTC)}
-        found = await session.execute(update(self.table).where(self.table.c.site_id == site_id).values(**values))
-        if rows_changed(found) == 0:
-            await session.execute(insert(self.table).values(site_id=site_id, **values))
+        if await update_by(session, self.table, {"site_id": site_id}, **values) == 0:
+            await insert_row(session, self.table, site_id=site_id, **values)
 
     async def get(self, session: AsyncSession, site_id: str) -> dict[str, Any] | None:
-        row = (await session.execute(select(self.table).where(self.table.c.site_id == site_id))).mappings().first()
+        row = (await session.execute(select_by(self.table, "site_id"), {"site_id": site_id})).mappings().first()
         return dict(row) if row else None
 
     async def list(self, session: AsyncSession, only: list[str] | None) -> list[dict[str, Any]]:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     func,
     insert,
@@ -33,7 +34,16 @@ from sqlalchemy.sql import Select
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, dialect_name, insert_if_absent, rows_changed
+from shared.db import (
+    UtcDateTime,
+    dialect_name,
+    insert_if_absent,
+    insert_row,
+    insert_rows,
+    rows_changed,
+    select_by,
+    update_by,
+)
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 
@@ -448,7 +458,7 @@ def _as(kind: type[_Row], row: RowMapping) -> _Row:
 
 
 async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
-    row = (await session.execute(select(sites).where(sites.c.site_id == site_id))).mappings().first()
+    row = (await session.execute(select_by(sites, "site_id"), {"site_id": site_id})).mappings().first()
     return _as(SiteRow, row) if row else None
 
 
@@ -460,42 +470,53 @@ async def list_sites(session: AsyncSession, only: list[str] | None) -> list[Site
 
 
 async def add_site(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(sites).values(created_at=clock.now(), **values))
+    await insert_row(session, sites, created_at=clock.now(), **values)
+
+
+_PATIENT_LOCKED = select_by(patients, "patient_id").with_for_update()
+_PATIENTS = select(patients).where(patients.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
 
 
 async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> PatientRow | None:
-    query = select(patients).where(patients.c.patient_id == patient_id)
-    if lock:
-        query = query.with_for_update()
-    row = (await session.execute(query)).mappings().first()
+    query = _PATIENT_LOCKED if lock else select_by(patients, "patient_id")
+    row = (await session.execute(query, {"patient_id": patient_id})).mappings().first()
     return _as(PatientRow, row) if row else None
 
 
 async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[str, PatientRow]:
     """Several patients in one query, by id (the missing ones absent)."""
-    query = select(patients).where(patients.c.patient_id.in_(sorted(set(patient_ids))))
-    return {r["patient_id"]: _as(PatientRow, r) for r in (await session.execute(query)).mappings()}
+    found = await session.execute(_PATIENTS, {"patient_ids": sorted(set(patient_ids))})
+    return {r["patient_id"]: _as(PatientRow, r) for r in found.mappings()}
+
+
+_MRN = select(patients.c.mrn).where(patients.c.mrn == bindparam("mrn"))
 
 
 async def mrn_taken(session: AsyncSession, mrn: str) -> bool:
-    return (await session.execute(select(patients.c.mrn).where(patients.c.mrn == mrn))).first() is not None
+    return (await session.execute(_MRN, {"mrn": mrn})).first() is not None
 
 
 async def add_patient(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(patients).values(created_at=clock.now(), **values))
+    await insert_row(session, patients, created_at=clock.now(), **values)
+
+
+_OPEN_COUNT = (
+    select(func.count())
+    .select_from(enrollments)
+    .where(
+        enrollments.c.patient_id == bindparam("patient_id"),
+        enrollments.c.status.in_(bindparam("statuses", expanding=True)),
+    )
+)
 
 
 async def open_enrollment_count(session: AsyncSession, patient_id: str, open_statuses: list[str]) -> int:
-    query = (
-        select(func.count())
-        .select_from(enrollments)
-        .where(enrollments.c.patient_id == patient_id, enrollments.c.status.in_(open_statuses))
-    )
-    return int((await session.execute(query)).scalar_one())
+    found = await session.execute(_OPEN_COUNT, {"patient_id": patient_id, "statuses": open_statuses})
+    return int(found.scalar_one())
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(enrollments).values(created_at=clock.now(), **values))
+    await insert_row(session, enrollments, created_at=clock.now(), **values)
 
 
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:
@@ -526,16 +547,14 @@ async def audit_rows(
 
 
 async def update_site(session: AsyncSession, site_id: str, **values: Any) -> None:
-    await session.execute(update(sites).where(sites.c.site_id == site_id).values(updated_at=clock.now(), **values))
+    await update_by(session, sites, {"site_id": site_id}, updated_at=clock.now(), **values)
 
 
 # --- patients ------------------------------------------------------------------------
 
 
 async def update_patient(session: AsyncSession, patient_id: str, **values: Any) -> None:
-    await session.execute(
-        update(patients).where(patients.c.patient_id == patient_id).values(updated_at=clock.now(), **values)
-    )
+    await update_by(session, patients, {"patient_id": patient_id}, updated_at=clock.now(), **values)
 
 
 async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) -> None:
@@ -582,34 +601,39 @@ async def search_patients(
 # --- enrollments -----------------------------------------------------------------------
 
 
+_ENROLLMENT_LOCKED = select_by(enrollments, "enrollment_id").with_for_update()
+
+
 async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: bool = False) -> EnrollmentRow | None:
-    query = select(enrollments).where(enrollments.c.enrollment_id == enrollment_id)
-    if lock:
-        query = query.with_for_update()
-    row = (await session.execute(query)).mappings().first()
+    query = _ENROLLMENT_LOCKED if lock else select_by(enrollments, "enrollment_id")
+    row = (await session.execute(query, {"enrollment_id": enrollment_id})).mappings().first()
     return _as(EnrollmentRow, row) if row else None
+
+
+_OPEN_ENROLLMENTS = select(enrollments).where(
+    enrollments.c.patient_id.in_(bindparam("patient_ids", expanding=True)),
+    enrollments.c.status.in_(bindparam("statuses", expanding=True)),
+)
 
 
 async def open_enrollments(
     session: AsyncSession, patient_ids: list[str], open_statuses: list[str]
 ) -> dict[str, EnrollmentRow]:
     """The open episode of each of several patients, in one query."""
-    query = select(enrollments).where(
-        enrollments.c.patient_id.in_(sorted(set(patient_ids))), enrollments.c.status.in_(open_statuses)
-    )
+    parameters = {"patient_ids": sorted(set(patient_ids)), "statuses": open_statuses}
     found: dict[str, EnrollmentRow] = {}
-    for row in (await session.execute(query)).mappings():
+    for row in (await session.execute(_OPEN_ENROLLMENTS, parameters)).mappings():
         found.setdefault(row["patient_id"], _as(EnrollmentRow, row))
     return found
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
-    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+    await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
 async def add_history(session: AsyncSession, enrollment_id: str, kind: str, actor: str, **values: Any) -> None:
-    await session.execute(
-        insert(enrollment_history).values(enrollment_id=enrollment_id, kind=kind, actor=actor, at=clock.now(), **values)
+    await insert_row(
+        session, enrollment_history, enrollment_id=enrollment_id, kind=kind, actor=actor, at=clock.now(), **values
     )
 
 
@@ -643,7 +667,7 @@ async def list_programs(session: AsyncSession, site_id: str | None) -> list[Prog
 
 
 async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | None:
-    row = (await session.execute(select(programs).where(programs.c.program_id == program_id))).mappings().first()
+    row = (await session.execute(select_by(programs, "program_id"), {"program_id": program_id})).mappings().first()
     return _as(ProgramRow, row) if row else None
 
 
@@ -651,7 +675,7 @@ async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | No
 
 
 async def add_consent(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(consents).values(created_at=clock.now(), **values))
+    await insert_row(session, consents, created_at=clock.now(), **values)
 
 
 async def get_consent(session: AsyncSession, consent_id: str, *, lock: bool = False) -> ConsentRow | None:
@@ -677,8 +701,7 @@ async def revoke_consent(session: AsyncSession, consent_id: str, revoked_at: dat
 
 
 async def add_check_ins(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        await session.execute(insert(check_ins), rows)
+    await insert_rows(session, check_ins, rows)
 
 
 async def recent_cravings_of(session: AsyncSession, enrollment_ids: list[str], limit: int = 2) -> dict[str, list[int]]:
@@ -780,9 +803,8 @@ async def add_progress(session: AsyncSession, **values: Any) -> None:
 
 
 async def add_progress_many(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
-    if rows:
-        now = clock.now()
-        await session.execute(insert(goal_progress), [{"at": now, **row} for row in rows])
+    now = clock.now()
+    await insert_rows(session, goal_progress, [{"at": now, **row} for row in rows])
 
 
 async def progress_of(session: AsyncSession, goal_ids: list[str]) -> list[ProgressRow]:

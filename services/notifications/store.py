@@ -22,6 +22,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     delete,
     false,
     insert,
@@ -33,7 +34,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, dialect_name, insert_if_absent, lock_row, rows_changed
+from shared.db import (
+    UtcDateTime,
+    dialect_name,
+    insert_if_absent,
+    insert_row,
+    lock_row,
+    rows_changed,
+    select_by,
+    update_by,
+)
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
@@ -530,8 +540,8 @@ def _rows(kind: type[RowT], result: Result[Any]) -> list[RowT]:
     return [_as(kind, r) for r in result.mappings()]
 
 
-async def _one(session: AsyncSession, kind: type[RowT], query: Any) -> RowT | None:
-    row = (await session.execute(query)).mappings().first()
+async def _one(session: AsyncSession, kind: type[RowT], query: Any, **parameters: Any) -> RowT | None:
+    row = (await session.execute(query, parameters)).mappings().first()
     return _as(kind, row) if row else None
 
 
@@ -546,27 +556,28 @@ async def lock_patient(session: AsyncSession, patient_id: str) -> None:
         locked.add(patient_id)
 
 
+_CONTACT_CHANGED_AT = select(contacts.c.changed_at).where(contacts.c.patient_id == bindparam("patient_id"))
+
+
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
-    current = (await session.execute(select(contacts.c.changed_at).where(contacts.c.patient_id == patient_id))).first()
+    current = (await session.execute(_CONTACT_CHANGED_AT, {"patient_id": patient_id})).first()
     if current is None:
-        await session.execute(insert(contacts).values(patient_id=patient_id, changed_at=changed_at, **values))
+        await insert_row(session, contacts, patient_id=patient_id, changed_at=changed_at, **values)
     elif current.changed_at <= changed_at:
         # Events may arrive out of order: an older change never overwrites a newer one.
-        await session.execute(
-            update(contacts).where(contacts.c.patient_id == patient_id).values(changed_at=changed_at, **values)
-        )
+        await update_by(session, contacts, {"patient_id": patient_id}, changed_at=changed_at, **values)
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | None:
-    return await _one(session, ContactRow, select(contacts).where(contacts.c.patient_id == patient_id))
+    return await _one(session, ContactRow, select_by(contacts, "patient_id"), patient_id=patient_id)
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
-    query = select(enrollments.c.enrollment_id).where(enrollments.c.enrollment_id == values["enrollment_id"])
-    if (await session.execute(query)).first() is not None:
+    query = select_by(enrollments, "enrollment_id")
+    if (await session.execute(query, {"enrollment_id": values["enrollment_id"]})).first() is not None:
         return False
     values.setdefault("status", "active")
-    await session.execute(insert(enrollments).values(**values))
+    await insert_row(session, enrollments, **values)
     return True
 
 
@@ -576,42 +587,37 @@ async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any)
 
 
 async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
-    return await _one(session, EpisodeEndRow, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
+    return await _one(session, EpisodeEndRow, select_by(episode_ends, "enrollment_id"), enrollment_id=enrollment_id)
+
+
+_ENROLLED_STATUSES = select(enrollments.c.enrollment_id, enrollments.c.status).where(
+    enrollments.c.patient_id == bindparam("patient_id"), enrollments.c.site_id == bindparam("site_id")
+)
+_ENDED_STATUSES = select(episode_ends.c.enrollment_id, episode_ends.c.status).where(
+    episode_ends.c.patient_id == bindparam("patient_id"), episode_ends.c.site_id == bindparam("site_id")
+)
 
 
 async def episode_statuses(session: AsyncSession, patient_id: str, site_id: str) -> list[str]:
     """The status of every episode of the patient known at the site: enrolled ones, and
     ends whose enrollment has not arrived yet."""
-    enrolled = _rows(
-        _EpisodeStatus,
-        await session.execute(
-            select(enrollments.c.enrollment_id, enrollments.c.status).where(
-                enrollments.c.patient_id == patient_id, enrollments.c.site_id == site_id
-            )
-        ),
-    )
-    ended = _rows(
-        _EpisodeStatus,
-        await session.execute(
-            select(episode_ends.c.enrollment_id, episode_ends.c.status).where(
-                episode_ends.c.patient_id == patient_id, episode_ends.c.site_id == site_id
-            )
-        ),
-    )
+    key = {"patient_id": patient_id, "site_id": site_id}
+    enrolled = _rows(_EpisodeStatus, await session.execute(_ENROLLED_STATUSES, key))
+    ended = _rows(_EpisodeStatus, await session.execute(_ENDED_STATUSES, key))
     known = {row["enrollment_id"] for row in enrolled}
     return [row["status"] for row in enrolled] + [row["status"] for row in ended if row["enrollment_id"] not in known]
 
 
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:
-    return await _one(session, EnrollmentRow, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
+    return await _one(session, EnrollmentRow, select_by(enrollments, "enrollment_id"), enrollment_id=enrollment_id)
 
 
 async def move_contact(session: AsyncSession, patient_id: str, site_id: str) -> None:
-    await session.execute(update(contacts).where(contacts.c.patient_id == patient_id).values(site_id=site_id))
+    await update_by(session, contacts, {"patient_id": patient_id}, site_id=site_id)
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
-    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+    await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:
@@ -653,8 +659,7 @@ async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
 async def get_site_settings(session: AsyncSession, site_id: str) -> SiteSettingsRow | None:
     known = _read_once(session, "iopnet.site_settings")
     if site_id not in known:
-        query = select(site_settings).where(site_settings.c.site_id == site_id)
-        row = (await session.execute(query)).mappings().first()
+        row = (await session.execute(select_by(site_settings, "site_id"), {"site_id": site_id})).mappings().first()
         known[site_id] = None
         if row is not None:
             offsets = row["reminder_offsets"]
@@ -698,14 +703,17 @@ async def get_integration(session: AsyncSession, integration_id: str) -> Integra
     )
 
 
+_LIVE_CONSENTS_TO = select(consents).where(
+    consents.c.patient_id == bindparam("patient_id"),
+    consents.c.recipient == bindparam("recipient"),
+    consents.c.purpose == bindparam("purpose"),
+    consents.c.revoked == false(),
+)
+
+
 async def consents_to(session: AsyncSession, patient_id: str, recipient: str, purpose: str) -> list[ConsentRow]:
-    query = select(consents).where(
-        consents.c.patient_id == patient_id,
-        consents.c.recipient == recipient,
-        consents.c.purpose == purpose,
-        consents.c.revoked == false(),
-    )
-    return _rows(ConsentRow, await session.execute(query))
+    key = {"patient_id": patient_id, "recipient": recipient, "purpose": purpose}
+    return _rows(ConsentRow, await session.execute(_LIVE_CONSENTS_TO, key))
 
 
 # --- consents -------------------------------------------------------------------------------
@@ -713,11 +721,11 @@ async def consents_to(session: AsyncSession, patient_id: str, recipient: str, pu
 
 async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) -> None:
     if not await insert_if_absent(session, consents, consent_id=consent_id, **values):
-        current = await _one(session, ConsentRow, select(consents).where(consents.c.consent_id == consent_id))
+        current = await _one(session, ConsentRow, select_by(consents, "consent_id"), consent_id=consent_id)
         assert current is not None
         if current["revoked"] and not values.get("revoked"):
             return  # a late or re-published grant never revives a revoked consent
-        await session.execute(update(consents).where(consents.c.consent_id == consent_id).values(**values))
+        await update_by(session, consents, {"consent_id": consent_id}, **values)
 
 
 async def end_treatment_consents(session: AsyncSession, patient_id: str, discharged_on: date) -> None:
@@ -734,7 +742,7 @@ async def end_treatment_consents(session: AsyncSession, patient_id: str, dischar
 
 
 async def patient_consents(session: AsyncSession, patient_id: str) -> list[ConsentRow]:
-    return _rows(ConsentRow, await session.execute(select(consents).where(consents.c.patient_id == patient_id)))
+    return _rows(ConsentRow, await session.execute(select_by(consents, "patient_id"), {"patient_id": patient_id}))
 
 
 # --- sessions, bookings, attendance ---------------------------------------------------------
@@ -742,28 +750,28 @@ async def patient_consents(session: AsyncSession, patient_id: str) -> list[Conse
 
 async def upsert_session(session: AsyncSession, session_id: str, **values: Any) -> None:
     if not await insert_if_absent(session, sessions, session_id=session_id, **values):
-        await session.execute(update(sessions).where(sessions.c.session_id == session_id).values(**values))
+        await update_by(session, sessions, {"session_id": session_id}, **values)
 
 
 async def get_session(session: AsyncSession, session_id: str) -> SessionRow | None:
-    return await _one(session, SessionRow, select(sessions).where(sessions.c.session_id == session_id))
+    return await _one(session, SessionRow, select_by(sessions, "session_id"), session_id=session_id)
 
 
 async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> BookingRow:
     """The booking as written (every column is set): the caller need not read it back."""
     values["updated_at"] = clock.now()
     if not await insert_if_absent(session, bookings, booking_id=booking_id, **values):
-        await session.execute(update(bookings).where(bookings.c.booking_id == booking_id).values(**values))
+        await update_by(session, bookings, {"booking_id": booking_id}, **values)
     return cast(BookingRow, {"booking_id": booking_id, **values})
 
 
 async def get_booking(session: AsyncSession, booking_id: str) -> BookingRow | None:
-    return await _one(session, BookingRow, select(bookings).where(bookings.c.booking_id == booking_id))
+    return await _one(session, BookingRow, select_by(bookings, "booking_id"), booking_id=booking_id)
 
 
 async def patient_booking_for_session(session: AsyncSession, patient_id: str, session_id: str) -> BookingRow | None:
-    query = select(bookings).where(bookings.c.patient_id == patient_id, bookings.c.session_id == session_id)
-    return await _one(session, BookingRow, query)
+    query = select_by(bookings, "patient_id", "session_id")
+    return await _one(session, BookingRow, query, patient_id=patient_id, session_id=session_id)
 
 
 async def upsert_attendance(session: AsyncSession, session_id: str, patient_id: str, **values: Any) -> None:
@@ -821,7 +829,7 @@ async def get_alert(session: AsyncSession, alert_id: str, *, lock: bool = False)
 
 
 async def update_alert(session: AsyncSession, alert_id: str, **values: Any) -> None:
-    await session.execute(update(alerts).where(alerts.c.alert_id == alert_id).values(**values))
+    await update_by(session, alerts, {"alert_id": alert_id}, **values)
 
 
 async def list_alerts(
@@ -859,7 +867,7 @@ async def alerts_to_escalate(session: AsyncSession, at: datetime) -> list[AlertR
 
 async def add_subscription(session: AsyncSession, **values: Any) -> None:
     values["event_types"] = json.dumps(sorted(values["event_types"]))
-    await session.execute(insert(subscriptions).values(active=True, created_at=clock.now(), **values))
+    await insert_row(session, subscriptions, active=True, created_at=clock.now(), **values)
 
 
 def _subscription(row: Mapping[Any, Any]) -> SubscriptionRow:
@@ -1042,13 +1050,16 @@ async def webhook_deliveries(
 # --- messages ---------------------------------------------------------------------------------
 
 
+_NOTIFICATION_OF_CAUSE = select(notifications.c.notification_id).where(
+    notifications.c.cause_event_id == bindparam("cause_event_id"),
+    notifications.c.template == bindparam("template"),
+    notifications.c.recipient == bindparam("recipient"),
+)
+
+
 async def notification_exists(session: AsyncSession, cause_event_id: str, template: str, recipient: str) -> bool:
-    query = select(notifications.c.notification_id).where(
-        notifications.c.cause_event_id == cause_event_id,
-        notifications.c.template == template,
-        notifications.c.recipient == recipient,
-    )
-    return (await session.execute(query)).first() is not None
+    key = {"cause_event_id": cause_event_id, "template": template, "recipient": recipient}
+    return (await session.execute(_NOTIFICATION_OF_CAUSE, key)).first() is not None
 
 
 async def add_notification(session: AsyncSession, **values: Any) -> bool:
@@ -1085,20 +1096,22 @@ async def due_notifications(
     return _rows(NotificationRow, await session.execute(query))
 
 
+_DUE_BY_ID = select(notifications).where(
+    notifications.c.notification_id == bindparam("notification_id"),
+    notifications.c.status.in_(DISPATCHABLE),
+    notifications.c.due_at <= bindparam("at"),
+)
+_DUE_BY_ID_LOCKED = _DUE_BY_ID.with_for_update(skip_locked=True)
+
+
 async def claim_notification(
     session: AsyncSession, notification_id: str, at: datetime, lease_until: datetime
 ) -> NotificationRow | None:
     """Take a due message for sending: status `sending` until `lease_until`, so another
     dispatcher (a replica on PostgreSQL: SKIP LOCKED) leaves it alone, and a crash
     mid-send only delays it to the end of the lease. None if it is not due (any more)."""
-    query = select(notifications).where(
-        notifications.c.notification_id == notification_id,
-        notifications.c.status.in_(DISPATCHABLE),
-        notifications.c.due_at <= at,
-    )
-    if dialect_name(session) == "postgresql":
-        query = query.with_for_update(skip_locked=True)
-    row = await _one(session, NotificationRow, query)
+    query = _DUE_BY_ID_LOCKED if dialect_name(session) == "postgresql" else _DUE_BY_ID
+    row = await _one(session, NotificationRow, query, notification_id=notification_id, at=at)
     if row is not None:
         await mark_notification(session, notification_id, status="sending", due_at=lease_until)
     return row
@@ -1125,9 +1138,7 @@ async def next_due_at(session: AsyncSession, *, urgent: bool | None = None) -> d
 
 
 async def mark_notification(session: AsyncSession, notification_id: str, **values: Any) -> None:
-    await session.execute(
-        update(notifications).where(notifications.c.notification_id == notification_id).values(**values)
-    )
+    await update_by(session, notifications, {"notification_id": notification_id}, **values)
 
 
 async def open_patient_messages(
@@ -1176,7 +1187,7 @@ async def patient_notifications(session: AsyncSession, patient_id: str) -> list[
 
 
 async def record_attempt(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(delivery_attempts).values(at=clock.now(), **values))
+    await insert_row(session, delivery_attempts, at=clock.now(), **values)
 
 
 async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[DeliveryAttemptRow]]:

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     func,
     insert,
     select,
@@ -29,7 +30,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.audit import AuditTrail, audit_table
-from shared.db import UtcDateTime, dialect_name, insert_if_absent, rows_changed
+from shared.db import (
+    UtcDateTime,
+    dialect_name,
+    insert_if_absent,
+    insert_row,
+    insert_rows,
+    rows_changed,
+    select_by,
+    update_by,
+)
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
 from shared.projections import SiteDirectory
@@ -306,8 +316,8 @@ def _rows(kind: type[_RowT], result: Result[Any]) -> list[_RowT]:
     return [_typed(kind, r) for r in result.mappings()]
 
 
-async def _one(kind: type[_RowT], session: AsyncSession, query: Any) -> _RowT | None:
-    row = (await session.execute(query)).mappings().first()
+async def _one(kind: type[_RowT], session: AsyncSession, query: Any, **parameters: Any) -> _RowT | None:
+    row = (await session.execute(query, parameters)).mappings().first()
     return _typed(kind, row) if row else None
 
 
@@ -329,15 +339,15 @@ async def list_sites(session: AsyncSession, only: list[str] | None) -> list[Site
 
 
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:
-    return await _one(EnrollmentRow, session, select(enrollments).where(enrollments.c.enrollment_id == enrollment_id))
+    return await _one(EnrollmentRow, session, select_by(enrollments, "enrollment_id"), enrollment_id=enrollment_id)
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(enrollments).values(created_at=clock.now(), **values))
+    await insert_row(session, enrollments, created_at=clock.now(), **values)
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
-    await session.execute(update(enrollments).where(enrollments.c.enrollment_id == enrollment_id).values(**values))
+    await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
 async def remember_end(
@@ -351,7 +361,7 @@ async def remember_end(
 
 
 async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
-    return await _one(EpisodeEndRow, session, select(episode_ends).where(episode_ends.c.enrollment_id == enrollment_id))
+    return await _one(EpisodeEndRow, session, select_by(episode_ends, "enrollment_id"), enrollment_id=enrollment_id)
 
 
 async def active_enrollments(session: AsyncSession, program_id: str) -> list[EnrollmentRow]:
@@ -374,7 +384,7 @@ async def add_program(session: AsyncSession, **values: Any) -> None:
 
 
 async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | None:
-    return await _one(ProgramRow, session, select(programs).where(programs.c.program_id == program_id))
+    return await _one(ProgramRow, session, select_by(programs, "program_id"), program_id=program_id)
 
 
 async def list_programs(session: AsyncSession, site_id: str | None = None) -> list[ProgramRow]:
@@ -385,33 +395,39 @@ async def list_programs(session: AsyncSession, site_id: str | None = None) -> li
 
 
 async def set_materialized_until(session: AsyncSession, program_id: str, until: date) -> None:
-    await session.execute(update(programs).where(programs.c.program_id == program_id).values(materialized_until=until))
+    await update_by(session, programs, {"program_id": program_id}, materialized_until=until)
 
 
 # --- sessions ------------------------------------------------------------------
 
 
+_SESSION_OF_BLOCK = select(sessions.c.session_id).where(
+    sessions.c.program_id == bindparam("program_id"),
+    sessions.c.local_date == bindparam("local_date"),
+    sessions.c.block_key == bindparam("block_key"),
+)
+
+
 async def session_exists(session: AsyncSession, program_id: str, local_date: date, block_key: str) -> bool:
-    query = select(sessions.c.session_id).where(
-        sessions.c.program_id == program_id, sessions.c.local_date == local_date, sessions.c.block_key == block_key
-    )
-    return (await session.execute(query)).first() is not None
+    key = {"program_id": program_id, "local_date": local_date, "block_key": block_key}
+    return (await session.execute(_SESSION_OF_BLOCK, key)).first() is not None
 
 
 async def add_session(session: AsyncSession, **values: Any) -> None:
-    await session.execute(insert(sessions).values(**values))
+    await insert_row(session, sessions, **values)
+
+
+_SESSION_LOCKED = select_by(sessions, "session_id").with_for_update()
 
 
 async def get_session(session: AsyncSession, session_id: str, *, lock: bool = False) -> SessionRow | None:
-    query = select(sessions).where(sessions.c.session_id == session_id)
-    if lock:
-        # Serializes bookings of one session across requests and replicas (PostgreSQL).
-        query = query.with_for_update()
-    return await _one(SessionRow, session, query)
+    # Locked, it serializes bookings of one session across requests and replicas (PostgreSQL).
+    query = _SESSION_LOCKED if lock else select_by(sessions, "session_id")
+    return await _one(SessionRow, session, query, session_id=session_id)
 
 
 async def update_session(session: AsyncSession, session_id: str, **values: Any) -> None:
-    await session.execute(update(sessions).where(sessions.c.session_id == session_id).values(**values))
+    await update_by(session, sessions, {"session_id": session_id}, **values)
 
 
 async def sessions_between(
@@ -460,42 +476,59 @@ async def clinician_overlaps(session: AsyncSession, clinician_id: str, starts: d
 # --- bookings ------------------------------------------------------------------
 
 
+_SESSIONS_LOCKED = (
+    select(sessions)
+    .where(sessions.c.session_id.in_(bindparam("session_ids", expanding=True)))
+    .order_by(sessions.c.session_id)
+    .with_for_update()
+)
+
+
 async def lock_sessions(session: AsyncSession, session_ids: list[str]) -> dict[str, SessionRow]:
     """Several sessions at once, locked as `get_session(lock=True)` locks one (in id
     order, so two bookers of overlapping sets never deadlock)."""
-    query = select(sessions).where(sessions.c.session_id.in_(session_ids)).order_by(sessions.c.session_id)
-    rows = _rows(SessionRow, await session.execute(query.with_for_update()))
+    rows = _rows(SessionRow, await session.execute(_SESSIONS_LOCKED, {"session_ids": session_ids}))
     return {row["session_id"]: row for row in rows}
+
+
+_BOOKINGS_OF = select(bookings).where(
+    bookings.c.enrollment_id == bindparam("enrollment_id"),
+    bookings.c.session_id.in_(bindparam("session_ids", expanding=True)),
+)
 
 
 async def bookings_of(session: AsyncSession, enrollment_id: str, session_ids: list[str]) -> dict[str, BookingRow]:
     """An enrollment's booking (any status) in each of these sessions, by session id."""
-    query = select(bookings).where(bookings.c.enrollment_id == enrollment_id, bookings.c.session_id.in_(session_ids))
-    return {row["session_id"]: row for row in _rows(BookingRow, await session.execute(query))}
+    found = await session.execute(_BOOKINGS_OF, {"enrollment_id": enrollment_id, "session_ids": session_ids})
+    return {row["session_id"]: row for row in _rows(BookingRow, found)}
+
+
+_BOOKED_COUNTS = (
+    select(bookings.c.session_id, func.count())
+    .where(bookings.c.session_id.in_(bindparam("session_ids", expanding=True)), bookings.c.status == "booked")
+    .group_by(bookings.c.session_id)
+)
+_LAST_IN_LINE = (
+    select(bookings.c.session_id, func.max(bookings.c.position))
+    .where(bookings.c.session_id.in_(bindparam("session_ids", expanding=True)), bookings.c.status == "waitlisted")
+    .group_by(bookings.c.session_id)
+)
 
 
 async def booked_counts(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:
-    query = (
-        select(bookings.c.session_id, func.count())
-        .where(bookings.c.session_id.in_(session_ids), bookings.c.status == "booked")
-        .group_by(bookings.c.session_id)
-    )
-    return {str(session_id): int(count) for session_id, count in (await session.execute(query)).all()}
+    found = await session.execute(_BOOKED_COUNTS, {"session_ids": session_ids})
+    return {str(session_id): int(count) for session_id, count in found.all()}
 
 
 async def last_in_line(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:
     """The last waitlist position taken in each of these sessions that has a waitlist."""
-    query = (
-        select(bookings.c.session_id, func.max(bookings.c.position))
-        .where(bookings.c.session_id.in_(session_ids), bookings.c.status == "waitlisted")
-        .group_by(bookings.c.session_id)
-    )
-    return {str(session_id): int(last) for session_id, last in (await session.execute(query)).all() if last is not None}
+    found = await session.execute(_LAST_IN_LINE, {"session_ids": session_ids})
+    return {str(session_id): int(last) for session_id, last in found.all() if last is not None}
 
 
 async def get_booking(session: AsyncSession, session_id: str, enrollment_id: str) -> BookingRow | None:
-    query = select(bookings).where(bookings.c.session_id == session_id, bookings.c.enrollment_id == enrollment_id)
-    return await _one(BookingRow, session, query)
+    query = select_by(bookings, "session_id", "enrollment_id")
+    return await _one(BookingRow, session, query, session_id=session_id, enrollment_id=enrollment_id)
 
 
 async def session_bookings(session: AsyncSession, session_id: str, status: str | None = None) -> list[BookingRow]:
@@ -514,16 +547,12 @@ async def count_booked(session: AsyncSession, session_id: str) -> int:
 
 async def add_bookings(session: AsyncSession, rows: list[dict[str, Any]]) -> None:
     """New bookings in one multi-row INSERT."""
-    if not rows:
-        return
     stamp = clock.now()
-    await session.execute(insert(bookings), [{**row, "created_at": stamp, "updated_at": stamp} for row in rows])
+    await insert_rows(session, bookings, [{**row, "created_at": stamp, "updated_at": stamp} for row in rows])
 
 
 async def update_booking(session: AsyncSession, booking_id: str, **values: Any) -> None:
-    await session.execute(
-        update(bookings).where(bookings.c.booking_id == booking_id).values(updated_at=clock.now(), **values)
-    )
+    await update_by(session, bookings, {"booking_id": booking_id}, updated_at=clock.now(), **values)
 
 
 async def enrollment_bookings(

@@ -5,14 +5,16 @@ redelivered after a crash, a lost ack or a re-publish past the duplicate window 
 applied exactly once.
 """
 
+import functools
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Column, MetaData, String, Table, insert, select
+from sqlalchemy import Column, MetaData, Select, String, Table, bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import Envelope
-from shared.db import UtcDateTime
+from shared.db import UtcDateTime, insert_rows
 
 
 class Inbox:
@@ -41,7 +43,7 @@ class Inbox:
         """The ids among these events that were applied before: a batch asks once, not
         once per event (each statement is a round trip to the database's thread)."""
         ids = {str(envelope.event_id) for envelope in envelopes}
-        result = await session.execute(select(self.table.c.event_id).where(self.table.c.event_id.in_(ids)))
+        result = await session.execute(_seen(self.table), {"ids": sorted(ids)})
         return set(result.scalars())
 
     def row(self, envelope: Envelope, consumer: str) -> dict[str, object]:
@@ -58,7 +60,7 @@ class Inbox:
         primary key still refuses an event another replica applied meanwhile: the
         transaction fails and the batch goes one by one, where it is skipped."""
         if rows:
-            await session.execute(insert(self.table), list(rows))
+            await insert_rows(session, self.table, rows)
 
 
 class IdempotentEffects(Inbox):
@@ -76,3 +78,9 @@ class IdempotentEffects(Inbox):
 
     async def record(self, session: AsyncSession, rows: Sequence[dict[str, object]]) -> None:
         pass
+
+
+# Built once per table (see shared/db.py, select_by): a batch runs each once.
+@functools.cache
+def _seen(table: Table) -> Select[Any]:
+    return select(table.c.event_id).where(table.c.event_id.in_(bindparam("ids", expanding=True)))

@@ -1,0 +1,87 @@
+"""Statements built once and run with parameters (shared/db.py: select_by, insert_row,
+update_by), on SQLite and PostgreSQL: they read and write what `.where(...)` and
+`.values(...)` did, refuse what those refused, and are built once per table and key, which
+is what saves their cost on every call (docs/performance.md, "Statements built once")."""
+
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared.db import create_engine, insert_row, select_by, update_by
+
+metadata = MetaData()
+rooms = Table(
+    "prebuilt_rooms",
+    metadata,
+    Column("site_id", String(40), primary_key=True),
+    Column("room", String(40), primary_key=True),
+    Column("seats", Integer, nullable=False),
+    Column("note", String(200)),
+)
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(database_url)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.create_all)
+    yield async_sessionmaker(engine, expire_on_commit=False)
+    async with engine.begin() as connection:
+        await connection.run_sync(metadata.drop_all)
+    await engine.dispose()
+
+
+async def rooms_of(session: AsyncSession, site_id: str) -> list[dict[str, object]]:
+    found = await session.execute(select_by(rooms, "site_id").order_by(rooms.c.room), {"site_id": site_id})
+    return [dict(row) for row in found.mappings()]
+
+
+async def test_rows_are_written_read_and_changed_by_their_key(sessions) -> None:
+    async with sessions() as session, session.begin():
+        await insert_row(session, rooms, site_id="north", room="a", seats=12)
+        await insert_row(session, rooms, site_id="north", room="b", seats=8, note="quiet")
+        await insert_row(session, rooms, site_id="south", room="a", seats=20)
+    async with sessions() as session, session.begin():
+        changed = await update_by(session, rooms, {"site_id": "north", "room": "a"}, seats=14, note="moved")
+        assert changed == 1
+        assert await update_by(session, rooms, {"site_id": "east", "room": "a"}, seats=1) == 0
+    async with sessions() as session:
+        assert await rooms_of(session, "north") == [
+            {"site_id": "north", "room": "a", "seats": 14, "note": "moved"},
+            {"site_id": "north", "room": "b", "seats": 8, "note": "quiet"},
+        ]
+        one = await session.execute(select_by(rooms, "site_id", "room"), {"site_id": "south", "room": "a"})
+        assert [dict(row) for row in one.mappings()] == [{"site_id": "south", "room": "a", "seats": 20, "note": None}]
+
+
+async def test_a_key_column_can_be_set_too_without_touching_other_rows(sessions) -> None:
+    async with sessions() as session, session.begin():
+        await insert_row(session, rooms, site_id="north", room="a", seats=12)
+        await insert_row(session, rooms, site_id="north", room="b", seats=8)
+    async with sessions() as session, session.begin():
+        assert await update_by(session, rooms, {"site_id": "north", "room": "a"}, room="c") == 1
+    async with sessions() as session:
+        assert [row["room"] for row in await rooms_of(session, "north")] == ["b", "c"]
+
+
+async def test_a_name_that_is_no_column_is_refused_and_changes_nothing(sessions) -> None:
+    async with sessions() as session, session.begin():
+        await insert_row(session, rooms, site_id="north", room="a", seats=12)
+    async with sessions() as session:
+        with pytest.raises(ValueError, match="no such column in prebuilt_rooms: colour"):
+            await insert_row(session, rooms, site_id="north", room="b", seats=1, colour="red")
+        with pytest.raises(ValueError, match="no such column in prebuilt_rooms: sets"):
+            await update_by(session, rooms, {"site_id": "north", "room": "a"}, sets=3)
+        with pytest.raises(ValueError, match="nothing to set"):
+            await update_by(session, rooms, {"site_id": "north", "room": "a"})
+        await session.rollback()
+        assert await rooms_of(session, "north") == [{"site_id": "north", "room": "a", "seats": 12, "note": None}]
+
+
+def test_each_statement_is_built_once_per_table_and_key() -> None:
+    # What the helpers are for: the same statement object comes back, so SQLAlchemy's cache
+    # key, memoized on it, is computed once instead of on every call.
+    assert select_by(rooms, "site_id") is select_by(rooms, "site_id")
+    assert select_by(rooms, "site_id", "room") is not select_by(rooms, "site_id")
