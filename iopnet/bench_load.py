@@ -85,6 +85,7 @@ class BusLog:
 class ProcessStats:
     peak_rss_mb: float = 0.0
     cpu_seconds: float = 0.0
+    niceness: int = 0  # the CPU priority it ran at (routine-only processes yield: IOPNET_CPU_NICE)
 
 
 @dataclass
@@ -130,11 +131,13 @@ class Sampler:
             try:
                 memory = handle.memory_info().rss / 1e6
                 times = handle.cpu_times()
+                niceness = handle.nice()
             except psutil.Error:
                 continue
             stats = self.processes.setdefault(name, ProcessStats())
             stats.peak_rss_mb = max(stats.peak_rss_mb, memory)
             stats.cpu_seconds = times.user + times.system
+            stats.niceness = niceness
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -89,8 +89,9 @@ def print_table(results: dict[str, Any]) -> None:
         per_request.add_row(kind, str(figures["per_s"]), *(str(spent.get(name, "-")) for name in names))
     console.print(per_request)
     processes = Table(title="Processes")
-    for column in ("process", "peak RSS MB", "CPU s"):
+    for column in ("process", "peak RSS MB", "CPU s", "nice"):
         processes.add_column(column)
     for name, stats in results["processes"].items():
-        processes.add_row(name, f"{stats['peak_rss_mb']:.0f}", f"{stats['cpu_seconds']:.1f}")
+        niceness = str(stats.get("niceness", "-"))  # results of before it was recorded have none
+        processes.add_row(name, f"{stats['peak_rss_mb']:.0f}", f"{stats['cpu_seconds']:.1f}", niceness)
     console.print(processes)

@@ -38,11 +38,13 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
     import uvicorn
 
     from shared.logging import configure_logging
+    from shared.runtime import run_at_niceness
 
+    settings = Settings()
+    run_at_niceness(settings.cpu_nice)
     if service == "console":
         from services.console.app import create_app as console_app
 
-        settings = Settings()
         configure_logging(settings.log_level, "console")
         # An open live-alert stream (server-sent events) never ends by itself: a stop waits
         # this long for them, then closes them.
@@ -58,7 +60,6 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
     if service not in SERVICES:
         raise typer.BadParameter(f"unknown service {service!r}; one of {', '.join(SERVICES)}")
     name: ServiceName = service  # type: ignore[assignment]
-    settings = Settings()
     configure_logging(settings.log_level, name)
     module = __import__(f"services.{name}.app", fromlist=["create_app"])
     try:

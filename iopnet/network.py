@@ -48,6 +48,9 @@ STABLE_SECONDS = 60.0
 # What LocalNetwork runs: the three services and, with console=True, the console.
 CONSOLE: Literal["console"] = "console"
 SAFETY_LANE_INSTANCE = "notifications-safety"
+# The niceness of a process that does routine work only (IOPNET_CPU_NICE, shared/settings.py):
+# on the one host, safety work and the requests people wait for get the cores first.
+ROUTINE_NICENESS = 10
 Deployable = ServiceName | Literal["console"]
 # The console owns no data and reads no contact detail: none of the services' database
 # URLs, restricted NATS account, mail or SMS credentials reach it.
@@ -166,6 +169,23 @@ class LocalNetwork:
         """The instance names of `service`, replica 1 first."""
         return [instance for instance, (name, _) in self.instances.items() if name == service]
 
+    def routine_only(self, instance: str) -> bool:
+        """Whether the instance does routine work only: scheduling (bookings, waitlists,
+        attendance), and notifications' process without the safety lane when it has one."""
+        service, _ = self.instances[instance]
+        return service == "scheduling" or self.lanes.get(instance) == "routine"
+
+    def instance_env(self, instance: str) -> dict[str, str]:
+        """The environment of one instance's process: its service's, its lanes, and a lower
+        CPU priority if it does routine work only."""
+        service, port = self.instances[instance]
+        env = self.child_env(service, port)
+        if instance in self.lanes:
+            env["IOPNET_LANES"] = self.lanes[instance]
+        if self.routine_only(instance):
+            env.setdefault("IOPNET_CPU_NICE", str(ROUTINE_NICENESS))  # a value of the caller's wins
+        return env
+
     def child_env(self, service: Deployable, port: int | None = None) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -255,17 +275,14 @@ class LocalNetwork:
         return self
 
     def _spawn(self, instance: str) -> None:
-        service, port = self.instances[instance]
+        service, _ = self.instances[instance]
         output: IO[bytes] | None = None
         if self.log_dir is not None:
             output = open(self.log_dir / f"{instance}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
-        env = self.child_env(service, port)
-        if instance in self.lanes:
-            env["IOPNET_LANES"] = self.lanes[instance]
         self.processes[instance] = subprocess.Popen(
             [sys.executable, "-m", "iopnet.cli", "serve", service],
-            env=env,
+            env=self.instance_env(instance),
             stdout=output,
             stderr=output,
         )

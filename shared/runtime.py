@@ -3,6 +3,7 @@ owned streams, the outbox relay and the consumers. app.py composes one of these.
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +80,15 @@ def lanes_of_this_process(
     if not any(s.lane == "safety" for s in subscriptions):
         raise ValueError(f"IOPNET_LANES={lanes}: {name} has no safety lane (only notifications has one)")
     return [s for s in subscriptions if (s.lane == "safety") == (lanes == "safety")]
+
+
+def run_at_niceness(niceness: int) -> None:
+    """Raise this process's Unix niceness to at least `niceness` (settings.cpu_nice).
+    Raising it needs no privilege; one already higher (set by whoever started the
+    process) is kept, since lowering it would."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)
+    if niceness > current:
+        os.setpriority(os.PRIO_PROCESS, 0, niceness)
 
 
 class ServiceRuntime:

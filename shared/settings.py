@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     # an urgent check-in's alert, p99 284-328 ms on PostgreSQL under the benchmark's
     # load in one process, 152-228 ms with the lane in its own; docs/performance.md).
     lanes: Literal["all", "safety", "routine"] = "all"
+    # The least Unix niceness this process runs at (0-19): one that does routine work only
+    # gives the CPU to those carrying safety work (intake's check-ins, the safety lane)
+    # whenever the host's cores are all busy, instead of sharing it evenly with them. The
+    # local network (`iopnet run`, `iopnet bench`) starts scheduling and notifications'
+    # routine-lane process at ROUTINE_NICENESS (iopnet/network.py); in containers, where
+    # each process has a CPU group of its own, CPU weights do the same (docker-compose.yml,
+    # deploy/k8s). Issue 10: urgent alert p99 on PostgreSQL 213-462 ms before, 93-188 after.
+    cpu_nice: int = Field(default=0, ge=0, le=19)
     # Streams: how long JetStream drops a re-published event_id.
     duplicate_window_seconds: float = 120.0
     # Streams on a cluster (docs/operations.md, Durability settings): each stream is kept on

@@ -57,6 +57,16 @@ def test_every_service_has_a_healthcheck_restart_policy_limits_and_rotated_logs(
     assert service["logging"]["options"]["max-size"]
 
 
+def test_the_services_doing_routine_work_only_yield_the_cpu_to_those_carrying_safety_work() -> None:
+    """Containers have a CPU group each, so a process's own niceness (IOPNET_CPU_NICE, which
+    `iopnet run` uses) would change nothing between them; their CPU weights do it."""
+    weight = {
+        name: SERVICES[name].get("cpu_shares", 1024) for name in ("intake", "scheduling", "notifications", SAFETY)
+    }
+    assert SERVICES["notifications"]["environment"]["IOPNET_LANES"] == "routine"
+    assert weight["scheduling"] == weight["notifications"] < weight["intake"] == weight[SAFETY]
+
+
 @pytest.mark.parametrize("name", sorted(SERVICES))
 def test_dependencies_wait_until_healthy(name: str) -> None:
     for dependency, condition in SERVICES[name].get("depends_on", {}).items():

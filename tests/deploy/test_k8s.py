@@ -116,13 +116,28 @@ def test_notifications_safety_lane_has_pods_of_its_own(variant: str) -> None:
     (routine_container,) = routine["spec"]["template"]["spec"]["containers"]
     env = container["env"]
     assert env[0] == {"name": "IOPNET_LANES", "value": "safety"} and env[1:] == routine_container["env"]
-    assert container | {"env": None} == routine_container | {"env": None}
+    assert container | {"env": None, "resources": None} == routine_container | {"env": None, "resources": None}
     pod, routine_pod = safety["spec"]["template"]["spec"], routine["spec"]["template"]["spec"]
     assert pod["volumes"] == routine_pod["volumes"] and pod["securityContext"] == routine_pod["securityContext"]
     labels = {"app.kubernetes.io/name": "notifications-safety"}
     assert safety["spec"]["selector"]["matchLabels"] == labels and safety["spec"]["replicas"] >= 2
     assert _one(docs, "Service", "notifications")["spec"]["selector"] == {"app.kubernetes.io/name": "notifications"}
     assert _one(docs, "PodDisruptionBudget", "notifications-safety")["spec"]["selector"]["matchLabels"] == labels
+
+
+@pytest.mark.parametrize("variant", sorted(RENDERED))
+def test_pods_doing_routine_work_only_have_less_cpu_weight_than_those_carrying_safety_work(variant: str) -> None:
+    """A container's CPU request is its weight when a node's cores are all busy (the cgroup
+    counterpart of the niceness `iopnet run` gives its routine-only processes)."""
+    docs = RENDERED[variant]
+
+    def cpu_request(name: str) -> float:
+        (container,) = _one(docs, "Deployment", name)["spec"]["template"]["spec"]["containers"]
+        request = container["resources"]["requests"]["cpu"]
+        return float(request[:-1]) / 1000 if request.endswith("m") else float(request)
+
+    routine, safety = ("scheduling", "notifications"), ("intake", "notifications-safety")
+    assert max(cpu_request(name) for name in routine) < min(cpu_request(name) for name in safety)
 
 
 @pytest.mark.parametrize("variant", sorted(RENDERED))

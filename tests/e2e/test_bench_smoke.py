@@ -9,6 +9,7 @@ import pytest
 
 from iopnet.bench import BenchConfig, main
 from iopnet.bench_consumer import run
+from iopnet.network import ROUTINE_NICENESS
 from tests.conftest import _postgres_admin_url
 
 
@@ -53,6 +54,12 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     assert cost["check_in"]["cpu_ms_per_request"]["intake"] > 0
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
+    # Scheduling does routine work only: it yields the cores to the services carrying safety
+    # work (IOPNET_CPU_NICE, set by the local network; `ps -o ni` shows the same).
+    niceness = {name: p["niceness"] for name, p in results["processes"].items()}
+    assert niceness["scheduling"] == ROUTINE_NICENESS
+    assert niceness["intake"] == niceness["notifications"] == niceness["load-generator"]
+    assert niceness["intake"] < ROUTINE_NICENESS
 
 
 @pytest.mark.postgres
@@ -73,6 +80,10 @@ def test_on_postgresql_the_safety_lane_runs_in_a_process_of_its_own(tmp_path: Pa
     assert consumers["notifications-safety"]["applied"] >= 12  # the check-ins (and the cost probe's)
     assert consumers["notifications"]["applied"] >= 12  # the enrollments
     assert "notifications-safety" in results["processes"]
+    # The routine lane's process and scheduling yield the cores; the safety lane and intake do not.
+    niceness = {name: p["niceness"] for name, p in results["processes"].items()}
+    assert niceness["notifications"] == niceness["scheduling"] == ROUTINE_NICENESS
+    assert niceness["notifications-safety"] == niceness["intake"] < ROUTINE_NICENESS
 
 
 async def test_a_tiny_consumer_bench_drains_every_message_with_each_consumer() -> None:

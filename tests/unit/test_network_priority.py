@@ -1,0 +1,66 @@
+"""The local network (`iopnet run`, `iopnet bench`) starts the processes that do routine
+work only at a lower CPU priority, so that on one busy host the safety work and the
+requests people wait for get the cores first (issue 10); a process applies it itself
+(IOPNET_CPU_NICE, shared.runtime.run_at_niceness)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iopnet.network import ROUTINE_NICENESS, SAFETY_LANE_INSTANCE, LocalNetwork
+from shared.settings import Settings
+
+POSTGRES = "postgresql+asyncpg://iopnet@127.0.0.1:5999/{}"
+
+
+def settings(tmp_path: Path, *, postgres: bool) -> Settings:
+    urls = {f"{name}_database_url": POSTGRES.format(name) for name in ("intake", "scheduling", "notifications")}
+    return Settings(data_dir=tmp_path / "data", nats_url="nats://127.0.0.1:4999", **(urls if postgres else {}))
+
+
+def niceness_given(network: LocalNetwork) -> dict[str, str | None]:
+    return {instance: network.instance_env(instance).get("IOPNET_CPU_NICE") for instance in network.instances}
+
+
+def test_scheduling_and_the_routine_lane_yield_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IOPNET_CPU_NICE", raising=False)
+    split = LocalNetwork(settings(tmp_path, postgres=True), safety_lane_process=True)
+    routine = str(ROUTINE_NICENESS)
+    assert niceness_given(split) == {
+        "intake": None, "scheduling": routine, "notifications": routine, SAFETY_LANE_INSTANCE: None
+    }  # fmt: skip
+    # One notifications process reads the safety lane too: it keeps the full priority.
+    single = LocalNetwork(settings(tmp_path, postgres=False), console=True)
+    assert niceness_given(single) == {"intake": None, "scheduling": routine, "notifications": None, "console": None}
+
+
+def test_a_niceness_the_caller_set_wins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOPNET_CPU_NICE", "0")  # e.g. a host where the services have it alone
+    network = LocalNetwork(settings(tmp_path, postgres=False))
+    assert set(niceness_given(network).values()) == {"0"}
+
+
+def niceness_after(niceness: int, *, started_at: int = 0) -> int:
+    """The niceness of a fresh process started at `started_at` that asks for `niceness`."""
+    program = (
+        "import os; from shared.runtime import run_at_niceness; "
+        f"run_at_niceness({niceness}); print(os.getpriority(os.PRIO_PROCESS, 0))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program],
+        capture_output=True,
+        text=True,
+        check=True,
+        preexec_fn=(lambda: os.nice(started_at)) if started_at else None,
+    )
+    return int(done.stdout)
+
+
+def test_a_process_raises_its_niceness_and_keeps_a_higher_one() -> None:
+    assert os.getpriority(os.PRIO_PROCESS, 0) < 7, "this test needs to run below niceness 7"
+    assert niceness_after(7) == 7
+    assert niceness_after(0) == os.getpriority(os.PRIO_PROCESS, 0)
+    assert niceness_after(7, started_at=12) >= 12  # lowering it would need a privilege
