@@ -85,7 +85,8 @@ def lanes_of_this_process(
 def run_at_niceness(niceness: int) -> None:
     """Raise this process's Unix niceness to at least `niceness` (settings.cpu_nice).
     Raising it needs no privilege; one already higher (set by whoever started the
-    process) is kept, since lowering it would."""
+    process) is kept, since lowering it would. On Linux niceness belongs to each thread
+    and a new thread takes its creator's: this runs before the process starts any."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if niceness > current:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)

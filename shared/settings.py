@@ -122,7 +122,7 @@ class Settings(BaseSettings):
     # local network (`iopnet run`, `iopnet bench`) starts scheduling and notifications'
     # routine-lane process at ROUTINE_NICENESS (iopnet/network.py); in containers, where
     # each process has a CPU group of its own, CPU weights do the same (docker-compose.yml,
-    # deploy/k8s). Issue 10: urgent alert p99 on PostgreSQL 213-462 ms before, 93-188 after.
+    # deploy/k8s). Issue 10: urgent alert p99 on PostgreSQL 202-512 ms before, 107-220 after.
     cpu_nice: int = Field(default=0, ge=0, le=19)
     # Streams: how long JetStream drops a re-published event_id.
     duplicate_window_seconds: float = 120.0
