@@ -38,9 +38,10 @@ from uuid import uuid4
 import asyncpg
 import psutil
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.engine import make_url
 
 from iopnet.bench_http import Answer, LoadClient
-from iopnet.bench_load import BusLog, Sampler, raw_baseline
+from iopnet.bench_load import BusLog, Sampler, local_postgres_server, raw_baseline
 from iopnet.bench_report import latency_summary, plot, print_table, write_results
 from iopnet.natsd import free_port, url_with_user
 from iopnet.network import LocalNetwork
@@ -393,7 +394,9 @@ async def _live_progress(
             await finish()
 
 
-async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int]) -> dict[str, Any]:
+async def _drive(
+    network: LocalNetwork, config: BenchConfig, pids: dict[str, int], database_server: int | None = None
+) -> dict[str, Any]:
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(LoadClient(connections=config.concurrency * 4))
         clinics = Clinics(network, http, config)
@@ -402,7 +405,7 @@ async def _drive(network: LocalNetwork, config: BenchConfig, pids: dict[str, int
         stack.push_async_callback(bus.stop)
         # Every service process (notifications-safety too, when the safety lane has its own).
         services = {i: network.url(i) for i, (name, _) in network.instances.items() if name in SERVICES}
-        sampler = Sampler(http, services, pids).start()
+        sampler = Sampler(http, services, pids, database_server).start()
         stack.push_async_callback(sampler.stop)
         started = time.monotonic()
         display = await stack.enter_async_context(_live_progress(clinics, bus, config))
@@ -527,11 +530,19 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             if network.nats is not None and network.nats.process is not None:
                 pids["nats-server"] = network.nats.process.pid
             pids["load-generator"] = os.getpid()
-            return asyncio.run(_drive(network, config, pids))
+            return asyncio.run(_drive(network, config, pids, _database_server(config)))
         finally:
             network.stop()
             if created:
                 asyncio.run(_drop_databases(config.postgres or "", created))
+
+
+def _database_server(config: BenchConfig) -> int | None:
+    """The PostgreSQL server's postmaster when it runs on this machine: its CPU counts too."""
+    if not config.postgres:
+        return None
+    url = make_url(config.postgres)
+    return local_postgres_server(url.host, url.port or 5432)
 
 
 def main(config: BenchConfig) -> Path:

@@ -3,6 +3,7 @@ parsed once), the services' /metrics and their processes sampled while the load 
 and the raw bus baseline on the same nats-server."""
 
 import asyncio
+import contextlib
 import itertools
 import json
 import time
@@ -83,9 +84,38 @@ class BusLog:
 
 @dataclass
 class ProcessStats:
-    peak_rss_mb: float = 0.0
+    peak_rss_mb: float | None = 0.0  # None: not measured (a server's processes share memory)
     cpu_seconds: float = 0.0
     niceness: int = 0  # the CPU priority it ran at (routine-only processes yield: IOPNET_CPU_NICE)
+
+
+def local_postgres_server(host: str | None, port: int) -> int | None:
+    """The pid of the PostgreSQL server listening on this loopback port (its postmaster),
+    or None: not on this machine, or not visible to this user."""
+    if host not in (None, "", "localhost", "127.0.0.1", "::1"):
+        return None
+    for process in psutil.process_iter(["name"]):
+        if process.info["name"] not in ("postgres", "postmaster"):
+            continue
+        try:
+            listening = [c for c in process.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+        if any(c.laddr.port == port for c in listening):
+            return process.pid
+    return None
+
+
+def server_cpu_seconds(postmaster: psutil.Process) -> float:
+    """CPU time of a PostgreSQL server so far: the postmaster, its live backends and
+    workers, and the children it has reaped (a backend whose connection closed)."""
+    own = postmaster.cpu_times()
+    total = own.user + own.system + own.children_user + own.children_system
+    for child in postmaster.children():
+        with contextlib.suppress(psutil.Error):
+            times = child.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 @dataclass
@@ -96,6 +126,9 @@ class Sampler:
     http: LoadClient
     services: dict[str, str]  # name -> base url
     pids: dict[str, int]  # process name -> pid
+    # The database server on this machine (PostgreSQL's postmaster), if any: it shares the
+    # cores with the services, so its CPU during the run is reported beside theirs.
+    database_server: int | None = None
     interval: float = 0.5
     applied: dict[str, list[tuple[float, float, float]]] = field(default_factory=lambda: defaultdict(list))
     processes: dict[str, ProcessStats] = field(default_factory=dict)
@@ -103,6 +136,11 @@ class Sampler:
 
     def start(self) -> "Sampler":
         self._handles = {name: psutil.Process(pid) for name, pid in self.pids.items()}
+        self._server: tuple[psutil.Process, float] | None = None
+        if self.database_server is not None:
+            with contextlib.suppress(psutil.Error):
+                server = psutil.Process(self.database_server)
+                self._server = (server, server_cpu_seconds(server))  # what it used before the run
         self._task = asyncio.create_task(self._run())
         return self
 
@@ -135,9 +173,16 @@ class Sampler:
             except psutil.Error:
                 continue
             stats = self.processes.setdefault(name, ProcessStats())
-            stats.peak_rss_mb = max(stats.peak_rss_mb, memory)
+            stats.peak_rss_mb = max(stats.peak_rss_mb or 0.0, memory)
             stats.cpu_seconds = times.user + times.system
             stats.niceness = niceness
+        if self._server is not None:
+            server, before = self._server
+            with contextlib.suppress(psutil.Error):
+                # Peak RSS is not summed over its processes: they share its buffers.
+                stats = self.processes.setdefault("postgresql", ProcessStats(peak_rss_mb=None))
+                stats.cpu_seconds = server_cpu_seconds(server) - before
+                stats.niceness = server.nice()
 
     async def stop(self) -> None:
         if self._task is not None:

@@ -93,5 +93,6 @@ def print_table(results: dict[str, Any]) -> None:
         processes.add_column(column)
     for name, stats in results["processes"].items():
         niceness = str(stats.get("niceness", "-"))  # results of before it was recorded have none
-        processes.add_row(name, f"{stats['peak_rss_mb']:.0f}", f"{stats['cpu_seconds']:.1f}", niceness)
+        rss = "-" if stats["peak_rss_mb"] is None else f"{stats['peak_rss_mb']:.0f}"
+        processes.add_row(name, rss, f"{stats['cpu_seconds']:.1f}", niceness)
     console.print(processes)
