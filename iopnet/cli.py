@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from iopnet.integrations import integrations_app
 from shared.auth import ROLES, mint_token
-from shared.settings import SERVICES, ServiceName, Settings
+from shared.settings import SERVICES, ServiceName, Settings, async_database_url
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
     from nats.aio.msg import Msg
+    from pydantic_core import ErrorDetails
     from rich.progress import Progress
 
 T = TypeVar("T")
@@ -185,6 +187,13 @@ def bench(
         raise typer.BadParameter(
             "needs --postgres: on SQLite one process reads every lane", param_hint="--safety-process"
         )
+    if postgres is not None:
+        try:
+            postgres = async_database_url(postgres)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--postgres") from None
+        if not postgres.startswith("postgresql+asyncpg://"):
+            raise typer.BadParameter("a PostgreSQL URL: postgresql://user@host:5432/name", param_hint="--postgres")
     main(BenchConfig(patients=patients, sites=sites, concurrency=concurrency, check_in_rate=check_in_rate,
                      postgres=postgres, results_dir=results_dir, safety_process=safety_process))  # fmt: skip
 
@@ -514,5 +523,23 @@ def dlq_purge(
     typer.echo(f"removed {removed} dead letter(s)")
 
 
+def main() -> None:
+    """The `iopnet` command: a setting the services refuse (IOPNET_*) is reported as
+    such, in one line, rather than as a traceback."""
+    try:
+        app()
+    except ValidationError as exc:
+        if exc.title != Settings.__name__:
+            raise
+        typer.echo(f"iopnet: invalid settings: {'; '.join(map(_setting_problem, exc.errors()))}", err=True)
+        raise SystemExit(2) from None
+
+
+def _setting_problem(error: "ErrorDetails") -> str:
+    message = error["msg"].removeprefix("Value error, ")
+    field = "_".join(map(str, error["loc"]))
+    return f"IOPNET_{field.upper()}: {message}" if field else message
+
+
 if __name__ == "__main__":
-    app()
+    main()

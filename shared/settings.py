@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     scheduling_url: str | None = None
     notifications_url: str | None = None
 
+    # postgresql+asyncpg://… or sqlite+aiosqlite:///…; the plain postgresql://, postgres://
+    # and sqlite:/// forms (what most tools print) are read as those.
     intake_database_url: str | None = None
     scheduling_database_url: str | None = None
     notifications_database_url: str | None = None
@@ -209,6 +211,13 @@ class Settings(BaseSettings):
     oidc_client_secret_file: Path | None = None
     console_session_secret_file: Path | None = None
 
+    @field_validator("intake_database_url", "scheduling_database_url", "notifications_database_url")
+    @classmethod
+    def _async_driver(cls, value: str | None) -> str | None:
+        # Refused when settings are read, not at the first connection: SQLAlchemy would
+        # otherwise reach for a synchronous driver that is not installed (psycopg2).
+        return async_database_url(value) if value else None
+
     @field_validator("jwt_secret")
     @classmethod
     def _secret_long_enough(cls, value: str | None) -> str | None:
@@ -283,6 +292,24 @@ class Settings(BaseSettings):
             _publish_private(path, secrets.token_urlsafe(48))
         # A hand-edited or truncated file is refused as an environment secret would be.
         return check_secret(path.read_text().strip(), str(path))
+
+
+_ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+
+
+def async_database_url(url: str) -> str:
+    """The URL with the driver the services use (asyncpg, aiosqlite); ValueError, naming
+    the forms accepted, for another database or driver."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        raise ValueError("a database URL looks like postgresql+asyncpg://user@host:5432/name or sqlite:///path.db")
+    backend, _, driver = scheme.lower().partition("+")
+    if backend not in _ASYNC_DRIVERS:
+        raise ValueError(f"the database {backend!r} is not supported: PostgreSQL or SQLite")
+    wanted = _ASYNC_DRIVERS[backend]
+    if driver and f"{backend}+{driver}" != wanted:
+        raise ValueError(f"the driver {driver!r} is not used: write {wanted}://… (or {backend}://…)")
+    return f"{wanted}://{rest}"
 
 
 def _read_secret(path: Path) -> str:

@@ -8,6 +8,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
+from iopnet.testing import eventually
 from shared.db import create_engine, migrate
 from tests.conftest import fresh_postgres_database
 
@@ -50,3 +51,34 @@ async def _migrate_together(database_url: str) -> None:
         for engine in engines:
             await engine.dispose()
     assert diff == []
+
+
+@pytest.mark.postgres
+async def test_a_service_given_a_plain_postgresql_url_starts_on_asyncpg(nats_server, tmp_path) -> None:
+    """IOPNET_INTAKE_DATABASE_URL as most tools print it (postgresql://, no driver): intake
+    migrates its database through asyncpg and is ready, instead of failing for want of
+    psycopg2."""
+    from services.intake.app import create_app
+    from tests.conftest import make_settings, running
+
+    async with fresh_postgres_database() as url:
+        plain = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+        settings = make_settings(nats_server.url, tmp_path, intake_database_url=plain)
+        assert settings.database_url("intake") == url
+        async with running(create_app(settings)) as intake:
+
+            async def ready() -> bool:
+                return (await intake.get("/readyz")).status_code == 200
+
+            await eventually(ready, timeout=30, what="intake ready on the plain URL")
+        engine = create_engine(url)
+        try:
+            async with engine.connect() as connection:
+                diff = await connection.run_sync(
+                    lambda sync: compare_metadata(
+                        MigrationContext.configure(sync), importlib.import_module("services.intake.store").metadata
+                    )
+                )
+        finally:
+            await engine.dispose()
+        assert diff == []
