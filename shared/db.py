@@ -186,11 +186,23 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     second waits for the first to commit and then sees its rows. On SQLite the
     insert makes the transaction a writer at once, which serializes it the same way.
     """
-    await insert_if_absent(session, table, **key)
     if dialect_name(session) == "sqlite":
+        await insert_if_absent(session, table, **key)
         return  # the insert made this transaction the writer; SQLite has no row locks
-    conditions = [table.c[name] == value for name, value in key.items()]
-    await session.execute(select(*table.primary_key.columns).where(*conditions).with_for_update())
+    if set(key) != set(table.primary_key.columns.keys()):
+        raise ValueError(f"a lock on {table.name} is taken by its whole primary key, not {', '.join(sorted(key))}")
+    await session.execute(_lock_row(table), key)
+
+
+@functools.cache
+def _lock_row(table: Table) -> Any:
+    # One round trip, not an insert and a SELECT ... FOR UPDATE: ON CONFLICT DO UPDATE
+    # locks the row it finds, as an UPDATE does, even one its snapshot cannot see yet, and
+    # a row it inserts is this transaction's until it ends. Setting the key to itself
+    # changes no indexed value, so the update is a HOT one on the same page.
+    keys = [column.name for column in table.primary_key.columns]
+    statement = postgresql.insert(table)
+    return statement.on_conflict_do_update(index_elements=keys, set_={keys[0]: statement.excluded[keys[0]]})
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
