@@ -31,10 +31,14 @@ async def engine() -> AsyncIterator[AsyncEngine]:
             await engine.dispose()
 
 
+_WAITING_FOR_A_LOCK = text(
+    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+)
+
+
 async def _waiting_for_a_lock(engine: AsyncEngine) -> int:
     async with engine.connect() as connection:
-        query = text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()")
-        return int((await connection.execute(query)).scalar_one())
+        return int((await connection.execute(_WAITING_FOR_A_LOCK)).scalar_one())
 
 
 @pytest.mark.parametrize("exists", [False, True], ids=["new row", "existing row"])
