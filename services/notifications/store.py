@@ -559,7 +559,13 @@ async def lock_patient(session: AsyncSession, patient_id: str) -> None:
 _CONTACT_CHANGED_AT = select(contacts.c.changed_at).where(contacts.c.patient_id == bindparam("patient_id"))
 
 
+# Read once per transaction (a consumer's batch brings a patient's events together: the
+# registration with the enrollment, a booking's siblings), dropped by whoever writes them.
+_CONTACTS, _CONSENTS, _ENROLLMENTS = "iopnet.contacts", "iopnet.patient_consents", "iopnet.patient_enrollments"
+
+
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
+    _forget(session, _CONTACTS, patient_id)
     current = (await session.execute(_CONTACT_CHANGED_AT, {"patient_id": patient_id})).first()
     if current is None:
         await insert_row(session, contacts, patient_id=patient_id, changed_at=changed_at, **values)
@@ -569,7 +575,11 @@ async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: dat
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | None:
-    return await _one(session, ContactRow, select_by(contacts, "patient_id"), patient_id=patient_id)
+    known = _read_once(session, _CONTACTS)
+    if patient_id not in known:
+        known[patient_id] = await _one(session, ContactRow, select_by(contacts, "patient_id"), patient_id=patient_id)
+    found = known[patient_id]
+    return cast(ContactRow, dict(found)) if found is not None else None
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
@@ -577,6 +587,7 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
     if (await session.execute(query, {"enrollment_id": values["enrollment_id"]})).first() is not None:
         return False
     values.setdefault("status", "active")
+    _read_once(session, _ENROLLMENTS).clear()
     await insert_row(session, enrollments, **values)
     return True
 
@@ -613,16 +624,26 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str) -> Enrollmen
 
 
 async def move_contact(session: AsyncSession, patient_id: str, site_id: str) -> None:
+    _forget(session, _CONTACTS, patient_id)
     await update_by(session, contacts, {"patient_id": patient_id}, site_id=site_id)
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
+    _read_once(session, _ENROLLMENTS).clear()  # whose episode it is is not known here
     await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
+_PATIENT_ENROLLMENTS = (
+    select(enrollments).where(enrollments.c.patient_id == bindparam("patient_id")).order_by(enrollments.c.start_date)
+)
+
+
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:
-    query = select(enrollments).where(enrollments.c.patient_id == patient_id).order_by(enrollments.c.start_date)
-    return _rows(EnrollmentRow, await session.execute(query))
+    known = _read_once(session, _ENROLLMENTS)
+    if patient_id not in known:
+        found = await session.execute(_PATIENT_ENROLLMENTS, {"patient_id": patient_id})
+        known[patient_id] = _rows(EnrollmentRow, found)
+    return [cast(EnrollmentRow, dict(row)) for row in known[patient_id]]
 
 
 async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
@@ -720,6 +741,7 @@ async def consents_to(session: AsyncSession, patient_id: str, recipient: str, pu
 
 
 async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) -> None:
+    _read_once(session, _CONSENTS).clear()
     if not await insert_if_absent(session, consents, consent_id=consent_id, **values):
         current = await _one(session, ConsentRow, select_by(consents, "consent_id"), consent_id=consent_id)
         assert current is not None
@@ -730,6 +752,7 @@ async def upsert_consent(session: AsyncSession, consent_id: str, **values: Any) 
 
 async def end_treatment_consents(session: AsyncSession, patient_id: str, discharged_on: date) -> None:
     """Consents that last until the end of treatment end with the discharge."""
+    _forget(session, _CONSENTS, patient_id)
     await session.execute(
         update(consents)
         .where(
@@ -742,7 +765,11 @@ async def end_treatment_consents(session: AsyncSession, patient_id: str, dischar
 
 
 async def patient_consents(session: AsyncSession, patient_id: str) -> list[ConsentRow]:
-    return _rows(ConsentRow, await session.execute(select_by(consents, "patient_id"), {"patient_id": patient_id}))
+    known = _read_once(session, _CONSENTS)
+    if patient_id not in known:
+        found = await session.execute(select_by(consents, "patient_id"), {"patient_id": patient_id})
+        known[patient_id] = _rows(ConsentRow, found)
+    return [cast(ConsentRow, dict(row)) for row in known[patient_id]]
 
 
 # --- sessions, bookings, attendance ---------------------------------------------------------
@@ -911,8 +938,9 @@ def _for_this_transaction(session: AsyncSession, key: str) -> set[str]:
 
 
 def _read_once(session: AsyncSession, key: str) -> dict[str, Any]:
-    """Rows read in this transaction, by id: a batch of events reads a site's rows once.
-    Whoever writes such a row in the transaction drops it from here (`_forget`)."""
+    """Rows read in this transaction, by id: a batch of events reads a site's or a
+    patient's rows once. Whoever writes such a row in the transaction drops it from here
+    (`_forget`, or `.clear()` where the writer does not know whose row it is)."""
     return cast(dict[str, Any], _kept(session, key, dict))
 
 
