@@ -1,0 +1,113 @@
+"""Notifications reads a patient's contact, consents and enrollments once per transaction
+(a consumer's batch brings a patient's events together), on SQLite and PostgreSQL: a
+second read in the transaction sends no statement, a write in it is seen by the next read,
+a caller changing what it got changes nothing kept, and the next transaction reads again."""
+
+from collections.abc import AsyncIterator
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from services.notifications import store
+from shared.db import create_engine, migrate, session_factory
+
+T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
+
+
+@pytest.fixture
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(database_url)
+    await migrate(engine, store.MIGRATIONS)
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+class Statements:
+    """The statements a session sends, by table read."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.sent: list[str] = []
+        self.session = session
+
+    async def __aenter__(self) -> "Statements":
+        self.connection = (await self.session.connection()).sync_connection
+        event.listen(self.connection, "before_cursor_execute", self._sent)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        event.remove(self.connection, "before_cursor_execute", self._sent)
+
+    def _sent(self, _connection: object, _cursor: object, statement: str, *_: object) -> None:
+        self.sent.append(" ".join(statement.split()))
+
+    def reads(self, table: str) -> int:
+        return sum(s.startswith("SELECT") and f"FROM {table} " in f"{s} " for s in self.sent)
+
+
+async def _contact(session: AsyncSession, patient_id: str, email: str, at: datetime) -> None:
+    await store.upsert_contact(
+        session, patient_id, at, site_id="north", phone=None, email=email, preferred_channel="email", language="en"
+    )
+
+
+async def test_a_contact_is_read_once_and_a_write_is_seen(sessions) -> None:
+    async with sessions.begin() as session:
+        await _contact(session, "p-1", "one@example.org", T0)
+        async with Statements(session) as statements:
+            first = await store.get_contact(session, "p-1")
+            assert first is not None and first["email"] == "one@example.org"
+            first["email"] = "changed by a caller"
+            again = await store.get_contact(session, "p-1")
+            assert again is not None and again["email"] == "one@example.org"
+            assert await store.get_contact(session, "p-2") is None
+            assert await store.get_contact(session, "p-2") is None
+            assert statements.reads("contacts") == 2  # p-1 once, p-2 (absent) once
+            await _contact(session, "p-1", "two@example.org", T0 + timedelta(minutes=1))
+            await store.move_contact(session, "p-1", "south")
+            moved = await store.get_contact(session, "p-1")
+            assert moved is not None and (moved["email"], moved["site_id"]) == ("two@example.org", "south")
+    async with sessions.begin() as session:
+        async with Statements(session) as statements:
+            assert (await store.get_contact(session, "p-1")) == moved
+            assert statements.reads("contacts") == 1, "another transaction reads again"
+
+
+async def test_consents_are_read_once_and_a_write_is_seen(sessions) -> None:
+    grant = {"patient_id": "p-1", "site_id": "north", "recipient": "patient", "purpose": "reminders"}
+    async with sessions.begin() as session:
+        async with Statements(session) as statements:
+            assert await store.patient_consents(session, "p-1") == []
+            await store.upsert_consent(session, "c-1", **grant, revoked=False, expires_event="end_of_treatment")
+            [granted] = await store.patient_consents(session, "p-1")
+            assert granted["consent_id"] == "c-1" and not granted["revoked"]
+            assert len(await store.patient_consents(session, "p-1")) == 1
+            assert statements.reads("consents") == 2  # before the grant and after it
+            await store.end_treatment_consents(session, "p-1", date(2026, 12, 1))
+            [ended] = await store.patient_consents(session, "p-1")
+            assert ended["expires_on"] == date(2026, 12, 1)
+            await store.upsert_consent(session, "c-1", **grant, revoked=True)
+            [revoked] = await store.patient_consents(session, "p-1")
+            assert revoked["revoked"]
+
+
+async def test_enrollments_are_read_once_and_a_write_is_seen(sessions) -> None:
+    episode = {"patient_id": "p-1", "site_id": "north", "correlation_id": "x-1"}
+    async with sessions.begin() as session:
+        async with Statements(session) as statements:
+            assert await store.patient_enrollments(session, "p-1") == []
+            await store.add_enrollment(
+                session, enrollment_id="e-2", start_date=date(2026, 11, 9), enrolled_event_id="v-2", **episode
+            )
+            await store.add_enrollment(
+                session, enrollment_id="e-1", start_date=date(2026, 11, 2), enrolled_event_id="v-1", **episode
+            )
+            listed = await store.patient_enrollments(session, "p-1")
+            assert [e["enrollment_id"] for e in listed] == ["e-1", "e-2"]  # by start date
+            listed[0]["status"] = "changed by a caller"
+            assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["active", "active"]
+            await store.update_enrollment(session, "e-1", status="discharged", discharged_on=date(2026, 11, 8))
+            assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["discharged", "active"]
+            patient_reads = sum("FROM enrollments WHERE enrollments.patient_id" in s for s in statements.sent)
+            assert patient_reads == 3  # before, after the enrollments, after the discharge
