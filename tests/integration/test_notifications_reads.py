@@ -68,46 +68,43 @@ async def test_a_contact_is_read_once_and_a_write_is_seen(sessions) -> None:
             await store.move_contact(session, "p-1", "south")
             moved = await store.get_contact(session, "p-1")
             assert moved is not None and (moved["email"], moved["site_id"]) == ("two@example.org", "south")
-    async with sessions.begin() as session:
-        async with Statements(session) as statements:
-            assert (await store.get_contact(session, "p-1")) == moved
-            assert statements.reads("contacts") == 1, "another transaction reads again"
+    async with sessions.begin() as session, Statements(session) as statements:
+        assert (await store.get_contact(session, "p-1")) == moved
+        assert statements.reads("contacts") == 1, "another transaction reads again"
 
 
 async def test_consents_are_read_once_and_a_write_is_seen(sessions) -> None:
     grant = {"patient_id": "p-1", "site_id": "north", "recipient": "patient", "purpose": "reminders"}
-    async with sessions.begin() as session:
-        async with Statements(session) as statements:
-            assert await store.patient_consents(session, "p-1") == []
-            await store.upsert_consent(session, "c-1", **grant, revoked=False, expires_event="end_of_treatment")
-            [granted] = await store.patient_consents(session, "p-1")
-            assert granted["consent_id"] == "c-1" and not granted["revoked"]
-            assert len(await store.patient_consents(session, "p-1")) == 1
-            assert statements.reads("consents") == 2  # before the grant and after it
-            await store.end_treatment_consents(session, "p-1", date(2026, 12, 1))
-            [ended] = await store.patient_consents(session, "p-1")
-            assert ended["expires_on"] == date(2026, 12, 1)
-            await store.upsert_consent(session, "c-1", **grant, revoked=True)
-            [revoked] = await store.patient_consents(session, "p-1")
-            assert revoked["revoked"]
+    async with sessions.begin() as session, Statements(session) as statements:
+        assert await store.patient_consents(session, "p-1") == []
+        await store.upsert_consent(session, "c-1", **grant, revoked=False, expires_event="end_of_treatment")
+        [granted] = await store.patient_consents(session, "p-1")
+        assert granted["consent_id"] == "c-1" and not granted["revoked"]
+        assert len(await store.patient_consents(session, "p-1")) == 1
+        assert statements.reads("consents") == 2  # before the grant and after it
+        await store.end_treatment_consents(session, "p-1", date(2026, 12, 1))
+        [ended] = await store.patient_consents(session, "p-1")
+        assert ended["expires_on"] == date(2026, 12, 1)
+        await store.upsert_consent(session, "c-1", **grant, revoked=True)
+        [revoked] = await store.patient_consents(session, "p-1")
+        assert revoked["revoked"]
 
 
 async def test_enrollments_are_read_once_and_a_write_is_seen(sessions) -> None:
     episode = {"patient_id": "p-1", "site_id": "north", "correlation_id": "x-1"}
-    async with sessions.begin() as session:
-        async with Statements(session) as statements:
-            assert await store.patient_enrollments(session, "p-1") == []
-            await store.add_enrollment(
-                session, enrollment_id="e-2", start_date=date(2026, 11, 9), enrolled_event_id="v-2", **episode
-            )
-            await store.add_enrollment(
-                session, enrollment_id="e-1", start_date=date(2026, 11, 2), enrolled_event_id="v-1", **episode
-            )
-            listed = await store.patient_enrollments(session, "p-1")
-            assert [e["enrollment_id"] for e in listed] == ["e-1", "e-2"]  # by start date
-            listed[0]["status"] = "changed by a caller"
-            assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["active", "active"]
-            await store.update_enrollment(session, "e-1", status="discharged", discharged_on=date(2026, 11, 8))
-            assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["discharged", "active"]
-            patient_reads = sum("FROM enrollments WHERE enrollments.patient_id" in s for s in statements.sent)
-            assert patient_reads == 3  # before, after the enrollments, after the discharge
+    async with sessions.begin() as session, Statements(session) as statements:
+        assert await store.patient_enrollments(session, "p-1") == []
+        await store.add_enrollment(
+            session, enrollment_id="e-2", start_date=date(2026, 11, 9), enrolled_event_id="v-2", **episode
+        )
+        await store.add_enrollment(
+            session, enrollment_id="e-1", start_date=date(2026, 11, 2), enrolled_event_id="v-1", **episode
+        )
+        listed = await store.patient_enrollments(session, "p-1")
+        assert [e["enrollment_id"] for e in listed] == ["e-1", "e-2"]  # by start date
+        listed[0]["status"] = "changed by a caller"
+        assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["active", "active"]
+        await store.update_enrollment(session, "e-1", status="discharged", discharged_on=date(2026, 11, 8))
+        assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["discharged", "active"]
+        patient_reads = sum("FROM enrollments WHERE enrollments.patient_id" in s for s in statements.sent)
+        assert patient_reads == 3  # before, after the enrollments, after the discharge
