@@ -51,6 +51,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -138,6 +139,14 @@ class OneTripCursor:
         self._rows = []
 
 
+@dataclass
+class _Work:
+    """A call for the worker thread; `taken` once the thread has started it."""
+
+    call: Callable[[], Any]
+    taken: bool = False
+
+
 class OneTripConnection(aiosqlite.Connection):
     def __init__(self, connector: Callable[[], sqlite3.Connection], patience_ms: int) -> None:
         super().__init__(connector, iter_chunk_size=64)
@@ -188,14 +197,27 @@ class OneTripConnection(aiosqlite.Connection):
     async def _execute(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with self._thread_work_lock:
             self._thread_work += 1
-        return await super()._execute(self._counted, partial(fn, *args, **kwargs))
-
-    def _counted(self, work: Callable[[], Any]) -> Any:
+        work = _Work(partial(fn, *args, **kwargs))
         try:
-            return work()
+            return await super()._execute(self._counted, work)
+        except asyncio.CancelledError:
+            raise  # the call is queued: the worker thread runs it and counts it down
+        except BaseException:
+            # Refused before it was queued (a closed connection): nothing will count it down.
+            if not work.taken:
+                self._count_down()
+            raise
+
+    def _counted(self, work: "_Work") -> Any:
+        work.taken = True
+        try:
+            return work.call()
         finally:
-            with self._thread_work_lock:
-                self._thread_work -= 1
+            self._count_down()
+
+    def _count_down(self) -> None:
+        with self._thread_work_lock:
+            self._thread_work -= 1
 
     async def commit(self) -> None:
         await self._execute(self._patiently, self._conn.commit)

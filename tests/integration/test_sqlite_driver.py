@@ -232,3 +232,23 @@ async def test_a_long_run_of_inline_statements_gives_the_event_loop_turns(engine
         assert seen[-1] >= 10  # a turn before each statement: the heartbeat went on between them
     else:
         assert seen[-1] == 0  # (and without the turns, the run held the loop throughout)
+
+
+async def test_a_call_refused_on_a_closed_connection_leaves_nothing_counted_as_in_the_worker_thread(
+    tmp_path: Path,
+) -> None:
+    connection = await sqlite_driver.connector(f"sqlite+aiosqlite:///{tmp_path / 'driver.db'}", timeout=30)()
+    await connection.close()
+    with pytest.raises(ValueError, match="Connection closed"):
+        await connection.run_in_thread("SELECT 1", None, False)
+    assert not connection.busy_in_thread, "a refused call is not work in the worker thread"
+
+
+async def test_a_failing_statement_in_the_worker_thread_is_counted_down_once(tmp_path: Path) -> None:
+    connection = await sqlite_driver.connector(f"sqlite+aiosqlite:///{tmp_path / 'driver.db'}", timeout=30)()
+    try:
+        with pytest.raises(sqlite3.OperationalError):
+            await connection.run_in_thread("INSERT INTO no_such_table VALUES (1)", None, False)
+        assert connection._thread_work == 0
+    finally:
+        await connection.close()
