@@ -186,11 +186,11 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     second waits for the first to commit and then sees its rows. On SQLite the
     insert makes the transaction a writer at once, which serializes it the same way.
     """
+    if set(key) != set(table.primary_key.columns.keys()):
+        raise ValueError(f"a lock on {table.name} is taken by its whole primary key, not {', '.join(sorted(key))}")
     if dialect_name(session) == "sqlite":
         await insert_if_absent(session, table, **key)
         return  # the insert made this transaction the writer; SQLite has no row locks
-    if set(key) != set(table.primary_key.columns.keys()):
-        raise ValueError(f"a lock on {table.name} is taken by its whole primary key, not {', '.join(sorted(key))}")
     await session.execute(_lock_row(table), key)
 
 
