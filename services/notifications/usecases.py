@@ -577,19 +577,28 @@ async def record_session(
     return kept
 
 
+@dataclass(frozen=True)
+class RecordedBooking:
+    """A booking event that applied: the booking as it now is, and whether this projection
+    had not heard of the booking before."""
+
+    booking: store.BookingRow
+    first_heard: bool
+
+
 async def record_booking(
     session: AsyncSession, cause: Envelope, event: PatientBooked | BookingCancelled, status: str
-) -> store.BookingRow | None:
-    """Project a booking event unless a later one of the same booking applied first;
-    the booking as it now is if it applied."""
+) -> RecordedBooking | None:
+    """Project a booking event unless a later one of the same booking applied first."""
     current = await store.get_booking(session, str(event.booking_id))
     stored_at, stored_status = (current["event_at"], current["status"]) if current else (None, None)
     if not domain.booking_event_applies(stored_at, stored_status, cause.occurred_at, status):
         return None
-    return await store.upsert_booking(
+    booking = await store.upsert_booking(
         session, str(event.booking_id), session_id=str(event.session_id), patient_id=str(event.patient_id),
         site_id=cause.site_id, starts_at=event.starts_at, status=status, event_at=cause.occurred_at,
     )  # fmt: skip
+    return RecordedBooking(booking, first_heard=current is None)
 
 
 async def booking_announced(
@@ -598,17 +607,19 @@ async def booking_announced(
     """PatientBooked: plan the booking's reminders, unless its cancellation (or its
     session's) applied first, every episode at the site has ended, or they are planned."""
     patient_id, booking_id = str(event.patient_id), str(event.booking_id)
-    booking = await record_booking(session, cause, event, "booked")
-    if booking is None:
+    recorded = await record_booking(session, cause, event, "booked")
+    if recorded is None:
         return 0
     target = await store.get_session(session, str(event.session_id))
     if target is not None and target["status"] == "cancelled":
         return 0
     if not domain.may_plan_for(await store.episode_statuses(session, patient_id, cause.site_id)):
         return 0  # discharged: a late booking event plans nothing
-    if await store.open_patient_messages(session, patient_id, booking_id=booking_id):
+    # Only plan_reminders writes messages of a booking, after recording it: a booking heard
+    # of for the first time has none, and the query is left out.
+    if not recorded.first_heard and await store.open_patient_messages(session, patient_id, booking_id=booking_id):
         return 0  # the same booking announced again: its reminders are planned
-    return await plan_reminders(session, policy, booking, cause, now)
+    return await plan_reminders(session, policy, recorded.booking, cause, now)
 
 
 async def booking_withdrawn(session: AsyncSession, cause: Envelope, event: BookingCancelled) -> int:

@@ -520,8 +520,34 @@ async def test_a_batch_of_bookings_locks_the_patient_and_reads_the_site_once(app
     assert times("INSERT INTO patients") == 1
     assert times("SELECT sites.") == 1 and times("SELECT site_settings.") == 1
     assert times("SELECT bookings.") == 3  # whether each booking is known already; never read back
+    assert times("SELECT notifications.") == 0  # bookings first heard of have no reminders yet
     listing = "\n".join(s[:90] for s in statements)
-    assert len(statements) <= 34, listing  # 42 on SQLite, 45 on PostgreSQL before (33 and 34 now)
+    assert len(statements) <= 26, listing  # 42 on SQLite, 45 on PostgreSQL before; 33 and 34 last; 26 on both now
+
+
+async def test_a_booking_announced_again_under_a_new_event_plans_nothing_more(app, nats_server) -> None:
+    """A booking this service has heard of asks whether its reminders are planned (one
+    heard of for the first time cannot have any): announced again under a new event id,
+    it plans nothing more."""
+    patient = Patient()
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await onboard(app, nats_server.url, patient)
+        now = datetime.now(UTC)
+        first = patient.booked(now + timedelta(days=3))
+        again = patient.booked(
+            first.event().starts_at, session_id=first.event().session_id, booking_id=first.event().booking_id
+        )
+        assert again.event_id != first.event_id
+        policy = app.state.notifier.policy
+        planned = []
+        for envelope in (first, again):
+            async with app.state.runtime.sessions() as session, session.begin():
+                await store.lock_patient(session, patient.id)
+                planned.append(await usecases.booking_announced(session, policy, envelope, envelope.event(), now))
+        reminders = await rows(app, booking_id=str(first.event().booking_id))
+    assert planned == [2, 0]
+    assert sorted(r["template"] for r in reminders) == ["reminder_24h", "reminder_2h"]
 
 
 async def test_deliveries_due_together_are_claimed_and_recorded_together(app, nats_server, smtp_sink: SmtpSink) -> None:
