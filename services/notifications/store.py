@@ -26,7 +26,9 @@ from sqlalchemy import (
     delete,
     false,
     insert,
+    literal,
     select,
+    union_all,
     update,
 )
 from sqlalchemy.engine import Result
@@ -355,13 +357,6 @@ class EpisodeEndRow(TypedDict):
     recorded_at: datetime
 
 
-class _EpisodeStatus(TypedDict):
-    """episode_statuses reads these two columns only."""
-
-    enrollment_id: str
-    status: str
-
-
 class SiteRow(TypedDict):
     site_id: str
     name: str
@@ -601,22 +596,26 @@ async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | 
     return await _one(session, EpisodeEndRow, select_by(episode_ends, "enrollment_id"), enrollment_id=enrollment_id)
 
 
-_ENROLLED_STATUSES = select(enrollments.c.enrollment_id, enrollments.c.status).where(
-    enrollments.c.patient_id == bindparam("patient_id"), enrollments.c.site_id == bindparam("site_id")
-)
-_ENDED_STATUSES = select(episode_ends.c.enrollment_id, episode_ends.c.status).where(
-    episode_ends.c.patient_id == bindparam("patient_id"), episode_ends.c.site_id == bindparam("site_id")
+# Ends and enrollments in one statement (every booking asks), in whatever order they come.
+_EPISODE_STATUSES = union_all(
+    select(episode_ends.c.enrollment_id, episode_ends.c.status, literal(0).label("enrolled")).where(
+        episode_ends.c.patient_id == bindparam("patient_id"), episode_ends.c.site_id == bindparam("site_id")
+    ),
+    select(enrollments.c.enrollment_id, enrollments.c.status, literal(1).label("enrolled")).where(
+        enrollments.c.patient_id == bindparam("patient_id"), enrollments.c.site_id == bindparam("site_id")
+    ),
 )
 
 
 async def episode_statuses(session: AsyncSession, patient_id: str, site_id: str) -> list[str]:
     """The status of every episode of the patient known at the site: enrolled ones, and
     ends whose enrollment has not arrived yet."""
-    key = {"patient_id": patient_id, "site_id": site_id}
-    enrolled = _rows(_EpisodeStatus, await session.execute(_ENROLLED_STATUSES, key))
-    ended = _rows(_EpisodeStatus, await session.execute(_ENDED_STATUSES, key))
-    known = {row["enrollment_id"] for row in enrolled}
-    return [row["status"] for row in enrolled] + [row["status"] for row in ended if row["enrollment_id"] not in known]
+    found = await session.execute(_EPISODE_STATUSES, {"patient_id": patient_id, "site_id": site_id})
+    statuses: dict[str, str] = {}
+    for row in found.mappings():
+        if row["enrolled"] or row["enrollment_id"] not in statuses:
+            statuses[row["enrollment_id"]] = row["status"]  # the enrollment's status wins over its end's
+    return list(statuses.values())
 
 
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:

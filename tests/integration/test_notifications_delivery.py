@@ -522,7 +522,7 @@ async def test_a_batch_of_bookings_locks_the_patient_and_reads_the_site_once(app
     assert times("SELECT bookings.") == 3  # whether each booking is known already; never read back
     assert times("SELECT notifications.") == 0  # bookings first heard of have no reminders yet
     listing = "\n".join(s[:90] for s in statements)
-    assert len(statements) <= 26, listing  # 42 on SQLite, 45 on PostgreSQL before; 33 and 34 last; 26 on both now
+    assert len(statements) <= 23, listing  # 42 on SQLite, 45 on PostgreSQL before; 33 and 34 last; 23 on both now
 
 
 async def test_a_booking_announced_again_under_a_new_event_plans_nothing_more(app, nats_server) -> None:

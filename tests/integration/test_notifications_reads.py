@@ -108,3 +108,34 @@ async def test_enrollments_are_read_once_and_a_write_is_seen(sessions) -> None:
         assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["discharged", "active"]
         patient_reads = sum("FROM enrollments WHERE enrollments.patient_id" in s for s in statements.sent)
         assert patient_reads == 3  # before, after the enrollments, after the discharge
+
+
+async def test_episode_statuses_at_a_site_in_one_statement(sessions) -> None:
+    """Enrolled episodes, and ends whose enrollment has not arrived yet; an enrollment's own
+    status wins over its end's; other sites' and other patients' episodes are not counted."""
+
+    async def enrolled(session: AsyncSession, enrollment_id: str, site_id: str, status: str = "active") -> None:
+        await store.add_enrollment(
+            session, enrollment_id=enrollment_id, patient_id="p-1", site_id=site_id, start_date=date(2026, 11, 2),
+            enrolled_event_id=f"v-{enrollment_id}", correlation_id="x-1", status=status,
+        )  # fmt: skip
+
+    async def ended(session: AsyncSession, enrollment_id: str, site_id: str, patient_id: str = "p-1") -> None:
+        await store.remember_end(
+            session, enrollment_id, patient_id=patient_id, site_id=site_id, status="discharged",
+            ended_on=date(2026, 11, 20), event_id=f"d-{enrollment_id}",
+        )  # fmt: skip
+
+    async with sessions.begin() as session:
+        assert await store.episode_statuses(session, "p-1", "north") == []
+        await ended(session, "e-1", "north")  # its PatientEnrolled comes later
+        await ended(session, "e-9", "north", patient_id="p-2")
+        await enrolled(session, "e-3", "south")
+        assert await store.episode_statuses(session, "p-1", "north") == ["discharged"]
+        await enrolled(session, "e-2", "north")
+        assert sorted(await store.episode_statuses(session, "p-1", "north")) == ["active", "discharged"]
+        await enrolled(session, "e-1", "north", status="transferred")
+        async with Statements(session) as statements:
+            assert sorted(await store.episode_statuses(session, "p-1", "north")) == ["active", "transferred"]
+        assert len(statements.sent) == 1
+        assert await store.episode_statuses(session, "p-1", "south") == ["active"]
