@@ -39,6 +39,7 @@ from shared.audit import AuditTrail, audit_table
 from shared.db import (
     UtcDateTime,
     dialect_name,
+    insert_absent_rows,
     insert_if_absent,
     insert_row,
     lock_row,
@@ -1097,6 +1098,14 @@ async def add_notification(session: AsyncSession, **values: Any) -> bool:
     return await insert_if_absent(
         session, notifications, conflict=ONCE_PER_CAUSE, created_at=stamp, attempts=0, **values
     )
+
+
+async def add_notifications(session: AsyncSession, messages: list[dict[str, Any]]) -> int:
+    """`add_notification` for several messages of the same columns, in one statement; how
+    many were new."""
+    stamp = clock.now()
+    rows = [{"due_at": stamp, **message, "created_at": stamp, "attempts": 0} for message in messages]
+    return await insert_absent_rows(session, notifications, rows, conflict=ONCE_PER_CAUSE)
 
 
 # Due for the dispatcher: pending messages whose time has come, and messages whose

@@ -441,15 +441,34 @@ async def plan_patient_message(
     session_id: str | None = None,
     recipient: PatientRecipient | None = None,
 ) -> bool:
-    """Queue one patient message (once per cause, template and patient).
-
-    Its channel and address are settled when it is sent (the contact may change in
-    between); here: suppressed if the patient wants no messages, cancelled if they
-    refused consent, held while no consent covers it, else pending until `due_at`.
-    `recipient`: read already for this patient and site (`patient_recipient`).
-    """
+    """Queue one patient message (once per cause, template and patient); True if new.
+    `recipient`: read already for this patient and site (`patient_recipient`)."""
     if recipient is None:
         recipient = await patient_recipient(session, policy, patient_id, site_id, now)
+    message = patient_message(
+        policy, recipient, template=template, cause_event_id=cause_event_id, correlation_id=correlation_id,
+        now=now, due_at=due_at, expires_at=expires_at, booking_id=booking_id, session_id=session_id,
+    )  # fmt: skip
+    return await store.add_notification(session, **message)
+
+
+def patient_message(
+    policy: Policy,
+    recipient: PatientRecipient,
+    *,
+    template: str,
+    cause_event_id: str,
+    correlation_id: str,
+    now: datetime,
+    due_at: datetime | None = None,
+    expires_at: datetime | None = None,
+    booking_id: str | None = None,
+    session_id: str | None = None,
+) -> dict[str, Any]:
+    """The row of one patient message. Its channel and address are settled when it is
+    sent (the contact may change in between); here: suppressed if the patient wants no
+    messages, cancelled if they refused consent, held while no consent covers it, else
+    pending until `due_at`."""
     rules, contact, channel, verdict = recipient.rules, recipient.contact, recipient.channel, recipient.verdict
     due = due_at or now
     if policy.live:
@@ -461,25 +480,24 @@ async def plan_patient_message(
         status, reason = "cancelled", "consent_revoked"
     elif verdict == "hold":
         status, reason = "held", "awaiting_consent"
-    return await store.add_notification(
-        session,
-        notification_id=str(uuid4()),
-        site_id=site_id,
-        patient_id=patient_id,
-        recipient_kind="patient",
-        recipient=domain.recipient_key("patient", patient_id),
-        channel=channel or ("console" if not policy.live else "email"),
-        template=template,
-        language=contact["language"] if contact else domain.DEFAULT_LANGUAGE,
-        cause_event_id=cause_event_id,
-        correlation_id=correlation_id,
-        status=status,
-        status_reason=reason,
-        due_at=due,
-        expires_at=expires_at,
-        booking_id=booking_id,
-        session_id=session_id,
-    )
+    return {
+        "notification_id": str(uuid4()),
+        "site_id": recipient.site_id,
+        "patient_id": recipient.patient_id,
+        "recipient_kind": "patient",
+        "recipient": domain.recipient_key("patient", recipient.patient_id),
+        "channel": channel or ("console" if not policy.live else "email"),
+        "template": template,
+        "language": contact["language"] if contact else domain.DEFAULT_LANGUAGE,
+        "cause_event_id": cause_event_id,
+        "correlation_id": correlation_id,
+        "status": status,
+        "status_reason": reason,
+        "due_at": due,
+        "expires_at": expires_at,
+        "booking_id": booking_id,
+        "session_id": session_id,
+    }
 
 
 async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, now: datetime) -> int:
@@ -644,24 +662,25 @@ async def plan_reminders(
     planned = domain.plan_reminders(
         booking["starts_at"], rules.reminder_offsets, rules.timezone, rules.quiet, now, honour_quiet_hours=policy.live
     )
-    queued = 0
-    for message in planned:
-        queued += await plan_patient_message(
-            session,
+    # The booking's reminders in one statement; the unique (cause, template, recipient)
+    # keeps each to one, and only the new ones are counted.
+    cause_event_id, correlation_id = str(cause.event_id), str(cause.correlation_id)
+    messages = [
+        patient_message(
             policy,
-            patient_id=booking["patient_id"],
-            site_id=booking["site_id"],
+            recipient,
             template=message.template,
-            cause_event_id=str(cause.event_id),
-            correlation_id=str(cause.correlation_id),
+            cause_event_id=cause_event_id,
+            correlation_id=correlation_id,
             now=now,
             due_at=message.due_at,
             expires_at=message.expires_at,
             booking_id=booking["booking_id"],
             session_id=booking["session_id"],
-            recipient=recipient,
         )
-    return queued
+        for message in planned
+    ]
+    return await store.add_notifications(session, messages)
 
 
 async def release_held(

@@ -451,9 +451,9 @@ async def test_reminders_never_go_out_after_the_session_started(app, nats_server
 
 async def test_a_bookings_reminders_read_the_patient_once_and_are_planned_once(app, nats_server) -> None:
     """Issue 10: the reminders of a booking read the site's rules, the contact and the
-    consents once for all of them, and each is one INSERT (the unique constraint keeps
-    it to one): six statements for two reminders, fourteen before. Planned again, the
-    same booking adds nothing."""
+    consents once for all of them, and are one multi-row INSERT (the unique constraint
+    keeps each to one): five statements for two reminders, six with an INSERT each,
+    fourteen before. Planned again, the same booking adds nothing."""
     patient = Patient()
     statements: list[str] = []
 
@@ -482,7 +482,7 @@ async def test_a_bookings_reminders_read_the_patient_once_and_are_planned_once(a
         reminders = await rows(app, booking_id=booking["booking_id"])
     assert planned == [2, 0]
     assert sorted(r["template"] for r in reminders) == ["reminder_24h", "reminder_2h"]
-    assert len(statements) <= 2 * 6, "\n".join(s.split("\n")[0][:90] for s in statements)
+    assert len(statements) <= 2 * 5, "\n".join(s.split("\n")[0][:90] for s in statements)
 
 
 async def test_a_batch_of_bookings_locks_the_patient_and_reads_the_site_once(app, nats_server) -> None:
@@ -522,7 +522,7 @@ async def test_a_batch_of_bookings_locks_the_patient_and_reads_the_site_once(app
     assert times("SELECT bookings.") == 3  # whether each booking is known already; never read back
     assert times("SELECT notifications.") == 0  # bookings first heard of have no reminders yet
     listing = "\n".join(s[:90] for s in statements)
-    assert len(statements) <= 23, listing  # 42 on SQLite, 45 on PostgreSQL before; 33 and 34 last; 23 on both now
+    assert len(statements) <= 20, listing  # 42 on SQLite, 45 on PostgreSQL before; 33 and 34 last; 20 on both now
 
 
 async def test_a_booking_announced_again_under_a_new_event_plans_nothing_more(app, nats_server) -> None:

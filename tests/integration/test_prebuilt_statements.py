@@ -6,10 +6,10 @@ is what saves their cost on every call (docs/performance.md, "Statements built o
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table
+from sqlalchemy import Column, Integer, MetaData, String, Table, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db import create_engine, insert_row, select_by, update_by
+from shared.db import create_engine, insert_absent_rows, insert_row, select_by, update_by
 
 metadata = MetaData()
 rooms = Table(
@@ -85,3 +85,35 @@ def test_each_statement_is_built_once_per_table_and_key() -> None:
     # key, memoized on it, is computed once instead of on every call.
     assert select_by(rooms, "site_id") is select_by(rooms, "site_id")
     assert select_by(rooms, "site_id", "room") is not select_by(rooms, "site_id")
+
+
+async def test_absent_rows_are_inserted_in_one_statement_and_only_the_new_counted(sessions) -> None:
+    async with sessions() as session, session.begin():
+        await insert_row(session, rooms, site_id="north", room="a", seats=12)
+    async with sessions() as session, session.begin():
+        sent: list[str] = []
+        connection = (await session.connection()).sync_connection
+        assert connection is not None
+        event.listen(connection, "before_cursor_execute", lambda *args: sent.append(args[2]))
+        new = await insert_absent_rows(
+            session,
+            rooms,
+            [
+                {"site_id": "north", "room": "a", "seats": 99, "note": "already there"},
+                {"site_id": "north", "room": "b", "seats": 8, "note": None},
+                {"site_id": "north", "room": "c", "seats": 4, "note": "small"},
+            ],
+        )
+        assert new == 2 and len(sent) == 1
+        assert await insert_absent_rows(session, rooms, []) == 0
+        with pytest.raises(ValueError, match="different columns"):
+            await insert_absent_rows(session, rooms, [{"site_id": "x", "room": "a", "seats": 1}, {"site_id": "x"}])
+        with pytest.raises(ValueError, match="no such column in prebuilt_rooms: colour"):
+            await insert_absent_rows(session, rooms, [{"site_id": "x", "room": "a", "seats": 1, "colour": "red"}])
+    async with sessions() as session:
+        assert await rooms_of(session, "north") == [
+            {"site_id": "north", "room": "a", "seats": 12, "note": None},
+            {"site_id": "north", "room": "b", "seats": 8, "note": None},
+            {"site_id": "north", "room": "c", "seats": 4, "note": "small"},
+        ]
+        assert await rooms_of(session, "x") == []
