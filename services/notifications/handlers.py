@@ -274,17 +274,12 @@ class Handlers:
         if event.status != "absent" or (enrollment is not None and enrollment["status"] != "active"):
             return
         now = clock.now()
+        missed_you = usecases.PatientMessage(
+            "missed_you", str(envelope.event_id), str(envelope.correlation_id),
+            expires_at=now + domain.MISSED_YOU_VALID, session_id=session_id,
+        )  # fmt: skip
         await usecases.plan_patient_message(
-            session,
-            self.policy,
-            patient_id=patient_id,
-            site_id=envelope.site_id,
-            template="missed_you",
-            cause_event_id=str(envelope.event_id),
-            correlation_id=str(envelope.correlation_id),
-            now=now,
-            expires_at=now + domain.MISSED_YOU_VALID,
-            session_id=session_id,
+            session, self.policy, missed_you, patient_id=patient_id, site_id=envelope.site_id, now=now
         )
         marks = [
             domain.AttendanceMark(r["session_id"], r["starts_at"], r["status"])

@@ -425,52 +425,45 @@ async def patient_recipient(
     return PatientRecipient(patient_id, site_id, rules, contact, channel, verdict)
 
 
+@dataclass(frozen=True)
+class PatientMessage:
+    """A message to plan for a patient: which one, what caused it, and its times."""
+
+    template: str
+    cause_event_id: str
+    correlation_id: str
+    due_at: datetime | None = None
+    expires_at: datetime | None = None
+    booking_id: str | None = None
+    session_id: str | None = None
+
+
 async def plan_patient_message(
     session: AsyncSession,
     policy: Policy,
+    message: PatientMessage,
     *,
     patient_id: str,
     site_id: str,
-    template: str,
-    cause_event_id: str,
-    correlation_id: str,
     now: datetime,
-    due_at: datetime | None = None,
-    expires_at: datetime | None = None,
-    booking_id: str | None = None,
-    session_id: str | None = None,
     recipient: PatientRecipient | None = None,
 ) -> bool:
     """Queue one patient message (once per cause, template and patient); True if new.
     `recipient`: read already for this patient and site (`patient_recipient`)."""
     if recipient is None:
         recipient = await patient_recipient(session, policy, patient_id, site_id, now)
-    message = patient_message(
-        policy, recipient, template=template, cause_event_id=cause_event_id, correlation_id=correlation_id,
-        now=now, due_at=due_at, expires_at=expires_at, booking_id=booking_id, session_id=session_id,
-    )  # fmt: skip
-    return await store.add_notification(session, **message)
+    return await store.add_notification(session, **patient_message_row(policy, recipient, message, now))
 
 
-def patient_message(
-    policy: Policy,
-    recipient: PatientRecipient,
-    *,
-    template: str,
-    cause_event_id: str,
-    correlation_id: str,
-    now: datetime,
-    due_at: datetime | None = None,
-    expires_at: datetime | None = None,
-    booking_id: str | None = None,
-    session_id: str | None = None,
+def patient_message_row(
+    policy: Policy, recipient: PatientRecipient, message: PatientMessage, now: datetime
 ) -> dict[str, Any]:
     """The row of one patient message. Its channel and address are settled when it is
     sent (the contact may change in between); here: suppressed if the patient wants no
     messages, cancelled if they refused consent, held while no consent covers it, else
-    pending until `due_at`."""
+    pending until its due time."""
     rules, contact, channel, verdict = recipient.rules, recipient.contact, recipient.channel, recipient.verdict
-    due = due_at or now
+    due = message.due_at or now
     if policy.live:
         due = domain.after_quiet_hours(due, rules.timezone, rules.quiet)
     status, reason = "pending", None
@@ -487,16 +480,16 @@ def patient_message(
         "recipient_kind": "patient",
         "recipient": domain.recipient_key("patient", recipient.patient_id),
         "channel": channel or ("console" if not policy.live else "email"),
-        "template": template,
+        "template": message.template,
         "language": contact["language"] if contact else domain.DEFAULT_LANGUAGE,
-        "cause_event_id": cause_event_id,
-        "correlation_id": correlation_id,
+        "cause_event_id": message.cause_event_id,
+        "correlation_id": message.correlation_id,
         "status": status,
         "status_reason": reason,
         "due_at": due,
-        "expires_at": expires_at,
-        "booking_id": booking_id,
-        "session_id": session_id,
+        "expires_at": message.expires_at,
+        "booking_id": message.booking_id,
+        "session_id": message.session_id,
     }
 
 
@@ -513,16 +506,16 @@ async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, n
     for episode in await store.patient_enrollments(session, patient_id):
         if episode["status"] != "active":
             continue
+        welcome = PatientMessage(
+            "welcome", episode["enrolled_event_id"], episode["correlation_id"], expires_at=now + domain.WELCOME_VALID
+        )
         queued += await plan_patient_message(
             session,
             policy,
+            welcome,
             patient_id=patient_id,
             site_id=episode["site_id"],
-            template="welcome",
-            cause_event_id=episode["enrolled_event_id"],
-            correlation_id=episode["correlation_id"],
             now=now,
-            expires_at=now + domain.WELCOME_VALID,
             recipient=await patient_recipient(session, policy, patient_id, episode["site_id"], now, contact),
         )
     return queued
@@ -665,22 +658,19 @@ async def plan_reminders(
     # The booking's reminders in one statement; the unique (cause, template, recipient)
     # keeps each to one, and only the new ones are counted.
     cause_event_id, correlation_id = str(cause.event_id), str(cause.correlation_id)
-    messages = [
-        patient_message(
-            policy,
-            recipient,
-            template=message.template,
-            cause_event_id=cause_event_id,
-            correlation_id=correlation_id,
-            now=now,
-            due_at=message.due_at,
-            expires_at=message.expires_at,
+    reminders = [
+        PatientMessage(
+            reminder.template,
+            cause_event_id,
+            correlation_id,
+            due_at=reminder.due_at,
+            expires_at=reminder.expires_at,
             booking_id=booking["booking_id"],
             session_id=booking["session_id"],
         )
-        for message in planned
+        for reminder in planned
     ]
-    return await store.add_notifications(session, messages)
+    return await store.add_notifications(session, [patient_message_row(policy, recipient, r, now) for r in reminders])
 
 
 async def release_held(

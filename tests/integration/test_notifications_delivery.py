@@ -812,8 +812,8 @@ async def test_a_message_claimed_by_a_dispatcher_that_died_is_sent_when_its_leas
         # it before the test marked it claimed (a CI run: sent twice, attempts 2).
         async with app.state.runtime.sessions() as session, session.begin():
             await usecases.plan_patient_message(
-                session, app.state.notifier.policy, patient_id=patient.id, site_id=SITE, template="missed_you",
-                cause_event_id=str(uuid4()), correlation_id=str(uuid4()), now=datetime.now(UTC),
+                session, app.state.notifier.policy, usecases.PatientMessage("missed_you", str(uuid4()), str(uuid4())),
+                patient_id=patient.id, site_id=SITE, now=datetime.now(UTC),
             )  # fmt: skip
             query = select(store.notifications.c.notification_id).where(store.notifications.c.template == "missed_you")
             notification_id = (await session.execute(query)).scalar_one()

@@ -151,8 +151,8 @@ async def test_stop_takes_no_new_message_and_waits_for_the_one_under_way(
         # A message due now, committed while the dispatcher stops: it is not taken.
         async with app.state.runtime.sessions() as session, session.begin():
             await usecases.plan_patient_message(
-                session, app.state.notifier.policy, patient_id=patient.id, site_id=SITE, template="missed_you",
-                cause_event_id=str(uuid4()), correlation_id=str(uuid4()), now=datetime.now(UTC),
+                session, app.state.notifier.policy, usecases.PatientMessage("missed_you", str(uuid4()), str(uuid4())),
+                patient_id=patient.id, site_id=SITE, now=datetime.now(UTC),
             )  # fmt: skip
             dispatcher.wake_after_commit(session)
         assert not stopping.done()  # waits for the send under way
