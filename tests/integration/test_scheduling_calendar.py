@@ -4,7 +4,7 @@ are driven through the use cases with an explicit `now`; the HTTP API is exercis
 its validation, scoping and real-time behaviour."""
 
 import asyncio
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from uuid import uuid4
 from zoneinfo import ZoneInfo
@@ -16,6 +16,7 @@ from sqlalchemy import select
 from iopnet.testing import BusRecorder, eventually
 from services.scheduling import store, usecases
 from services.scheduling.app import create_app
+from shared import clock
 from shared.contracts import new_envelope
 from shared.contracts.events import PatientDischarged, PatientEnrolled, PatientTransferred, SiteRegistered
 from tests.conftest import auth, make_settings, publish, running
@@ -506,7 +507,12 @@ async def test_track_switch_moves_future_bookings_and_keeps_hours(app, nats_serv
         assert (await client.get(f"/enrollments/{enrollment_id}", headers=DESK)).json()["program_id"] == evening[
             "program_id"
         ]
-        hours = await client.get(f"/enrollments/{enrollment_id}/hours", headers=CLINICIAN)
+        # The report runs from the start week up to today: read it on the first day, or on a
+        # Sunday (site time) the week that starts tomorrow would not be in it yet.
+        first_day = datetime.combine(tomorrow, time(12), ZoneInfo(TZ)).astimezone(UTC)
+        with pytest.MonkeyPatch.context() as patched:
+            patched.setattr(clock, "now", lambda: first_day)
+            hours = await client.get(f"/enrollments/{enrollment_id}/hours", headers=CLINICIAN)
         assert hours.status_code == 200
         assert hours.json()["weeks"][0]["target_hours"] <= 9.0
         same = await client.post(
