@@ -2,11 +2,11 @@
 
 import functools
 import zlib
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -20,6 +20,8 @@ from sqlalchemy.types import TypeDecorator
 
 from shared import sqlite_driver
 from shared.priority import SafetyFirstPool
+
+T = TypeVar("T")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -224,6 +226,18 @@ def _lock_row(table: Table) -> Any:
     keys = [column.name for column in table.primary_key.columns]
     statement = postgresql.insert(table)
     return statement.on_conflict_do_update(index_elements=keys, set_={keys[0]: statement.excluded[keys[0]]})
+
+
+def kept_for_this_transaction(session: AsyncSession, key: str, new: Callable[[], T]) -> T:
+    """A value kept in the session as long as its current transaction lasts (a set of
+    rows locked, rows read once), made by `new` when the transaction has none yet. The
+    stores use it to take a lock or read a row once per transaction, however many events
+    of a consumer's batch ask for it."""
+    transaction = session.get_transaction()
+    kept = session.info.get(key)
+    if kept is None or kept[0] is not transaction:
+        kept = session.info[key] = (transaction, new())
+    return cast(T, kept[1])
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

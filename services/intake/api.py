@@ -359,9 +359,12 @@ def _values(row: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
     return {k: row[k] for k in names}
 
 
-async def _visible_patient(session: AsyncSession, principal: Principal, patient_id: UUID, action: str) -> PatientRow:
-    """The patient if the caller may see them, else 404 (and the denial is audited)."""
-    patient = await store.get_patient(session, str(patient_id))
+async def _visible_patient(
+    session: AsyncSession, principal: Principal, patient_id: UUID, action: str, *, lock: bool = False
+) -> PatientRow:
+    """The patient if the caller may see them, else 404 (and the denial is audited);
+    `lock`: read with their row locked, for a change that takes the lock anyway."""
+    patient = await store.get_patient(session, str(patient_id), lock=lock)
     if patient is None:
         raise NotFound("patient not found")
     if not _may_see(principal, patient):
@@ -515,7 +518,7 @@ async def enroll_patient(patient_id: UUID, body: EnrollmentIn, principal: Staff,
     usecases.check_enrollment(body.start_date, today)
 
     async def open_episode(session: AsyncSession) -> EnrollmentRow:
-        patient = await _visible_patient(session, principal, patient_id, "enrollment.create")
+        patient = await _visible_patient(session, principal, patient_id, "enrollment.create", lock=True)
         enrollment = await usecases.enroll(session, principal.sub, patient, body.model_dump(), today)
         await store.record_access(session, principal, "enrollment.create", patient["site_id"], patient_id)
         return enrollment

@@ -40,6 +40,7 @@ from shared.db import (
     insert_if_absent,
     insert_row,
     insert_rows,
+    kept_for_this_transaction,
     rows_changed,
     select_by,
     update_by,
@@ -478,9 +479,26 @@ _PATIENTS = select(patients).where(patients.c.patient_id.in_(bindparam("patient_
 
 
 async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> PatientRow | None:
+    """The patient; `lock`: with their row locked until the transaction ends (on
+    PostgreSQL: SELECT ... FOR UPDATE; SQLite has one writer anyway)."""
     query = _PATIENT_LOCKED if lock else select_by(patients, "patient_id")
     row = (await session.execute(query, {"patient_id": patient_id})).mappings().first()
-    return _as(PatientRow, row) if row else None
+    if row is None:
+        return None
+    if lock:
+        _locked_patients(session).add(patient_id)
+    return _as(PatientRow, row)
+
+
+async def lock_patient(session: AsyncSession, patient_id: str) -> None:
+    """The patient's row lock, held until the transaction ends: taken once per
+    transaction (the request that read the patient locked may have taken it already)."""
+    if patient_id not in _locked_patients(session):
+        await get_patient(session, patient_id, lock=True)
+
+
+def _locked_patients(session: AsyncSession) -> set[str]:
+    return kept_for_this_transaction(session, "iopnet.locked_patients", set[str])
 
 
 async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[str, PatientRow]:

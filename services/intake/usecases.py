@@ -203,7 +203,7 @@ async def _open_episode(
     """Create an enrollment (pending or active) and stage PatientEnrolled."""
     patient_id = patient["patient_id"]
     # The patient row's lock serializes concurrent enrollments: one open episode, even on PostgreSQL.
-    await store.get_patient(session, patient_id, lock=True)
+    await store.lock_patient(session, patient_id)
     domain.check_can_enroll(await store.open_enrollment_count(session, patient_id, list(OPEN)))
     enrollment_id = uuid4()
     status = domain.initial_status(spec["start_date"], today)

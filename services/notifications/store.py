@@ -5,7 +5,7 @@ message log with its delivery attempts, plus outbox, inbox, audit and the operat
 repairs."""
 
 import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -42,6 +42,7 @@ from shared.db import (
     insert_absent_rows,
     insert_if_absent,
     insert_row,
+    kept_for_this_transaction,
     lock_row,
     rows_changed,
     select_by,
@@ -934,26 +935,18 @@ async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> l
 
 def _for_this_transaction(session: AsyncSession, key: str) -> set[str]:
     """A set kept in the session as long as its current transaction lasts."""
-    return cast(set[str], _kept(session, key, set))
+    return kept_for_this_transaction(session, key, set[str])
 
 
 def _read_once(session: AsyncSession, key: str) -> dict[str, Any]:
     """Rows read in this transaction, by id: a batch of events reads a site's or a
     patient's rows once. Whoever writes such a row in the transaction drops it from here
     (`_forget`, or `.clear()` where the writer does not know whose row it is)."""
-    return cast(dict[str, Any], _kept(session, key, dict))
+    return kept_for_this_transaction(session, key, dict[str, Any])
 
 
 def _forget(session: AsyncSession, key: str, row_id: str) -> None:
     _read_once(session, key).pop(row_id, None)
-
-
-def _kept(session: AsyncSession, key: str, new: Callable[[], object]) -> object:
-    transaction = session.get_transaction()
-    kept = session.info.get(key)
-    if kept is None or kept[0] is not transaction:
-        kept = session.info[key] = (transaction, new())
-    return kept[1]
 
 
 async def deactivate_subscription(session: AsyncSession, subscription_id: str) -> None:

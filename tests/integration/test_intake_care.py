@@ -591,6 +591,31 @@ async def test_concurrent_enrollments_leave_one_open_episode(app, nats_server) -
             assert len(await store.patient_enrollments(session, patient_id)) == 1
 
 
+async def test_an_enrollment_reads_its_patient_once_with_the_lock(app, nats_server) -> None:
+    """Issue 10: an enrollment reads the patient once, with their row locked (the lock that
+    keeps a patient to one open episode), not once to check who may see them and again to
+    lock."""
+    statements: list[str] = []
+
+    def count(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(" ".join(statement.split()))
+
+    async with running(app) as client:
+        await setup_network(app, client, nats_server.url)
+        patient_id = (await client.post("/patients", json=patient_body(), headers=DESK)).json()["patient_id"]
+        engine = app.state.runtime.engine.sync_engine
+        sqlalchemy_event.listen(engine, "before_cursor_execute", count)
+        try:
+            created = await client.post(f"/patients/{patient_id}/enrollments", json=episode_body(), headers=DESK)
+        finally:
+            sqlalchemy_event.remove(engine, "before_cursor_execute", count)
+    assert created.status_code == 201, created.text
+    reads = [s for s in statements if s.startswith("SELECT patients.") and "WHERE patients.patient_id =" in s]
+    assert len(reads) == 1, reads
+    if app.state.runtime.engine.dialect.name == "postgresql":
+        assert reads[0].endswith("FOR UPDATE")
+
+
 async def test_an_idempotency_key_answers_only_its_own_caller(app, nats_server) -> None:
     async with running(app) as client:
         await setup_network(app, client, nats_server.url)
