@@ -153,9 +153,9 @@ async def _follow(
             progress(state)
         return state
 
-    # The answer's counters are those of the moment the durable was reset, its position
-    # a moment later: the consumer may have gone through everything in between. So the
-    # answer is never the last state; the service is asked at least once.
+    # The answer is the state of the moment the durable was reset: the consumer may have
+    # gone through everything since. So the answer is never the last state; the service
+    # is asked at least once.
     state = await read()
     while not caught_up(state, answer.last_seq):
         if deadline is not None and time.monotonic() > deadline:

@@ -31,8 +31,10 @@ state-based (they converge on what the event says), so applying one again change
 what is missing. The reason is kept in the database, never in a log line.
 """
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -62,6 +64,10 @@ OPERATIONS_TABLE = "operations"
 Operation = Literal["dlq_retry", "redrive", "consumer_state", "reapply"]
 # How long the broker gets to answer a consumer reset.
 RESET_TIMEOUT_SECONDS = 10.0
+# How long a reset may take to read back as made (`_reset_confirmed`), and the pause
+# between two tries.
+RESET_CONFIRM_SECONDS = 5.0
+RESET_RETRY_SECONDS = 0.05
 # Who asked: a login name, never free text. Why: bounded, one line, no control characters
 # (it lands in a database column that an auditor reads, not in a log).
 Operator = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9._@-]{1,64}$")]
@@ -217,6 +223,15 @@ async def _count_from(consumer: Consumer, stream: str, filters: list[str], start
             total += 1
             seq = message.seq + 1
     return total
+
+
+def _reads_stale(info: ConsumerInfo, start: int, covered: int) -> bool:
+    """A durable just reset to `start` that reports a position past it although none of
+    the reset's `covered` messages has left: see `ControlPlane._reset_confirmed`."""
+    delivered = int(info.delivered.stream_seq if info.delivered else 0)
+    floor = int(info.ack_floor.stream_seq if info.ack_floor else 0)
+    untouched = not info.num_ack_pending and int(info.num_pending or 0) >= covered
+    return untouched and max(delivered, floor) >= start
 
 
 def _describe(exc: Exception) -> str:
@@ -375,10 +390,10 @@ class ControlPlane:
             reply.covered = await _count_from(consumer, stream, reply.filter_subjects, start, last)
             return self._with_state(reply, info, consumer)
         async with consumer.suspended():
-            reset = await self._reset(consumer, stream, start)
+            reset, begun = await self._reset_confirmed(consumer, stream, start)
             # The counters as the re-drive begins: the operator's progress compares with them.
             counters = replace(consumer.stats)
-        if "error" in reset:
+        if "error" in reset or begun is None:
             return self._refuse(f"the broker refused the reset: {reset['error'].get('description', 'error')}")
         reply.covered = int(reset.get("num_pending", 0))
         log.info(
@@ -386,7 +401,8 @@ class ControlPlane:
             start,
             extra={"consumer": consumer.durable, "stream": stream, "count": reply.covered},
         )
-        reply = self._with_state(reply, await consumer.js.consumer_info(stream, consumer.durable), consumer)
+        # Where the durable stood as the re-drive began (this process consumed nothing yet).
+        reply = self._with_state(reply, begun, consumer)
         reply.applied, reply.duplicates = counters.applied, counters.skipped_duplicates
         reply.dead_lettered = counters.dead_lettered
         return reply
@@ -411,6 +427,37 @@ class ControlPlane:
         reply.duplicates = consumer.stats.skipped_duplicates
         reply.dead_lettered = consumer.stats.dead_lettered
         return reply
+
+    async def _reset_confirmed(
+        self, consumer: Consumer, stream: str, start: int
+    ) -> tuple[dict[str, Any], ConsumerInfo | None]:
+        """The reset, and the durable's state read back once it reads as reset.
+
+        Why read it back: a nats-server trap (2.15, single-replica durables). A reset to
+        sequence 1 leaves the consumer store's in-memory state empty, and an empty state
+        is read from the store's file instead; if the store's flusher was writing that file
+        at the moment of the reset (the acks just before kick it), the reset's own write is
+        skipped (`consumerFileStore.writeState`), so until its next delivery the durable
+        reports its old delivered position and ack floor, while `num_pending` is already
+        the reset's. A re-drive's follower took "ack floor at the end, nothing unacked" for
+        caught up before anything was re-applied. While this process is suspended nobody
+        here takes a message, so a durable that still reports a position past `start - 1`
+        with all of the reset's messages pending and none delivered reads its stale file:
+        resetting again (nothing was delivered since, so it changes nothing else) writes
+        the file anew. Another replica taking messages meanwhile moves the durable for real
+        (something unacked, or fewer pending) and ends the check."""
+        deadline = time.monotonic() + RESET_CONFIRM_SECONDS
+        while True:
+            reset = await self._reset(consumer, stream, start)
+            if "error" in reset:
+                return reset, None
+            info = await consumer.js.consumer_info(stream, consumer.durable)
+            if not _reads_stale(info, start, int(reset.get("num_pending", 0))) or time.monotonic() > deadline:
+                return reset, info
+            log.warning(
+                "durable read its old position after a reset; resetting again", extra={"consumer": consumer.durable}
+            )
+            await asyncio.sleep(RESET_RETRY_SECONDS)  # the flusher's write in progress: nothing to wait on
 
     async def _reset(self, consumer: Consumer, stream: str, start: int) -> dict[str, Any]:
         """JetStream's consumer reset, on the consumer's own connection (its account, and

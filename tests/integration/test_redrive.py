@@ -128,11 +128,29 @@ async def test_a_redrive_applies_nothing_twice_and_rebuilds_a_cleared_projection
         await bus.stop()
 
 
+async def test_redrives_back_to_back_each_go_through_everything_again(app, nats_server) -> None:
+    """A re-drive to sequence 1 right after the acks of the one before: nats-server may
+    then report the durable's old position (ack floor at the end, nothing unacked) with
+    the reset's messages all pending, and a follower took that for caught up before
+    anything was re-applied (a CI run read (0, 0) for a re-drive that skipped 4). Each
+    answer must stand where the reset put it, and each re-drive must skip all four."""
+    async with running(app):
+        await publish(nats_server.url, site(), enrolled(), enrolled(), check_in(), enrolled())
+        await projected(app, 3)
+        outcomes = []
+        for _ in range(12):
+            answer, final, _ = await redrive_and_wait(nats_server.url, from_seq=1)
+            outcomes.append((answer.ack_floor_seq, answer.num_pending, answer.covered,
+                             final.applied - answer.applied, final.duplicates - answer.duplicates))  # fmt: skip
+        assert outcomes == [(0, 4, 4, 0, 4)] * 12
+
+
 async def test_a_redrive_done_before_its_answer_was_read_still_reports_what_it_applied(app, nats_server) -> None:
-    """The service's answer holds its counters as of the reset and the durable's position
-    a moment later; a quick consumer has gone through everything in between, so the
-    answer already looks caught up. Following it must still ask where things stand: a CI
-    run read (0 applied, 0 duplicates) for a re-drive that skipped 4."""
+    """The service's answer holds its counters and the durable's position as of the
+    reset; a quick consumer goes through everything before the answer is read, so an
+    answer that already looks caught up must not be taken for the last state. Following
+    it must still ask where things stand: a CI run read (0 applied, 0 duplicates) for a
+    re-drive that skipped 4."""
     async with running(app):
         await publish(nats_server.url, site(), enrolled())
         await projected(app, 1)
