@@ -194,6 +194,25 @@ async def update_by(session: AsyncSession, table: Table, key: Mapping[str, Any],
     return rows_changed(await session.execute(_update_by(table, tuple(key)), {**values, **parameters}))
 
 
+async def update_rows_by(
+    session: AsyncSession, table: Table, keys: Sequence[str], rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """`update_by` for several rows that set the same columns: each row holds its key
+    (the `keys` columns) and its values. One statement run with each row's parameters
+    (the driver's executemany: asyncpg sends them in one round trip)."""
+    if not rows:
+        return
+    columns = rows[0].keys()
+    if any(row.keys() != columns for row in rows):
+        raise ValueError(f"updates of {table.name} setting different columns: one statement sets the same ones")
+    values = [name for name in columns if name not in keys]
+    _known_columns(table, columns)
+    if not values or len(values) + len(keys) != len(columns):
+        raise ValueError(f"updates of {table.name} need each of {', '.join(keys)} and something to set")
+    parameters = [{**{name: row[name] for name in values}, **{f"key_{key}": row[key] for key in keys}} for row in rows]
+    await session.execute(_update_by(table, tuple(keys)), parameters)
+
+
 def _known_columns(table: Table, values: Iterable[str]) -> None:
     # `.values(...)` refuses a name that is no column; parameters would be ignored silently.
     unknown = [name for name in values if name not in table.c]

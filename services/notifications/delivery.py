@@ -336,7 +336,7 @@ class Dispatcher:
     def _recorder(self, sessions: sessionmaker, urgent: bool = False) -> GroupCommit[Outcome, None]:
         group = self._records.get(urgent)
         if group is None or group.sessions is not sessions:
-            group = self._records[urgent] = GroupCommit(sessions, self._write)
+            group = self._records[urgent] = GroupCommit.set_based(sessions, self._write_all)
         return group
 
     def _claimer(self, sessions: sessionmaker, urgent: bool = False) -> GroupCommit[Claim, Claimed | None]:
@@ -401,27 +401,35 @@ class Dispatcher:
         retry_at = None if final else self.retry_at(clock.now(), attempts)
         return Outcome(row, channel, attempts, error=error, retryable=retryable, final=final, retry_at=retry_at)
 
-    async def _write(self, session: AsyncSession, outcome: Outcome) -> None:
-        if outcome.sent:
-            await self._write_sent(session, outcome)
-        else:
-            await self._write_failed(session, outcome)
+    async def _write_all(self, session: AsyncSession, outcomes: list[Outcome]) -> list[Exception | None]:
+        """A group's outcomes: the messages sent in a few multi-row statements (a batch of
+        welcomes is a batch of sends), the failures one by one (their decisions differ)."""
+        await self._write_sent(session, [outcome for outcome in outcomes if outcome.sent])
+        for outcome in outcomes:
+            if not outcome.sent:
+                await self._write_failed(session, outcome)
         self.wake_after_commit(session)
+        return [None] * len(outcomes)
 
-    async def _write_sent(self, session: AsyncSession, outcome: Outcome) -> None:
-        row, channel, attempts = outcome.row, outcome.channel, outcome.attempts
-        await store.mark_notification(
-            session, row["notification_id"],
-            status="sent", status_reason=None, attempts=attempts, provider_id=outcome.provider_id,
-            sent_at=clock.now(), channel=channel, last_error=None,
+    async def _write_sent(self, session: AsyncSession, outcomes: list[Outcome]) -> None:
+        if not outcomes:
+            return
+        await store.mark_sent(
+            session,
+            [{"notification_id": outcome.row["notification_id"], "attempts": outcome.attempts,
+              "provider_id": outcome.provider_id, "channel": outcome.channel} for outcome in outcomes],
         )  # fmt: skip
-        await store.record_attempt(
-            session, notification_id=row["notification_id"], attempt=attempts, channel=channel, outcome="sent",
-            provider_id=outcome.provider_id, status_code=outcome.status_code, duration_ms=outcome.duration_ms,
+        await store.record_attempts(
+            session,
+            [{"notification_id": outcome.row["notification_id"], "attempt": outcome.attempts,
+              "channel": outcome.channel, "outcome": "sent", "provider_id": outcome.provider_id,
+              "status_code": outcome.status_code, "duration_ms": outcome.duration_ms} for outcome in outcomes],
         )  # fmt: skip
-        await usecases.announce_outcome(session, NotificationSent, row, channel, attempts)
-        if row["template"] == "webhook":
-            await usecases.webhook_attempted(session, self.policy, row, ok=True)
+        ended = [usecases.Ended(outcome.row, outcome.channel, outcome.attempts) for outcome in outcomes]
+        await usecases.announce_outcomes(session, NotificationSent, ended)
+        for outcome in outcomes:
+            if outcome.row["template"] == "webhook":
+                await usecases.webhook_attempted(session, self.policy, outcome.row, ok=True)
 
     async def _write_failed(self, session: AsyncSession, outcome: Outcome) -> None:
         row, channel, attempts, error = outcome.row, outcome.channel, outcome.attempts, outcome.error

@@ -5,7 +5,7 @@ message log with its delivery attempts, plus outbox, inbox, audit and the operat
 repairs."""
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -42,11 +42,13 @@ from shared.db import (
     insert_absent_rows,
     insert_if_absent,
     insert_row,
+    insert_rows,
     kept_for_this_transaction,
     lock_row,
     rows_changed,
     select_by,
     update_by,
+    update_rows_by,
 )
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
@@ -1217,6 +1219,22 @@ async def patient_notifications(session: AsyncSession, patient_id: str) -> list[
 
 async def record_attempt(session: AsyncSession, **values: Any) -> None:
     await insert_row(session, delivery_attempts, at=clock.now(), **values)
+
+
+async def mark_sent(session: AsyncSession, sent: Sequence[Mapping[str, Any]]) -> None:
+    """Messages that went out, each with its notification_id, attempts, channel and
+    provider_id: one statement for all of them."""
+    stamp = clock.now()
+    rows = [
+        {**message, "status": "sent", "status_reason": None, "sent_at": stamp, "last_error": None} for message in sent
+    ]
+    await update_rows_by(session, notifications, ("notification_id",), rows)
+
+
+async def record_attempts(session: AsyncSession, attempts: Sequence[Mapping[str, Any]]) -> None:
+    """`record_attempt` for several attempts of the same columns, in one statement."""
+    stamp = clock.now()
+    await insert_rows(session, delivery_attempts, [{"at": stamp, **attempt} for attempt in attempts])
 
 
 async def attempts_of(session: AsyncSession, notification_ids: list[str]) -> dict[str, list[DeliveryAttemptRow]]:

@@ -11,9 +11,10 @@ so tests can drive escalation and expiry at any instant. A broken rule raises
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 from uuid import UUID, uuid4
 from zoneinfo import ZoneInfo
 
@@ -43,7 +44,7 @@ from shared.contracts.events import (
 from shared.domain_errors import DomainError
 from shared.messaging import Interest
 from shared.messaging.integrations import CONTEXT_EVENTS
-from shared.messaging.outbox import Chain
+from shared.messaging.outbox import Chain, envelope_for
 from shared.settings import Settings
 
 log = logging.getLogger("iopnet.notifications")
@@ -367,6 +368,14 @@ async def resume_subscription(session: AsyncSession, subscription: store.Subscri
         await store.mark_notification(session, head["notification_id"], due_at=now)
 
 
+class Ended(NamedTuple):
+    """A message's last attempt: the message, its channel and how many attempts it took."""
+
+    row: store.NotificationRow
+    channel: str
+    attempts: int
+
+
 async def announce_outcome(
     session: AsyncSession,
     kind: type[NotificationSent] | type[NotificationFailed],
@@ -378,19 +387,40 @@ async def announce_outcome(
     """Publish how a message ended. `reason`: the fixed failure text (a status code,
     "target refused: loopback"), carried once the event declares a `reason` field (an
     additive contract change that shared/contracts owns); until then it is kept on the
-    row and in the delivery log. A webhook delivery's own outcome is not fanned out to
-    webhooks again (one delivery would cause the next, forever)."""
+    row and in the delivery log."""
+    await announce_outcomes(session, kind, [Ended(row, channel, attempts)], reason=reason)
+
+
+async def announce_outcomes(
+    session: AsyncSession,
+    kind: type[NotificationSent] | type[NotificationFailed],
+    ended: Sequence[Ended],
+    reason: str | None = None,
+) -> None:
+    """`announce_outcome` for several messages, staged in one statement. A webhook
+    delivery's own outcome is not fanned out to webhooks again (one delivery would cause
+    the next, forever)."""
     extra: dict[str, Any] = {"reason": reason} if reason is not None and "reason" in kind.model_fields else {}
-    event = kind(
-        notification_id=UUID(row["notification_id"]),
-        recipient_kind=cast(domain.RecipientKind, row["recipient_kind"]),
-        channel=cast(Channel, channel),
-        template=row["template"],
-        cause_event_id=UUID(row["cause_event_id"]),
-        attempts=attempts,
-        **extra,
-    )
-    await emit(session, event, row["site_id"], chain=_chain_of(row), fan_out=row["recipient_kind"] != "integration")
+    envelopes = [
+        envelope_for(
+            kind(
+                notification_id=UUID(row["notification_id"]),
+                recipient_kind=cast(domain.RecipientKind, row["recipient_kind"]),
+                channel=cast(Channel, channel),
+                template=row["template"],
+                cause_event_id=UUID(row["cause_event_id"]),
+                attempts=attempts,
+                **extra,
+            ),
+            row["site_id"],
+            chain=_chain_of(row),
+        )
+        for row, channel, attempts in ended
+    ]
+    await store.outbox.stage(session, *envelopes)
+    for envelope, one in zip(envelopes, ended, strict=True):
+        if one.row["recipient_kind"] != "integration":
+            await fan_out_event(session, envelope)
 
 
 # --- patient messages -------------------------------------------------------------------------

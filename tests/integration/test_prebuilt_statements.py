@@ -9,7 +9,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db import create_engine, insert_absent_rows, insert_row, select_by, update_by
+from shared.db import create_engine, insert_absent_rows, insert_row, select_by, update_by, update_rows_by
 
 metadata = MetaData()
 rooms = Table(
@@ -117,3 +117,42 @@ async def test_absent_rows_are_inserted_in_one_statement_and_only_the_new_counte
             {"site_id": "north", "room": "c", "seats": 4, "note": "small"},
         ]
         assert await rooms_of(session, "x") == []
+
+
+async def test_rows_are_changed_each_by_its_key_in_one_statement(sessions) -> None:
+    async with sessions() as session, session.begin():
+        for room, seats in (("a", 12), ("b", 8), ("c", 4)):
+            await insert_row(session, rooms, site_id="north", room=room, seats=seats)
+        await insert_row(session, rooms, site_id="south", room="a", seats=20)
+    async with sessions() as session, session.begin():
+        sent: list[str] = []
+        connection = (await session.connection()).sync_connection
+        assert connection is not None
+        event.listen(connection, "before_cursor_execute", lambda *args: sent.append(args[2]))
+        await update_rows_by(
+            session,
+            rooms,
+            ("site_id", "room"),
+            [
+                {"site_id": "north", "room": "a", "seats": 14, "note": "moved"},
+                {"site_id": "north", "room": "c", "seats": 5, "note": None},
+                {"site_id": "east", "room": "a", "seats": 1, "note": "no such room"},
+            ],
+        )
+        assert len(sent) == 1
+        await update_rows_by(session, rooms, ("site_id", "room"), [])
+        assert len(sent) == 1
+        with pytest.raises(ValueError, match="different columns"):
+            await update_rows_by(session, rooms, ("site_id",), [{"site_id": "x", "seats": 1}, {"site_id": "x"}])
+        with pytest.raises(ValueError, match="no such column in prebuilt_rooms: colour"):
+            await update_rows_by(session, rooms, ("site_id",), [{"site_id": "x", "colour": "red"}])
+        with pytest.raises(ValueError, match="need each of site_id, room and something to set"):
+            await update_rows_by(session, rooms, ("site_id", "room"), [{"site_id": "north", "seats": 1}])
+    async with sessions() as session:
+        assert await rooms_of(session, "north") == [
+            {"site_id": "north", "room": "a", "seats": 14, "note": "moved"},
+            {"site_id": "north", "room": "b", "seats": 8, "note": None},
+            {"site_id": "north", "room": "c", "seats": 5, "note": None},
+        ]
+        assert await rooms_of(session, "south") == [{"site_id": "south", "room": "a", "seats": 20, "note": None}]
+        assert await rooms_of(session, "east") == []
