@@ -122,6 +122,31 @@ def _insert_if_absent(dialect: str, table: Table, conflict: tuple[str, ...] | No
     return insert(table).on_conflict_do_nothing(index_elements=keys)
 
 
+async def upsert_if_newer(session: AsyncSession, table: Table, row: Mapping[str, Any], *, newer: str) -> bool:
+    """INSERT `row` into `table`, or, if its primary key is there, UPDATE the stored row
+    to `row` unless the stored `newer` column is later than `row`'s (events may arrive out
+    of order: an older change never overwrites a newer one). One statement (INSERT ... ON
+    CONFLICT DO UPDATE ... WHERE), where a read and a write took two. Whether `row` is
+    now what is stored."""
+    _known_columns(table, row)
+    keys = tuple(column.name for column in table.primary_key.columns)
+    if newer not in row or any(key not in row for key in keys):
+        raise ValueError(f"an upsert of {table.name} names its key ({', '.join(keys)}) and {newer}")
+    statement = _upsert_if_newer(dialect_name(session), table, tuple(row), newer)
+    return (await session.execute(statement, dict(row))).first() is not None
+
+
+@functools.cache
+def _upsert_if_newer(dialect: str, table: Table, columns: tuple[str, ...], newer: str) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(table)
+    keys = [column.name for column in table.primary_key.columns]
+    changed = {name: statement.excluded[name] for name in columns if name not in keys}
+    return statement.on_conflict_do_update(
+        index_elements=keys, set_=changed, where=table.c[newer] <= statement.excluded[newer]
+    ).returning(*table.primary_key.columns)
+
+
 async def insert_absent_rows(
     session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]], *, conflict: Sequence[str] | None = None
 ) -> int:

@@ -6,7 +6,7 @@ repairs."""
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
@@ -49,6 +49,7 @@ from shared.db import (
     select_by,
     update_by,
     update_rows_by,
+    upsert_if_newer,
 )
 from shared.messaging import Inbox, Outbox
 from shared.messaging.control import OperationsLog
@@ -555,22 +556,19 @@ async def lock_patient(session: AsyncSession, patient_id: str) -> None:
         locked.add(patient_id)
 
 
-_CONTACT_CHANGED_AT = select(contacts.c.changed_at).where(contacts.c.patient_id == bindparam("patient_id"))
-
-
 # Read once per transaction (a consumer's batch brings a patient's events together: the
 # registration with the enrollment, a booking's siblings), dropped by whoever writes them.
 _CONTACTS, _CONSENTS, _ENROLLMENTS = "iopnet.contacts", "iopnet.patient_consents", "iopnet.patient_enrollments"
 
 
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
+    """The patient's contact as of `changed_at`, unless a later change is stored already
+    (events may arrive out of order). A contact written whole is kept as this
+    transaction's read of it: the welcome planned next needs it."""
+    row = {"patient_id": patient_id, "changed_at": changed_at.astimezone(UTC), **values}
     _forget(session, _CONTACTS, patient_id)
-    current = (await session.execute(_CONTACT_CHANGED_AT, {"patient_id": patient_id})).first()
-    if current is None:
-        await insert_row(session, contacts, patient_id=patient_id, changed_at=changed_at, **values)
-    elif current.changed_at <= changed_at:
-        # Events may arrive out of order: an older change never overwrites a newer one.
-        await update_by(session, contacts, {"patient_id": patient_id}, changed_at=changed_at, **values)
+    if await upsert_if_newer(session, contacts, row, newer="changed_at") and set(row) == set(contacts.c.keys()):
+        _read_once(session, _CONTACTS)[patient_id] = _as(ContactRow, row)
 
 
 async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | None:

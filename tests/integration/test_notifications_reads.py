@@ -63,7 +63,7 @@ async def test_a_contact_is_read_once_and_a_write_is_seen(sessions) -> None:
             assert again is not None and again["email"] == "one@example.org"
             assert await store.get_contact(session, "p-2") is None
             assert await store.get_contact(session, "p-2") is None
-            assert statements.reads("contacts") == 2  # p-1 once, p-2 (absent) once
+            assert statements.reads("contacts") == 1  # p-2 (absent) once; p-1 as it was written
             await _contact(session, "p-1", "two@example.org", T0 + timedelta(minutes=1))
             await store.move_contact(session, "p-1", "south")
             moved = await store.get_contact(session, "p-1")
@@ -71,6 +71,26 @@ async def test_a_contact_is_read_once_and_a_write_is_seen(sessions) -> None:
     async with sessions.begin() as session, Statements(session) as statements:
         assert (await store.get_contact(session, "p-1")) == moved
         assert statements.reads("contacts") == 1, "another transaction reads again"
+
+
+async def test_a_contact_written_is_one_statement_and_an_older_change_never_wins(sessions) -> None:
+    """Issue 10: a contact change is one upsert (no read of the stored change time first),
+    and what it wrote is this transaction's read of the contact (the welcome planned next
+    reads it), the same as a new transaction reads. An older change arriving late changes
+    nothing, and the contact is read again."""
+    async with sessions.begin() as session, Statements(session) as statements:
+        await _contact(session, "p-1", "one@example.org", T0)
+        await _contact(session, "p-1", "two@example.org", T0 + timedelta(minutes=2))
+        assert len(statements.sent) == 2 and statements.reads("contacts") == 0
+        written = await store.get_contact(session, "p-1")
+        assert statements.reads("contacts") == 0
+        await _contact(session, "p-1", "late@example.org", T0 + timedelta(minutes=1))
+        kept = await store.get_contact(session, "p-1")
+        assert statements.reads("contacts") == 1
+    assert written == kept
+    assert kept is not None and (kept["email"], kept["changed_at"]) == ("two@example.org", T0 + timedelta(minutes=2))
+    async with sessions.begin() as session:
+        assert await store.get_contact(session, "p-1") == written
 
 
 async def test_consents_are_read_once_and_a_write_is_seen(sessions) -> None:
