@@ -580,13 +580,12 @@ async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | No
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
-    query = select_by(enrollments, "enrollment_id")
-    if (await session.execute(query, {"enrollment_id": values["enrollment_id"]})).first() is not None:
-        return False
+    """Project an enrollment unless it is known already (one statement); True if new."""
     values.setdefault("status", "active")
-    _read_once(session, _ENROLLMENTS).clear()
-    await insert_row(session, enrollments, **values)
-    return True
+    added = await insert_if_absent(session, enrollments, **values)
+    if added:
+        _read_once(session, _ENROLLMENTS).clear()
+    return added
 
 
 async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any) -> bool:

@@ -120,8 +120,14 @@ async def test_enrollments_are_read_once_and_a_write_is_seen(sessions) -> None:
         await store.add_enrollment(
             session, enrollment_id="e-1", start_date=date(2026, 11, 2), enrolled_event_id="v-1", **episode
         )
+        assert len(statements.sent) == 3  # the read before, then one INSERT per enrollment
+        again = await store.add_enrollment(
+            session, enrollment_id="e-1", start_date=date(2026, 12, 1), enrolled_event_id="v-9", **episode
+        )
+        assert again is False and len(statements.sent) == 4  # known already: nothing changed
         listed = await store.patient_enrollments(session, "p-1")
         assert [e["enrollment_id"] for e in listed] == ["e-1", "e-2"]  # by start date
+        assert listed[0]["start_date"] == date(2026, 11, 2)
         listed[0]["status"] = "changed by a caller"
         assert [e["status"] for e in await store.patient_enrollments(session, "p-1")] == ["active", "active"]
         await store.update_enrollment(session, "e-1", status="discharged", discharged_on=date(2026, 11, 8))
