@@ -342,7 +342,7 @@ class Dispatcher:
     def _claimer(self, sessions: sessionmaker, urgent: bool = False) -> GroupCommit[Claim, Claimed | None]:
         group = self._claims.get(urgent)
         if group is None or group.sessions is not sessions:
-            group = self._claims[urgent] = GroupCommit(sessions, self._take)
+            group = self._claims[urgent] = GroupCommit.set_based(sessions, self._take_all)
         return group
 
     async def _claim(
@@ -353,6 +353,12 @@ class Dispatcher:
         if self.gate is not None and not urgent:
             await self.gate.routine()
         return await self._claimer(sessions, urgent).record(Claim(row, now))
+
+    async def _take_all(self, session: AsyncSession, claims: list[Claim]) -> list[Claimed | Exception | None]:
+        """A group's claims, with what preparing them reads (the patients' contacts,
+        consents and enrollments) read for all of them at once."""
+        await usecases.read_ahead(session, [claim.row for claim in claims])
+        return [await self._take(session, claim) for claim in claims]
 
     async def _take(self, session: AsyncSession, claim: Claim) -> Claimed | None:
         row, now = claim

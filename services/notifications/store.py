@@ -646,6 +646,44 @@ async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[En
     return [cast(EnrollmentRow, dict(row)) for row in known[patient_id]]
 
 
+async def read_patients_ahead(
+    session: AsyncSession, patient_ids: Iterable[str], *, enrollments_too: Iterable[str] = ()
+) -> None:
+    """The contacts and consents of several patients (and the enrollments of
+    `enrollments_too`), one statement per table for all of them, kept as this
+    transaction's reads: a group of claimed messages is then prepared without a read per
+    message (`get_contact`, `patient_consents` and `patient_enrollments` find them)."""
+    await _read_ahead(session, _CONTACTS, contacts, ContactRow, patient_ids, single=True)
+    await _read_ahead(session, _CONSENTS, consents, ConsentRow, patient_ids)
+    await _read_ahead(
+        session, _ENROLLMENTS, enrollments, EnrollmentRow, enrollments_too, order=enrollments.c.start_date
+    )
+
+
+async def _read_ahead(
+    session: AsyncSession,
+    key: str,
+    table: Table,
+    kind: type[RowT],
+    patient_ids: Iterable[str],
+    *,
+    single: bool = False,
+    order: Any = None,
+) -> None:
+    known = _read_once(session, key)
+    missing = sorted({patient_id for patient_id in patient_ids if patient_id not in known})
+    if len(missing) < 2:
+        return  # one patient's own read costs the same
+    query = select(table).where(table.c.patient_id.in_(missing))
+    if order is not None:
+        query = query.order_by(order)
+    found: dict[str, list[RowT]] = {patient_id: [] for patient_id in missing}
+    for row in _rows(kind, await session.execute(query)):
+        found[cast(Mapping[str, Any], row)["patient_id"]].append(row)
+    for patient_id, rows in found.items():
+        known[patient_id] = (rows[0] if rows else None) if single else rows
+
+
 async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
     """The site a patient's record belongs to here: the contact's, else the latest
     enrollment's, else that of any message about the patient."""

@@ -930,6 +930,13 @@ class Settle:
     due_at: datetime | None = None
 
 
+async def read_ahead(session: AsyncSession, rows: Sequence[store.NotificationRow]) -> None:
+    """What `prepare` will read for these messages, read for all of them at once."""
+    patients = [row["patient_id"] for row in rows if row["recipient_kind"] == "patient" and row["patient_id"]]
+    welcomed = [row["patient_id"] for row in rows if row["template"] == "welcome" and row["patient_id"]]
+    await store.read_patients_ahead(session, patients, enrollments_too=welcomed)
+
+
 async def prepare(session: AsyncSession, policy: Policy, row: store.NotificationRow, now: datetime) -> Ready | Settle:
     """Decide, at send time, whether a due message goes out now, and to where."""
     if row["expires_at"] is not None and row["expires_at"] <= now:

@@ -564,6 +564,9 @@ async def test_deliveries_due_together_are_claimed_and_recorded_together(app, na
         first = " ".join(statement.split())
         if first.startswith(("UPDATE notifications SET", "INSERT INTO delivery_attempts", "INSERT INTO outbox")):
             recorded.append(first[:70])
+        for table in ("contacts", "consents", "enrollments"):
+            if first.startswith("SELECT") and f"FROM {table} " in f"{first} ":
+                recorded.append(f"read {table}")
 
     async with running(app):
         await register_site(app, nats_server.url)
@@ -600,6 +603,9 @@ async def test_deliveries_due_together_are_claimed_and_recorded_together(app, na
     assert sum(s.startswith("UPDATE notifications SET") for s in recorded) == 30 + transactions["records"], listing
     assert sum(s.startswith("INSERT INTO delivery_attempts") for s in recorded) == transactions["records"], listing
     assert sum(s.startswith("INSERT INTO outbox") for s in recorded) == transactions["records"], listing
+    # Preparing the claimed welcomes reads their patients' rows once per claim transaction.
+    for table in ("contacts", "consents", "enrollments"):
+        assert recorded.count(f"read {table}") <= transactions["claims"], listing
 
 
 async def test_a_round_of_due_messages_goes_before_the_consumers_waiting_for_the_database(

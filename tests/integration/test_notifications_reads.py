@@ -93,6 +93,41 @@ async def test_a_contact_written_is_one_statement_and_an_older_change_never_wins
         assert await store.get_contact(session, "p-1") == written
 
 
+async def test_patients_read_ahead_are_read_once_for_all_and_as_read_one_by_one(sessions) -> None:
+    """Issue 10: a group of claimed messages reads its patients' contacts, consents and
+    enrollments in one statement per table; each patient's rows are then what a read of
+    that patient alone finds (none for an unknown patient), with no read more."""
+    episode = {"site_id": "north", "correlation_id": "x-1", "start_date": date(2026, 11, 2)}
+    grant = {"site_id": "north", "recipient": "patient", "purpose": "reminders"}
+    async with sessions.begin() as session:
+        for number in (1, 2):
+            await _contact(session, f"p-{number}", f"p{number}@example.org", T0)
+            await store.upsert_consent(session, f"c-{number}", patient_id=f"p-{number}", **grant, revoked=False)
+        for enrollment, start in (("e-2", date(2026, 11, 9)), ("e-1", date(2026, 11, 2))):
+            values = {**episode, "start_date": start}
+            await store.add_enrollment(
+                session, enrollment_id=enrollment, patient_id="p-1", enrolled_event_id=f"v-{enrollment}", **values
+            )
+    patients = ["p-1", "p-2", "p-3"]
+
+    async def everything(session: AsyncSession) -> list[object]:
+        return [
+            [await store.get_contact(session, p) for p in patients],
+            [await store.patient_consents(session, p) for p in patients],
+            [await store.patient_enrollments(session, p) for p in patients],
+        ]
+
+    async with sessions.begin() as session:
+        one_by_one = await everything(session)
+    async with sessions.begin() as session, Statements(session) as statements:
+        await store.read_patients_ahead(session, patients, enrollments_too=patients)
+        assert len(statements.sent) == 3
+        ahead = await everything(session)
+        assert len(statements.sent) == 3
+    assert ahead == one_by_one
+    assert [e["enrollment_id"] for e in one_by_one[2][0]] == ["e-1", "e-2"] and one_by_one[0][2] is None
+
+
 async def test_consents_are_read_once_and_a_write_is_seen(sessions) -> None:
     grant = {"patient_id": "p-1", "site_id": "north", "recipient": "patient", "purpose": "reminders"}
     async with sessions.begin() as session, Statements(session) as statements:
