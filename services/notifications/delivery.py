@@ -355,17 +355,22 @@ class Dispatcher:
         return await self._claimer(sessions, urgent).record(Claim(row, now))
 
     async def _take_all(self, session: AsyncSession, claims: list[Claim]) -> list[Claimed | Exception | None]:
-        """A group's claims, with what preparing them reads (the patients' contacts,
-        consents and enrollments) read for all of them at once."""
-        await usecases.read_ahead(session, [claim.row for claim in claims])
-        return [await self._take(session, claim) for claim in claims]
+        """A group's claims: the messages taken in two statements for all of them (each
+        with the lease of its own claim), and what preparing them reads (the patients'
+        contacts, consents and enrollments) read for all of them at once. A message not
+        taken was cancelled, held, rescheduled or taken by another dispatcher since it was
+        picked up. Due as of the latest claim: each of them was made before this. A
+        message claimed twice in one group goes to the first claim only."""
+        leases = {claim.row["notification_id"]: self._lease_until(claim.now) for claim in claims}
+        taken = await store.claim_notifications(session, leases, max(claim.now for claim in claims))
+        await usecases.read_ahead(session, list(taken.values()))
+        return [await self._take(session, taken.pop(claim.row["notification_id"], None), claim.now) for claim in claims]
 
-    async def _take(self, session: AsyncSession, claim: Claim) -> Claimed | None:
-        row, now = claim
-        lease = self._lease_until(now)
-        current = await store.claim_notification(session, row["notification_id"], now, lease)
+    async def _take(
+        self, session: AsyncSession, current: store.NotificationRow | None, now: datetime
+    ) -> Claimed | None:
         if current is None:
-            return None  # cancelled, held, rescheduled or taken since it was picked up
+            return None
         decision = await usecases.prepare(session, self.policy, current, now)
         if isinstance(decision, usecases.Settle):
             await self._settle(session, current, decision)

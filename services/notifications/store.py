@@ -1162,25 +1162,30 @@ async def due_notifications(
     return _rows(NotificationRow, await session.execute(query))
 
 
-_DUE_BY_ID = select(notifications).where(
-    notifications.c.notification_id == bindparam("notification_id"),
+_DUE_BY_IDS = select(notifications).where(
+    notifications.c.notification_id.in_(bindparam("notification_ids", expanding=True)),
     notifications.c.status.in_(DISPATCHABLE),
     notifications.c.due_at <= bindparam("at"),
 )
-_DUE_BY_ID_LOCKED = _DUE_BY_ID.with_for_update(skip_locked=True)
+_DUE_BY_IDS_LOCKED = _DUE_BY_IDS.with_for_update(skip_locked=True)
 
 
-async def claim_notification(
-    session: AsyncSession, notification_id: str, at: datetime, lease_until: datetime
-) -> NotificationRow | None:
-    """Take a due message for sending: status `sending` until `lease_until`, so another
-    dispatcher (a replica on PostgreSQL: SKIP LOCKED) leaves it alone, and a crash
-    mid-send only delays it to the end of the lease. None if it is not due (any more)."""
-    query = _DUE_BY_ID_LOCKED if dialect_name(session) == "postgresql" else _DUE_BY_ID
-    row = await _one(session, NotificationRow, query, notification_id=notification_id, at=at)
-    if row is not None:
-        await mark_notification(session, notification_id, status="sending", due_at=lease_until)
-    return row
+async def claim_notifications(
+    session: AsyncSession, leases: Mapping[str, datetime], at: datetime
+) -> dict[str, NotificationRow]:
+    """Take due messages for sending, each (a notification_id of `leases`) with status
+    `sending` until its lease ends, so another dispatcher (a replica on PostgreSQL: SKIP
+    LOCKED) leaves it alone, and a crash mid-send only delays it to the end of the lease.
+    The rows taken, as they were before: a message not due (any more) at `at` is not
+    among them. Two statements for all of them."""
+    if not leases:
+        return {}
+    query = _DUE_BY_IDS_LOCKED if dialect_name(session) == "postgresql" else _DUE_BY_IDS
+    found = await session.execute(query, {"notification_ids": sorted(leases), "at": at})
+    taken = {row["notification_id"]: row for row in _rows(NotificationRow, found)}
+    claims = [{"notification_id": key, "status": "sending", "due_at": leases[key]} for key in sorted(taken)]
+    await update_rows_by(session, notifications, ("notification_id",), claims)
+    return taken
 
 
 async def next_due_at(session: AsyncSession, *, urgent: bool | None = None) -> datetime | None:

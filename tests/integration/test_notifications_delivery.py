@@ -21,7 +21,7 @@ from sqlalchemy import select, text
 from iopnet.testing import BusRecorder, eventually
 from services.notifications import domain, store, usecases
 from services.notifications.app import create_app
-from services.notifications.delivery import Dispatcher
+from services.notifications.delivery import Claim, Dispatcher
 from shared.contracts import Envelope, new_envelope
 from shared.contracts.events import (
     AttendanceRecorded,
@@ -599,13 +599,39 @@ async def test_deliveries_due_together_are_claimed_and_recorded_together(app, na
     assert transactions["claims"] <= 3, transactions
     assert transactions["records"] <= len(patients), transactions
     listing = "\n".join(recorded)
-    # A claim is one UPDATE per message (to `sending`); the record's is one per transaction.
-    assert sum(s.startswith("UPDATE notifications SET") for s in recorded) == 30 + transactions["records"], listing
+    # The claims' UPDATE (to `sending`) and the records' are one per transaction, each.
+    updates = sum(s.startswith("UPDATE notifications SET") for s in recorded)
+    assert updates == transactions["claims"] + transactions["records"], listing
     assert sum(s.startswith("INSERT INTO delivery_attempts") for s in recorded) == transactions["records"], listing
     assert sum(s.startswith("INSERT INTO outbox") for s in recorded) == transactions["records"], listing
     # Preparing the claimed welcomes reads their patients' rows once per claim transaction.
     for table in ("contacts", "consents", "enrollments"):
         assert recorded.count(f"read {table}") <= transactions["claims"], listing
+
+
+async def test_a_message_claimed_twice_in_one_group_is_taken_once(app, nats_server) -> None:
+    """Claims made together are taken in one statement: a message two claims name (two
+    rounds that overlap) goes to the first of them, and one not due any more to neither."""
+    patients = [Patient() for _ in range(2)]
+    async with running(app):
+        await register_site(app, nats_server.url)
+        await app.state.notifier.dispatcher.stop()  # the welcomes stay pending, all due
+        await publish_and_settle(
+            app, nats_server.url, *[e for p in patients for e in (p.contact, p.enrolled, p.consent)]
+        )
+        first, later = await rows(app, template="welcome", status="pending")
+        async with app.state.runtime.sessions() as session, session.begin():
+            await store.mark_notification(
+                session, later["notification_id"], due_at=datetime.now(UTC) + timedelta(hours=1)
+            )
+        dispatcher = Dispatcher(app.state.runtime.settings, app.state.notifier.policy)
+        now = datetime.now(UTC)
+        async with app.state.runtime.sessions() as session, session.begin():
+            taken = await dispatcher._take_all(session, [Claim(first, now), Claim(first, now), Claim(later, now)])
+        assert [claimed is not None for claimed in taken] == [True, False, False]
+        assert [r["status"] for r in await rows(app, template="welcome", notification_id=first["notification_id"])] == [
+            "sending"
+        ]
 
 
 async def test_a_round_of_due_messages_goes_before_the_consumers_waiting_for_the_database(
