@@ -33,6 +33,15 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
     await engine.dispose()
 
 
+async def statements_sent(session: AsyncSession) -> list[str]:
+    """The statements the session's connection sends from now on, as they are sent."""
+    sent: list[str] = []
+    connection = (await session.connection()).sync_connection
+    assert connection is not None
+    event.listen(connection, "before_cursor_execute", lambda *args: sent.append(args[2]))
+    return sent
+
+
 async def rooms_of(session: AsyncSession, site_id: str) -> list[dict[str, object]]:
     found = await session.execute(select_by(rooms, "site_id").order_by(rooms.c.room), {"site_id": site_id})
     return [dict(row) for row in found.mappings()]
@@ -91,10 +100,7 @@ async def test_absent_rows_are_inserted_in_one_statement_and_only_the_new_counte
     async with sessions() as session, session.begin():
         await insert_row(session, rooms, site_id="north", room="a", seats=12)
     async with sessions() as session, session.begin():
-        sent: list[str] = []
-        connection = (await session.connection()).sync_connection
-        assert connection is not None
-        event.listen(connection, "before_cursor_execute", lambda *args: sent.append(args[2]))
+        sent = await statements_sent(session)
         new = await insert_absent_rows(
             session,
             rooms,
@@ -125,10 +131,7 @@ async def test_rows_are_changed_each_by_its_key_in_one_statement(sessions) -> No
             await insert_row(session, rooms, site_id="north", room=room, seats=seats)
         await insert_row(session, rooms, site_id="south", room="a", seats=20)
     async with sessions() as session, session.begin():
-        sent: list[str] = []
-        connection = (await session.connection()).sync_connection
-        assert connection is not None
-        event.listen(connection, "before_cursor_execute", lambda *args: sent.append(args[2]))
+        sent = await statements_sent(session)
         await update_rows_by(
             session,
             rooms,
