@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from sqlalchemy import DateTime, Insert, MetaData, Select, Table, Update, bindparam, event, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection, CursorResult, Result, make_url
+from sqlalchemy.engine import Connection, CursorResult, Result, RowMapping, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
@@ -191,6 +191,18 @@ async def insert_row(session: AsyncSession, table: Table, **values: Any) -> None
     """INSERT one row of `values` into `table`."""
     _known_columns(table, values)
     await session.execute(_insert_into(table), values)
+
+
+async def insert_row_returning(session: AsyncSession, table: Table, **values: Any) -> RowMapping:
+    """`insert_row`, answering the row as stored, every column (INSERT ... RETURNING):
+    a caller that needs it does not read it back in a second statement."""
+    _known_columns(table, values)
+    return (await session.execute(_insert_returning(table), values)).mappings().one()
+
+
+@functools.cache
+def _insert_returning(table: Table) -> Insert:
+    return insert(table).returning(*table.c)
 
 
 async def insert_rows(session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -39,6 +39,7 @@ from shared.db import (
     dialect_name,
     insert_if_absent,
     insert_row,
+    insert_row_returning,
     insert_rows,
     kept_for_this_transaction,
     rows_changed,
@@ -533,8 +534,9 @@ async def open_enrollment_count(session: AsyncSession, patient_id: str, open_sta
     return int(found.scalar_one())
 
 
-async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await insert_row(session, enrollments, created_at=clock.now(), **values)
+async def add_enrollment(session: AsyncSession, **values: Any) -> EnrollmentRow:
+    """A new enrollment, answered as stored (one statement: nothing is read back)."""
+    return _as(EnrollmentRow, await insert_row_returning(session, enrollments, created_at=clock.now(), **values))
 
 
 async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[EnrollmentRow]:

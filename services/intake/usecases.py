@@ -210,7 +210,7 @@ async def _open_episode(
     event = PatientEnrolled(patient_id=UUID(patient_id), enrollment_id=enrollment_id, **spec)
     # The episode's correlation id is its PatientEnrolled's: later events of it join that chain.
     envelope = await store.outbox.emit(session, event, patient["site_id"], cause=cause)
-    await store.add_enrollment(
+    enrollment = await store.add_enrollment(
         session,
         enrollment_id=str(enrollment_id),
         patient_id=patient_id,
@@ -220,7 +220,7 @@ async def _open_episode(
         **spec,
     )
     await store.add_history(session, str(enrollment_id), "created", actor, to_value=str(status))
-    return await _reloaded(session, str(enrollment_id))
+    return enrollment
 
 
 async def activate_due_enrollments(session: AsyncSession, now: datetime) -> int:

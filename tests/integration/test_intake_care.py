@@ -594,7 +594,7 @@ async def test_concurrent_enrollments_leave_one_open_episode(app, nats_server) -
 async def test_an_enrollment_reads_its_patient_once_with_the_lock(app, nats_server) -> None:
     """Issue 10: an enrollment reads the patient once, with their row locked (the lock that
     keeps a patient to one open episode), not once to check who may see them and again to
-    lock."""
+    lock; and the enrollment it writes is not read back."""
     statements: list[str] = []
 
     def count(conn, cursor, statement, parameters, context, executemany) -> None:
@@ -609,11 +609,16 @@ async def test_an_enrollment_reads_its_patient_once_with_the_lock(app, nats_serv
             created = await client.post(f"/patients/{patient_id}/enrollments", json=episode_body(), headers=DESK)
         finally:
             sqlalchemy_event.remove(engine, "before_cursor_execute", count)
-    assert created.status_code == 201, created.text
+        assert created.status_code == 201, created.text
+        stored = (await client.get(f"/enrollments/{created.json()['enrollment_id']}", headers=DESK)).json()
     reads = [s for s in statements if s.startswith("SELECT patients.") and "WHERE patients.patient_id =" in s]
     assert len(reads) == 1, reads
     if app.state.runtime.engine.dialect.name == "postgresql":
         assert reads[0].endswith("FOR UPDATE")
+    # The enrollment is answered by its own INSERT ... RETURNING, not read back.
+    assert not [s for s in statements if s.startswith("SELECT enrollments.") and "enrollments.enrollment_id =" in s]
+    # ... and what it answers is what is stored.
+    assert {key: stored[key] for key in created.json()} == created.json()
 
 
 async def test_an_idempotency_key_answers_only_its_own_caller(app, nats_server) -> None:
