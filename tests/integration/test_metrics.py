@@ -91,3 +91,34 @@ async def test_a_scrape_does_not_wait_on_an_absent_broker(app, nats_server) -> N
         values = samples(response.text)
     assert response.status_code == 200
     assert values[("iopnet_scrape_errors_total", (("source", "intake-IOP_SCHEDULING"),))] == 1
+
+
+async def test_a_scrape_for_some_series_answers_and_reads_only_those(app, nats_server, monkeypatch) -> None:
+    """`name[]` (prometheus-client's convention): a frequent scraper such as `iopnet bench`
+    gets its series, and the service reads no backlog it did not ask for."""
+    async with running(app) as client:
+        await publish(nats_server.url, program_published("columbus-east"))
+        outbox = app.state.runtime.outbox
+        outbox_reads: list[str] = []
+        real_pending_count = outbox.pending_count
+
+        async def counted_pending_count(session):  # a spy: the real read still happens
+            outbox_reads.append("pending_count")
+            return await real_pending_count(session)
+
+        monkeypatch.setattr(outbox, "pending_count", counted_pending_count)
+
+        async def consumed() -> dict | None:
+            wanted = "?name[]=iopnet_events_consumed_total&name[]=iopnet_consumer_pending"
+            values = samples((await client.get("/metrics" + wanted)).text)
+            key = ("iopnet_events_consumed_total", (("consumer", "intake-IOP_SCHEDULING"), ("outcome", "applied")))
+            return values if values.get(key) == 1 else None
+
+        values = await eventually(consumed, what="the event consumed")
+        assert outbox_reads == []
+        whole = samples((await client.get("/metrics")).text)
+        assert outbox_reads == ["pending_count"]
+    assert {name for name, _ in values} == {"iopnet_events_consumed_total", "iopnet_consumer_pending"}
+    assert values[("iopnet_consumer_pending", (("consumer", "intake-IOP_SCHEDULING"),))] == 0
+    assert ("iopnet_outbox_pending", ()) in whole
+    assert {name for name, _ in whole} > {name for name, _ in values}
