@@ -9,7 +9,8 @@ a temp dir; PostgreSQL when `--postgres` gives a server), then drives, as clinic
   urgent; the first half offered at a fixed rate (default 200/s), the rest as fast as
   intake answers;
 - on PostgreSQL, notifications' safety lane runs in a process of its own
-  (`--no-safety-process`: in the one process, as on SQLite);
+  (`--no-safety-process`: in the one process, as on SQLite), and `--replicas` runs
+  services in several processes (intake's requests go round its processes);
 - the raw baseline on the same nats-server: nats-py async publish of as many messages of
   the same size, then a durable pull consumer with explicit acks.
 It reports intake's HTTP throughput and latency, check-in -> CheckInSubmitted, urgent
@@ -23,6 +24,7 @@ timing: the smoke test in `make test` checks that a tiny run completes and repor
 
 import asyncio
 import contextlib
+import itertools
 import os
 import secrets
 import tempfile
@@ -47,7 +49,7 @@ from iopnet.natsd import free_port, url_with_user
 from iopnet.network import LocalNetwork
 from iopnet.testing import eventually
 from shared.auth import mint_token
-from shared.settings import SERVICES, Settings
+from shared.settings import SERVICES, ServiceName, Settings
 
 RESULTS_DIR = Path("bench/results")
 WEEKDAYS = (1, 3, 5)  # Monday, Wednesday, Friday groups
@@ -64,6 +66,8 @@ class BenchConfig:
     # Notifications' safety lane in a process of its own (PostgreSQL only); None: on
     # PostgreSQL, off on SQLite.
     safety_process: bool | None = None
+    # Processes per service (PostgreSQL only), e.g. {"intake": 2}; a service not named runs one.
+    replicas: dict[ServiceName, int] = field(default_factory=dict)
     results_dir: Path = RESULTS_DIR
     drain_timeout: float = 240.0
 
@@ -93,13 +97,16 @@ class Clinics:
         self.desk = self._bearer(mint_token(self.secret, sub="bench-desk", role="front_desk", sites=self.sites))
         self.programs: dict[str, str] = {}
         self.timings = Timings()
+        # Intake in several processes: requests go round them, as a load balancer sends them.
+        self._intakes = itertools.cycle(network.replicas("intake"))
 
     @staticmethod
     def _bearer(token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
 
     def url(self, service: str, path: str) -> str:
-        return f"{self.network.url(service)}{path}"
+        instance = next(self._intakes) if service == "intake" else service
+        return f"{self.network.url(instance)}{path}"
 
     async def set_up(self) -> None:
         await asyncio.gather(*(self._site(site) for site in self.sites))
@@ -523,6 +530,7 @@ def run_bench(config: BenchConfig) -> dict[str, Any]:
             log_dir=Path(scratch),
             bench_password=secrets.token_urlsafe(24),
             safety_lane_process=_safety_process(config),
+            replicas=config.replicas,
         )
         try:
             network.start()

@@ -179,14 +179,27 @@ def bench(
             help="notifications' safety lane in a process of its own (PostgreSQL only; default: with --postgres)",
         ),
     ] = None,
+    replicas: Annotated[
+        str,
+        typer.Option(
+            help="processes per service (PostgreSQL only): N for each, or e.g. intake=2,notifications=2",
+        ),
+    ] = "1",
 ) -> None:
     """Benchmark a private local network at scale against the raw bus (see iopnet/bench.py)."""
     from iopnet.bench import BenchConfig, main
+    from iopnet.network import service_replicas
 
     if safety_process and postgres is None:
         raise typer.BadParameter(
             "needs --postgres: on SQLite one process reads every lane", param_hint="--safety-process"
         )
+    try:
+        processes = service_replicas(replicas)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--replicas") from None
+    if any(count > 1 for count in processes.values()) and postgres is None:
+        raise typer.BadParameter("needs --postgres: SQLite takes one process", param_hint="--replicas")
     if postgres is not None:
         try:
             postgres = async_database_url(postgres)
@@ -195,7 +208,8 @@ def bench(
         if not postgres.startswith("postgresql+asyncpg://"):
             raise typer.BadParameter("a PostgreSQL URL: postgresql://user@host:5432/name", param_hint="--postgres")
     main(BenchConfig(patients=patients, sites=sites, concurrency=concurrency, check_in_rate=check_in_rate,
-                     postgres=postgres, results_dir=results_dir, safety_process=safety_process))  # fmt: skip
+                     postgres=postgres, results_dir=results_dir, safety_process=safety_process,
+                     replicas=processes))  # fmt: skip
 
 
 @app.command("bench-consumer")

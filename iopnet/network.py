@@ -4,8 +4,9 @@ end-to-end tests, so all three start the network the same way.
 
 Scaled out (tests/faults/test_cluster.py): `nats_nodes=3` runs an embedded three-node
 cluster instead of the one server (the services get every node's URL and fail over), and
-`replicas=N` runs N processes of each service, each on a port of its own, sharing the
-service's database, durable consumers and outbox (PostgreSQL only: SQLite takes one).
+`replicas=N` runs N processes of each service (`replicas={"intake": 2}` of the services
+named), each on a port of its own, sharing the service's database, durable consumers and
+outbox (PostgreSQL only: SQLite takes one).
 Replica 1 of a service is named as the service (`intake`), the others `intake-2` and on.
 `safety_lane_process=True` (PostgreSQL) runs notifications' safety lane in a process of
 its own, `notifications-safety` (`IOPNET_LANES=safety`), and every other lane in the
@@ -21,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import IO, Literal
 
@@ -79,6 +80,33 @@ def _without_password(url: str) -> str:
     return re.sub(r"^([a-z+]+://[^:@/]+):[^@/]*@", r"\1@", url)
 
 
+MAX_REPLICAS = 8
+
+
+def service_replicas(text: str) -> dict[ServiceName, int]:
+    """Processes per service from a command line: `N` for every service, or
+    `intake=2,notifications=3` (a service not named runs one). ValueError says what is wrong."""
+    text = text.strip()
+    if text.isdigit():
+        return _bounded(dict.fromkeys(SERVICES, int(text)))
+    counts: dict[ServiceName, int] = {}
+    for part in text.split(","):
+        name, separator, count = part.strip().partition("=")
+        if not separator or not count.strip().isdigit():
+            raise ValueError(f"{part.strip()!r}: write N, or service=N[,service=N] (e.g. intake=2)")
+        service = next((s for s in SERVICES if s == name.strip()), None)
+        if service is None:
+            raise ValueError(f"{name.strip()!r} is not a service: {', '.join(SERVICES)}")
+        counts[service] = int(count)
+    return _bounded(counts)
+
+
+def _bounded(counts: dict[ServiceName, int]) -> dict[ServiceName, int]:
+    if any(not 1 <= count <= MAX_REPLICAS for count in counts.values()):
+        raise ValueError(f"from 1 to {MAX_REPLICAS} processes per service")
+    return counts
+
+
 class LocalNetwork:
     def __init__(
         self,
@@ -87,7 +115,7 @@ class LocalNetwork:
         *,
         bench_password: str | None = None,
         nats_nodes: int = 1,
-        replicas: int = 1,
+        replicas: int | Mapping[ServiceName, int] = 1,
         console: bool = False,
         safety_lane_process: bool = False,
     ) -> None:
@@ -95,7 +123,10 @@ class LocalNetwork:
         self.log_dir = log_dir
         # `iopnet bench`: the embedded server gets an account for the raw baseline.
         self.bench_password = bench_password
-        if replicas > 1 and any(settings.database_url(n).startswith("sqlite") for n in SERVICES):
+        counts = {n: replicas if isinstance(replicas, int) else replicas.get(n, 1) for n in SERVICES}
+        if any(count < 1 for count in counts.values()):
+            raise ValueError("every service runs at least one process")
+        if any(counts[n] > 1 and settings.database_url(n).startswith("sqlite") for n in SERVICES):
             raise ValueError("several replicas of a service need PostgreSQL: SQLite takes one process")
         if safety_lane_process and settings.database_url("notifications").startswith("sqlite"):
             raise ValueError("the safety lane in a process of its own needs PostgreSQL: SQLite takes one process")
@@ -106,7 +137,7 @@ class LocalNetwork:
         # Instance name -> (service, HTTP port): replica 1 has the service's own name and port.
         self.instances: dict[str, tuple[Deployable, int]] = {}
         for name in SERVICES:
-            for replica in range(1, replicas + 1):
+            for replica in range(1, counts[name] + 1):
                 instance = name if replica == 1 else f"{name}-{replica}"
                 self.instances[instance] = (name, settings.port(name) if replica == 1 else free_port())
         # Instance -> IOPNET_LANES, for the processes that read a part of their service's lanes.

@@ -69,13 +69,18 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
 def test_on_postgresql_the_safety_lane_runs_in_a_process_of_its_own(tmp_path: Path) -> None:
     """`iopnet bench --postgres`: notifications' safety lane in `notifications-safety`
     (IOPNET_LANES=safety), the rest in `notifications`; every check-in read there, the
-    alerts raised, the welcomes sent by the other."""
+    alerts raised, the welcomes sent by the other. Here with intake in two processes
+    (`--replicas intake=2`), the requests going round them."""
     admin = _postgres_admin_url()
     if admin is None:
         pytest.skip("PostgreSQL case skipped: set IOPNET_TEST_POSTGRES_URL or run Docker for testcontainers")
-    config = BenchConfig(patients=12, sites=2, concurrency=4, check_in_rate=40, results_dir=tmp_path, postgres=admin)
+    config = BenchConfig(
+        patients=12, sites=2, concurrency=4, check_in_rate=40, results_dir=tmp_path, postgres=admin,
+        replicas={"intake": 2},
+    )  # fmt: skip
     results = json.loads(main(config).read_text())
     assert results["config"]["database"] == "postgresql" and results["config"]["safety_process"] is True
+    assert results["config"]["replicas"] == {"intake": 2} and "intake-2" in results["processes"]
     counts = results["counts"]
     assert counts["check_ins_accepted"] == 12 and counts["welcomes_sent"] == 12
     assert counts["care_team_alerted"] >= counts["urgent_check_ins"] >= 1
