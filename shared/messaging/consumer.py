@@ -44,10 +44,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import nats.errors
-from faststream import Context
 from faststream._internal.broker.registrator import Registrator
 from faststream._internal.endpoint.subscriber.call_item import CallsCollection
 from faststream.middlewares import AckPolicy as FastStreamAckPolicy
@@ -85,6 +84,14 @@ SAFETY_WORK_BUDGET_DIVISOR = 5
 # class; the consumer dispatches by that class.
 Handler = Callable[[AsyncSession, Envelope, Any], Awaitable[None]]
 Outcome = Literal["applied", "duplicate", "not_handled"]
+
+
+class Delivered(NamedTuple):
+    """An event as its message brought it: the envelope and the message's headers (the
+    trace context, `_handling`)."""
+
+    envelope: Envelope
+    headers: dict[str, str]
 
 
 class HandlerError(Exception):
@@ -445,19 +452,27 @@ class Consumer:
         outcomes: list[Outcome] = response.body
         return outcomes
 
-    async def decode(self, message: NatsBatchMessage) -> list[Envelope]:
-        """The subscriber's decoder (a FastStream extension point): the envelopes, or
-        `Undecodable` with a reason that names no content. Each event's own fields are
-        parsed once, by the handler (`_event`)."""
+    async def decode(self, message: NatsBatchMessage) -> list[Delivered]:
+        """The subscriber's decoder (a FastStream extension point): the envelopes with
+        their messages' headers, or `Undecodable` with a reason that names no content.
+        Each event's own fields are parsed once, by the handler (`_event`).
+
+        The headers travel with the events rather than through a `Context()` parameter of
+        `apply`: FastDepends resolves such a field with a synchronous call it runs in a
+        worker thread (`run_async` -> `run_in_threadpool`), a thread hop per batch."""
         try:
-            return [Envelope.from_bytes(raw.data) for raw in message.raw_message]
+            return [
+                Delivered(Envelope.from_bytes(raw.data), headers)
+                for raw, headers in zip(message.raw_message, message.batch_headers, strict=True)
+            ]
         except ValidationError as exc:
             raise Undecodable(f"invalid event: {_summarize(exc)}") from None
 
-    async def apply(self, envelopes: list[Envelope], message: NatsBatchMessage = Context()) -> list[Outcome]:
+    async def apply(self, deliveries: list[Delivered]) -> list[Outcome]:
         """The subscriber's handler: the batch in one transaction, each event once (its
         inbox row), by its event class's handler. The consumer acks after the commit.
         The inbox is asked once for the batch and its rows written in one statement."""
+        envelopes = [delivered.envelope for delivered in deliveries]
         outcomes: list[Outcome] = []
         async with self._priority(envelopes), self.sessions() as session, session.begin():
             seen = await self.inbox.seen(session, envelopes)
@@ -467,7 +482,7 @@ class Consumer:
             # so a backlog went one event per turn, exactly when it most needed batches.
             started = time.monotonic()
             applied: list[dict[str, object]] = []
-            for position, (envelope, headers) in enumerate(zip(envelopes, message.batch_headers, strict=True)):
+            for position, (envelope, headers) in enumerate(deliveries):
                 if outcomes and self.subscription.lane != "safety":
                     # A turn of the event loop between two events: on SQLite a handler's reads
                     # and inserts run in the loop's own thread (shared/sqlite_driver.py), so a

@@ -4,11 +4,13 @@ dead-lettered after max_deliver while the next event still flows."""
 
 import asyncio
 import json
+import threading
 from collections import Counter
 from datetime import date
 from pathlib import Path
 from uuid import uuid4
 
+import anyio
 from sqlalchemy import MetaData
 from sqlalchemy import event as sqlalchemy_event
 
@@ -204,6 +206,43 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
         await close(broker)
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
+
+
+async def test_a_batch_reaches_its_handler_without_a_worker_thread(nats_server, inbox_db, monkeypatch) -> None:
+    """FastDepends resolves a `Context()` parameter with a synchronous call it runs in a
+    worker thread: the consumer's FastStream handler takes none (the headers come with the
+    decoded events), so a batch goes from the fetch to its commit in the event loop alone."""
+    inbox, sessions = inbox_db
+    hops: list[str] = []
+    to_worker_thread = anyio.to_thread.run_sync
+
+    async def counted(func, *args, **kwargs):  # a spy: the call still goes through
+        hops.append(getattr(func, "__qualname__", repr(func)))
+        return await to_worker_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", counted)
+    applied_in: set[int] = set()
+
+    async def handler(session, envelope, event) -> None:
+        applied_in.add(threading.get_ident())
+
+    await publish(nats_server.url, *(enrolled(f"p{index:02d}") for index in range(10)))
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("loop-only", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
+                        broker, batch=64)  # fmt: skip
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == 10
+
+        await eventually(all_applied, what="ten events applied")
+    finally:
+        await cancelled(task)
+        await close(broker)
+    assert consumer.stats.transactions < 10  # batches went through FastStream's pipeline
+    assert hops == []
+    assert applied_in == {threading.get_ident()}
 
 
 async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_server, inbox_db) -> None:
