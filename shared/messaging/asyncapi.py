@@ -18,7 +18,7 @@ from faststream.specification import AsyncAPI
 from pydantic import BaseModel
 
 from shared.contracts.events import Event
-from shared.messaging.consumer import Consumer
+from shared.messaging.consumer import Consumer, Delivered
 from shared.messaging.publishers import READABLE_BY_NOTIFICATIONS_ONLY, message_model
 
 if TYPE_CHECKING:
@@ -94,6 +94,9 @@ def _describe_consumer(document: dict[str, Any], consumer: Consumer) -> None:
             name = reference["$ref"].rsplit("/", 1)[-1].replace("%2A", "*")
             batch_payload = components["messages"][name]["payload"]["$ref"].rsplit("/", 1)[-1]
             components["schemas"].pop(batch_payload, None)
+            # What the consumer's decoder hands its handler (an envelope with its message's
+            # headers) is internal: the channel's message is the event, set just below.
+            components["schemas"].pop(Delivered.__name__, None)
             components["messages"][name]["payload"] = {"$ref": REF_TEMPLATE.format(model=model.__name__)}
             components["messages"][name]["name"] = event.__name__
 
