@@ -38,6 +38,20 @@ def enrolled(program_id: str):
     return new_envelope(event, site_id="columbus-east")
 
 
+async def run_until_applied(consumer: Consumer, count: int) -> None:
+    """Run the consumer until it has applied `count` events; then stop it and close its broker."""
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def all_applied() -> bool:
+            return consumer.stats.applied == count
+
+        await eventually(all_applied, what=f"{count} events applied")
+    finally:
+        await cancelled(task)
+        await close(consumer.broker)
+
+
 async def test_failing_handler_is_retried_then_dead_lettered(nats_server, inbox_db, tmp_path: Path) -> None:
     inbox, sessions = inbox_db
     attempts: Counter[str] = Counter()
@@ -194,16 +208,7 @@ async def test_a_backlog_is_applied_in_few_transactions_and_in_order(nats_server
     broker = await connected_broker(nats_server.url)
     consumer = Consumer("batcher", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
                         broker, batch=64)  # fmt: skip
-    task = asyncio.create_task(consumer.run())
-    try:
-
-        async def all_applied() -> bool:
-            return consumer.stats.applied == 20
-
-        await eventually(all_applied, what="twenty events applied")
-    finally:
-        await cancelled(task)
-        await close(broker)
+    await run_until_applied(consumer, 20)
     assert seen == [f"p{index:02d}" for index in range(20)]
     assert consumer.stats.transactions <= 3  # the first alone, the backlog batched
 
@@ -230,16 +235,7 @@ async def test_a_batch_reaches_its_handler_without_a_worker_thread(nats_server, 
     broker = await connected_broker(nats_server.url)
     consumer = Consumer("loop-only", Subscription("IOP_INTAKE", {PatientEnrolled: handler}), sessions, inbox,
                         broker, batch=64)  # fmt: skip
-    task = asyncio.create_task(consumer.run())
-    try:
-
-        async def all_applied() -> bool:
-            return consumer.stats.applied == 10
-
-        await eventually(all_applied, what="ten events applied")
-    finally:
-        await cancelled(task)
-        await close(broker)
+    await run_until_applied(consumer, 10)
     assert consumer.stats.transactions < 10  # batches went through FastStream's pipeline
     assert hops == []
     assert applied_in == {threading.get_ident()}
