@@ -290,6 +290,10 @@ def kept_for_this_transaction(session: AsyncSession, key: str, new: Callable[[],
     stores use it to take a lock or read a row once per transaction, however many events
     of a consumer's batch ask for it."""
     transaction = session.get_transaction()
+    if transaction is None:
+        # No transaction yet (the next statement begins one): nothing can be kept for it,
+        # or a read made now would be kept past the commit of the one it begins.
+        return new()
     kept = session.info.get(key)
     if kept is None or kept[0] is not transaction:
         kept = session.info[key] = (transaction, new())

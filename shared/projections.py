@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import Column, MetaData, String, Table, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.db import UtcDateTime, insert_row, select_by, update_by
+from shared.db import UtcDateTime, insert_row, kept_for_this_transaction, select_by, update_by
 
 
 class SiteDirectory:
@@ -26,13 +26,23 @@ class SiteDirectory:
 
     async def upsert(self, session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
         """Apply SiteRegistered: registration and every later change of name or timezone."""
+        self._read(session).pop(site_id, None)
         values = {"name": name, "timezone": timezone, "updated_at": datetime.now(UTC)}
         if await update_by(session, self.table, {"site_id": site_id}, **values) == 0:
             await insert_row(session, self.table, site_id=site_id, **values)
 
     async def get(self, session: AsyncSession, site_id: str) -> dict[str, Any] | None:
-        row = (await session.execute(select_by(self.table, "site_id"), {"site_id": site_id})).mappings().first()
-        return dict(row) if row else None
+        """The site, read once per transaction: every event of a consumer's batch asks for
+        its site, and a batch holds many events of few sites (`upsert` forgets it)."""
+        known = self._read(session)
+        if site_id not in known:
+            row = (await session.execute(select_by(self.table, "site_id"), {"site_id": site_id})).mappings().first()
+            known[site_id] = dict(row) if row else None
+        found = known[site_id]
+        return dict(found) if found is not None else None
+
+    def _read(self, session: AsyncSession) -> dict[str, dict[str, Any] | None]:
+        return kept_for_this_transaction(session, f"iopnet.{self.table.name}", dict[str, dict[str, Any] | None])
 
     async def list(self, session: AsyncSession, only: list[str] | None) -> list[dict[str, Any]]:
         query = select(self.table).order_by(self.table.c.site_id)

@@ -187,6 +187,28 @@ async def routine_transaction(sessions: async_sessionmaker[AsyncSession]) -> Non
         await session.execute(select(1))
 
 
+class Statements:
+    """The statements a session sends, by table read."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.sent: list[str] = []
+        self.session = session
+
+    async def __aenter__(self) -> "Statements":
+        self.connection = (await self.session.connection()).sync_connection
+        event.listen(self.connection, "before_cursor_execute", self._sent)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        event.remove(self.connection, "before_cursor_execute", self._sent)
+
+    def _sent(self, _connection: object, _cursor: object, statement: str, *_: object) -> None:
+        self.sent.append(" ".join(statement.split()))
+
+    def reads(self, table: str) -> int:
+        return sum(s.startswith("SELECT") and f"FROM {table} " in f"{s} " for s in self.sent)
+
+
 class Checkouts:
     """The names of the tasks that take a connection from `pool`, in order, once started."""
 

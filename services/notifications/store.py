@@ -701,18 +701,12 @@ async def patient_site(session: AsyncSession, patient_id: str) -> str | None:
 # --- sites and their settings ---------------------------------------------------------------
 
 
-async def upsert_site(session: AsyncSession, site_id: str, name: str, timezone: str) -> None:
-    _forget(session, "iopnet.sites", site_id)
-    await site_directory.upsert(session, site_id, name, timezone)
+upsert_site = site_directory.upsert
 
 
 async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
-    known = _read_once(session, "iopnet.sites")
-    if site_id not in known:
-        row = await site_directory.get(session, site_id)
-        known[site_id] = _as(SiteRow, row) if row is not None else None
-    found = known[site_id]
-    return cast(SiteRow, dict(found)) if found is not None else None
+    row = await site_directory.get(session, site_id)  # read once per transaction
+    return _as(SiteRow, row) if row is not None else None
 
 
 async def get_site_settings(session: AsyncSession, site_id: str) -> SiteSettingsRow | None:

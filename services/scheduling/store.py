@@ -35,7 +35,9 @@ from shared.db import (
     dialect_name,
     insert_if_absent,
     insert_row,
+    insert_row_returning,
     insert_rows,
+    kept_for_this_transaction,
     rows_changed,
     select_by,
     update_by,
@@ -342,8 +344,9 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str) -> Enrollmen
     return await _one(EnrollmentRow, session, select_by(enrollments, "enrollment_id"), enrollment_id=enrollment_id)
 
 
-async def add_enrollment(session: AsyncSession, **values: Any) -> None:
-    await insert_row(session, enrollments, created_at=clock.now(), **values)
+async def add_enrollment(session: AsyncSession, **values: Any) -> EnrollmentRow:
+    """The enrollment as stored (its own INSERT ... RETURNING: no read back)."""
+    return _typed(EnrollmentRow, await insert_row_returning(session, enrollments, created_at=clock.now(), **values))
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
@@ -380,11 +383,22 @@ async def site_enrollments(session: AsyncSession, site_id: str | None = None) ->
 
 
 async def add_program(session: AsyncSession, **values: Any) -> None:
+    _programs_read(session).pop(values["program_id"], None)
     await session.execute(insert(programs).values(published_at=clock.now(), **values))
 
 
 async def get_program(session: AsyncSession, program_id: str) -> ProgramRow | None:
-    return await _one(ProgramRow, session, select_by(programs, "program_id"), program_id=program_id)
+    """Read once per transaction: a consumer's batch of enrollments asks for few programs
+    (whoever writes one here forgets it)."""
+    known = _programs_read(session)
+    if program_id not in known:
+        known[program_id] = await _one(ProgramRow, session, select_by(programs, "program_id"), program_id=program_id)
+    found = known[program_id]
+    return cast(ProgramRow, dict(found)) if found is not None else None
+
+
+def _programs_read(session: AsyncSession) -> dict[str, ProgramRow | None]:
+    return kept_for_this_transaction(session, "iopnet.programs", dict[str, ProgramRow | None])
 
 
 async def list_programs(session: AsyncSession, site_id: str | None = None) -> list[ProgramRow]:
@@ -395,6 +409,7 @@ async def list_programs(session: AsyncSession, site_id: str | None = None) -> li
 
 
 async def set_materialized_until(session: AsyncSession, program_id: str, until: date) -> None:
+    _programs_read(session).pop(program_id, None)
     await update_by(session, programs, {"program_id": program_id}, materialized_until=until)
 
 

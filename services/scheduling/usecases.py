@@ -216,18 +216,16 @@ async def open_enrollment(session: AsyncSession, cause: Envelope, event: Patient
     enrollment_id = str(event.enrollment_id)
     enrollment = await store.get_enrollment(session, enrollment_id)
     if enrollment is None:
-        await _add_enrollment(session, cause, event)
-        enrollment = await store.get_enrollment(session, enrollment_id)
-        assert enrollment is not None
+        enrollment = await _add_enrollment(session, cause, event)
     await converge_bookings(session, enrollment, cause, now)
     return str(enrollment["status"])
 
 
-async def _add_enrollment(session: AsyncSession, cause: Envelope, event: PatientEnrolled) -> None:
+async def _add_enrollment(session: AsyncSession, cause: Envelope, event: PatientEnrolled) -> EnrollmentRow:
     end = _end_of(await store.get_end(session, str(event.enrollment_id)))
     program = await store.get_program(session, event.program_id)
     target = program["weekly_hours_target"] if program else domain.weekly_hours_target(event.cohort)
-    await store.add_enrollment(
+    return await store.add_enrollment(
         session,
         enrollment_id=str(event.enrollment_id),
         patient_id=str(event.patient_id),

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.notifications import store
 from shared.db import create_engine, migrate, session_factory
+from tests.conftest import Statements
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
 
@@ -22,28 +22,6 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
     await migrate(engine, store.MIGRATIONS)
     yield session_factory(engine)
     await engine.dispose()
-
-
-class Statements:
-    """The statements a session sends, by table read."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.sent: list[str] = []
-        self.session = session
-
-    async def __aenter__(self) -> "Statements":
-        self.connection = (await self.session.connection()).sync_connection
-        event.listen(self.connection, "before_cursor_execute", self._sent)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        event.remove(self.connection, "before_cursor_execute", self._sent)
-
-    def _sent(self, _connection: object, _cursor: object, statement: str, *_: object) -> None:
-        self.sent.append(" ".join(statement.split()))
-
-    def reads(self, table: str) -> int:
-        return sum(s.startswith("SELECT") and f"FROM {table} " in f"{s} " for s in self.sent)
 
 
 async def _contact(session: AsyncSession, patient_id: str, email: str, at: datetime) -> None:
@@ -200,3 +178,21 @@ async def test_episode_statuses_at_a_site_in_one_statement(sessions) -> None:
             assert sorted(await store.episode_statuses(session, "p-1", "north")) == ["active", "transferred"]
         assert len(statements.sent) == 1
         assert await store.episode_statuses(session, "p-1", "south") == ["active"]
+
+
+async def test_a_site_is_read_once_and_a_change_is_seen(sessions) -> None:
+    """The site projection (shared.projections.SiteDirectory, kept by notifications and
+    scheduling alike) is read once per transaction; SiteRegistered applied in it is seen."""
+    async with sessions.begin() as session:
+        await store.upsert_site(session, "north", "North", "America/New_York")
+    async with sessions.begin() as session:
+        async with Statements(session) as statements:
+            first = await store.get_site(session, "north")
+            assert first is not None and first["name"] == "North"
+            first["name"] = "changed by a caller"
+            again = await store.get_site(session, "north")
+        assert statements.reads("sites") == 1 and again is not None and again["name"] == "North"
+        await store.upsert_site(session, "north", "North Campus", "America/Chicago")
+        renamed = await store.get_site(session, "north")
+        assert renamed is not None and (renamed["name"], renamed["timezone"]) == ("North Campus", "America/Chicago")
+        assert await store.get_site(session, "south") is None

@@ -9,7 +9,15 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, event
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from shared.db import create_engine, insert_absent_rows, insert_row, select_by, update_by, update_rows_by
+from shared.db import (
+    create_engine,
+    insert_absent_rows,
+    insert_row,
+    kept_for_this_transaction,
+    select_by,
+    update_by,
+    update_rows_by,
+)
 
 metadata = MetaData()
 rooms = Table(
@@ -159,3 +167,18 @@ async def test_rows_are_changed_each_by_its_key_in_one_statement(sessions) -> No
         ]
         assert await rooms_of(session, "south") == [{"site_id": "south", "room": "a", "seats": 20, "note": None}]
         assert await rooms_of(session, "east") == []
+
+
+async def test_a_value_is_kept_for_a_transaction_and_not_past_it(sessions) -> None:
+    """`kept_for_this_transaction`: one value per transaction; before any transaction
+    begins nothing is kept, so a read kept then cannot outlive the commit that follows."""
+    async with sessions() as session:
+        kept_for_this_transaction(session, "seats", dict)["north"] = 12  # no transaction yet
+        assert kept_for_this_transaction(session, "seats", dict) == {}
+        await insert_row(session, rooms, site_id="north", room="a", seats=12)  # begins one
+        kept_for_this_transaction(session, "seats", dict)["north"] = 12
+        assert kept_for_this_transaction(session, "seats", dict) == {"north": 12}
+        await session.commit()
+        assert kept_for_this_transaction(session, "seats", dict) == {}
+        await update_by(session, rooms, {"site_id": "north", "room": "a"}, seats=14)
+        assert kept_for_this_transaction(session, "seats", dict) == {}
