@@ -174,6 +174,22 @@ async def check_in(
     return str(response.json()["check_in_id"])
 
 
+async def placed(bus: BusRecorder, patient_id: str) -> None:
+    """Scheduling has applied the patient's enrollment: its bookings (or waitlist places)
+    are on the bus. An event about the patient that occurs after their consent is the
+    consent's to feed, so what is to come before a consent must have happened first; on a
+    slow machine scheduling (routine work) may apply an enrollment seconds later."""
+    placement = re.compile(r"^iop\.scheduling\.(patient_booked|patient_waitlisted)\.")
+
+    async def seen() -> bool:
+        return any(
+            placement.match(m.subject) and json.loads(m.data)["data"].get("patient_id") == patient_id
+            for m in bus.messages
+        )
+
+    await eventually(seen, timeout=60, what="scheduling to place the enrollment")
+
+
 def site_a_events(bus: BusRecorder) -> set[str]:
     """Ground truth: the event ids of site-a on the public streams, as published."""
     public = re.compile(r"^iop\.(intake|scheduling|notifications)\.[a-z_]+\.site-a$")
@@ -318,6 +334,8 @@ async def test_a_consent_integration_gets_a_patients_events_only_from_their_cons
         before = await check_in(http, network, "site-a", patient)
         await check_in(http, network, "site-a", never)
         await feed.printed(r"^processed \S+ ProgramPublished$")  # context comes through
+        for someone in (patient, never):
+            await placed(bus, someone)  # their bookings occurred before the consent
 
         grant = {"recipient": "org:research-x", "purpose": "research", "information": "Check-ins",
                  "expires_on": "2099-01-01", "signed_at": datetime.now(UTC).isoformat()}  # fmt: skip
