@@ -23,7 +23,6 @@ import sqlite3
 from datetime import datetime
 
 import nats
-from nats.errors import TimeoutError as FetchTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -91,7 +90,10 @@ async def consume(sub: JetStreamContext.PullSubscription, db: sqlite3.Connection
     while not stop.is_set():
         try:
             messages = await sub.fetch(64, timeout=1)
-        except FetchTimeout:
+        except TimeoutError:
+            # Nothing came within the second. nats-py raises its own TimeoutError, or a
+            # plain asyncio one when the deadline runs out between its two pull requests:
+            # the built-in TimeoutError is the base of both.
             continue
         for msg in messages:
             event = json.loads(msg.data)

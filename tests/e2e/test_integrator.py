@@ -224,6 +224,7 @@ async def test_a_qsoa_integration_gets_its_sites_events_once_across_a_restart_an
         await second.printed(r"^ready: ")
 
         async def all_of_site_a() -> bool:
+            assert second.process.poll() is None, f"the subscriber exited:\n{second.log.read_text()}"
             have = {e["event_id"] for e in stored(tmp_path)}
             expected = site_a_events(bus)
             return have == expected and any(e["data"].get("check_in_id") == late_check_in for e in stored(tmp_path))
