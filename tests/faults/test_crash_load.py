@@ -515,6 +515,14 @@ def consumed(snap: Snapshot) -> dict[tuple[str, str, str], list[Stored]]:
     }
 
 
+def notifications_at_rest(notifications: list[dict[str, Any]]) -> bool:
+    """No message being sent or due: the dispatcher, which polls, has nothing to stage."""
+    now = datetime.now(UTC)
+    return not any(
+        row["status"] == "sending" or (row["status"] == "pending" and row["due_at"] <= now) for row in notifications
+    )
+
+
 async def settled(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Snapshot | None:
     """Nothing left to do: every outbox row published, every consumed event in its
     consumer's inbox, no message due or being sent."""
@@ -524,10 +532,8 @@ async def settled(network: LocalNetwork, engines: dict[str, AsyncEngine]) -> Sna
     for (service, _, _), events in consumed(snap).items():
         if any(e.event_id not in snap.inboxes[service] for e in events):
             return None
-    now = datetime.now(UTC)
-    for row in snap.notifications:
-        if row["status"] == "sending" or (row["status"] == "pending" and row["due_at"] <= now):
-            return None
+    if not notifications_at_rest(snap.notifications):
+        return None
     # The outbox is read before IOP_NOTIFICATIONS is counted: a row staged and relayed in
     # between makes the two differ, which is the network still at work, not at rest (one
     # that stays apart is judged by the verdict).
