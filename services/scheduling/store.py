@@ -4,7 +4,7 @@ alerts; plus outbox, inbox, audit and the operators' repairs."""
 
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, NotRequired, TypedDict, TypeVar, cast
+from typing import Any, NamedTuple, NotRequired, TypedDict, TypeVar, cast
 
 from sqlalchemy import (
     Column,
@@ -518,21 +518,38 @@ async def bookings_of(session: AsyncSession, enrollment_id: str, session_ids: li
     return {row["session_id"]: row for row in _rows(BookingRow, found)}
 
 
-_BOOKED_COUNTS = (
-    select(bookings.c.session_id, func.count())
-    .where(bookings.c.session_id.in_(bindparam("session_ids", expanding=True)), bookings.c.status == "booked")
-    .group_by(bookings.c.session_id)
-)
 _LAST_IN_LINE = (
     select(bookings.c.session_id, func.max(bookings.c.position))
     .where(bookings.c.session_id.in_(bindparam("session_ids", expanding=True)), bookings.c.status == "waitlisted")
     .group_by(bookings.c.session_id)
 )
+# Both an enrollment's placement needs, in one pass over the sessions' bookings.
+_SEATS = (
+    select(
+        bookings.c.session_id,
+        func.count().filter(bookings.c.status == "booked"),
+        func.max(bookings.c.position).filter(bookings.c.status == "waitlisted"),
+    )
+    .where(
+        bookings.c.session_id.in_(bindparam("session_ids", expanding=True)),
+        bookings.c.status.in_(("booked", "waitlisted")),
+    )
+    .group_by(bookings.c.session_id)
+)
 
 
-async def booked_counts(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:
-    found = await session.execute(_BOOKED_COUNTS, {"session_ids": session_ids})
-    return {str(session_id): int(count) for session_id, count in found.all()}
+class Seats(NamedTuple):
+    booked: int
+    last_in_line: int | None  # the last waitlist position taken, if any
+
+
+async def seats(session: AsyncSession, session_ids: list[str]) -> dict[str, Seats]:
+    """Each session's booked seats and the last place taken in its waitlist (sessions
+    with neither are absent)."""
+    found = await session.execute(_SEATS, {"session_ids": session_ids})
+    return {
+        str(session_id): Seats(int(booked), None if last is None else int(last)) for session_id, booked, last in found
+    }
 
 
 async def last_in_line(session: AsyncSession, session_ids: list[str]) -> dict[str, int]:

@@ -346,7 +346,7 @@ async def book_enrollment(
 ) -> int:
     """Book an enrollment into every future group session of its program. Set-based
     (issue 10: the enrollment wave's fan-out): the sessions are locked, and their seats,
-    waitlists and this enrollment's bookings read, in four queries for all of them; the
+    waitlists and this enrollment's bookings read, in three queries for all of them; the
     new bookings and their events are written in one multi-row INSERT each. Reading each
     full session's waitlist per enrollment made a wave quadratic."""
     site = await store.get_site(session, enrollment["site_id"])
@@ -363,13 +363,13 @@ async def book_enrollment(
         return 0
     locked = await store.lock_sessions(session, candidates)
     existing = await store.bookings_of(session, enrollment["enrollment_id"], candidates)
-    booked = await store.booked_counts(session, candidates)
-    last_in_line = await store.last_in_line(session, candidates)
+    taken = await store.seats(session, candidates)
     new_bookings: list[dict[str, Any]] = []
     events: list[Event] = []
     for session_id in candidates:
         target, held = locked.get(session_id), existing.get(session_id)
-        placement = _placement(target, held, booked.get(session_id, 0), last_in_line.get(session_id), waitlist=True)
+        seats = taken.get(session_id, store.Seats(0, None))
+        placement = _placement(target, held, seats.booked, seats.last_in_line, waitlist=True)
         if not placement.changed:
             continue
         assert target is not None  # _placement refuses a session that is gone

@@ -1,7 +1,8 @@
 """Scheduling applies a consumer's batch of enrollments with fewer reads (issue 10), on
 SQLite and PostgreSQL: the site and the program of a wave's enrollments are read once per
-transaction, a new enrollment is answered by its own INSERT (not read back), and what is
-stored and booked is what reading it again gives."""
+transaction, a new enrollment is answered by its own INSERT (not read back), the sessions'
+booked seats and waitlists are read together, and what is stored and booked is what
+reading it again gives."""
 
 from datetime import timedelta
 
@@ -26,6 +27,8 @@ async def test_a_batch_of_enrollments_reads_its_site_and_program_once(app, nats_
     assert statements.reads("programs") == 1
     # One read per event, to see whether it is new; none after the INSERT that made it.
     assert statements.reads("enrollments") == len(batch)
+    # Per enrollment: its own bookings, then the sessions' seats and waitlists in one pass.
+    assert statements.reads("bookings") == 2 * len(batch)
     assert statuses == [s["status"] for s in stored] == ["active"] * 3
     assert [s["program_id"] for s in stored] == [program_id] * 3
     assert all(count > 0 for count in booked), "each enrollment was booked (or waitlisted) from what it got back"
