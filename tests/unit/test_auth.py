@@ -5,6 +5,7 @@ from uuid import uuid4
 
 import jwt
 import pytest
+from pydantic import ValidationError
 
 from shared.auth import (
     ALGORITHM,
@@ -248,3 +249,64 @@ def test_ensure_site_raises_not_found_for_other_site():
 
 def test_ensure_site_lets_network_admin_through():
     assert ensure_site(Principal(sub="a", role="network_admin"), "dayton-north") is None
+
+
+# --- a verified token is kept while it lasts (issue 10) -------------------------------------
+
+
+@pytest.fixture
+def decodes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tokens PyJWT is asked to verify, from now on."""
+    seen: list[str] = []
+    real = jwt.decode
+
+    def spy(token, *args, **kwargs):
+        seen.append(token)
+        return real(token, *args, **kwargs)
+
+    monkeypatch.setattr("shared.auth.jwt.decode", spy)
+    return seen
+
+
+def test_a_token_is_verified_once_while_it_lasts(decodes: list[str]) -> None:
+    token = mint_token(SECRET, sub="kept-1", role="clinician", sites=["columbus-east"])
+    callers = [decode_token(SECRET, token) for _ in range(3)]
+    assert decodes == [token]
+    assert callers[0] == callers[2] == Principal(sub="kept-1", role="clinician", sites=["columbus-east"])
+
+
+def test_a_kept_token_is_refused_once_it_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = mint_token(SECRET, sub="kept-2", role="clinician", ttl_seconds=60)
+    assert decode_token(SECRET, token).sub == "kept-2"
+    later = datetime.now(UTC).timestamp() + 61
+    monkeypatch.setattr("shared.auth.time.time", lambda: later)
+    with pytest.raises(Unauthorized):
+        decode_token(SECRET, token)
+
+
+def test_a_kept_token_passes_only_the_check_it_passed() -> None:
+    token = mint_token(SECRET, sub="kept-3", role="clinician", ttl_seconds=3600)
+    assert decode_token(SECRET, token).sub == "kept-3"
+    checks = [
+        lambda: decode_token("another-secret-" + "o" * 32, token),
+        lambda: decode_token(SECRET, token, audience="someone-else"),
+        lambda: decode_token(SECRET, token, issuer="someone-else"),
+        lambda: decode_token(SECRET, token, max_ttl_seconds=60),
+    ]
+    for check in checks:
+        with pytest.raises(Unauthorized):
+            check()
+
+
+def test_an_invalid_token_is_checked_every_time(decodes: list[str]) -> None:
+    token = _encode(secret="another-secret-" + "o" * 32, sub="kept-4")
+    for _ in range(2):
+        with pytest.raises(Unauthorized):
+            decode_token(SECRET, token)
+    assert decodes == [token, token]
+
+
+def test_a_caller_cannot_be_changed_once_verified() -> None:
+    principal = decode_token(SECRET, mint_token(SECRET, sub="kept-5", role="clinician", sites=["columbus-east"]))
+    with pytest.raises(ValidationError):
+        principal.role = "network_admin"  # type: ignore[misc]
