@@ -12,6 +12,8 @@ signed with a shared key would let anyone holding the client secret mint staff t
 """
 
 import asyncio
+import collections
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,8 @@ ALGORITHMS = ["RS256", "RS384", "RS512", "ES256", "ES384", "PS256"]
 DISCOVERY_PATH = "/.well-known/openid-configuration"
 # Seconds of clock difference between the provider and a service that are forgiven.
 LEEWAY_SECONDS = 30
+# Signed-in people whose tokens are kept verified, per service process (a few hundred bytes each).
+KEPT_TOKENS = 4096
 
 
 @dataclass(frozen=True)
@@ -59,9 +63,16 @@ class OidcVerifier:
         self._jwks_url = jwks_url
         self._keys: jwt.PyJWKClient | None = None
         self._lock = asyncio.Lock()
+        # Tokens verified already, with their callers and expiry: every request of the
+        # console carries the same token, and its check costs a key lookup in a worker
+        # thread and an RSA verification (the shared-secret tokens are kept likewise,
+        # shared.auth.decode_token). Only tokens that passed are kept.
+        self._kept: collections.OrderedDict[str, tuple[Principal, int]] = collections.OrderedDict()
 
     def issued(self, token: str) -> bool:
         """Whether the token says it comes from this provider (not yet verified)."""
+        if token in self._kept:
+            return True
         try:
             claims = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
@@ -69,13 +80,32 @@ class OidcVerifier:
         return isinstance(claims.get("iss"), str) and claims["iss"].rstrip("/") == self.issuer
 
     async def principal(self, token: str) -> Principal:
+        if (kept := self._still_valid(token)) is not None:
+            return kept
         try:
             claims = self._verified(token, await self._candidate_keys(token))
         except (jwt.PyJWTError, httpx.HTTPError, KeyError, ValueError) as exc:
             raise Unauthorized("missing or invalid bearer token") from exc
         if int(claims["exp"]) - int(claims["iat"]) > self.max_ttl_seconds:
             raise Unauthorized("token lifetime exceeds the allowed maximum")
-        return self._map(claims)
+        principal = self._map(claims)
+        self._kept[token] = (principal, int(claims["exp"]))
+        while len(self._kept) > KEPT_TOKENS:
+            self._kept.popitem(last=False)
+        return principal
+
+    def _still_valid(self, token: str) -> Principal | None:
+        """The caller of a token verified before, unless it has expired since (with the
+        leeway PyJWT allowed it, against the clock PyJWT reads)."""
+        kept = self._kept.get(token)
+        if kept is None:
+            return None
+        principal, expires_at = kept
+        if expires_at <= time.time() - LEEWAY_SECONDS:
+            del self._kept[token]
+            return None
+        self._kept.move_to_end(token)
+        return principal
 
     def _map(self, claims: dict[str, Any]) -> Principal:
         """The provider's claims as iopnet's caller; a token without a known role is refused."""

@@ -6,12 +6,14 @@ working beside them."""
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
 
 from services.intake.app import create_app
 from shared.auth import mint_token
+from shared.oidc import LEEWAY_SECONDS, OidcVerifier
 from tests.conftest import auth, make_settings, running
 from tests.oidc import add_user, oidc_provider, sign_in
 
@@ -77,3 +79,27 @@ async def test_tokens_the_services_refuse(app, issuer: str, tmp_path: Path) -> N
             answer = await client.get("/programs", headers=bearer(token))
             assert answer.status_code == 401, answer.text
             assert answer.json()["error"]["code"] == "unauthorized"
+
+
+async def test_a_provider_token_is_verified_once_while_it_lasts(
+    app, issuer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    desk = (await sign_in(issuer, "dee.desk"))["id_token"]
+    verified: list[str] = []
+    real = OidcVerifier._verified
+
+    def spy(self: OidcVerifier, token: str, keys: list[jwt.PyJWK]) -> dict[str, Any]:
+        verified.append(token)
+        return real(self, token, keys)
+
+    monkeypatch.setattr(OidcVerifier, "_verified", spy)
+    async with running(app) as client:
+        answers = [(await client.get("/programs", headers=bearer(desk))).status_code for _ in range(3)]
+        assert answers == [200, 200, 200]
+        assert verified == [desk]  # the key lookup and RSA check once, not per request
+        # Once the token has expired, it is not vouched for any more: it is verified again
+        # (and refused then, by PyJWT's own clock, once the provider's expiry has passed).
+        expires_at = jwt.decode(desk, options={"verify_signature": False})["exp"]
+        monkeypatch.setattr("shared.oidc.time.time", lambda: expires_at + LEEWAY_SECONDS)
+        await client.get("/programs", headers=bearer(desk))
+    assert verified == [desk, desk]
