@@ -494,3 +494,47 @@ async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(
         await close(broker)
     [(subject, _, _)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.dlq-down.patient_enrolled.columbus-east"
+
+
+async def test_a_safety_batch_commits_its_pressing_events_before_the_others(nats_server, inbox_db) -> None:
+    """An urgent check-in fetched behind a wave of routine ones is committed (and its alert
+    sent on) first, in a transaction of its own with its patient's earlier events, in
+    order; the others follow in theirs, in order, each applied once."""
+    inbox, sessions = inbox_db
+    applying: list[str] = []
+    committed: list[list[str]] = []
+
+    @sqlalchemy_event.listens_for(sessions.kw["sync_session_class"], "after_commit")
+    def transaction_done(session) -> None:
+        if applying:
+            committed.append(list(applying))
+            applying.clear()
+
+    async def handler(session, envelope, event) -> None:
+        applying.append(event.program_id)
+
+    urgent_patient = uuid4()
+    backlog = [enrolled(f"p{index:02d}") for index in range(16)]
+    earlier = enrolled("same-patient-before")
+    earlier.data["patient_id"] = str(urgent_patient)
+    urgent = enrolled("urgent")
+    urgent.data["patient_id"] = str(urgent_patient)
+    backlog[6], backlog[12] = earlier, urgent
+    await publish(nats_server.url, *backlog)  # all waiting before the consumer starts
+    broker = await connected_broker(nats_server.url)
+    lane = Subscription("IOP_INTAKE", {PatientEnrolled: handler}, lane="safety",
+                        presses=lambda envelope: envelope.data["program_id"] == "urgent")  # fmt: skip
+    consumer = Consumer("safety-first", lane, sessions, inbox, broker, batch=64)
+    try:
+        await run_until_applied(consumer, 16)
+    finally:
+        sqlalchemy_event.remove(sessions.kw["sync_session_class"], "after_commit", transaction_done)
+    order = [e.data["program_id"] for e in backlog]
+    assert sorted(p for group in committed for p in group) == sorted(order)  # each once
+    pressing = next(group for group in committed if "urgent" in group)
+    assert pressing == ["same-patient-before", "urgent"], committed
+    # Every event fetched with it, ahead of it in the stream, committed after it.
+    ahead = {p for p in order[: order.index("urgent")] if p != "same-patient-before"}
+    fetched_with_it = committed[committed.index(pressing) + 1]
+    assert ahead - set(committed[0]) <= set(fetched_with_it), committed
+    assert [p for p in fetched_with_it] == [p for p in order if p in set(fetched_with_it)]  # in order
