@@ -40,7 +40,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -471,44 +471,7 @@ class Consumer:
     async def apply(self, deliveries: list[Delivered]) -> list[Outcome]:
         """The subscriber's handler: the batch in one transaction, each event once (its
         inbox row), by its event class's handler. The consumer acks after the commit.
-        The inbox is asked once for the batch and its rows written in one statement.
-
-        A safety-lane batch with pressing events behind others is two transactions: the
-        pressing events first (each patient's events among them, in order), then the rest.
-        The care team's alert is then committed, and leaves by the express lane, without
-        waiting for a whole wave of routine check-ins fetched with it (issue 10: in
-        batches of 60-130 during the benchmark's check-in wave, 0.2-0.3 s)."""
-        first, rest = self._pressing_first(deliveries)
-        if not first or not rest:
-            return await self._apply_together(deliveries, range(len(deliveries)))
-        # Should the second part fail, the batch goes one by one (`process_batch`), where
-        # the first part's events are found in the inbox and skipped (counted as duplicates).
-        outcomes: dict[int, Outcome] = {}
-        for part in (first, rest):
-            applied = await self._apply_together([deliveries[i] for i in part], part)
-            # The safety lane never stops a batch early (`_over_budget`, `_yield_to_safety`).
-            outcomes.update(zip(part, applied, strict=True))
-        return [outcomes[i] for i in range(len(deliveries))]
-
-    def _pressing_first(self, deliveries: list[Delivered]) -> tuple[list[int], list[int]]:
-        """The positions of a safety-lane batch's pressing events and of their patients'
-        other events, then the rest; both in the batch's order. Nothing to split (`([], all)`)
-        outside the safety lane, without `presses`, or when the pressing ones lead already."""
-        everything = list(range(len(deliveries)))
-        presses = self.subscription.presses
-        if self.subscription.lane != "safety" or presses is None:
-            return [], everything
-        pressing = [presses(d.envelope) for d in deliveries]
-        patients = {_patient(d.envelope) for d, urgent in zip(deliveries, pressing, strict=True) if urgent} - {None}
-        first = [i for i in everything if pressing[i] or _patient(deliveries[i].envelope) in patients]
-        if first == everything[: len(first)]:
-            return [], everything  # already at the front: one transaction, as any batch
-        taken = set(first)
-        return first, [i for i in everything if i not in taken]
-
-    async def _apply_together(self, deliveries: list[Delivered], positions: Sequence[int]) -> list[Outcome]:
-        """`deliveries` in one transaction; `positions`: theirs in the fetched batch (a
-        failure is counted against the message it names)."""
+        The inbox is asked once for the batch and its rows written in one statement."""
         envelopes = [delivered.envelope for delivered in deliveries]
         outcomes: list[Outcome] = []
         async with self._priority(envelopes), self.sessions() as session, session.begin():
@@ -528,7 +491,7 @@ class Consumer:
                     await asyncio.sleep(0)
                 if outcomes and (self._yield_to_safety() or self._over_budget(started)):
                     break  # committed so far; process_batch takes the rest next
-                self._position = positions[position]
+                self._position = position
                 outcome = await self._apply_one(session, envelope, headers, seen)
                 if outcome == "applied":
                     applied.append(self.inbox.row(envelope, self.durable))
@@ -982,11 +945,6 @@ async def _stop_deliveries(subscription: JetStreamContext.PullSubscription) -> l
     with contextlib.suppress(Exception):
         await subscription.unsubscribe()
     return left
-
-
-def _patient(envelope: Envelope) -> str | None:
-    patient = envelope.data.get("patient_id")
-    return str(patient) if patient is not None else None
 
 
 def _event(envelope: Envelope) -> Event:
