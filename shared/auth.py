@@ -96,9 +96,9 @@ def decode_token(
 
     A token verified once is not verified again while it lasts (issue 10: every request
     of a client carries the same token, and its check was 9% of a check-in's CPU at
-    intake, 130 us here). Only what passed is kept, under everything it was checked
-    against (the secret too), so a token is never accepted by a check it did not pass;
-    its expiry is still checked on every request, against the clock PyJWT uses."""
+    intake: 76 us here, 130 us under load). Only what passed is kept, under everything
+    it was checked against (the secret too), so a token is never accepted by a check it
+    did not pass; its expiry is still checked on every request, against PyJWT's clock."""
     principal, expires_at = _verified(secret, token, issuer, audience, max_ttl_seconds)
     if expires_at <= time.time():
         raise Unauthorized("missing or invalid bearer token")
