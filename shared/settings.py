@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     ack_wait_seconds: float = 10.0
     nak_delay_seconds: float = 1.0
     fetch_batch: int = 64
+    # How long a routine consumer's batch runs in one transaction before it commits and goes
+    # on in a new one (shared/messaging/consumer.py). Unset: ROUTINE_TRANSACTION_SECONDS
+    # for the service's database (shared/runtime.py).
+    routine_transaction_seconds: float | None = Field(default=None, gt=0, le=30)
     # Which of the service's consumer lanes this process reads. "all" by default; on
     # PostgreSQL, notifications' safety lane (check-ins, the care-team alerts) may get a
     # process of its own ("safety") beside the others ("routine"): it then never waits

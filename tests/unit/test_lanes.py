@@ -57,3 +57,22 @@ def test_iopnet_serve_refuses_a_split_on_sqlite_with_a_clear_message(tmp_path) -
     assert result.stderr.strip() == (
         "iopnet serve notifications: IOPNET_LANES=safety needs PostgreSQL: on SQLite one process reads every lane"
     )
+
+
+def _routine_budgets(settings: Settings) -> set[float]:
+    from services.scheduling.app import create_app
+
+    return {consumer.transaction_budget_seconds for consumer in create_app(settings).state.runtime.consumers}
+
+
+def test_a_routine_batch_commits_sooner_on_sqlite_than_on_postgresql(tmp_path) -> None:
+    """SQLite's one writer is what a check-in waits for: its routine transactions stay short.
+    On PostgreSQL nothing waits for them, and a longer one reads shared rows once for more
+    events. A setting overrides either."""
+    sqlite = Settings(data_dir=tmp_path)
+    postgres = Settings(data_dir=tmp_path, scheduling_database_url=POSTGRES.replace("notifications", "scheduling"))
+    assert _routine_budgets(sqlite) == {0.1}
+    assert _routine_budgets(postgres) == {0.5}
+    assert _routine_budgets(Settings(data_dir=tmp_path, routine_transaction_seconds=0.25)) == {0.25}
+    with pytest.raises(ValueError, match="routine_transaction_seconds"):
+        Settings(routine_transaction_seconds=0)
