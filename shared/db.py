@@ -273,6 +273,23 @@ async def lock_row(session: AsyncSession, table: Table, **key: Any) -> None:
     await session.execute(_lock_row(table), key)
 
 
+async def lock_rows(session: AsyncSession, table: Table, keys: Sequence[Mapping[str, Any]]) -> None:
+    """`lock_row` for several rows in one statement, in the order of their keys: two
+    transactions locking overlapping sets this way take them in the same order, so
+    neither can hold a row the other waits for while it waits for one the other holds."""
+    ordered = sorted({tuple(sorted(key.items())) for key in keys})
+    if not ordered:
+        return
+    for key in ordered:
+        if {name for name, _ in key} != set(table.primary_key.columns.keys()):
+            raise ValueError(f"a lock on {table.name} is taken by its whole primary key")
+    rows = [dict(key) for key in ordered]
+    if dialect_name(session) == "sqlite":
+        await session.execute(_insert_if_absent("sqlite", table, None), rows)
+        return
+    await session.execute(_lock_row(table), rows)
+
+
 @functools.cache
 def _lock_row(table: Table) -> Any:
     # One round trip, not an insert and a SELECT ... FOR UPDATE: ON CONFLICT DO UPDATE

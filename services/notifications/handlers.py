@@ -104,6 +104,7 @@ class Handlers:
                 {cls: self._wrap(handler) for cls, handler in handlers.items()},
                 optional=frozenset(cls for cls, handler in handlers.items() if handler == self.for_webhooks_only),
                 interest=usecases.webhook_interest,
+                read_ahead=usecases.read_batch_ahead,
             )
             for stream, handlers in streams.items()
         ]

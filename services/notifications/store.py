@@ -45,6 +45,7 @@ from shared.db import (
     insert_rows,
     kept_for_this_transaction,
     lock_row,
+    lock_rows,
     rows_changed,
     select_by,
     update_by,
@@ -550,15 +551,27 @@ async def _one(session: AsyncSession, kind: type[RowT], query: Any, **parameters
 
 async def lock_patient(session: AsyncSession, patient_id: str) -> None:
     """The patient's row lock, held until the transaction ends: taken once per transaction."""
-    locked = _for_this_transaction(session, "iopnet.locked_patients")
+    locked = _for_this_transaction(session, _LOCKED)
     if patient_id not in locked:
         await lock_row(session, patients, patient_id=patient_id)
         locked.add(patient_id)
 
 
+async def lock_patients(session: AsyncSession, patient_ids: Iterable[str]) -> None:
+    """Several patients' row locks in one statement (in id order), kept as `lock_patient`'s."""
+    locked = _for_this_transaction(session, _LOCKED)
+    missing = {patient_id for patient_id in patient_ids if patient_id not in locked}
+    await lock_rows(session, patients, [{"patient_id": patient_id} for patient_id in missing])
+    locked.update(missing)
+
+
+_LOCKED = "iopnet.locked_patients"
+
+
 # Read once per transaction (a consumer's batch brings a patient's events together: the
 # registration with the enrollment, a booking's siblings), dropped by whoever writes them.
 _CONTACTS, _CONSENTS, _ENROLLMENTS = "iopnet.contacts", "iopnet.patient_consents", "iopnet.patient_enrollments"
+_ENDS = "iopnet.patient_ends"
 
 
 async def upsert_contact(session: AsyncSession, patient_id: str, changed_at: datetime, **values: Any) -> None:
@@ -588,12 +601,20 @@ async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
     return added
 
 
-async def remember_end(session: AsyncSession, enrollment_id: str, **values: Any) -> bool:
+async def remember_end(session: AsyncSession, enrollment_id: str, *, patient_id: str, **values: Any) -> bool:
     """Record an episode's end; False if one was recorded before (the first one stays)."""
-    return await insert_if_absent(session, episode_ends, enrollment_id=enrollment_id, recorded_at=clock.now(), **values)
+    _forget(session, _ENDS, patient_id)
+    return await insert_if_absent(
+        session, episode_ends, enrollment_id=enrollment_id, patient_id=patient_id, recorded_at=clock.now(), **values
+    )
 
 
-async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
+async def get_end(session: AsyncSession, enrollment_id: str, patient_id: str | None = None) -> EpisodeEndRow | None:
+    """The end recorded for an enrollment (from its patient's ends if this transaction
+    read them ahead)."""
+    kept = _read_once(session, _ENDS).get(patient_id) if patient_id is not None else None
+    if kept is not None:
+        return next((cast(EpisodeEndRow, dict(end)) for end in kept if end["enrollment_id"] == enrollment_id), None)
     return await _one(session, EpisodeEndRow, select_by(episode_ends, "enrollment_id"), enrollment_id=enrollment_id)
 
 
@@ -610,10 +631,18 @@ _EPISODE_STATUSES = union_all(
 
 async def episode_statuses(session: AsyncSession, patient_id: str, site_id: str) -> list[str]:
     """The status of every episode of the patient known at the site: enrolled ones, and
-    ends whose enrollment has not arrived yet."""
-    found = await session.execute(_EPISODE_STATUSES, {"patient_id": patient_id, "site_id": site_id})
+    ends whose enrollment has not arrived yet. From the patient's ends and enrollments if
+    this transaction read them ahead, else in one statement."""
+    ends, enrolled = _read_once(session, _ENDS).get(patient_id), _read_once(session, _ENROLLMENTS).get(patient_id)
+    if ends is not None and enrolled is not None:
+        rows: Iterable[Mapping[Any, Any]] = [
+            *({**end, "enrolled": 0} for end in ends if end["site_id"] == site_id),
+            *({**episode, "enrolled": 1} for episode in enrolled if episode["site_id"] == site_id),
+        ]
+    else:
+        rows = (await session.execute(_EPISODE_STATUSES, {"patient_id": patient_id, "site_id": site_id})).mappings()
     statuses: dict[str, str] = {}
-    for row in found.mappings():
+    for row in rows:
         if row["enrolled"] or row["enrollment_id"] not in statuses:
             statuses[row["enrollment_id"]] = row["status"]  # the enrollment's status wins over its end's
     return list(statuses.values())
@@ -647,17 +676,23 @@ async def patient_enrollments(session: AsyncSession, patient_id: str) -> list[En
 
 
 async def read_patients_ahead(
-    session: AsyncSession, patient_ids: Iterable[str], *, enrollments_too: Iterable[str] = ()
+    session: AsyncSession,
+    patient_ids: Iterable[str],
+    *,
+    enrollments_too: Iterable[str] = (),
+    ends_too: Iterable[str] = (),
 ) -> None:
     """The contacts and consents of several patients (and the enrollments of
-    `enrollments_too`), one statement per table for all of them, kept as this
-    transaction's reads: a group of claimed messages is then prepared without a read per
-    message (`get_contact`, `patient_consents` and `patient_enrollments` find them)."""
+    `enrollments_too`, the episode ends of `ends_too`), one statement per table for all of
+    them, kept as this transaction's reads: a group of claimed messages, or a consumer's
+    batch, is then handled without a read per message (`get_contact`, `patient_consents`,
+    `patient_enrollments`, `get_end` and `episode_statuses` find them)."""
     await _read_ahead(session, _CONTACTS, contacts, ContactRow, patient_ids, single=True)
     await _read_ahead(session, _CONSENTS, consents, ConsentRow, patient_ids)
     await _read_ahead(
         session, _ENROLLMENTS, enrollments, EnrollmentRow, enrollments_too, order=enrollments.c.start_date
     )
+    await _read_ahead(session, _ENDS, episode_ends, EpisodeEndRow, ends_too)
 
 
 async def _read_ahead(
@@ -808,12 +843,27 @@ async def patient_consents(session: AsyncSession, patient_id: str) -> list[Conse
 
 
 async def upsert_session(session: AsyncSession, session_id: str, **values: Any) -> None:
+    _forget(session, _SESSIONS, session_id)
     if not await insert_if_absent(session, sessions, session_id=session_id, **values):
         await update_by(session, sessions, {"session_id": session_id}, **values)
 
 
 async def get_session(session: AsyncSession, session_id: str) -> SessionRow | None:
-    return await _one(session, SessionRow, select_by(sessions, "session_id"), session_id=session_id)
+    known = _read_once(session, _SESSIONS)
+    if session_id not in known:
+        known[session_id] = await _one(session, SessionRow, select_by(sessions, "session_id"), session_id=session_id)
+    found = known[session_id]
+    return cast(SessionRow, dict(found)) if found is not None else None
+
+
+_SESSIONS = "iopnet.sessions"
+
+
+async def read_sessions_ahead(session: AsyncSession, session_ids: Iterable[str]) -> None:
+    """Several sessions in one statement, kept as this transaction's reads (`get_session`
+    finds them). This service's sessions are written by the consumer of scheduling's
+    events only, which reads them ahead in the same transaction as it writes them."""
+    await _read_ahead_by_id(session, _SESSIONS, sessions, SessionRow, "session_id", session_ids)
 
 
 async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) -> BookingRow:
@@ -821,11 +871,40 @@ async def upsert_booking(session: AsyncSession, booking_id: str, **values: Any) 
     values["updated_at"] = clock.now()
     if not await insert_if_absent(session, bookings, booking_id=booking_id, **values):
         await update_by(session, bookings, {"booking_id": booking_id}, **values)
-    return cast(BookingRow, {"booking_id": booking_id, **values})
+    written = cast(BookingRow, {"booking_id": booking_id, **values})
+    _read_once(session, _BOOKINGS)[booking_id] = dict(written)
+    return written
 
 
 async def get_booking(session: AsyncSession, booking_id: str) -> BookingRow | None:
-    return await _one(session, BookingRow, select_by(bookings, "booking_id"), booking_id=booking_id)
+    known = _read_once(session, _BOOKINGS)
+    if booking_id not in known:
+        known[booking_id] = await _one(session, BookingRow, select_by(bookings, "booking_id"), booking_id=booking_id)
+    found = known[booking_id]
+    return cast(BookingRow, dict(found)) if found is not None else None
+
+
+async def read_bookings_ahead(session: AsyncSession, booking_ids: Iterable[str]) -> None:
+    """Several bookings in one statement, kept as this transaction's reads (`get_booking`
+    finds them; `upsert_booking` keeps what it writes). Read under their patients' locks:
+    whoever writes a booking holds its patient's."""
+    await _read_ahead_by_id(session, _BOOKINGS, bookings, BookingRow, "booking_id", booking_ids)
+
+
+async def _read_ahead_by_id(
+    session: AsyncSession, key: str, table: Table, kind: type[RowT], id_column: str, ids: Iterable[str]
+) -> None:
+    known = _read_once(session, key)
+    missing = sorted({row_id for row_id in ids if row_id not in known})
+    if len(missing) < 2:
+        return  # one row's own read costs the same
+    query = select(table).where(table.c[id_column].in_(missing))
+    found = {row[id_column]: row for row in (await session.execute(query)).mappings()}
+    for row_id in missing:
+        known[row_id] = _as(kind, found[row_id]) if row_id in found else None
+
+
+_BOOKINGS = "iopnet.bookings"
 
 
 async def patient_booking_for_session(session: AsyncSession, patient_id: str, session_id: str) -> BookingRow | None:

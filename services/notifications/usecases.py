@@ -551,6 +551,34 @@ async def plan_welcome(session: AsyncSession, policy: Policy, patient_id: str, n
     return queued
 
 
+async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> None:
+    """A routine batch's patients locked in one statement, in id order, before any of its
+    events is applied: two consumers' batches sharing patients (a contact and the
+    enrollment, on two streams) take them in the same order and never deadlock. Then,
+    under those locks, what the handlers read of them (contacts, consents, enrollments
+    and their ends) and the batch's bookings and sessions, one statement per table:
+    a batch of enrollments and bookings read a row per table per event before."""
+    patient_ids, booking_ids, session_ids = set(), set(), set()
+    for envelope in envelopes:
+        patient_ids.update(_ids(envelope, "patient_id"))
+        booking_ids.update(_ids(envelope, "booking_id"))
+        session_ids.update(_ids(envelope, "session_id"))
+    await store.lock_patients(session, patient_ids)
+    await store.read_patients_ahead(session, patient_ids, enrollments_too=patient_ids, ends_too=patient_ids)
+    await store.read_bookings_ahead(session, booking_ids)
+    await store.read_sessions_ahead(session, session_ids)
+
+
+def _ids(envelope: Envelope, field: str) -> list[str]:
+    """The id an event names in `field`, if it is one (an event that does not parse is
+    refused by its handler; the batch then goes one event at a time, without this)."""
+    value = envelope.data.get(field)
+    try:
+        return [str(UUID(value))] if isinstance(value, str) else []
+    except ValueError:
+        return []
+
+
 # --- episodes, sessions and bookings: events that may arrive out of order -------------------
 #
 # State-based, so that order and repetition do not matter: an end that arrives before
@@ -564,7 +592,7 @@ async def open_enrollment(
 ) -> int:
     """Project an enrollment (ended already if its end arrived first) and plan the
     welcome of every active episode. Returns how many messages were queued."""
-    end = _end_of(await store.get_end(session, str(event.enrollment_id)))
+    end = _end_of(await store.get_end(session, str(event.enrollment_id), str(event.patient_id)))
     discharged_on = end.ended_on if end is not None and end.status == "discharged" else None
     await store.add_enrollment(
         session,

@@ -20,6 +20,7 @@ from shared.contracts.events import PatientContactChanged, PatientEnrolled
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, HandlerError, Inbox, Subscription
 from shared.messaging.broker import close, jetstream
+from shared.messaging.consumer import Delivered
 from shared.messaging.streams import STREAMS, ensure_streams
 from shared.priority import PriorityGate
 from tests.conftest import applied_in_order, connected_broker, dead_letters, publish, publish_raw
@@ -270,6 +271,42 @@ async def test_a_slow_backlog_commits_in_bounded_transactions_and_in_order(nats_
     assert seen == [f"p{index:02d}" for index in range(12)]
     # 0.03 s each against a 0.05 s budget: at most two events per transaction.
     assert consumer.stats.transactions >= 6
+
+
+async def test_a_batch_is_read_ahead_once_in_its_transaction_before_its_handlers(nats_server, inbox_db) -> None:
+    """`Subscription.read_ahead` sees a batch's events to apply (not those applied before)
+    in their transaction, before any of their handlers; an event fetched alone goes
+    straight to its handler."""
+    inbox, sessions = inbox_db
+    calls: list[tuple[str, object]] = []
+
+    async def read_ahead(session, envelopes) -> None:
+        calls.append(("read ahead", (session.get_transaction(), [e.data["program_id"] for e in envelopes])))
+
+    async def handler(session, envelope, event) -> None:
+        calls.append((event.program_id, session.get_transaction()))
+
+    first, *backlog = [enrolled(f"p{index}") for index in range(4)]
+    subscription = Subscription("IOP_INTAKE", {PatientEnrolled: handler}, read_ahead=read_ahead)
+    broker = await connected_broker(nats_server.url)
+    consumer = Consumer("ahead", subscription, sessions, inbox, broker, batch=64)
+    await publish(nats_server.url, first)
+    task = asyncio.create_task(consumer.run())
+    try:
+
+        async def first_applied() -> bool:
+            return consumer.stats.applied == 1
+
+        await eventually(first_applied, what="the first event applied")
+        await consumer.apply([Delivered(first, None), *(Delivered(e, None) for e in backlog)])
+    finally:
+        await cancelled(task)
+        await close(broker)
+    assert calls[0] == ("p0", calls[0][1]), "an event alone is not read ahead"
+    (what, (transaction, ahead)), *handled = calls[1:]
+    assert (what, ahead) == ("read ahead", ["p1", "p2", "p3"]), "the batch less what it applied before"
+    assert [name for name, _ in handled] == ["p1", "p2", "p3"]
+    assert {t for _, t in handled} == {transaction}, "in the batch's own transaction"
 
 
 async def test_a_routine_batch_keeps_short_while_safety_work_waits(nats_server, inbox_db) -> None:

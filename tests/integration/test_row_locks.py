@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import Column, MetaData, String, Table, event, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iopnet.testing import eventually
-from shared.db import create_engine, lock_row, session_factory
+from shared.db import create_engine, lock_row, lock_rows, session_factory
 from tests.conftest import fresh_postgres_database
 
 pytestmark = pytest.mark.postgres
@@ -83,3 +84,47 @@ async def test_a_lock_takes_the_whole_key(engine: AsyncEngine) -> None:
     async with session_factory(engine).begin() as session:
         with pytest.raises(ValueError, match="whole primary key"):
             await lock_row(session, people, person="p-3")
+
+
+async def _locked(engine: AsyncEngine, person_id: str) -> bool:
+    """Whether another transaction holds the row's lock (a NOWAIT lock attempt fails)."""
+    async with engine.connect() as connection:
+        try:
+            query = text("SELECT person_id FROM people WHERE person_id = :id FOR UPDATE NOWAIT")
+            await connection.execute(query, {"id": person_id})
+        except DBAPIError as exc:  # asyncpg's LockNotAvailableError, wrapped by SQLAlchemy
+            if "could not obtain lock" not in str(exc):
+                raise
+            return True
+        finally:
+            await connection.rollback()
+        return False
+
+
+async def test_several_locks_are_taken_in_key_order_in_one_statement(engine: AsyncEngine) -> None:
+    """A consumer's batch locks its patients at once (lock_rows): in key order, whatever
+    order they come in, so two batches sharing rows wait for each other instead of each
+    holding a row the other waits for (a deadlock PostgreSQL breaks by failing one)."""
+    sessions = session_factory(engine)
+    async with sessions.begin() as session:
+        await lock_rows(session, people, [{"person_id": p} for p in ("p-1", "p-2", "p-3")])
+    statements: list[str] = []
+    async with sessions() as first:
+        await first.begin()
+        await lock_row(first, people, person_id="p-2")
+
+        async def batch() -> None:
+            async with sessions.begin() as session:
+                connection = (await session.connection()).sync_connection
+                assert connection is not None
+                event.listen(connection, "before_cursor_execute", lambda *args: statements.append(args[2]))
+                await lock_rows(session, people, [{"person_id": p} for p in ("p-3", "p-1", "p-2", "p-1")])
+
+        waiting = asyncio.create_task(batch())
+        await eventually(lambda: _waiting_for_a_lock(engine), timeout=10, what="the batch to wait for p-2")
+        # Waiting at p-2: it holds p-1, and has not taken p-3 (it comes after p-2).
+        assert await _locked(engine, "p-1")
+        assert not await _locked(engine, "p-3")
+        await first.commit()
+        await asyncio.wait_for(waiting, timeout=10)
+    assert len(statements) == 1 and statements[0].startswith("INSERT INTO people")
