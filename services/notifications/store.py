@@ -593,11 +593,16 @@ async def get_contact(session: AsyncSession, patient_id: str) -> ContactRow | No
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> bool:
-    """Project an enrollment unless it is known already (one statement); True if new."""
+    """Project an enrollment unless it is known already (one statement); True if new. A
+    new one joins its patient's enrollments if this transaction read them (the welcome
+    planned next reads them), in their order; written in part, they are read again."""
     values.setdefault("status", "active")
     added = await insert_if_absent(session, enrollments, **values)
     if added:
-        _read_once(session, _ENROLLMENTS).clear()
+        known = _read_once(session, _ENROLLMENTS)
+        kept = known.pop(values["patient_id"], None)
+        if kept is not None and set(values) == set(enrollments.c.keys()):
+            known[values["patient_id"]] = sorted([*kept, _as(EnrollmentRow, values)], key=lambda e: e["start_date"])
     return added
 
 
@@ -1034,13 +1039,26 @@ async def subscribers(session: AsyncSession, site_id: str, event_type: str) -> l
     site instead of one per event. A subscription that commits meanwhile starts after
     this batch, as if it had committed after it; sites with subscriptions are read each
     time (a deactivation must stop their deliveries at once)."""
-    unsubscribed = _for_this_transaction(session, "iopnet.unsubscribed_sites")
+    unsubscribed = _for_this_transaction(session, _UNSUBSCRIBED)
     if site_id in unsubscribed:
         return []
     found = await list_subscriptions(session, [site_id])
     if not found:
         unsubscribed.add(site_id)
     return [s for s in found if event_type in s["event_types"]]
+
+
+_UNSUBSCRIBED = "iopnet.unsubscribed_sites"
+
+
+async def read_subscribers_ahead(session: AsyncSession, site_ids: Iterable[str]) -> None:
+    """Which of several sites have no subscription, in one statement: `subscribers` then
+    answers for them without one, for the rest of the transaction."""
+    unsubscribed = _for_this_transaction(session, _UNSUBSCRIBED)
+    missing = sorted({site_id for site_id in site_ids if site_id not in unsubscribed})
+    if len(missing) < 2:
+        return  # one site's own read costs the same
+    unsubscribed.update(set(missing) - {s["site_id"] for s in await list_subscriptions(session, missing)})
 
 
 def _for_this_transaction(session: AsyncSession, key: str) -> set[str]:

@@ -556,8 +556,9 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     events is applied: two consumers' batches sharing patients (a contact and the
     enrollment, on two streams) take them in the same order and never deadlock. Then,
     under those locks, what the handlers read of them (contacts, consents, enrollments
-    and their ends) and the batch's bookings and sessions, one statement per table:
-    a batch of enrollments and bookings read a row per table per event before."""
+    and their ends), the batch's bookings and sessions, and which of its sites have no
+    webhook subscription, one statement per table: a batch of enrollments and bookings
+    read a row per table per event before."""
     patient_ids, booking_ids, session_ids = set(), set(), set()
     for envelope in envelopes:
         patient_ids.update(_ids(envelope, "patient_id"))
@@ -567,6 +568,7 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     await store.read_patients_ahead(session, patient_ids, enrollments_too=patient_ids, ends_too=patient_ids)
     await store.read_bookings_ahead(session, booking_ids)
     await store.read_sessions_ahead(session, session_ids)
+    await store.read_subscribers_ahead(session, {envelope.site_id for envelope in envelopes})
 
 
 def _ids(envelope: Envelope, field: str) -> list[str]:

@@ -17,7 +17,7 @@ from shared.contracts import Envelope
 from shared.messaging import Subscription
 from shared.settings import Settings
 from tests.conftest import Statements, make_settings, running
-from tests.integration.test_notifications_delivery import Patient, onboard, register_site, rows
+from tests.integration.test_notifications_delivery import Patient, onboard, publish_and_settle, register_site, rows
 
 
 @pytest.fixture
@@ -25,9 +25,10 @@ def app(nats_server, database_url: str, tmp_path: Path):
     return create_app(make_settings(nats_server.url, tmp_path, notifications_database_url=database_url))
 
 
-def scheduling_lane() -> Subscription:
+def lane(stream: str) -> Subscription:
+    """The routine subscription of the stream, as the service builds it."""
     subscriptions = Handlers(usecases.Policy.from_settings(Settings())).subscriptions()
-    return next(s for s in subscriptions if s.stream == "IOP_SCHEDULING")
+    return next(s for s in subscriptions if s.stream == stream and s.lane is None)
 
 
 async def apply(app, lane: Subscription, envelopes: list[Envelope], *, read_ahead: bool) -> Statements:
@@ -56,7 +57,7 @@ async def reminders(app, booked: Envelope) -> list[tuple[str, str]]:
 async def test_a_batch_of_bookings_reads_each_table_once(app, nats_server) -> None:
     starts = (datetime.now(UTC) + timedelta(days=3)).replace(microsecond=0)
     sessions = [(uuid4(), starts + timedelta(days=day)) for day in range(3)]
-    lane = scheduling_lane()
+    scheduling = lane("IOP_SCHEDULING")
     async with running(app):
         await register_site(app, nats_server.url)
         patients = [Patient() for _ in range(4)]
@@ -64,10 +65,10 @@ async def test_a_batch_of_bookings_reads_each_table_once(app, nats_server) -> No
             await onboard(app, nats_server.url, patient)
         *batched, alone = patients
         batch = [p.booked(at, session_id=s) for p in batched for s, at in sessions]
-        statements = await apply(app, lane, batch, read_ahead=True)
+        statements = await apply(app, scheduling, batch, read_ahead=True)
         one_by_one = [alone.booked(at, session_id=s) for s, at in sessions]
         for booked in one_by_one:
-            await apply(app, lane, [booked], read_ahead=False)
+            await apply(app, scheduling, [booked], read_ahead=False)
         planned = [await reminders(app, booked) for booked in batch]
         control = [await reminders(app, booked) for booked in one_by_one]
     # Nine bookings of three patients: a read per table for the batch, not per booking.
@@ -76,3 +77,25 @@ async def test_a_batch_of_bookings_reads_each_table_once(app, nats_server) -> No
     assert locks(statements) == 1
     assert all(planned), "every booking got its reminders"
     assert planned == control * len(batched), "the same reminders as one event at a time"
+
+
+async def test_a_batch_of_enrollments_at_several_sites_reads_each_table_once(app, nats_server) -> None:
+    """Enrollments whose contacts are known: each plans its welcome from the enrollments
+    read ahead (a new one joins them, not read again), and the sites without a webhook
+    subscription are found in one statement."""
+    intake = lane("IOP_INTAKE")
+    async with running(app):
+        for site in ("north", "south"):
+            await register_site(app, nats_server.url, site)
+        patients = [Patient(site_id=site) for site in ("north", "south", "north", "south")]
+        for patient in patients:
+            await publish_and_settle(app, nats_server.url, patient.contact, patient.consent)
+        *batched, alone = patients
+        statements = await apply(app, intake, [p.enrolled for p in batched], read_ahead=True)
+        await apply(app, intake, [alone.enrolled], read_ahead=False)
+        welcomes = [await rows(app, patient_id=p.id, template="welcome") for p in patients]
+    for table in ("enrollments", "episode_ends", "contacts", "consents", "subscriptions"):
+        assert statements.reads(table) == 1, table
+    assert locks(statements) == 1
+    assert [len(found) for found in welcomes] == [1] * len(patients)
+    assert {found[0]["status"] for found in welcomes} == {"pending"}
