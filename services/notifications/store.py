@@ -750,20 +750,39 @@ async def get_site(session: AsyncSession, site_id: str) -> SiteRow | None:
 
 
 async def get_site_settings(session: AsyncSession, site_id: str) -> SiteSettingsRow | None:
-    known = _read_once(session, "iopnet.site_settings")
+    known = _read_once(session, _SITE_SETTINGS)
     if site_id not in known:
         row = (await session.execute(select_by(site_settings, "site_id"), {"site_id": site_id})).mappings().first()
-        known[site_id] = None
-        if row is not None:
-            offsets = row["reminder_offsets"]
-            parsed = {**row, "reminder_offsets": json.loads(offsets) if offsets is not None else None}
-            known[site_id] = _as(SiteSettingsRow, parsed)
+        known[site_id] = _site_settings(row) if row is not None else None
     found = known[site_id]
     return cast(SiteSettingsRow, dict(found)) if found is not None else None
 
 
+async def read_sites_ahead(session: AsyncSession, site_ids: Iterable[str]) -> None:
+    """Several sites and their settings, one statement each, kept as `get_site` and
+    `get_site_settings` keep them (a batch's messages are planned or sent by site rules)."""
+    ids = set(site_ids)
+    await site_directory.read_ahead(session, ids)
+    known = _read_once(session, _SITE_SETTINGS)
+    missing = sorted(site_id for site_id in ids if site_id not in known)
+    if len(missing) < 2:
+        return
+    query = select(site_settings).where(site_settings.c.site_id.in_(missing))
+    found = {row["site_id"]: _site_settings(row) for row in (await session.execute(query)).mappings()}
+    for site_id in missing:
+        known[site_id] = found.get(site_id)
+
+
+def _site_settings(row: Mapping[Any, Any]) -> SiteSettingsRow:
+    offsets = row["reminder_offsets"]
+    return _as(SiteSettingsRow, {**row, "reminder_offsets": json.loads(offsets) if offsets is not None else None})
+
+
+_SITE_SETTINGS = "iopnet.site_settings"
+
+
 async def put_site_settings(session: AsyncSession, site_id: str, updated_by: str, **values: Any) -> None:
-    _forget(session, "iopnet.site_settings", site_id)
+    _forget(session, _SITE_SETTINGS, site_id)
     if values.get("reminder_offsets") is not None:
         values["reminder_offsets"] = json.dumps(values["reminder_offsets"])
     values.update(updated_at=clock.now(), updated_by=updated_by)

@@ -556,8 +556,8 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     events is applied: two consumers' batches sharing patients (a contact and the
     enrollment, on two streams) take them in the same order and never deadlock. Then,
     under those locks, what the handlers read of them (contacts, consents, enrollments
-    and their ends), the batch's bookings and sessions, and which of its sites have no
-    webhook subscription, one statement per table: a batch of enrollments and bookings
+    and their ends), the batch's bookings and sessions, its sites and their settings, and
+    which of them have no webhook subscription, one statement per table: a batch of enrollments and bookings
     read a row per table per event before."""
     patient_ids, booking_ids, session_ids = set(), set(), set()
     for envelope in envelopes:
@@ -568,7 +568,9 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     await store.read_patients_ahead(session, patient_ids, enrollments_too=patient_ids, ends_too=patient_ids)
     await store.read_bookings_ahead(session, booking_ids)
     await store.read_sessions_ahead(session, session_ids)
-    await store.read_subscribers_ahead(session, {envelope.site_id for envelope in envelopes})
+    sites = {envelope.site_id for envelope in envelopes}
+    await store.read_sites_ahead(session, sites)
+    await store.read_subscribers_ahead(session, sites)
 
 
 def _ids(envelope: Envelope, field: str) -> list[str]:
@@ -965,6 +967,7 @@ async def read_ahead(session: AsyncSession, rows: Sequence[store.NotificationRow
     patients = [row["patient_id"] for row in rows if row["recipient_kind"] == "patient" and row["patient_id"]]
     welcomed = [row["patient_id"] for row in rows if row["template"] == "welcome" and row["patient_id"]]
     await store.read_patients_ahead(session, patients, enrollments_too=welcomed)
+    await store.read_sites_ahead(session, {row["site_id"] for row in rows})
 
 
 async def prepare(session: AsyncSession, policy: Policy, row: store.NotificationRow, now: datetime) -> Ready | Settle:

@@ -94,7 +94,7 @@ async def test_a_batch_of_enrollments_at_several_sites_reads_each_table_once(app
         statements = await apply(app, intake, [p.enrolled for p in batched], read_ahead=True)
         await apply(app, intake, [alone.enrolled], read_ahead=False)
         welcomes = [await rows(app, patient_id=p.id, template="welcome") for p in patients]
-    for table in ("enrollments", "episode_ends", "contacts", "consents", "subscriptions"):
+    for table in ("enrollments", "episode_ends", "contacts", "consents", "subscriptions", "sites", "site_settings"):
         assert statements.reads(table) == 1, table
     assert locks(statements) == 1
     assert [len(found) for found in welcomes] == [1] * len(patients)

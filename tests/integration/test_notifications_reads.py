@@ -196,3 +196,30 @@ async def test_a_site_is_read_once_and_a_change_is_seen(sessions) -> None:
         renamed = await store.get_site(session, "north")
         assert renamed is not None and (renamed["name"], renamed["timezone"]) == ("North Campus", "America/Chicago")
         assert await store.get_site(session, "south") is None
+
+
+async def test_sites_read_ahead_are_read_once_for_all_and_as_read_one_by_one(sessions) -> None:
+    """A batch's (or a dispatcher round's) sites and their settings, one statement each;
+    each site's rows are then what a read of it alone finds, with no read more."""
+    async with sessions.begin() as session:
+        for site_id in ("north", "south"):
+            await store.upsert_site(session, site_id, site_id.title(), "America/New_York")
+        await store.put_site_settings(session, "north", "staff-1", reminder_offsets=[1440, 60], quiet_start="21:00")
+    sites = ["north", "south", "east"]
+
+    async def everything(session: AsyncSession) -> list[object]:
+        return [
+            [await store.get_site(session, s) for s in sites],
+            [await store.get_site_settings(session, s) for s in sites],
+        ]
+
+    async with sessions.begin() as session:
+        one_by_one = await everything(session)
+    async with sessions.begin() as session, Statements(session) as statements:
+        await store.read_sites_ahead(session, sites)
+        assert len(statements.sent) == 2
+        ahead = await everything(session)
+        assert len(statements.sent) == 2
+    assert ahead == one_by_one
+    assert one_by_one[1][0] is not None and one_by_one[1][0]["reminder_offsets"] == [1440, 60]
+    assert one_by_one[0][2] is None and one_by_one[1][1] is None
