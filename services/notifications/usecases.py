@@ -557,8 +557,8 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     enrollment, on two streams) take them in the same order and never deadlock. Then,
     under those locks, what the handlers read of them (contacts, consents, enrollments
     and their ends), the batch's bookings and sessions, its sites and their settings, and
-    which of them have no webhook subscription, one statement per table: a batch of enrollments and bookings
-    read a row per table per event before."""
+    which of them have no webhook subscription, one statement per table: a batch of
+    enrollments and bookings read a row per table per event before."""
     patient_ids, booking_ids, session_ids = set(), set(), set()
     for envelope in envelopes:
         patient_ids.update(_ids(envelope, "patient_id"))
