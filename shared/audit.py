@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared import clock
 from shared.auth import Principal
-from shared.db import UtcDateTime, insert_row, insert_rows
+from shared.db import UtcDateTime, insert_at_commit
 
 
 def audit_table(metadata: MetaData) -> Table:
@@ -30,7 +30,9 @@ def audit_table(metadata: MetaData) -> Table:
 
 class AuditTrail:
     """Writes audit rows to one service's audit table, each in the caller's transaction
-    (it commits with the change, or with the refusal it records)."""
+    (it commits with the change, or with the refusal it records). Nothing reads a row back
+    in the transaction that writes it, so they are written as it commits
+    (`shared.db.insert_at_commit`)."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
@@ -43,11 +45,11 @@ class AuditTrail:
         site_id: str,
         patient_id: UUID | str | None,
     ) -> None:
-        await insert_row(session, self.table, **self.row(principal, action, site_id, patient_id))
+        await insert_at_commit(session, self.table, [self.row(principal, action, site_id, patient_id)])
 
     async def many(self, session: AsyncSession, rows: list[dict[str, object]]) -> None:
         """Several rows (built with `row`) in one multi-row INSERT."""
-        await insert_rows(session, self.table, rows)
+        await insert_at_commit(session, self.table, rows)
 
     @staticmethod
     def row(principal: Principal, action: str, site_id: str, patient_id: UUID | str | None) -> dict[str, object]:

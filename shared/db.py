@@ -317,10 +317,74 @@ def kept_for_this_transaction(session: AsyncSession, key: str, new: Callable[[],
     return cast(T, kept[1])
 
 
+_AT_COMMIT = "iopnet.rows_at_commit"
+# Rows written together in one statement on PostgreSQL, per table. A statement's text
+# depends on its row counts, and each new text costs asyncpg a round trip to prepare it:
+# larger groups (a consumer's batch) keep their own multi-row INSERT, whose text is fixed.
+_JOINED_ROWS = 4
+
+
+async def insert_at_commit(session: AsyncSession, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT `rows` into `table` as the transaction commits, not now: for rows nothing
+    reads back in the transaction that writes them (audit rows, events staged in the
+    outbox). A rollback drops them with the rest. On PostgreSQL the small groups of
+    several tables go in one statement just before the COMMIT (data-modifying CTEs): a
+    request that writes its record, an event and an audit row saves a round trip per
+    table. A session not made by `session_factory` (it has no commit hook), or one with no
+    transaction begun yet, inserts at once."""
+    if not rows:
+        return
+    for row in rows:
+        _known_columns(table, row)
+    sync = session.sync_session
+    current = sync.get_transaction()
+    if current is None or not getattr(sync, "writes_at_commit", False):
+        await insert_rows(session, table, rows)
+        return
+    kept: tuple[object, list[tuple[Table, list[dict[str, Any]]]]] | None = sync.info.get(_AT_COMMIT)
+    if kept is None or kept[0] is not current:
+        kept = sync.info[_AT_COMMIT] = (current, [])
+    kept[1].append((table, [dict(row) for row in rows]))
+
+
+def _write_rows_at_commit(session: Session) -> None:
+    # A `before_commit` hook: it runs in the greenlet of the AsyncSession's commit, so
+    # its statements are awaited like any other (SQLAlchemy's own flush runs there too).
+    kept = session.info.pop(_AT_COMMIT, None)
+    if kept is None or kept[0] is not session.get_transaction():
+        return  # nothing staged, or staged in a transaction that was rolled back
+    for statement, parameters in _statements_at_commit(session.get_bind().dialect.name, kept[1]):
+        session.execute(statement, parameters)
+
+
+def _statements_at_commit(dialect: str, staged: list[tuple[Table, list[dict[str, Any]]]]) -> Iterable[tuple[Any, Any]]:
+    """The INSERTs of what a transaction staged: each table's rows in the order staged;
+    on PostgreSQL the small groups of several tables joined in one statement."""
+    groups: dict[tuple[Table, tuple[str, ...]], list[dict[str, Any]]] = {}
+    for table, rows in staged:
+        for row in rows:
+            groups.setdefault((table, tuple(row)), []).append(row)
+    joined: list[tuple[Table, list[dict[str, Any]]]] = []
+    for (table, _), rows in groups.items():
+        if dialect == "postgresql" and len(rows) <= _JOINED_ROWS and all(t is not table for t, _ in joined):
+            joined.append((table, rows))
+        else:
+            yield _insert_into(table), rows
+    if len(joined) == 1:
+        yield _insert_into(joined[0][0]), joined[0][1]
+    elif joined:
+        (main, main_rows), *others = joined
+        statement = insert(main).values(main_rows)
+        for number, (table, rows) in enumerate(others):
+            statement = statement.add_cte(insert(table).values(rows).cte(f"at_commit_{number}"))
+        yield statement, None
+
+
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    # A session class of its own per factory, so commit hooks (the outbox wake-up)
-    # attach to this service's sessions only.
-    sync_class = type("ServiceSession", (Session,), {})
+    # A session class of its own per factory, so commit hooks (the outbox wake-up, the
+    # rows written at commit) attach to this service's sessions only.
+    sync_class = type("ServiceSession", (Session,), {"writes_at_commit": True})
+    event.listen(sync_class, "before_commit", _write_rows_at_commit)
     return async_sessionmaker(engine, expire_on_commit=False, sync_session_class=sync_class)
 
 

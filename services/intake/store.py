@@ -37,6 +37,7 @@ from shared.audit import AuditTrail, audit_table
 from shared.db import (
     UtcDateTime,
     dialect_name,
+    insert_at_commit,
     insert_if_absent,
     insert_row,
     insert_row_returning,
@@ -508,15 +509,10 @@ async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[st
     return {r["patient_id"]: _as(PatientRow, r) for r in found.mappings()}
 
 
-_MRN = select(patients.c.mrn).where(patients.c.mrn == bindparam("mrn"))
-
-
-async def mrn_taken(session: AsyncSession, mrn: str) -> bool:
-    return (await session.execute(_MRN, {"mrn": mrn})).first() is not None
-
-
-async def add_patient(session: AsyncSession, **values: Any) -> None:
-    await insert_row(session, patients, created_at=clock.now(), **values)
+async def add_patient(session: AsyncSession, **values: Any) -> bool:
+    """A new patient; False, and nothing written, if their MRN is taken already (the
+    unique index decides, in the same statement: no read before)."""
+    return await insert_if_absent(session, patients, conflict=["mrn"], created_at=clock.now(), **values)
 
 
 _OPEN_COUNT = (
@@ -577,13 +573,22 @@ async def update_patient(session: AsyncSession, patient_id: str, **values: Any) 
     await update_by(session, patients, {"patient_id": patient_id}, updated_at=clock.now(), **values)
 
 
-async def lock_identity(session: AsyncSession, name_key: str, birth_date: date) -> None:
-    """Serialize registrations of one identity (folded name + birth date) for the rest of
-    the transaction, so two desks registering the same person at once cannot both pass
-    the duplicate check. PostgreSQL: an advisory lock; SQLite already serializes writers."""
-    if dialect_name(session) == "postgresql":
-        key = f"identity:{name_key}:{birth_date.isoformat()}"
-        await session.execute(select(func.pg_advisory_xact_lock(func.hashtext(key))))
+_SITE_LOCKING_IDENTITY = select(sites, func.pg_advisory_xact_lock(func.hashtext(bindparam("identity")))).where(
+    sites.c.site_id == bindparam("site_id")
+)
+
+
+async def site_locking_identity(session: AsyncSession, site_id: str, name_key: str, birth_date: date) -> bool:
+    """Whether the site exists; if it does, registrations of one identity (folded name +
+    birth date) are serialized for the rest of the transaction, so two desks registering
+    the same person at once cannot both pass the duplicate check. PostgreSQL: an advisory
+    lock, taken in the statement that finds the site (a round trip fewer per
+    registration); SQLite already serializes writers."""
+    if dialect_name(session) != "postgresql":
+        return await get_site(session, site_id) is not None
+    identity = f"identity:{name_key}:{birth_date.isoformat()}"
+    found = await session.execute(_SITE_LOCKING_IDENTITY, {"site_id": site_id, "identity": identity})
+    return found.first() is not None
 
 
 async def find_identities(session: AsyncSession, name_key: str, birth_date: date, limit: int = 20) -> list[PatientRow]:
@@ -651,10 +656,16 @@ async def update_enrollment(session: AsyncSession, enrollment_id: str, **values:
     await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
-async def add_history(session: AsyncSession, enrollment_id: str, kind: str, actor: str, **values: Any) -> None:
-    await insert_row(
-        session, enrollment_history, enrollment_id=enrollment_id, kind=kind, actor=actor, at=clock.now(), **values
-    )
+async def add_history(
+    session: AsyncSession, enrollment_id: str, kind: str, actor: str, *, at_commit: bool = False, **values: Any
+) -> None:
+    """One entry of an episode's history; `at_commit`: written as the transaction commits
+    (`shared.db.insert_at_commit`), for a caller that does not read the history back in it."""
+    row = {"enrollment_id": enrollment_id, "kind": kind, "actor": actor, "at": clock.now(), **values}
+    if at_commit:
+        await insert_at_commit(session, enrollment_history, [row])
+    else:
+        await insert_row(session, enrollment_history, **row)
 
 
 async def history(session: AsyncSession, enrollment_id: str) -> list[HistoryRow]:

@@ -100,9 +100,8 @@ async def register_patient(
     domain.validate_birth_date(spec["birth_date"], today)
     patient_id = uuid4()
     name_key = domain.normalize_name(spec["given_name"] + spec["family_name"])
-    if not await store.get_site(session, spec["site_id"]):
+    if not await store.site_locking_identity(session, spec["site_id"], name_key, spec["birth_date"]):
         raise DomainError("invalid", "unknown site", fields={"site_id": "no such site is registered"})
-    await store.lock_identity(session, name_key, spec["birth_date"])
     matches = await store.find_identities(session, name_key, spec["birth_date"])
     seen = [m for m in matches if principal.sees_site(m["site_id"])]
     if seen and not confirmed_not_duplicate:
@@ -118,9 +117,8 @@ async def register_patient(
             keeps_audit=True,
         )
     mrn = domain.new_mrn()
-    while await store.mrn_taken(session, mrn):
+    while not await store.add_patient(session, patient_id=str(patient_id), mrn=mrn, name_key=name_key, **spec):
         mrn = domain.new_mrn()
-    await store.add_patient(session, patient_id=str(patient_id), mrn=mrn, name_key=name_key, **spec)
     await _queue_unseen_matches(session, patient_id, [m for m in matches if m not in seen])
     await _stage_contact(session, patient_id, spec["site_id"], spec)
     return {**spec, "patient_id": patient_id, "mrn": mrn}
@@ -219,7 +217,8 @@ async def _open_episode(
         correlation_id=str(envelope.correlation_id),
         **spec,
     )
-    await store.add_history(session, str(enrollment_id), "created", actor, to_value=str(status))
+    # Nothing reads the new episode's history before the commit (an answer is built from its row).
+    await store.add_history(session, str(enrollment_id), "created", actor, to_value=str(status), at_commit=True)
     return enrollment
 
 

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
-from shared.db import UtcDateTime, dialect_name, insert_rows, rows_changed
+from shared.db import UtcDateTime, dialect_name, insert_at_commit, rows_changed
 from shared.messaging.broker import jetstream
 from shared.priority import finishing_work
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
@@ -167,7 +167,11 @@ class Outbox:
             for env, context in zip(envelopes, contexts, strict=True)
         ]
         now = clock.now()
-        await insert_rows(session, self.table, [{**asdict(item), "created_at": now, "attempts": 0} for item in staged])
+        # Written as the transaction commits (nothing reads it back before): on PostgreSQL
+        # in one statement with the transaction's audit rows.
+        await insert_at_commit(
+            session, self.table, [{**asdict(item), "created_at": now, "attempts": 0} for item in staged]
+        )
         if self.express_lane is not None:
             self.express_lane.hold(session, staged, [_patient_of(env) for env in envelopes])
         self.signal(session)

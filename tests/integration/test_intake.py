@@ -132,6 +132,23 @@ async def test_patient_read_is_audited_and_scoped(app) -> None:
         assert (await client.get("/audit", headers=FRONT_DESK)).status_code == 403
 
 
+async def test_a_taken_mrn_is_drawn_again_and_the_patient_registered_once(app, monkeypatch) -> None:
+    """The MRN's unique index decides, in the insert itself: a draw that collides writes
+    nothing, and the next draw registers the patient (one row, one contact event)."""
+    async with running(app) as client:
+        await client.post("/sites", json=SITE, headers=ADMIN)
+        first = (await client.post("/patients", json=PATIENT, headers=FRONT_DESK)).json()
+        draws = iter([first["mrn"], first["mrn"], "IOP-FRESH123"])
+        monkeypatch.setattr("services.intake.domain.new_mrn", lambda: next(draws))
+        other = {**PATIENT, "given_name": "Rosalind", "birth_date": "1990-02-03"}
+        second = await client.post("/patients", json=other, headers=FRONT_DESK)
+        assert second.status_code == 201, second.text
+        assert second.json()["mrn"] == "IOP-FRESH123"
+        assert next(draws, None) is None  # the taken MRN was drawn twice, then the fresh one
+        assert await count(app, store.patients) == 2
+        assert await count(app, store.outbox.table) == 3  # SiteRegistered, two contacts
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

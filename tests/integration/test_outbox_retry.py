@@ -88,7 +88,8 @@ async def test_on_sqlite_the_relays_turns_go_before_routine_work_waiting_for_the
             await outbox.emit(session, enrolled(), SITE)
         await eventually(lambda: on_the_bus(1), what="a first event sent: the relay is idle")
         async with sessions() as holder, holder.begin():
-            await outbox.emit(holder, enrolled(), SITE)  # the one connection is taken
+            await outbox.emit(holder, enrolled(), SITE)  # written as the transaction commits
+            await holder.connection()  # the one connection is taken
             routine = [asyncio.create_task(routine_transaction(sessions), name=f"routine {n}") for n in range(3)]
             await eventually(lambda: waiting(len(routine)), what="routine transactions waiting")
             relay.wake()
