@@ -144,8 +144,9 @@ class Clinics:
 
         await eventually(known, timeout=60, what="intake to know the program")
 
-    async def enroll(self, index: int) -> str | None:
-        """A new patient and their enrollment; the patient id, or None if refused."""
+    async def enroll(self, index: int, *, timed: bool = True) -> str | None:
+        """A new patient and their enrollment; the patient id, or None if refused.
+        `timed`: its latency and welcome count in the wave's figures."""
         site = self.sites[index % len(self.sites)]
         patient = {
             "site_id": site, "given_name": "Bench", "family_name": f"Patient{index}", "birth_date": "1990-01-01",
@@ -167,8 +168,9 @@ class Clinics:
         if response.status_code != 201:
             self._error(f"enrollment {response.status_code}")
             return None
-        self.timings.enroll_http_ms.append((done - started) * 1000)
-        self.timings.enroll_accepted[str(response.json()["enrollment_id"])] = done
+        if timed:
+            self.timings.enroll_http_ms.append((done - started) * 1000)
+            self.timings.enroll_accepted[str(response.json()["enrollment_id"])] = done
         return patient_id
 
     async def post_check_in(self, patient_id: str, urgent: bool) -> Answer:
@@ -245,23 +247,29 @@ async def _check_in_wave(clinics: Clinics, config: BenchConfig, patients: list[s
                                           "per_s": round(rest / fast, 1) if fast else 0.0}  # fmt: skip
 
 
-def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+def _cpu_seconds(pids: dict[str, int], sampler: Sampler) -> dict[str, float]:
     seconds = {}
     for name, pid in pids.items():
         with contextlib.suppress(psutil.Error):
             times = psutil.Process(pid).cpu_times()
             seconds[name] = times.user + times.system
+    database = sampler.database_cpu_seconds()
+    if database is not None:
+        seconds["postgresql"] = database
     return seconds
 
 
 async def _request_cost(
-    clinics: Clinics, patients: list[str], pids: dict[str, int], requests: int
+    clinics: Clinics, patients: list[str], pids: dict[str, int], sampler: Sampler, bus: BusLog
 ) -> dict[str, dict[str, Any]]:
     """On the quiet network, after the waves: CPU milliseconds each process spends per
-    request, for `requests` check-ins flat out and, as the floor of the HTTP stack and of
-    the load generator's client, as many GET /healthz. It tells whether a rate is
-    reachable on this machine's cores at all (docs/performance.md)."""
-    limiter = asyncio.Semaphore(clinics.config.concurrency)
+    request, for as many check-ins flat out as there are patients and, as the floor of the
+    HTTP stack and of the load generator's client, as many GET /healthz. Then as many new
+    enrollments, each counted until its fan-out has settled (its welcome sent): the CPU an
+    enrollment costs the whole network, scheduling's and notifications' share included. It
+    tells whether a rate is reachable on this machine's cores at all (docs/performance.md)."""
+    config, requests = clinics.config, len(patients)
+    limiter = asyncio.Semaphore(config.concurrency)
 
     async def healthz(_: int) -> None:
         async with limiter:
@@ -271,13 +279,28 @@ async def _request_cost(
         async with limiter:
             (await clinics.post_check_in(patients[i % len(patients)], urgent=False)).raise_for_status()
 
+    async def enrollment(i: int) -> None:
+        async with limiter:
+            if await clinics.enroll(config.patients + i, timed=False) is None:
+                raise RuntimeError("an enrollment of the cost phase was refused")
+
+    welcomes = bus.count("NotificationSent", _welcome)
+
+    async def settled(kind: str) -> bool:
+        if kind != "enrollment":
+            return True
+        return await bus.wait("NotificationSent", welcomes + requests, config.drain_timeout, _welcome)
+
     cost: dict[str, dict[str, Any]] = {}
-    for kind, one in (("healthz", healthz), ("check_in", check_in)):
-        before, started = _cpu_seconds(pids), time.monotonic()
+    for kind, one in (("healthz", healthz), ("check_in", check_in), ("enrollment", enrollment)):
+        before, started = _cpu_seconds(pids, sampler), time.monotonic()
         await asyncio.gather(*(one(i) for i in range(requests)))
-        seconds, after = time.monotonic() - started, _cpu_seconds(pids)
+        seconds = time.monotonic() - started  # the rate intake answered at
+        done = await settled(kind)
+        after = _cpu_seconds(pids, sampler)
         cost[kind] = {
             "requests": requests,
+            "settled": done,  # False: the fan-out outlasted the drain timeout, and the figures are short of it
             "per_s": round(requests / seconds, 1),
             "cpu_ms_per_request": {
                 name: round((after[name] - before[name]) / requests * 1000, 2) for name in after if name in before
@@ -436,7 +459,7 @@ async def _drive(
         await display()
         await sampler.stop()
         print("cost per request on the quiet network ...", flush=True)
-        cost = await _request_cost(clinics, patients, pids, config.patients)
+        cost = await _request_cost(clinics, patients, pids, sampler, bus)
         accepted = len(clinics.timings.check_in_accepted) + cost["check_in"]["requests"]
         await bus.wait("CheckInSubmitted", accepted, config.drain_timeout)
         print("raw baseline on the same nats-server ...", flush=True)

@@ -192,6 +192,16 @@ class Sampler:
                 stats.cpu_seconds = server_cpu_seconds(server) - before
                 stats.niceness = server.nice()
 
+    def database_cpu_seconds(self) -> float | None:
+        """The CPU seconds the database server on this machine has used since the start
+        (PostgreSQL), or None when there is none to watch."""
+        if self._server is None:
+            return None
+        server, before = self._server
+        with contextlib.suppress(psutil.Error):
+            return server_cpu_seconds(server) - before
+        return None
+
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()

@@ -46,7 +46,7 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
     assert set(results["consumers"]) == {"intake", "scheduling", "notifications"}
     assert results["consumers"]["notifications"]["applied"] >= 12 + 12  # enrollments and check-ins at least
     cost = results["request_cost"]
-    assert set(cost) == {"healthz", "check_in"}
+    assert set(cost) == {"healthz", "check_in", "enrollment"}
     for figures in cost.values():
         assert figures["requests"] == 12 and figures["per_s"] > 0
         assert set(figures["cpu_ms_per_request"]) == {
@@ -55,6 +55,9 @@ def test_a_tiny_bench_run_reports_every_figure(tmp_path: Path) -> None:
         assert all(ms >= 0 for ms in figures["cpu_ms_per_request"].values())
     # CPU time is counted in 10 ms ticks: 12 /healthz may round to 0, 12 check-ins do not.
     assert cost["check_in"]["cpu_ms_per_request"]["intake"] > 0
+    # An enrollment is counted until its welcome is sent: scheduling books it, notifications plans and sends.
+    assert all(cost["enrollment"]["cpu_ms_per_request"][name] > 0 for name in ("intake", "notifications"))
+    assert all(figures["settled"] for figures in cost.values())  # the cost phase's welcomes too
     assert set(results["processes"]) == {"intake", "scheduling", "notifications", "nats-server", "load-generator"}
     assert all(p["peak_rss_mb"] > 0 for p in results["processes"].values())
     # Scheduling does routine work only: it yields the cores to the services carrying safety
