@@ -126,6 +126,11 @@ SCRAPED = "/metrics?" + urlencode(
 )
 
 
+# What `Sampler.at_rest` reads: the work each service has left (events to publish, to consume).
+LEFT_TO_DO = ("iopnet_consumer_pending", "iopnet_consumer_ack_pending", "iopnet_outbox_pending")
+AT_REST = "/metrics?" + urlencode([("name[]", n) for n in LEFT_TO_DO])
+
+
 @dataclass
 class Sampler:
     """Every `interval`: each service's consumer counters (from /metrics) and each
@@ -191,6 +196,20 @@ class Sampler:
                 stats = self.processes.setdefault("postgresql", ProcessStats(peak_rss_mb=None))
                 stats.cpu_seconds = server_cpu_seconds(server) - before
                 stats.niceness = server.nice()
+
+    async def at_rest(self) -> bool:
+        """Whether no service has an event left to publish or to consume (an answer it
+        cannot give counts as work left)."""
+
+        async def left(url: str) -> float:
+            try:
+                text = (await self.http.get(f"{url}{AT_REST}", timeout=2)).text
+            except (aiohttp.ClientError, TimeoutError):
+                return 1.0
+            families = text_string_to_metric_families(text)
+            return sum(sample.value for family in families for sample in family.samples if sample.name in LEFT_TO_DO)
+
+        return not any(await asyncio.gather(*(left(url) for url in self.services.values())))
 
     def database_cpu_seconds(self) -> float | None:
         """The CPU seconds the database server on this machine has used since the start
