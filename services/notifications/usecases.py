@@ -42,7 +42,7 @@ from shared.contracts.events import (
     SessionScheduled,
 )
 from shared.domain_errors import DomainError
-from shared.messaging import Interest
+from shared.messaging import Interest, named_ids
 from shared.messaging.integrations import CONTEXT_EVENTS
 from shared.messaging.outbox import Chain, envelope_for
 from shared.settings import Settings
@@ -559,11 +559,8 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     and their ends), the batch's bookings and sessions, its sites and their settings, and
     which of them have no webhook subscription, one statement per table: a batch of
     enrollments and bookings read a row per table per event before."""
-    patient_ids, booking_ids, session_ids = set(), set(), set()
-    for envelope in envelopes:
-        patient_ids.update(_ids(envelope, "patient_id"))
-        booking_ids.update(_ids(envelope, "booking_id"))
-        session_ids.update(_ids(envelope, "session_id"))
+    patient_ids = named_ids(envelopes, "patient_id")
+    booking_ids, session_ids = named_ids(envelopes, "booking_id"), named_ids(envelopes, "session_id")
     await store.lock_patients(session, patient_ids)
     await store.read_patients_ahead(session, patient_ids, enrollments_too=patient_ids, ends_too=patient_ids)
     await store.read_bookings_ahead(session, booking_ids)
@@ -571,16 +568,6 @@ async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> 
     sites = {envelope.site_id for envelope in envelopes}
     await store.read_sites_ahead(session, sites)
     await store.read_subscribers_ahead(session, sites)
-
-
-def _ids(envelope: Envelope, field: str) -> list[str]:
-    """The id an event names in `field`, if it is one (an event that does not parse is
-    refused by its handler; the batch then goes one event at a time, without this)."""
-    value = envelope.data.get(field)
-    try:
-        return [str(UUID(value))] if isinstance(value, str) else []
-    except ValueError:
-        return []
 
 
 # --- episodes, sessions and bookings: events that may arrive out of order -------------------

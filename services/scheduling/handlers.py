@@ -44,5 +44,6 @@ SUBSCRIPTIONS = [
             PatientDischarged: on_patient_discharged,
             PatientTransferred: on_patient_transferred,
         },
+        read_ahead=usecases.read_batch_ahead,
     )
 ]

@@ -2,6 +2,7 @@
 the ends of episodes, programs, sessions, bookings, attendance, closures and hours
 alerts; plus outbox, inbox, audit and the operators' repairs."""
 
+from collections.abc import Collection
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, NotRequired, TypedDict, TypeVar, cast
@@ -340,16 +341,50 @@ async def list_sites(session: AsyncSession, only: list[str] | None) -> list[Site
 # --- enrollments ---------------------------------------------------------------
 
 
+def _kept_enrollments(session: AsyncSession) -> dict[str, EnrollmentRow | None]:
+    """Enrollments a batch read ahead (None: not projected yet), for its transaction."""
+    return kept_for_this_transaction(session, "iopnet.enrollments", dict[str, EnrollmentRow | None])
+
+
+def _kept_ends(session: AsyncSession) -> dict[str, EpisodeEndRow | None]:
+    return kept_for_this_transaction(session, "iopnet.episode_ends", dict[str, EpisodeEndRow | None])
+
+
+_ENROLLMENTS = select(enrollments).where(enrollments.c.enrollment_id.in_(bindparam("ids", expanding=True)))
+_ENDS = select(episode_ends).where(episode_ends.c.enrollment_id.in_(bindparam("ids", expanding=True)))
+
+
+async def read_episodes_ahead(session: AsyncSession, enrollment_ids: Collection[str]) -> None:
+    """The enrollments and episode ends of a batch's events in one statement each, kept
+    for its transaction (an absent one too): its handlers read none of them again. The
+    writers below keep what is kept true."""
+    if not enrollment_ids:
+        return
+    ids = {"ids": sorted(enrollment_ids)}
+    found = {row["enrollment_id"]: row for row in _rows(EnrollmentRow, await session.execute(_ENROLLMENTS, ids))}
+    ended = {row["enrollment_id"]: row for row in _rows(EpisodeEndRow, await session.execute(_ENDS, ids))}
+    kept, kept_ends = _kept_enrollments(session), _kept_ends(session)
+    for enrollment_id in enrollment_ids:
+        kept[enrollment_id] = found.get(enrollment_id)
+        kept_ends[enrollment_id] = ended.get(enrollment_id)
+
+
 async def get_enrollment(session: AsyncSession, enrollment_id: str) -> EnrollmentRow | None:
+    kept = _kept_enrollments(session)
+    if enrollment_id in kept:
+        return kept[enrollment_id]
     return await _one(EnrollmentRow, session, select_by(enrollments, "enrollment_id"), enrollment_id=enrollment_id)
 
 
 async def add_enrollment(session: AsyncSession, **values: Any) -> EnrollmentRow:
     """The enrollment as stored (its own INSERT ... RETURNING: no read back)."""
-    return _typed(EnrollmentRow, await insert_row_returning(session, enrollments, created_at=clock.now(), **values))
+    row = _typed(EnrollmentRow, await insert_row_returning(session, enrollments, created_at=clock.now(), **values))
+    _kept_enrollments(session)[row["enrollment_id"]] = row
+    return row
 
 
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
+    _kept_enrollments(session).pop(enrollment_id, None)
     await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
 
@@ -357,6 +392,7 @@ async def remember_end(
     session: AsyncSession, enrollment_id: str, patient_id: str, status: str, ended_on: date, event_id: str
 ) -> bool:
     """Record an episode's end; False if one was recorded before (the first one stays)."""
+    _kept_ends(session).pop(enrollment_id, None)
     return await insert_if_absent(
         session, episode_ends, enrollment_id=enrollment_id, patient_id=patient_id, status=status,
         ended_on=ended_on, event_id=event_id, recorded_at=clock.now(),
@@ -364,6 +400,9 @@ async def remember_end(
 
 
 async def get_end(session: AsyncSession, enrollment_id: str) -> EpisodeEndRow | None:
+    kept = _kept_ends(session)
+    if enrollment_id in kept:
+        return kept[enrollment_id]
     return await _one(EpisodeEndRow, session, select_by(episode_ends, "enrollment_id"), enrollment_id=enrollment_id)
 
 
@@ -497,6 +536,30 @@ _SESSIONS_LOCKED = (
     .order_by(sessions.c.session_id)
     .with_for_update()
 )
+
+
+_OPEN_SESSIONS_LOCKED = (
+    select(sessions)
+    .where(
+        sessions.c.program_id == bindparam("program_id"),
+        sessions.c.status == "scheduled",
+        sessions.c.kind.in_(bindparam("kinds", expanding=True)),
+        sessions.c.starts_at >= bindparam("since"),
+    )
+    .order_by(sessions.c.session_id)
+    .with_for_update()
+)
+
+
+async def lock_open_sessions(
+    session: AsyncSession, program_id: str, kinds: Collection[str], since: datetime
+) -> list[SessionRow]:
+    """A program's scheduled sessions of these kinds from `since` on, found and locked in
+    one statement (in id order, as `lock_sessions`), in time order. PostgreSQL checks the
+    conditions again on a row it waited for, so a session cancelled meanwhile is not among them."""
+    parameters = {"program_id": program_id, "kinds": sorted(kinds), "since": since}
+    rows = _rows(SessionRow, await session.execute(_OPEN_SESSIONS_LOCKED, parameters))
+    return sorted(rows, key=lambda row: row["starts_at"])
 
 
 async def lock_sessions(session: AsyncSession, session_ids: list[str]) -> dict[str, SessionRow]:

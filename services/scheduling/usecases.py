@@ -43,6 +43,7 @@ from shared.contracts.events import (
     WeeklyHoursShortfall,
 )
 from shared.domain_errors import DomainError
+from shared.messaging import named_ids
 from shared.messaging.outbox import Chain
 
 
@@ -210,14 +211,22 @@ async def extend_horizons(session: AsyncSession, now: datetime) -> int:
 # missing; a discharge that arrives before its enrollment still ends the episode.
 
 
+async def read_batch_ahead(session: AsyncSession, envelopes: list[Envelope]) -> None:
+    """A batch's enrollments and episode ends read in one statement each before any of
+    its events is applied (the consumer's `read_ahead`): a wave of enrollments read two
+    rows per event before."""
+    await store.read_episodes_ahead(session, named_ids(envelopes, "enrollment_id"))
+
+
 async def open_enrollment(session: AsyncSession, cause: Envelope, event: PatientEnrolled, now: datetime) -> str:
     """Project an enrollment (ended already if its end arrived first) and converge its
     bookings. Returns the episode's status."""
     enrollment_id = str(event.enrollment_id)
     enrollment = await store.get_enrollment(session, enrollment_id)
+    projected = enrollment is None
     if enrollment is None:
         enrollment = await _add_enrollment(session, cause, event)
-    await converge_bookings(session, enrollment, cause, now)
+    await converge_bookings(session, enrollment, cause, now, projected_now=projected)
     return str(enrollment["status"])
 
 
@@ -265,13 +274,19 @@ async def end_enrollment(
 
 
 async def converge_bookings(
-    session: AsyncSession, enrollment: EnrollmentRow, cause: Envelope | None, now: datetime
+    session: AsyncSession,
+    enrollment: EnrollmentRow,
+    cause: Envelope | None,
+    now: datetime,
+    *,
+    projected_now: bool = False,
 ) -> int:
     """An active episode is booked into every future group session of its program; an
     ended one holds no future booking or waitlist place. What already holds is left
-    alone (no event), so applying this again is harmless."""
+    alone (no event), so applying this again is harmless. `projected_now`: the enrollment
+    was projected in this transaction, so it holds no booking yet (none is read)."""
     if domain.holds_places(enrollment["status"]):
-        return await book_enrollment(session, enrollment, cause, now)
+        return await book_enrollment(session, enrollment, cause, now, projected_now=projected_now)
     return await cancel_future_bookings(session, enrollment["enrollment_id"], now, enrollment["status"], cause)
 
 
@@ -342,27 +357,28 @@ def _placement_event(placement: _Placement, booking_id: str, target: SessionRow,
 
 
 async def book_enrollment(
-    session: AsyncSession, enrollment: EnrollmentRow, cause: Envelope | None, now: datetime
+    session: AsyncSession,
+    enrollment: EnrollmentRow,
+    cause: Envelope | None,
+    now: datetime,
+    *,
+    projected_now: bool = False,
 ) -> int:
     """Book an enrollment into every future group session of its program. Set-based
-    (issue 10: the enrollment wave's fan-out): the sessions are locked, and their seats,
-    waitlists and this enrollment's bookings read, in three queries for all of them; the
-    new bookings and their events are written in one multi-row INSERT each. Reading each
-    full session's waitlist per enrollment made a wave quadratic."""
+    (issue 10: the enrollment wave's fan-out): the sessions are found and locked in one
+    query, and their seats, waitlists and this enrollment's bookings read in two more
+    for all of them (one when it was `projected_now`: it has none); the new bookings and
+    their events are written in one multi-row INSERT each. Reading each full session's
+    waitlist per enrollment made a wave quadratic."""
     site = await store.get_site(session, enrollment["site_id"])
     if site is None:
         return 0
-    candidates = [
-        row["session_id"]
-        for row in await store.sessions_between(
-            session, program_id=enrollment["program_id"], since=now, status="scheduled"
-        )
-        if _bookable_for(row, enrollment, site)
-    ]
+    open_sessions = await store.lock_open_sessions(session, enrollment["program_id"], domain.GROUP_KINDS, now)
+    locked = {row["session_id"]: row for row in open_sessions if _bookable_for(row, enrollment, site)}
+    candidates = list(locked)
     if not candidates:
         return 0
-    locked = await store.lock_sessions(session, candidates)
-    existing = await store.bookings_of(session, enrollment["enrollment_id"], candidates)
+    existing = {} if projected_now else await store.bookings_of(session, enrollment["enrollment_id"], candidates)
     taken = await store.seats(session, candidates)
     new_bookings: list[dict[str, Any]] = []
     events: list[Event] = []

@@ -1,6 +1,6 @@
 """Streams, the transactional outbox, idempotent consumers and the dead-letter path."""
 
-from shared.messaging.consumer import Consumer, Handler, HandlerError, Interest, Poison, Subscription
+from shared.messaging.consumer import Consumer, Handler, HandlerError, Interest, Poison, Subscription, named_ids
 from shared.messaging.inbox import Inbox
 from shared.messaging.outbox import Outbox, OutboxRelay
 from shared.messaging.streams import STREAMS, ensure_streams, owned_streams
@@ -17,5 +17,6 @@ __all__ = [
     "Poison",
     "Subscription",
     "ensure_streams",
+    "named_ids",
     "owned_streams",
 ]

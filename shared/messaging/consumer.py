@@ -40,11 +40,12 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, cast
+from uuid import UUID
 
 import nats.errors
 from faststream._internal.broker.registrator import Registrator
@@ -86,6 +87,19 @@ Handler = Callable[[AsyncSession, Envelope, Any], Awaitable[None]]
 Outcome = Literal["applied", "duplicate", "not_handled"]
 # (session, envelopes): what a batch's handlers will read, taken for all of them at once.
 ReadAhead = Callable[[AsyncSession, list[Envelope]], Awaitable[None]]
+
+
+def named_ids(envelopes: Iterable[Envelope], field: str) -> set[str]:
+    """The ids a batch's events name in `field`, for a `ReadAhead`: a value that is no id
+    is left out (its event is refused by its handler, and the batch then goes one event
+    at a time, without the read ahead)."""
+    ids = set()
+    for envelope in envelopes:
+        value = envelope.data.get(field)
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                ids.add(str(UUID(value)))
+    return ids
 
 
 class Delivered(NamedTuple):
