@@ -373,11 +373,38 @@ def _statements_at_commit(dialect: str, staged: list[tuple[Table, list[dict[str,
     if len(joined) == 1:
         yield _insert_into(joined[0][0]), joined[0][1]
     elif joined:
-        (main, main_rows), *others = joined
-        statement = insert(main).values(main_rows)
-        for number, (table, rows) in enumerate(others):
-            statement = statement.add_cte(insert(table).values(rows).cte(f"at_commit_{number}"))
-        yield statement, None
+        shape = tuple((table, tuple(rows[0]), len(rows)) for table, rows in joined)
+        parameters = {
+            _joined_name(number, index, key): value
+            for number, (_, rows) in enumerate(joined)
+            for index, row in enumerate(rows)
+            for key, value in row.items()
+        }
+        yield _joined_insert(shape), parameters
+
+
+def _joined_name(number: int, index: int, key: str) -> str:
+    return f"j{number}_{index}_{key}"
+
+
+@functools.lru_cache(maxsize=256)
+def _joined_insert(shape: tuple[tuple[Table, tuple[str, ...], int], ...]) -> Insert:
+    # Built once per shape (tables, columns, row counts), with its values as parameters:
+    # SQLAlchemy then finds its compiled form by the statement's memoized cache key, where
+    # a statement with the values in it had its key computed, over every value, each time.
+    def rows(number: int, table: Table, keys: tuple[str, ...], count: int) -> list[dict[str, Any]]:
+        return [
+            {key: bindparam(_joined_name(number, index, key), type_=table.c[key].type) for key in keys}
+            for index in range(count)
+        ]
+
+    (main, keys, count), *others = shape
+    statement = insert(main).values(rows(0, main, keys, count))
+    for number, (table, columns, size) in enumerate(others, start=1):
+        statement = statement.add_cte(
+            insert(table).values(rows(number, table, columns, size)).cte(f"at_commit_{number}")
+        )
+    return statement
 
 
 def session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

@@ -75,10 +75,16 @@ async def test_rows_are_written_as_the_transaction_commits_in_the_order_staged(
             assert await count(session, notes) == 0 and await count(session, marks) == 0
             assert sent == []
     assert await bodies(sessions) == ["a", "b", "c"]
-    async with sessions() as session:
-        assert (await session.execute(select(marks.c.mark_id, marks.c.at))).all() == [("m-1", AT)]
     # PostgreSQL: both tables in one statement; SQLite has no data-modifying WITH.
     assert len(sent) == (2 if is_sqlite(str(engine.url)) else 1), sent
+    # The same shape again (the statement is built once per shape): its own values are written.
+    async with sessions() as session, session.begin():
+        await insert_at_commit(session, notes, [{"body": "d"}, {"body": "e"}, {"body": "f"}])
+        await insert_at_commit(session, marks, [{"mark_id": "m-9", "at": AT.replace(hour=10)}])
+    assert await bodies(sessions) == ["a", "b", "c", "d", "e", "f"]
+    async with sessions() as session:
+        stored = (await session.execute(select(marks.c.mark_id, marks.c.at).order_by(marks.c.mark_id))).all()
+    assert stored == [("m-1", AT), ("m-9", AT.replace(hour=10))]
 
 
 async def test_a_large_group_keeps_a_statement_of_its_own(
