@@ -21,7 +21,13 @@ work and before routine work that starts something new (a consumer's batch, whos
 fan out into more). Finishing work is finite (each round sends what the consumers
 planned, the relay publishes what they committed), so it cannot keep the consumers
 from the database; without it, each of a round's turns waited behind every consumer's
-transaction queued meanwhile (`docs/performance.md`, the welcome's path)."""
+transaction queued meanwhile (`docs/performance.md`, the welcome's path).
+
+Behind routine work, work that plans for later (`later_work()`: notifications applying
+scheduling's events, whose reminders are due a day ahead) lets the routine work that plans
+a message due now (a welcome) have the connection first, for `LATER_MAX_WAIT_SECONDS` at
+most: then it joins the routine line, so a wave of enrollments delays it and never starves
+it."""
 
 import asyncio
 import enum
@@ -41,6 +47,11 @@ class Line(enum.IntEnum):
     SAFETY = 0
     FINISHING = 1
     ROUTINE = 2
+    LATER = 3
+
+
+# How long work in the LATER line waits behind routine work before it joins the routine line.
+LATER_MAX_WAIT_SECONDS = 1.0
 
 
 # Set for the duration of safety (or finishing) work in the task doing it; the pool's
@@ -118,6 +129,15 @@ def finishing_work() -> Iterator[None]:
 
 
 @contextmanager
+def later_work() -> Iterator[None]:
+    """Routine work that plans for later: its waits go after the other routine work's, for
+    `LATER_MAX_WAIT_SECONDS` at most. Work of an earlier line inside it keeps its place."""
+    current = _line.get()
+    with _in_line(Line.LATER if current is Line.ROUTINE else current):
+        yield
+
+
+@contextmanager
 def _in_line(line: Line) -> Iterator[None]:
     token = _line.set(line)
     try:
@@ -157,6 +177,10 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
         lines = [line for line in Line if safety_work is None or (line is Line.SAFETY) == safety_work]
         return sum(not waiter.done() for line in lines for waiter in self._lines[line])
 
+    def waiting_in(self, line: Line) -> int:
+        """Callers waiting for a connection in one line now."""
+        return sum(not waiter.done() for waiter in self._lines[line])
+
     def put(self, item: ConnectionPoolEntry, block: bool = True, timeout: float | None = None) -> None:
         self.put_nowait(item)  # never blocks: a waiter takes it, or it goes idle
 
@@ -183,9 +207,12 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
 
     async def _wait(self, timeout: float | None) -> ConnectionPoolEntry:
         waiter: asyncio.Future[ConnectionPoolEntry] = asyncio.get_running_loop().create_future()
-        self._lines[_line.get()].append(waiter)
+        line = _line.get()
+        self._lines[line].append(waiter)
         try:
             async with asyncio.timeout(timeout):
+                if line is Line.LATER:
+                    await self._join_routine_line_when_late(waiter)
                 return await waiter
         except BaseException as gave_up:
             if waiter.done() and not waiter.cancelled():
@@ -195,6 +222,12 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
             if isinstance(gave_up, TimeoutError):
                 raise Empty() from None
             raise
+
+    async def _join_routine_line_when_late(self, waiter: asyncio.Future[ConnectionPoolEntry]) -> None:
+        await asyncio.wait({waiter}, timeout=LATER_MAX_WAIT_SECONDS)  # the waiter itself goes on
+        if not waiter.done():
+            self._lines[Line.LATER].remove(waiter)
+            self._lines[Line.ROUTINE].append(waiter)
 
 
 class SafetyFirstPool(AsyncAdaptedQueuePool):

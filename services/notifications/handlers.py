@@ -105,6 +105,9 @@ class Handlers:
                 optional=frozenset(cls for cls, handler in handlers.items() if handler == self.for_webhooks_only),
                 interest=usecases.webhook_interest,
                 read_ahead=usecases.read_batch_ahead,
+                # Scheduling's events plan reminders a day ahead: on SQLite's one
+                # connection, the contacts and enrollments that plan a welcome go first.
+                later=stream == "IOP_SCHEDULING",
             )
             for stream, handlers in streams.items()
         ]

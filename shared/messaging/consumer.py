@@ -71,7 +71,7 @@ from shared.logging import log_context
 from shared.messaging.broker import client, jetstream
 from shared.messaging.inbox import Inbox
 from shared.messaging.streams import DLQ_STREAM, STREAMS, ensure_streams
-from shared.priority import PriorityGate, first_in_line
+from shared.priority import PriorityGate, first_in_line, later_work
 from shared.tracing import span_under
 
 log = logging.getLogger("iopnet.consumer")
@@ -147,6 +147,10 @@ class Subscription:
     # statement per table for the batch instead of one per event (kept for the
     # transaction: shared.db.kept_for_this_transaction).
     read_ahead: ReadAhead | None = None
+    # Routine work that plans for later (reminders a day ahead): on a shared connection
+    # (SQLite) its batches wait behind the other routine consumers', for a bounded time
+    # (shared/priority.py, `later_work`), so that those planning a message due now go first.
+    later: bool = False
 
     def durable(self, service: str) -> str:
         return f"{service}-{self.stream}" + (f"-{self.lane}" if self.lane else "")
@@ -534,7 +538,8 @@ class Consumer:
         if it carries safety work (`Subscription.presses`) it also holds routine work
         back while it waits and runs (shared/priority.py)."""
         if self.subscription.lane != "safety":
-            yield
+            with later_work() if self.subscription.later else contextlib.nullcontext():
+                yield
             return
         presses = self.subscription.presses
         pressing = self.gate is not None and (presses is None or any(presses(envelope) for envelope in envelopes))

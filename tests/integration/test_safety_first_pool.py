@@ -12,8 +12,9 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from iopnet.testing import eventually
+from shared import priority
 from shared.db import create_engine
-from shared.priority import SafetyFirstPool, SafetyFirstQueue, finishing_work, first_in_line
+from shared.priority import Line, SafetyFirstPool, SafetyFirstQueue, finishing_work, first_in_line, later_work
 
 
 @pytest.fixture
@@ -60,6 +61,58 @@ async def test_a_connection_given_back_goes_to_safety_work_first_then_in_order_o
     async with asyncio.timeout(10):
         await asyncio.gather(*tasks)
     assert order == ["safety", "routine 1", "routine 2", "routine 3"]
+
+
+async def test_work_that_plans_for_later_goes_after_routine_work_and_safety_inside_it_first(engine) -> None:
+    """Notifications applying scheduling's events (reminders a day ahead) waits behind
+    the consumers planning a welcome; safety work inside it keeps its place."""
+    order: list[str] = []
+
+    async def later(name: str) -> None:
+        with later_work():
+            await transaction(engine, name, order)
+
+    async def safety_within_later() -> None:
+        with later_work(), first_in_line(), later_work():
+            await transaction(engine, "safety", order)
+
+    async with engine.connect() as holder:
+        await holder.execute(text("SELECT 1"))
+        tasks = [asyncio.create_task(later("later"))]
+        await queued(engine, 1)
+        tasks.append(asyncio.create_task(transaction(engine, "routine", order)))
+        await queued(engine, 2)
+        tasks.append(asyncio.create_task(safety_within_later()))
+        await queued(engine, 3)
+        assert [line(engine).waiting_in(kind) for kind in (Line.SAFETY, Line.ROUTINE, Line.LATER)] == [1, 1, 1]
+    async with asyncio.timeout(10):
+        await asyncio.gather(*tasks)
+    assert order == ["safety", "routine", "later"]
+
+
+async def test_work_that_plans_for_later_joins_the_routine_line_when_it_has_waited_long(engine, monkeypatch) -> None:
+    """A wave of routine work delays it and never starves it: after
+    LATER_MAX_WAIT_SECONDS it goes before routine work that came after that."""
+    monkeypatch.setattr(priority, "LATER_MAX_WAIT_SECONDS", 0.05)
+    order: list[str] = []
+
+    async def later() -> None:
+        with later_work():
+            await transaction(engine, "later", order)
+
+    async with engine.connect() as holder:
+        await holder.execute(text("SELECT 1"))
+        tasks = [asyncio.create_task(later())]
+
+        async def joined() -> bool:
+            return line(engine).waiting_in(Line.ROUTINE) == 1 and line(engine).waiting_in(Line.LATER) == 0
+
+        await eventually(joined, what="the late waiter in the routine line")
+        tasks.append(asyncio.create_task(transaction(engine, "routine", order)))
+        await queued(engine, 2)
+    async with asyncio.timeout(10):
+        await asyncio.gather(*tasks)
+    assert order == ["later", "routine"]
 
 
 async def test_work_that_finishes_what_is_under_way_goes_after_safety_and_before_routine(engine) -> None:

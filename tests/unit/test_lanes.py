@@ -30,6 +30,13 @@ def test_the_safety_process_reads_the_safety_lane_and_the_routine_one_the_rest()
     assert lanes_of_this_process("notifications", every, "all", "sqlite+aiosqlite:///x.db") == every
 
 
+def test_only_scheduling_events_plan_for_later_in_notifications() -> None:
+    """Their reminders are due a day ahead: their batches wait behind the consumers of
+    contacts and enrollments, which plan the welcome (shared/priority.py, later_work)."""
+    later = sorted(s.durable("notifications") for s in notifications() if s.later)
+    assert later == ["notifications-IOP_SCHEDULING"]
+
+
 def test_sqlite_takes_one_process_for_every_lane() -> None:
     with pytest.raises(ValueError, match="IOPNET_LANES=routine needs PostgreSQL"):
         lanes_of_this_process("notifications", notifications(), "routine", "sqlite+aiosqlite:///x.db")
