@@ -3,6 +3,7 @@ retried (not terminated, DESIGN B7), succeeds once, and a handler that keeps fai
 dead-lettered after max_deliver while the next event still flows."""
 
 import asyncio
+import itertools
 import json
 import threading
 from collections import Counter
@@ -356,9 +357,13 @@ async def test_a_routine_batch_gives_the_loop_a_turn_between_events_so_safety_wo
 
     transactions: list[int] = []  # each event's session, in order
     arrived_at: list[int] = []  # the event during which the safety work arrived
+    # Numbered, not by id(): a session freed at its commit may leave its address to the next.
+    numbers = itertools.count()
 
     async def handler(session, envelope, event) -> None:
-        transactions.append(id(session))  # and nothing that suspends
+        if "test.session" not in session.info:
+            session.info["test.session"] = next(numbers)
+        transactions.append(session.info["test.session"])  # and nothing that suspends
         if not arrived_at and len(set(transactions)) == 2:  # the first fetch may bring one event
             arrived_at.append(len(transactions) - 1)
             asyncio.create_task(safety_lane())  # noqa: RUF006 - ended by `release`
