@@ -4,8 +4,10 @@ for it before any routine work, else to whoever has waited longest, never to a c
 who came by later; a caller that gives up loses no connection."""
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import event, exc, text
@@ -34,6 +36,15 @@ async def transaction(engine: AsyncEngine, name: str, order: list[str]) -> None:
     async with engine.connect() as connection:
         order.append(name)
         await connection.execute(text("SELECT 1"))
+
+
+async def transaction_in(engine: AsyncEngine, name: str, order: list[str], *lines: Callable[[], Any]) -> None:
+    """`transaction`, waiting for the connection in the lines given (entered in order, as
+    work nested in other work enters them)."""
+    with contextlib.ExitStack() as stack:
+        for enter in lines:
+            stack.enter_context(enter())
+        await transaction(engine, name, order)
 
 
 async def queued(engine: AsyncEngine, count: int) -> None:
@@ -67,23 +78,16 @@ async def test_work_that_plans_for_later_goes_after_routine_work_and_safety_insi
     """Notifications applying scheduling's events (reminders a day ahead) waits behind
     the consumers planning a welcome; safety work inside it keeps its place."""
     order: list[str] = []
-
-    async def later(name: str) -> None:
-        with later_work():
-            await transaction(engine, name, order)
-
-    async def safety_within_later() -> None:
-        with later_work(), first_in_line(), later_work():
-            await transaction(engine, "safety", order)
-
     async with engine.connect() as holder:
         await holder.execute(text("SELECT 1"))
-        tasks = [asyncio.create_task(later("later"))]
-        await queued(engine, 1)
-        tasks.append(asyncio.create_task(transaction(engine, "routine", order)))
-        await queued(engine, 2)
-        tasks.append(asyncio.create_task(safety_within_later()))
-        await queued(engine, 3)
+        tasks = []
+        for work in (
+            transaction_in(engine, "later", order, later_work),
+            transaction(engine, "routine", order),
+            transaction_in(engine, "safety", order, later_work, first_in_line, later_work),
+        ):
+            tasks.append(asyncio.create_task(work))
+            await queued(engine, len(tasks))
         assert [line(engine).waiting_in(kind) for kind in (Line.SAFETY, Line.ROUTINE, Line.LATER)] == [1, 1, 1]
     async with asyncio.timeout(10):
         await asyncio.gather(*tasks)
@@ -95,14 +99,9 @@ async def test_work_that_plans_for_later_joins_the_routine_line_when_it_has_wait
     LATER_MAX_WAIT_SECONDS it goes before routine work that came after that."""
     monkeypatch.setattr(priority, "LATER_MAX_WAIT_SECONDS", 0.05)
     order: list[str] = []
-
-    async def later() -> None:
-        with later_work():
-            await transaction(engine, "later", order)
-
     async with engine.connect() as holder:
         await holder.execute(text("SELECT 1"))
-        tasks = [asyncio.create_task(later())]
+        tasks = [asyncio.create_task(transaction_in(engine, "later", order, later_work))]
 
         async def joined() -> bool:
             return line(engine).waiting_in(Line.ROUTINE) == 1 and line(engine).waiting_in(Line.LATER) == 0
@@ -121,13 +120,11 @@ async def test_work_that_finishes_what_is_under_way_goes_after_safety_and_before
     finishing work stays first."""
     order: list[str] = []
 
-    async def finishing(name: str) -> None:
-        with finishing_work():
-            await transaction(engine, name, order)
+    def finishing(name: str) -> Coroutine[Any, Any, None]:
+        return transaction_in(engine, name, order, finishing_work)
 
-    async def safety_within_finishing() -> None:
-        with finishing_work(), first_in_line(), finishing_work():
-            await transaction(engine, "safety", order)
+    def safety_within_finishing() -> Coroutine[Any, Any, None]:
+        return transaction_in(engine, "safety", order, finishing_work, first_in_line, finishing_work)
 
     async with engine.connect() as holder:
         await holder.execute(text("SELECT 1"))
