@@ -136,7 +136,7 @@ class ServiceRuntime:
         # leaves requests for them to that one.
         self.elsewhere = [s for s in subscriptions if s not in self.subscriptions]
         self.jobs = jobs or []
-        self.engine: AsyncEngine = create_engine(url)
+        self.engine: AsyncEngine = create_engine(url, settings.db_pool_size)
         # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
         # probe never queues behind the service's own work. No pool: each probe opens and
         # closes its connection (cheap on SQLite, one short session on PostgreSQL).

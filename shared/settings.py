@@ -11,6 +11,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.db import DEFAULT_POOL_SIZE
+
 ServiceName = Literal["intake", "scheduling", "notifications"]
 SERVICES: tuple[ServiceName, ...] = ("intake", "scheduling", "notifications")
 DEFAULT_PORTS: dict[str, int] = {"intake": 8001, "scheduling": 8002, "notifications": 8003}
@@ -111,6 +113,10 @@ class Settings(BaseSettings):
     ack_wait_seconds: float = 10.0
     nak_delay_seconds: float = 1.0
     fetch_batch: int = 64
+    # Connections a service process keeps to its PostgreSQL database, at most (SQLite: one).
+    # All of them stay open once opened; size them against the server's max_connections
+    # (processes x this, plus headroom for migrations and tools).
+    db_pool_size: int = Field(default=DEFAULT_POOL_SIZE, ge=1, le=200)
     # How long a routine consumer's batch runs in one transaction before it commits and goes
     # on in a new one (shared/messaging/consumer.py). Unset: ROUTINE_TRANSACTION_SECONDS
     # for the service's database (shared/runtime.py).
