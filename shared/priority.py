@@ -68,6 +68,10 @@ class PriorityGate:
         self._safety_work = 0
         self._clear = asyncio.Event()
         self._clear.set()
+        self._routine_batches = 0
+        self._no_routine_batch = asyncio.Event()
+        self._no_routine_batch.set()
+        self.later_waiting = 0  # batches of work that plans for later, waiting for them
 
     @asynccontextmanager
     async def urgent(self) -> AsyncIterator[None]:
@@ -91,6 +95,39 @@ class PriorityGate:
             yield
         finally:
             self._safety_work -= 1
+
+    @contextmanager
+    def routine_batch(self) -> Iterator[None]:
+        """A routine consumer's batch, from its wait for the database to its commit: work
+        that plans for later waits for it (`after_routine_batches`)."""
+        self._routine_batches += 1
+        self._no_routine_batch.clear()
+        try:
+            yield
+        finally:
+            self._routine_batches -= 1
+            if self._routine_batches == 0:
+                self._no_routine_batch.set()
+
+    async def after_routine_batches(self) -> bool:
+        """Returns once no routine batch of this process is under way (True), or after
+        `LATER_MAX_WAIT_SECONDS` (False): a wave delays work that plans for later and
+        never starves it.
+
+        The pool's line does this for a shared connection (SQLite); with a connection each
+        (PostgreSQL), work that plans for later still took the process's turns and the
+        patients' row locks while the welcome's batches waited for them."""
+        if self._no_routine_batch.is_set():
+            return True
+        self.later_waiting += 1
+        try:
+            async with asyncio.timeout(LATER_MAX_WAIT_SECONDS):
+                await self._no_routine_batch.wait()
+        except TimeoutError:
+            return False
+        finally:
+            self.later_waiting -= 1
+        return True
 
     @property
     def safety_work_under_way(self) -> bool:

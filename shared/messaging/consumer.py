@@ -538,7 +538,7 @@ class Consumer:
         if it carries safety work (`Subscription.presses`) it also holds routine work
         back while it waits and runs (shared/priority.py)."""
         if self.subscription.lane != "safety":
-            with later_work() if self.subscription.later else contextlib.nullcontext():
+            async with self._routine_priority():
                 yield
             return
         presses = self.subscription.presses
@@ -546,6 +546,18 @@ class Consumer:
         with first_in_line(), self.gate.safety_work() if self.gate is not None else contextlib.nullcontext():
             async with self.gate.urgent() if self.gate is not None and pressing else contextlib.nullcontext():
                 yield
+
+    @contextlib.asynccontextmanager
+    async def _routine_priority(self) -> AsyncIterator[None]:
+        """Work that plans for later goes after this process's other routine batches, then
+        after their waits for the connection; each for LATER_MAX_WAIT_SECONDS at most."""
+        if not self.subscription.later:
+            with self.gate.routine_batch() if self.gate is not None else contextlib.nullcontext():
+                yield
+            return
+        waited_its_turn = self.gate is None or await self.gate.after_routine_batches()
+        with later_work() if waited_its_turn else contextlib.nullcontext():
+            yield
 
     def _over_budget(self, started: float) -> bool:
         if self.subscription.lane == "safety":

@@ -7,7 +7,7 @@ import itertools
 import json
 import threading
 from collections import Counter
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from uuid import uuid4
 
@@ -17,7 +17,7 @@ from sqlalchemy import event as sqlalchemy_event
 
 from iopnet.testing import cancelled, eventually
 from shared.contracts import new_envelope
-from shared.contracts.events import PatientContactChanged, PatientEnrolled
+from shared.contracts.events import PatientBooked, PatientContactChanged, PatientEnrolled
 from shared.db import create_engine, session_factory
 from shared.messaging import Consumer, HandlerError, Inbox, Subscription
 from shared.messaging.broker import close, jetstream
@@ -536,3 +536,52 @@ async def test_a_dead_letter_that_cannot_be_stored_holds_the_messages_behind_it(
         await close(broker)
     [(subject, _, _)] = await dead_letters(nats_server.url)
     assert subject == "iop.dlq.dlq-down.patient_enrolled.columbus-east"
+
+
+async def test_work_that_plans_for_later_waits_for_the_routine_batch_under_way(nats_server, inbox_db) -> None:
+    """Two consumers of one process, each with its own connection (PostgreSQL's pool):
+    the one that plans for later (notifications' reminders) starts its batch only once
+    the routine batch under way (the welcome's) has committed (shared/priority.py)."""
+    inbox, sessions = inbox_db
+    gate = PriorityGate()
+    order: list[str] = []
+    release, routine_in = asyncio.Event(), asyncio.Event()
+
+    async def routine(session, envelope, event) -> None:
+        routine_in.set()
+        await release.wait()
+        order.append("routine")
+
+    async def plans_for_later(session, envelope, event) -> None:
+        order.append("later")
+
+    booked = PatientBooked(
+        booking_id=uuid4(), session_id=uuid4(), patient_id=uuid4(), starts_at=datetime(2026, 12, 1, 9, tzinfo=UTC)
+    )
+    await publish(nats_server.url, enrolled("p-later"), new_envelope(booked, site_id="columbus-east"))
+    broker = await connected_broker(nats_server.url)
+    first = Consumer("welcome", Subscription("IOP_INTAKE", {PatientEnrolled: routine}), sessions, inbox, broker,
+                     gate=gate)  # fmt: skip
+    second = Consumer("reminders", Subscription("IOP_SCHEDULING", {PatientBooked: plans_for_later}, later=True),
+                      sessions, inbox, broker, gate=gate)  # fmt: skip
+    tasks = [asyncio.create_task(first.run())]
+    try:
+        await asyncio.wait_for(routine_in.wait(), timeout=10)
+        tasks.append(asyncio.create_task(second.run()))
+
+        async def later_waits_or_ran() -> bool:
+            return gate.later_waiting == 1 or "later" in order
+
+        await eventually(later_waits_or_ran, what="the later batch to wait (or run)")
+        release.set()
+
+        async def both_applied() -> bool:
+            return first.stats.applied == 1 and second.stats.applied == 1
+
+        await eventually(both_applied, what="both consumers to apply the event")
+    finally:
+        release.set()
+        for task in tasks:
+            await cancelled(task)
+        await close(broker)
+    assert order == ["routine", "later"]
