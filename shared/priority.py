@@ -33,7 +33,7 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from contextvars import ContextVar
 
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry
@@ -59,30 +59,55 @@ LATER_MAX_WAIT_SECONDS = 1.0
 _line: ContextVar[Line] = ContextVar("iopnet_line", default=Line.ROUTINE)
 
 
+class _UnderWay:
+    """How many pieces of one kind of work are under way, and a wait for there to be none."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    @property
+    def none(self) -> bool:
+        return self._none.is_set()
+
+    @contextmanager
+    def one(self) -> Iterator[None]:
+        self.count += 1
+        self._none.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if self.count == 0:
+                self._none.set()
+
+    async def none_within(self, seconds: float) -> bool:
+        """True once none is under way; False if some still is after `seconds`."""
+        if self._none.is_set():
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await self._none.wait()
+        except TimeoutError:
+            return False
+        return True
+
+
 class PriorityGate:
     def __init__(self, max_wait_seconds: float = 0.25) -> None:
         # Routine work waits at most this long: under a sustained flood of safety work
         # it still moves (the dispatcher's claims include the care team's urgent messages).
         self.max_wait_seconds = max_wait_seconds
-        self._urgent = 0
+        self._urgent = _UnderWay()
         self._safety_work = 0
-        self._clear = asyncio.Event()
-        self._clear.set()
-        self._routine_batches = 0
-        self._no_routine_batch = asyncio.Event()
-        self._no_routine_batch.set()
+        self._routine_batches = _UnderWay()
         self.later_waiting = 0  # batches of work that plans for later, waiting for them
 
     @asynccontextmanager
     async def urgent(self) -> AsyncIterator[None]:
-        self._urgent += 1
-        self._clear.clear()
-        try:
+        with self._urgent.one():
             yield
-        finally:
-            self._urgent -= 1
-            if self._urgent == 0:
-                self._clear.set()
 
     @contextmanager
     def safety_work(self) -> Iterator[None]:
@@ -96,18 +121,10 @@ class PriorityGate:
         finally:
             self._safety_work -= 1
 
-    @contextmanager
-    def routine_batch(self) -> Iterator[None]:
+    def routine_batch(self) -> AbstractContextManager[None]:
         """A routine consumer's batch, from its wait for the database to its commit: work
         that plans for later waits for it (`after_routine_batches`)."""
-        self._routine_batches += 1
-        self._no_routine_batch.clear()
-        try:
-            yield
-        finally:
-            self._routine_batches -= 1
-            if self._routine_batches == 0:
-                self._no_routine_batch.set()
+        return self._routine_batches.one()
 
     async def after_routine_batches(self) -> bool:
         """Returns once no routine batch of this process is under way (True), or after
@@ -117,17 +134,13 @@ class PriorityGate:
         The pool's line does this for a shared connection (SQLite); with a connection each
         (PostgreSQL), work that plans for later still took the process's turns and the
         patients' row locks while the welcome's batches waited for them."""
-        if self._no_routine_batch.is_set():
+        if self._routine_batches.none:
             return True
         self.later_waiting += 1
         try:
-            async with asyncio.timeout(LATER_MAX_WAIT_SECONDS):
-                await self._no_routine_batch.wait()
-        except TimeoutError:
-            return False
+            return await self._routine_batches.none_within(LATER_MAX_WAIT_SECONDS)
         finally:
             self.later_waiting -= 1
-        return True
 
     @property
     def safety_work_under_way(self) -> bool:
@@ -136,18 +149,12 @@ class PriorityGate:
     @property
     def pressing(self) -> bool:
         """Safety work is waiting or running: routine work should yield at its next step."""
-        return not self._clear.is_set()
+        return not self._urgent.none
 
     async def routine(self) -> None:
         """Returns at once unless safety work is waiting or running; then when it is
         done, or after `max_wait_seconds` at most."""
-        if self._clear.is_set():
-            return
-        try:
-            async with asyncio.timeout(self.max_wait_seconds):
-                await self._clear.wait()
-        except TimeoutError:
-            pass
+        await self._urgent.none_within(self.max_wait_seconds)
 
 
 @contextmanager
