@@ -67,8 +67,12 @@ def is_sqlite(url: str) -> bool:
 DEFAULT_POOL_SIZE = 20
 
 
-def create_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
+def create_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE, application_name: str | None = None) -> AsyncEngine:
+    """The service's engine. On PostgreSQL `application_name` names its connections in
+    `pg_stat_activity` and the server's logs: which process (and lane) holds a lock or
+    runs a slow statement."""
     if not is_sqlite(url):
+        named = {"server_settings": {"application_name": application_name}} if application_name else {}
         # No pre-ping: it costs two round trips per checkout, on every request (the
         # bench's profile). A connection the server dropped fails its next use once;
         # SQLAlchemy then invalidates the pool, and the caller's retry (a consumer's, the
@@ -78,7 +82,12 @@ def create_engine(url: str, pool_size: int = DEFAULT_POOL_SIZE) -> AsyncEngine:
         # it runs; under `iopnet bench --postgres` intake opened 73 connections a run with
         # 10 kept and 10 of overflow, 19 with 20 kept (docs/performance.md).
         return create_async_engine(
-            url, poolclass=SafetyFirstPool, pool_size=pool_size, max_overflow=0, pool_recycle=1800
+            url,
+            poolclass=SafetyFirstPool,
+            pool_size=pool_size,
+            max_overflow=0,
+            pool_recycle=1800,
+            connect_args=named,
         )
     database = make_url(url).database
     if database and database != ":memory:":

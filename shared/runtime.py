@@ -92,6 +92,12 @@ def lanes_of_this_process(
 ROUTINE_TRANSACTION_SECONDS = {"sqlite": 0.1, "postgresql": 0.5}
 
 
+def application_name(name: ServiceName, lanes: str) -> str:
+    """How a process's PostgreSQL connections are named: the service, and its lanes when
+    it reads only some (notifications' safety process: iopnet-notifications-safety)."""
+    return f"iopnet-{name}" if lanes == "all" else f"iopnet-{name}-{lanes}"
+
+
 def routine_transaction_seconds(settings: Settings, database_url: str) -> float:
     """How long a routine consumer's batch runs in one transaction (Settings, or the
     database's default)."""
@@ -136,7 +142,7 @@ class ServiceRuntime:
         # leaves requests for them to that one.
         self.elsewhere = [s for s in subscriptions if s not in self.subscriptions]
         self.jobs = jobs or []
-        self.engine: AsyncEngine = create_engine(url, settings.db_pool_size)
+        self.engine: AsyncEngine = create_engine(url, settings.db_pool_size, application_name(name, settings.lanes))
         # SQLite's pool holds one connection, which a backlog keeps busy for seconds: the
         # probe never queues behind the service's own work. No pool: each probe opens and
         # closes its connection (cheap on SQLite, one short session on PostgreSQL).

@@ -1,5 +1,6 @@
 """A service's PostgreSQL pool (shared.db.create_engine, IOPNET_DB_POOL_SIZE): connections a
-burst opened are kept for the next one, and no more than the pool's size are ever open."""
+burst opened are kept for the next one, no more than the pool's size are ever open, and
+each is named after its process in pg_stat_activity."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -10,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from iopnet.testing import eventually
 from shared.db import DEFAULT_POOL_SIZE, create_engine
+from shared.runtime import application_name
 from shared.settings import Settings
 from tests.conftest import fresh_postgres_database
 
@@ -109,3 +111,17 @@ def test_the_pools_size_comes_from_the_environment_and_a_senseless_one_is_refuse
     monkeypatch.setenv("IOPNET_DB_POOL_SIZE", "0")
     with pytest.raises(ValueError, match="db_pool_size"):
         Settings()
+
+
+async def test_a_processs_connections_carry_its_service_and_lanes_in_pg_stat_activity(url: str) -> None:
+    """What an operator looking at locks or slow statements needs: whose backend this is."""
+    assert application_name("intake", "all") == "iopnet-intake"
+    engine = create_engine(url, application_name=application_name("notifications", "safety"))
+    try:
+        async with engine.connect() as connection:
+            named = await connection.scalar(
+                text("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            )
+        assert named == "iopnet-notifications-safety"
+    finally:
+        await engine.dispose()
