@@ -144,6 +144,20 @@ class Ledger:
     retries: int = 0
     served_by: Counter[str] = field(default_factory=Counter)  # instance -> accepted writes
     faults: list[str] = field(default_factory=list)
+    marks: dict[int, asyncio.Event] = field(default_factory=dict)
+
+    def wrote(self) -> None:
+        self.writes += 1
+        for count, reached in self.marks.items():
+            if self.writes >= count:
+                reached.set()
+
+    async def reaching(self, count: int) -> None:
+        """Returns as the `count`th write is accepted, not at a poll after it: a fault
+        meant for the middle of the load lands there (polled, a fast network had
+        finished the chunk before the kill; CI at 933437f: killed at write 240 of 240)."""
+        if self.writes < count:
+            await self.marks.setdefault(count, asyncio.Event()).wait()
 
 
 class Balancer:
@@ -183,7 +197,7 @@ class Balancer:
 
     def accepted(self, instance: str, response: httpx.Response, *expected: int) -> dict[str, Any]:
         assert response.status_code in expected, (instance, response.status_code, response.text)
-        self.ledger.writes += 1
+        self.ledger.wrote()
         self.ledger.served_by[instance] += 1
         return dict(response.json())
 
@@ -428,24 +442,27 @@ async def test_cluster_and_replicas_lose_nothing_and_duplicate_nothing_under_kil
                     allowed += count
                     released.notify_all()
 
-            async def writes_reach(count: int) -> bool:
-                return ledger.writes >= count
-
             first, second = CHUNKS
             workers = [asyncio.create_task(worker()) for _ in range(WORKERS)]
             try:
                 # Into the first chunk: kill -9 the node that leads IOP_INTAKE.
                 await release(first)
-                await eventually(lambda: writes_reach(first), timeout=90, what="the first writes")
+                await asyncio.wait_for(ledger.reaching(first), timeout=90)
                 leader = await stream_leader(network, "IOP_INTAKE")
                 node = next(i for i, n in enumerate(network.nats_cluster.nodes) if n.server_name == leader)
                 ledger.faults.append(f"kill -9 NATS node {leader} (IOP_INTAKE's leader) at write {ledger.writes}")
                 await asyncio.to_thread(network.stop_nats, True, node)
                 # Into the second: kill -9 one replica of each service, its work read just before.
-                await release(second)
-                await eventually(lambda: writes_reach(3 * first + second // 2), timeout=90, what="more writes")
+                # The victims' work is read first, with half the chunk released: three scrapes
+                # under load took long enough for a fast network to finish a whole chunk (CI at
+                # 933437f: killed at write 240 of 240). The kill comes a patient into the rest.
+                half = second // 2
+                await release(half)
+                await asyncio.wait_for(ledger.reaching(3 * first + half // 2), timeout=90)
                 scraped = await asyncio.gather(*(Work.scrape(http, network.url(v)) for v in VICTIMS.values()))
                 work_at_kill.update(zip(VICTIMS.values(), scraped, strict=True))
+                await release(second - half)
+                await asyncio.wait_for(ledger.reaching(3 * (first + half) + 3), timeout=90)
                 kills_at = ledger.writes
                 for victim in VICTIMS.values():
                     network.processes[victim].send_signal(signal.SIGKILL)
