@@ -202,7 +202,7 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
 
     def __init__(self, maxsize: int = 0, use_lifo: bool = False) -> None:
         self.maxsize = maxsize
-        self.use_lifo = use_lifo  # read when the pool is recreated; idle ones go out in order
+        self.use_lifo = use_lifo
         self._idle: deque[ConnectionPoolEntry] = deque()
         # One line of waiters per `Line`, served in that order, each first come first served.
         self._lines: tuple[deque[asyncio.Future[ConnectionPoolEntry]], ...] = tuple(deque() for _ in Line)
@@ -242,7 +242,7 @@ class SafetyFirstQueue(QueueCommon[ConnectionPoolEntry]):
     def get_nowait(self) -> ConnectionPoolEntry:
         if not self._idle:
             raise Empty()
-        return self._idle.popleft()
+        return self._idle.pop() if self.use_lifo else self._idle.popleft()
 
     def get(self, block: bool = True, timeout: float | None = None) -> ConnectionPoolEntry:
         if self._idle or not block:

@@ -74,6 +74,21 @@ async def test_a_burst_as_wide_as_the_benchmarks_clients_reuses_the_connections_
         await engine.dispose()
 
 
+async def test_work_after_a_burst_takes_the_connection_given_back_last(url: str) -> None:
+    """LIFO: one connection at a time goes on being the one that was just used, with its
+    prepared statements, not the next of the burst's in turn (cold for this statement)."""
+    engine = create_engine(url)
+    try:
+        await burst(engine, 8)
+        backends = []
+        for _ in range(6):
+            async with engine.connect() as connection:
+                backends.append((await connection.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        assert len(set(backends)) == 1, backends  # in turn (FIFO) they would be 6 of the 8
+    finally:
+        await engine.dispose()
+
+
 async def test_no_more_than_the_pools_size_are_open_at_once_the_others_wait_their_turn(url: str) -> None:
     engine = create_engine(url, pool_size=3)
     connections = Connections(engine)
