@@ -40,7 +40,7 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
     import uvicorn
 
     from shared.logging import configure_logging
-    from shared.runtime import run_at_niceness
+    from shared.runtime import keep_startup_heap_out_of_collections, run_at_niceness
 
     settings = Settings()
     run_at_niceness(settings.cpu_nice)
@@ -69,6 +69,7 @@ def serve(service: Annotated[str, typer.Argument(help="intake | scheduling | not
     except ValueError as exc:  # a configuration this service refuses (e.g. IOPNET_LANES on SQLite)
         typer.echo(f"iopnet serve {name}: {exc}", err=True)
         raise typer.Exit(2) from None
+    keep_startup_heap_out_of_collections()
     uvicorn.run(
         service_app,
         host=settings.http_host,
@@ -189,6 +190,7 @@ def bench(
     """Benchmark a private local network at scale against the raw bus (see iopnet/bench.py)."""
     from iopnet.bench import BenchConfig, main
     from iopnet.network import service_replicas
+    from shared.runtime import keep_startup_heap_out_of_collections
 
     if safety_process and postgres is None:
         raise typer.BadParameter(
@@ -207,6 +209,9 @@ def bench(
             raise typer.BadParameter(str(exc), param_hint="--postgres") from None
         if not postgres.startswith("postgresql+asyncpg://"):
             raise typer.BadParameter("a PostgreSQL URL: postgresql://user@host:5432/name", param_hint="--postgres")
+    # The load generator's own full collections would pause it mid-wave, and its pause
+    # would be read as the network's latency.
+    keep_startup_heap_out_of_collections()
     main(BenchConfig(patients=patients, sites=sites, concurrency=concurrency, check_in_rate=check_in_rate,
                      postgres=postgres, results_dir=results_dir, safety_process=safety_process,
                      replicas=processes))  # fmt: skip

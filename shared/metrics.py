@@ -6,6 +6,8 @@
   and published per event type, read from the counters the consumers and the relay keep.
 - Backlog, read when scraped: outbox rows pending and the oldest one's age; each durable
   consumer's pending and redelivered counts as JetStream reports them.
+- The process: objects built at start that the garbage collector's full collections skip
+  (`iopnet_gc_frozen_objects`, `shared.runtime.keep_startup_heap_out_of_collections`).
 
 Scrape-time reads are bounded (`SCRAPE_WAIT_SECONDS`): a busy database or an absent
 broker leaves the last value and raises `iopnet_scrape_errors_total`, never a slow scrape.
@@ -17,6 +19,7 @@ service little (the whole text is some 800 series, written in Python at each scr
 """
 
 import asyncio
+import gc
 import time
 from collections.abc import Collection, Iterator
 from datetime import UTC, datetime
@@ -68,6 +71,12 @@ class ServiceMetrics:
         self.scrape_errors = Counter(
             "iopnet_scrape_errors", "Scrape-time reads that failed or timed out", ["source"], registry=self.registry
         )
+        self.frozen_objects = Gauge(
+            "iopnet_gc_frozen_objects",
+            "Objects built at start that the garbage collector's full collections skip (iopnet serve)",
+            registry=self.registry,
+        )
+        self.frozen_objects.set_function(gc.get_freeze_count)
         self.registry.register(_RuntimeCounters(runtime))
 
     async def refresh(self, names: Collection[str] = ()) -> None:
