@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 from alembic import command
 from alembic.config import Config
@@ -37,7 +37,11 @@ from sqlalchemy.types import TypeDecorator
 from shared import sqlite_driver
 from shared.priority import SafetyFirstPool
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsRichComparison
+
 T = TypeVar("T")
+Sortable = TypeVar("Sortable", bound="SupportsRichComparison")
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -213,6 +217,21 @@ def _insert_absent_returning(dialect: str, table: Table, conflict: tuple[str, ..
 # (docs/performance.md, "Statements built once"). SQLAlchemy memoizes the cache key on the
 # statement object, so a statement kept and reused skips both; its compiled form comes from
 # the engine's cache as before. Parameters are named after the columns they match.
+
+
+def in_list(values: Iterable[Sortable]) -> list[Sortable]:
+    """`values` for an expanding IN: distinct, sorted, and as many as the next power of
+    two, the last one repeated (which changes nothing the IN matches).
+
+    An expanding IN renders one SQL string per number of values, and on PostgreSQL each
+    string is prepared once per connection: a round trip, and the server's parse and
+    plan. A check-in group of 1 to 64 read its patients with up to 64 strings; rounded up,
+    with 7, each prepared once and kept."""
+    distinct = sorted(set(values))
+    if not distinct:
+        return distinct
+    size = 1 << (len(distinct) - 1).bit_length()
+    return distinct + [distinct[-1]] * (size - len(distinct))
 
 
 @functools.cache

@@ -37,6 +37,7 @@ from shared.audit import AuditTrail, audit_table
 from shared.db import (
     UtcDateTime,
     dialect_name,
+    in_list,
     insert_at_commit,
     insert_if_absent,
     insert_row,
@@ -505,7 +506,7 @@ def _locked_patients(session: AsyncSession) -> set[str]:
 
 async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[str, PatientRow]:
     """Several patients in one query, by id (the missing ones absent)."""
-    found = await session.execute(_PATIENTS, {"patient_ids": sorted(set(patient_ids))})
+    found = await session.execute(_PATIENTS, {"patient_ids": in_list(patient_ids)})
     return {r["patient_id"]: _as(PatientRow, r) for r in found.mappings()}
 
 
@@ -645,7 +646,7 @@ async def open_enrollments(
     session: AsyncSession, patient_ids: list[str], open_statuses: list[str]
 ) -> dict[str, EnrollmentRow]:
     """The open episode of each of several patients, in one query."""
-    parameters = {"patient_ids": sorted(set(patient_ids)), "statuses": open_statuses}
+    parameters = {"patient_ids": in_list(patient_ids), "statuses": open_statuses}
     found: dict[str, EnrollmentRow] = {}
     for row in (await session.execute(_OPEN_ENROLLMENTS, parameters)).mappings():
         found.setdefault(row["patient_id"], _as(EnrollmentRow, row))
@@ -740,7 +741,7 @@ async def recent_cravings_of(session: AsyncSession, enrollment_ids: list[str], l
     order = func.row_number().over(partition_by=check_ins.c.enrollment_id, order_by=check_ins.c.submitted_at.desc())
     ranked = (
         select(check_ins.c.enrollment_id, check_ins.c.craving, order.label("recency"))
-        .where(check_ins.c.enrollment_id.in_(sorted(set(enrollment_ids))))
+        .where(check_ins.c.enrollment_id.in_(in_list(enrollment_ids)))
         .subquery()
     )
     query = (
@@ -770,9 +771,7 @@ async def get_idempotent_many(
     """The Idempotency-Keys on record among several (scope, key) pairs, in one query."""
     if not keys:
         return {}
-    query = select(idempotency_keys).where(
-        tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(sorted(set(keys)))
-    )
+    query = select(idempotency_keys).where(tuple_(idempotency_keys.c.scope, idempotency_keys.c.key).in_(in_list(keys)))
     return {(r["scope"], r["key"]): _as(IdempotencyRow, r) for r in (await session.execute(query)).mappings()}
 
 
@@ -805,7 +804,7 @@ async def plan_goals_of(session: AsyncSession, enrollment_id: str) -> list[GoalR
 async def goal_ids_of(session: AsyncSession, enrollment_ids: list[str]) -> dict[str, set[str]]:
     """The ids of several episodes' plan goals, in one query."""
     query = select(plan_goals.c.enrollment_id, plan_goals.c.goal_id).where(
-        plan_goals.c.enrollment_id.in_(sorted(set(enrollment_ids)))
+        plan_goals.c.enrollment_id.in_(in_list(enrollment_ids))
     )
     goals: dict[str, set[str]] = {enrollment_id: set() for enrollment_id in enrollment_ids}
     for row in await session.execute(query):

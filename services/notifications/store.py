@@ -39,6 +39,7 @@ from shared.audit import AuditTrail, audit_table
 from shared.db import (
     UtcDateTime,
     dialect_name,
+    in_list,
     insert_absent_rows,
     insert_if_absent,
     insert_row,
@@ -714,7 +715,7 @@ async def _read_ahead(
     missing = sorted({patient_id for patient_id in patient_ids if patient_id not in known})
     if len(missing) < 2:
         return  # one patient's own read costs the same
-    query = select(table).where(table.c.patient_id.in_(missing))
+    query = select(table).where(table.c.patient_id.in_(in_list(missing)))
     if order is not None:
         query = query.order_by(order)
     found: dict[str, list[RowT]] = {patient_id: [] for patient_id in missing}
@@ -922,7 +923,7 @@ async def _read_ahead_by_id(
     missing = sorted({row_id for row_id in ids if row_id not in known})
     if len(missing) < 2:
         return  # one row's own read costs the same
-    query = select(table).where(table.c[id_column].in_(missing))
+    query = select(table).where(table.c[id_column].in_(in_list(missing)))
     found = {row[id_column]: row for row in (await session.execute(query)).mappings()}
     for row_id in missing:
         known[row_id] = _as(kind, found[row_id]) if row_id in found else None
@@ -1291,7 +1292,7 @@ async def claim_notifications(
     if not leases:
         return {}
     query = _DUE_BY_IDS_LOCKED if dialect_name(session) == "postgresql" else _DUE_BY_IDS
-    found = await session.execute(query, {"notification_ids": sorted(leases), "at": at})
+    found = await session.execute(query, {"notification_ids": in_list(leases), "at": at})
     taken = {row["notification_id"]: row for row in _rows(NotificationRow, found)}
     claims = [{"notification_id": key, "status": "sending", "due_at": leases[key]} for key in sorted(taken)]
     await update_rows_by(session, notifications, ("notification_id",), claims)

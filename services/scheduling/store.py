@@ -36,6 +36,7 @@ from shared.audit import AuditTrail, audit_table
 from shared.db import (
     UtcDateTime,
     dialect_name,
+    in_list,
     insert_if_absent,
     insert_row,
     insert_row_returning,
@@ -365,7 +366,7 @@ async def read_episodes_ahead(session: AsyncSession, enrollment_ids: Collection[
     writers below keep what is kept true."""
     if not enrollment_ids:
         return
-    ids = {"ids": sorted(enrollment_ids)}
+    ids = {"ids": in_list(enrollment_ids)}
     found = {row["enrollment_id"]: row for row in _rows(EnrollmentRow, await session.execute(_ENROLLMENTS, ids))}
     ended = {row["enrollment_id"]: row for row in _rows(EpisodeEndRow, await session.execute(_ENDS, ids))}
     kept, kept_ends = _kept_enrollments(session), _kept_ends(session)

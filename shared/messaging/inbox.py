@@ -14,7 +14,7 @@ from sqlalchemy import Column, MetaData, Select, String, Table, bindparam, selec
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from shared.contracts import Envelope
-from shared.db import UtcDateTime, insert_rows
+from shared.db import UtcDateTime, in_list, insert_rows
 
 
 class Inbox:
@@ -43,7 +43,7 @@ class Inbox:
         """The ids among these events that were applied before: a batch asks once, not
         once per event (each statement is a round trip to the database's thread)."""
         ids = {str(envelope.event_id) for envelope in envelopes}
-        result = await session.execute(_seen(self.table), {"ids": sorted(ids)})
+        result = await session.execute(_seen(self.table), {"ids": in_list(ids)})
         return set(result.scalars())
 
     def row(self, envelope: Envelope, consumer: str) -> dict[str, object]:

@@ -43,7 +43,7 @@ from sqlalchemy.orm import Session
 from shared import clock
 from shared.contracts import Envelope, Event, caused_by, new_envelope
 from shared.contracts.subjects import RESTRICTED, ROOT
-from shared.db import UtcDateTime, dialect_name, insert_at_commit, rows_changed
+from shared.db import UtcDateTime, dialect_name, in_list, insert_at_commit, rows_changed
 from shared.messaging.broker import jetstream
 from shared.priority import finishing_work
 from shared.tracing import current_context, headers_with_context, span_under, stored_context
@@ -521,13 +521,15 @@ class OutboxRelay:
         table = self.outbox.table
         if sent:
             await session.execute(
-                update(table).where(table.c.seq.in_(sent)).values(sent_at=clock.now(), attempts=table.c.attempts + 1)
+                update(table)
+                .where(table.c.seq.in_(in_list(sent)))
+                .values(sent_at=clock.now(), attempts=table.c.attempts + 1)
             )
         if error is not None:
             failed = [r.seq for r in rows if r.seq not in set(sent)]
             await session.execute(
                 update(table)
-                .where(table.c.seq.in_(failed))
+                .where(table.c.seq.in_(in_list(failed)))
                 .values(attempts=table.c.attempts + 1, last_error=error[:500])
             )
 

@@ -6,11 +6,12 @@ is what saves their cost on every call (docs/performance.md, "Statements built o
 from collections.abc import AsyncIterator
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, event
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, event, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.db import (
     create_engine,
+    in_list,
     insert_absent_rows,
     insert_row,
     kept_for_this_transaction,
@@ -182,3 +183,17 @@ async def test_a_value_is_kept_for_a_transaction_and_not_past_it(sessions) -> No
         assert kept_for_this_transaction(session, "seats", dict) == {}
         await update_by(session, rooms, {"site_id": "north", "room": "a"}, seats=14)
         assert kept_for_this_transaction(session, "seats", dict) == {}
+
+
+async def test_an_in_list_of_any_length_is_one_of_few_statements_and_reads_the_same_rows(sessions) -> None:
+    # shared.db.in_list: each distinct SQL string is prepared once per PostgreSQL connection.
+    query = select(rooms).where(rooms.c.site_id == "north", rooms.c.room.in_(bindparam("rooms", expanding=True)))
+    async with sessions() as session, session.begin():
+        await insert_absent_rows(session, rooms, [{"site_id": "north", "room": f"r{n:02}", "seats": n} for n in range(64)])
+        sent = await statements_sent(session)
+        for size in range(1, 65):
+            wanted = [f"r{n:02}" for n in range(size)] + ["r00", "missing"]
+            found = await session.execute(query, {"rooms": in_list(wanted)})
+            assert sorted(row.room for row in found) == sorted(set(wanted) - {"missing"})
+    assert len(set(sent)) == 7  # 2, 3-4, 5-8, 9-16, 17-32, 33-64, 65 values: 64 strings without in_list
+    assert in_list([]) == [] and in_list(["b", "a", "b"]) == ["a", "b"] and in_list([3, 1, 2]) == [1, 2, 3, 3]
