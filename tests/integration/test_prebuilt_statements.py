@@ -189,7 +189,8 @@ async def test_an_in_list_of_any_length_is_one_of_few_statements_and_reads_the_s
     # shared.db.in_list: each distinct SQL string is prepared once per PostgreSQL connection.
     query = select(rooms).where(rooms.c.site_id == "north", rooms.c.room.in_(bindparam("rooms", expanding=True)))
     async with sessions() as session, session.begin():
-        await insert_absent_rows(session, rooms, [{"site_id": "north", "room": f"r{n:02}", "seats": n} for n in range(64)])
+        north = [{"site_id": "north", "room": f"r{n:02}", "seats": n} for n in range(64)]
+        await insert_absent_rows(session, rooms, north)
         sent = await statements_sent(session)
         for size in range(1, 65):
             wanted = [f"r{n:02}" for n in range(size)] + ["r00", "missing"]
