@@ -311,11 +311,18 @@ class LocalNetwork:
         if self.log_dir is not None:
             output = open(self.log_dir / f"{instance}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(output)
+        # A session of its own, as a container is a cgroup of its own: on a kernel with
+        # autogroups (Linux's default), the cores are shared between sessions first, and a
+        # niceness ranks a process only within its own session. In the launcher's session
+        # intake, the safety lane, the load generator and nats-server shared one session's
+        # share against each PostgreSQL backend (each in a session of its own), and a
+        # routine process's niceness only put it behind them (docs/performance.md).
         self.processes[instance] = subprocess.Popen(
             [sys.executable, "-m", "iopnet.cli", "serve", service],
             env=self.instance_env(instance),
             stdout=output,
             stderr=output,
+            start_new_session=True,
         )
         self._started_at[instance] = time.monotonic()
 

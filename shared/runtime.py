@@ -2,6 +2,7 @@
 owned streams, the outbox relay and the consumers. app.py composes one of these."""
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -107,14 +108,26 @@ def routine_transaction_seconds(settings: Settings, database_url: str) -> float:
     return ROUTINE_TRANSACTION_SECONDS["sqlite" if is_sqlite(database_url) else "postgresql"]
 
 
+AUTOGROUP = Path("/proc/self/autogroup")
+
+
 def run_at_niceness(niceness: int) -> None:
     """Raise this process's Unix niceness to at least `niceness` (settings.cpu_nice).
     Raising it needs no privilege; one already higher (set by whoever started the
     process) is kept, since lowering it would. On Linux niceness belongs to each thread
-    and a new thread takes its creator's: this runs before the process starts any."""
+    and a new thread takes its creator's: this runs before the process starts any.
+
+    A process that leads its own session (`iopnet run` starts each so) also gives its
+    session's autogroup that niceness: with autogroups the kernel shares the cores between
+    sessions first, so a thread's niceness alone ranks it only within its session. Never
+    in a session it shares (a terminal's): that would slow everything started there."""
     current = os.getpriority(os.PRIO_PROCESS, 0)
     if niceness > current:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
+    if os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):  # a kernel without autogroups
+            if niceness > int(AUTOGROUP.read_text().split()[-1]):  # "/autogroup-85 nice 0"
+                AUTOGROUP.write_text(str(niceness))
 
 
 def keep_startup_heap_out_of_collections() -> None:

@@ -1,14 +1,19 @@
-"""A service run by `iopnet serve` keeps what it built to start out of the garbage
-collector's full collections (issue 10): under `iopnet bench --postgres` a full collection
-walked that heap for up to 240 ms in intake and 460 ms in notifications, each a pause of
-the event loop. The tests' own apps, built in this process, do not: a test process that
-froze each one would keep its garbage for good."""
+"""The service processes of a local network (`iopnet run`, `iopnet bench`), as the kernel
+and the interpreter see them (issue 10):
+- each keeps what it built to start out of the garbage collector's full collections: under
+  `iopnet bench --postgres` a full collection walked that heap for up to 240 ms in intake
+  and 460 ms in notifications, each a pause of the event loop. The tests' own apps, built
+  in this process, do not: a test process that froze each one would keep its garbage;
+- each runs in a session of its own, as a container in a cgroup of its own, and a process
+  doing routine work only gives its session the lower CPU weight."""
 
 import gc
+import os
 
 import httpx
 
-from iopnet.network import LocalNetwork
+from iopnet.network import ROUTINE_NICENESS, LocalNetwork
+from tests.unit.test_network_priority import autogroup_niceness
 
 # A service's startup heap is some 170,000 objects (modules, models, routes, schemas).
 STARTUP_HEAP_AT_LEAST = 50_000
@@ -27,3 +32,11 @@ async def test_each_service_process_keeps_its_startup_heap_out_of_full_collectio
             assert response.status_code == 200, instance
             assert frozen_objects(response.text) > STARTUP_HEAP_AT_LEAST, instance
     assert gc.get_freeze_count() == 0  # this process built apps too, and froze nothing
+
+
+def test_each_service_process_leads_a_session_whose_weight_is_its_own(network: LocalNetwork) -> None:
+    for instance, process in network.processes.items():
+        assert os.getsid(process.pid) == process.pid, instance
+        wanted = ROUTINE_NICENESS if network.routine_only(instance) else 0
+        assert autogroup_niceness(process.pid) == wanted, instance
+    assert any(network.routine_only(instance) for instance in network.processes)  # scheduling

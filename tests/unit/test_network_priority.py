@@ -64,3 +64,30 @@ def test_a_process_raises_its_niceness_and_keeps_a_higher_one() -> None:
     assert niceness_after(7) == 7
     assert niceness_after(0) == os.getpriority(os.PRIO_PROCESS, 0)
     assert niceness_after(7, started_at=12) >= 12  # lowering it would need a privilege
+
+
+def autogroup_niceness(pid: int | str = "self") -> int:
+    return int(Path(f"/proc/{pid}/autogroup").read_text().split()[-1])  # "/autogroup-85 nice 0"
+
+
+def autogroup_after(niceness: int, *, own_session: bool) -> int:
+    """The autogroup niceness of a fresh process that asks for `niceness`."""
+    program = (
+        "from pathlib import Path; from shared.runtime import run_at_niceness; "
+        f"run_at_niceness({niceness}); print(Path('/proc/self/autogroup').read_text().split()[-1])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True, start_new_session=own_session
+    )
+    return int(done.stdout)
+
+
+def test_a_process_leading_its_own_session_gives_the_session_its_niceness_and_never_the_callers() -> None:
+    # Autogroups: the kernel shares the cores between sessions first, so the niceness of a
+    # process leading its own session (as `iopnet run` starts each) is its session's.
+    ours = autogroup_niceness()
+    assert ours < 7, "this test needs a session below niceness 7"
+    assert autogroup_after(7, own_session=True) == 7
+    # In the caller's session (a terminal's, this test's), it would slow all of it: left alone.
+    assert autogroup_after(7, own_session=False) == ours
+    assert autogroup_niceness() == ours
