@@ -108,7 +108,15 @@ def routine_transaction_seconds(settings: Settings, database_url: str) -> float:
     return ROUTINE_TRANSACTION_SECONDS["sqlite" if is_sqlite(database_url) else "postgresql"]
 
 
-AUTOGROUP = Path("/proc/self/autogroup")
+def session_niceness(pid: int | str = "self", proc: Path = Path("/proc")) -> int | None:
+    """The niceness of the autogroup of `pid`'s session, or None where it has none: a
+    kernel without autogroups, or a session in the root group (init's, and that of any
+    process started from it without `setsid`), whose file reads empty."""
+    try:
+        fields = (proc / str(pid) / "autogroup").read_text().split()  # "/autogroup-85 nice 0"
+    except OSError:
+        return None
+    return int(fields[-1]) if fields else None
 
 
 def run_at_niceness(niceness: int) -> None:
@@ -125,9 +133,10 @@ def run_at_niceness(niceness: int) -> None:
     if niceness > current:
         os.setpriority(os.PRIO_PROCESS, 0, niceness)
     if os.getsid(0) == os.getpid():
-        with contextlib.suppress(OSError):  # a kernel without autogroups
-            if niceness > int(AUTOGROUP.read_text().split()[-1]):  # "/autogroup-85 nice 0"
-                AUTOGROUP.write_text(str(niceness))
+        session = session_niceness()
+        if session is not None and niceness > session:
+            with contextlib.suppress(OSError):  # a /proc mounted read-only (some containers)
+                Path("/proc/self/autogroup").write_text(str(niceness))
 
 
 def keep_startup_heap_out_of_collections() -> None:

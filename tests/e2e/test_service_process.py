@@ -13,7 +13,7 @@ import os
 import httpx
 
 from iopnet.network import ROUTINE_NICENESS, LocalNetwork
-from tests.unit.test_network_priority import autogroup_niceness
+from shared.runtime import session_niceness
 
 # A service's startup heap is some 170,000 objects (modules, models, routes, schemas).
 STARTUP_HEAP_AT_LEAST = 50_000
@@ -38,5 +38,5 @@ def test_each_service_process_leads_a_session_whose_weight_is_its_own(network: L
     for instance, process in network.processes.items():
         assert os.getsid(process.pid) == process.pid, instance
         wanted = ROUTINE_NICENESS if network.routine_only(instance) else 0
-        assert autogroup_niceness(process.pid) == wanted, instance
+        assert session_niceness(process.pid) == wanted, instance
     assert any(network.routine_only(instance) for instance in network.processes)  # scheduling
