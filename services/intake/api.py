@@ -763,23 +763,24 @@ async def submit_check_in(
 
 async def write_check_ins(session: AsyncSession, requests: list[CheckInRequest]) -> list[CheckInAnswer | Exception]:
     """A group of check-in requests in one transaction, set-based (usecases.record_check_ins):
-    the patients and the Idempotency-Keys read in one query each, then the check-ins,
+    the patients (with their open episodes and recent cravings) and the Idempotency-Keys
+    read in one query each, then the check-ins,
     their audit rows and their keys written in one multi-row INSERT each. Each request is
     answered as it would be alone: 404 (a refusal audited), a replay of its key's first
     answer, a refusal of the use case, or its new check-in."""
-    patients = await store.get_patients(session, [r.patient_id for r in requests])
+    subjects = await usecases.check_in_subjects(session, [r.patient_id for r in requests])
     earlier = await store.get_idempotent_many(session, [r.key for r in requests if r.key])
     answers: list[CheckInAnswer | Exception | None] = [None] * len(requests)
     audit: list[dict[str, object]] = []
     fresh: list[int] = []
     for index, request in enumerate(requests):
-        patient = patients.get(request.patient_id)
-        if patient is None:
+        subject = subjects.get(request.patient_id)
+        if subject is None:
             answers[index] = NotFound("patient not found")
-        elif not _may_see(request.principal, patient):
+        elif not _may_see(request.principal, subject.patient):
             audit.append(
                 store.record_access.row(
-                    request.principal, "check_in.submit.denied", patient["site_id"], request.patient_id
+                    request.principal, "check_in.submit.denied", subject.patient["site_id"], request.patient_id
                 )
             )
             answers[index] = AccessDenied("patient not found")
@@ -790,7 +791,9 @@ async def write_check_ins(session: AsyncSession, requests: list[CheckInRequest])
                 answers[index] = conflict
                 continue
             audit.append(
-                store.record_access.row(request.principal, "check_in.replay", patient["site_id"], request.patient_id)
+                store.record_access.row(
+                    request.principal, "check_in.replay", subject.patient["site_id"], request.patient_id
+                )
             )
         else:
             fresh.append(index)
@@ -799,7 +802,7 @@ async def write_check_ins(session: AsyncSession, requests: list[CheckInRequest])
         raise IdempotencyRace()  # the same key twice in this group: one at a time decides
     submissions = [
         usecases.Submission(
-            requests[i].principal, patients[requests[i].patient_id], requests[i].answers, requests[i].trace_context
+            requests[i].principal, subjects[requests[i].patient_id], requests[i].answers, requests[i].trace_context
         )
         for i in fresh
     ]

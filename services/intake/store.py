@@ -3,7 +3,7 @@
 import json
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, TypedDict, TypeVar, cast
+from typing import Any, NamedTuple, TypedDict, TypeVar, cast
 from uuid import UUID, uuid4, uuid5
 
 from sqlalchemy import (
@@ -19,6 +19,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     bindparam,
     delete,
     func,
@@ -478,7 +479,6 @@ async def add_site(session: AsyncSession, **values: Any) -> None:
 
 
 _PATIENT_LOCKED = select_by(patients, "patient_id").with_for_update()
-_PATIENTS = select(patients).where(patients.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
 
 
 async def get_patient(session: AsyncSession, patient_id: str, *, lock: bool = False) -> PatientRow | None:
@@ -502,12 +502,6 @@ async def lock_patient(session: AsyncSession, patient_id: str) -> None:
 
 def _locked_patients(session: AsyncSession) -> set[str]:
     return kept_for_this_transaction(session, "iopnet.locked_patients", set[str])
-
-
-async def get_patients(session: AsyncSession, patient_ids: list[str]) -> dict[str, PatientRow]:
-    """Several patients in one query, by id (the missing ones absent)."""
-    found = await session.execute(_PATIENTS, {"patient_ids": in_list(patient_ids)})
-    return {r["patient_id"]: _as(PatientRow, r) for r in found.mappings()}
 
 
 async def add_patient(session: AsyncSession, **values: Any) -> bool:
@@ -636,23 +630,6 @@ async def get_enrollment(session: AsyncSession, enrollment_id: str, *, lock: boo
     return _as(EnrollmentRow, row) if row else None
 
 
-_OPEN_ENROLLMENTS = select(enrollments).where(
-    enrollments.c.patient_id.in_(bindparam("patient_ids", expanding=True)),
-    enrollments.c.status.in_(bindparam("statuses", expanding=True)),
-)
-
-
-async def open_enrollments(
-    session: AsyncSession, patient_ids: list[str], open_statuses: list[str]
-) -> dict[str, EnrollmentRow]:
-    """The open episode of each of several patients, in one query."""
-    parameters = {"patient_ids": in_list(patient_ids), "statuses": open_statuses}
-    found: dict[str, EnrollmentRow] = {}
-    for row in (await session.execute(_OPEN_ENROLLMENTS, parameters)).mappings():
-        found.setdefault(row["patient_id"], _as(EnrollmentRow, row))
-    return found
-
-
 async def update_enrollment(session: AsyncSession, enrollment_id: str, **values: Any) -> None:
     await update_by(session, enrollments, {"enrollment_id": enrollment_id}, **values)
 
@@ -736,23 +713,66 @@ async def add_check_ins(session: AsyncSession, rows: list[dict[str, Any]]) -> No
     await insert_rows(session, check_ins, rows)
 
 
-async def recent_cravings_of(session: AsyncSession, enrollment_ids: list[str], limit: int = 2) -> dict[str, list[int]]:
-    """The last check-ins' cravings of several episodes, oldest first, in one query (a window per episode)."""
-    order = func.row_number().over(partition_by=check_ins.c.enrollment_id, order_by=check_ins.c.submitted_at.desc())
-    ranked = (
-        select(check_ins.c.enrollment_id, check_ins.c.craving, order.label("recency"))
-        .where(check_ins.c.enrollment_id.in_(in_list(enrollment_ids)))
-        .subquery()
+class CheckInSubject(NamedTuple):
+    """A patient about to check in: the patient, their open episode (None without one) and
+    that episode's last cravings, oldest first (the risk score's trend)."""
+
+    patient: PatientRow
+    episode: EnrollmentRow | None
+    recent_cravings: list[int]
+
+
+RECENT_CRAVINGS = 2
+_EPISODE = "episode_"
+_recency = func.row_number().over(partition_by=check_ins.c.enrollment_id, order_by=check_ins.c.submitted_at.desc())
+_RECENT = (
+    select(check_ins.c.enrollment_id, check_ins.c.craving, _recency.label("recency"))
+    .where(check_ins.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
+    .subquery()
+)
+_CHECK_IN_SUBJECTS = (
+    select(patients, *(c.label(_EPISODE + c.name) for c in enrollments.c), _RECENT.c.craving)
+    .select_from(
+        patients.outerjoin(
+            enrollments,
+            and_(
+                enrollments.c.patient_id == patients.c.patient_id,
+                enrollments.c.status.in_(bindparam("open_statuses", expanding=True)),
+            ),
+        ).outerjoin(
+            _RECENT,
+            and_(_RECENT.c.enrollment_id == enrollments.c.enrollment_id, _RECENT.c.recency <= RECENT_CRAVINGS),
+        )
     )
-    query = (
-        select(ranked.c.enrollment_id, ranked.c.craving)
-        .where(ranked.c.recency <= limit)
-        .order_by(ranked.c.enrollment_id, ranked.c.recency.desc())
-    )
-    cravings: dict[str, list[int]] = {enrollment_id: [] for enrollment_id in enrollment_ids}
-    for row in await session.execute(query):
-        cravings[row.enrollment_id].append(row.craving)
-    return cravings
+    .where(patients.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
+    .order_by(patients.c.patient_id, enrollments.c.created_at, _RECENT.c.recency.desc())
+)
+
+
+async def check_in_subjects(
+    session: AsyncSession, patient_ids: list[str], open_statuses: list[str]
+) -> dict[str, CheckInSubject]:
+    """Several patients about to check in, by id (the missing ones absent), each with their
+    open episode and its recent cravings: one query, where three were one round trip each
+    (a check-in group's nine round trips held up its answer on a busy PostgreSQL)."""
+    parameters = {"patient_ids": in_list(patient_ids), "open_statuses": open_statuses}
+    subjects: dict[str, CheckInSubject] = {}
+    for row in (await session.execute(_CHECK_IN_SUBJECTS, parameters)).mappings():
+        subject = subjects.get(row["patient_id"])
+        if subject is None:
+            patient = cast(PatientRow, {c.name: row[c.name] for c in patients.c})
+            subject = subjects[row["patient_id"]] = CheckInSubject(patient, _episode_of(row), [])
+        # The episode listed first (the older, should a patient ever hold two open) is theirs.
+        theirs = subject.episode is not None and row[_EPISODE + "enrollment_id"] == subject.episode["enrollment_id"]
+        if theirs and row["craving"] is not None:
+            subject.recent_cravings.append(row["craving"])
+    return subjects
+
+
+def _episode_of(row: RowMapping) -> EnrollmentRow | None:
+    if row[_EPISODE + "enrollment_id"] is None:
+        return None
+    return cast(EnrollmentRow, {c.name: row[_EPISODE + c.name] for c in enrollments.c})
 
 
 async def patient_check_ins(session: AsyncSession, patient_id: str, limit: int = 60) -> list[CheckInRow]:

@@ -446,13 +446,20 @@ async def revoke_consent(
 # --- daily check-ins ------------------------------------------------------------------------
 
 
+async def check_in_subjects(session: AsyncSession, patient_ids: list[str]) -> dict[str, store.CheckInSubject]:
+    """The patients of a check-in group with their open episodes and recent cravings (the
+    missing ones absent), read in one query for the API's scope check and for scoring."""
+    return await store.check_in_subjects(session, patient_ids, list(OPEN))
+
+
 @dataclass(frozen=True)
 class Submission:
-    """One check-in of a group: the patient its caller may see (api.py checked), the
-    answers, and the request's trace context (its event continues the request's trace)."""
+    """One check-in of a group: the patient its caller may see (api.py checked) with their
+    open episode, the answers, and the request's trace context (its event continues the
+    request's trace)."""
 
     principal: Principal
-    patient: PatientRow
+    subject: store.CheckInSubject
     answers: dict[str, Any]
     trace_context: str | None = None
 
@@ -464,26 +471,26 @@ async def record_check_ins(
     the plan goals it reports progress on, and publish it (without its free text).
 
     Set-based, for a group of submissions sharing one transaction (api.py's group commit):
-    the episodes, goals and cravings are read in one query each and the rows written in
-    one multi-row INSERT per table, so the statements are paid per group, not per
-    check-in. Each is scored with the earlier ones of the same group counted. A refused
-    one (no open enrollment, a goal not in the plan) is answered with its DomainError and
-    writes nothing; the others are not affected."""
-    patient_ids = [s.patient["patient_id"] for s in submissions]
-    episodes = await store.open_enrollments(session, patient_ids, list(OPEN))
-    reporting = [
-        episodes[s.patient["patient_id"]]["enrollment_id"]
-        for s in submissions
-        if s.answers["goal_progress"] and s.patient["patient_id"] in episodes
-    ]
+    the episodes and cravings came with the patients (check_in_subjects), the goals are
+    read in one query and the rows written in one multi-row INSERT per table, so the
+    statements are paid per group, not per check-in. Each is scored with the earlier ones
+    of the same group counted. A refused one (no open enrollment, a goal not in the plan)
+    is answered with its DomainError and writes nothing; the others are not affected."""
+    reporting: list[str] = []
+    # One list per episode, shared by the group's check-ins of it: each counts the earlier.
+    cravings: dict[str, list[int]] = {}
+    for submission in submissions:
+        if (episode := submission.subject.episode) is not None:
+            cravings.setdefault(episode["enrollment_id"], list(submission.subject.recent_cravings))
+            if submission.answers["goal_progress"]:
+                reporting.append(episode["enrollment_id"])
     goals = await store.goal_ids_of(session, reporting) if reporting else {}
-    cravings = await store.recent_cravings_of(session, [e["enrollment_id"] for e in episodes.values()])
     outcomes: list[dict[str, Any] | DomainError] = []
     check_ins: list[dict[str, Any]] = []
     progress: list[dict[str, Any]] = []
     staged: list[tuple[Envelope, str | None]] = []
     for submission in submissions:
-        enrollment = episodes.get(submission.patient["patient_id"])
+        enrollment = submission.subject.episode
         if enrollment is None:
             outcomes.append(DomainError("conflict", "check-ins need an open enrollment"))
             continue

@@ -498,10 +498,10 @@ async def test_a_group_scores_each_check_in_with_the_earlier_ones_of_the_group(a
         await client.post(f"/patients/{patient_id}/check-ins", json={**CALM, "craving": 3}, headers=CLINICIAN)
         principal = Principal(sub="clinician-1", role="clinician", sites=[SITE])
         async with app.state.runtime.sessions() as session, session.begin():
-            patient = await store.get_patient(session, patient_id)
-            assert patient is not None
+            subject = (await usecases.check_in_subjects(session, [patient_id]))[patient_id]
+            assert subject.recent_cravings == [3]
             group = [
-                usecases.Submission(principal, patient, api.CheckInIn(**{**CALM, "craving": c}).model_dump())
+                usecases.Submission(principal, subject, api.CheckInIn(**{**CALM, "craving": c}).model_dump())
                 for c in (4, 5)
             ]
             recorded = await usecases.record_check_ins(session, group, clock.now)
