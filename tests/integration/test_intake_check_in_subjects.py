@@ -7,6 +7,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.intake import store
@@ -98,3 +99,28 @@ async def test_each_patient_comes_with_their_open_episode_and_its_last_cravings_
     assert new.recent_cravings == []
     done = subjects["p-done"]
     assert done.episode is None and done.recent_cravings == []  # no open episode: nothing to score against
+
+
+async def test_an_episodes_last_cravings_come_from_its_index_however_long_its_history(tmp_path) -> None:
+    # A patient months into their program has made a check-in a day: the trend reads two rows
+    # of the index, not every check-in (a window over all of them took 9-21 ms for 64 patients).
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'intake.db'}")
+    async with engine.begin() as connection:
+        await connection.run_sync(store.metadata.create_all)
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    async with sessions() as session, session.begin():
+        await insert_rows(
+            session, store.sites, [{"site_id": "north", "name": "North", "timezone": "UTC", "created_at": START}]
+        )
+        await insert_rows(session, store.patients, [patient("p-long")])
+        await insert_rows(session, store.enrollments, [episode("e-long", "p-long", "active", created_days_ago=1)])
+        await insert_rows(session, store.check_ins, [check_in("e-long", "p-long", day % 10, day) for day in range(120)])
+    async with sessions() as session, session.begin():
+        subjects = await store.check_in_subjects(session, ["p-long"], OPEN)
+        assert subjects["p-long"].recent_cravings == [8, 9]  # days 118 and 119
+        statement = store._CHECK_IN_SUBJECTS.params(patient_ids=["p-long"], open_statuses=OPEN)
+        compiled = str(statement.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True}))
+        plan = " | ".join(row[3] for row in await session.execute(text(f"EXPLAIN QUERY PLAN {compiled}")))
+    await engine.dispose()
+    assert "SEARCH check_ins USING INDEX ix_check_ins_episode_recent" in plan, plan
+    assert "SCAN check_ins" not in plan, plan
