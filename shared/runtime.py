@@ -90,10 +90,8 @@ def lanes_of_this_process(
 # safety lane locks no patient row), and the rows a batch reads once (a site's rules, a
 # patient's contact and enrollments, the webhook subscriptions) serve more events in a
 # longer one: `iopnet bench --postgres` ran 18% fewer statements in notifications and
-# used 16% less of its CPU at 0.5 s than at 0.1 s. But what a batch plans (a welcome) is
-# sent only once it commits: at 0.2 s the same CPU, and the welcome and the check-in
-# came sooner than at 0.5 s (10 pairs; docs/performance.md).
-ROUTINE_TRANSACTION_SECONDS = {"sqlite": 0.1, "postgresql": 0.2}
+# used 16% less of its CPU at 0.5 s than at 0.1 s (docs/performance.md).
+ROUTINE_TRANSACTION_SECONDS = {"sqlite": 0.1, "postgresql": 0.5}
 
 
 def application_name(name: ServiceName, lanes: str) -> str:

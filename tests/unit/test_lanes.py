@@ -79,7 +79,7 @@ def test_a_routine_batch_commits_sooner_on_sqlite_than_on_postgresql(tmp_path) -
     sqlite = Settings(data_dir=tmp_path)
     postgres = Settings(data_dir=tmp_path, scheduling_database_url=POSTGRES.replace("notifications", "scheduling"))
     assert _routine_budgets(sqlite) == {0.1}
-    assert _routine_budgets(postgres) == {0.2}
+    assert _routine_budgets(postgres) == {0.5}
     assert _routine_budgets(Settings(data_dir=tmp_path, routine_transaction_seconds=0.25)) == {0.25}
     with pytest.raises(ValueError, match="routine_transaction_seconds"):
         Settings(routine_transaction_seconds=0)
